@@ -1,0 +1,1 @@
+"""Triton kernels and their autograd Functions (installed as kvfuse.kernels)."""
