@@ -1,0 +1,121 @@
+"""Offline teacher-KV store: bit-exact round trip, damage detection, refusal to mix settings, resume."""
+import pytest
+import torch
+
+from kvfuse.teacher.store import StoreError, StoreWriter, TeacherKVStore, parse_shard
+
+SETTINGS = {"teachers": ["tiny-llama"], "student": "tiny-qwen2", "dtype": "bf16", "layer_map": "interpolate"}
+
+
+def _samples(seed, ids, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    for sample_id in ids:
+        T = int(torch.randint(5, 23, (1,), generator=gen))
+        yield sample_id, {
+            "teacher0/k": torch.randn(3, 2, T, 8, generator=gen).to(dtype),
+            "teacher0/v": torch.randn(3, 2, T, 8, generator=gen).to(dtype),
+            "mask": torch.rand(T, generator=gen) > 0.2,
+            "positions": torch.arange(T) + 4,
+            "input_ids": torch.randint(0, 500, (T,), generator=gen),
+        }
+
+
+def _write_store(root, n_shards=3, settings=SETTINGS, seed=0):
+    writer = StoreWriter(root, settings, n_shards)
+    expected = {}
+    for shard in range(n_shards):
+        samples = list(_samples(seed + shard, [f"s{shard}-{j}" for j in range(4)]))
+        expected.update({sid: t for sid, t in samples})
+        writer.write_shard(shard, samples)
+    return expected
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    expected = _write_store(tmp_path)
+    store = TeacherKVStore(tmp_path)
+    assert len(store) == len(expected) == 12
+    for sample_id, tensors in expected.items():
+        got = store.get(sample_id)
+        for name, tensor in tensors.items():
+            assert got[name].dtype == tensor.dtype
+            assert torch.equal(got[name].view(torch.uint8) if tensor.dtype == torch.bfloat16 else got[name],
+                               tensor.view(torch.uint8) if tensor.dtype == torch.bfloat16 else tensor), name
+    assert store.bytes_per_token > 0
+    loader = torch.utils.data.DataLoader(store, batch_size=None, num_workers=2)
+    assert sorted(item["id"] for item in loader) == sorted(expected)
+
+
+def test_flipped_byte_names_the_file(tmp_path):
+    _write_store(tmp_path)
+    victim = tmp_path / "shard-00001-of-00003.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard-00001-of-00003.safetensors.*sha256"):
+        TeacherKVStore(tmp_path)
+
+
+def test_missing_and_truncated_shards_are_errors(tmp_path):
+    _write_store(tmp_path)
+    (tmp_path / "shard-00002-of-00003.json").unlink()
+    with pytest.raises(StoreError, match="shard 2 of 3 is missing"):
+        TeacherKVStore(tmp_path)
+    _write_store(tmp_path / "b")
+    victim = tmp_path / "b" / "shard-00000-of-00003.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-7])
+    with pytest.raises(StoreError, match="shard-00000-of-00003.safetensors has .* bytes"):
+        TeacherKVStore(tmp_path / "b", verify=False)
+
+
+def test_mixed_settings_are_refused(tmp_path):
+    _write_store(tmp_path)
+    other = dict(SETTINGS, layer_map="round")
+    with pytest.raises(StoreError, match="layer_map: 'interpolate' vs 'round'"):
+        StoreWriter(tmp_path, other, 3)
+    with pytest.raises(StoreError, match="other settings"):
+        StoreWriter(tmp_path, SETTINGS, 4)
+    # A shard JSON smuggled in from another store is caught by the reader.
+    _write_store(tmp_path / "other", settings=other)
+    for suffix in ("json", "safetensors"):
+        name = f"shard-00001-of-00003.{suffix}"
+        (tmp_path / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    with pytest.raises(StoreError, match="mixed shards"):
+        TeacherKVStore(tmp_path)
+    with pytest.raises(StoreError, match="made for other settings"):
+        TeacherKVStore(tmp_path / "other", expect_settings={"layer_map": "interpolate"})
+
+
+def test_resume_skips_finished_and_redoes_half_written(tmp_path):
+    writer = StoreWriter(tmp_path, SETTINGS, 2)
+    writer.write_shard(0, list(_samples(0, ["a", "b"])))
+    assert writer.is_finished(0) and not writer.is_finished(1)
+    # A killed writer leaves a temp file and maybe a data file without its JSON: both are redone.
+    data_path, meta_path = writer.paths(1)
+    (tmp_path / f".{data_path.name}.tmp-999").write_bytes(b"partial")
+    data_path.write_bytes(b"half")
+    writer.clean_leftovers(1)
+    assert not data_path.exists() and not list(tmp_path.glob(".*tmp-*"))
+    writer.write_shard(1, list(_samples(1, ["c"])))
+    store = TeacherKVStore(tmp_path)
+    assert sorted(store.sample_ids) == ["a", "b", "c"]
+
+
+def test_duplicates_and_bad_specs(tmp_path):
+    writer = StoreWriter(tmp_path, SETTINGS, 2)
+    writer.write_shard(0, list(_samples(0, ["a"])))
+    writer.write_shard(1, list(_samples(1, ["a"])))
+    with pytest.raises(StoreError, match="sample 'a' appears in shards 0 and 1"):
+        TeacherKVStore(tmp_path)
+    with pytest.raises(ValueError, match="I/N"):
+        parse_shard("3")
+    with pytest.raises(ValueError, match="0 <= I < N"):
+        parse_shard("4/4")
+    assert parse_shard("2/5") == (2, 5)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        TeacherKVStore(tmp_path)
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="not a teacher-KV store"):
+        TeacherKVStore(tmp_path)
