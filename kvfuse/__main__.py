@@ -7,19 +7,22 @@ import sys
 
 COMMANDS = {
     # name: (module, one-line help)
+    "report": ("kvfuse.eval.report", "write a self-contained HTML report of a training run"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m kvfuse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
+    # Import only the command being run: the others may need heavy libraries this call does not.
+    chosen = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-        modules[name] = module
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name in chosen:
+            importlib.import_module(module_name).add_arguments(sub_parser)
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
 
 
 if __name__ == "__main__":

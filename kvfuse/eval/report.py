@@ -1,0 +1,183 @@
+"""`python -m kvfuse report RUN_DIR`: one self-contained HTML page for a training run.
+
+It reads the run directory the trainer writes (config.yaml, metrics.jsonl, alignment_*.png, layer_map*.png) and
+draws: train/val KV-loss curves with the train/val gap, layer × step heatmaps of K- and V-MSE, validation task
+metrics, router weights (sample × teacher, and per layer) with router entropy over training when a router ran, the
+alignment pictures, and the resolved config. Images are embedded as base64 PNG, so the file travels alone.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a kvfuse run directory?")
+    events = []
+    with open(path) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not JSON ({err})") from None
+    if not events:
+        raise ValueError(f"{path} has no events")
+    return events
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(b64: str, caption: str) -> str:
+    return (f'<figure><img src="data:image/png;base64,{b64}"/><figcaption>{html.escape(caption)}</figcaption>'
+            "</figure>")
+
+
+def _series(events, split, key):
+    pts = [(e["step"], e[key]) for e in events if e.get("split") == split and e.get(key) is not None
+           and not isinstance(e[key], list)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def loss_curves(events) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for split, key, style in (("train", "kv_loss", "-"), ("val", "kv_loss", "o-")):
+        xs, ys = _series(events, split, key)
+        if xs:
+            ax.plot(xs, ys, style, label=f"{split} KV loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KV loss (layer-weighted)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _img(_png(fig), "Train and validation KV-distillation loss. Validation uses all layers with weight 1.")
+
+
+def layer_heatmaps(events, split="train") -> str:
+    rows = [e for e in events if e.get("split") == split and isinstance(e.get("k_mse"), list)]
+    if not rows:
+        return ""
+    steps = [e["step"] for e in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key in zip(axes, ("k_mse", "v_mse")):
+        grid = np.array([e[key] for e in rows], dtype=float).T  # [L, steps]
+        im = ax.imshow(np.log10(np.maximum(grid, 1e-12)), aspect="auto", origin="lower", cmap="viridis",
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, grid.shape[0] - 0.5))
+        ax.set_xlabel("step")
+        ax.set_ylabel("student layer")
+        ax.set_title(f"{split} {key} (log10)")
+        fig.colorbar(im, ax=ax)
+    return _img(_png(fig), f"Layer × step heatmaps of per-layer K- and V-MSE ({split}).")
+
+
+def router_pictures(events) -> str:
+    rows = [e for e in events if e.get("split") == "router"]
+    if not rows:
+        return ""
+    last = rows[-1]
+    alpha = np.array(last["alpha"], dtype=float)  # [B, N] or [B, L, N]
+    parts = []
+    if alpha.ndim == 3:
+        per_sample = alpha.mean(axis=1)
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        im = ax.imshow(alpha.mean(axis=0).T, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1)
+        ax.set_xlabel("student layer")
+        ax.set_ylabel("teacher")
+        fig.colorbar(im, ax=ax)
+        parts.append(_img(_png(fig), f"Router weight per layer and teacher (mean over samples), step {last['step']}."))
+    else:
+        per_sample = alpha
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.25 * per_sample.shape[0])))
+    im = ax.imshow(per_sample, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_xlabel("teacher")
+    ax.set_ylabel("sample")
+    ax.set_yticks(range(len(last.get("sample_ids", []))), last.get("sample_ids", []), fontsize=6)
+    fig.colorbar(im, ax=ax)
+    parts.append(_img(_png(fig), f"Router weights α (sample × teacher), step {last['step']}."))
+    xs = [e["step"] for e in rows if "entropy" in e]
+    if xs:
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        ax.plot(xs, [e["entropy"] for e in rows if "entropy" in e], "o-")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean router entropy (nats)")
+        ax.grid(alpha=0.3)
+        parts.append(_img(_png(fig), "Router entropy over training (collapse onto one teacher shows as → 0)."))
+    return "".join(parts)
+
+
+def val_table(events) -> str:
+    rows = [e for e in events if e.get("split") == "val"]
+    if not rows:
+        return "<p>No validation events.</p>"
+    keys = [k for k in ("kv_loss", "train_kv_loss", "gap", "ce", "ppl", "accuracy", "rouge_l", "bleu")
+            if any(k in e for e in rows)]
+    head = "".join(f"<th>{k}</th>" for k in ["step"] + keys)
+    body = []
+    for e in rows:
+        cells = "".join(f"<td>{_fmt(e.get(k))}</td>" for k in keys)
+        body.append(f"<tr><td>{e['step']}</td>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    events = read_metrics(run_dir)
+    config_path = run_dir / "config.yaml"
+    config_text = config_path.read_text() if config_path.exists() else "(no config.yaml)"
+    sections = [
+        "<h2>KV loss</h2>", loss_curves(events), layer_heatmaps(events, "train"), layer_heatmaps(events, "val"),
+        "<h2>Validation</h2>", val_table(events),
+    ]
+    router = router_pictures(events)
+    if router:
+        sections += ["<h2>Router</h2>", router]
+    pictures = sorted(run_dir.glob("*.png"))
+    if pictures:
+        sections.append("<h2>Alignment</h2>")
+        sections += [_img(base64.b64encode(p.read_bytes()).decode(), p.stem.replace("_", " ")) for p in pictures]
+    sections += ["<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>"]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>kvfuse run report</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "figcaption{color:#555;font-size:90%}</style></head><body>"
+            f"<h1>kvfuse run: {html.escape(str(run_dir))}</h1>{''.join(sections)}</body></html>")
+    out_path = Path(out) if out else run_dir / "report.html"
+    out_path.write_text(page)
+    return out_path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory written by train/main.py")
+    parser.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html)")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = build_report(args.run_dir, args.out)
+    print(f"report written to {path}")
+    return 0
