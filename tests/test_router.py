@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvfuse.fuse.router import (FixedRouter, LearnableRouter, SimilarityRouter, compute_prototypes, entropy,
+                                first_tokens_feature,
                                 entropy_regularizer, layer_groups, pooled_features)
 
 
@@ -83,3 +84,17 @@ def test_helpers_validate():
         pooled_features(h, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]]))
     with pytest.raises(ValueError, match="entropy target"):
         entropy_regularizer(torch.full((2, 2), 0.5), 1.0, target="nope")
+
+
+def test_similarity_router_per_teacher_spaces_and_first_token_feature():
+    gen = torch.Generator().manual_seed(4)
+    teacher_v = [torch.randn(3, 2, 2, 9, 4, generator=gen), torch.randn(3, 2, 1, 9, 6, generator=gen)]
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    feats = [first_tokens_feature(v, mask, k=4) for v in teacher_v]
+    assert feats[0].shape == (2, 8) and feats[1].shape == (2, 6)
+    assert torch.allclose(feats[1][1], teacher_v[1][:, 1, :, :4].mean(dim=(0, 2)).reshape(-1), atol=1e-6)
+    # sample 0 matches teacher 0's prototype exactly, sample 1 matches teacher 1's
+    router = SimilarityRouter([feats[0][0], feats[1][1]], temperature=0.01)
+    alpha = router(feats)
+    assert alpha.shape == (2, 2) and alpha[0].argmax() == 0 and alpha[1].argmax() == 1

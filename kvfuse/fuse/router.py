@@ -83,16 +83,32 @@ class FixedRouter(nn.Module):
 
 
 class SimilarityRouter(nn.Module):
-    """α = softmax_i(cos(feature_i, prototype_i) / τ); prototypes [N, F] or [G, N, F] (one set per layer group)."""
+    """α = softmax_i(cos(feature_i, prototype_i) / τ); not learnable.
 
-    def __init__(self, prototypes: torch.Tensor, temperature: float = 0.1, n_layers: int | None = None):
+    prototypes: [N, F] (one shared feature space), [G, N, F] (one set per layer group; needs n_layers), or a list
+    of N tensors [F_i] (each teacher in its own space, e.g. its first-k-token KV; features then a list [B, F_i]).
+    """
+
+    def __init__(self, prototypes: torch.Tensor | Sequence[torch.Tensor], temperature: float = 0.1,
+                 n_layers: int | None = None):
         super().__init__()
-        if prototypes.dim() not in (2, 3):
-            raise ValueError(f"prototypes must be [N, F] or [G, N, F], got {tuple(prototypes.shape)}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.register_buffer("prototypes", prototypes.detach().float())
         self.temperature = temperature
+        if isinstance(prototypes, (list, tuple)):
+            self.per_teacher = True
+            for i, p in enumerate(prototypes):
+                if p.dim() != 1:
+                    raise ValueError(f"prototypes[{i}] must be [F_i], got {tuple(p.shape)}")
+                self.register_buffer(f"prototype_{i}", p.detach().float())
+            self.n_teachers = len(prototypes)
+            self.groups = None
+            return
+        self.per_teacher = False
+        if prototypes.dim() not in (2, 3):
+            raise ValueError(f"prototypes must be [N, F], [G, N, F] or a list of [F_i], got {tuple(prototypes.shape)}")
+        self.register_buffer("prototypes", prototypes.detach().float())
+        self.n_teachers = prototypes.shape[-2]
         if prototypes.dim() == 3:
             if n_layers is None:
                 raise ValueError("layer-group prototypes [G, N, F] need n_layers")
@@ -100,7 +116,13 @@ class SimilarityRouter(nn.Module):
         else:
             self.groups = None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.per_teacher:
+            if not isinstance(features, (list, tuple)) or len(features) != self.n_teachers:
+                raise ValueError(f"features must be a list of {self.n_teachers} tensors [B, F_i]")
+            sims = torch.stack([F.cosine_similarity(f.float(), getattr(self, f"prototype_{i}")[None], dim=-1,
+                                                    eps=1e-8) for i, f in enumerate(features)], dim=-1)
+            return torch.softmax(sims / self.temperature, dim=-1)
         protos = self.prototypes if self.prototypes.dim() == 3 else self.prototypes[None]   # [G, N, F]
         G, N, Fdim = protos.shape
         if features.dim() == 2:
@@ -112,6 +134,18 @@ class SimilarityRouter(nn.Module):
         if self.groups is None:
             return alpha[:, 0]
         return alpha[:, self.groups]                                                           # [B, L, N]
+
+
+def first_tokens_feature(teacher_v: torch.Tensor, mask: torch.Tensor, k: int = 16) -> torch.Tensor:
+    """A sample's feature in one teacher's space: its aligned values [L, B, H, T, D] averaged over layers and the
+    first k valid tokens, heads concatenated → [B, H·D] (PLAN §3 v2: "前几步 KV")."""
+    L, B, H, T, D = teacher_v.shape
+    first = (mask.bool().cumsum(-1) <= k) & mask.bool()                          # [B, T]
+    if not first.any(-1).all():
+        raise ValueError("first_tokens_feature: a sample has no valid token")
+    w = first.to(torch.float32)
+    pooled = torch.einsum("lbhtd,bt->bhd", teacher_v.float(), w) / (L * w.sum(-1))[:, None, None]
+    return pooled.reshape(B, H * D)
 
 
 def compute_prototypes(features: torch.Tensor) -> torch.Tensor:
