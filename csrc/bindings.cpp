@@ -32,7 +32,9 @@ py::array_t<int64_t> as_span_array(const py::handle& obj, const std::string& nam
     throw py::value_error(name + " must be an int64 array of shape [T, 2], got " +
                           std::string(py::str(py::type::of(obj))));
   }
-  if (!arr.dtype().is(py::dtype::of<int64_t>())) {
+  // equal(), not identity: numpy's 'q' (long long) and 'l' (long) are distinct dtype objects that are both
+  // native int64; a byte-swapped '>i8' is not equivalent and is rejected.
+  if (!arr.dtype().equal(py::dtype::of<int64_t>())) {
     throw py::value_error(name + " must have dtype int64, got " + std::string(py::str(arr.dtype())));
   }
   if (arr.ndim() != 2 || arr.shape(1) != 2) {
@@ -72,6 +74,12 @@ py::tuple iou_alignment_py(const py::object& student_spans, const py::object& te
     out = kvfuse::iou_alignment(view_of(s), view_of(t), threshold, normalize, fb);
   }
   return to_tuple(std::move(out));
+}
+
+void validate_spans_py(const py::object& spans, const std::string& name) {
+  const auto arr = as_span_array(spans, name);
+  py::gil_scoped_release release;
+  kvfuse::validate_spans(view_of(arr), name);
 }
 
 py::list iou_alignment_batch_py(const py::sequence& student_spans, const py::sequence& teacher_spans,
@@ -155,6 +163,11 @@ spans are never chosen; zero-width student spans use their start as midpoint).
 
 Returns (indptr int64 [T_s + 1], indices int64 [nnz], values float32 [nnz]).
 Raises ValueError naming the side and index for bad spans, dtype or shape.)doc");
+  m.def("validate_spans", &validate_spans_py, py::arg("spans"), py::arg("name") = "spans",
+        R"doc(Check spans against iou_alignment's rules without building anything.
+
+Raises ValueError naming `name` and the offending index (negative or too large offset, end < start,
+non-monotone non-empty span) or the wrong dtype / shape; returns None otherwise.)doc");
   m.def("iou_alignment_batch", &iou_alignment_batch_py, py::arg("student_spans"),
         py::arg("teacher_spans"), py::arg("threshold") = 0.0, py::arg("normalize") = true,
         py::arg("fallback") = "none", py::arg("num_threads") = 0,

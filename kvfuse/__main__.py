@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -24,7 +25,16 @@ def main(argv: list[str] | None = None) -> int:
         if name in chosen:
             importlib.import_module(module_name).add_arguments(sub_parser)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, OSError, RuntimeError) as err:
+        # Bad input is reported as one line naming what and where, not as a traceback from deep inside.
+        # KVFUSE_DEBUG=1 re-raises for the full stack.
+        if os.environ.get("KVFUSE_DEBUG"):
+            raise
+        print(f"python -m kvfuse {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

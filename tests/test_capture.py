@@ -131,3 +131,28 @@ def test_queries_and_hidden_reproduce_attention_and_logits(arch):
         checked += 1
     assert checked >= 2
     assert capture_kv(model, ids, mask).queries is None
+
+
+@pytest.mark.parametrize("alias,length", [("smollm2-135m-instruct", 33), ("gemma3-270m", 520)])
+def test_real_packaged_models(alias, length):
+    """The packaged pretrained models (converted once, cached); Gemma3 runs past its 512-token window."""
+    from kvfuse.models.load import load
+
+    model, _ = load(alias)
+    ids = torch.randint(10, 30000, (1, length), generator=torch.Generator().manual_seed(0))
+    cap = capture_kv(model, ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=cap.positions, use_cache=True)
+    kept_lengths = set()
+    for i, layer in enumerate(out.past_key_values.layers):
+        kept = layer.keys.shape[-2]
+        kept_lengths.add(kept)
+        assert cap.keys[i].shape[-2] == length
+        rotated = rotate(cap.keys[i], cap.positions, *cap.rope[i])[..., -kept:, :]
+        torch.testing.assert_close(rotated, layer.keys, rtol=0, atol=1e-5 * float(layer.keys.abs().max()))
+        torch.testing.assert_close(cap.values[i][..., -kept:, :], layer.values, rtol=0, atol=0)
+    if alias == "gemma3-270m":
+        assert min(kept_lengths) < length == max(kept_lengths)
+        local = cap.layer_types.index("sliding_attention")
+        glob = cap.layer_types.index("full_attention")
+        assert not torch.equal(cap.rope[local][0], cap.rope[glob][0])

@@ -179,7 +179,7 @@ def _run(init: str, beta: float, steps: int = 40):
     teacher, student = _pair()
     n_s, h_s = student.config.num_hidden_layers, student.config.num_key_value_heads
     m = layer_map(L_T, n_s)
-    a = torch.cat([torch.zeros(T, P), torch.eye(T)], dim=1).to_sparse_csr()  # teacher sees a P-token prompt
+    a = torch.cat([torch.zeros(T, P), torch.eye(T)], dim=1)  # shifted identity: teacher sees a P-token prompt
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(1, 512, (1, P), generator=gen)
 

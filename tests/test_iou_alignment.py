@@ -147,6 +147,14 @@ def test_empty_and_single_token_sides(n_s, n_t):
         np.testing.assert_array_equal(a.to_dense().numpy(), dense_iou(s, t, fallback=fallback))
 
 
+def test_any_native_int64_dtype_is_accepted():
+    # np.longlong is int64 on this platform but a different dtype object than np.int64.
+    s = np.array([[0, 2], [2, 5]], dtype=np.longlong)
+    t = np.array([[0, 3], [3, 5]], dtype=np.int64)
+    for got, want in zip(_C.iou_alignment(s, t), reference_iou_alignment(s, t)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_alignment_matrix_accepts_tensors_and_non_contiguous_arrays():
     rng = np.random.default_rng(11)
     s, t = random_spans(rng, 23), random_spans(rng, 19)
@@ -204,6 +212,7 @@ BAD_SPANS = [
     (np.array([[0, 1 << 62]], dtype=np.int64), r"\[0\] .* above 2\*\*61"),
     (np.array([[0, 2]], dtype=np.int32), r"dtype int64, got int32"),
     (np.array([[0.0, 2.0]]), r"dtype int64, got float64"),
+    (np.array([[0, 2]], dtype=">i8"), r"dtype int64, got >i8"),
     (np.array([0, 2], dtype=np.int64), r"shape \[T, 2\], got \(2,\)"),
     (np.zeros((2, 3), dtype=np.int64), r"shape \[T, 2\], got \(2, 3\)"),
     (np.zeros((1, 2, 2), dtype=np.int64), r"shape \[T, 2\], got \(1, 2, 2\)"),
@@ -217,6 +226,9 @@ def test_bad_spans_raise_value_error_naming_side_and_index(bad, pattern, side):
     args = (bad, GOOD) if side == "student_spans" else (GOOD, bad)
     with pytest.raises(ValueError, match=side + ".*" + pattern):
         _C.iou_alignment(*args)
+    with pytest.raises(ValueError, match=side + ".*" + pattern):
+        _C.validate_spans(bad, side)
+    assert _C.validate_spans(GOOD, side) is None
     with pytest.raises(ValueError, match=side):
         reference_iou_alignment(*args)
     with pytest.raises(ValueError, match=side):

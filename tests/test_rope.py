@@ -132,3 +132,22 @@ def test_rope_params_per_layer_gemma3():
     torch.testing.assert_close(params[0][0], local)
     torch.testing.assert_close(params[1][0], glob)
     assert all(math.isclose(s, 1.0) for _, s in params)
+
+
+def test_same_convention_as_the_fused_loss():
+    """kvfuse.loss rotates fused teacher keys itself; fed student keys rotated here from the same pre-RoPE
+    keys (identity adapter, odd positions, scale ≠ 1), its key MSE must vanish and cos must be 1."""
+    from kvfuse.loss import kv_distill_loss
+
+    g = torch.Generator().manual_seed(12)
+    L, B, H, T, D = 2, 2, 3, 7, 8
+    pre = torch.randn(L, B, H, T, D, generator=g, dtype=torch.float64)
+    positions = torch.randint(0, 900, (B, T), generator=g)
+    inv_freq, scale = _inv_freq(D, 5000.0).double(), 1.25
+    student_k = torch.stack([rotate(pre[l], positions, inv_freq, scale) for l in range(L)])
+    values = torch.randn(L, B, H, T, D, generator=g, dtype=torch.float64)
+    eye = torch.eye(H * D, dtype=torch.float64).expand(L, H * D, H * D)
+    _, stats = kv_distill_loss(student_k, values, [pre], [values], [eye], [eye], torch.ones(B, 1, dtype=torch.float64),
+                               torch.ones(B, T, dtype=torch.bool), positions, inv_freq, scale, backend="torch")
+    torch.testing.assert_close(stats["k_mse"], torch.zeros(L, dtype=stats["k_mse"].dtype), atol=1e-12, rtol=0)
+    torch.testing.assert_close(stats["cos"], torch.ones(L, dtype=stats["cos"].dtype), atol=1e-9, rtol=0)

@@ -121,7 +121,18 @@ class _NoOffsetsTokenizer:
         raise NotImplementedError("return_offset_mapping is not available")
 
 
+class _BadOffsetsTokenizer:
+    is_fast = True
+    name_or_path = "some/odd-model"
+
+    def __call__(self, text, return_offsets_mapping=False, add_special_tokens=True):
+        return {"input_ids": [5, 6, 7], "offset_mapping": [(0, 3), (4, 6), (2, 7)]}
+
+
 def test_token_spans_bad_input(tokenizers):
+    with pytest.raises(ValueError, match=r"offsets of tokenizer _BadOffsetsTokenizer\(some/odd-model\)\[2\] = "
+                                         r"\(2, 7\) is not monotone"):
+        token_spans(_BadOffsetsTokenizer(), "abcdefgh")
     with pytest.raises(ValueError, match=r"_SlowTokenizer\(some/slow-model\) is not a fast tokenizer"):
         token_spans(_SlowTokenizer(), "text")
     with pytest.raises(ValueError, match=r"_NoOffsetsTokenizer\(some/model\) cannot return char offsets"):

@@ -24,7 +24,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _cos_sin(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cos_sin(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+             scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     if inv_freq.dim() != 1:
         raise ValueError(f"inv_freq must be 1-D [D/2], got shape {tuple(inv_freq.shape)}")
     if x.shape[-1] != 2 * inv_freq.shape[0]:
@@ -38,17 +39,13 @@ def _cos_sin(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     freqs = positions.to(device=x.device, dtype=compute)[..., None] * inv_freq.to(device=x.device, dtype=compute)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    # HF folds the scale into cos/sin before the dtype cast; doing the same keeps low-precision results identical.
+    return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> torch.Tensor:
     """Apply RoPE (see module docstring) to pre-RoPE `x [..., T, D]` at `positions [..., T]`."""
-    cos, sin = _cos_sin(x, positions, inv_freq)
-    if attention_scaling != 1.0:
-        # HF folds the scale into cos/sin in float32 before the dtype cast; do the same so results match exactly.
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos = (cos.to(compute) * attention_scaling).to(x.dtype)
-        sin = (sin.to(compute) * attention_scaling).to(x.dtype)
+    cos, sin = _cos_sin(x, positions, inv_freq, attention_scaling)
     return x * cos + rotate_half(x) * sin
 
 

@@ -12,6 +12,7 @@ values. Batching pads on the right with zeros and a False mask; nothing is ever 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -79,7 +80,10 @@ def _scatter_csr(sub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, shape: t
     r = torch.as_tensor(rows, dtype=torch.int64)[idx[0]]
     c = torch.as_tensor(cols, dtype=torch.int64)[idx[1]]
     full = torch.sparse_coo_tensor(torch.stack([r, c]), coo.values(), size=shape, check_invariants=True).coalesce()
-    return full.to_sparse_csr()
+    with warnings.catch_warnings():
+        # torch repeats its "CSR support is in beta" notice for every sample; the CSR ops used here are stable.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return full.to_sparse_csr()
 
 
 def time_alignment(
@@ -117,7 +121,9 @@ def time_alignment(
     shape = (len(s_spans), len(t_spans))
     if len(rows) == 0 or len(cols) == 0:
         empty = torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.int64), torch.zeros(0), size=shape, check_invariants=True)
-        return empty.to_sparse_csr(), torch.zeros(shape[0], dtype=torch.bool)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            return empty.to_sparse_csr(), torch.zeros(shape[0], dtype=torch.bool)
     sub = alignment_matrix(s_spans[rows], t_spans[cols], **alignment_kwargs)
     if tuple(sub.shape) != (len(rows), len(cols)):
         raise RuntimeError(f"alignment_matrix returned shape {tuple(sub.shape)}, expected {(len(rows), len(cols))}")

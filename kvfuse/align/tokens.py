@@ -61,6 +61,9 @@ def token_spans(tokenizer, text: str, trim_whitespace: bool = False,
         raise ValueError(f"tokenizer {name} returned {len(spans)} offsets for {len(ids)} tokens")
     if trim_whitespace:
         spans = _trim_whitespace(text, spans)
+    # Catch a tokenizer whose offsets break the span rules here, where the error can name it, rather
+    # than later in the builder, where it could only name "student_spans" or "teacher_spans".
+    _C.validate_spans(spans, f"offsets of tokenizer {name}")
     return ids, spans
 
 

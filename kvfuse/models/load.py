@@ -164,7 +164,17 @@ def ensure_converted(alias: str) -> Path:
         raise ValueError(f"unknown packaged model {alias!r}; choose one of {sorted(PACKAGED_MODELS)}")
     spec = PACKAGED_MODELS[alias]
     target = cache_dir(alias)
-    expected = _expected_record(spec)
+    try:
+        expected = _expected_record(spec)
+    except ModuleNotFoundError:
+        # A cached folder carried to a machine without the packages (e.g. the GPU machine, which cannot install
+        # them) is still usable; it just cannot be checked against the GGUF.
+        record = _read_record(target)
+        if not _record_matches(record, {"format": _CONVERSION_FORMAT, "alias": alias,
+                                        "kvfuse_version": kvfuse.__version__}):
+            raise
+        log.warning("packages of %s are not installed; using the cached folder %s unverified", alias, target)
+        return target
     if _record_matches(_read_record(target), expected):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -188,8 +198,7 @@ def ensure_converted(alias: str) -> Path:
             model_fp = convert_gguf(Path(gguf), out)
             (out / FINGERPRINT_FILE).write_text(json.dumps({**expected, "model_fingerprint": model_fp}, indent=2))
             if target.exists():
-                trash = work / "old"
-                os.rename(target, trash)
+                os.rename(target, work / "old")  # removed with the work folder
             os.rename(out, target)
         finally:
             shutil.rmtree(work)
@@ -349,9 +358,19 @@ def load_tokenizer(name: str, local_files_only: bool = False) -> PreTrainedToken
         except (OSError, ValueError) as err:
             raise ValueError(f"model folder {os.fspath(where)!r} has no usable tokenizer: {err}") from err
     try:
-        return AutoTokenizer.from_pretrained(where, local_files_only=local_files_only)
-    except OSError as err:
+        return AutoTokenizer.from_pretrained(_hub_source(where, local_files_only))
+    except (OSError, ValueError) as err:  # ValueError: not even a valid repo id
         raise _hub_error(where, err, local_files_only) from err
+
+
+def _hub_source(name: str, local_files_only: bool) -> str:
+    """What to hand to from_pretrained for hub id `name`: with `local_files_only` the cached snapshot folder, since
+    transformers 5.24 still asks the network for an adapter config when given the id (and retries for ~25 s)."""
+    if not local_files_only:
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, local_files_only=True)  # not cached: LocalEntryNotFoundError, an OSError
 
 
 def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -379,18 +398,17 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         model = model.to(dtype)
+    elif kind == "hub":
+        try:
+            source = _hub_source(where, local_files_only)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:  # ValueError: not even a valid repo id
+            raise _hub_error(where, err, local_files_only) from err
     else:
         folder = ensure_converted(where) if kind == "packaged" else where
-        kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
-        if kind == "hub":
-            kwargs["local_files_only"] = local_files_only
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        except OSError as err:
-            if kind != "hub":
-                raise
-            raise _hub_error(where, err, local_files_only) from err
-        tokenizer = load_tokenizer(os.fspath(folder), local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer = load_tokenizer(os.fspath(folder))
     return model.to(device).eval(), tokenizer
 
 
@@ -400,8 +418,8 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
 
 # Config keys that describe how a model was loaded or run, not what it computes. "architectures" is only filled
 # in by save_pretrained; the model class is hashed from the object instead.
-_VOLATILE_CONFIG_KEYS = {"architectures", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype",
-                         "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+_VOLATILE_CONFIG_KEYS = {"architectures", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype",
+                         "torch_dtype", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
                          "_commit_hash", "quantization_config", "use_cache", "output_attentions",
                          "output_hidden_states", "return_dict"}
 

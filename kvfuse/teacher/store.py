@@ -150,6 +150,7 @@ class StoreWriter:
             raise ValueError(f"shard {index} of {self.n_shards} got no samples (fewer samples than shards?)")
         tmp = data_path.with_name(f".{data_path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"settings_hash": self.hash})
+        os.chmod(tmp, 0o644)  # readable by the training job's user, whoever ran the dump
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, data_path)
