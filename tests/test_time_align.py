@@ -31,7 +31,7 @@ def _view(tokenizer, prompt, example):
     return rendered, ids, spans
 
 
-def _brute_force(s_text, s_spans, s_segs, t_text, t_spans, t_segs):
+def _brute_force(s_spans, s_segs, t_spans, t_segs):
     """IoU over *sets* of shared-character indices, pair by pair, row-normalised (dense float64)."""
     def shared_index(segs):
         index, k = {}, 0
@@ -99,7 +99,7 @@ def test_cross_tokenizer_matches_brute_force():
         t_r, _, t_spans = _view(teacher, "Let us think.", example)
         assert not t_r.chat_template and s_r.chat_template  # different layouts around the same shared text
         A, mask = time_alignment(s_spans, s_r.segments, t_spans, t_r.segments, student_text=s_r.text, teacher_text=t_r.text)
-        ref, ref_mask = _brute_force(s_r.text, s_spans, s_r.segments, t_r.text, t_spans, t_r.segments)
+        ref, ref_mask = _brute_force(s_spans, s_r.segments, t_spans, t_r.segments)
         np.testing.assert_allclose(A.to_dense().numpy(), ref, rtol=1e-6, atol=1e-7)
         # Student tokens that are only whitespace inside a segment overlap no word token: masked out.
         assert mask.tolist() == (ref_mask & (ref.sum(axis=1) > 0)).tolist()

@@ -21,6 +21,7 @@ pre-RoPE teacher keys. Everything here builds such W:
 from __future__ import annotations
 
 from dataclasses import dataclass
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ DIM_KINDS = ("identity", "orthogonal")
 
 def _check_positive(**sizes: int) -> None:
     for name, n in sizes.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
 
 

@@ -15,6 +15,7 @@ last-to-last cannot both hold); one teacher layer feeds every student layer.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -35,7 +36,7 @@ def _round_half_up(x: float) -> int:
 def layer_map(n_teacher_layers: int, n_student_layers: int, mode: str = "interpolate") -> torch.Tensor:
     """Row-stochastic float32 `[L_s, L_t]` layer map (see module docstring for the modes)."""
     for name, n in (("n_teacher_layers", n_teacher_layers), ("n_student_layers", n_student_layers)):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
     if mode not in MODES:
         raise ValueError(f"layer_map mode must be one of {MODES}, got {mode!r}")
