@@ -42,11 +42,12 @@ def _fused_kv_fwd_kernel(
     B, T, n_tiles,
     H_S: tl.constexpr, D_S: tl.constexpr, HALF_BLOCK: tl.constexpr,
     IS_KEY: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, ALPHA_IN_X: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    # One program: student head h, token tile t, (layer l, batch b).  The head's P is split into halves
-    # p1 = P[:, h·D + j], p2 = P[:, h·D + D/2 + j] (j < D/2), so rotate_half is a swap of the halves.
-    #   forward   p_i   = Σ_i α_i X_i W_i[:, cols]                       (fp32 accumulation)
+    # One program: student head h, token tile t, (layer l, batch b).  The head's P lives in two accumulators
+    # p1 = P[:, h·D + j], p2 = P[:, h·D + D/2 + j] (j < D/2), so rotate_half is a swap of accumulators and any
+    # even D_s works (each half padded to HALF_BLOCK).
+    #   forward   p     = Σ_i α_i X_i W_i[:, cols]                       (fp32 accumulation)
     #             k     = R p:  k1 = s(p1 cos − p2 sin), k2 = s(p2 cos + p1 sin),  cos/sin of pos·inv_freq[j]
     #             sq    = Σ_d (S − k)²,   cs = <S, k> / max(|S||k|, 1e-8)      per token
     #             partial sums Σ_t m·sq and Σ_t m·cs for this (l, b, tile, h)
@@ -69,13 +70,8 @@ def _fused_kv_fwd_kernel(
     col1 = h * D_S + j
     col2 = col1 + HALF
 
-    # One accumulator holds both halves of the head: columns [0, HB) map to W columns h·D + j and
-    # [HB, 2·HB) to h·D + D/2 + j, so a single N = 2·HB dot covers the head and any even D_s pads per half.
-    c = tl.arange(0, 2 * HALF_BLOCK)
-    c_j = c % HALF_BLOCK
-    c_ok = c_j < HALF
-    w_col = h * D_S + (c // HALF_BLOCK) * HALF + c_j
-    p = tl.zeros([BLOCK_T, 2 * HALF_BLOCK], dtype=tl.float32)
+    p1 = tl.zeros([BLOCK_T, HALF_BLOCK], dtype=tl.float32)
+    p2 = tl.zeros([BLOCK_T, HALF_BLOCK], dtype=tl.float32)
     for i in tl.static_range(N):
         x_ptr = xs[i]
         w_ptr = ws[i]
@@ -86,39 +82,24 @@ def _fused_kv_fwd_kernel(
         a_i = tl.load(alpha_ptr + b * stride_ab + l * stride_al + i * stride_an).to(tl.float32)
         x_base = x_ptr + l * sx[0] + b * sx[1] + t[:, None] * sx[3]
         w_base = w_ptr + l * sw[0]
-        # Two ways to apply α_i, chosen by autotuning: ALPHA_IN_X scales the X tile in registers and
-        # accumulates straight into p (one accumulator); otherwise a plain GEMM K-loop into a per-teacher
-        # accumulator (operands fed straight to tl.dot) that is scaled once after the loop.
-        if ALPHA_IN_X:
-            acc = p
-        else:
-            acc = tl.zeros([BLOCK_T, 2 * HALF_BLOCK], dtype=tl.float32)
-        for k in range(0, F_I, BLOCK_F):
-            f = k + tl.arange(0, BLOCK_F)
-            if ALIGNED and D_I % BLOCK_F == 0:
-                # The chunk lies inside one teacher head: a contiguous run of d in memory.
-                x_col = (k // D_I) * sx[2] + ((k % D_I) + tl.arange(0, BLOCK_F)) * sx[4]
-            else:
-                x_col = (f // D_I) * sx[2] + (f % D_I) * sx[4]
-            if ALIGNED and F_I % BLOCK_F == 0:
-                xt = tl.load(x_base + x_col[None, :], mask=t_ok[:, None], other=0.0)
-                wt = tl.load(w_base + f[:, None] * sw[1] + w_col[None, :] * sw[2], mask=c_ok[None, :], other=0.0)
-            else:
-                f_ok = f < F_I
-                xt = tl.load(x_base + x_col[None, :], mask=t_ok[:, None] & f_ok[None, :], other=0.0)
-                wt = tl.load(w_base + f[:, None] * sw[1] + w_col[None, :] * sw[2],
-                             mask=f_ok[:, None] & c_ok[None, :], other=0.0)
-            if ALPHA_IN_X:
-                xt = xt.to(tl.float32) * a_i
+        for f0 in range(0, F_I, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = f < F_I
+            xt = tl.load(x_base + (f // D_I)[None, :] * sx[2] + (f % D_I)[None, :] * sx[4],
+                         mask=t_ok[:, None] & f_ok[None, :], other=0.0)
+            # α_i folded into the X operand (fp32 multiply, then back to the dot dtype): one accumulator pair
+            # for all teachers.  (A per-teacher accumulator scaled after its K-loop measured slower: NOTES.md.)
+            xt = (xt.to(tl.float32) * a_i).to(DOT_DTYPE)
+            w_rows = w_base + f[:, None] * sw[1]
+            w_ok = f_ok[:, None] & j_ok[None, :]
+            w1 = tl.load(w_rows + col1[None, :] * sw[2], mask=w_ok, other=0.0).to(DOT_DTYPE)
+            w2 = tl.load(w_rows + col2[None, :] * sw[2], mask=w_ok, other=0.0).to(DOT_DTYPE)
             if IEEE:
-                acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision="ieee")
+                p1 = tl.dot(xt, w1, p1, input_precision="ieee")
+                p2 = tl.dot(xt, w2, p2, input_precision="ieee")
             else:
-                acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc)
-        if ALPHA_IN_X:
-            p = acc
-        else:
-            p += a_i * acc
-    p1, p2 = tl.split(tl.permute(tl.reshape(p, [BLOCK_T, 2, HALF_BLOCK]), [0, 2, 1]))
+                p1 = tl.dot(xt, w1, p1)
+                p2 = tl.dot(xt, w2, p2)
 
     if IS_KEY:
         pos = tl.load(pos_ptr + b * T + t, mask=t_ok, other=0.0)
@@ -187,7 +168,7 @@ def _fused_kv_dw_kernel(
     B, T,
     D_I: tl.constexpr, F_I: tl.constexpr, C: tl.constexpr, N_FBLK, N_CBLK,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program: adapter tile W_i[l][f-block, c-block].  For each batch row b:
     #   M(b)    = Σ_t X_i(b, t)[f]ᵀ G(b, t)[c]            (fp32 accumulation over the T axis)
@@ -197,16 +178,12 @@ def _fused_kv_dw_kernel(
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     l = tl.program_id(2).to(tl.int64)
-    f0 = pid_f * BLOCK_F
-    f = f0 + tl.arange(0, BLOCK_F)
+    f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     f_ok = f < F_I
     c_ok = c < C
     fc_ok = f_ok[:, None] & c_ok[None, :]
-    if ALIGNED and D_I % BLOCK_F == 0:
-        x_cols = (f0 // D_I) * sx2 + ((f0 % D_I) + tl.arange(0, BLOCK_F)) * sx4  # one head, contiguous d
-    else:
-        x_cols = (f // D_I) * sx2 + (f % D_I) * sx4
+    x_cols = (f // D_I) * sx2 + (f % D_I) * sx4
     g_out = tl.load(gout_ptr).to(tl.float32)
     w = tl.load(w_ptr + l * sw0 + f[:, None] * sw1 + c[None, :] * sw2, mask=fc_ok, other=0.0).to(tl.float32)
 
@@ -219,12 +196,8 @@ def _fused_kv_dw_kernel(
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < T
-            if ALIGNED and F_I % BLOCK_F == 0:
-                xt = tl.load(x_base + x_cols[:, None] + t[None, :] * sx3, mask=t_ok[None, :], other=0.0)
-            else:
-                xt = tl.load(x_base + x_cols[:, None] + t[None, :] * sx3, mask=f_ok[:, None] & t_ok[None, :],
-                             other=0.0)
-            xt = xt.to(DOT_DTYPE)
+            xt = tl.load(x_base + x_cols[:, None] + t[None, :] * sx3,
+                         mask=f_ok[:, None] & t_ok[None, :], other=0.0).to(DOT_DTYPE)
             gt = tl.load(g_base + t[:, None] * C + c[None, :],
                          mask=t_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE)
             if IEEE:
@@ -256,29 +229,21 @@ def _configs(options, hook):
     return [triton.Config(kw, num_warps=w, num_stages=s, pre_hook=hook) for kw, w, s in options]
 
 
-# ALIGNED: head-aligned addressing and no feature mask when the teacher head dim allows it (else the generic
-# h = f // D_i, d = f % D_i form).  Both structural switches are tuned because the first H100 runs showed
-# the faster choice is not the obvious one (bench/NOTES.md).
 _FWD_CONFIGS_GPU = _configs([
-    ({"BLOCK_T": 128, "BLOCK_F": 64, "ALPHA_IN_X": True, "ALIGNED": False}, 8, 3),
-    ({"BLOCK_T": 128, "BLOCK_F": 32, "ALPHA_IN_X": True, "ALIGNED": False}, 4, 4),
-    ({"BLOCK_T": 256, "BLOCK_F": 32, "ALPHA_IN_X": True, "ALIGNED": False}, 8, 3),
-    ({"BLOCK_T": 128, "BLOCK_F": 64, "ALPHA_IN_X": True, "ALIGNED": True}, 8, 3),
-    ({"BLOCK_T": 256, "BLOCK_F": 32, "ALPHA_IN_X": True, "ALIGNED": True}, 8, 3),
-    ({"BLOCK_T": 64, "BLOCK_F": 64, "ALPHA_IN_X": False, "ALIGNED": True}, 4, 4),
-    ({"BLOCK_T": 128, "BLOCK_F": 64, "ALPHA_IN_X": False, "ALIGNED": False}, 8, 3),
+    ({"BLOCK_T": 128, "BLOCK_F": 64}, 8, 3),
+    ({"BLOCK_T": 128, "BLOCK_F": 32}, 4, 4),
+    ({"BLOCK_T": 64, "BLOCK_F": 64}, 4, 3),
+    ({"BLOCK_T": 256, "BLOCK_F": 32}, 8, 3),
 ], _zero_fwd_partials)
 _DW_CONFIGS_GPU = _configs([
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64, "ALIGNED": False}, 8, 3),
-    ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64, "ALIGNED": False}, 4, 3),
-    ({"BLOCK_F": 128, "BLOCK_C": 256, "BLOCK_T": 32, "ALIGNED": False}, 8, 3),
-    ({"BLOCK_F": 64, "BLOCK_C": 64, "BLOCK_T": 128, "ALIGNED": False}, 4, 4),
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64, "ALIGNED": True}, 8, 3),
-    ({"BLOCK_F": 128, "BLOCK_C": 256, "BLOCK_T": 32, "ALIGNED": True}, 8, 3),
+    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 3),
+    ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
+    ({"BLOCK_F": 128, "BLOCK_C": 256, "BLOCK_T": 32}, 8, 3),
+    ({"BLOCK_F": 64, "BLOCK_C": 64, "BLOCK_T": 128}, 4, 4),
 ], _zero_dw_partials)
-# Under the interpreter one config runs; tests switch these dicts to cover every structural path.
-INTERP_FWD = {"BLOCK_T": 16, "BLOCK_F": 16, "ALPHA_IN_X": True, "ALIGNED": True}
-INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16, "ALIGNED": True}
+# Under the interpreter one config runs (every config would run serially on the CPU); tests may change it.
+INTERP_FWD = {"BLOCK_T": 16, "BLOCK_F": 16}
+INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
 _MIN_BLOCK_T = 16
 _MIN_BLOCK_F = 16
 _MIN_BLOCK_C = 16

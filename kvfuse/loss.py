@@ -153,7 +153,10 @@ def _rotate(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: floa
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    den = torch.clamp_min(a.square().sum(-1).sqrt() * b.square().sum(-1).sqrt(), 1e-8)
+    # max(‖a‖‖b‖, 1e-8) written as sqrt(max(‖a‖²‖b‖², 1e-16)): the same value, but a zero vector (a padded or
+    # unaligned token's fused KV) has a zero gradient instead of sqrt'(0) = inf, which the mask's 0 would turn
+    # into NaN.
+    den = torch.clamp_min(a.square().sum(-1) * b.square().sum(-1), 1e-16).sqrt()
     return (a * b).sum(-1) / den
 
 
@@ -351,3 +354,23 @@ class KVDistillLoss(nn.Module):
                                list(self.w_v), a, mask, positions, inv_freq, attention_scaling=scaling,
                                lambda_k=self.lambda_k, lambda_v=self.lambda_v, beta=self.beta,
                                layer_weights=layer_weights, backend=backend, check_finite=self.check_finite)
+
+
+def fused_teacher_keys(teacher_k, w_k, alpha, positions, inv_freq, attention_scaling, student_heads):
+    """K_f = Σ_i α_i · rotate(K'_i W_k^i) [L, B, H_s, T, D_s]: the fused teacher keys in the student's head space,
+    rotated at student positions (the attention-KL term's keys). Same math as the reference loss."""
+    H_s, D_s = student_heads
+    L = teacher_k[0].shape[0]
+    acc = _compute_dtype(teacher_k[0].dtype)
+    invf = inv_freq.to(acc).expand(L, D_s // 2)
+    ang = positions.to(acc)[None, :, :, None] * invf[:, None, None, :]
+    ang = torch.cat((ang, ang), dim=-1).unsqueeze(2)
+    cos, sin = ang.cos(), ang.sin()
+    B = positions.shape[0]
+    a = alpha.to(acc)
+    a = a.t()[:, None, :].expand(-1, L, B) if alpha.dim() == 2 else a.permute(2, 1, 0)
+    fused = 0
+    for i, (x, w) in enumerate(zip(teacher_k, w_k)):
+        fused = fused + a[i][:, :, None, None, None] * _rotate(_project(x.detach(), w, H_s, D_s, acc), cos, sin,
+                                                               attention_scaling)
+    return fused

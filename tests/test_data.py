@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from kvfuse.data import (
-    COT_PROMPT, DEFAULT_PROMPT, Example, extract_final_number, load_gsm8k, load_jsonl, load_text, normalize_number,
-    pad_and_mask, render, render_prompt, shakespeare, shakespeare_plays, train_val_split,
+    COT_PROMPT, DEFAULT_PROMPT, Example, extract_final_number, load_examples, load_gsm8k, load_jsonl, load_text,
+    normalize_number, pad_and_mask, render, render_prompt, resolve_prompt, shakespeare, shakespeare_plays,
+    train_val_split,
 )
 from kvfuse.models.load import tiny_tokenizer
 
@@ -207,3 +208,18 @@ def test_pad_and_mask_never_truncates():
         pad_and_mask([[1.5, 2.0]], pad_id=0)
     with pytest.raises(ValueError, match="at least one"):
         pad_and_mask([], pad_id=0)
+
+
+def test_resolve_prompt_and_load_examples(tmp_path, gsm8k):
+    assert resolve_prompt("default") == DEFAULT_PROMPT and resolve_prompt("cot") == COT_PROMPT
+    assert resolve_prompt("Answer briefly.") == "Answer briefly."
+    with pytest.raises(ValueError, match="prompt"):
+        resolve_prompt(None)
+    train, val = load_examples("gsm8k", 6, 2, seed=1)
+    expected = train_val_split(gsm8k, 6, 2, seed=1)
+    assert [e.id for e in train + val] == [e.id for e in expected[0] + expected[1]]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "rationale": f"r{i}", "answer": str(i)}) + "\n"
+                            for i in range(9)))
+    train, val = load_examples(str(path), 5, 3, seed=2)
+    assert len(train) == 5 and len(val) == 3 and not {e.id for e in train} & {e.id for e in val}

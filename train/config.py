@@ -21,6 +21,17 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _scalar(text: str):
+    """YAML scalar, except that numbers YAML 1.1 reads as strings (1e-2) become floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def parse_overrides(tokens: list[str]) -> dict:
     """['--alpha', '0.6', '0.4', '--lora', 'true'] → {'alpha': [0.6, 0.4], 'lora': True} (values parsed as YAML)."""
     out: dict = {}
@@ -30,14 +41,14 @@ def parse_overrides(tokens: list[str]) -> dict:
             key = token[2:].replace("-", "_")
             if "=" in key:
                 key, value = key.split("=", 1)
-                out[key] = yaml.safe_load(value)
+                out[key] = _scalar(value)
                 key = None
             else:
                 out[key] = []
         elif key is None:
             raise ValueError(f"unexpected argument {token!r}: overrides look like --key value")
         else:
-            out[key].append(yaml.safe_load(token))
+            out[key].append(_scalar(token))
     for k, v in list(out.items()):
         if isinstance(v, list):
             if not v:
@@ -55,7 +66,14 @@ def load_config(phase: int, config_path: str | None, override_tokens: list[str])
         unknown = sorted(set(values) - set(config))
         if unknown:
             raise ValueError(f"unknown {source} key(s) {unknown}; valid keys: {sorted(config)}")
-        config.update(values)
+        for key, value in values.items():
+            default = config[key]
+            if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = float(value)
+            elif default is not None and not isinstance(value, type(default)) and not (
+                    isinstance(default, list) and isinstance(value, (str, int, float))):
+                raise ValueError(f"{source} value for {key!r} must be {type(default).__name__}, got {value!r}")
+            config[key] = value
     config["phase"] = phase
     for key in ("teachers", "teacher_prompts", "alpha"):
         if config[key] is not None and not isinstance(config[key], list):

@@ -124,7 +124,7 @@ class TrainingSession:
                                             storage_dtype=model_dtype, device=self.device)
         self.student_heads = (student.config.num_key_value_heads, _head_dim(student.config))
         if c["gradient_checkpointing"]:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         if c["lora"]:
             from peft import LoraConfig, get_peft_model
             student = get_peft_model(student, LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"],
@@ -319,7 +319,10 @@ class TrainingSession:
                 loss, logs = self.engine(batch, layer_weights=lw.to(self.device), weights=weights)
                 self._check_finite(loss, logs, step + 1)
                 self.engine.backward(loss)
+                boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
+                if boundary:
+                    self._check_grad_norm(step + 1)
                 tokens += int(batch["mask"].sum())
                 acc_loss += float(loss.detach()) / self.accum
                 acc_stats = _accumulate(acc_stats, logs, self.accum)
@@ -372,6 +375,14 @@ class TrainingSession:
         raise NonFiniteLoss(f"non-finite loss at step {step}, first at {where}; the state before this step is saved "
                             f"as checkpoint {self.ckpt_dir / tag}. Lower the learning rate or check the inputs.")
 
+    def _check_grad_norm(self, step: int) -> None:
+        # DeepSpeed skips an update whose gradient norm is not finite and carries on silently; a run that has stopped
+        # learning is worse than a stopped run, so stop and say so.
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):
+            raise NonFiniteLoss(f"non-finite gradient norm at step {step} (the loss was finite): the update was "
+                                "skipped. Check the inputs for zero or huge values, or lower the learning rate.")
+
     def save(self, step: int) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{step:06d}", client_state={"step": step})
 
@@ -387,7 +398,7 @@ class TrainingSession:
             nll += float(self.model.rationale_nll(batch))
             sums = _accumulate(sums, logs, 1.0)
             count += 1
-        out = {k: (v / count) for k, v in sums.items()}
+        out = {k: ([x / count for x in v] if isinstance(v, list) else v / count) for k, v in sums.items()}
         out["ce"] = nll / count
         return out
 
