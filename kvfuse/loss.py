@@ -296,8 +296,7 @@ class KVDistillLoss(nn.Module):
         self.lambda_k, self.lambda_v, self.beta = float(lambda_k), float(lambda_v), float(beta)
         self.attention_scaling, self.backend, self.check_finite = float(attention_scaling), backend, check_finite
         N = len(teacher_heads)
-        self.w_k = nn.ParameterList()
-        self.w_v = nn.ParameterList()
+        self.n_teachers = N
         for i, (H_i, D_i) in enumerate(teacher_heads):
             shape = (self.n_layers, H_i * D_i, H_s * D_s)
             if isinstance(init, str):
@@ -314,8 +313,10 @@ class KVDistillLoss(nn.Module):
                         raise ValueError(f"{name} must be a tensor of shape {shape}, "
                                          f"got {tuple(w.shape) if isinstance(w, torch.Tensor) else type(w)}")
                 wk, wv = wk.detach().to(dtype).clone(), wv.detach().to(dtype).clone()
-            self.w_k.append(nn.Parameter(wk))
-            self.w_v.append(nn.Parameter(wv))
+            # Direct parameters, not an nn.ParameterList: ZeRO-3 gathers the parameters a module owns itself
+            # in that module's pre-forward hook; a container child never runs forward, so its would stay empty.
+            self.register_parameter(f"w_k_{i}", nn.Parameter(wk))
+            self.register_parameter(f"w_v_{i}", nn.Parameter(wv))
         self.router = router
         if alpha is None:
             const = torch.full((N,), 1.0 / N)
@@ -327,6 +328,16 @@ class KVDistillLoss(nn.Module):
                 raise ValueError("constant alpha must have a positive sum over teachers")
             const = const / const.sum(-1, keepdim=True)
         self.register_buffer("alpha_const", const, persistent=False)
+
+    @property
+    def w_k(self) -> list[nn.Parameter]:
+        """Key adapters W^k_i, [L, H_i·D_i, H_s·D_s] each."""
+        return [getattr(self, f"w_k_{i}") for i in range(self.n_teachers)]
+
+    @property
+    def w_v(self) -> list[nn.Parameter]:
+        """Value adapters W^v_i, [L, H_i·D_i, H_s·D_s] each."""
+        return [getattr(self, f"w_v_{i}") for i in range(self.n_teachers)]
 
     def _alpha(self, alpha, router_inputs, B: int, ref: torch.Tensor) -> torch.Tensor:
         if alpha is not None:
@@ -350,9 +361,8 @@ class KVDistillLoss(nn.Module):
         a = self._alpha(alpha, router_inputs, student_k.shape[1], student_k)
         backend = self.backend or ("triton" if student_k.is_cuda else "torch")
         scaling = self.attention_scaling if attention_scaling is None else attention_scaling
-        return kv_distill_loss(student_k, student_v, list(teacher_k), list(teacher_v), list(self.w_k),
-                               list(self.w_v), a, mask, positions, inv_freq, attention_scaling=scaling,
-                               lambda_k=self.lambda_k, lambda_v=self.lambda_v, beta=self.beta,
+        return kv_distill_loss(student_k, student_v, list(teacher_k), list(teacher_v), self.w_k, self.w_v, a, mask,
+                               positions, inv_freq, attention_scaling=scaling, lambda_k=self.lambda_k, lambda_v=self.lambda_v, beta=self.beta,
                                layer_weights=layer_weights, backend=backend, check_finite=self.check_finite)
 
 

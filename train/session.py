@@ -190,8 +190,7 @@ class TrainingSession:
             return [(structured_adapter(h, d, *self.student_heads, n_layers=self.n_layers),) * 2 for h, d in heads]
         if c["adapter_init"] != "ridge":
             raise ValueError(f"adapter_init must be ridge or structured, got {c['adapter_init']!r}")
-        calib = self.train_examples[: c["calibration_samples"]]
-        batch = self.teacher_batch(calib)
+        batch = self.teacher_batch(self._calibration_examples())
         cap_model = DistillationModel(student, None, None)
         cap, student_k, student_v, inv_freq, scaling = cap_model.student_kv(batch)
         pre_k = [unrotate(k, batch["positions"][:, None], inv_freq[l], scaling) for l, k in enumerate(student_k)]
@@ -203,6 +202,11 @@ class TrainingSession:
             init.append((wk, wv))
         return init
 
+    def _calibration_examples(self):
+        # From the end of the training set: the train/val gap is measured on its start, which must not be the
+        # data the adapters were fitted on.
+        return self.train_examples[-self.config["calibration_samples"]:]
+
     def _router(self, n_teachers: int, student):
         c = self.config
         if c["router_type"] == "fixed":
@@ -211,8 +215,7 @@ class TrainingSession:
             return LearnableRouter(student.get_input_embeddings().weight.shape[1], n_teachers,
                                    n_layers=self.n_layers, n_groups=c["router_groups"])
         # similarity: prototypes from a calibration pass over training examples, in each teacher's KV space
-        calib = self.train_examples[: c["calibration_samples"]]
-        batch = self.teacher_batch(calib)
+        batch = self.teacher_batch(self._calibration_examples())
         feats = [first_tokens_feature(v, batch["mask"], c["router_k"]) for v in batch["teacher_v"]]
         return SimilarityRouter([compute_prototypes(f[None])[0] for f in feats], c["router_temperature"])
 
@@ -330,7 +333,9 @@ class TrainingSession:
                     continue
                 step += 1
                 elapsed = time.perf_counter() - t0
-                event = {"step": step, "split": "train", "loss": acc_loss, "lr": self.scheduler.get_last_lr()[0],
+                acc_stats["loss"] = acc_loss
+                acc_stats = self._mean_over_ranks(acc_stats)
+                event = {"step": step, "split": "train", "lr": self.scheduler.get_last_lr()[0],
                          "tokens_per_s": tokens * self.world / elapsed, "gamma": weights.gamma,
                          "delta": weights.delta, "layer_weights": lw.tolist(), "epoch": epoch}
                 event.update(acc_stats)
@@ -356,6 +361,22 @@ class TrainingSession:
             self._log(f"report: {path}")
         dist.barrier()
         return 0
+
+    def _mean_over_ranks(self, values: dict) -> dict:
+        """Logged numbers averaged over ranks, so a step's log describes the global batch, not rank 0's part."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        flat = torch.tensor([x for k in keys for x in (values[k] if isinstance(values[k], list) else [values[k]])],
+                            dtype=torch.float64, device=self.device)
+        dist.all_reduce(flat)
+        flat = (flat / self.world).tolist()
+        out, i = {}, 0
+        for k in keys:
+            n = len(values[k]) if isinstance(values[k], list) else 1
+            out[k] = flat[i:i + n] if isinstance(values[k], list) else flat[i]
+            i += n
+        return out
 
     def _check_finite(self, loss: torch.Tensor, logs: dict, step: int) -> None:
         flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=self.device)

@@ -1,0 +1,247 @@
+"""The fused KV-distillation loss: Triton (interpreter) vs the torch reference, the reference vs float64 and
+vs the contract written out as explicit per-layer / per-teacher loops."""
+import math
+
+import pytest
+import torch
+
+from kvfuse.loss import _kernels, kv_distill_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def make_case(seed, heads, dtype=torch.float32, L=2, B=2, T=37, H_s=2, D_s=16, alpha_per_layer=False,
+              strided=False, invf_per_layer=False):
+    """Fresh random inputs with a padded mask; `strided` builds every tensor as a non-contiguous view."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    def act(L_, B_, H, T_, D):  # [L, B, H, T, D], optionally as a permuted / sliced view
+        if strided:
+            base = rnd(L_, B_, T_, H, 2 * D).to(dtype)
+            return base.permute(0, 1, 3, 2, 4)[..., ::2]
+        return rnd(L_, B_, H, T_, D).to(dtype)
+
+    C = H_s * D_s
+    tk = [act(L, B, h, T, d) for h, d in heads]
+    tv = [act(L, B, h, T, d) for h, d in heads]
+
+    def adapter(F):
+        w = rnd(L, C, F, scale=F ** -0.5) if strided else rnd(L, F, C, scale=F ** -0.5)
+        w = w.to(dtype).requires_grad_()
+        return w, (w.transpose(1, 2) if strided else w)
+
+    wk_leaf, wk = zip(*[adapter(h * d) for h, d in heads])
+    wv_leaf, wv = zip(*[adapter(h * d) for h, d in heads])
+    # Student tensors near the fused teacher signal plus noise, so cos is informative, not ~0.
+    sk = act(L, B, H_s, T, D_s).float().requires_grad_()
+    sv = act(L, B, H_s, T, D_s).float().requires_grad_()
+    N = len(heads)
+    a_shape = (B, L, N) if alpha_per_layer else (B, N)
+    alpha = (torch.rand(*a_shape, generator=g) + 0.1).requires_grad_()
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[0, :3] = False          # left padding
+    mask[-1, T - 5:] = False     # right padding
+    positions = torch.cumsum(mask.long(), 1) + torch.arange(B)[:, None] * 3
+    invf = 1.0 / (10000 ** (torch.arange(0, D_s, 2).float() / D_s))
+    if invf_per_layer:
+        invf = invf[None] * torch.linspace(0.5, 1.5, L)[:, None]
+    leaves = dict(sk=sk, sv=sv, alpha=alpha, wk=list(wk_leaf), wv=list(wv_leaf))
+    args = dict(student_k=sk.to(dtype), student_v=sv.to(dtype), teacher_k=tk, teacher_v=tv, w_k=list(wk),
+                w_v=list(wv), alpha=alpha, mask=mask, positions=positions, inv_freq=invf)
+    return args, leaves
+
+
+def run(args, leaves, backend, **kw):
+    loss, stats = kv_distill_loss(**args, backend=backend, **kw)
+    inputs = [leaves["sk"], leaves["sv"], leaves["alpha"], *leaves["wk"], *leaves["wv"]]
+    grads = torch.autograd.grad(loss, inputs)
+    return loss.detach(), stats, grads
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+GRAD_NAMES = ["student_k", "student_v", "alpha"]
+
+
+def assert_close(got, ref, tol, n_teachers):
+    names = GRAD_NAMES + [f"w_k[{i}]" for i in range(n_teachers)] + [f"w_v[{i}]" for i in range(n_teachers)]
+    assert rel(got[0], ref[0]) <= tol, ("loss", rel(got[0], ref[0]))
+    for key in ("k_mse", "v_mse", "cos"):
+        assert rel(got[1][key], ref[1][key]) <= tol, (key, rel(got[1][key], ref[1][key]))
+    for name, a, b in zip(names, got[2], ref[2]):
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= tol, (name, rel(a, b))
+
+
+CASES = [
+    # seed, teacher heads, kwargs
+    (1, [(2, 16)], dict()),
+    (2, [(3, 8), (1, 32)], dict(alpha_per_layer=True, strided=True, invf_per_layer=True)),
+    (3, [(3, 8), (1, 32), (2, 16)], dict(strided=True)),
+    (4, [(3, 8), (1, 32), (2, 16), (4, 4)], dict(alpha_per_layer=True, T=21)),
+    (5, [(1, 24), (2, 16)], dict(H_s=3, D_s=12, T=19)),  # D_s/2 = 6: padded halves, odd H_s
+]
+
+
+@pytest.mark.parametrize("seed,heads,kw", CASES, ids=[f"N{len(c[1])}-{c[0]}" for c in CASES])
+def test_triton_matches_torch_fp32(seed, heads, kw, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args, leaves = make_case(seed, heads, **kw)
+    extra = dict(attention_scaling=1.3, beta=0.7, lambda_k=1.1, lambda_v=0.6)
+    if seed % 2 == 0:
+        extra["layer_weights"] = torch.rand(args["student_k"].shape[0], generator=torch.Generator().manual_seed(seed)) + 0.2
+    ref = run(args, leaves, "torch", **extra)
+    got = run(args, leaves, "triton", **extra)
+    assert_close(got, ref, 1e-4, len(heads))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_matches_torch_half(dtype, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    heads = [(3, 8), (1, 32), (2, 16)]
+    args, leaves = make_case(11 if dtype == torch.bfloat16 else 12, heads, dtype=dtype, alpha_per_layer=True,
+                             strided=dtype == torch.float16)
+    # The reference at fp32 on the same (rounded) half inputs: what the kernel's fp32 accumulation computes.
+    ref_args = dict(args, student_k=args["student_k"].float(), student_v=args["student_v"].float(),
+                    teacher_k=[x.float() for x in args["teacher_k"]], teacher_v=[x.float() for x in args["teacher_v"]],
+                    w_k=[w.float() for w in args["w_k"]], w_v=[w.float() for w in args["w_v"]])
+    ref = run(ref_args, leaves, "torch", attention_scaling=0.9)
+    got = run(args, leaves, "triton", attention_scaling=0.9)
+    assert_close(got, ref, 2e-2, len(heads))
+
+
+def test_interpreter_bf16_upcast_switch_is_what_keeps_bf16_exact():
+    """The kernel upcasts bf16 dot operands under TRITON_INTERPRET=1 (triton 3.9's interpreter mis-computes bf16
+    tl.dot); on the GPU it keeps bf16 tensor-core operands."""
+    k = _kernels()
+    x = torch.zeros(2, dtype=torch.bfloat16)
+    import os
+    old = os.environ.get("TRITON_INTERPRET")
+    try:
+        os.environ["TRITON_INTERPRET"] = "1"
+        assert k._dot_dtype([x, x])[1] == torch.float32
+        os.environ["TRITON_INTERPRET"] = "0"
+        assert k._dot_dtype([x, x])[1] == torch.bfloat16
+        assert k._dot_dtype([x, x.float()])[1:] == (torch.float32, True)  # mixed: fp32 'ieee' products
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def test_other_tile_sizes_agree(monkeypatch):
+    """A second interpreter tile shape (larger tiles than the tensors: every mask path) gives the same numbers."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    k = _kernels()
+    monkeypatch.setattr(k, "INTERP_FWD", {"BLOCK_T": 64, "BLOCK_F": 32})
+    monkeypatch.setattr(k, "INTERP_DW", {"BLOCK_F": 32, "BLOCK_C": 64, "BLOCK_T": 32})
+    heads = [(3, 8), (2, 16)]
+    args, leaves = make_case(21, heads, alpha_per_layer=True, strided=True)
+    assert_close(run(args, leaves, "triton"), run(args, leaves, "torch"), 1e-4, len(heads))
+
+
+def test_torch_reference_vs_float64():
+    heads = [(3, 8), (1, 32), (2, 16)]
+    args, leaves = make_case(31, heads, alpha_per_layer=True, strided=True, invf_per_layer=True)
+    ref = run(args, leaves, "torch", attention_scaling=1.2, beta=0.4)
+    args64 = {k: ([x.double() for x in v] if isinstance(v, list) else
+                  (v.double() if v.is_floating_point() else v)) for k, v in args.items()}
+    got = run(args64, leaves, "torch", attention_scaling=1.2, beta=0.4)
+    assert got[0].dtype == torch.float64
+    assert_close(ref, got, 1e-5, len(heads))
+
+
+def _definition(args, attention_scaling, lambda_k, lambda_v, beta, layer_weights):
+    """The issue's contract, term by term, in float64 loops (no shared code with kvfuse.loss)."""
+    sk, sv = args["student_k"].double(), args["student_v"].double()
+    L, B, H_s, T, D_s = sk.shape
+    m = args["mask"].double()
+    n = m.sum()
+    alpha = args["alpha"].double()
+    invf = args["inv_freq"].double()
+    totals, weights = 0.0, 0.0
+    for l in range(L):
+        theta = torch.cat([invf[l] if invf.dim() == 2 else invf] * 2)
+        ang = args["positions"].double()[:, None, :, None] * theta            # [B, 1, T, D]
+        kf = torch.zeros(B, H_s, T, D_s, dtype=torch.float64)
+        vf = torch.zeros_like(kf)
+        for i, (xk, xv) in enumerate(zip(args["teacher_k"], args["teacher_v"])):
+            a_i = alpha[:, l, i] if alpha.dim() == 3 else alpha[:, i]
+            _, _, H_i, _, D_i = xk.shape
+            flat_k = xk[l].double().permute(0, 2, 1, 3).reshape(B, T, H_i * D_i)
+            flat_v = xv[l].double().permute(0, 2, 1, 3).reshape(B, T, H_i * D_i)
+            yk = (flat_k @ args["w_k"][i][l].double()).reshape(B, T, H_s, D_s).permute(0, 2, 1, 3)
+            yv = (flat_v @ args["w_v"][i][l].double()).reshape(B, T, H_s, D_s).permute(0, 2, 1, 3)
+            half = D_s // 2
+            rot_half = torch.cat([-yk[..., half:], yk[..., :half]], -1)
+            yk = (yk * ang.cos() + rot_half * ang.sin()) * attention_scaling
+            kf += a_i[:, None, None, None] * yk
+            vf += a_i[:, None, None, None] * yv
+        k_mse = (m[:, None, :, None] * (sk[l] - kf) ** 2).sum() / (n * H_s * D_s)
+        v_mse = (m[:, None, :, None] * (sv[l] - vf) ** 2).sum() / (n * H_s * D_s)
+
+        def cos(a, b):
+            return (a * b).sum(-1) / torch.maximum(a.norm(dim=-1) * b.norm(dim=-1), torch.tensor(1e-8))
+
+        c = (m[:, None, :] * 0.5 * (cos(sk[l], kf) + cos(sv[l], vf))).sum() / (n * H_s)
+        w = 1.0 if layer_weights is None else float(layer_weights[l])
+        totals += w * (lambda_k * k_mse + lambda_v * v_mse + beta * (1 - c))
+        weights += w
+    return totals / weights
+
+
+def test_reference_matches_the_written_contract():
+    heads = [(3, 8), (1, 32)]
+    args, _ = make_case(41, heads, alpha_per_layer=True, invf_per_layer=True, strided=True)
+    args = {k: ([x.double() for x in v] if isinstance(v, list) else
+                (v.detach().double() if v.is_floating_point() else v)) for k, v in args.items()}
+    lw = torch.tensor([0.3, 1.7], dtype=torch.float64)
+    loss, _ = kv_distill_loss(**args, attention_scaling=1.4, lambda_k=0.8, lambda_v=1.3, beta=0.25, layer_weights=lw)
+    want = _definition(args, 1.4, 0.8, 1.3, 0.25, lw)
+    assert math.isclose(float(loss), float(want), rel_tol=1e-12)
+
+
+def test_teachers_get_no_gradient_and_stats_are_detached(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args, leaves = make_case(51, [(2, 16)])
+    args["teacher_k"] = [x.clone().requires_grad_() for x in args["teacher_k"]]
+    args["teacher_v"] = [x.clone().requires_grad_() for x in args["teacher_v"]]
+    for backend in ("torch", "triton"):
+        loss, stats = kv_distill_loss(**args, backend=backend)
+        assert set(stats) == {"k_mse", "v_mse", "cos"}
+        assert all(not v.requires_grad and v.shape == (2,) for v in stats.values())
+        loss.backward()
+        assert all(x.grad is None for x in args["teacher_k"] + args["teacher_v"])
+        assert leaves["alpha"].grad is not None and torch.isfinite(leaves["alpha"].grad).all()
+        leaves["alpha"].grad = None
+
+
+def test_layer_weight_gradient_and_zero_alpha(monkeypatch):
+    """∂L/∂w_l from the Triton backend matches autograd through the reference; an α of exactly 0 is fine."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args, leaves = make_case(61, [(3, 8), (1, 32)])
+    with torch.no_grad():
+        leaves["alpha"][0, 1] = 0.0
+    grads = []
+    for backend in ("torch", "triton"):
+        lw = torch.tensor([0.4, 1.6], requires_grad=True)
+        loss, _ = kv_distill_loss(**args, layer_weights=lw, backend=backend)
+        grads.append(torch.autograd.grad(loss, [lw, leaves["alpha"]]))
+    assert rel(grads[1][0], grads[0][0]) < 1e-4
+    assert rel(grads[1][1], grads[0][1]) < 1e-4
+
+
+def test_triton_backward_runs_once(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args, leaves = make_case(71, [(2, 16)], T=9)
+    loss, _ = kv_distill_loss(**args, backend="triton")
+    torch.autograd.grad(loss, [leaves["sk"]], retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        torch.autograd.grad(loss, [leaves["sk"]])
