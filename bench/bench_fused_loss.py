@@ -271,7 +271,8 @@ def plot(csv_path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, mode in zip(axes, ("fwd", "bwd", "full")):
         for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^")):
-            pts = sorted((int(r["tokens"]), float(r["ms"])) for r in rows if r["variant"] == variant and r["mode"] == mode)
+            pts = sorted((int(r["tokens"]), float(r["ms"])) for r in rows
+                         if r["variant"] == variant and r["mode"] == mode)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=variant)
         floor = sorted({(int(r["tokens"]), float(r["floor_ms"])) for r in rows if r["mode"] == mode})
@@ -281,9 +282,10 @@ def plot(csv_path: Path) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("B*T tokens")
         ax.set_ylabel("ms (median)")
-        ax.set_title(f"{mode}: 28 layers, teachers 4x128 + 8x128 -> 2x128, bf16")
+        ax.set_title(mode)
         ax.legend()
-    fig.suptitle(f"fused KV loss on {rows[0]['device']} (commit {rows[0]['commit']})")
+    fig.suptitle(f"fused KV loss, 28 layers, teachers 4x128 + 8x128 -> student 2x128, bf16 — "
+                 f"{rows[0]['device']} (commit {rows[0]['commit']})")
     fig.tight_layout()
     out = csv_path.with_suffix(".png")
     fig.savefig(out, dpi=110)

@@ -362,8 +362,9 @@ class KVDistillLoss(nn.Module):
         backend = self.backend or ("triton" if student_k.is_cuda else "torch")
         scaling = self.attention_scaling if attention_scaling is None else attention_scaling
         return kv_distill_loss(student_k, student_v, list(teacher_k), list(teacher_v), self.w_k, self.w_v, a, mask,
-                               positions, inv_freq, attention_scaling=scaling, lambda_k=self.lambda_k, lambda_v=self.lambda_v, beta=self.beta,
-                               layer_weights=layer_weights, backend=backend, check_finite=self.check_finite)
+                               positions, inv_freq, attention_scaling=scaling, lambda_k=self.lambda_k,
+                               lambda_v=self.lambda_v, beta=self.beta, layer_weights=layer_weights, backend=backend,
+                               check_finite=self.check_finite)
 
 
 def fused_teacher_keys(teacher_k, w_k, alpha, positions, inv_freq, attention_scaling, student_heads):

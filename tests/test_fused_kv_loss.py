@@ -86,6 +86,7 @@ CASES = [
     (3, [(3, 8), (1, 32), (2, 16)], dict(strided=True)),
     (4, [(3, 8), (1, 32), (2, 16), (4, 4)], dict(alpha_per_layer=True, T=21)),
     (5, [(1, 24), (2, 16)], dict(H_s=3, D_s=12, T=19)),  # D_s/2 = 6: padded halves, odd H_s
+    (6, [(1, 8), (2, 4), (1, 16), (3, 4), (1, 4), (2, 8), (1, 12), (4, 2)], dict(T=9, L=1, alpha_per_layer=True)),
 ]
 
 
@@ -95,7 +96,8 @@ def test_triton_matches_torch_fp32(seed, heads, kw, monkeypatch):
     args, leaves = make_case(seed, heads, **kw)
     extra = dict(attention_scaling=1.3, beta=0.7, lambda_k=1.1, lambda_v=0.6)
     if seed % 2 == 0:
-        extra["layer_weights"] = torch.rand(args["student_k"].shape[0], generator=torch.Generator().manual_seed(seed)) + 0.2
+        gen = torch.Generator().manual_seed(seed)
+        extra["layer_weights"] = torch.rand(args["student_k"].shape[0], generator=gen) + 0.2
     ref = run(args, leaves, "torch", **extra)
     got = run(args, leaves, "triton", **extra)
     assert_close(got, ref, 1e-4, len(heads))

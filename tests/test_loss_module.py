@@ -190,7 +190,8 @@ def test_non_finite_input_is_named_unless_the_check_is_off(where):
     else:
         args["alpha"] = args["alpha"].clone()
         args["alpha"][1, 0] = bad
-    with pytest.raises(ValueError, match=rf"non-finite values \(NaN/Inf\) in {where.replace('[', '.').replace(']', '.')}"):
+    pattern = where.replace("[", ".").replace("]", ".")
+    with pytest.raises(ValueError, match=rf"non-finite values \(NaN/Inf\) in {pattern}"):
         kv_distill_loss(**args)
     loss, _ = kv_distill_loss(**args, check_finite=False)  # the caller opted out: the NaN/Inf propagates
     assert not torch.isfinite(loss)

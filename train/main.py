@@ -8,16 +8,12 @@ metrics.jsonl, TensorBoard logs, DeepSpeed checkpoints (exact resume after a kil
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python train/main.py` from a checkout without an install
@@ -55,8 +51,7 @@ def init_distributed(device: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def main(argv=None) -> int:
-    args, overrides = parse_args(argv)
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load_config(args.phase, args.config, overrides)
     if args.teacher_store:
         config["teacher_store"] = args.teacher_store
@@ -68,8 +63,19 @@ def main(argv=None) -> int:
     if config["device"] == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed(config["device"])
-    session = TrainingSession(config)
-    return session.run()
+    return TrainingSession(config).run()
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        return run(args, overrides)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        # One line that says what and where; KVFUSE_DEBUG=1 shows the traceback.
+        if os.environ.get("KVFUSE_DEBUG"):
+            raise
+        print(f"train/main.py (rank {os.environ.get('RANK', 0)}): error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

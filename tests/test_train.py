@@ -1,0 +1,127 @@
+"""The trainer end to end on tiny models: outputs, 2-rank ZeRO-3 == one process, exact resume after SIGKILL,
+online == offline teachers, and every bad input the trainer promises to name."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--phase", "1", "--model_name", "tiny-llama", "--n_samples", "4", "--n_val", "2", "--max_length", "4096",
+        "--generate_max_new_tokens", "4", "--n_generate", "1", "--eval_every", "2", "--save_every", "2",
+        "--lr_full", "1e-3", "--lr_lora", "1e-3"]
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+
+
+def _train(out, *extra, launcher=None, check=True, timeout=600):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train/main.py"), *TINY, "--output_dir", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _events(out, split):
+    return [e for e in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if e["split"] == split]
+
+
+def test_one_process_run_writes_every_output(tmp_path):
+    _train(tmp_path)
+    train = _events(tmp_path, "train")
+    assert [e["step"] for e in train] == [1, 2, 3, 4]
+    assert all(len(e["k_mse"]) == 4 and e["tokens_per_s"] > 0 for e in train)
+    val = _events(tmp_path, "val")
+    assert [e["step"] for e in val] == [0, 2, 4] and "accuracy" in val[-1] and "rouge_l" in val[-1]
+    assert val[-1]["kv_loss"] < val[0]["kv_loss"]            # it learns
+    for name in ("config.yaml", "report.html", "alignment_teacher0.png", "layer_map_teacher1.png"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step000004"
+    assert list((tmp_path / "tb").iterdir())
+
+
+def test_two_zero3_ranks_match_one_process(tmp_path):
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    _train(tmp_path / "one", "--effective_batch", "2", "--micro_batch", "1")
+    _train(tmp_path / "two", "--effective_batch", "2", "--micro_batch", "1",
+           launcher=[deepspeed, "--num_gpus", "2", "--master_port", "29731"])
+    one, two = _events(tmp_path / "one", "train"), _events(tmp_path / "two", "train")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["k_mse"] == pytest.approx(a["k_mse"], rel=1e-4, abs=1e-9)
+    for a, b in zip(_events(tmp_path / "one", "val"), _events(tmp_path / "two", "val")):
+        assert b["kv_loss"] == pytest.approx(a["kv_loss"], rel=1e-4)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    extra = ["--epochs", "2", "--save_every", "1", "--eval_every", "100"]
+    _train(tmp_path / "full", *extra)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train/main.py"), *TINY, "--output_dir", str(out), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.exists() and latest.read_text().strip() == "step000003"):
+        assert proc.poll() is None and time.time() < deadline, "run ended before the kill point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = _train(out, *extra)
+    assert "resumed from" in proc.stdout + proc.stderr
+    full, resumed = _events(tmp_path / "full", "train"), _events(out, "train")
+    assert [e["step"] for e in resumed] == list(range(1, 9))       # nothing lost, nothing doubled
+    for a, b in zip(full, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
+
+
+def test_online_and_offline_teachers_give_the_same_loss(tmp_path):
+    store = tmp_path / "store"
+    dump = [sys.executable, "-m", "kvfuse", "dump", "--teachers", "tiny-llama", "tiny-llama", "--teacher_prompts",
+            "default", "cot", "--student", "tiny-llama", "--n_samples", "4", "--n_val", "2", "--dtype", "fp32",
+            "--batch_size", "1", "--max_length", "4096", "--out", str(store)]
+    subprocess.run(dump, check=True, capture_output=True, timeout=300, cwd=ROOT)
+    _train(tmp_path / "online", "--max_steps", "2")
+    _train(tmp_path / "offline", "--max_steps", "2", "--teacher_store", str(store))
+    for split in ("train", "val"):
+        for a, b in zip(_events(tmp_path / "online", split), _events(tmp_path / "offline", split)):
+            key = "loss" if split == "train" else "kv_loss"
+            assert b[key] == pytest.approx(a[key], rel=1e-5)
+    # a store made for other settings is refused by name
+    proc = _train(tmp_path / "other", "--max_steps", "1", "--teacher_store", str(store), "--student_prompt", "cot",
+                  check=False)
+    assert proc.returncode == 2 and "made for other settings" in proc.stderr and "student_prompt" in proc.stderr
+
+
+def test_bad_inputs_are_named_and_nothing_is_truncated(tmp_path):
+    proc = _train(tmp_path / "long", "--max_length", "50", check=False)
+    assert proc.returncode == 2 and "more than max_length=50" in proc.stderr and "Traceback" not in proc.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = _train(tmp_path / "empty", "--dataset", str(empty), check=False)
+    assert proc.returncode == 2 and "empty" in proc.stderr
+    proc = _train(tmp_path / "key", "--no_such_key", "1", check=False)
+    assert proc.returncode == 2 and "unknown command line key(s) ['no_such_key']" in proc.stderr
+    # A diverging run stops with a checkpoint and a message naming the step and the layer.
+    proc = _train(tmp_path / "nan", "--lr_full", "1e30", "--lr_lora", "1e30", "--adapter_init", "ridge", check=False)
+    assert proc.returncode == 2 and "non-finite" in proc.stderr and "step" in proc.stderr, proc.stderr[-2000:]
+    assert list((tmp_path / "nan" / "checkpoints").iterdir())
+
+
+def test_unalignable_teacher_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from kvfuse.data import load_examples
+    from kvfuse.models import load
+    from kvfuse.teacher.builder import Teacher, TeacherKVBuilder
+
+    model, tok = load("tiny-llama")
+    slow = SimpleNamespace(is_fast=False, name_or_path="a-slow-tokenizer", chat_template=None, pad_token_id=0)
+    builder = TeacherKVBuilder([Teacher("slow", "Solve.", model, slow)], tok, "Solve.", 4, max_length=4096)
+    train, _ = load_examples("gsm8k", 1, 0)
+    with pytest.raises(ValueError, match="a-slow-tokenizer.*not a fast tokenizer"):
+        builder.build(train)
