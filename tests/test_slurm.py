@@ -35,3 +35,20 @@ def test_dump_job_array_writes_every_shard_once(slurm, tmp_path):
     assert len(store) == len(set(store.sample_ids)) == 8
     for i in range(4):
         assert f"shard {i}/4" in logs
+
+
+def test_multi_teacher_training_job_runs_two_zero3_ranks(slurm, tmp_path):
+    env = dict(slurm, KVFUSE_ROOT=str(ROOT), KVFUSE_CPU_RANKS="2", KVFUSE_GPUS_PER_NODE="0",
+               PATH=f"{Path(sys.executable).parent}:{slurm['PATH']}")
+    out = tmp_path / "run"
+    cmd = ["sbatch", "--wait", f"--output={tmp_path}/train.out", str(ROOT / "scripts/run_router_training.sh"),
+           "--model_name", "tiny-llama", "--teachers", "tiny-llama", "tiny-qwen2", "--teacher_prompts", "cot",
+           "--router_type", "learnable", "--entropy_weight", "0.01", "--n_samples", "4", "--n_val", "2",
+           "--effective_batch", "2", "--epochs", "1", "--max_length", "4096", "--n_generate", "1",
+           "--generate_max_new_tokens", "4", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    log = (tmp_path / "train.out").read_text() if (tmp_path / "train.out").exists() else ""
+    assert proc.returncode == 0, proc.stderr + log[-4000:]
+    assert "1 node(s) × 2 rank(s)" in log
+    events = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any('"split": "router"' in e for e in events) and (out / "report.html").exists()
