@@ -347,7 +347,7 @@ class TrainingSession:
                 bar.set_postfix(loss=f"{acc_loss:.4g}", tok_s=f"{event['tokens_per_s']:.0f}")
                 if step % c["eval_every"] == 0 and step < self.total_steps:
                     self.evaluate(step)
-                if step % c["save_every"] == 0 or step == self.total_steps:
+                if c["save_every"] > 0 and (step % c["save_every"] == 0 or step == self.total_steps):
                     self.save(step)
                 if step >= self.total_steps:
                     done = True

@@ -4,9 +4,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import sacrebleu
-from rouge_score import rouge_scorer
-
 
 def perplexity(mean_nll: float) -> float:
     """exp of the mean token negative log-likelihood; capped so a diverged model reports inf, not an overflow."""
@@ -35,6 +32,8 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"need equally many, non-zero predictions and references ({len(predictions)} vs "
                          f"{len(references)})")
+    from rouge_score import rouge_scorer  # imported here: training without generation metrics does not need it
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
 
@@ -44,4 +43,6 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"need equally many, non-zero predictions and references ({len(predictions)} vs "
                          f"{len(references)})")
+    import sacrebleu
+
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)

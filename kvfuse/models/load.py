@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import kvfuse
-from kvfuse.models.tiny import TINY_CONFIGS, TINY_VOCAB, tiny_model
+from kvfuse.models.tiny import REAL_SHAPES, TINY_CONFIGS, TINY_VOCAB, random_model, tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,11 @@ def _resolve(name: str) -> tuple[str, object]:
         raise ValueError("model name is empty")
     if name in TINY_CONFIGS:
         return "tiny", name
+    if name.startswith("random:"):
+        shape = name.split(":", 1)[1]
+        if shape not in REAL_SHAPES:
+            raise ValueError(f"unknown random model shape {shape!r}; choose one of {sorted(REAL_SHAPES)}")
+        return "random", shape
     if name in PACKAGED_MODELS:
         return "packaged", name
     path = Path(name).expanduser()
@@ -346,8 +351,8 @@ def _hub_error(name: str, err: Exception, local_files_only: bool) -> OSError:
 def load_tokenizer(name: str, local_files_only: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of model `name` (see the module docstring for accepted names)."""
     kind, where = _resolve(name)
-    if kind == "tiny":
-        return tiny_tokenizer(where)
+    if kind in ("tiny", "random"):
+        return tiny_tokenizer("tiny-llama" if kind == "random" else where)
     if kind == "packaged":
         return AutoTokenizer.from_pretrained(ensure_converted(where))
     if kind == "gguf":
@@ -392,6 +397,13 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         model = model.to(dtype)
+    elif kind == "random":
+        model = random_model(where, dtype=dtype, device=device)
+        tokenizer = tiny_tokenizer("tiny-llama")
+        for key in ("pad", "bos", "eos"):
+            setattr(model.config, f"{key}_token_id", getattr(tokenizer, f"{key}_token_id"))
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
     elif kind == "gguf":
         model, tokenizer, quantised = _load_gguf(where)
         del quantised
@@ -442,6 +454,9 @@ def fingerprint(model_or_name) -> str:
         kind, where = _resolve(model_or_name)
         if kind == "packaged":
             return _read_record(ensure_converted(where))["model_fingerprint"]
+        if kind == "random":
+            # Random weights are a pure function of shape and seed (0 for `load`): no need to hash gigabytes.
+            return f"random-{where}-seed0"
         model = load(model_or_name)[0]
     config = getattr(model, "config", None)
     if config is None:

@@ -60,3 +60,35 @@ def tiny_model(name: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+# Random-weight models of real checkpoints' shapes (no weights needed): speed work, multi-GPU runs and benchmarks.
+# Loaded as `random:<name>`; they use the tiny tokenizer (ids < 512 are valid in every vocab).
+def _qwen25(layers, hidden, heads, kv_heads, intermediate, vocab, tie):
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=tie)
+
+
+REAL_SHAPES = {
+    "qwen2.5-0.5b": lambda: _qwen25(24, 896, 14, 2, 4864, 151936, True),
+    "qwen2.5-1.5b": lambda: _qwen25(28, 1536, 12, 2, 8960, 151936, True),
+    "qwen2.5-7b": lambda: _qwen25(28, 3584, 28, 4, 18944, 152064, False),
+    "llama-3.1-8b": lambda: LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A random-weight model of the shape `name` (see REAL_SHAPES), initialised directly on `device`."""
+    if name not in REAL_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; choose one of {sorted(REAL_SHAPES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(REAL_SHAPES[name](), dtype=dtype)
+    return model.eval()

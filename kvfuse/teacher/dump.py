@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from kvfuse.data import load_examples, resolve_prompt
-from kvfuse.models import fingerprint, load, student_layer_count
+from kvfuse.models import PACKAGED_MODELS, fingerprint, load, student_layer_count
 from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder
 from kvfuse.teacher.store import STORAGE_DTYPES, StoreWriter, iter_shard_indices, parse_shard
 
@@ -61,6 +61,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _fingerprint(name: str, model: torch.nn.Module) -> str:
+    # Names that identify their weights (packaged GGUFs, random shapes) are fingerprinted without hashing them.
+    if name in PACKAGED_MODELS or name.startswith("random:"):
+        return fingerprint(name)
+    return fingerprint(model)
+
+
 def run(args: argparse.Namespace) -> int:
     if len(args.teacher_prompts) != len(args.teachers):
         raise ValueError(f"--teacher_prompts has {len(args.teacher_prompts)} entries for {len(args.teachers)} "
@@ -76,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         teachers.append(Teacher(name, resolve_prompt(prompt), model, tokenizer))
     student_model, student_tokenizer = load(args.student, dtype=torch.float32, device="cpu")
     n_student_layers = student_layer_count(student_model, args.student_layers)
-    settings = dump_settings(args, [fingerprint(t.model) for t in teachers], fingerprint(student_model))
+    settings = dump_settings(args, [_fingerprint(t.name, t.model) for t in teachers],
+                             _fingerprint(args.student, student_model))
     del student_model
     writer = StoreWriter(args.out, settings, n_shards)
     if writer.is_finished(index):

@@ -1,0 +1,155 @@
+"""Offline dump throughput vs the bare teacher forward on the same inputs, and store-reader throughput.
+
+  bare      the teacher's decoder forward alone (no hooks), batched and padded as the dump does it
+  dump      TeacherKVBuilder.build: render + tokenise + forward with capture hooks + IoU alignment (K' = A·K) +
+            layer map + cast to the storage dtype + copy to host; then the shard write (timed apart)
+  read      TeacherKVStore: memory-mapped reads of every sample, checksums verified at open
+Target (GPU): dump ≤ 15 % over the bare forward; the reader far above what a training step consumes.
+Prints a table; appends CSV rows (device, commit) to bench/results/dump.csv.
+
+    python bench/bench_dump.py                                                             # CPU, SmolLM2
+    python bench/bench_dump.py --teacher random:qwen2.5-7b --student random:qwen2.5-1.5b --seq 2048   # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_train_step import commit, device_name  # noqa: E402
+from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, render, shakespeare  # noqa: E402
+from kvfuse.models import load  # noqa: E402
+from kvfuse.teacher.builder import Teacher, TeacherKVBuilder, render_tokens  # noqa: E402
+from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
+
+
+def long_examples(tokenizer, n: int, seq: int) -> list[Example]:
+    """n examples whose student rendering is about `seq` tokens: Shakespeare passages as 'rationales'."""
+    text = " ".join(shakespeare().split())
+    probe = text[:20000]
+    chars_per_token = len(probe) / len(tokenizer(probe).input_ids)
+    size = int(seq * chars_per_token * 0.95)
+    examples = []
+    for i in range(n):
+        start = (i * size) % max(1, len(text) - size - 200)
+        examples.append(Example(id=f"play-{i}", question=text[start:start + 200],
+                                rationale=text[start + 200:start + 200 + size], answer="0"))
+    return examples
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="smollm2-135m-instruct")
+    parser.add_argument("--student", default="smollm2-135m-instruct")
+    parser.add_argument("--seq", type=int, default=256, help="about this many student tokens per example")
+    parser.add_argument("--n", type=int, default=8, help="examples per timed pass")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--csv", default=str(ROOT / "bench/results/dump.csv"))
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher_model, teacher_tok = load(args.teacher, dtype=dtype, device=device)
+    student_model, student_tok = load(args.student, dtype=dtype, device="meta" if device.type == "cuda" else "cpu")
+    n_student_layers = student_model.config.num_hidden_layers
+    del student_model
+    examples = long_examples(student_tok, args.n, args.seq)
+    teacher = Teacher(args.teacher, COT_PROMPT, teacher_model, teacher_tok)
+    builder = TeacherKVBuilder([teacher], student_tok, DEFAULT_PROMPT, n_student_layers,
+                               max_length=4 * args.seq + 512, storage_dtype=torch.bfloat16, device=device)
+    views = [render_tokens(teacher_tok, COT_PROMPT, ex) for ex in examples]
+    batches = []
+    for first in range(0, len(views), args.batch):
+        chunk = views[first:first + args.batch]
+        lengths = [len(v.input_ids) for v in chunk]
+        ids = torch.zeros(len(chunk), max(lengths), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, v in enumerate(chunk):
+            ids[b, :lengths[b]] = v.input_ids
+            mask[b, :lengths[b]] = 1
+        batches.append((ids.to(device), mask.to(device)))
+    teacher_tokens = sum(len(v.input_ids) for v in views)
+    decoder = teacher_model.model
+
+    @torch.no_grad()
+    def bare():
+        for ids, mask in batches:
+            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        sync(device)
+
+    built = []
+
+    def dump():
+        built.clear()
+        for first in range(0, len(examples), args.batch):
+            built.extend(builder.build(examples[first:first + args.batch]))
+        sync(device)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    t_bare, t_dump = best(bare), best(dump)
+    student_tokens = sum(int(t["mask"].sum()) for _, t in built)
+    tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-dump-"))
+    start = time.perf_counter()
+    meta = StoreWriter(tmp, {"bench": "dump"}, 1).write_shard(0, built)
+    t_write = time.perf_counter() - start
+    start = time.perf_counter()
+    store = TeacherKVStore(tmp)
+    t_open = time.perf_counter() - start
+
+    def read():
+        for i in range(len(store)):
+            item = store[i]
+            for key, value in item.items():
+                if torch.is_tensor(value):
+                    value.sum()     # touch every byte: the mapping is lazy
+
+    t_read = best(read)
+    name = device_name(device)
+    rows = [("bare forward", t_bare, teacher_tokens), ("dump (build)", t_dump, teacher_tokens),
+            ("shard write", t_write, student_tokens), ("store read", t_read, student_tokens)]
+    print(f"\nteacher {args.teacher} -> student {args.student} layers, {args.n} examples x ~{args.seq} tokens, "
+          f"{name}; {meta['bytes'] / max(student_tokens, 1):.0f} bytes/token stored, open+verify {t_open:.2f} s")
+    print(f"{'stage':16s} {'seconds':>9s} {'tokens/s':>11s} {'vs bare':>9s}")
+    out = []
+    for stage, seconds, tokens in rows:
+        print(f"{stage:16s} {seconds:9.3f} {tokens / seconds:11.0f} {100 * (seconds / t_bare - 1):+8.1f}%")
+        out.append({"device": name, "commit": commit(), "teacher": args.teacher, "student": args.student,
+                    "seq": args.seq, "n": args.n, "batch": args.batch, "stage": stage, "seconds": round(seconds, 4),
+                    "tokens_per_s": round(tokens / seconds, 1), "vs_bare": round(seconds / t_bare - 1, 4),
+                    "bytes_per_token": round(meta["bytes"] / max(student_tokens, 1), 1),
+                    "read_MB_per_s": round(meta["bytes"] / 1e6 / t_read, 1)})
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(out[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

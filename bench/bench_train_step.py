@@ -1,0 +1,174 @@
+"""What does KV distillation add to a training step? (issue: KV loss from the store adds ≤ 15 % to a CE-only step)
+
+Student step (forward, backward, AdamW) on one device, three ways, same inputs:
+  ce_only       the student's LM loss alone
+  kv_fused      LM loss + the KV loss of N teachers read from an offline store (memory-mapped safetensors),
+                fused Triton kernel (torch reference on CPU)
+  kv_eager      the same with the eager per-teacher PyTorch loop
+Teacher KV is random data of the teachers' real shapes, written once as a real store, so the reader is on the
+timed path. Prints a table and appends CSV rows (device, commit) to bench/results/train_step.csv.
+
+    python bench/bench_train_step.py --student random:qwen2.5-1.5b --batch 4 --seq 2048    # GPU
+    python bench/bench_train_step.py --student tiny-llama --batch 2 --seq 64 --steps 3    # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kvfuse.align.rope import rotate  # noqa: E402
+from kvfuse.loss import KVDistillLoss  # noqa: E402
+from kvfuse.models import load  # noqa: E402
+from kvfuse.models.capture import capture_kv  # noqa: E402
+from kvfuse.teacher.builder import collate  # noqa: E402
+from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip() or "unknown"
+
+
+def make_store(root: Path, n: int, seq: int, n_layers: int, teachers: list[tuple[int, int]], seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    writer = StoreWriter(root, {"bench": "train_step", "seq": seq, "teachers": teachers}, 1)
+    samples = []
+    for i in range(n):
+        tensors = {"input_ids": torch.randint(0, 500, (seq,), generator=gen), "positions": torch.arange(seq),
+                   "mask": torch.ones(seq, dtype=torch.bool), "labels_mask": torch.ones(seq, dtype=torch.bool)}
+        for t, (h, d) in enumerate(teachers):
+            for kind in ("k", "v"):
+                tensors[f"teacher{t}/{kind}"] = torch.randn(n_layers, h, seq, d, generator=gen).to(torch.bfloat16)
+        samples.append((f"s{i}", tensors))
+    writer.write_shard(0, samples)
+
+
+def timed(fn, steps: int, device: torch.device) -> float:
+    fn()  # warm-up: compilation, autotuning, allocator
+    fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default="random:qwen2.5-1.5b")
+    parser.add_argument("--teachers", default="4x128,8x128", help="teacher KV heads x head dim, comma separated")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--csv", default=str(ROOT / "bench/results/train_step.csv"))
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    student, _ = load(args.student, dtype=dtype, device=device)
+    student.train()
+    cfg = student.config
+    L, H_s = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D_s = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    teachers = [tuple(int(x) for x in spec.split("x")) for spec in args.teachers.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-store-"))
+    make_store(tmp, args.batch * 2, args.seq, L, teachers)
+    store = TeacherKVStore(tmp)
+    alpha = [1.0 / len(teachers)] * len(teachers)
+    losses = {b: KVDistillLoss(teachers, (H_s, D_s), L, alpha=alpha, backend=b, check_finite=False,
+                               dtype=dtype).to(device) for b in ("triton" if device.type == "cuda" else "torch",
+                                                                 "torch")}
+    params = list(student.parameters()) + [p for m in losses.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    state = {"i": 0}
+
+    def next_batch():
+        ids = [(state["i"] + b) % len(store) for b in range(args.batch)]
+        state["i"] += args.batch
+        batch = collate([store[i] for i in ids], len(teachers))
+        return {k: ([t.to(device, non_blocking=True) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
+                    else v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def ce_only():
+        batch = next_batch()
+        out = student(input_ids=batch["input_ids"], labels=batch["input_ids"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def with_kv(backend):
+        def step():
+            batch = next_batch()
+            cap = capture_kv(student, batch["input_ids"], requires_grad=True, return_hidden=True)
+            logits = student.lm_head(cap.hidden)
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                   batch["input_ids"][:, 1:].flatten())
+            inv_freq = torch.stack([r[0] for r in cap.rope]).to(device)
+            pos = batch["positions"][:, None]
+            student_k = torch.stack([rotate(k, pos, inv_freq[l], cap.rope[l][1]) for l, k in enumerate(cap.keys)])
+            student_v = torch.stack(cap.values)
+            kv, _ = losses[backend](student_k, student_v, [t.to(dtype) for t in batch["teacher_k"]],
+                                    [t.to(dtype) for t in batch["teacher_v"]], batch["mask"], batch["positions"],
+                                    inv_freq, cap.rope[0][1])
+            (ce + kv).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def read_only():
+        next_batch()
+
+    rows = []
+    read = timed(read_only, args.steps, device)
+    base = timed(ce_only, args.steps, device)
+    variants = [("ce_only", base)]
+    fused_backend = "triton" if device.type == "cuda" else "torch"
+    variants.append((f"kv_fused({fused_backend})", timed(with_kv(fused_backend), args.steps, device)))
+    variants.append(("kv_eager(torch)", timed(with_kv("torch"), args.steps, device)))
+    tokens = args.batch * args.seq
+    name = device_name(device)
+    print(f"\nstudent {args.student} ({L} layers, {H_s}x{D_s} KV), teachers {teachers}, batch {args.batch} x "
+          f"{args.seq} tokens, {name}; store read of one batch: {read * 1e3:.1f} ms")
+    print(f"{'variant':24s} {'step ms':>9s} {'tokens/s':>10s} {'vs ce_only':>11s}")
+    for variant, seconds in variants:
+        overhead = seconds / base - 1
+        print(f"{variant:24s} {seconds * 1e3:9.1f} {tokens / seconds:10.0f} {100 * overhead:+10.1f}%")
+        rows.append({"device": name, "commit": commit(), "student": args.student, "teachers": args.teachers,
+                     "batch": args.batch, "seq": args.seq, "variant": variant, "step_ms": round(seconds * 1e3, 3),
+                     "tokens_per_s": round(tokens / seconds, 1), "overhead_vs_ce": round(overhead, 4),
+                     "store_read_ms": round(read * 1e3, 3)})
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
