@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "kv_distill_loss": "kvfuse.loss",
     "KVDistillLoss": "kvfuse.loss",
+    "attention_kl": "kvfuse.attention",
 }
 
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, ImportError) as err:
         # Bad input is reported as one line naming what and where, not as a traceback from deep inside.
         # KVFUSE_DEBUG=1 re-raises for the full stack.
         if os.environ.get("KVFUSE_DEBUG"):

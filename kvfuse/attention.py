@@ -1,10 +1,25 @@
 """Attention-KL term γ·KL(Attn_s ‖ Attn_f) (DESIGN.md §3 step 7): the student's queries over its own keys vs over
-the fused teacher keys. This is the readable, materialised reference (O(T²) memory per head)."""
+the fused teacher keys.  backend="torch" is the readable, materialised reference (O(T²) memory per head);
+backend="triton" is the O(T)-memory kernel in kvfuse.kernels.attention_kl, checked against it."""
 from __future__ import annotations
 
+import importlib
 import math
+import os
 
 import torch
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+def _kernels():
+    """The Triton op module: `kvfuse.kernels` once installed, the source tree's `kernels/` in a bare checkout."""
+    try:
+        return importlib.import_module("kvfuse.kernels.attention_kl")
+    except ModuleNotFoundError as err:
+        if err.name not in ("kvfuse.kernels", "kvfuse.kernels.attention_kl"):
+            raise
+        return importlib.import_module("kernels.attention_kl")
 
 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor,
@@ -14,9 +29,11 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
     q_s [B, H_q, T, D]; k_s, k_f [B, H_kv, T, D] with H_q a multiple of H_kv (query head h uses KV head
     h // (H_q / H_kv)); mask [B, T] (bool or 0/1). P = softmax(scale · q kᵀ), causal and over valid keys only;
     scale defaults to 1/√D. Computed in fp32 (or the inputs' wider dtype).
+    backend: "torch" (the materialised reference), "triton" (O(T) memory; CUDA, or CPU under TRITON_INTERPRET=1;
+    fp16/bf16/fp32) or "auto" (triton for CUDA tensors, torch otherwise).
     """
-    if backend != "torch":
-        raise ValueError(f"attention_kl backend {backend!r} is not available; use backend='torch'")
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_kl backend must be one of {BACKENDS}, got {backend!r}")
     if q_s.dim() != 4 or k_s.dim() != 4 or k_f.dim() != 4:
         raise ValueError(f"q_s, k_s, k_f must be [B, H, T, D]; got {tuple(q_s.shape)}, {tuple(k_s.shape)}, "
                          f"{tuple(k_f.shape)}")
@@ -26,15 +43,26 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
     if k_s.shape[0] != B or k_s.shape[2] != T or k_s.shape[3] != D:
         raise ValueError(f"k_s {tuple(k_s.shape)} does not match q_s {tuple(q_s.shape)} in B, T or D")
     H_kv = k_s.shape[1]
-    if H_q % H_kv:
+    if H_kv == 0 or H_q % H_kv:
         raise ValueError(f"query heads ({H_q}) must be a multiple of KV heads ({H_kv})")
     if mask.shape != (B, T):
         raise ValueError(f"mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
     valid = mask.bool()
     if not valid.any():
         raise ValueError("mask selects no token")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    group = H_q // H_kv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if backend == "auto":
+        backend = "triton" if q_s.is_cuda else "torch"
+    if backend == "triton":
+        return _attention_kl_triton(q_s, k_s, k_f, valid, scale)
+    return attention_kl_reference(q_s, k_s, k_f, valid, scale)
+
+
+def attention_kl_reference(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, valid: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """The materialised definition (inputs already validated; valid [B, T] bool with at least one True)."""
+    B, H_q, T, D = q_s.shape
+    group = H_q // k_s.shape[1]
     acc = torch.promote_types(q_s.dtype, torch.float32)
     q = q_s.to(acc)
     ks = k_s.to(acc).repeat_interleave(group, dim=1)
@@ -49,4 +77,22 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
     log_pf = torch.log_softmax(logits_f, dim=-1)
     kl_rows = (log_ps.exp() * (log_ps - log_pf)).masked_fill(~allowed, 0.0).sum(-1)   # [B, H, T]
     query_ok = valid[:, None, :].expand_as(kl_rows)
-    return kl_rows[query_ok].sum() / query_ok.sum()
+    return kl_rows.masked_fill(~query_ok, 0.0).sum() / query_ok.sum()
+
+
+def _attention_kl_triton(q_s, k_s, k_f, valid, scale):
+    if not q_s.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"attention_kl backend='triton' needs CUDA tensors (got {q_s.device}); "
+                         "use backend='torch' or 'auto', or set TRITON_INTERPRET=1")
+    if not (q_s.device == k_s.device == k_f.device == valid.device):
+        raise ValueError(f"attention_kl inputs are on different devices: q_s {q_s.device}, k_s {k_s.device}, "
+                         f"k_f {k_f.device}, mask {valid.device}")
+    dtype = torch.promote_types(torch.promote_types(q_s.dtype, k_s.dtype), k_f.dtype)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention_kl backend='triton' takes fp16/bf16/fp32 tensors, got {dtype}; "
+                         "use backend='torch' for float64")
+    # One operand dtype for the kernel (e.g. fp32 fused keys from fp32 adapters with bf16 student tensors):
+    # the cast is differentiable and no-op when the dtypes already agree.
+    q, ks, kf = (x.to(dtype) for x in (q_s, k_s, k_f))
+    kl_rows = _kernels().AttentionKLFunction.apply(q, ks, kf, valid.to(torch.int8).contiguous(), scale)
+    return kl_rows.sum() / (q_s.shape[1] * valid.sum())

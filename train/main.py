@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     try:
         return run(args, overrides)
-    except (ValueError, KeyError, OSError, RuntimeError) as err:
+    except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:
         # One line that says what and where; KVFUSE_DEBUG=1 shows the traceback.
         if os.environ.get("KVFUSE_DEBUG"):
             raise

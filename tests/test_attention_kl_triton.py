@@ -1,0 +1,154 @@
+"""The O(T)-memory Triton attention KL (interpreter on CPU) vs the materialised torch reference, and the
+reference's gradients vs float64."""
+import math
+
+import pytest
+import torch
+
+from kvfuse.attention import _kernels, attention_kl, attention_kl_reference
+
+def make_case(seed, B, Hq, Hkv, T, D, dtype=torch.float32, strided=False):
+    """Fresh random q, k_s, k_f (k_f near k_s so the KL is informative) and a mask with left padding on row 0,
+    right padding on the last row and random holes elsewhere; `strided` returns non-contiguous views."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(H, scale=1.0):
+        if strided:  # [B, T, H, 2D] storage viewed as [B, H, T, D] with a stride-2 last axis
+            return (torch.randn(B, T, H, 2 * D, generator=g) * scale).permute(0, 2, 1, 3)[..., ::2]
+        return torch.randn(B, H, T, D, generator=g) * scale
+
+    q = rnd(Hq, 1.5)
+    k_s = rnd(Hkv, 1.5)
+    k_f = k_s + rnd(Hkv, 0.7)
+    mask = torch.rand(B, T, generator=g) > 0.15
+    mask[0, :4] = False
+    mask[-1, T - 6:] = False
+    mask[0, 4] = True
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k_s, k_f)]
+    return leaves, mask
+
+
+def loss_and_grads(leaves, mask, backend, scale=None):
+    loss = attention_kl(*leaves, mask, scale=scale, backend=backend)
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_matches(got, ref, tol):
+    assert torch.isfinite(got[0]), "loss"
+    assert rel(got[0], ref[0]) <= tol, ("loss", rel(got[0], ref[0]))
+    for name, a, b in zip(("q_s", "k_s", "k_f"), got[1], ref[1]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= tol, (name, rel(a, b))
+
+
+# GQA groups 1, 2, 3, 8; T never a multiple of the 16-token interpreter tile; D a power of two or not.
+SHAPES = [(2, 2, 2, 37, 16), (2, 4, 2, 45, 24), (1, 6, 2, 29, 16), (2, 8, 1, 33, 8)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D", SHAPES)
+def test_fp32_matches_reference(B, Hq, Hkv, T, D):
+    leaves, mask = make_case(10 + T, B, Hq, Hkv, T, D)
+    assert_matches(loss_and_grads(leaves, mask, "triton"), loss_and_grads(leaves, mask, "torch"), 1e-4)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D", [SHAPES[1], SHAPES[3]])
+def test_bf16_matches_reference(B, Hq, Hkv, T, D):
+    leaves, mask = make_case(20 + T, B, Hq, Hkv, T, D, dtype=torch.bfloat16)
+    assert_matches(loss_and_grads(leaves, mask, "triton"), loss_and_grads(leaves, mask, "torch"), 2e-2)
+
+
+def test_strided_inputs_fully_masked_sample_and_uneven_tiles(monkeypatch):
+    """Non-contiguous views, a batch row with no valid token at all, an explicit scale, and query/key tiles of
+    different sizes (the key-major backward starts at a query tile that straddles the key tile)."""
+    monkeypatch.setitem(_kernels().INTERP_BLOCKS, "BLOCK_M", 32)
+    leaves, mask = make_case(3, 3, 6, 3, 41, 16, strided=True)
+    assert not leaves[0].is_contiguous()
+    mask[1] = False
+    got = loss_and_grads(leaves, mask, "triton", scale=0.3)
+    ref = loss_and_grads(leaves, mask, "torch", scale=0.3)
+    assert_matches(got, ref, 1e-4)
+    assert float(got[1][0][1].abs().max()) == 0.0 and float(got[1][2][1].abs().max()) == 0.0
+
+
+def _rows_reference64(q, k_s, k_f, mask, scale):
+    """Per-row KL in float64, materialised (0 on rows without an allowed key)."""
+    B, H, T, D = q.shape
+    group = H // k_s.shape[1]
+    q, ks, kf = (x.double() for x in (q, k_s, k_f))
+    ks, kf = ks.repeat_interleave(group, 1), kf.repeat_interleave(group, 1)
+    m = mask.bool()
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & m[:, None, None, :] & m[:, None, :, None]
+    ls = (scale * q @ ks.transpose(-1, -2)).masked_fill(~allowed, -math.inf)
+    lf = (scale * q @ kf.transpose(-1, -2)).masked_fill(~allowed, -math.inf)
+    lps = torch.log_softmax(ls, -1).nan_to_num(neginf=0.0)
+    lpf = torch.log_softmax(lf, -1).nan_to_num(neginf=0.0)
+    return torch.where(allowed, lps.exp() * (lps - lpf), 0.0).nan_to_num().sum(-1)
+
+
+def test_row_kl_and_arbitrary_upstream_gradient_vs_float64():
+    """The autograd Function itself: every row's KL (zero on padded queries) and the gradients of a random
+    weighting of the rows, against float64."""
+    leaves, mask = make_case(5, 2, 6, 3, 35, 16)
+    scale = 1 / 4
+    rows = _kernels().AttentionKLFunction.apply(*leaves, mask.to(torch.int8), scale)
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    rows64 = _rows_reference64(*leaves64, mask, scale)
+    assert rows.shape == rows64.shape and rows.dtype == torch.float32
+    assert rel(rows, rows64) <= 1e-5
+    assert float(rows.detach()[0, :, :4].abs().max()) == 0.0
+    w = torch.randn(rows.shape, generator=torch.Generator().manual_seed(9))
+    got = torch.autograd.grad((rows * w).sum(), leaves)
+    ref = torch.autograd.grad((rows64 * w.double()).sum(), leaves64)
+    for name, a, b in zip(("q_s", "k_s", "k_f"), got, ref):
+        assert rel(a, b) <= 1e-5, (name, rel(a, b))
+
+
+def test_reference_gradients_match_float64():
+    """The reference in fp32 vs the same function in float64, and float64 gradients vs finite differences."""
+    leaves, mask = make_case(7, 2, 4, 2, 13, 8)
+    got = loss_and_grads(leaves, mask, "torch")
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    ref = loss_and_grads(leaves64, mask, "torch")
+    assert rel(got[0], ref[0]) <= 1e-6
+    for a, b in zip(got[1], ref[1]):
+        assert rel(a, b) <= 1e-5
+    small = [x.detach()[:1, :, :6, :4].double().requires_grad_() for x in leaves]
+    valid = mask[:1, :6].clone()
+    valid[0, :2] = False
+    valid[0, 3] = True
+    assert torch.autograd.gradcheck(lambda a, b, c: attention_kl_reference(a, b, c, valid, 0.5), small)
+
+
+def test_identical_keys_give_zero_and_single_token():
+    leaves, mask = make_case(11, 1, 4, 2, 19, 16)
+    q, k, _ = (x.detach() for x in leaves)
+    assert float(attention_kl(q, k, k, mask, backend="triton")) == pytest.approx(0.0, abs=1e-6)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    x = torch.randn(1, 2, 1, 16)
+    assert float(attention_kl(x, x[:, :1], x[:, 1:], one, backend="triton")) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_auto_backend_mixed_dtypes_and_bad_input(monkeypatch):
+    leaves, mask = make_case(13, 1, 4, 2, 21, 16)
+    q, k_s, k_f = (x.detach() for x in leaves)
+    assert torch.equal(attention_kl(q, k_s, k_f, mask, backend="auto"), attention_kl(q, k_s, k_f, mask))
+    # bf16 student tensors with fp32 fused keys run at the promoted dtype (fp32), gradient dtypes preserved.
+    qb = q.bfloat16().requires_grad_()
+    loss = attention_kl(qb, k_s.bfloat16(), k_f, mask, backend="triton")
+    (gq,) = torch.autograd.grad(loss, qb)
+    assert gq.dtype == torch.bfloat16 and torch.isfinite(gq).all()
+    assert rel(loss, attention_kl(qb.detach(), k_s.bfloat16(), k_f, mask)) <= 1e-4
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention_kl(q, k_s, k_f, mask, backend="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        attention_kl(q.double(), k_s.double(), k_f.double(), mask, backend="triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            attention_kl(q, k_s, k_f, mask, backend="triton")
