@@ -14,8 +14,8 @@ Derivatives, for an upstream gradient w_i = ∂L/∂KL_i:
     ∂L/∂k_s,j  = scale Σ_{h in group g} Σ_i dS_ij q_i ,   ∂L/∂k_f,j = scale Σ_{h in group g} Σ_i dF_ij q_i
 Only the T×T tiles in flight ever exist: the forward keeps per-row online-softmax statistics (running maxima,
 normalisers and the P-weighted sum of s − f) and writes lse_s, lse_f, E and KL per row ([B, H, T] each); the
-backward recomputes s and f tile by tile from them, once in a query-major kernel (∂q, no atomics) and once in
-a key-major kernel (∂k_s, ∂k_f summed over the query heads of the group, no atomics).
+backward recomputes s and f tile by tile from them, once in a query-major kernel (∂q) and once in a key-major
+kernel (∂k_s, ∂k_f per query head, summed over the group afterwards): no atomics, so results are deterministic.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _attention_kl_fwd_kernel(
     #   m_s ← max(m_s, max_j s_ij),  c = exp(m_s,old − m_s)
     #   l_s ← c·l_s + Σ_j e^{s_ij − m_s},   a ← c·a + Σ_j e^{s_ij − m_s} (s_ij − f_ij)
     #   m_f, l_f likewise for f.          At the end: lse = m + log l,  E = a / l_s,  KL = E − lse_s + lse_f.
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest (last) query tiles first
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -127,7 +127,7 @@ def _attention_kl_bwd_dq_kernel(
     # One program: query tile of (b, h).  Recompute s, f per key tile, then (header formulas)
     #   P = e^{s − lse_s}, Q = e^{f − lse_f} on allowed pairs (0 elsewhere)
     #   dS = w P (s − f − E),  dF = w (Q − P),   ∂q = scale (dS K_s + dF K_f)
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest (last) query tiles first
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -179,17 +179,22 @@ def _attention_kl_bwd_dk_kernel(
     ks_ptr, sksb, sksh, skst, sksd,
     kf_ptr, skfb, skfh, skft, skfd,
     mask_ptr, dkl_ptr, lse_s_ptr, lse_f_ptr, e_ptr, dks_ptr, dkf_ptr,
-    H, H_KV, T, GROUP, scale,
+    H, T, GROUP, scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: key tile [BLOCK_N] of (b, KV head g).  For every query head h of the group and every query
+    # One program: key tile [BLOCK_N] of KV head g as seen by ONE query head h of its group.  Over every query
     # tile that can see this key tile (i ≥ first key), recompute the transposed tiles sᵀ, fᵀ [BLOCK_N, BLOCK_M]:
     #   dSᵀ = Pᵀ (sᵀ − fᵀ − E) w,  dFᵀ = (Qᵀ − Pᵀ) w,   ∂k_s += scale dSᵀ q,  ∂k_f += scale dFᵀ q
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // H_KV).to(tl.int64)
-    g = (pid_bg % H_KV).to(tl.int64)
+    # and write this head's share as an fp32 partial [B, H, T, D]; the launcher sums the GROUP shares.  (One
+    # program per query head rather than a loop over the group: GROUP× more programs to fill the GPU, no atomics.)
+    # Key tile 0 sees every query tile, the last one only one: the heaviest programs are launched first.
+    pid_n = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_in = offs_n < T
@@ -203,34 +208,32 @@ def _attention_kl_bwd_dk_kernel(
 
     dks = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dkf = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_base = q_ptr + b * sqb + h * sqh
+    row0 = (b * H + h) * T
     lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
-    for hh in range(0, GROUP):
-        h = g * GROUP + hh
-        q_base = q_ptr + b * sqb + h * sqh
-        row0 = (b * H + h) * T
-        for m0 in range(lo, T, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < T
-            q_valid = (tl.load(mask_ptr + b * T + offs_m, mask=m_in, other=0) != 0) & m_in
-            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                        mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-            w = tl.load(dkl_ptr + row0 + offs_m, mask=m_in, other=0.0)
-            lse_s = tl.load(lse_s_ptr + row0 + offs_m, mask=m_in, other=0.0)
-            lse_f = tl.load(lse_f_ptr + row0 + offs_m, mask=m_in, other=0.0)
-            e = tl.load(e_ptr + row0 + offs_m, mask=m_in, other=0.0)
-            s_t = _dot(k_s, tl.trans(q), IEEE) * scale
-            f_t = _dot(k_f, tl.trans(q), IEEE) * scale
-            allowed = (offs_n[:, None] <= offs_m[None, :]) & k_valid[:, None] & q_valid[None, :]
-            p_t = tl.exp(tl.where(allowed, s_t - lse_s[None, :], _NEG))
-            pf_t = tl.exp(tl.where(allowed, f_t - lse_f[None, :], _NEG))
-            ds_t = p_t * (s_t - f_t - e[None, :]) * w[None, :]
-            df_t = (pf_t - p_t) * w[None, :]
-            dks += _dot(ds_t.to(DOT_DTYPE), q, IEEE)
-            dkf += _dot(df_t.to(DOT_DTYPE), q, IEEE)
+    for m0 in range(lo, T, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_in = offs_m < T
+        q_valid = (tl.load(mask_ptr + b * T + offs_m, mask=m_in, other=0) != 0) & m_in
+        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                    mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        w = tl.load(dkl_ptr + row0 + offs_m, mask=m_in, other=0.0)
+        lse_s = tl.load(lse_s_ptr + row0 + offs_m, mask=m_in, other=0.0)
+        lse_f = tl.load(lse_f_ptr + row0 + offs_m, mask=m_in, other=0.0)
+        e = tl.load(e_ptr + row0 + offs_m, mask=m_in, other=0.0)
+        s_t = _dot(k_s, tl.trans(q), IEEE) * scale
+        f_t = _dot(k_f, tl.trans(q), IEEE) * scale
+        allowed = (offs_n[:, None] <= offs_m[None, :]) & k_valid[:, None] & q_valid[None, :]
+        p_t = tl.exp(tl.where(allowed, s_t - lse_s[None, :], _NEG))
+        pf_t = tl.exp(tl.where(allowed, f_t - lse_f[None, :], _NEG))
+        ds_t = p_t * (s_t - f_t - e[None, :]) * w[None, :]
+        df_t = (pf_t - p_t) * w[None, :]
+        dks += _dot(ds_t.to(DOT_DTYPE), q, IEEE)
+        dkf += _dot(df_t.to(DOT_DTYPE), q, IEEE)
 
-    out = ((b * H_KV + g) * T + offs_n[:, None]) * D + offs_d[None, :]
-    tl.store(dks_ptr + out, (dks * scale).to(dks_ptr.dtype.element_ty), mask=kd_ok)
-    tl.store(dkf_ptr + out, (dkf * scale).to(dkf_ptr.dtype.element_ty), mask=kd_ok)
+    out = (row0 + offs_n[:, None]) * D + offs_d[None, :]
+    tl.store(dks_ptr + out, dks * scale, mask=kd_ok)
+    tl.store(dkf_ptr + out, dkf * scale, mask=kd_ok)
 
 
 # Tile shapes: a few autotuned ones on the GPU; one small fixed shape under the interpreter (every config would
@@ -240,10 +243,11 @@ def _configs(options):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
 
 
-_KEY = ["D", "GROUP", "DOT_DTYPE", "IEEE"]
+# T is in the key: small T needs small tiles to fill the GPU, long T prefers large ones.
+_KEY = ["T", "D", "GROUP", "DOT_DTYPE", "IEEE"]
 _fwd_tuned = triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_fwd_kernel)
 _dq_tuned = triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel)
-_dk_tuned = triton.autotune(_configs([(64, 128, 8, 2), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_bwd_dk_kernel)
+_dk_tuned = triton.autotune(_configs([(64, 64, 4, 3), (128, 64, 8, 2)]), key=_KEY)(_attention_kl_bwd_dk_kernel)
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
@@ -295,10 +299,12 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, lse_s, lse_f, e,
         _launch(_dq_tuned, _attention_kl_bwd_dq_kernel, lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
                 (*common, dq, H, T, H // H_kv, float(scale)), meta)
     if need_k:
-        dks = torch.empty(B, H_kv, T, D, device=q.device, dtype=k_s.dtype)
-        dkf = torch.empty(B, H_kv, T, D, device=q.device, dtype=k_f.dtype)
-        _launch(_dk_tuned, _attention_kl_bwd_dk_kernel, lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * H_kv),
-                (*common, dks, dkf, H, H_kv, T, H // H_kv, float(scale)), meta)
+        # fp32 per-query-head partials (O(T) memory), summed over each KV head's group of query heads.
+        part = torch.empty(2, B, H, T, D, device=q.device, dtype=torch.float32)
+        _launch(_dk_tuned, _attention_kl_bwd_dk_kernel, lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * H),
+                (*common, part[0], part[1], H, T, H // H_kv, float(scale)), meta)
+        dk = part.view(2, B, H_kv, H // H_kv, T, D).sum(3)
+        dks, dkf = dk[0].to(k_s.dtype), dk[1].to(k_f.dtype)
     return dq, dks, dkf
 
 
@@ -307,8 +313,9 @@ class AttentionKLFunction(torch.autograd.Function):
 
         P = softmax_j(scale · q[b, h, i] · k_s[b, g, j]),  Q = softmax_j(scale · q[b, h, i] · k_f[b, g, j])
         over allowed j: j ≤ i, mask[b, j] and mask[b, i];  g = h // (H / H_kv).
-    Rows with no allowed key (padded queries) give KL = 0 and pass no gradient.  Memory: O(B·H·T) beyond the
-    inputs and their gradients (no T × T tensor).
+    Rows with no allowed key (padded queries) give KL = 0 and pass no gradient.  Memory beyond the inputs and
+    their gradients: four [B, H, T] fp32 row statistics, and in the backward two fp32 tensors of q's shape (the
+    per-query-head key-gradient shares); no T × T tensor.
 
     Arguments of `apply` (one device; strides allowed; q, k_s, k_f share one dtype fp16 | bf16 | fp32):
         q      [B, H, T, D]       student queries (post-RoPE)

@@ -248,9 +248,11 @@ _MIN_BLOCK_T = 16
 _MIN_BLOCK_F = 16
 _MIN_BLOCK_C = 16
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["T", "H_S", "D_S", "N", "HEADS", "DIMS", "IS_KEY",
+# T is not part of the key: in training every batch has another length, and re-tuning each one cost seconds per
+# step (measured on the H100 in the ZeRO-3 runs, bench/NOTES.md); the best tile barely moves with T.
+_fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["H_S", "D_S", "N", "HEADS", "DIMS", "IS_KEY",
                                                     "COMPUTE_GRAD", "DOT_DTYPE"])(_fused_kv_fwd_kernel)
-_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["T", "D_I", "F_I", "C", "DOT_DTYPE"])(_fused_kv_dw_kernel)
+_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "F_I", "C", "DOT_DTYPE"])(_fused_kv_dw_kernel)
 
 
 def _dot_dtype(tensors: list[torch.Tensor]):

@@ -235,7 +235,7 @@ class TrainingSession:
             t_tok = [view.text[a:b] for a, b in view.spans]
             plot_alignment(A, s_tok, t_tok, self.out / f"alignment_teacher{i}.png",
                            title=f"A: student × teacher {i} ({teacher.name}), example {example.id}")
-            plot_layer_map(self.builder.layer_maps[i], self.out / f"layer_map_teacher{i}.png",
+            plot_layer_map(self.builder.layer_maps[i].cpu(), self.out / f"layer_map_teacher{i}.png",
                            title=f"layer map M: student × teacher {i} ({teacher.name})")
 
     # ------------------------------------------------------------------------------------------------ engine

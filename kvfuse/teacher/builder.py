@@ -74,8 +74,8 @@ class TeacherKVBuilder:
         self.max_length = max_length
         self.storage_dtype = storage_dtype
         self.device = torch.device(device)
-        self.layer_maps = [layer_map(t.model.config.num_hidden_layers, n_student_layers, settings.layer_map)
-                           for t in self.teachers]
+        self.layer_maps = [layer_map(t.model.config.num_hidden_layers, n_student_layers, settings.layer_map
+                                     ).to(self.device) for t in self.teachers]
 
     def student_view(self, example: Example) -> Rendering:
         view = render_tokens(self.student_tokenizer, self.student_prompt, example, self.settings.trim_whitespace)
@@ -122,12 +122,13 @@ class TeacherKVBuilder:
                                      f"({teacher.name}); check the tokenizers' offsets and the shared text")
                 mask &= row_ok
                 keys, values = kvs[b]
-                M = self.layer_maps[i].to(self.device)
-                # [L_t, H, T_s, D] after time alignment, then layers mixed by M: [L_s, H, T_s, D]
-                k_t = torch.stack([apply_alignment(A, k.float()) for k in keys])
-                v_t = torch.stack([apply_alignment(A, v.float()) for v in values])
-                tensors[f"teacher{i}/k"] = torch.einsum("st,thnd->shnd", M, k_t).to(self.storage_dtype).cpu()
-                tensors[f"teacher{i}/v"] = torch.einsum("st,thnd->shnd", M, v_t).to(self.storage_dtype).cpu()
+                M = self.layer_maps[i]
+                # One sparse product over all layers and heads at once ([L_t, H, T_t, D] → [L_t, H, T_s, D]), then
+                # the layer mix: [L_s, H, T_s, D]. fp32 until the final cast to the storage dtype.
+                for kind, per_layer in (("k", keys), ("v", values)):
+                    aligned = apply_alignment(A, torch.stack(per_layer).float())
+                    mixed = torch.einsum("st,thnd->shnd", M, aligned)
+                    tensors[f"teacher{i}/{kind}"] = mixed.to(self.storage_dtype).cpu()
             if not bool(mask.any()):
                 raise ValueError(f"example {example.id}: no student token is aligned with every teacher")
             tensors["input_ids"] = student.input_ids

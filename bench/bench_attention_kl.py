@@ -1,0 +1,265 @@
+"""Attention KL (the γ term): materialised torch reference vs torch.compile of it vs the O(T) Triton kernel, on a GPU.
+
+Question answered: for one Qwen2.5-1.5B-like student layer (B = 1, 12 query heads, 2 KV heads, D = 128, bf16),
+how much faster and smaller is the Triton forward + backward than the reference, how close to the FLOP floor
+(minimal matmul FLOPs over the bf16 matmul rate measured in this run), and what is the largest T each one fits.
+
+    PYTHONPATH=. python bench/bench_attention_kl.py --out $OUT               # GPU: check + time, CSV + log
+    python bench/bench_attention_kl.py --plot bench/results/attention_kl_<dev>.csv   # anywhere: the plot
+
+"full" = loss + gradients to q_s, k_s, k_f; "fwd" = the loss alone (autograd graph recorded, as in training).
+Peak memory is the allocator's peak during one full call minus what was allocated before it (inputs).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from kvfuse.attention import _attention_kl_triton, _kernels, attention_kl_reference
+
+HEADS, KV_HEADS, DIM = 12, 2, 128
+SEQS = [1024, 4096, 16384, 32768]
+TRITON_ONLY_SEQS = [65536]
+VARIANTS = ("eager", "compile", "triton")
+DEVICE = "cuda"  # a CPU smoke test of this script's logic may set "cpu" (with TRITON_INTERPRET=1)
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("KVFUSE_COMMIT", "unknown")
+
+
+def make_inputs(T: int, dtype=torch.bfloat16, seed: int = 0, B: int = 1, H: int = HEADS, H_kv: int = KV_HEADS,
+                D: int = DIM):
+    """Random student queries/keys and fused keys near the student keys, ~3 % right padding."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=DEVICE, generator=g)  # noqa: E731
+    q = rnd(B, H, T, D).to(dtype).requires_grad_()
+    k_s = rnd(B, H_kv, T, D)
+    k_f = (k_s + 0.5 * rnd(B, H_kv, T, D)).to(dtype).requires_grad_()
+    k_s = k_s.to(dtype).requires_grad_()
+    valid = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    valid[:, T - T // 32:] = False
+    return q, k_s, k_f, valid
+
+
+def min_flops(valid: torch.Tensor, H: int, D: int) -> tuple[float, float]:
+    """Matmul FLOPs an exact method cannot avoid: forward s and f (2 products over the allowed pairs), backward
+    recomputes s and f once and forms ∂q (2 products) and ∂k_s, ∂k_f (2 products): 2 and 8 products in all."""
+    v = valid.double()
+    pairs = float((v * v.cumsum(1)).sum())  # Σ over valid queries i of the valid keys j ≤ i
+    unit = 2.0 * pairs * D * H
+    return 2 * unit, 8 * unit
+
+
+def matmul_peak() -> float:
+    from triton.testing import do_bench
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, return_mode="median")
+    return 2 * 8192 ** 3 / (ms * 1e-3)
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def check(log) -> float:
+    """Triton vs the reference on fresh inputs: fp32 at odd shapes (ieee products, 1e-4) and bf16 at the bench
+    shape (2e-2).  Returns the worst error over loss and gradients, each divided by its tolerance."""
+    worst = 0.0
+    cases = [("fp32", torch.float32, 1e-4, dict(T=333, B=2, H=12, H_kv=2, D=128)),
+             ("fp32", torch.float32, 1e-4, dict(T=97, B=1, H=6, H_kv=3, D=72)),
+             ("bf16", torch.bfloat16, 2e-2, dict(T=2048))]
+    for name, dtype, tol, shape in cases:
+        q, k_s, k_f, valid = make_inputs(dtype=dtype, seed=shape["T"], **shape)
+        valid[0, :5] = False  # left padding too
+        scale = 1 / math.sqrt(q.shape[-1])
+        res = {}
+        for impl in ("ref", "triton"):
+            fn = attention_kl_reference if impl == "ref" else _attention_kl_triton
+            loss = fn(q, k_s, k_f, valid, scale)
+            res[impl] = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+        errs = [rel(a, b) for a, b in zip(res["triton"], res["ref"])]
+        finite = all(bool(torch.isfinite(x).all()) for x in res["triton"])
+        log(f"check {name} {shape}: rel err loss {errs[0]:.2e}, dq {errs[1]:.2e}, dk_s {errs[2]:.2e}, "
+            f"dk_f {errs[3]:.2e}; finite {finite}")
+        worst = max(worst, max(errs) / tol, 0.0 if finite else math.inf)
+        del q, k_s, k_f, res
+    return worst
+
+
+def bench_one(variant: str, T: int, peak: float, impls, log):
+    from triton.testing import do_bench
+    q, k_s, k_f, valid = make_inputs(T, seed=T)
+    scale = 1 / math.sqrt(DIM)
+    impl = impls[variant]
+    fwd = lambda: impl(q, k_s, k_f, valid, scale)  # noqa: E731
+    full = lambda: torch.autograd.grad(impl(q, k_s, k_f, valid, scale), (q, k_s, k_f))  # noqa: E731
+    f_fwd, f_full = min_flops(valid, HEADS, DIM)
+    base = dict(variant=variant, T=T, gflop_fwd=round(f_fwd / 1e9, 1), gflop_full=round(f_full / 1e9, 1))
+    failure = None
+    try:
+        full()  # warm-up: compilation and autotuning stay out of the numbers
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        full()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        long = T >= 32768  # long cases: fewer repeats keep the run inside its device budget
+        kw = dict(warmup=5, rep=30) if long else {}
+        t_fwd = do_bench(fwd, return_mode="median", **kw)
+        t_full = do_bench(full, return_mode="median", **kw)
+    except torch.OutOfMemoryError:
+        failure = "OOM"
+    except Exception as err:  # noqa: BLE001 - recorded in the CSV and the log, and the other cases still run
+        failure = "ERROR"
+        log(f"  {variant} T={T} failed: {type(err).__name__}: {str(err)[:300]}")
+    if failure:
+        # Free outside the except block: the traceback there still holds the failed call's tensors.
+        del q, k_s, k_f, valid
+        gc.collect()
+        torch.cuda.empty_cache()
+        return [dict(base, mode=m, ms=failure) for m in ("fwd", "full")]
+    rows = []
+    for mode, ms, fl in (("fwd", t_fwd, f_fwd), ("full", t_full, f_full)):
+        floor = fl / peak * 1e3
+        rows.append(dict(base, mode=mode, ms=round(ms, 4), peak_extra_mib=round(extra / 2 ** 20, 1),
+                         tflops=round(fl / (ms * 1e-3) / 1e12, 1), floor_ms=round(floor, 4),
+                         pct_floor=round(100 * floor / ms, 1)))
+    del q, k_s, k_f, valid
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
+    import triton
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    tag = dev.replace(" ", "_").replace("/", "_")
+    logf = open(out_dir / f"attention_kl_{tag}.log", "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    commit = _commit()
+    log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; commit {commit}; "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    worst = check(log)
+    if worst > 1.0:
+        log(f"CORRECTNESS FAILED (worst error / tolerance = {worst:.2f}): not timing")
+        sys.exit(1)
+    peak = matmul_peak()
+    log(f"ceiling: bf16 matmul (8192^3) {peak / 1e12:.0f} TFLOP/s")
+    # dynamic=True: one compilation serves every T (a static compile per T would cost ~4x the compile time).
+    impls = {"eager": attention_kl_reference, "triton": _attention_kl_triton,
+             "compile": torch.compile(attention_kl_reference, dynamic=True)}
+    path = out_dir / f"attention_kl_{tag}.csv"
+    fields = ["device", "commit", "dtype", "B", "H_q", "H_kv", "D", "variant", "T", "mode", "ms", "peak_extra_mib",
+              "gflop_fwd", "gflop_full", "tflops", "floor_ms", "pct_floor", "mm_tflops"]
+    rows = []
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        # Triton first at each T: if the run is cut short, the kernel's numbers are already written.
+        order = sorted(variants, key=lambda v: v != "triton")
+        cases = [(v, T) for T in seqs for v in order] + [("triton", T) for T in extra_seqs if "triton" in variants]
+        for variant, T in cases:
+            r = bench_one(variant, T, peak, impls, log)
+            for row in r:
+                log("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
+                w.writerow(dict(device=dev, commit=commit, dtype="bf16", B=1, H_q=HEADS, H_kv=KV_HEADS, D=DIM,
+                                mm_tflops=round(peak / 1e12, 1), **row))
+                f.flush()
+            rows += r
+    ops = _kernels()
+    for name, tuner in (("fwd", ops._fwd_tuned), ("dq", ops._dq_tuned), ("dk", ops._dk_tuned)):
+        for key, cfg in tuner.cache.items():
+            log(f"autotuned {name} {key[:5]}: {cfg}")
+    by = {(r["variant"], r["T"], r["mode"]): r for r in rows}
+    num = lambda v: isinstance(v, float)  # noqa: E731
+    log("\n    T  mode  eager_ms compile_ms triton_ms  x_eager x_compile %floor  peakMiB(eager/compile/triton)")
+    all_seqs = sorted(set(seqs) | set(extra_seqs))
+    for T in all_seqs:
+        for mode in ("fwd", "full"):
+            e, c, t = (by.get((v, T, mode), {}) for v in VARIANTS)
+            ms = [r.get("ms", "-") for r in (e, c, t)]
+            xe = f"{ms[0] / ms[2]:.1f}" if num(ms[0]) and num(ms[2]) else "-"
+            xc = f"{ms[1] / ms[2]:.1f}" if num(ms[1]) and num(ms[2]) else "-"
+            mem = "/".join(str(r.get("peak_extra_mib", "-")) for r in (e, c, t))
+            log(f"{T:>6} {mode:>4} {ms[0]!s:>9} {ms[1]!s:>10} {ms[2]!s:>9} {xe:>8} {xc:>9} "
+                f"{t.get('pct_floor', '-')!s:>6}  {mem}")
+    for v in VARIANTS:
+        fits = [T for T in all_seqs if num(by.get((v, T, "full"), {}).get("ms"))]
+        log(f"largest T measured that fits, {v}: {max(fits) if fits else 'none'}")
+    logf.close()
+
+
+def plot(csv_path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in csv.DictReader(open(csv_path)) if r["mode"] == "full"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^")):
+        ok = sorted((int(r["T"]), float(r["ms"]), float(r["peak_extra_mib"])) for r in rows
+                    if r["variant"] == variant and r["ms"] != "OOM")
+        if ok:
+            ax_t.plot([p[0] for p in ok], [p[1] for p in ok], marker=marker, label=variant)
+            ax_m.plot([p[0] for p in ok], [p[2] for p in ok], marker=marker, label=variant)
+        oom = sorted(int(r["T"]) for r in rows if r["variant"] == variant and r["ms"] == "OOM")
+        for T in oom:
+            ax_m.annotate(f"{variant} OOM", (T, 1), rotation=90, fontsize=7)
+    floor = sorted({(int(r["T"]), float(r["floor_ms"])) for r in rows if r["ms"] != "OOM"})
+    ax_t.plot(*zip(*floor), "k--", label="FLOP floor")
+    for ax, label in ((ax_t, "forward + backward ms (median)"), (ax_m, "peak extra memory, MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"attention KL, B=1, 12 q heads / 2 KV heads, D=128, bf16 — {rows[0]['device']} "
+                 f"(commit {rows[0]['commit']})")
+    fig.tight_layout()
+    out = csv_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--seqs", type=int, nargs="+", default=SEQS)
+    p.add_argument("--triton-only-seqs", type=int, nargs="*", default=TRITON_ONLY_SEQS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
+    args = p.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot))
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention_kl needs a CUDA GPU (run it through the device tool)")
+    run(args.out, args.seqs, args.variants, args.triton_only_seqs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
