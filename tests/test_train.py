@@ -125,3 +125,26 @@ def test_unalignable_teacher_is_a_clear_error():
     train, _ = load_examples("gsm8k", 1, 0)
     with pytest.raises(ValueError, match="a-slow-tokenizer.*not a fast tokenizer"):
         builder.build(train)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--phase", "0"],
+    ["--phase", "4", "--teachers", "tiny-llama", "tiny-qwen2", "--teacher_prompts", "cot", "--router_type",
+     "similarity", "--router_groups", "1"],
+    ["--phase", "4", "--teachers", "tiny-llama", "tiny-gemma3", "--teacher_prompts", "cot", "--router_groups", "2",
+     "--gamma_final", "0.05", "--delta_final", "0.1", "--warmin_start", "0.0"],
+    ["--phase", "5", "--teachers", "tiny-llama", "tiny-gemma3", "--teacher_prompts", "cot", "--z_dim", "16",
+     "--z_loss", "barlow"],
+], ids=["phase0", "phase4-similarity", "phase4-learnable-layers-kl-ce", "phase5-barlow"])
+def test_every_phase_preset_trains(tmp_path, extra):
+    _train(tmp_path, *extra, "--student_layers", "every_other")
+    train = _events(tmp_path, "train")
+    assert train and all(e["loss"] == e["loss"] for e in train)          # no NaN
+    routers = _events(tmp_path, "router")
+    if "--router_type" in extra or "--router_groups" in extra:
+        alpha = routers[-1]["alpha"]
+        assert routers and (len(alpha[0]) == 2 or len(alpha[0][0]) == 2)
+    if "--gamma_final" in extra:
+        assert train[-1]["gamma"] > 0 and "attn_kl" in train[-1] and "ce" in train[-1]
+    if "5" in extra[:2]:
+        assert (tmp_path / "zspace_embedding.png").exists() and "z_loss" in train[-1]

@@ -53,3 +53,17 @@ def test_plot_long_alignment_and_layer_map(tmp_path):
         assert 150 < width < 4000 and 100 < height < 4000
     with pytest.raises(ValueError, match="2-D"):
         plot_layer_map(np.ones(3), tmp_path / "bad.png")
+
+
+def test_plot_embedding_writes_a_png(tmp_path):
+    from kvfuse.eval.visualize import plot_embedding
+
+    gen = torch.Generator().manual_seed(5)
+    points = torch.cat([torch.randn(30, 8, generator=gen), torch.randn(30, 8, generator=gen) + 4])
+    sources = ["student"] * 30 + ["teacher0"] * 30
+    samples = [f"s{i % 3}" for i in range(60)]
+    path = plot_embedding(points, sources, samples, tmp_path / "z.png", title="Z")
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    with pytest.raises(ValueError, match="plot_embedding needs"):
+        plot_embedding(points[:3], sources[:3], samples[:3], tmp_path / "bad.png")

@@ -354,6 +354,8 @@ class TrainingSession:
                     break
         bar.close()
         self.evaluate(step, generate=True)
+        if self.model.zspace is not None:
+            self._plot_zspace()
         if self.rank == 0:
             from kvfuse.eval.report import build_report
             self.tb.close()
@@ -377,6 +379,35 @@ class TrainingSession:
             out[k] = flat[i:i + n] if isinstance(values[k], list) else flat[i]
             i += n
         return out
+
+    @torch.no_grad()
+    def _plot_zspace(self, max_per_source: int = 200) -> None:
+        """t-SNE/UMAP of the student's and each teacher's Z at the middle student layer (all ranks compute: ZeRO-3
+        gathers parameters collectively; rank 0 draws)."""
+        from kvfuse.eval.visualize import plot_embedding
+
+        examples = (self.val_examples or self.train_examples)[:4]
+        batch = self.teacher_batch(examples)
+        self.engine.eval()
+        cap, *_ = self.model.student_kv(batch)
+        layer = self.n_layers // 2
+        mask = batch["mask"]
+        flat = lambda k, v: torch.cat([k, v], dim=-1).transpose(1, 2).flatten(2)     # [B, T, H·2D]
+        z_student, z_teachers = self.model.zspace.embed(
+            flat(cap.keys[layer], cap.values[layer]),
+            [flat(tk[layer], tv[layer]) for tk, tv in zip(batch["teacher_k"], batch["teacher_v"])])
+        sample_of_token = [batch["ids"][b] for b in range(mask.shape[0]) for t in range(mask.shape[1])
+                           if mask[b, t]]
+        gen = torch.Generator().manual_seed(self.config["seed"])
+        pick = torch.randperm(len(sample_of_token), generator=gen)[:max_per_source]
+        points, sources, samples = [], [], []
+        for name, z in [("student", z_student)] + [(f"teacher {i}", z) for i, z in enumerate(z_teachers)]:
+            points.append(z[mask.bool()][pick].float().cpu())
+            sources += [name] * len(pick)
+            samples += [sample_of_token[i] for i in pick.tolist()]
+        if self.rank == 0:
+            plot_embedding(torch.cat(points), sources, samples, self.out / "zspace_embedding.png",
+                           title=f"Z space at student layer {layer}")
 
     def _check_finite(self, loss: torch.Tensor, logs: dict, step: int) -> None:
         flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=self.device)

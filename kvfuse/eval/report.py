@@ -159,7 +159,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         sections += ["<h2>Router</h2>", router]
     pictures = sorted(run_dir.glob("*.png"))
     if pictures:
-        sections.append("<h2>Alignment</h2>")
+        sections.append("<h2>Pictures</h2>")
         sections += [_img(base64.b64encode(p.read_bytes()).decode(), p.stem.replace("_", " ")) for p in pictures]
     sections += ["<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>"]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>kvfuse run report</title><style>"

@@ -91,3 +91,36 @@ def plot_layer_map(M, path, title: str | None = None) -> str:
     ax.set_title(title or "layer map M (row-stochastic)")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     return _save(fig, path)
+
+
+def plot_embedding(points, sources: Sequence[str], samples: Sequence[str], path, title: str | None = None,
+                   seed: int = 0) -> str:
+    """2-D map of `points [n, d]` (UMAP when installed, else t-SNE), drawn twice: coloured by source (student /
+    teacher i) and by sample. Returns path."""
+    x = _dense(points)
+    if x.ndim != 2 or len(x) != len(sources) or len(x) != len(samples) or len(x) < 5:
+        raise ValueError(f"plot_embedding needs points [n >= 5, d] with n sources and samples; got {x.shape}, "
+                         f"{len(sources)}, {len(samples)}")
+    try:
+        import umap  # optional: the plan's preferred map
+
+        xy = umap.UMAP(random_state=seed).fit_transform(x)
+        method = "UMAP"
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(n_components=2, perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed,
+                  init="pca").fit_transform(x)
+        method = "t-SNE"
+    fig = Figure(figsize=(12, 5))
+    for k, (labels, name) in enumerate(((sources, "source"), (samples, "sample"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for label in sorted(set(labels)):
+            sel = np.array([lab == label for lab in labels])
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, label=label)
+        ax.set_title(f"{method} of Z, coloured by {name}")
+        if len(set(labels)) <= 12:
+            ax.legend(fontsize=7, markerscale=2)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
