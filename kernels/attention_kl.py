@@ -236,18 +236,29 @@ def _attention_kl_bwd_dk_kernel(
     tl.store(dkf_ptr + out, dkf * scale, mask=kd_ok)
 
 
-# Tile shapes: a few autotuned ones on the GPU; one small fixed shape under the interpreter (every config would
-# run serially on the CPU).  Tests may change INTERP_BLOCKS.  All kernels write each output element exactly
-# once (no accumulation into outputs), so autotuning's repeated launches are harmless.
+# Tile shapes: a few autotuned ones for half-precision inputs on the GPU; one small fixed shape for fp32 'ieee'
+# products (no tensor cores: a 128-row fp32 tile compiles for ~15 s and spills, and fp32 is the checking path,
+# not the training one); one small fixed shape under the interpreter (every config would run serially on the
+# CPU; tests may change INTERP_BLOCKS).  All kernels write each output element exactly once (no accumulation
+# into outputs), so autotuning's repeated launches are harmless.
 def _configs(options):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
 
 
-# T is in the key: small T needs small tiles to fill the GPU, long T prefers large ones.
+# T is in the key: small T needs small tiles to fill the GPU, long T prefers large ones.  The backward shapes
+# were picked by ptxas -v for sm_90a (triton 3.9 here): the key-major kernel holds two [BLOCK_N, D] fp32
+# accumulators, so 64-key tiles want 8 warps (4 warps spilled ~1 KB per thread).
 _KEY = ["T", "D", "GROUP", "DOT_DTYPE", "IEEE"]
-_fwd_tuned = triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_fwd_kernel)
-_dq_tuned = triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel)
-_dk_tuned = triton.autotune(_configs([(64, 64, 4, 3), (128, 64, 8, 2)]), key=_KEY)(_attention_kl_bwd_dk_kernel)
+_FP32 = [(64, 32, 4, 2)]
+_TUNED = {
+    "fwd": (triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_fwd_kernel),
+            triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_fwd_kernel)),
+    "dq": (triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 8, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel),
+           triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_bwd_dq_kernel)),
+    "dk": (triton.autotune(_configs([(64, 64, 8, 2), (32, 64, 4, 3)]), key=_KEY)(_attention_kl_bwd_dk_kernel),
+           triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_bwd_dk_kernel)),
+}
+_KERNELS = {"fwd": _attention_kl_fwd_kernel, "dq": _attention_kl_bwd_dq_kernel, "dk": _attention_kl_bwd_dk_kernel}
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
@@ -262,11 +273,11 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float32, not _interpreting()
 
 
-def _launch(tuned, kernel, grid_of, args, meta):
+def _launch(name, grid_of, args, meta):
     if _interpreting():
-        kernel[grid_of(INTERP_BLOCKS)](*args, **meta, **INTERP_BLOCKS)
+        _KERNELS[name][grid_of(INTERP_BLOCKS)](*args, **meta, **INTERP_BLOCKS)
     else:
-        tuned[grid_of](*args, **meta)
+        _TUNED[name][1 if meta["IEEE"] else 0][grid_of](*args, **meta)
 
 
 def attention_kl_forward(q, k_s, k_f, mask, scale: float):
@@ -281,7 +292,7 @@ def attention_kl_forward(q, k_s, k_f, mask, scale: float):
     args = (q, *q.stride(), k_s, *k_s.stride(), k_f, *k_f.stride(), mask, kl, lse_s, lse_f, e,
             H, T, H // H_kv, float(scale))
     meta = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_DTYPE=dot_tl, IEEE=ieee)
-    _launch(_fwd_tuned, _attention_kl_fwd_kernel, lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H), args, meta)
+    _launch("fwd", lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H), args, meta)
     return kl, lse_s, lse_f, e
 
 
@@ -296,12 +307,12 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, lse_s, lse_f, e,
     dq = dks = dkf = None
     if need_q:
         dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-        _launch(_dq_tuned, _attention_kl_bwd_dq_kernel, lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
+        _launch("dq", lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
                 (*common, dq, H, T, H // H_kv, float(scale)), meta)
     if need_k:
         # fp32 per-query-head partials (O(T) memory), summed over each KV head's group of query heads.
         part = torch.empty(2, B, H, T, D, device=q.device, dtype=torch.float32)
-        _launch(_dk_tuned, _attention_kl_bwd_dk_kernel, lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * H),
+        _launch("dk", lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * H),
                 (*common, part[0], part[1], H, T, H // H_kv, float(scale)), meta)
         dk = part.view(2, B, H_kv, H // H_kv, T, D).sum(3)
         dks, dkf = dk[0].to(k_s.dtype), dk[1].to(k_f.dtype)
