@@ -187,7 +187,8 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
         w.writeheader()
         # Triton first at each T: if the run is cut short, the kernel's numbers are already written.
         order = sorted(variants, key=lambda v: v != "triton")
-        cases = [(v, T) for T in seqs for v in order] + [("triton", T) for T in extra_seqs if "triton" in variants]
+        cases = [(v, T) for T in seqs for v in order] + [("triton", T) for T in extra_seqs
+                                                              if "triton" in variants and T not in seqs]
         for variant, T in cases:
             r = bench_one(variant, T, peak, impls, log)
             for row in r:

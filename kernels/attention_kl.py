@@ -48,7 +48,7 @@ def _attention_kl_fwd_kernel(
     ks_ptr, sksb, sksh, skst, sksd,
     kf_ptr, skfb, skfh, skft, skfd,
     mask_ptr, kl_ptr, lse_s_ptr, lse_f_ptr, e_ptr,
-    H, T, GROUP, scale,
+    H, T, GROUP, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -120,7 +120,7 @@ def _attention_kl_bwd_dq_kernel(
     ks_ptr, sksb, sksh, skst, sksd,
     kf_ptr, skfb, skfh, skft, skfd,
     mask_ptr, dkl_ptr, lse_s_ptr, lse_f_ptr, e_ptr, dq_ptr,
-    H, T, GROUP, scale,
+    H, T, GROUP, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -179,7 +179,7 @@ def _attention_kl_bwd_dk_kernel(
     ks_ptr, sksb, sksh, skst, sksd,
     kf_ptr, skfb, skfh, skft, skfd,
     mask_ptr, dkl_ptr, lse_s_ptr, lse_f_ptr, e_ptr, dks_ptr, dkf_ptr,
-    H, T, GROUP, scale,
+    H, T, GROUP, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -245,10 +245,11 @@ def _configs(options):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
 
 
-# T is in the key: small T needs small tiles to fill the GPU, long T prefers large ones.  The backward shapes
-# were picked by ptxas -v for sm_90a (triton 3.9 here): the key-major kernel holds two [BLOCK_N, D] fp32
-# accumulators, so 64-key tiles want 8 warps (4 warps spilled ~1 KB per thread).
-_KEY = ["T", "D", "GROUP", "DOT_DTYPE", "IEEE"]
+# T's power-of-two bucket is in the key (T_BUCKET, otherwise unused by the kernels): small T needs small tiles
+# to fill the GPU, long T prefers large ones, and training with many distinct lengths retunes only per bucket.
+# The backward shapes were picked by ptxas -v for sm_90a (triton 3.9 here): the key-major kernel holds two
+# [BLOCK_N, D] fp32 accumulators, so 64-key tiles want 8 warps (4 warps spilled ~1 KB per thread).
+_KEY = ["T_BUCKET", "D", "GROUP", "DOT_DTYPE", "IEEE"]
 _FP32 = [(64, 32, 4, 2)]
 _TUNED = {
     "fwd": (triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_fwd_kernel),
@@ -290,7 +291,7 @@ def attention_kl_forward(q, k_s, k_f, mask, scale: float):
     dot_tl, ieee = _dot_dtype(q.dtype)
     kl, lse_s, lse_f, e = torch.empty(4, B, H, T, device=q.device, dtype=torch.float32).unbind(0)
     args = (q, *q.stride(), k_s, *k_s.stride(), k_f, *k_f.stride(), mask, kl, lse_s, lse_f, e,
-            H, T, H // H_kv, float(scale))
+            H, T, H // H_kv, float(scale), triton.next_power_of_2(T))
     meta = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_DTYPE=dot_tl, IEEE=ieee)
     _launch("fwd", lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H), args, meta)
     return kl, lse_s, lse_f, e
@@ -308,12 +309,12 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, lse_s, lse_f, e,
     if need_q:
         dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
         _launch("dq", lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
-                (*common, dq, H, T, H // H_kv, float(scale)), meta)
+                (*common, dq, H, T, H // H_kv, float(scale), triton.next_power_of_2(T)), meta)
     if need_k:
         # fp32 per-query-head partials (O(T) memory), summed over each KV head's group of query heads.
         part = torch.empty(2, B, H, T, D, device=q.device, dtype=torch.float32)
         _launch("dk", lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * H),
-                (*common, part[0], part[1], H, T, H // H_kv, float(scale)), meta)
+                (*common, part[0], part[1], H, T, H // H_kv, float(scale), triton.next_power_of_2(T)), meta)
         dk = part.view(2, B, H_kv, H // H_kv, T, D).sum(3)
         dks, dkf = dk[0].to(k_s.dtype), dk[1].to(k_f.dtype)
     return dq, dks, dkf

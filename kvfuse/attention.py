@@ -10,6 +10,7 @@ import os
 import torch
 
 BACKENDS = ("torch", "triton", "auto")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
@@ -30,7 +31,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
     h // (H_q / H_kv)); mask [B, T] (bool or 0/1). P = softmax(scale · q kᵀ), causal and over valid keys only;
     scale defaults to 1/√D. Computed in fp32 (or the inputs' wider dtype).
     backend: "torch" (the materialised reference), "triton" (O(T) memory; CUDA, or CPU under TRITON_INTERPRET=1;
-    fp16/bf16/fp32) or "auto" (triton for CUDA tensors, torch otherwise).
+    fp16/bf16/fp32) or "auto" (triton for CUDA fp16/bf16/fp32 tensors, torch otherwise).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention_kl backend must be one of {BACKENDS}, got {backend!r}")
@@ -52,7 +53,8 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
         raise ValueError("mask selects no token")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "auto":
-        backend = "triton" if q_s.is_cuda else "torch"
+        dtype = torch.promote_types(torch.promote_types(q_s.dtype, k_s.dtype), k_f.dtype)
+        backend = "triton" if q_s.is_cuda and dtype in _TRITON_DTYPES else "torch"
     if backend == "triton":
         return _attention_kl_triton(q_s, k_s, k_f, valid, scale)
     return attention_kl_reference(q_s, k_s, k_f, valid, scale)
@@ -88,7 +90,7 @@ def _attention_kl_triton(q_s, k_s, k_f, valid, scale):
         raise ValueError(f"attention_kl inputs are on different devices: q_s {q_s.device}, k_s {k_s.device}, "
                          f"k_f {k_f.device}, mask {valid.device}")
     dtype = torch.promote_types(torch.promote_types(q_s.dtype, k_s.dtype), k_f.dtype)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in _TRITON_DTYPES:
         raise ValueError(f"attention_kl backend='triton' takes fp16/bf16/fp32 tensors, got {dtype}; "
                          "use backend='torch' for float64")
     # One operand dtype for the kernel (e.g. fp32 fused keys from fp32 adapters with bf16 student tensors):

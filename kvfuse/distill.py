@@ -107,7 +107,8 @@ class DistillationModel(nn.Module):
             fused = fused_teacher_keys(teacher_k, list(self.kv_loss.w_k), alpha, batch["positions"], inv_freq,
                                        scaling, self.kv_loss.student_heads)
             pos = batch["positions"][:, None]
-            kls = [attention_kl(rotate(q, pos, inv_freq[l], scaling), student_k[l], fused[l], batch["mask"])
+            kls = [attention_kl(rotate(q, pos, inv_freq[l], scaling), student_k[l], fused[l], batch["mask"],
+                                backend="auto")
                    for l, q in enumerate(cap.queries)]
             lw = torch.ones(len(kls)) if layer_weights is None else layer_weights.float().cpu()
             kl = sum(w * k for w, k in zip(lw.tolist(), kls)) / float(lw.sum())

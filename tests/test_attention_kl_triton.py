@@ -130,8 +130,9 @@ def test_identical_keys_give_zero_and_single_token():
     q, k, _ = (x.detach() for x in leaves)
     assert float(attention_kl(q, k, k, mask, backend="triton")) == pytest.approx(0.0, abs=1e-6)
     one = torch.ones(1, 1, dtype=torch.bool)
-    x = torch.randn(1, 2, 1, 16)
-    assert float(attention_kl(x, x[:, :1], x[:, 1:], one, backend="triton")) == pytest.approx(0.0, abs=1e-7)
+    x = torch.randn(1, 2, 1, 16, generator=torch.Generator().manual_seed(12))
+    # One allowed key: P = Q = 1 whatever the logits; KL = E − lse_s + lse_f cancels to ~ulp(logit) in fp32.
+    assert float(attention_kl(x, x[:, :1], x[:, 1:], one, backend="triton")) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_auto_backend_mixed_dtypes_and_bad_input(monkeypatch):
