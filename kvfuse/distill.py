@@ -53,8 +53,13 @@ class DistillationModel(nn.Module):
         self.router_k = router_k
 
     # ------------------------------------------------------------------------------------------------ student
+    @property
+    def lm(self) -> nn.Module:
+        """The student as a plain *ForCausalLM (a PEFT/LoRA wrapper's base model, with its LoRA layers in place)."""
+        return self.student.get_base_model() if hasattr(self.student, "get_base_model") else self.student
+
     def student_kv(self, batch: dict, with_queries: bool = False):
-        cap = capture_kv(self.student, batch["input_ids"], batch["attention_mask"],
+        cap = capture_kv(self.lm, batch["input_ids"], batch["attention_mask"],
                          position_ids=batch["positions"], requires_grad=True, return_hidden=True,
                          with_queries=with_queries)
         inv_freq = torch.stack([r[0] for r in cap.rope]).to(batch["input_ids"].device)
@@ -76,7 +81,7 @@ class DistillationModel(nn.Module):
         if isinstance(self.router, SimilarityRouter):
             return self.router([first_tokens_feature(v, batch["mask"], self.router_k) for v in batch["teacher_v"]])
         if isinstance(self.router, LearnableRouter):
-            embeddings = self.student.get_input_embeddings()(batch["input_ids"]).detach()
+            embeddings = self.lm.get_input_embeddings()(batch["input_ids"]).detach()
             return self.router(pooled_features(embeddings, batch["mask"]))
         raise TypeError(f"unsupported router {type(self.router).__name__}")
 
@@ -99,7 +104,7 @@ class DistillationModel(nn.Module):
         total = kv
         logs["kv_loss"] = kv.detach()
         if weights.delta > 0:
-            logits = self.student.lm_head(cap.hidden)
+            logits = self.lm.lm_head(cap.hidden)
             ce = rationale_ce(logits, batch["input_ids"], batch["labels_mask"])
             total = total + weights.delta * ce
             logs["ce"] = ce.detach()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The runs behind docs/RESULTS.md, on the packaged real models and GSM8K, CPU (2 cores) unless a GPU is present.
-#   bash scripts/evidence.sh phase1|phase2|dumps|routers
+#   bash scripts/evidence.sh phase1|phase2|dumps|routers|control [extra train/main.py flags for control]
 # Each writes runs/evidence/<name>/ (report.html, metrics.jsonl) and prints the numbers RESULTS.md quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,18 @@ if routers:
           f"alpha spread (std over samples of alpha_0) {statistics.pstdev(r[0] for r in flat):.3f}")
 PY
 }
-case "${1:?phase1|phase2|dumps|routers}" in
+compare() {  # run_dir...: side by side, the first and last validation events of each run
+  "$PY" - "$@" <<'PY'
+import json, sys
+print(f"{'run':28s} {'val kv first→last':>22s} {'val ppl first→last':>20s} {'acc':>5s} {'rougeL':>7s}")
+for run in sys.argv[1:]:
+    val = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"val"' in l]
+    a, b = val[0], val[-1]
+    print(f"{run.split('/')[-1]:28s} {a['kv_loss']:9.5f} → {b['kv_loss']:9.5f} {a['ppl']:9.4f} → {b['ppl']:8.4f} "
+          f"{b.get('accuracy', float('nan')):5.2f} {b.get('rouge_l', float('nan')):7.3f}")
+PY
+}
+case "${1:?phase1|phase2|dumps|routers|control}" in
   phase1)
     "$PY" train/main.py --phase 1 --output_dir $out/phase1 && summary $out/phase1 ;;
   phase2)
@@ -35,6 +46,13 @@ case "${1:?phase1|phase2|dumps|routers}" in
       --student smollm2-135m-instruct --n_samples 64 --out $out/store-phase1 --shard 0/1
     "$PY" -m kvfuse dump --teachers smollm2-135m-instruct gemma3-270m --teacher_prompts cot cot \
       --student smollm2-135m-instruct --student_layers every_other --n_samples 64 --out $out/store-cross --shard 0/1 ;;
+  control)
+    # Single-teacher (the CoT teacher alone) vs multi-teacher (default + CoT, α = [0.7, 0.3]): same student, data,
+    # seed and steps; only the teachers differ.
+    shift
+    "$PY" train/main.py --phase 1 --teacher_prompts cot --alpha 1.0 --output_dir $out/control-single "$@"
+    "$PY" train/main.py --phase 1 --output_dir $out/control-multi "$@"
+    compare $out/control-single $out/control-multi ;;
   routers)
     for router in fixed similarity learnable; do
       "$PY" train/main.py --phase 4 --router_type $router --n_samples 16 --n_val 4 --epochs 1 --n_generate 2 \

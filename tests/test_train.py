@@ -148,3 +148,17 @@ def test_every_phase_preset_trains(tmp_path, extra):
         assert train[-1]["gamma"] > 0 and "attn_kl" in train[-1] and "ce" in train[-1]
     if "5" in extra[:2]:
         assert (tmp_path / "zspace_embedding.png").exists() and "z_loss" in train[-1]
+
+
+def test_lora_run_trains_only_lora_and_the_kv_adapters(tmp_path):
+    import re
+
+    proc = _train(tmp_path, "--lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2")
+    trainable, total = (int(x.replace(",", "")) for x in re.search(
+        r"trainable parameters: student ([\d,]+) of ([\d,]+) \(LoRA\)", proc.stdout + proc.stderr).groups())
+    assert 0 < trainable < total / 10
+    config = (tmp_path / "config.yaml").read_text()
+    assert "lora: true" in config
+    train = _events(tmp_path, "train")
+    assert len(train) == 2 and train[0]["lr"] > 0
+    assert _events(tmp_path, "val")[-1]["kv_loss"] > 0

@@ -97,7 +97,8 @@ class TrainingSession:
     def _setup_models(self) -> None:
         c = self.config
         model_dtype = torch.bfloat16 if self.bf16 else torch.float32
-        student, self.tokenizer = load(c["model_name"], dtype=torch.float32, device="cpu")
+        attn = self._attention_implementation()
+        student, self.tokenizer = load(c["model_name"], dtype=torch.float32, device="cpu", attn_implementation=attn)
         student = make_student(student, c["student_layers"])
         self.n_layers = student.config.num_hidden_layers
         names, prompts = self._teacher_names()
@@ -113,7 +114,7 @@ class TrainingSession:
         else:
             for name, prompt in zip(names, prompts):
                 if name not in loaded:
-                    loaded[name] = load(name, dtype=model_dtype, device=self.device)
+                    loaded[name] = load(name, dtype=model_dtype, device=self.device, attn_implementation=attn)
                 model, tok = loaded[name]
                 teachers.append(Teacher(name, prompt, model, tok))
             heads = [(t.model.config.num_key_value_heads, _head_dim(t.model.config)) for t in teachers]
@@ -143,6 +144,18 @@ class TrainingSession:
                                        entropy_target=c["entropy_target"], router_k=c["router_k"]).to(self.device)
         if self.rank == 0:
             self._save_alignment_pictures()
+
+    def _attention_implementation(self) -> str | None:
+        """flash_attn when installed on a GPU run, else PyTorch SDPA (which has flash kernels itself); tiny test
+        models keep their eager default."""
+        if self.config["model_name"].startswith("tiny-"):
+            return None
+        if self.device.type == "cuda" and self.bf16:
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is not None:
+                return "flash_attention_2"
+        return "sdpa"
 
     def _backend(self) -> str:
         backend = self.config["loss_backend"]
@@ -248,6 +261,9 @@ class TrainingSession:
         if other:
             groups.append({"params": other, "lr": c["lr_lora"]})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        total_student = sum(p.numel() for p in self.model.student.parameters())
+        self._log(f"trainable parameters: student {sum(p.numel() for p in student_params):,} of {total_student:,}"
+                  f"{' (LoRA)' if c['lora'] else ''}; adapters, router, Z space {sum(p.numel() for p in other):,}")
         total = self.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, c["warmup_ratio"]))
         ds_config = {
