@@ -20,12 +20,17 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import commit  # noqa: E402
 from kvfuse import _C
 from kvfuse.align.tokens import dense_iou, reference_iou_alignment, token_spans
 from kvfuse.data import load_gsm8k, shakespeare
@@ -37,14 +42,6 @@ CSV_FIELDS = ["date", "commit", "machine", "cpu", "cores", "workload", "samples"
               "teacher_tokens", "nnz", "tokenize_s", "cxx_s", "cxx_batch_s", "threads", "python_ref_s", "dense_s",
               "dense_estimated", "cxx_student_tok_per_s", "speedup_vs_python_ref", "speedup_vs_dense"]
 
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("KVFUSE_COMMIT", "unknown")
 
 
 def cpu_model() -> str:

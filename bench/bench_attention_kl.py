@@ -17,14 +17,17 @@ import csv
 import datetime
 import gc
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import commit  # noqa: E402
 from kvfuse.attention import _attention_kl_triton, _kernels, attention_kl_reference
 
 HEADS, KV_HEADS, DIM = 12, 2, 128
@@ -33,14 +36,6 @@ TRITON_ONLY_SEQS = [65536]
 VARIANTS = ("eager", "compile", "triton")
 DEVICE = "cuda"  # a CPU smoke test of this script's logic may set "cpu" (with TRITON_INTERPRET=1)
 
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("KVFUSE_COMMIT", "unknown")
 
 
 def make_inputs(T: int, dtype=torch.bfloat16, seed: int = 0, B: int = 1, H: int = HEADS, H_kv: int = KV_HEADS,
@@ -165,8 +160,8 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
         logf.write(msg + "\n")
         logf.flush()
 
-    commit = _commit()
-    log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; commit {commit}; "
+    sha = commit()
+    log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; commit {sha}; "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     worst = check(log)
     if worst > 1.0:
@@ -193,7 +188,7 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
             r = bench_one(variant, T, peak, impls, log)
             for row in r:
                 log("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
-                w.writerow(dict(device=dev, commit=commit, dtype="bf16", B=1, H_q=HEADS, H_kv=KV_HEADS, D=DIM,
+                w.writerow(dict(device=dev, commit=sha, dtype="bf16", B=1, H_q=HEADS, H_kv=KV_HEADS, D=DIM,
                                 mm_tflops=round(peak / 1e12, 1), **row))
                 f.flush()
             rows += r

@@ -13,7 +13,6 @@ Prints a table; appends CSV rows (device, commit) to bench/results/dump.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -25,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_train_step import commit, device_name  # noqa: E402
-from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, render, shakespeare  # noqa: E402
+from bench.common import append_csv, commit, device_name  # noqa: E402
+from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, shakespeare  # noqa: E402
 from kvfuse.models import load  # noqa: E402
 from kvfuse.teacher.builder import Teacher, TeacherKVBuilder, render_tokens  # noqa: E402
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
@@ -140,14 +139,7 @@ def main() -> int:
                     "tokens_per_s": round(tokens / seconds, 1), "vs_bare": round(seconds / t_bare - 1, 4),
                     "bytes_per_token": round(meta["bytes"] / max(student_tokens, 1), 1),
                     "read_MB_per_s": round(meta["bytes"] / 1e6 / t_read, 1)})
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(out[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(out)
+    append_csv(args.csv, out)
     return 0
 
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import commit  # noqa: E402
 from kvfuse.loss import _torch_loss, _triton_loss, kv_distill_loss
 
 TEACHERS = [(4, 128), (8, 128)]
@@ -31,14 +34,6 @@ LAYERS = 28
 TOKENS = [4096, 16384, 65536]
 SEQ = 4096
 
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("KVFUSE_COMMIT", "unknown")
 
 
 def make_inputs(tokens: int, dtype=torch.bfloat16, seed: int = 0, T: int = SEQ, teachers=TEACHERS,
@@ -206,7 +201,7 @@ def run(out_dir: Path, tokens_list, variants) -> None:
         logf.flush()
 
     import triton
-    log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; commit {_commit()}; "
+    log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; commit {commit()}; "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     w32 = check_small_fp32(log)
     wbf = check(4096, log)
@@ -238,7 +233,7 @@ def run(out_dir: Path, tokens_list, variants) -> None:
     for name, tuner in (("fwd", ops._fwd_tuned), ("dw", ops._dw_tuned)):
         for key, cfg in tuner.cache.items():
             log(f"autotuned {name} {key[:6]}: {cfg}")
-    commit = _commit()
+    sha = commit()
     path = out_dir / f"fused_loss_{tag}.csv"
     fields = ["device", "commit", "dtype", "variant", "tokens", "mode", "ms", "peak_extra_mib", "min_bytes",
               "gflop", "achieved_tbps", "achieved_tflops", "floor_ms", "pct_roofline", "copy_tbps", "mm_tflops"]
@@ -246,7 +241,7 @@ def run(out_dir: Path, tokens_list, variants) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for row in rows:
-            w.writerow(dict(device=dev, commit=commit, dtype="bf16", copy_tbps=round(bw / 1e12, 3),
+            w.writerow(dict(device=dev, commit=sha, dtype="bf16", copy_tbps=round(bw / 1e12, 3),
                             mm_tflops=round(peak / 1e12, 1), **row))
     log("\nshape(tokens) mode  eager_ms compile_ms triton_ms  x_eager x_compile  %roof  peakMiB(eager/compile/triton)")
     by = {(r["variant"], r["tokens"], r["mode"]): r for r in rows}

@@ -14,10 +14,7 @@ timed path. Prints a table and appends CSV rows (device, commit) to bench/result
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,23 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import append_csv, commit, device_name  # noqa: E402
 from kvfuse.align.rope import rotate  # noqa: E402
 from kvfuse.loss import KVDistillLoss  # noqa: E402
 from kvfuse.models import load  # noqa: E402
 from kvfuse.models.capture import capture_kv  # noqa: E402
 from kvfuse.teacher.builder import collate  # noqa: E402
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()}"
-
-
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=ROOT).stdout.strip() or "unknown"
 
 
 def make_store(root: Path, n: int, seq: int, n_layers: int, teachers: list[tuple[int, int]], seed: int = 0) -> None:
@@ -169,14 +156,7 @@ def main() -> int:
                      "batch": args.batch, "seq": args.seq, "variant": variant, "step_ms": round(seconds * 1e3, 3),
                      "tokens_per_s": round(tokens / seconds, 1), "overhead_vs_ce": round(overhead, 4),
                      "store_read_ms": round(read * 1e3, 3)})
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(args.csv, rows)
     return 0
 
 

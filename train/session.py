@@ -27,7 +27,7 @@ from kvfuse.loss import KVDistillLoss
 from kvfuse.models import load, make_student
 from kvfuse.schedule import layer_weights as annealed_layer_weights, lr_factor, warm_in
 from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, collate
-from kvfuse.teacher.store import STORAGE_DTYPES, TeacherKVStore
+from kvfuse.teacher.store import TeacherKVStore
 from kvfuse.zspace import ZSpace
 
 

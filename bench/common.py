@@ -1,0 +1,39 @@
+"""What every benchmark records beside its numbers: the commit, the device, and CSV rows appended to a file."""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def commit() -> str:
+    """Short hash of HEAD (+"-dirty" with uncommitted changes); KVFUSE_COMMIT where there is no git (the GPU box)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("KVFUSE_COMMIT", "unknown")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+
+
+def append_csv(path: str | Path, rows: list[dict]) -> Path:
+    """Append rows (a header first when the file is new)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
