@@ -19,10 +19,13 @@ for e in val:
 routers = [e for e in ev if e["split"] == "router"]
 if routers:
     import statistics
-    a = routers[-1]["alpha"]
-    flat = [row if not isinstance(row[0], list) else [sum(c) / len(row) for c in zip(*row)] for row in a]
-    print(f"  router entropy first/last {routers[0]['entropy']:.3f} / {routers[-1]['entropy']:.3f}; "
-          f"alpha spread (std over samples of alpha_0) {statistics.pstdev(r[0] for r in flat):.3f}")
+    def per_sample(alpha):  # [B, N] or [B, L, N] -> rows [N] (layers averaged)
+        return [row if not isinstance(row[0], list) else [sum(c) / len(row) for c in zip(*row)] for row in alpha]
+    first = [r[0] for e in routers[:4] for r in per_sample(e["alpha"])]
+    last = [r[0] for e in routers[-4:] for r in per_sample(e["alpha"])]
+    print(f"  router entropy first/last {routers[0]['entropy']:.3f} / {routers[-1]['entropy']:.3f}; alpha_0 over "
+          f"the first / last 4 steps' samples: mean {statistics.mean(first):.3f} / {statistics.mean(last):.3f}, "
+          f"std {statistics.pstdev(first):.3f} / {statistics.pstdev(last):.3f}")
 PY
 }
 compare() {  # run_dir...: side by side, the first and last validation events of each run
@@ -55,7 +58,7 @@ case "${1:?phase1|phase2|dumps|routers|control}" in
     compare $out/control-single $out/control-multi ;;
   routers)
     for router in fixed similarity learnable; do
-      "$PY" train/main.py --phase 4 --router_type $router --n_samples 16 --n_val 4 --epochs 1 --n_generate 2 \
-        --generate_max_new_tokens 64 --output_dir $out/router-$router && summary $out/router-$router
+      "$PY" train/main.py --phase 4 --router_type $router --n_generate 2 --generate_max_new_tokens 64 \
+        --output_dir $out/router-$router && summary $out/router-$router
     done ;;
 esac

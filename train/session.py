@@ -255,15 +255,20 @@ class TrainingSession:
     def _setup_engine(self) -> None:
         c = self.config
         student_params = [p for p in self.model.student.parameters() if p.requires_grad]
-        other = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("student.")]
+        router_params = [p for p in self.model.router.parameters() if p.requires_grad]
+        other = [p for n, p in self.model.named_parameters()
+                 if p.requires_grad and not n.startswith(("student.", "router."))]
         lr_student = c["lr_lora"] if c["lora"] else c["lr_full"]
         groups = [{"params": student_params, "lr": lr_student}]
         if other:
             groups.append({"params": other, "lr": c["lr_lora"]})
+        if router_params:
+            groups.append({"params": router_params, "lr": c["lr_router"]})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         total_student = sum(p.numel() for p in self.model.student.parameters())
         self._log(f"trainable parameters: student {sum(p.numel() for p in student_params):,} of {total_student:,}"
-                  f"{' (LoRA)' if c['lora'] else ''}; adapters, router, Z space {sum(p.numel() for p in other):,}")
+                  f"{' (LoRA)' if c['lora'] else ''}; adapters and Z space {sum(p.numel() for p in other):,}; "
+                  f"router {sum(p.numel() for p in router_params):,}")
         total = self.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, c["warmup_ratio"]))
         ds_config = {
