@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict
@@ -32,7 +33,7 @@ from kvfuse.zspace import ZSpace
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Training diverged: raised with the step, the first bad layer and the checkpoint saved before it."""
 
 
 def _set_seed(seed: int) -> None:
@@ -46,13 +47,12 @@ class TrainingSession:
         self.config = config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if config["device"].startswith("cuda"):
-            local = int(__import__("os").environ.get("LOCAL_RANK", 0))
+            local = int(os.environ.get("LOCAL_RANK", 0))
             self.device = torch.device("cuda", local)
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device(config["device"])
-        bf16 = config["dtype"] == "bf16" or (config["dtype"] == "auto" and self.device.type == "cuda")
-        self.bf16 = bf16
+        self.bf16 = config["dtype"] == "bf16" or (config["dtype"] == "auto" and self.device.type == "cuda")
         self.out = Path(config["output_dir"])
         self.ckpt_dir = self.out / "checkpoints"
         if self.rank == 0:
@@ -235,18 +235,13 @@ class TrainingSession:
     def _save_alignment_pictures(self) -> None:
         if self.builder is None:
             return
-        from kvfuse.teacher.builder import render_tokens
-        from kvfuse.align.time import time_alignment
         example = self.train_examples[0]
         student = self.builder.student_view(example)
         for i, teacher in enumerate(self.builder.teachers):
-            view = render_tokens(teacher.tokenizer, teacher.prompt, example, self.builder.settings.trim_whitespace)
-            A, _ = time_alignment(student.spans, student.segments, view.spans, view.segments,
-                                  student_text=student.text, teacher_text=view.text,
-                                  threshold=self.builder.settings.threshold, fallback=self.builder.settings.fallback)
-            s_tok = [student.text[a:b] for a, b in student.spans]
-            t_tok = [view.text[a:b] for a, b in view.spans]
-            plot_alignment(A, s_tok, t_tok, self.out / f"alignment_teacher{i}.png",
+            view = self.builder.teacher_view(example, i)
+            A, _ = self.builder.align(student, view)
+            plot_alignment(A, [student.text[a:b] for a, b in student.spans], [view.text[a:b] for a, b in view.spans],
+                           self.out / f"alignment_teacher{i}.png",
                            title=f"A: student × teacher {i} ({teacher.name}), example {example.id}")
             plot_layer_map(self.builder.layer_maps[i].cpu(), self.out / f"layer_map_teacher{i}.png",
                            title=f"layer map M: student × teacher {i} ({teacher.name})")

@@ -84,6 +84,16 @@ class TeacherKVBuilder:
                              f"than max_length={self.max_length}; raise max_length (sequences are never truncated)")
         return view
 
+    def align(self, student: Rendering, teacher: Rendering) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [T_s, T_t] sparse CSR, student rows that found a partner [T_s]) for one example's two renderings."""
+        return time_alignment(student.spans, student.segments, teacher.spans, teacher.segments,
+                              student_text=student.text, teacher_text=teacher.text,
+                              threshold=self.settings.threshold, fallback=self.settings.fallback)
+
+    def teacher_view(self, example: Example, i: int) -> Rendering:
+        teacher = self.teachers[i]
+        return render_tokens(teacher.tokenizer, teacher.prompt, example, self.settings.trim_whitespace)
+
     @torch.no_grad()
     def _teacher_kv(self, teacher: Teacher, views: list[Rendering]) -> list[tuple[list, list]]:
         """One batched teacher forward (right padding); per example, per layer (keys, values) [H, T_t, D]."""
@@ -104,19 +114,15 @@ class TeacherKVBuilder:
         students = [self.student_view(ex) for ex in examples]
         out = []
         per_teacher = []
-        for teacher in self.teachers:
-            views = [render_tokens(teacher.tokenizer, teacher.prompt, ex, self.settings.trim_whitespace)
-                     for ex in examples]
+        for i, teacher in enumerate(self.teachers):
+            views = [self.teacher_view(ex, i) for ex in examples]
             per_teacher.append((views, self._teacher_kv(teacher, views)))
         for b, (example, student) in enumerate(zip(examples, students)):
             T_s = len(student.input_ids)
             mask = torch.ones(T_s, dtype=torch.bool)
             tensors: dict[str, torch.Tensor] = {}
             for i, (teacher, (views, kvs)) in enumerate(zip(self.teachers, per_teacher)):
-                A, row_ok = time_alignment(
-                    student.spans, student.segments, views[b].spans, views[b].segments,
-                    student_text=student.text, teacher_text=views[b].text,
-                    threshold=self.settings.threshold, fallback=self.settings.fallback)
+                A, row_ok = self.align(student, views[b])
                 if not bool(row_ok.any()):
                     raise ValueError(f"example {example.id}: no student token aligns with teacher {i} "
                                      f"({teacher.name}); check the tokenizers' offsets and the shared text")
