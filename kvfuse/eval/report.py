@@ -97,8 +97,16 @@ def router_pictures(events) -> str:
     rows = [e for e in events if e.get("split") == "router"]
     if not rows:
         return ""
-    last = rows[-1]
-    alpha = np.array(last["alpha"], dtype=float)  # [B, N] or [B, L, N]
+    # Each step logs its batch's α; the latest α of every sample seen gives the sample × teacher picture.
+    latest: dict[str, np.ndarray] = {}
+    for event in rows:
+        for sample_id, a in zip(event.get("sample_ids") or [], event["alpha"]):
+            latest[str(sample_id)] = np.array(a, dtype=float)
+    if not latest:
+        latest = {str(i): np.array(a, dtype=float) for i, a in enumerate(rows[-1]["alpha"])}
+    ids = list(latest)[-40:]
+    alpha = np.stack([latest[i] for i in ids])                           # [S, N] or [S, L, N]
+    step = rows[-1]["step"]
     parts = []
     if alpha.ndim == 3:
         per_sample = alpha.mean(axis=1)
@@ -106,17 +114,19 @@ def router_pictures(events) -> str:
         im = ax.imshow(alpha.mean(axis=0).T, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1)
         ax.set_xlabel("student layer")
         ax.set_ylabel("teacher")
+        ax.set_yticks(range(alpha.shape[2]))
         fig.colorbar(im, ax=ax)
-        parts.append(_img(_png(fig), f"Router weight per layer and teacher (mean over samples), step {last['step']}."))
+        parts.append(_img(_png(fig), f"Router weight per layer and teacher (mean over samples), up to step {step}."))
     else:
         per_sample = alpha
-    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.25 * per_sample.shape[0])))
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.22 * per_sample.shape[0])))
     im = ax.imshow(per_sample, aspect="auto", cmap="magma", vmin=0, vmax=1)
     ax.set_xlabel("teacher")
+    ax.set_xticks(range(per_sample.shape[1]))
     ax.set_ylabel("sample")
-    ax.set_yticks(range(len(last.get("sample_ids", []))), last.get("sample_ids", []), fontsize=6)
+    ax.set_yticks(range(len(ids)), ids, fontsize=6)
     fig.colorbar(im, ax=ax)
-    parts.append(_img(_png(fig), f"Router weights α (sample × teacher), step {last['step']}."))
+    parts.append(_img(_png(fig), f"Router weights α (sample × teacher): each sample's latest α, up to step {step}."))
     xs = [e["step"] for e in rows if "entropy" in e]
     if xs:
         fig, ax = plt.subplots(figsize=(6, 2.8))
