@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The runs behind docs/RESULTS.md, on the packaged real models and GSM8K, CPU (2 cores) unless a GPU is present.
 #   bash scripts/evidence.sh phase1|phase2|dumps|routers|control [extra train/main.py flags for control]
+#   bash scripts/evidence.sh seeds PHASE SEED...   (the phase preset under each seed, then mean ± std)
 # Each writes runs/evidence/<name>/ (report.html, metrics.jsonl) and prints the numbers RESULTS.md quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,30 @@ case "${1:?phase1|phase2|dumps|routers|control}" in
     "$PY" train/main.py --phase 1 --teacher_prompts cot --alpha 1.0 --output_dir $out/control-single "$@"
     "$PY" train/main.py --phase 1 --output_dir $out/control-multi "$@"
     compare $out/control-single $out/control-multi ;;
+  seeds)
+    phase=${2:?phase}; shift 2
+    dirs=()
+    for seed in "$@"; do
+      dir=$out/phase$phase-seed$seed
+      [ -f $dir/report.html ] || "$PY" train/main.py --phase "$phase" --seed "$seed" --output_dir $dir
+      dirs+=($dir)
+    done
+    "$PY" - "${dirs[@]}" <<'PY'
+import json, statistics, sys
+rows = []
+for run in sys.argv[1:]:
+    val = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"val"' in l]
+    a, b = val[0], val[-1]
+    rows.append((100 * (b["kv_loss"] / a["kv_loss"] - 1), 100 * (b["train_kv_loss"] / a["train_kv_loss"] - 1),
+                 100 * b["gap"], b["ppl"] - a["ppl"]))
+    print(f"  {run}: val kv {a['kv_loss']:.5f} -> {b['kv_loss']:.5f} ({rows[-1][0]:+.1f}%), train kv "
+          f"{a['train_kv_loss']:.5f} -> {b['train_kv_loss']:.5f} ({rows[-1][1]:+.1f}%), final gap {rows[-1][2]:+.1f}%")
+for i, name in enumerate(("val KV change %", "train KV change %", "final gap %", "val ppl change")):
+    col = [r[i] for r in rows]
+    print(f"  {name}: mean {statistics.mean(col):+.2f} ± {statistics.stdev(col) if len(col) > 1 else 0:.2f} "
+          f"(n={len(col)})")
+PY
+    ;;
   routers)
     for router in fixed similarity learnable; do
       "$PY" train/main.py --phase 4 --router_type $router --n_generate 2 --generate_max_new_tokens 64 \
