@@ -11,4 +11,5 @@ run: setup
 	  $(VENV)/python train/main.py --phase 1 --output_dir runs/phase1
 
 test: setup
+	bash scripts/setup_slurm.sh
 	TRITON_INTERPRET=1 $(VENV)/python -m pytest -q -x --durations=15 tests
