@@ -2,6 +2,7 @@
 # The runs behind docs/RESULTS.md, on the packaged real models and GSM8K, CPU (2 cores) unless a GPU is present.
 #   bash scripts/evidence.sh phase1|phase2|dumps|routers|control [extra train/main.py flags for control]
 #   bash scripts/evidence.sh seeds PHASE SEED...   (the phase preset under each seed, then mean ± std)
+#   SEED=1 bash scripts/evidence.sh control         (the control under another seed)
 # Each writes runs/evidence/<name>/ (report.html, metrics.jsonl) and prints the numbers RESULTS.md quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +41,9 @@ for run in sys.argv[1:]:
           f"{b.get('accuracy', float('nan')):5.2f} {b.get('rouge_l', float('nan')):7.3f}")
 PY
 }
-case "${1:?phase1|phase2|dumps|routers|control}" in
+case "${1:?phase1|phase2|dumps|routers|control|phase0|phase3}" in
+  phase0|phase3)
+    "$PY" train/main.py --phase "${1#phase}" --output_dir $out/$1 && summary $out/$1 ;;
   phase1)
     "$PY" train/main.py --phase 1 --output_dir $out/phase1 && summary $out/phase1 ;;
   phase2)
@@ -54,9 +57,11 @@ case "${1:?phase1|phase2|dumps|routers|control}" in
     # Single-teacher (the CoT teacher alone) vs multi-teacher (default + CoT, α = [0.7, 0.3]): same student, data,
     # seed and steps; only the teachers differ.
     shift
-    "$PY" train/main.py --phase 1 --teacher_prompts cot --alpha 1.0 --output_dir $out/control-single "$@"
-    "$PY" train/main.py --phase 1 --output_dir $out/control-multi "$@"
-    compare $out/control-single $out/control-multi ;;
+    seed=${SEED:-0}
+    "$PY" train/main.py --phase 1 --seed $seed --teacher_prompts cot --alpha 1.0 \
+      --output_dir $out/control-single-seed$seed "$@"
+    "$PY" train/main.py --phase 1 --seed $seed --output_dir $out/control-multi-seed$seed "$@"
+    compare $out/control-single-seed$seed $out/control-multi-seed$seed ;;
   seeds)
     phase=${2:?phase}; shift 2
     dirs=()
