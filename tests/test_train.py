@@ -75,6 +75,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert "resumed from" in proc.stdout + proc.stderr
     full, resumed = _events(tmp_path / "full", "train"), _events(out, "train")
     assert [e["step"] for e in resumed] == list(range(1, 9))       # nothing lost, nothing doubled
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step000007", "step000008"]
     for a, b in zip(full, resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -453,6 +454,12 @@ class TrainingSession:
 
     def save(self, step: int) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{step:06d}", client_state={"step": step})
+        dist.barrier()
+        if self.rank == 0:
+            # A ZeRO checkpoint holds the optimizer state too (GBs even for a 135M student): keep the newest few.
+            tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+            for old in tags[: max(0, len(tags) - self.config["keep_checkpoints"])]:
+                shutil.rmtree(old)
 
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
