@@ -295,7 +295,9 @@ class TrainingSession:
         path = self.out / "metrics.jsonl"
         if self.rank != 0 or not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        # A fresh start (step 0) keeps nothing: its own step-0 evaluation is logged again.
+        kept = [line for line in path.read_text().splitlines()
+                if step > 0 and line.strip() and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------------------------------------ loop
