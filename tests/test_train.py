@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,19 +57,31 @@ def test_two_zero3_ranks_match_one_process(tmp_path):
         assert b["kv_loss"] == pytest.approx(a["kv_loss"], rel=1e-4)
 
 
+# Dies by SIGKILL the moment step 4 has been logged but not yet saved: the worst spot, since metrics.jsonl already
+# holds a step that the newest checkpoint (step 3) does not. Polling from outside raced the run on fast machines.
+_KILL_BEFORE_SAVING_STEP_4 = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from train import main, session
+save = session.TrainingSession.save
+def save_or_die(self, step):
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, step)
+session.TrainingSession.save = save_or_die
+sys.exit(main.main(sys.argv[2:]))
+"""
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     extra = ["--epochs", "2", "--save_every", "1", "--eval_every", "100"]
     _train(tmp_path / "full", *extra)
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "train/main.py"), *TINY, "--output_dir", str(out), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not (latest.exists() and latest.read_text().strip() == "step000003"):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the kill point"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, str(ROOT), *TINY, "--output_dir", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step000003"
+    assert [e["step"] for e in _events(out, "train")] == [1, 2, 3, 4]    # step 4 logged, never saved
     proc = _train(out, *extra)
     assert "resumed from" in proc.stdout + proc.stderr
     full, resumed = _events(tmp_path / "full", "train"), _events(out, "train")
