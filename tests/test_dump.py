@@ -1,9 +1,7 @@
 """`python -m kvfuse dump` end to end on tiny models: store == online builder, kill + resume, refusals."""
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -54,23 +52,36 @@ def test_store_equals_online_builder_and_reports_bytes_per_token(tmp_path):
     assert "nothing to do" in _dump(tmp_path, "--n_samples", "5", "--n_val", "1", "--shard", "0/2").stdout
 
 
+# SIGKILL at the worst spot: the shard's data file is in place but its JSON record is not. Deterministic, unlike
+# killing from outside after watching the progress bar (a fast machine finished the shard first).
+_KILL_BEFORE_SHARD_JSON = """
+import os, signal, sys
+from kvfuse import __main__ as cli
+from kvfuse.teacher import store
+write = store._atomic_write_text
+def write_or_die(path, text):
+    if path.name.startswith("shard-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(path, text)
+store._atomic_write_text = write_or_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_killed_dump_resumes_with_every_sample_exactly_once(tmp_path):
-    cmd = [sys.executable, "-m", "kvfuse", "dump", *ARGS, "--out", str(tmp_path), "--n_samples", "60",
+    cmd = [sys.executable, "-c", _KILL_BEFORE_SHARD_JSON, "dump", *ARGS, "--out", str(tmp_path), "--n_samples", "12",
            "--shard", "0/2", "--batch_size", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    seen = ""
-    while "dump shard 0/2:" not in seen or " 2/" not in seen:     # wait until a few examples are done
-        assert time.time() < deadline and proc.poll() is None, seen[-2000:]
-        seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (tmp_path / "shard-00000-of-00002.safetensors").exists()
     assert not (tmp_path / "shard-00000-of-00002.json").exists()
-    _dump(tmp_path, "--n_samples", "60", "--shard", "1/2")
-    _dump(tmp_path, "--n_samples", "60", "--shard", "0/2")
+    with pytest.raises(StoreError, match="shard 0 of 2"):
+        TeacherKVStore(tmp_path)
+    _dump(tmp_path, "--n_samples", "12", "--shard", "1/2")
+    _dump(tmp_path, "--n_samples", "12", "--shard", "0/2")
     store = TeacherKVStore(tmp_path)     # verifies every checksum
     ids = store.sample_ids
-    assert len(ids) == len(set(ids)) == 60
+    assert len(ids) == len(set(ids)) == 12
 
 
 def test_dump_refuses_to_mix_settings_and_bad_arguments(tmp_path):
