@@ -16,6 +16,7 @@ from torch import nn
 
 from kvfuse.align.rope import rotate
 from kvfuse.attention import attention_kl
+from kvfuse.eval.similarity import token_features
 from kvfuse.fuse.router import (FixedRouter, LearnableRouter, SimilarityRouter, entropy, entropy_regularizer,
                                 first_tokens_feature, pooled_features)
 from kvfuse.loss import KVDistillLoss, fused_teacher_keys
@@ -87,7 +88,9 @@ class DistillationModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ loss
     def forward(self, batch: dict, layer_weights: torch.Tensor | None = None,
-                weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict]:
+                weights: LossWeights = LossWeights(), return_features: bool = False) -> tuple[torch.Tensor, dict]:
+        """The total loss and its logged parts; `return_features` adds the student's per-layer pre-RoPE K|V token
+        features (`logs["student_features"]`, [n_valid, H·2D] per layer) for space-free similarity metrics."""
         cap, student_k, student_v, inv_freq, scaling = self.student_kv(batch, with_queries=weights.gamma > 0)
         dtype = student_k.dtype
         teacher_k = [t.to(dtype) for t in batch["teacher_k"]]
@@ -122,6 +125,9 @@ class DistillationModel(nn.Module):
         if isinstance(self.router, LearnableRouter) and self.entropy_weight > 0:
             total = total + entropy_regularizer(alpha, self.entropy_weight, self.entropy_target)
         logs["router_entropy"] = entropy(alpha.detach()).mean()
+        if return_features:
+            logs["student_features"] = [token_features(k.detach(), v.detach(), batch["mask"])
+                                        for k, v in zip(cap.keys, cap.values)]
         return total, logs
 
     def _z_loss(self, cap, teacher_k, teacher_v, alpha, mask, layer_weights):

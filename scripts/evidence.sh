@@ -3,6 +3,7 @@
 #   bash scripts/evidence.sh phase1|phase2|dumps|routers|control [extra train/main.py flags for control]
 #   bash scripts/evidence.sh seeds PHASE SEED...   (the phase preset under each seed, then mean ± std)
 #   SEED=1 bash scripts/evidence.sh control         (the control under another seed)
+#   SEEDS="0 1 2" bash scripts/evidence.sh routers|zspace   (each setup under each seed, then mean ± std)
 # Each writes runs/evidence/<name>/ (report.html, metrics.jsonl) and prints the numbers RESULTS.md quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ for run in sys.argv[1:]:
           f"{b.get('accuracy', float('nan')):5.2f} {b.get('rouge_l', float('nan')):7.3f}")
 PY
 }
-case "${1:?phase1|phase2|dumps|routers|control|phase0|phase3}" in
+case "${1:?phase1|phase2|dumps|routers|zspace|control|phase0|phase3}" in
   phase0|phase3)
     "$PY" train/main.py --phase "${1#phase}" --output_dir $out/$1 && summary $out/$1 ;;
   phase1)
@@ -87,8 +88,30 @@ for i, name in enumerate(("val KV change %", "train KV change %", "final gap %",
 PY
     ;;
   routers)
+    # SEEDS="0 1 2" bash scripts/evidence.sh routers: each router under each seed, then mean ± std per router.
+    groups=()
     for router in fixed similarity learnable; do
-      "$PY" train/main.py --phase 4 --router_type $router --n_generate 2 --generate_max_new_tokens 64 \
-        --output_dir $out/router-$router && summary $out/router-$router
-    done ;;
+      dirs=""
+      for seed in ${SEEDS:-0}; do
+        dir=$out/router-$router-seed$seed
+        [ -f $dir/report.html ] || "$PY" train/main.py --phase 4 --router_type $router --seed $seed --n_generate 2 \
+          --generate_max_new_tokens 64 --output_dir $dir
+        summary $dir
+        dirs+=$dir,
+      done
+      groups+=("$router=$dirs")
+    done
+    "$PY" scripts/compare_runs.py "${groups[@]}" ;;
+  zspace)
+    # Head-to-head adapters (Phase 3) vs the common space Z (Phase 5) on the same cross-architecture pair, data,
+    # α = [0.5, 0.5] and steps, under SEEDS="0 1 2"; compared by the adapter-free KV CKA and the gradient norms.
+    head="" z=""
+    for seed in ${SEEDS:-0}; do
+      [ -f $out/zcmp-head-seed$seed/report.html ] || "$PY" train/main.py --phase 3 --seed $seed \
+        --n_generate 1 --output_dir $out/zcmp-head-seed$seed
+      [ -f $out/zcmp-z-seed$seed/report.html ] || "$PY" train/main.py --phase 5 --seed $seed --alpha 0.5 0.5 \
+        --n_generate 1 --output_dir $out/zcmp-z-seed$seed
+      head+=$out/zcmp-head-seed$seed, z+=$out/zcmp-z-seed$seed,
+    done
+    "$PY" scripts/compare_runs.py "head-to-head (Phase 3)=$head" "Z space (Phase 5)=$z" ;;
 esac

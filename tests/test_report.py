@@ -15,7 +15,8 @@ def _write_run(run_dir, layered_alpha):
                        "k_mse": [rng.random() for _ in range(5)], "v_mse": [rng.random() for _ in range(5)]})
         if step % 4 == 0:
             events.append({"step": step, "split": "val", "kv_loss": 2.1 / step, "gap": 0.02, "ppl": 9.5,
-                           "accuracy": 0.25, "rouge_l": 0.4, "k_mse": [0.1] * 5, "v_mse": [0.2] * 5})
+                           "accuracy": 0.25, "rouge_l": 0.4, "k_mse": [0.1] * 5, "v_mse": [0.2] * 5,
+                           "cka": [[0.5 + step / 100] * 5, [0.3] * 5], "cka_mean": 0.4 + step / 200})
             alpha = [[[0.6, 0.4]] * 5] * 3 if layered_alpha else [[0.6, 0.4], [0.2, 0.8], [0.5, 0.5]]
             events.append({"step": step, "split": "router", "alpha": alpha, "sample_ids": ["a", "b", "c"],
                            "entropy": 0.6})
@@ -28,7 +29,8 @@ def test_report_is_self_contained_html(tmp_path, layered_alpha):
     _write_run(tmp_path, layered_alpha)
     path = build_report(tmp_path)
     page = path.read_text()
-    assert page.count("data:image/png;base64,") >= (6 if layered_alpha else 5)
+    assert page.count("data:image/png;base64,") >= (7 if layered_alpha else 6)
+    assert "Linear CKA between" in page and "<td>0.44</td>" in page
     assert "Router weights" in page and "phase: 1" in page and "<td>0.25</td>" in page
 
 

@@ -33,10 +33,12 @@ def test_one_process_run_writes_every_output(tmp_path):
     _train(tmp_path)
     train = _events(tmp_path, "train")
     assert [e["step"] for e in train] == [1, 2, 3, 4]
-    assert all(len(e["k_mse"]) == 4 and e["tokens_per_s"] > 0 for e in train)
+    assert all(len(e["k_mse"]) == 4 and e["tokens_per_s"] > 0 and e["grad_norm"] > 0 for e in train)
     val = _events(tmp_path, "val")
     assert [e["step"] for e in val] == [0, 2, 4] and "accuracy" in val[-1] and "rouge_l" in val[-1]
     assert val[-1]["kv_loss"] < val[0]["kv_loss"]            # it learns
+    # adapter-free KV similarity, one per teacher and student layer; same model under two prompts: clearly related
+    assert [len(row) for row in val[-1]["cka"]] == [4, 4] and 0.3 < val[-1]["cka_mean"] <= 1.0
     for name in ("config.yaml", "report.html", "alignment_teacher0.png", "layer_map_teacher1.png"):
         assert (tmp_path / name).exists(), name
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step000004"

@@ -21,6 +21,7 @@ from kvfuse.align.heads import ridge_adapters, structured_adapter
 from kvfuse.align.rope import unrotate
 from kvfuse.data import extract_final_number, load_examples, render_prompt, resolve_prompt
 from kvfuse.distill import DistillationModel, LossWeights
+from kvfuse.eval.similarity import CKAAccumulator, token_features
 from kvfuse.eval.task_metrics import bleu, exact_match_accuracy, perplexity, rouge_l
 from kvfuse.eval.visualize import plot_alignment, plot_layer_map
 from kvfuse.fuse.router import FixedRouter, LearnableRouter, SimilarityRouter, compute_prototypes, \
@@ -344,7 +345,7 @@ class TrainingSession:
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
                 if boundary:
-                    self._check_grad_norm(step + 1)
+                    grad_norm = self._check_grad_norm(step + 1)
                 tokens += int(batch["mask"].sum())
                 acc_loss += float(loss.detach()) / self.accum
                 acc_stats = _accumulate(acc_stats, logs, self.accum)
@@ -356,7 +357,8 @@ class TrainingSession:
                 acc_stats = self._mean_over_ranks(acc_stats)
                 event = {"step": step, "split": "train", "lr": self.scheduler.get_last_lr()[0],
                          "tokens_per_s": tokens * self.world / elapsed, "gamma": weights.gamma,
-                         "delta": weights.delta, "layer_weights": lw.tolist(), "epoch": epoch}
+                         "delta": weights.delta, "layer_weights": lw.tolist(), "epoch": epoch,
+                         "grad_norm": grad_norm}
                 event.update(acc_stats)
                 self._event(event)
                 if not isinstance(self.model.router, FixedRouter):
@@ -446,13 +448,17 @@ class TrainingSession:
         raise NonFiniteLoss(f"non-finite loss at step {step}, first at {where}; the state before this step is saved "
                             f"as checkpoint {self.ckpt_dir / tag}. Lower the learning rate or check the inputs.")
 
-    def _check_grad_norm(self, step: int) -> None:
+    def _check_grad_norm(self, step: int) -> float | None:
+        """The step's global gradient norm before clipping (logged: spikes show an unstable setup)."""
         # DeepSpeed skips an update whose gradient norm is not finite and carries on silently; a run that has stopped
         # learning is worse than a stopped run, so stop and say so.
         norm = self.engine.get_global_grad_norm()
-        if norm is not None and not math.isfinite(float(norm)):
+        if norm is None:
+            return None
+        if not math.isfinite(float(norm)):
             raise NonFiniteLoss(f"non-finite gradient norm at step {step} (the loss was finite): the update was "
                                 "skipped. Check the inputs for zero or huge values, or lower the learning rate.")
+        return float(norm)
 
     def save(self, step: int) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{step:06d}", client_state={"step": step})
@@ -468,15 +474,24 @@ class TrainingSession:
     def _kv_eval(self, examples) -> dict:
         c = self.config
         sums, count, nll = None, 0, 0.0
+        cka: dict[tuple[int, int], CKAAccumulator] = {}     # (student layer, teacher) -> streaming CKA
         self.engine.eval()
         for first in range(0, len(examples), c["micro_batch"]):
             batch = self.teacher_batch(examples[first:first + c["micro_batch"]])
-            _, logs = self.engine(batch, layer_weights=None, weights=LossWeights())
+            _, logs = self.engine(batch, layer_weights=None, weights=LossWeights(), return_features=True)
             nll += float(self.model.rationale_nll(batch))
             sums = _accumulate(sums, logs, 1.0)
             count += 1
+            for l, student in enumerate(logs["student_features"]):
+                for i, (tk, tv) in enumerate(zip(batch["teacher_k"], batch["teacher_v"])):
+                    cka.setdefault((l, i), CKAAccumulator()).update(student, token_features(tk[l], tv[l],
+                                                                                            batch["mask"]))
         out = {k: ([x / count for x in v] if isinstance(v, list) else v / count) for k, v in sums.items()}
         out["ce"] = nll / count
+        # student-vs-teacher KV similarity that no adapter, Z map or router choice can flatter: comparable across runs
+        n_layers, n_teachers = (max(key) + 1 for key in zip(*cka))
+        out["cka"] = [[cka[l, i].value() for l in range(n_layers)] for i in range(n_teachers)]
+        out["cka_mean"] = sum(map(sum, out["cka"])) / sum(map(len, out["cka"]))
         return out
 
     def evaluate(self, step: int, generate: bool = False) -> None:
@@ -492,7 +507,7 @@ class TrainingSession:
             event.update(self._generation_metrics(self.val_examples[: c["n_generate"]]))
         self._event(event)
         self._log(f"[eval step {step}] val kv {val['kv_loss']:.4g}  train kv {train['kv_loss']:.4g}  "
-                  f"gap {100 * event['gap']:+.1f}%  val ppl {event['ppl']:.3g}"
+                  f"gap {100 * event['gap']:+.1f}%  val ppl {event['ppl']:.3g}  KV CKA {val['cka_mean']:.4f}"
                   + (f"  acc {event['accuracy']:.2f}  rougeL {event['rouge_l']:.3f}" if generate else ""))
 
     @torch.no_grad()

@@ -138,11 +138,28 @@ def router_pictures(events) -> str:
     return "".join(parts)
 
 
+def cka_picture(events) -> str:
+    rows = [e for e in events if e.get("split") == "val" and isinstance(e.get("cka"), list)]
+    if not rows:
+        return ""
+    first, last = rows[0], rows[-1]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for i, (a, b) in enumerate(zip(first["cka"], last["cka"])):
+        line, = ax.plot(range(len(a)), a, "--", alpha=0.6, label=f"teacher {i}, step {first['step']}")
+        ax.plot(range(len(b)), b, "o-", color=line.get_color(), label=f"teacher {i}, step {last['step']}")
+    ax.set_xlabel("student layer")
+    ax.set_ylabel("linear CKA, student vs teacher K|V")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _img(_png(fig), "Linear CKA between the student's K|V and each aligned teacher's on the validation tokens "
+                           "(adapter-free, so comparable across runs, routers and Z space).")
+
+
 def val_table(events) -> str:
     rows = [e for e in events if e.get("split") == "val"]
     if not rows:
         return "<p>No validation events.</p>"
-    keys = [k for k in ("kv_loss", "train_kv_loss", "gap", "ce", "ppl", "accuracy", "rouge_l", "bleu")
+    keys = [k for k in ("kv_loss", "train_kv_loss", "gap", "cka_mean", "ce", "ppl", "accuracy", "rouge_l", "bleu")
             if any(k in e for e in rows)]
     head = "".join(f"<th>{k}</th>" for k in ["step"] + keys)
     body = []
@@ -167,7 +184,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     config_text = config_path.read_text() if config_path.exists() else "(no config.yaml)"
     sections = [
         "<h2>KV loss</h2>", loss_curves(events), layer_heatmaps(events, "train"), layer_heatmaps(events, "val"),
-        "<h2>Validation</h2>", val_table(events),
+        "<h2>Validation</h2>", val_table(events), cka_picture(events),
     ]
     router = router_pictures(events)
     if router:

@@ -1,0 +1,73 @@
+"""Mean ± std over seeds of the numbers docs/RESULTS.md quotes, one markdown row per group of runs.
+
+    python scripts/compare_runs.py "head-to-head=runs/evidence/zcmp-head-seed0,runs/evidence/zcmp-head-seed1" ...
+
+Per run: its own training loss on validation, first → last evaluation (relative change; each setup's loss lives in
+its own space), the same on the train subset, the final train/val gap, the adapter-free student–teacher KV CKA
+(first → last, the one number comparable across setups), validation perplexity, the global gradient norm over the
+steps (median and max: spikes mark an unstable setup) and, for routed runs, teacher 0's mean α and router entropy.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def run_numbers(run: Path) -> dict[str, float]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    val = [e for e in events if e["split"] == "val"]
+    train = [e for e in events if e["split"] == "train"]
+    if len(val) < 2:
+        raise SystemExit(f"{run}: needs at least two validation events, found {len(val)}")
+    a, b = val[0], val[-1]
+    out = {"val loss %": 100 * (b["kv_loss"] / a["kv_loss"] - 1),
+           "train-subset loss %": 100 * (b["train_kv_loss"] / a["train_kv_loss"] - 1),
+           "final gap %": 100 * b["gap"],
+           "val ppl first": a["ppl"], "val ppl last": b["ppl"]}
+    if "cka_mean" in a:
+        out["CKA first"], out["CKA last"] = a["cka_mean"], b["cka_mean"]
+        out["CKA change"] = b["cka_mean"] - a["cka_mean"]
+    norms = [e["grad_norm"] for e in train if e.get("grad_norm") is not None]
+    if norms:
+        out["grad norm median"], out["grad norm max"] = statistics.median(norms), max(norms)
+    routers = [e for e in events if e["split"] == "router"]
+    if routers:
+        def alpha0(event):      # [B, N] or [B, L, N] → mean α of teacher 0 over samples (and layers)
+            rows = [r if not isinstance(r[0], list) else [sum(c) / len(r) for c in zip(*r)] for r in event["alpha"]]
+            return statistics.mean(r[0] for r in rows)
+        out["alpha0 first"] = statistics.mean(map(alpha0, routers[:4]))
+        out["alpha0 last"] = statistics.mean(map(alpha0, routers[-4:]))
+        out["entropy last"] = routers[-1]["entropy"]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        raise SystemExit(__doc__)
+    groups = []
+    for spec in argv:
+        label, _, dirs = spec.partition("=")
+        runs = [Path(d) for d in dirs.split(",") if d]
+        if not runs:
+            raise SystemExit(f"group {spec!r}: expected label=dir1,dir2,...")
+        numbers = [run_numbers(r) for r in runs]
+        for r, n in zip(runs, numbers):
+            print(f"  {r}: " + ", ".join(f"{k} {v:.4g}" for k, v in n.items()), file=sys.stderr)
+        groups.append((label, numbers))
+    columns = [k for k in groups[0][1][0] if all(k in n for _, ns in groups for n in ns)]
+    print("| setup (n seeds) | " + " | ".join(columns) + " |")
+    print("| --- " * (len(columns) + 1) + "|")
+    for label, numbers in groups:
+        cells = []
+        for k in columns:
+            col = [n[k] for n in numbers]
+            std = statistics.stdev(col) if len(col) > 1 else 0.0
+            cells.append(f"{statistics.mean(col):.4g} ± {std:.2g}")
+        print(f"| {label} ({len(numbers)}) | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
