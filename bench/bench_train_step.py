@@ -5,8 +5,11 @@ Student step (forward, backward, AdamW) on one device, three ways, same inputs:
   kv_fused      LM loss + the KV loss of N teachers read from an offline store (memory-mapped safetensors),
                 fused Triton kernel (torch reference on CPU)
   kv_eager      the same with the eager per-teacher PyTorch loop
-Teacher KV is random data of the teachers' real shapes, written once as a real store, so the reader is on the
-timed path. Prints a table and appends CSV rows (device, commit) to bench/results/train_step.csv.
+  kv_fused+loader(W)  kv_fused fed live by kvfuse.teacher.loader.store_loader with W reader processes (pinned
+                memory on GPU), as train/ does: equal to kv_fused when the reader keeps up
+Teacher KV is random data of the teachers' real shapes, written once as a real store. The first three variants
+train on batches already on the device; the store read (one thread) is timed on its own, and the last variant puts
+the reader on the timed path. Prints a table and appends CSV rows (device, commit) to bench/results/train_step.csv.
 
     python bench/bench_train_step.py --student random:qwen2.5-1.5b --batch 4 --seq 2048    # GPU
     python bench/bench_train_step.py --student tiny-llama --batch 2 --seq 64 --steps 3    # CPU smoke run
@@ -31,6 +34,7 @@ from kvfuse.loss import KVDistillLoss  # noqa: E402
 from kvfuse.models import load  # noqa: E402
 from kvfuse.models.capture import capture_kv  # noqa: E402
 from kvfuse.teacher.builder import collate  # noqa: E402
+from kvfuse.teacher.loader import store_loader  # noqa: E402
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
 
 
@@ -70,6 +74,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--store_workers", type=int, default=4, help="reader processes of the loader-fed variant")
     parser.add_argument("--csv", default=str(ROOT / "bench/results/train_step.csv"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,7 +99,9 @@ def main() -> int:
     def read_batch():
         ids = [(state["i"] + b) % len(store) for b in range(args.batch)]
         state["i"] += args.batch
-        batch = collate([store[i] for i in ids], len(teachers))
+        return to_device(collate([store[i] for i in ids], len(teachers)))
+
+    def to_device(batch):
         return {k: ([t.to(device, non_blocking=True) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
                     else v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -113,9 +120,9 @@ def main() -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def with_kv(backend):
+    def with_kv(backend, batches=None):
         def step():
-            batch = next_batch()
+            batch = next_batch() if batches is None else batches()
             cap = capture_kv(student, batch["input_ids"], requires_grad=True, return_hidden=True)
             logits = student.lm_head(cap.hidden)
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
@@ -144,6 +151,16 @@ def main() -> int:
     fused_backend = "triton" if device.type == "cuda" else "torch"
     variants.append((f"kv_fused({fused_backend})", timed(with_kv(fused_backend), args.steps, device)))
     variants.append(("kv_eager(torch)", timed(with_kv("torch"), args.steps, device)))
+    n_batches = args.steps + 2                              # timed() runs two warm-up steps
+    id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
+                  for j in range(n_batches)]
+    loader = iter(store_loader(store, id_batches, len(teachers), workers=args.store_workers,
+                               pin_memory=device.type == "cuda"))
+
+    def from_loader():
+        return to_device(next(loader))
+    variants.append((f"kv_fused+loader({args.store_workers})",
+                     timed(with_kv(fused_backend, from_loader), args.steps, device)))
     tokens = args.batch * args.seq
     name = device_name(device)
     print(f"\nstudent {args.student} ({L} layers, {H_s}x{D_s} KV), teachers {teachers}, batch {args.batch} x "
@@ -155,7 +172,7 @@ def main() -> int:
         rows.append({"device": name, "commit": commit(), "student": args.student, "teachers": args.teachers,
                      "batch": args.batch, "seq": args.seq, "variant": variant, "step_ms": round(seconds * 1e3, 3),
                      "tokens_per_s": round(tokens / seconds, 1), "overhead_vs_ce": round(overhead, 4),
-                     "store_read_ms": round(read * 1e3, 3)})
+                     "store_read_ms": round(read * 1e3, 3), "store_workers": args.store_workers})
     append_csv(args.csv, rows)
     return 0
 

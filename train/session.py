@@ -30,6 +30,7 @@ from kvfuse.loss import KVDistillLoss
 from kvfuse.models import load, make_student
 from kvfuse.schedule import layer_weights as annealed_layer_weights, lr_factor, warm_in
 from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, collate
+from kvfuse.teacher.loader import check_finite_teachers, store_loader
 from kvfuse.teacher.store import TeacherKVStore
 from kvfuse.zspace import ZSpace
 
@@ -176,13 +177,31 @@ class TrainingSession:
             samples = [dict(self.store.get(str(ex.id))) for ex in examples]
         else:
             samples = [dict(t, id=sid) for sid, t in self.builder.build(examples)]
-        batch = collate(samples, len(self.teacher_names), pad_id=self.tokenizer.pad_token_id or 0)
-        for kind in ("teacher_k", "teacher_v"):
-            for i, t in enumerate(batch[kind]):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{kind}[{i}] of samples {batch['ids']} has NaN/Inf values")
-        return {k: ([t.to(self.device) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
-                    else v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return self._to_device(check_finite_teachers(collate(samples, len(self.teacher_names), self._pad_id)))
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    def _to_device(self, batch: dict) -> dict:
+        def move(t: torch.Tensor) -> torch.Tensor:      # asynchronous from the store loader's pinned memory
+            return t.to(self.device, non_blocking=True)
+        return {k: ([move(t) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
+                    else move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def train_batches(self, epoch: int, skip: int = 0):
+        """(examples, device batch) for this rank's micro-batches of `epoch` after the first `skip`. From a store,
+        `store_workers` processes read and collate the next batches while the current one trains."""
+        chunks = list(self.micro_batches(epoch))[skip:]
+        workers = self.config["store_workers"]
+        if self.store is None or workers == 0:
+            for examples in chunks:
+                yield examples, self.teacher_batch(examples)
+            return
+        loader = store_loader(self.store, [[str(ex.id) for ex in chunk] for chunk in chunks],
+                              len(self.teacher_names), self._pad_id, workers, pin_memory=self.device.type == "cuda")
+        for examples, batch in zip(chunks, loader):
+            yield examples, self._to_device(batch)
 
     def micro_batches(self, epoch: int):
         """This rank's micro-batches of `epoch` in a fixed, seeded order (the same on every run and resume)."""
@@ -321,18 +340,17 @@ class TrainingSession:
         step = start_step
         bar = tqdm(total=self.total_steps, initial=start_step, desc=f"phase {c['phase']}", unit="step",
                    disable=self.rank != 0, dynamic_ncols=True)
-        micro_seen = 0
         done = step >= self.total_steps
         for epoch in range(c["epochs"]):
             if done:
                 break
-            for batch_examples in self.micro_batches(epoch):
+            # micro-batches already trained before a resume: same order, skipped exactly (and never read)
+            skip = min(max(0, start_step * self.accum - epoch * self.micro_per_epoch), self.micro_per_epoch)
+            micro_seen = epoch * self.micro_per_epoch + skip
+            for _, batch in self.train_batches(epoch, skip):
                 micro_seen += 1
-                if micro_seen <= start_step * self.accum:
-                    continue        # already trained before the resume: same order, skipped exactly
                 if micro_seen % self.accum == 1 or self.accum == 1:
                     t0, tokens, acc_loss, acc_stats = time.perf_counter(), 0, 0.0, None
-                batch = self.teacher_batch(batch_examples)
                 weights = LossWeights(gamma=warm_in(step, self.total_steps, c["gamma"], c["gamma_final"],
                                                     c["warmin_start"]),
                                       delta=warm_in(step, self.total_steps, c["delta"], c["delta_final"],
