@@ -43,8 +43,11 @@ def rationale_ce(logits: torch.Tensor, input_ids: torch.Tensor, labels_mask: tor
 class DistillationModel(nn.Module):
     def __init__(self, student: nn.Module, kv_loss: KVDistillLoss, router: nn.Module,
                  zspace: ZSpace | None = None, entropy_weight: float = 0.0, entropy_target: str = "diversity",
-                 router_k: int = 16):
+                 router_k: int = 16, checkpoint: bool = False):
+        """checkpoint: activation checkpointing of the student's layers through `capture_kv(checkpoint=True)`,
+        the only form under which a KV loss still reaches the student (do not enable HF's own on the student)."""
         super().__init__()
+        self.checkpoint = checkpoint
         self.student = student
         self.kv_loss = kv_loss
         self.router = router
@@ -62,7 +65,7 @@ class DistillationModel(nn.Module):
     def student_kv(self, batch: dict, with_queries: bool = False):
         cap = capture_kv(self.lm, batch["input_ids"], batch["attention_mask"],
                          position_ids=batch["positions"], requires_grad=True, return_hidden=True,
-                         with_queries=with_queries)
+                         with_queries=with_queries, checkpoint=self.checkpoint)
         inv_freq = torch.stack([r[0] for r in cap.rope]).to(batch["input_ids"].device)
         scalings = {float(r[1]) for r in cap.rope}
         if len(scalings) != 1:

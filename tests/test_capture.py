@@ -95,6 +95,43 @@ def test_student_capture_keeps_gradients():
     assert not teacher.keys[0].requires_grad
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpointed_capture_gives_the_same_kv_and_gradients(arch):
+    # A loss on the captured KV (+ queries, + hidden) must reach every weight with checkpointing exactly as without:
+    # HF's own reentrant checkpointing silently cut the KV off from the weights (a KV-only student never learned).
+    model = tiny_model(arch, seed=1).train()
+    ids, mask = _batch(seed=5, batch=2, length=11, left_pad=3)
+    grads, caps = [], []
+    for checkpoint in (False, True):
+        model.zero_grad(set_to_none=True)
+        cap = capture_kv(model, ids, mask, requires_grad=True, with_queries=True, return_hidden=True,
+                         checkpoint=checkpoint)
+        w = torch.linspace(0.5, 1.5, cap.num_layers)
+        loss = sum(w[l] * (cap.keys[l].square().mean() + cap.values[l].sin().mean() + cap.queries[l].cos().mean())
+                   for l in range(cap.num_layers)) + cap.hidden.square().mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        caps.append(cap)
+    plain, ckpt = grads
+    assert set(plain) == set(ckpt) and any("layers.0.self_attn.k_proj" in n for n in ckpt)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    for a, b in zip(caps[0].keys + caps[0].values + caps[0].queries, caps[1].keys + caps[1].values + caps[1].queries):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert "forward" not in vars(model.model.layers[0])        # the per-layer patch is gone afterwards
+
+
+def test_checkpointed_capture_reaches_lora_weights_under_frozen_embeddings():
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_model("tiny-llama", seed=2), LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    model.train()
+    ids, mask = _batch(seed=6, batch=2, length=9, left_pad=2)
+    cap = capture_kv(model.get_base_model(), ids, mask, requires_grad=True, checkpoint=True)
+    sum(k.square().mean() + v.square().mean() for k, v in zip(cap.keys, cap.values)).backward()
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]     # B starts at 0, so A gets no grad yet
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
 def test_errors_name_the_problem():
     model = tiny_model("tiny-llama")
     with pytest.raises(ValueError, match="input_ids must be"):

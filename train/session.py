@@ -127,8 +127,6 @@ class TrainingSession:
                                             self.n_layers, settings, max_length=c["max_length"],
                                             storage_dtype=model_dtype, device=self.device)
         self.student_heads = (student.config.num_key_value_heads, _head_dim(student.config))
-        if c["gradient_checkpointing"]:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         if c["lora"]:
             from peft import LoraConfig, get_peft_model
             student = get_peft_model(student, LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"],
@@ -144,7 +142,8 @@ class TrainingSession:
             zspace = ZSpace([2 * h * d for h, d in heads], 2 * self.student_heads[0] * self.student_heads[1],
                             z_dim=c["z_dim"], loss=c["z_loss"], seed=c["seed"])
         self.model = DistillationModel(student, kv_loss, router, zspace, entropy_weight=c["entropy_weight"],
-                                       entropy_target=c["entropy_target"], router_k=c["router_k"]).to(self.device)
+                                       entropy_target=c["entropy_target"], router_k=c["router_k"],
+                                       checkpoint=c["gradient_checkpointing"]).to(self.device)
         if self.rank == 0:
             self._save_alignment_pictures()
 

@@ -12,9 +12,11 @@ same row unpadded. What is returned is what the rotary module actually received.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from kvfuse.align.rope import rope_from_rotary
 
@@ -51,6 +53,16 @@ class KVCapture:
     @property
     def num_layers(self) -> int:
         return len(self.keys)
+
+
+class _LayerSink:
+    """Slot 0/1/2 of layer i → keys[i] / values[i] / queries[i]: lets one hook writer serve both capture modes."""
+
+    def __init__(self, keys: list, values: list, queries: list, i: int):
+        self.lists, self.i = (keys, values, queries), i
+
+    def __setitem__(self, slot: int, value: torch.Tensor) -> None:
+        self.lists[slot][self.i] = value
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,6 +102,7 @@ def capture_kv(
     requires_grad: bool = False,
     with_queries: bool = False,
     return_hidden: bool = False,
+    checkpoint: bool = False,
 ) -> KVCapture:
     """Run `model` on `input_ids [B, T]` and return every layer's pre-RoPE keys and values at every position.
 
@@ -97,6 +110,12 @@ def capture_kv(
     requires_grad: keep the captured tensors in the autograd graph (a student being trained); otherwise the
     forward runs under `torch.no_grad()` and the tensors are detached (a teacher).
     with_queries / return_hidden: also return pre-RoPE queries (attention-KL) / the final hidden state (CE).
+    checkpoint: activation checkpointing per decoder layer that keeps the captured tensors differentiable: each
+    layer runs inside a (reentrant) checkpoint that returns its keys, values and queries as outputs next to the
+    hidden state, so a loss on the KV alone reaches the weights. HF's own gradient checkpointing cannot be used for
+    this: its reentrant form runs the first forward without grad (the hooked KV are cut off from the weights) and
+    its non-reentrant form fails under ZeRO-3 (partitioned weights during the recompute). Only acts when
+    `requires_grad` and grad mode are on; leave the model's own gradient checkpointing off.
     """
     base = _decoder(model)
     config = model.config
@@ -135,20 +154,44 @@ def capture_kv(
     def keep(t: torch.Tensor) -> torch.Tensor:
         return t if requires_grad else t.detach()
 
-    def key_hook(i):
-        def hook(_module, _inputs, output):
-            keys[i] = keep(to_heads(output))
-        return hook
+    sources = [key_source, "v_proj"] + ([_QUERY_SOURCE[config.model_type]] if with_queries else [])
 
-    def value_hook(i):
-        def hook(_module, _inputs, output):
-            values[i] = keep(to_heads(output))
-        return hook
+    def hook_layer(layer, sink: list) -> list:
+        """Hooks that write this layer's (key, value[, query]) into `sink`; returns their handles."""
+        def writer(slot):
+            def hook(_module, _inputs, output):
+                sink[slot] = keep(to_heads(output))
+            return hook
+        attn = layer.self_attn
+        return [getattr(attn, name).register_forward_hook(writer(slot)) for slot, name in enumerate(sources)]
 
-    def query_hook(i):
-        def hook(_module, _inputs, output):
-            queries[i] = keep(to_heads(output))
-        return hook
+    def checkpointed(i, layer):
+        forward = layer.forward
+
+        def run(hidden, *args, **kwargs):
+            sink: list = [None] * len(sources)
+            handles = hook_layer(layer, sink)
+            try:
+                out = forward(hidden, *args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if not torch.is_tensor(out):
+                raise TypeError(f"capture_kv(checkpoint=True): decoder layer {i} returned {type(out).__name__}, "
+                                "expected the hidden-state tensor (transformers >= 5)")
+            return (out, *sink)
+
+        def forward_with_checkpoint(hidden, *args, **kwargs):
+            if not hidden.requires_grad:     # frozen embeddings (LoRA): the checkpoint still needs a graph to replay
+                hidden = hidden.detach().requires_grad_()
+            # the reentrant form takes no keyword arguments: bind them (masks, RoPE tables; nothing trainable)
+            out, *captured = torch.utils.checkpoint.checkpoint(functools.partial(run, **kwargs), hidden, *args,
+                                                               use_reentrant=True)
+            keys[i], values[i] = captured[0], captured[1]
+            if with_queries:
+                queries[i] = captured[2]
+            return out
+        return forward_with_checkpoint
 
     def rotary_hook(module, args, kwargs, _output):
         pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
@@ -156,19 +199,24 @@ def capture_kv(
         seen_positions.append(pos.detach())
         rope_calls[layer_type] = rope_from_rotary(module, layer_type)
 
+    grad = requires_grad and torch.is_grad_enabled()
     handles = [base.rotary_emb.register_forward_hook(rotary_hook, with_kwargs=True)]
+    patched = []
     try:
         for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            handles.append(getattr(attn, key_source).register_forward_hook(key_hook(i)))
-            handles.append(attn.v_proj.register_forward_hook(value_hook(i)))
-            if with_queries:
-                handles.append(getattr(attn, _QUERY_SOURCE[config.model_type]).register_forward_hook(query_hook(i)))
-        with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
+            if checkpoint and grad:
+                layer.forward = checkpointed(i, layer)      # instance attribute, removed below
+                patched.append(layer)
+            else:
+                sink = _LayerSink(keys, values, queries, i)
+                handles += hook_layer(layer, sink)
+        with torch.set_grad_enabled(grad):
             out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
+        for layer in patched:
+            del layer.forward
 
     missing = [i for i in range(n_layers) if keys[i] is None or values[i] is None or (with_queries and queries[i] is None)]
     if missing or not seen_positions:
