@@ -119,6 +119,10 @@ def test_checkpointed_capture_gives_the_same_kv_and_gradients(arch):
     for a, b in zip(caps[0].keys + caps[0].values + caps[0].queries, caps[1].keys + caps[1].values + caps[1].queries):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert "forward" not in vars(model.model.layers[0])        # the per-layer patch is gone afterwards
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="own \\(HF\\) gradient checkpointing is on"):
+        capture_kv(model, ids, mask, requires_grad=True)
+    capture_kv(model.eval(), ids, mask, requires_grad=True)      # HF checkpoints only in training mode
 
 
 def test_checkpointed_capture_reaches_lora_weights_under_frozen_embeddings():

@@ -200,6 +200,10 @@ def capture_kv(
         rope_calls[layer_type] = rope_from_rotary(module, layer_type)
 
     grad = requires_grad and torch.is_grad_enabled()
+    if grad and any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers):
+        raise ValueError("capture_kv: the model's own (HF) gradient checkpointing is on; in its reentrant form the "
+                         "hooked keys and values are cut off from the weights, so a KV loss would never reach the "
+                         "student. Turn it off (model.gradient_checkpointing_disable()) and pass checkpoint=True.")
     handles = [base.rotary_emb.register_forward_hook(rotary_hook, with_kwargs=True)]
     patched = []
     try:
