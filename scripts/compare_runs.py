@@ -1,11 +1,13 @@
 """Mean ± std over seeds of the numbers docs/RESULTS.md quotes, one markdown row per group of runs.
 
     python scripts/compare_runs.py "head-to-head=runs/evidence/zcmp-head-seed0,runs/evidence/zcmp-head-seed1" ...
+        [--plot docs/img/zspace_vs_head.png]
 
 Per run: its own training loss on validation, first → last evaluation (relative change; each setup's loss lives in
 its own space), the same on the train subset, the final train/val gap, the adapter-free student–teacher KV CKA
 (first → last, the one number comparable across setups), validation perplexity, the global gradient norm over the
 steps (median and max: spikes mark an unstable setup) and, for routed runs, teacher 0's mean α and router entropy.
+--plot draws, per group, the mean ± std over seeds of the validation loss relative to step 0 and of the KV CKA.
 """
 from __future__ import annotations
 
@@ -43,13 +45,55 @@ def run_numbers(run: Path) -> dict[str, float]:
     return out
 
 
+def _val_series(run: Path, key: str, relative: bool):
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    steps, ys = [e["step"] for e in val], [e[key] for e in val]
+    return steps, [100 * (y / ys[0] - 1) for y in ys] if relative else ys
+
+
+def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    panels = [("kv_loss", True, "val loss vs step 0 (%)")]
+    if all(_has_val_key(r, "cka_mean") for _, runs in groups for r in runs):
+        panels.append(("cka_mean", False, "student–teacher KV CKA (val)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, relative, label) in zip(axes[0], panels):
+        for name, runs in groups:
+            series = [_val_series(r, key, relative) for r in runs]
+            n = min(len(s[0]) for s in series)
+            steps = series[0][0][:n]
+            ys = np.array([s[1][:n] for s in series])
+            mean, std = ys.mean(0), ys.std(0, ddof=1) if len(runs) > 1 else np.zeros(n)
+            line, = ax.plot(steps, mean, "o-", label=f"{name} (n={len(runs)})")
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    print(f"figure: {out}", file=sys.stderr)
+
+
+def _has_val_key(run: Path, key: str) -> bool:
+    return any(key in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line)
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
-    groups = []
+    out = None
+    if "--plot" in argv:
+        at = argv.index("--plot")
+        out, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2:]
+    groups, run_lists = [], []
     for spec in argv:
         label, _, dirs = spec.partition("=")
         runs = [Path(d) for d in dirs.split(",") if d]
+        run_lists.append(runs)
         if not runs:
             raise SystemExit(f"group {spec!r}: expected label=dir1,dir2,...")
         numbers = [run_numbers(r) for r in runs]
@@ -66,6 +110,8 @@ def main(argv: list[str]) -> int:
             std = statistics.stdev(col) if len(col) > 1 else 0.0
             cells.append(f"{statistics.mean(col):.4g} ± {std:.2g}")
         print(f"| {label} ({len(numbers)}) | " + " | ".join(cells) + " |")
+    if out is not None:
+        plot([(label, runs) for (label, _), runs in zip(groups, run_lists)], out)
     return 0
 
 

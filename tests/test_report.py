@@ -41,5 +41,9 @@ def test_report_cli_and_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
         build_report(tmp_path)
     _write_run(tmp_path, False)
-    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html"), "--png_dir", str(tmp_path / "png")]) == 0
     assert (tmp_path / "r.html").stat().st_size > 10_000
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert pngs == ["cka.png", "kv_loss.png", "router_alpha.png", "router_entropy.png", "train_layer_heatmap.png",
+                    "val_layer_heatmap.png"]
+    assert all((tmp_path / "png" / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)

@@ -39,10 +39,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return events
 
 
-def _png(fig) -> str:
+_png_dir: Path | None = None     # set by build_report(png_dir=...): every figure is also written there as <name>.png
+
+
+def _png(fig, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    if _png_dir is not None:
+        (_png_dir / f"{name}.png").write_bytes(buf.getvalue())
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -71,7 +76,7 @@ def loss_curves(events) -> str:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _img(_png(fig), "KV-distillation loss. The training steps' loss uses the annealed layer weights (shallow "
+    return _img(_png(fig, "kv_loss"), "KV-distillation loss. The training steps' loss uses the annealed layer weights (shallow "
                            "layers first); the evaluations weigh every layer equally on a fixed train subset and on "
                            "the validation set, so those two curves are comparable.")
 
@@ -90,7 +95,7 @@ def layer_heatmaps(events, split="train") -> str:
         ax.set_ylabel("student layer")
         ax.set_title(f"{split} {key} (log10)")
         fig.colorbar(im, ax=ax)
-    return _img(_png(fig), f"Layer × step heatmaps of per-layer K- and V-MSE ({split}).")
+    return _img(_png(fig, f"{split}_layer_heatmap"), f"Layer × step heatmaps of per-layer K- and V-MSE ({split}).")
 
 
 def router_pictures(events) -> str:
@@ -116,7 +121,7 @@ def router_pictures(events) -> str:
         ax.set_ylabel("teacher")
         ax.set_yticks(range(alpha.shape[2]))
         fig.colorbar(im, ax=ax)
-        parts.append(_img(_png(fig), f"Router weight per layer and teacher (mean over samples), up to step {step}."))
+        parts.append(_img(_png(fig, "router_alpha_layers"), f"Router weight per layer and teacher (mean over samples), up to step {step}."))
     else:
         per_sample = alpha
     fig, ax = plt.subplots(figsize=(6, max(2.5, 0.22 * per_sample.shape[0])))
@@ -126,7 +131,7 @@ def router_pictures(events) -> str:
     ax.set_ylabel("sample")
     ax.set_yticks(range(len(ids)), ids, fontsize=6)
     fig.colorbar(im, ax=ax)
-    parts.append(_img(_png(fig), f"Router weights α (sample × teacher): each sample's latest α, up to step {step}."))
+    parts.append(_img(_png(fig, "router_alpha"), f"Router weights α (sample × teacher): each sample's latest α, up to step {step}."))
     xs = [e["step"] for e in rows if "entropy" in e]
     if xs:
         fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -134,7 +139,7 @@ def router_pictures(events) -> str:
         ax.set_xlabel("step")
         ax.set_ylabel("mean router entropy (nats)")
         ax.grid(alpha=0.3)
-        parts.append(_img(_png(fig), "Router entropy over training (collapse onto one teacher shows as → 0)."))
+        parts.append(_img(_png(fig, "router_entropy"), "Router entropy over training (collapse onto one teacher shows as → 0)."))
     return "".join(parts)
 
 
@@ -151,7 +156,7 @@ def cka_picture(events) -> str:
     ax.set_ylabel("linear CKA, student vs teacher K|V")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _img(_png(fig), "Linear CKA between the student's K|V and each aligned teacher's on the validation tokens "
+    return _img(_png(fig, "cka"), "Linear CKA between the student's K|V and each aligned teacher's on the validation tokens "
                            "(adapter-free, so comparable across runs, routers and Z space).")
 
 
@@ -177,8 +182,19 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    run_dir = Path(run_dir)
+def build_report(run_dir: str | Path, out: str | Path | None = None, png_dir: str | Path | None = None) -> Path:
+    """Write the run's HTML report (default RUN_DIR/report.html); with `png_dir`, also each figure as a PNG file."""
+    global _png_dir
+    if png_dir is not None:
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+    _png_dir = Path(png_dir) if png_dir is not None else None
+    try:
+        return _build_report(Path(run_dir), out)
+    finally:
+        _png_dir = None
+
+
+def _build_report(run_dir: Path, out: str | Path | None) -> Path:
     events = read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
     config_text = config_path.read_text() if config_path.exists() else "(no config.yaml)"
@@ -207,9 +223,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory written by train/main.py")
     parser.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html)")
+    parser.add_argument("--png_dir", default=None, help="also write every figure there as PNG (for docs)")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = build_report(args.run_dir, args.out)
-    print(f"report written to {path}")
+    path = build_report(args.run_dir, args.out, args.png_dir)
+    print(f"report written to {path}" + (f"; figures in {args.png_dir}" if args.png_dir else ""))
     return 0
