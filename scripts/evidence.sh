@@ -4,12 +4,17 @@
 #   bash scripts/evidence.sh seeds PHASE SEED...   (the phase preset under each seed, then mean ± std)
 #   SEED=1 bash scripts/evidence.sh control         (the control under another seed)
 #   SEEDS="0 1 2" bash scripts/evidence.sh routers|zspace   (each setup under each seed, then mean ± std)
+#   EXTRA="--lr_full 1e-5" TAG=lr1e-5 bash scripts/evidence.sh ...   (extra train flags for every run; TAG names
+#                                                                       the run directories apart)
 # Each writes runs/evidence/<name>/ (report.html, metrics.jsonl) and prints the numbers RESULTS.md quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 out=runs/evidence
+tag=${TAG:+-$TAG}
+read -r -a extra <<< "${EXTRA:-}"
+train() { "$PY" train/main.py "$@" "${extra[@]}"; }
 summary() {  # run_dir
   "$PY" - "$1" <<'PY'
 import json, sys
@@ -43,12 +48,8 @@ for run in sys.argv[1:]:
 PY
 }
 case "${1:?phase1|phase2|dumps|routers|zspace|control|phase0|phase3}" in
-  phase0|phase3)
-    "$PY" train/main.py --phase "${1#phase}" --output_dir $out/$1 && summary $out/$1 ;;
-  phase1)
-    "$PY" train/main.py --phase 1 --output_dir $out/phase1 && summary $out/phase1 ;;
-  phase2)
-    "$PY" train/main.py --phase 2 --output_dir $out/phase2 && summary $out/phase2 ;;
+  phase0|phase1|phase2|phase3)
+    train --phase "${1#phase}" --output_dir $out/$1$tag && summary $out/$1$tag ;;
   dumps)
     "$PY" -m kvfuse dump --teachers smollm2-135m-instruct smollm2-135m-instruct --teacher_prompts default cot \
       --student smollm2-135m-instruct --n_samples 64 --out $out/store-phase1 --shard 0/1
@@ -59,42 +60,28 @@ case "${1:?phase1|phase2|dumps|routers|zspace|control|phase0|phase3}" in
     # seed and steps; only the teachers differ.
     shift
     seed=${SEED:-0}
-    "$PY" train/main.py --phase 1 --seed $seed --teacher_prompts cot --alpha 1.0 \
-      --output_dir $out/control-single-seed$seed "$@"
-    "$PY" train/main.py --phase 1 --seed $seed --output_dir $out/control-multi-seed$seed "$@"
-    compare $out/control-single-seed$seed $out/control-multi-seed$seed ;;
+    single=$out/control-single$tag-seed$seed multi=$out/control-multi$tag-seed$seed
+    [ -f $single/report.html ] || train --phase 1 --seed $seed --teacher_prompts cot --alpha 1.0 \
+      --output_dir $single "$@"
+    [ -f $multi/report.html ] || train --phase 1 --seed $seed --output_dir $multi "$@"
+    compare $single $multi ;;
   seeds)
     phase=${2:?phase}; shift 2
     dirs=()
     for seed in "$@"; do
-      dir=$out/phase$phase-seed$seed
-      [ -f $dir/report.html ] || "$PY" train/main.py --phase "$phase" --seed "$seed" --output_dir $dir
+      dir=$out/phase$phase$tag-seed$seed
+      [ -f $dir/report.html ] || train --phase "$phase" --seed "$seed" --output_dir $dir
       dirs+=($dir)
     done
-    "$PY" - "${dirs[@]}" <<'PY'
-import json, statistics, sys
-rows = []
-for run in sys.argv[1:]:
-    val = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"val"' in l]
-    a, b = val[0], val[-1]
-    rows.append((100 * (b["kv_loss"] / a["kv_loss"] - 1), 100 * (b["train_kv_loss"] / a["train_kv_loss"] - 1),
-                 100 * b["gap"], b["ppl"] - a["ppl"]))
-    print(f"  {run}: val kv {a['kv_loss']:.5f} -> {b['kv_loss']:.5f} ({rows[-1][0]:+.1f}%), train kv "
-          f"{a['train_kv_loss']:.5f} -> {b['train_kv_loss']:.5f} ({rows[-1][1]:+.1f}%), final gap {rows[-1][2]:+.1f}%")
-for i, name in enumerate(("val KV change %", "train KV change %", "final gap %", "val ppl change")):
-    col = [r[i] for r in rows]
-    print(f"  {name}: mean {statistics.mean(col):+.2f} ± {statistics.stdev(col) if len(col) > 1 else 0:.2f} "
-          f"(n={len(col)})")
-PY
-    ;;
+    "$PY" scripts/compare_runs.py "phase $phase$tag=$(IFS=,; echo "${dirs[*]}")" ;;
   routers)
     # SEEDS="0 1 2" bash scripts/evidence.sh routers: each router under each seed, then mean ± std per router.
     groups=()
     for router in fixed similarity learnable; do
       dirs=""
       for seed in ${SEEDS:-0}; do
-        dir=$out/router-$router-seed$seed
-        [ -f $dir/report.html ] || "$PY" train/main.py --phase 4 --router_type $router --seed $seed --n_generate 2 \
+        dir=$out/router-$router$tag-seed$seed
+        [ -f $dir/report.html ] || train --phase 4 --router_type $router --seed $seed --n_generate 2 \
           --generate_max_new_tokens 64 --output_dir $dir
         summary $dir
         dirs+=$dir,
@@ -107,11 +94,11 @@ PY
     # α = [0.5, 0.5] and steps, under SEEDS="0 1 2"; compared by the adapter-free KV CKA and the gradient norms.
     head="" z=""
     for seed in ${SEEDS:-0}; do
-      [ -f $out/zcmp-head-seed$seed/report.html ] || "$PY" train/main.py --phase 3 --seed $seed \
-        --n_generate 1 --output_dir $out/zcmp-head-seed$seed
-      [ -f $out/zcmp-z-seed$seed/report.html ] || "$PY" train/main.py --phase 5 --seed $seed --alpha 0.5 0.5 \
-        --n_generate 1 --output_dir $out/zcmp-z-seed$seed
-      head+=$out/zcmp-head-seed$seed, z+=$out/zcmp-z-seed$seed,
+      [ -f $out/zcmp-head$tag-seed$seed/report.html ] || train --phase 3 --seed $seed \
+        --n_generate 1 --output_dir $out/zcmp-head$tag-seed$seed
+      [ -f $out/zcmp-z$tag-seed$seed/report.html ] || train --phase 5 --seed $seed --alpha 0.5 0.5 \
+        --n_generate 1 --output_dir $out/zcmp-z$tag-seed$seed
+      head+=$out/zcmp-head$tag-seed$seed, z+=$out/zcmp-z$tag-seed$seed,
     done
     "$PY" scripts/compare_runs.py "head-to-head (Phase 3)=$head" "Z space (Phase 5)=$z" ;;
 esac
