@@ -156,6 +156,8 @@ def test_every_phase_preset_trains(tmp_path, extra):
     _train(tmp_path, *extra, "--student_layers", "every_other")
     train = _events(tmp_path, "train")
     assert train and all(e["loss"] == e["loss"] for e in train)          # no NaN
+    val = _events(tmp_path, "val")
+    assert val[-1]["ce"] != val[0]["ce"]               # the student itself learns under every phase's objective
     routers = _events(tmp_path, "router")
     if "--router_type" in extra or "--router_groups" in extra:
         alpha = routers[-1]["alpha"]
@@ -177,4 +179,5 @@ def test_lora_run_trains_only_lora_and_the_kv_adapters(tmp_path):
     assert "lora: true" in config
     train = _events(tmp_path, "train")
     assert len(train) == 2 and train[0]["lr"] > 0
-    assert _events(tmp_path, "val")[-1]["kv_loss"] > 0
+    val = _events(tmp_path, "val")
+    assert val[-1]["kv_loss"] > 0 and val[-1]["ce"] != val[0]["ce"]      # the LoRA weights reach the student's LM
