@@ -7,7 +7,7 @@ Per run: its own training loss on validation, first → last evaluation (relativ
 its own space), the same on the train subset, the final train/val gap, the adapter-free student–teacher KV CKA
 (first → last, the one number comparable across setups), validation perplexity, the global gradient norm over the
 steps (median and max: spikes mark an unstable setup) and, for routed runs, teacher 0's mean α and router entropy.
---plot draws, per group, the mean ± std over seeds of the validation loss relative to step 0 and of the KV CKA.
+--plot draws, per group, the mean ± std over seeds of the validation loss and the KV CKA, each against step 0.
 """
 from __future__ import annotations
 
@@ -46,9 +46,10 @@ def run_numbers(run: Path) -> dict[str, float]:
 
 
 def _val_series(run: Path, key: str, relative: bool):
+    """Validation `key` over steps, as % change from step 0 (relative) or as the difference from step 0."""
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     steps, ys = [e["step"] for e in val], [e[key] for e in val]
-    return steps, [100 * (y / ys[0] - 1) for y in ys] if relative else ys
+    return steps, [100 * (y / ys[0] - 1) for y in ys] if relative else [y - ys[0] for y in ys]
 
 
 def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
@@ -58,8 +59,8 @@ def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
     import numpy as np
     panels = [("kv_loss", True, "val loss vs step 0 (%)")]
     if all(_has_val_key(r, "cka_mean") for _, runs in groups for r in runs):
-        panels.append(("cka_mean", False, "student–teacher KV CKA (val)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+        panels.append(("cka_mean", False, "student–teacher KV CKA − CKA at step 0 (val)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)
     for ax, (key, relative, label) in zip(axes[0], panels):
         for name, runs in groups:
             series = [_val_series(r, key, relative) for r in runs]
@@ -73,6 +74,7 @@ def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     print(f"figure: {out}", file=sys.stderr)
