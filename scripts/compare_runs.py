@@ -7,7 +7,8 @@ Per run: its own training loss on validation, first → last evaluation (relativ
 its own space), the same on the train subset, the final train/val gap, the adapter-free student–teacher KV CKA
 (first → last, the one number comparable across setups), validation perplexity, the global gradient norm over the
 steps (median and max: spikes mark an unstable setup) and, for routed runs, teacher 0's mean α and router entropy.
---plot draws, per group, the mean ± std over seeds of the validation loss and the KV CKA, each against step 0.
+--plot draws, per group, the mean ± std over seeds of the validation loss and the KV CKA, each against step 0,
+and of the gradient norm per step.
 """
 from __future__ import annotations
 
@@ -60,10 +61,12 @@ def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
     panels = [("kv_loss", True, "val loss vs step 0 (%)")]
     if all(_has_val_key(r, "cka_mean") for _, runs in groups for r in runs):
         panels.append(("cka_mean", False, "student–teacher KV CKA − CKA at step 0 (val)"))
+    if all(_grad_norms(r)[0] for _, runs in groups for r in runs):
+        panels.append(("grad_norm", None, "gradient norm before clipping (train)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)
     for ax, (key, relative, label) in zip(axes[0], panels):
         for name, runs in groups:
-            series = [_val_series(r, key, relative) for r in runs]
+            series = [_grad_norms(r) if key == "grad_norm" else _val_series(r, key, relative) for r in runs]
             n = min(len(s[0]) for s in series)
             steps = series[0][0][:n]
             ys = np.array([s[1][:n] for s in series])
@@ -78,6 +81,12 @@ def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     print(f"figure: {out}", file=sys.stderr)
+
+
+def _grad_norms(run: Path):
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    train = [e for e in train if e.get("grad_norm") is not None]
+    return [e["step"] for e in train], [e["grad_norm"] for e in train]
 
 
 def _has_val_key(run: Path, key: str) -> bool:
