@@ -14,7 +14,10 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 out=runs/evidence
 tag=${TAG:+-$TAG}
 read -r -a extra <<< "${EXTRA:-}"
-train() { "$PY" train/main.py "$@" "${extra[@]}"; }
+train() {  # a finished run's ZeRO checkpoints (GBs each, optimizer state included) are not evidence: drop them
+  "$PY" train/main.py "$@" "${extra[@]}"
+  for run in $out/*/; do [ -f $run/report.html ] && rm -rf $run/checkpoints; done; true
+}
 summary() {  # run_dir
   "$PY" - "$1" <<'PY'
 import json, sys

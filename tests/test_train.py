@@ -181,3 +181,17 @@ def test_lora_run_trains_only_lora_and_the_kv_adapters(tmp_path):
     assert len(train) == 2 and train[0]["lr"] > 0
     val = _events(tmp_path, "val")
     assert val[-1]["kv_loss"] > 0 and val[-1]["ce"] != val[0]["ce"]      # the LoRA weights reach the student's LM
+
+
+def test_a_failed_checkpoint_save_names_the_disk(tmp_path):
+    # torch.save on a full disk raises only "unexpected pos …"; the trainer must say what that likely means.
+    from types import SimpleNamespace
+
+    from train.session import TrainingSession
+
+    class FullDisk:
+        def save_checkpoint(self, *args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2496 vs 2388")
+
+    with pytest.raises(RuntimeError, match=r"step000003 .* unexpected pos .* GB free there: a full disk\?"):
+        TrainingSession.save(SimpleNamespace(engine=FullDisk(), ckpt_dir=tmp_path), 3)

@@ -478,7 +478,13 @@ class TrainingSession:
         return float(norm)
 
     def save(self, step: int) -> None:
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{step:06d}", client_state={"step": step})
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{step:06d}", client_state={"step": step})
+        except (RuntimeError, OSError) as err:
+            # torch.save on a full disk says only "unexpected pos …": name the likely cause and the knobs
+            free = shutil.disk_usage(self.ckpt_dir).free / 1e9
+            raise RuntimeError(f"saving checkpoint step{step:06d} to {self.ckpt_dir} failed: {err} ({free:.1f} GB "
+                               "free there: a full disk? keep_checkpoints and save_every set how much is kept)") from err
         dist.barrier()
         if self.rank == 0:
             # A ZeRO checkpoint holds the optimizer state too (GBs even for a 135M student): keep the newest few.
