@@ -18,10 +18,18 @@ import sys
 from pathlib import Path
 
 
+def _events(run: Path, split: str) -> list[dict]:
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == split]
+
+
+def _alpha0_per_sample(events: list[dict]) -> list[float]:
+    """α of teacher 0 for every sample of these router events ([B, N] or [B, L, N]: layers averaged)."""
+    rows = [r if not isinstance(r[0], list) else [sum(c) / len(r) for c in zip(*r)] for e in events for r in e["alpha"]]
+    return [r[0] for r in rows]
+
+
 def run_numbers(run: Path) -> dict[str, float]:
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    val = [e for e in events if e["split"] == "val"]
-    train = [e for e in events if e["split"] == "train"]
+    val, train = _events(run, "val"), _events(run, "train")
     if len(val) < 2:
         raise SystemExit(f"{run}: needs at least two validation events, found {len(val)}")
     a, b = val[0], val[-1]
@@ -35,20 +43,18 @@ def run_numbers(run: Path) -> dict[str, float]:
     norms = [e["grad_norm"] for e in train if e.get("grad_norm") is not None]
     if norms:
         out["grad norm median"], out["grad norm max"] = statistics.median(norms), max(norms)
-    routers = [e for e in events if e["split"] == "router"]
-    if routers:
-        def alpha0(event):      # [B, N] or [B, L, N] → mean α of teacher 0 over samples (and layers)
-            rows = [r if not isinstance(r[0], list) else [sum(c) / len(r) for c in zip(*r)] for r in event["alpha"]]
-            return statistics.mean(r[0] for r in rows)
-        out["alpha0 first"] = statistics.mean(map(alpha0, routers[:4]))
-        out["alpha0 last"] = statistics.mean(map(alpha0, routers[-4:]))
-        out["entropy last"] = routers[-1]["entropy"]
+    routers = _events(run, "router")
+    if routers:     # over the samples of the first and the last 4 steps: mean α₀ and its spread (routing or not)
+        first, last = _alpha0_per_sample(routers[:4]), _alpha0_per_sample(routers[-4:])
+        out["alpha0 first"], out["alpha0 last"] = statistics.mean(first), statistics.mean(last)
+        out["alpha0 spread first"], out["alpha0 spread last"] = statistics.pstdev(first), statistics.pstdev(last)
+        out["entropy first"], out["entropy last"] = routers[0]["entropy"], routers[-1]["entropy"]
     return out
 
 
 def _val_series(run: Path, key: str, relative: bool):
     """Validation `key` over steps, as % change from step 0 (relative) or as the difference from step 0."""
-    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    val = _events(run, "val")
     steps, ys = [e["step"] for e in val], [e[key] for e in val]
     return steps, [100 * (y / ys[0] - 1) for y in ys] if relative else [y - ys[0] for y in ys]
 
@@ -84,13 +90,12 @@ def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
 
 
 def _grad_norms(run: Path):
-    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
-    train = [e for e in train if e.get("grad_norm") is not None]
+    train = [e for e in _events(run, "train") if e.get("grad_norm") is not None]
     return [e["step"] for e in train], [e["grad_norm"] for e in train]
 
 
 def _has_val_key(run: Path, key: str) -> bool:
-    return any(key in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line)
+    return any(key in e for e in _events(run, "val"))
 
 
 def main(argv: list[str]) -> int:

@@ -18,7 +18,7 @@ train() {  # a finished run's ZeRO checkpoints (GBs each, optimizer state includ
   "$PY" train/main.py "$@" "${extra[@]}"
   for run in $out/*/; do [ -f $run/report.html ] && rm -rf $run/checkpoints; done; true
 }
-summary() {  # run_dir
+summary() {  # run_dir: its evaluations step by step (router numbers: scripts/compare_runs.py)
   "$PY" - "$1" <<'PY'
 import json, sys
 ev = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]
@@ -27,16 +27,6 @@ for e in val:
     extra = "".join(f" {k}={e[k]:.3f}" for k in ("accuracy", "rouge_l", "bleu") if k in e)
     print(f"  step {e['step']:3d}  val kv {e['kv_loss']:.5f}  train kv {e['train_kv_loss']:.5f}  "
           f"gap {100 * e['gap']:+.1f}%  val ppl {e['ppl']:.3f}{extra}")
-routers = [e for e in ev if e["split"] == "router"]
-if routers:
-    import statistics
-    def per_sample(alpha):  # [B, N] or [B, L, N] -> rows [N] (layers averaged)
-        return [row if not isinstance(row[0], list) else [sum(c) / len(row) for c in zip(*row)] for row in alpha]
-    first = [r[0] for e in routers[:4] for r in per_sample(e["alpha"])]
-    last = [r[0] for e in routers[-4:] for r in per_sample(e["alpha"])]
-    print(f"  router entropy first/last {routers[0]['entropy']:.3f} / {routers[-1]['entropy']:.3f}; alpha_0 over "
-          f"the first / last 4 steps' samples: mean {statistics.mean(first):.3f} / {statistics.mean(last):.3f}, "
-          f"std {statistics.pstdev(first):.3f} / {statistics.pstdev(last):.3f}")
 PY
 }
 compare() {  # run_dir...: side by side, the first and last validation events of each run

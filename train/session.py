@@ -189,18 +189,18 @@ class TrainingSession:
                     else move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def train_batches(self, epoch: int, skip: int = 0):
-        """(examples, device batch) for this rank's micro-batches of `epoch` after the first `skip`. From a store,
+        """Device batches of this rank's micro-batches of `epoch` after the first `skip`. From a store,
         `store_workers` processes read and collate the next batches while the current one trains."""
         chunks = list(self.micro_batches(epoch))[skip:]
         workers = self.config["store_workers"]
         if self.store is None or workers == 0:
             for examples in chunks:
-                yield examples, self.teacher_batch(examples)
+                yield self.teacher_batch(examples)
             return
         loader = store_loader(self.store, [[str(ex.id) for ex in chunk] for chunk in chunks],
                               len(self.teacher_names), self._pad_id, workers, pin_memory=self.device.type == "cuda")
-        for examples, batch in zip(chunks, loader):
-            yield examples, self._to_device(batch)
+        for batch in loader:
+            yield self._to_device(batch)
 
     def micro_batches(self, epoch: int):
         """This rank's micro-batches of `epoch` in a fixed, seeded order (the same on every run and resume)."""
@@ -346,7 +346,7 @@ class TrainingSession:
             # micro-batches already trained before a resume: same order, skipped exactly (and never read)
             skip = min(max(0, start_step * self.accum - epoch * self.micro_per_epoch), self.micro_per_epoch)
             micro_seen = epoch * self.micro_per_epoch + skip
-            for _, batch in self.train_batches(epoch, skip):
+            for batch in self.train_batches(epoch, skip):
                 micro_seen += 1
                 if micro_seen % self.accum == 1 or self.accum == 1:
                     t0, tokens, acc_loss, acc_stats = time.perf_counter(), 0, 0.0, None
@@ -497,7 +497,7 @@ class TrainingSession:
     def _kv_eval(self, examples) -> dict:
         c = self.config
         sums, count, nll = None, 0, 0.0
-        cka: dict[tuple[int, int], CKAAccumulator] = {}     # (student layer, teacher) -> streaming CKA
+        cka = [[CKAAccumulator() for _ in range(self.n_layers)] for _ in self.teacher_names]   # [teacher][layer]
         self.engine.eval()
         for first in range(0, len(examples), c["micro_batch"]):
             batch = self.teacher_batch(examples[first:first + c["micro_batch"]])
@@ -507,13 +507,11 @@ class TrainingSession:
             count += 1
             for l, student in enumerate(logs["student_features"]):
                 for i, (tk, tv) in enumerate(zip(batch["teacher_k"], batch["teacher_v"])):
-                    cka.setdefault((l, i), CKAAccumulator()).update(student, token_features(tk[l], tv[l],
-                                                                                            batch["mask"]))
+                    cka[i][l].update(student, token_features(tk[l], tv[l], batch["mask"]))
         out = {k: ([x / count for x in v] if isinstance(v, list) else v / count) for k, v in sums.items()}
         out["ce"] = nll / count
         # student-vs-teacher KV similarity that no adapter, Z map or router choice can flatter: comparable across runs
-        n_layers, n_teachers = (max(key) + 1 for key in zip(*cka))
-        out["cka"] = [[cka[l, i].value() for l in range(n_layers)] for i in range(n_teachers)]
+        out["cka"] = [[acc.value() for acc in per_layer] for per_layer in cka]
         out["cka_mean"] = sum(map(sum, out["cka"])) / sum(map(len, out["cka"]))
         return out
 

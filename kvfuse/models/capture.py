@@ -55,16 +55,6 @@ class KVCapture:
         return len(self.keys)
 
 
-class _LayerSink:
-    """Slot 0/1/2 of layer i → keys[i] / values[i] / queries[i]: lets one hook writer serve both capture modes."""
-
-    def __init__(self, keys: list, values: list, queries: list, i: int):
-        self.lists, self.i = (keys, values, queries), i
-
-    def __setitem__(self, slot: int, value: torch.Tensor) -> None:
-        self.lists[slot][self.i] = value
-
-
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The bare decoder (`model.model` of a *ForCausalLM), so capture skips the LM head and its huge logits."""
     config = getattr(model, "config", None)
@@ -139,9 +129,6 @@ def capture_kv(
     n_layers = len(layers)
     head_dim = layers[0].self_attn.head_dim
     key_source = _KEY_SOURCE[config.model_type]
-    keys: list[torch.Tensor | None] = [None] * n_layers
-    values: list[torch.Tensor | None] = [None] * n_layers
-    queries: list[torch.Tensor | None] = [None] * n_layers
     rope_calls: dict[str | None, tuple[torch.Tensor, float]] = {}
     seen_positions: list[torch.Tensor] = []
 
@@ -155,6 +142,8 @@ def capture_kv(
         return t if requires_grad else t.detach()
 
     sources = [key_source, "v_proj"] + ([_QUERY_SOURCE[config.model_type]] if with_queries else [])
+    # per layer: [key, value(, query)], filled by the hooks or, under checkpointing, by the checkpoint's outputs
+    captured: list[list[torch.Tensor | None]] = [[None] * len(sources) for _ in range(n_layers)]
 
     def hook_layer(layer, sink: list) -> list:
         """Hooks that write this layer's (key, value[, query]) into `sink`; returns their handles."""
@@ -185,11 +174,9 @@ def capture_kv(
             if not hidden.requires_grad:     # frozen embeddings (LoRA): the checkpoint still needs a graph to replay
                 hidden = hidden.detach().requires_grad_()
             # the reentrant form takes no keyword arguments: bind them (masks, RoPE tables; nothing trainable)
-            out, *captured = torch.utils.checkpoint.checkpoint(functools.partial(run, **kwargs), hidden, *args,
-                                                               use_reentrant=True)
-            keys[i], values[i] = captured[0], captured[1]
-            if with_queries:
-                queries[i] = captured[2]
+            out, *outputs = torch.utils.checkpoint.checkpoint(functools.partial(run, **kwargs), hidden, *args,
+                                                              use_reentrant=True)
+            captured[i] = outputs
             return out
         return forward_with_checkpoint
 
@@ -212,8 +199,7 @@ def capture_kv(
                 layer.forward = checkpointed(i, layer)      # instance attribute, removed below
                 patched.append(layer)
             else:
-                sink = _LayerSink(keys, values, queries, i)
-                handles += hook_layer(layer, sink)
+                handles += hook_layer(layer, captured[i])
         with torch.set_grad_enabled(grad):
             out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
@@ -222,7 +208,7 @@ def capture_kv(
         for layer in patched:
             del layer.forward
 
-    missing = [i for i in range(n_layers) if keys[i] is None or values[i] is None or (with_queries and queries[i] is None)]
+    missing = [i for i in range(n_layers) if any(t is None for t in captured[i])]
     if missing or not seen_positions:
         raise RuntimeError(f"capture_kv: hooks did not fire for layers {missing} of {type(model).__name__}")
     types = layer_types_of(config)
@@ -230,8 +216,8 @@ def capture_kv(
     rope = [rope_calls[types[i] if per_type else None] for i in range(n_layers)]
     positions = seen_positions[0].long().expand(batch, length).clone()
     return KVCapture(
-        keys=keys, values=values, positions=positions, rope=rope,
+        keys=[c[0] for c in captured], values=[c[1] for c in captured], positions=positions, rope=rope,
         attention_mask=attention_mask.bool(), layer_types=types,
-        queries=queries if with_queries else None,
+        queries=[c[2] for c in captured] if with_queries else None,
         hidden=keep(out.last_hidden_state) if return_hidden else None,
     )
