@@ -8,7 +8,7 @@ import torch
 
 from kvfuse.data import load_examples, resolve_prompt
 from kvfuse.models import load
-from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder
+from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined
 from kvfuse.teacher.store import StoreError, TeacherKVStore
 
 ARGS = ["--teachers", "tiny-llama", "tiny-gemma3", "--teacher_prompts", "default", "cot", "--student", "tiny-qwen2",
@@ -50,6 +50,38 @@ def test_store_equals_online_builder_and_reports_bytes_per_token(tmp_path):
     assert first["teacher0/k"].dtype == torch.bfloat16 and first["mask"].any()
     # done shards are skipped, so a rerun is idempotent
     assert "nothing to do" in _dump(tmp_path, "--n_samples", "5", "--n_val", "1", "--shard", "0/2").stdout
+
+
+def test_pipelined_build_equals_batch_by_batch_build():
+    teachers = [Teacher(n, resolve_prompt(p), *load(n)) for n, p in (("tiny-llama", "default"), ("tiny-gemma3", "cot"))]
+    _, student_tok = load("tiny-qwen2")
+    builder = TeacherKVBuilder(teachers, student_tok, resolve_prompt("default"), 3, AlignmentSettings(),
+                               max_length=4096)
+    examples, _ = load_examples("gsm8k", 5, 0, seed=4)
+    serial = [item for first in (0, 2, 4) for item in builder.build(examples[first:first + 2])]
+    piped = [item for batch in build_pipelined(builder, examples, 2) for item in batch]
+    assert [sid for sid, _ in piped] == [str(e.id) for e in examples] == [sid for sid, _ in serial]
+    for (_, a), (_, b) in zip(serial, piped):
+        assert set(a) == set(b)
+        for name in a:
+            assert a[name].device.type == "cpu" and torch.equal(a[name], b[name]), name
+
+
+def test_unalignable_example_fails_before_any_teacher_runs():
+    teacher_model, teacher_tok = load("tiny-llama")
+    calls = []
+    teacher_model.model.register_forward_hook(lambda *_: calls.append(1))
+    _, student_tok = load("tiny-qwen2")
+    builder = TeacherKVBuilder([Teacher("tiny-llama", "", teacher_model, teacher_tok)], student_tok, "", 3,
+                               AlignmentSettings(fallback="none"), max_length=4096)
+    good, _ = load_examples("gsm8k", 2, 0, seed=4)
+    # the teacher renders another text for the second example: nothing can align
+    other = type(good[0])(id="odd", question="zzzz qqqq", rationale="xxxx", answer="1")
+    builder.teacher_view = lambda example, i: TeacherKVBuilder.teacher_view(
+        builder, other if example.id == good[1].id else example, i)
+    with pytest.raises(ValueError, match=f"example {good[1].id}, teacher 0 \\(tiny-llama\\): shared segments differ"):
+        list(build_pipelined(builder, good, 2))
+    assert calls == []
 
 
 # SIGKILL at the worst spot: the shard's data file is in place but its JSON record is not. Deterministic, unlike

@@ -175,7 +175,7 @@ class TrainingSession:
         if self.store is not None:
             samples = [dict(self.store.get(str(ex.id))) for ex in examples]
         else:
-            samples = [dict(t, id=sid) for sid, t in self.builder.build(examples)]
+            samples = [dict(t, id=sid) for sid, t in self.builder.build(examples, to_host=False)]
         return self._to_device(check_finite_teachers(collate(samples, len(self.teacher_names), self._pad_id)))
 
     @property

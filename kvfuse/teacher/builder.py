@@ -9,8 +9,9 @@ teacher is [L_s, H_t, T_s, D_t], pre-RoPE and still in the teacher's head space 
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +57,15 @@ def render_tokens(tokenizer, prompt: str, example: Example, trim_whitespace: boo
     rationale = torch.as_tensor((spans[:, 0] >= start) & (spans[:, 1] <= end) & (spans[:, 1] > spans[:, 0]))
     return Rendering(rendered.text, torch.as_tensor(ids, dtype=torch.long), spans, list(rendered.segments),
                      rationale)
+
+
+@dataclass
+class PreparedBatch:
+    examples: list[Example]
+    students: list[Rendering]
+    teacher_views: list[list[Rendering]]   # [teacher][example]
+    alignments: list[list[torch.Tensor]]   # [teacher][example] A [T_s, T_t], sparse CSR on the host
+    masks: list[torch.Tensor]              # [example] student tokens aligned with every teacher [T_s] bool
 
 
 class TeacherKVBuilder:
@@ -108,41 +118,103 @@ class TeacherKVBuilder:
         return [([k[b, :, : lengths[b]] for k in cap.keys], [v[b, :, : lengths[b]] for v in cap.values])
                 for b in range(len(views))]
 
-    def build(self, examples: Sequence[Example]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    def prepare(self, examples: Sequence[Example]) -> PreparedBatch:
+        """The CPU half of `build`: renderings, token ids and alignment matrices; every alignment error is raised
+        here, before any teacher runs."""
         if not examples:
             raise ValueError("build() got no examples")
         students = [self.student_view(ex) for ex in examples]
-        out = []
-        per_teacher = []
-        for i, teacher in enumerate(self.teachers):
-            views = [self.teacher_view(ex, i) for ex in examples]
-            per_teacher.append((views, self._teacher_kv(teacher, views)))
+        views = [[self.teacher_view(ex, i) for ex in examples] for i in range(len(self.teachers))]
+        alignments: list[list[torch.Tensor]] = [[] for _ in self.teachers]
+        masks = []
         for b, (example, student) in enumerate(zip(examples, students)):
-            T_s = len(student.input_ids)
-            mask = torch.ones(T_s, dtype=torch.bool)
-            tensors: dict[str, torch.Tensor] = {}
-            for i, (teacher, (views, kvs)) in enumerate(zip(self.teachers, per_teacher)):
-                A, row_ok = self.align(student, views[b])
+            mask = torch.ones(len(student.input_ids), dtype=torch.bool)
+            for i, teacher in enumerate(self.teachers):
+                try:
+                    A, row_ok = self.align(student, views[i][b])
+                except ValueError as err:
+                    raise ValueError(f"example {example.id}, teacher {i} ({teacher.name}): {err}") from err
                 if not bool(row_ok.any()):
                     raise ValueError(f"example {example.id}: no student token aligns with teacher {i} "
                                      f"({teacher.name}); check the tokenizers' offsets and the shared text")
                 mask &= row_ok
+                alignments[i].append(A)
+            if not bool(mask.any()):
+                raise ValueError(f"example {example.id}: no student token is aligned with every teacher")
+            masks.append(mask)
+        return PreparedBatch(list(examples), students, views, alignments, masks)
+
+    def launch(self, prepared: PreparedBatch) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """The device half of `build`: teacher forwards, K' = A·K, the layer mix and the cast to the storage dtype.
+        Teacher tensors stay on the builder's device and nothing waits for the GPU, so the caller can prepare the
+        next batch while these kernels run."""
+        per_teacher = [self._teacher_kv(teacher, prepared.teacher_views[i]) for i, teacher in enumerate(self.teachers)]
+        out = []
+        for b, (example, student) in enumerate(zip(prepared.examples, prepared.students)):
+            tensors: dict[str, torch.Tensor] = {}
+            for i, kvs in enumerate(per_teacher):
                 keys, values = kvs[b]
+                A = prepared.alignments[i][b]
                 M = self.layer_maps[i]
                 # One sparse product over all layers and heads at once ([L_t, H, T_t, D] → [L_t, H, T_s, D]), then
                 # the layer mix: [L_s, H, T_s, D]. fp32 until the final cast to the storage dtype.
                 for kind, per_layer in (("k", keys), ("v", values)):
                     aligned = apply_alignment(A, torch.stack(per_layer).float())
                     mixed = torch.einsum("st,thnd->shnd", M, aligned)
-                    tensors[f"teacher{i}/{kind}"] = mixed.to(self.storage_dtype).cpu()
-            if not bool(mask.any()):
-                raise ValueError(f"example {example.id}: no student token is aligned with every teacher")
+                    tensors[f"teacher{i}/{kind}"] = mixed.to(self.storage_dtype)
+            T_s = len(student.input_ids)
             tensors["input_ids"] = student.input_ids
             tensors["positions"] = torch.arange(T_s, dtype=torch.long)
-            tensors["mask"] = mask
+            tensors["mask"] = prepared.masks[b]
             tensors["labels_mask"] = student.rationale_mask
             out.append((str(example.id), tensors))
         return out
+
+    def build(self, examples: Sequence[Example], to_host: bool = True) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """{input_ids, positions, mask, labels_mask, teacher{i}/k, teacher{i}/v} per example; teacher tensors on the
+        host (the store) or left on the builder's device (online teachers, `to_host=False`)."""
+        built = self.launch(self.prepare(examples))
+        return [(sid, _to_host(t)) for sid, t in built] if to_host else built
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.cpu() for name, t in tensors.items()}
+
+
+def build_pipelined(builder: TeacherKVBuilder, examples: Sequence[Example], batch_size: int
+                    ) -> Iterator[list[tuple[str, dict[str, torch.Tensor]]]]:
+    """`builder.build` over `examples` in batches, yielded in order with the tensors on the host, overlapped:
+    while the GPU runs batch n's teachers, the CPU renders and aligns batch n + 1, and a copier thread brings
+    batch n − 1 to the host on its own CUDA stream (the copy engine runs beside the forward). Same tensors as
+    calling `build` batch by batch."""
+    chunks = [list(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    if not chunks:
+        return
+    cuda = builder.device.type == "cuda"
+    side = torch.cuda.Stream(builder.device) if cuda else None
+
+    def copy(built, ready):
+        if not cuda:
+            return built
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            # the thread keeps `built` alive until the (host-synchronous) copy ends, so no block is reused early
+            return [(sid, _to_host(t)) for sid, t in built]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-d2h") as copier:
+        pending: Future | None = None
+        prepared = builder.prepare(chunks[0])
+        for n in range(len(chunks)):
+            built = builder.launch(prepared)
+            ready = torch.cuda.Event() if cuda else None
+            if cuda:
+                ready.record()
+            if n + 1 < len(chunks):
+                prepared = builder.prepare(chunks[n + 1])
+            if pending is not None:
+                yield pending.result()
+            pending = copier.submit(copy, built, ready)
+        yield pending.result()
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor]], n_teachers: int, pad_id: int = 0) -> dict[str, Any]:

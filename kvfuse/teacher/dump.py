@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kvfuse.data import load_examples, resolve_prompt
 from kvfuse.models import PACKAGED_MODELS, fingerprint, load, student_layer_count
-from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder
+from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined
 from kvfuse.teacher.store import STORAGE_DTYPES, StoreWriter, iter_shard_indices, parse_shard
 
 
@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tokens = 0
     with tqdm(total=len(mine), desc=f"dump shard {index}/{n_shards}", unit="ex") as bar:
-        for first in range(0, len(mine), args.batch_size):
-            built = builder.build(mine[first:first + args.batch_size])
+        for built in build_pipelined(builder, mine, args.batch_size):
             samples.extend(built)
             tokens += sum(int(t["mask"].sum()) for _, t in built)
             bar.update(len(built))
