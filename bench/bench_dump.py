@@ -2,10 +2,12 @@
 
   bare      the teacher's decoder forward alone (no hooks), batched and padded as the dump does it
   serial    TeacherKVBuilder.build batch by batch: render + tokenise + forward with capture hooks + IoU alignment
-            (K' = A·K) + layer map + cast to the storage dtype + copy to host
-  dump      build_pipelined, what `python -m kvfuse dump` runs: the same work with the next batch's CPU half and the
-            last batch's copy to the host overlapped with the teacher forward (checked equal to serial);
-            then the shard write (timed apart)
+            (K' = A·K) + layer map + cast to the storage dtype + copy to host; split into its parts (prepare on the
+            CPU, launch on the device, copy to the host) in a separate pass with a sync after each
+  write     StoreWriter.write_shard of the serial build's samples held in memory (the dump before streaming)
+  dump      dump_shard, what `python -m kvfuse dump` runs, end to end into a finished shard: the pipelined build
+            (next batch's CPU half and last batch's copy into pinned memory overlapped with the teacher forward)
+            streamed to the shard file by a writer thread; the shard read back equals the serial build bit for bit
   read      TeacherKVStore: memory-mapped reads of every sample, checksums verified at open
 Target (GPU): dump ≤ 15 % over the bare forward; the reader far above what a training step consumes.
 Prints a table; appends CSV rows (device, commit) to bench/results/dump.csv.
@@ -16,6 +18,7 @@ Prints a table; appends CSV rows (device, commit) to bench/results/dump.csv.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -30,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import append_csv, commit, device_name  # noqa: E402
 from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, shakespeare  # noqa: E402
 from kvfuse.models import load  # noqa: E402
-from kvfuse.teacher.builder import Teacher, TeacherKVBuilder, build_pipelined, render_tokens  # noqa: E402
+from kvfuse.teacher.builder import Teacher, TeacherKVBuilder, render_tokens  # noqa: E402
+from kvfuse.teacher.dump import dump_shard  # noqa: E402
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
 
 
@@ -93,19 +97,37 @@ def main() -> int:
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)
         sync(device)
 
-    serial_built, built = [], []
+    serial_built = []
+    chunks = [examples[first:first + args.batch] for first in range(0, len(examples), args.batch)]
 
     def serial():
         serial_built.clear()
-        for first in range(0, len(examples), args.batch):
-            serial_built.extend(builder.build(examples[first:first + args.batch]))
+        for chunk in chunks:
+            serial_built.extend(builder.build(chunk))
         sync(device)
 
+    parts = {"prepare": 0.0, "launch": 0.0, "copy": 0.0}
+
+    def serial_parts():
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            prepared = builder.prepare(chunk)
+            t1 = time.perf_counter()
+            on_device = builder.launch(prepared)
+            sync(device)
+            t2 = time.perf_counter()
+            [{k: v.cpu() for k, v in t.items()} for _, t in on_device]
+            t3 = time.perf_counter()
+            for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[part] += seconds / args.repeats
+
+    tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-dump-"))
+    runs = iter(range(10 ** 6))
+
     def dump():
-        built.clear()
-        for batch in build_pipelined(builder, examples, args.batch):
-            built.extend(batch)
-        sync(device)
+        root = tmp / f"dump{next(runs)}"
+        dump_shard(builder, examples, args.batch, StoreWriter(root, {"bench": "dump"}, 1), 0)
+        return root
 
     def best(fn):
         fn()
@@ -116,17 +138,22 @@ def main() -> int:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    t_bare, t_serial, t_dump = best(bare), best(serial), best(dump)
-    same = all(a_id == b_id and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-               for (a_id, a), (b_id, b) in zip(serial_built, built)) and len(built) == len(serial_built)
-    student_tokens = sum(int(t["mask"].sum()) for _, t in built)
-    tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-dump-"))
+    t_bare, t_serial = best(bare), best(serial)
+    for _ in range(args.repeats):
+        serial_parts()
     start = time.perf_counter()
-    meta = StoreWriter(tmp, {"bench": "dump"}, 1).write_shard(0, built)
+    meta = StoreWriter(tmp / "serial", {"bench": "dump"}, 1).write_shard(0, serial_built)
     t_write = time.perf_counter() - start
+    shutil.rmtree(tmp / "serial")
+    t_dump = best(dump)
+    for old in sorted(tmp.glob("dump*"))[:-1]:
+        shutil.rmtree(old)
     start = time.perf_counter()
-    store = TeacherKVStore(tmp)
+    store = TeacherKVStore(sorted(tmp.glob("dump*"))[-1])
     t_open = time.perf_counter() - start
+    same = len(store) == len(serial_built) and all(
+        all(torch.equal(store.get(sid)[k], t[k]) for k in t) for sid, t in serial_built)
+    student_tokens = sum(int(t["mask"].sum()) for _, t in serial_built)
 
     def read():
         for i in range(len(store)):
@@ -138,11 +165,12 @@ def main() -> int:
     t_read = best(read)
     name = device_name(device)
     rows = [("bare forward", t_bare, teacher_tokens), ("serial build", t_serial, teacher_tokens),
-            ("dump (pipelined)", t_dump, teacher_tokens),
-            ("shard write", t_write, student_tokens), ("store read", t_read, student_tokens)]
+            ("  prepare (CPU)", parts["prepare"], teacher_tokens), ("  launch (device)", parts["launch"], teacher_tokens),
+            ("  copy to host", parts["copy"], teacher_tokens), ("write_shard (held)", t_write, student_tokens),
+            ("dump (streamed)", t_dump, teacher_tokens), ("store read", t_read, student_tokens)]
     print(f"\nteacher {args.teacher} -> student {args.student} layers, {args.n} examples x ~{args.seq} tokens, "
           f"{name}; {meta['bytes'] / max(student_tokens, 1):.0f} bytes/token stored, open+verify {t_open:.2f} s; "
-          f"pipelined == serial bit for bit: {same}")
+          f"streamed shard == serial build bit for bit: {same}")
     print(f"{'stage':18s} {'seconds':>9s} {'tokens/s':>11s} {'vs bare':>9s}")
     out = []
     for stage, seconds, tokens in rows:
@@ -151,8 +179,9 @@ def main() -> int:
                     "seq": args.seq, "n": args.n, "batch": args.batch, "stage": stage, "seconds": round(seconds, 4),
                     "tokens_per_s": round(tokens / seconds, 1), "vs_bare": round(seconds / t_bare - 1, 4),
                     "bytes_per_token": round(meta["bytes"] / max(student_tokens, 1), 1),
-                    "read_MB_per_s": round(meta["bytes"] / 1e6 / t_read, 1), "pipelined_equals_serial": same})
+                    "read_MB_per_s": round(meta["bytes"] / 1e6 / t_read, 1), "dump_equals_serial": same})
     append_csv(args.csv, out)
+    shutil.rmtree(tmp)
     return 0 if same else 1
 
 

@@ -5,8 +5,9 @@ Student step (forward, backward, AdamW) on one device, three ways, same inputs:
   kv_fused      LM loss + the KV loss of N teachers read from an offline store (memory-mapped safetensors),
                 fused Triton kernel (torch reference on CPU)
   kv_eager      the same with the eager per-teacher PyTorch loop
-  kv_fused+loader(W)  kv_fused fed live by kvfuse.teacher.loader.store_loader with W reader processes (pinned
-                memory on GPU), as train/ does: equal to kv_fused when the reader keeps up
+  kv_fused+store(P)   kv_fused fed live by kvfuse.teacher.loader.store_batches, P batches read ahead by a
+                background thread into pinned memory and moved on a side stream, as train/ does: equal to kv_fused
+                when the reader keeps up (the first batch is checked equal to an inline read)
 Teacher KV is random data of the teachers' real shapes, written once as a real store. The first three variants
 train on batches already on the device; the store read (one thread) is timed on its own, and the last variant puts
 the reader on the timed path. Prints a table and appends CSV rows (device, commit) to bench/results/train_step.csv.
@@ -34,7 +35,7 @@ from kvfuse.loss import KVDistillLoss  # noqa: E402
 from kvfuse.models import load  # noqa: E402
 from kvfuse.models.capture import capture_kv  # noqa: E402
 from kvfuse.teacher.builder import collate  # noqa: E402
-from kvfuse.teacher.loader import store_loader  # noqa: E402
+from kvfuse.teacher.loader import batch_to, store_batches  # noqa: E402
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--store_workers", type=int, default=4, help="reader processes of the loader-fed variant")
+    parser.add_argument("--store_prefetch", type=int, default=2, help="batches read ahead in the store-fed variant")
     parser.add_argument("--csv", default=str(ROOT / "bench/results/train_step.csv"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,11 +100,7 @@ def main() -> int:
     def read_batch():
         ids = [(state["i"] + b) % len(store) for b in range(args.batch)]
         state["i"] += args.batch
-        return to_device(collate([store[i] for i in ids], len(teachers)))
-
-    def to_device(batch):
-        return {k: ([t.to(device, non_blocking=True) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
-                    else v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return batch_to(collate([store[i] for i in ids], len(teachers)), device)
 
     # The steps are timed on batches already on the device (a DataLoader prefetches them in real training);
     # the store read is timed on its own, so the table shows whether the reader can keep up.
@@ -154,17 +151,21 @@ def main() -> int:
     n_batches = args.steps + 2                              # timed() runs two warm-up steps
     id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
                   for j in range(n_batches)]
-    loader = iter(store_loader(store, id_batches, len(teachers), workers=args.store_workers,
-                               pin_memory=device.type == "cuda"))
+    fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch)
+    first = next(fed)
+    inline = batch_to(collate([store.get(i) for i in id_batches[0]], len(teachers)), device)
+    same = all(torch.equal(a, b) for kind in ("teacher_k", "teacher_v") for a, b in zip(first[kind], inline[kind]))
+    batches_fed = iter([first])
 
-    def from_loader():
-        return to_device(next(loader))
-    variants.append((f"kv_fused+loader({args.store_workers})",
-                     timed(with_kv(fused_backend, from_loader), args.steps, device)))
+    def from_store():
+        return next(batches_fed, None) or next(fed)
+    variants.append((f"kv_fused+store({args.store_prefetch})",
+                     timed(with_kv(fused_backend, from_store), args.steps, device)))
     tokens = args.batch * args.seq
     name = device_name(device)
     print(f"\nstudent {args.student} ({L} layers, {H_s}x{D_s} KV), teachers {teachers}, batch {args.batch} x "
-          f"{args.seq} tokens, {name}; store read + host-to-device copy of one batch (one thread): {read * 1e3:.1f} ms")
+          f"{args.seq} tokens, {name}; store read + host-to-device copy of one batch (one thread): {read * 1e3:.1f} ms; "
+          f"prefetched batch == inline read: {same}")
     print(f"{'variant':24s} {'step ms':>9s} {'tokens/s':>10s} {'vs ce_only':>11s}")
     for variant, seconds in variants:
         overhead = seconds / base - 1
@@ -172,9 +173,9 @@ def main() -> int:
         rows.append({"device": name, "commit": commit(), "student": args.student, "teachers": args.teachers,
                      "batch": args.batch, "seq": args.seq, "variant": variant, "step_ms": round(seconds * 1e3, 3),
                      "tokens_per_s": round(tokens / seconds, 1), "overhead_vs_ce": round(overhead, 4),
-                     "store_read_ms": round(read * 1e3, 3), "store_workers": args.store_workers})
+                     "store_read_ms": round(read * 1e3, 3), "store_prefetch": args.store_prefetch})
     append_csv(args.csv, rows)
-    return 0
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Store loader: worker processes deliver exactly the batches, in exactly the order, that inline reads give."""
+"""Store batches: the prefetch thread delivers exactly the batches, in exactly the order, that inline reads give."""
 import pytest
 import torch
 
 from kvfuse.teacher.builder import collate
-from kvfuse.teacher.loader import store_loader
+from kvfuse.teacher.loader import store_batches
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore
 
 
@@ -28,11 +28,11 @@ def _store(root, poison_id=None):
     return TeacherKVStore(root)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_batches_equal_inline_collate_in_order(tmp_path, workers):
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_batches_equal_inline_collate_in_order(tmp_path, prefetch):
     store = _store(tmp_path)
     id_batches = [["s1-4"], ["s0-0", "s1-2", "s0-3"], ["s0-1", "s1-0"], ["s1-1", "s0-4", "s0-2", "s1-3"]]
-    got = list(store_loader(store, id_batches, n_teachers=2, pad_id=5, workers=workers))
+    got = list(store_batches(store, id_batches, n_teachers=2, pad_id=5, prefetch=prefetch))
     assert len(got) == len(id_batches)
     for ids, batch in zip(id_batches, got):
         want = collate([dict(store.get(i)) for i in ids], 2, pad_id=5)
@@ -45,10 +45,21 @@ def test_batches_equal_inline_collate_in_order(tmp_path, workers):
                 assert a.dtype == b.dtype and torch.equal(a, b), key
 
 
-def test_nan_in_a_stored_sample_is_named_through_the_worker(tmp_path):
+def test_nan_in_a_stored_sample_is_named_at_its_turn(tmp_path):
     store = _store(tmp_path, poison_id="s1-2")
-    loader = store_loader(store, [["s0-0"], ["s0-1", "s1-2"]], n_teachers=2, workers=1)
+    batches = store_batches(store, [["s0-0"], ["s0-1", "s1-2"], ["s0-3"]], n_teachers=2, prefetch=2)
+    assert next(batches)["ids"] == ["s0-0"]       # the batch before the damaged one still arrives
     with pytest.raises(ValueError, match=r"teacher_k\[0\] of samples \['s0-1', 's1-2'\] has NaN/Inf"):
-        list(loader)
-    with pytest.raises(ValueError, match="workers must be >= 0"):
-        store_loader(store, [["s0-0"]], n_teachers=2, workers=-1)
+        next(batches)
+    with pytest.raises(ValueError, match="prefetch must be >= 0"):
+        next(store_batches(store, [["s0-0"]], n_teachers=2, prefetch=-1))
+
+
+def test_collate_pads_with_zeros_into_fresh_memory():
+    gen = torch.Generator().manual_seed(3)
+    samples = [_sample(gen, 5), _sample(gen, 9)]
+    batch = collate(samples, 2)
+    for i in range(2):
+        k = batch["teacher_k"][i]
+        assert torch.equal(k[:, 0, :, :5], samples[0][f"teacher{i}/k"]) and not k[:, 0, :, 5:].any()
+        assert torch.equal(k[:, 1], samples[1][f"teacher{i}/k"])

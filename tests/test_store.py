@@ -119,3 +119,76 @@ def test_duplicates_and_bad_specs(tmp_path):
 def test_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="not a teacher-KV store"):
         TeacherKVStore(tmp_path)
+
+
+def test_streamed_shard_keeps_every_tensor_aligned_and_reads_with_safetensors(tmp_path):
+    import json
+    import struct
+
+    from safetensors import safe_open
+
+    samples = list(_samples(5, ["a", "b", "c"]))     # odd lengths: bool masks leave the offset unaligned
+    StoreWriter(tmp_path, SETTINGS, 1).write_shard(0, samples)
+    path = tmp_path / "shard-00000-of-00001.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    assert (8 + n) % 8 == 0
+    sizes = {"BF16": 2, "I64": 8, "BOOL": 1, "U8": 1}
+    spans = sorted(entry["data_offsets"] for key, entry in header.items() if key != "__metadata__")
+    assert spans[0][0] == 0 and spans[-1][1] == len(raw) - 8 - n            # no hole, nothing after
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    for key, entry in header.items():
+        if key != "__metadata__":
+            assert entry["data_offsets"][0] % sizes[entry["dtype"]] == 0, key
+    assert any(key.startswith("__pad") for key in header)
+    with safe_open(str(path), framework="pt") as fh:
+        for sample_id, tensors in samples:
+            for name, tensor in tensors.items():
+                assert torch.equal(fh.get_tensor(f"{sample_id}/{name}"), tensor)
+
+
+def test_streamed_shard_refuses_surprises_and_leaves_nothing_when_aborted(tmp_path):
+    writer = StoreWriter(tmp_path, SETTINGS, 1)
+    (a, ta), (b, tb) = _samples(0, ["a", "b"])
+    with pytest.raises(ValueError, match="got sample 'b' .* expected 'a'"):
+        with writer.stream_shard(0, [("a", list(ta)), ("b", list(tb))]) as shard:
+            shard.add(b, tb)
+    with pytest.raises(ValueError, match="1 of 2 declared samples written"):
+        with writer.stream_shard(0, [("a", list(ta)), ("b", list(tb))]) as shard:
+            shard.add(a, ta)
+    assert not writer.is_finished(0) and not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".*"))
+    with pytest.raises(ValueError, match="duplicate sample id 'a'"):
+        writer.stream_shard(0, [("a", ["mask"]), ("a", ["mask"])])
+
+
+def test_flipped_header_byte_and_format_1_shards(tmp_path):
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    _write_store(tmp_path)
+    victim = tmp_path / "shard-00002-of-00003.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[20] = ord(" ") if data[20] != ord(" ") else ord("\t")    # still valid JSON, another header
+    victim.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard-00002-of-00003.safetensors fails its sha256"):
+        TeacherKVStore(tmp_path)
+    # A store written before streaming (one sha256 over the whole file) is still read and checked.
+    old = tmp_path / "v1"
+    writer = StoreWriter(old, SETTINGS, 1)
+    samples = list(_samples(1, ["x", "y"]))
+    data_path, meta_path = writer.paths(0)
+    save_file({f"{sid}/{name}": t for sid, named in samples for name, t in named.items()}, str(data_path),
+              metadata={"settings_hash": writer.hash})
+    meta = {"format": 1, "settings_hash": writer.hash, "shard": 0, "n_shards": 1,
+            "samples": [{"id": sid, "tensors": {n: [list(t.shape), str(t.dtype)[6:]] for n, t in named.items()}}
+                        for sid, named in samples],
+            "bytes": data_path.stat().st_size, "sha256": hashlib.sha256(data_path.read_bytes()).hexdigest()}
+    meta_path.write_text(json.dumps(meta))
+    assert torch.equal(TeacherKVStore(old).get("y")["mask"], samples[1][1]["mask"])
+    data_path.write_bytes(data_path.read_bytes()[:-1] + b"\x00")
+    meta_path.write_text(json.dumps(dict(meta, bytes=data_path.stat().st_size)))
+    with pytest.raises(StoreError, match="fails its sha256"):
+        TeacherKVStore(old)

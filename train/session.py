@@ -30,7 +30,7 @@ from kvfuse.loss import KVDistillLoss
 from kvfuse.models import load, make_student
 from kvfuse.schedule import layer_weights as annealed_layer_weights, lr_factor, warm_in
 from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, collate
-from kvfuse.teacher.loader import check_finite_teachers, store_loader
+from kvfuse.teacher.loader import batch_to, check_finite_teachers, store_batches
 from kvfuse.teacher.store import TeacherKVStore
 from kvfuse.zspace import ZSpace
 
@@ -176,31 +176,22 @@ class TrainingSession:
             samples = [dict(self.store.get(str(ex.id))) for ex in examples]
         else:
             samples = [dict(t, id=sid) for sid, t in self.builder.build(examples, to_host=False)]
-        return self._to_device(check_finite_teachers(collate(samples, len(self.teacher_names), self._pad_id)))
+        return batch_to(check_finite_teachers(collate(samples, len(self.teacher_names), self._pad_id)), self.device)
 
     @property
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    def _to_device(self, batch: dict) -> dict:
-        def move(t: torch.Tensor) -> torch.Tensor:      # asynchronous from the store loader's pinned memory
-            return t.to(self.device, non_blocking=True)
-        return {k: ([move(t) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
-                    else move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
     def train_batches(self, epoch: int, skip: int = 0):
-        """Device batches of this rank's micro-batches of `epoch` after the first `skip`. From a store,
-        `store_workers` processes read and collate the next batches while the current one trains."""
+        """Device batches of this rank's micro-batches of `epoch` after the first `skip`. From a store, a
+        background thread reads, collates and moves the next `store_prefetch` batches while the current one trains."""
         chunks = list(self.micro_batches(epoch))[skip:]
-        workers = self.config["store_workers"]
-        if self.store is None or workers == 0:
+        if self.store is None:
             for examples in chunks:
                 yield self.teacher_batch(examples)
             return
-        loader = store_loader(self.store, [[str(ex.id) for ex in chunk] for chunk in chunks],
-                              len(self.teacher_names), self._pad_id, workers, pin_memory=self.device.type == "cuda")
-        for batch in loader:
-            yield self._to_device(batch)
+        yield from store_batches(self.store, [[str(ex.id) for ex in chunk] for chunk in chunks],
+                                 len(self.teacher_names), self._pad_id, self.device, self.config["store_prefetch"])
 
     def micro_batches(self, epoch: int):
         """This rank's micro-batches of `epoch` in a fixed, seeded order (the same on every run and resume)."""

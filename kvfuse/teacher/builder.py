@@ -59,6 +59,12 @@ def render_tokens(tokenizer, prompt: str, example: Example, trim_whitespace: boo
                      rationale)
 
 
+def sample_names(n_teachers: int) -> list[str]:
+    """The tensors `TeacherKVBuilder.build` makes per example."""
+    return ["input_ids", "positions", "mask", "labels_mask"] + [f"teacher{i}/{kind}" for i in range(n_teachers)
+                                                                for kind in ("k", "v")]
+
+
 @dataclass
 class PreparedBatch:
     examples: list[Example]
@@ -181,12 +187,20 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.cpu() for name, t in tensors.items()}
 
 
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
 def build_pipelined(builder: TeacherKVBuilder, examples: Sequence[Example], batch_size: int
                     ) -> Iterator[list[tuple[str, dict[str, torch.Tensor]]]]:
     """`builder.build` over `examples` in batches, yielded in order with the tensors on the host, overlapped:
     while the GPU runs batch n's teachers, the CPU renders and aligns batch n + 1, and a copier thread brings
-    batch n − 1 to the host on its own CUDA stream (the copy engine runs beside the forward). Same tensors as
-    calling `build` batch by batch."""
+    batch n − 1 to the host on its own CUDA stream (the copy engine runs beside the forward), into pinned memory
+    (fresh pageable memory is page-faulted in at a few GB/s; torch's pinned cache reuses the blocks of batches
+    already written). Same tensors as calling `build` batch by batch."""
     chunks = [list(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
     if not chunks:
         return
@@ -198,8 +212,9 @@ def build_pipelined(builder: TeacherKVBuilder, examples: Sequence[Example], batc
             return built
         with torch.cuda.stream(side):
             side.wait_event(ready)
-            # the thread keeps `built` alive until the (host-synchronous) copy ends, so no block is reused early
-            return [(sid, _to_host(t)) for sid, t in built]
+            host = [(sid, {name: _pinned_copy(t) for name, t in tensors.items()}) for sid, tensors in built]
+        side.synchronize()   # `built` (device memory of the main stream) stays referenced until the copies end
+        return host
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-d2h") as copier:
         pending: Future | None = None
@@ -217,8 +232,10 @@ def build_pipelined(builder: TeacherKVBuilder, examples: Sequence[Example], batc
         yield pending.result()
 
 
-def collate(samples: Sequence[dict[str, torch.Tensor]], n_teachers: int, pad_id: int = 0) -> dict[str, Any]:
-    """Pad per-sample tensors on the right into a batch; teacher KV becomes [L_s, B, H_t, T, D_t] (kernel layout)."""
+def collate(samples: Sequence[dict[str, torch.Tensor]], n_teachers: int, pad_id: int = 0,
+            pin_memory: bool = False) -> dict[str, Any]:
+    """Pad per-sample tensors on the right into a batch; teacher KV becomes [L_s, B, H_t, T, D_t] (kernel layout),
+    in pinned host memory with `pin_memory` (for an asynchronous copy to a GPU)."""
     if not samples:
         raise ValueError("collate: empty batch")
     lengths = [len(s["input_ids"]) for s in samples]
@@ -244,12 +261,15 @@ def collate(samples: Sequence[dict[str, torch.Tensor]], n_teachers: int, pad_id:
         for i in range(n_teachers):
             first = samples[0][f"teacher{i}/{kind}"]
             L, H, _, D = first.shape
-            stacked = first.new_zeros(L, B, H, T, D)
+            # empty + zeroed padding: the batch is written once (it is the largest thing a step reads)
+            stacked = torch.empty(L, B, H, T, D, dtype=first.dtype, device=first.device,
+                                  pin_memory=pin_memory and first.device.type == "cpu")
             for b, s in enumerate(samples):
                 x = s[f"teacher{i}/{kind}"]
                 if x.shape[0] != L or x.shape[1] != H or x.shape[3] != D or x.shape[2] != lengths[b]:
                     raise ValueError(f"sample {s.get('id', b)}: teacher{i}/{kind} has shape {tuple(x.shape)}, "
                                      f"expected [{L}, {H}, {lengths[b]}, {D}]")
                 stacked[:, b, :, : lengths[b]] = x
+                stacked[:, b, :, lengths[b]:] = 0
             batch[f"teacher_{kind}"].append(stacked)
     return batch

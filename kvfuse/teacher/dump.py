@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
-from kvfuse.data import load_examples, resolve_prompt
+from kvfuse.data import Example, load_examples, resolve_prompt
 from kvfuse.models import PACKAGED_MODELS, fingerprint, load, student_layer_count
-from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined
+from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined, sample_names
 from kvfuse.teacher.store import STORAGE_DTYPES, StoreWriter, iter_shard_indices, parse_shard
 
 
@@ -95,17 +98,34 @@ def run(args: argparse.Namespace) -> int:
         AlignmentSettings(args.layer_map, args.align_threshold, args.align_fallback, args.trim_whitespace),
         max_length=args.max_length, storage_dtype=STORAGE_DTYPES[args.dtype], device=device)
     mine = [examples[i] for i in iter_shard_indices(len(examples), index, n_shards)]
-    samples = []
     start = time.perf_counter()
     tokens = 0
     with tqdm(total=len(mine), desc=f"dump shard {index}/{n_shards}", unit="ex") as bar:
-        for built in build_pipelined(builder, mine, args.batch_size):
-            samples.extend(built)
+        def progress(built):
+            nonlocal tokens
             tokens += sum(int(t["mask"].sum()) for _, t in built)
             bar.update(len(built))
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-    meta = writer.write_shard(index, samples)
+        meta = dump_shard(builder, mine, args.batch_size, writer, index, progress)
     elapsed = time.perf_counter() - start
-    print(f"shard {index}/{n_shards}: {len(samples)} examples, {tokens} aligned tokens, {meta['bytes'] / 1e6:.1f} MB, "
+    print(f"shard {index}/{n_shards}: {len(mine)} examples, {tokens} aligned tokens, {meta['bytes'] / 1e6:.1f} MB, "
           f"{meta['bytes'] / max(tokens, 1):.0f} bytes/token, {tokens / elapsed:.0f} tokens/s")
     return 0
+
+
+def dump_shard(builder: TeacherKVBuilder, examples: Sequence[Example], batch_size: int, writer: StoreWriter,
+               index: int, on_batch: Callable[[list], None] = lambda built: None) -> dict:
+    """Teacher KV of `examples` streamed into shard `index`: the pipelined build on this thread, the file writes
+    (and their sha256) on another, at most two batches waiting in host memory. Returns the shard's JSON record."""
+    names = sample_names(len(builder.teachers))
+    with writer.stream_shard(index, [(str(ex.id), names) for ex in examples]) as shard, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-write") as pool:
+        pending: deque[Future] = deque()
+        for built in build_pipelined(builder, examples, batch_size):
+            while len(pending) >= 2:
+                pending.popleft().result()
+            pending.append(pool.submit(lambda batch=built: [shard.add(sid, t) for sid, t in batch]))
+            on_batch(built)
+        for write in pending:
+            write.result()
+    return shard.meta

@@ -1,16 +1,20 @@
-"""Training batches read from an offline teacher-KV store ahead of the step that needs them.
+"""Training batches read from an offline teacher-KV store ahead of the step that needs them, onto its device.
 
-A 1.5B student step consumes ~170 KB of stored KV per token; read, decoded and collated on the training thread that
-cost more than the step itself (bench/NOTES.md, "store read"). Here each DataLoader item is one whole micro-batch
-(read + collate + NaN check), so `workers` processes prepare the next batches — into pinned memory on a GPU
-machine — while the current one trains, and the order stays exactly the one the caller asked for (resume-safe).
+A 1.5B student step consumes ~170 KB of stored KV per token, 1.4 GB per 8k-token batch. A background thread reads
+the memory-mapped samples, collates them straight into pinned host memory (torch's large copies run on several
+cores and release the GIL), copies the batch to the GPU on a CUDA stream of its own and checks it for NaN/Inf there,
+so the training thread only waits on an event. Threads and not DataLoader worker processes: a worker's batch
+crosses into the trainer through shared memory and is copied once more into pinned memory by a single thread,
+which on the H100 made the step twice as slow as the step alone (bench/NOTES.md).
+The order is exactly the caller's (resume-safe); an error (a damaged sample, NaN) is raised at its batch's turn.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from kvfuse.teacher.builder import collate
 from kvfuse.teacher.store import TeacherKVStore
@@ -25,25 +29,66 @@ def check_finite_teachers(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-class StoreBatches(Dataset):
-    """Item j = the collated micro-batch of the sample ids in `id_batches[j]`."""
-
-    def __init__(self, store: TeacherKVStore, id_batches: Sequence[Sequence[str]], n_teachers: int, pad_id: int):
-        self.store, self.n_teachers, self.pad_id = store, n_teachers, pad_id
-        self.id_batches = [list(b) for b in id_batches]
-
-    def __len__(self) -> int:
-        return len(self.id_batches)
-
-    def __getitem__(self, j: int) -> dict[str, Any]:
-        samples = [dict(self.store.get(sample_id)) for sample_id in self.id_batches[j]]
-        return check_finite_teachers(collate(samples, self.n_teachers, pad_id=self.pad_id))
+def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every tensor of a collated batch (lists of tensors too) on `device`, asynchronously from pinned memory."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+    return {k: ([move(t) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
+                else move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def store_loader(store: TeacherKVStore, id_batches: Sequence[Sequence[str]], n_teachers: int, pad_id: int = 0,
-                 workers: int = 2, pin_memory: bool = False, prefetch: int = 2) -> DataLoader:
-    """Iterate the collated micro-batches of `id_batches` in order; `workers=0` reads on the calling thread."""
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    return DataLoader(StoreBatches(store, id_batches, n_teachers, pad_id), batch_size=None, shuffle=False,
-                      num_workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch if workers else None)
+def _tensors(batch: dict[str, Any]) -> Iterator[torch.Tensor]:
+    for value in batch.values():
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, list):
+            yield from (t for t in value if torch.is_tensor(t))
+
+
+def store_batches(store: TeacherKVStore, id_batches: Sequence[Sequence[str]], n_teachers: int, pad_id: int = 0,
+                  device: str | torch.device = "cpu", prefetch: int = 2) -> Iterator[dict[str, Any]]:
+    """The collated micro-batches of `id_batches`, in order, on `device`, with `prefetch` of them prepared ahead by
+    a background thread (0: read on the calling thread)."""
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def load(ids: Sequence[str]) -> tuple[dict[str, Any], torch.cuda.Event | None]:
+        batch = collate([dict(store.get(sample_id)) for sample_id in ids], n_teachers, pad_id, pin_memory=cuda)
+        if not cuda:
+            return check_finite_teachers(batch), None
+        with torch.cuda.stream(side):
+            moved = check_finite_teachers(batch_to(batch, device))   # the check waits for this stream only
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return moved, ready
+
+    def hand_over(loaded: tuple[dict[str, Any], torch.cuda.Event | None]) -> dict[str, Any]:
+        batch, ready = loaded
+        if ready is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(ready)
+            for t in _tensors(batch):
+                if t.device.type == "cuda":
+                    t.record_stream(current)   # made on the side stream, used and freed on this one
+        return batch
+
+    if prefetch == 0:
+        for ids in id_batches:
+            yield hand_over(load(ids))
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-store") as pool:
+        pending: deque[Future] = deque()
+        upcoming = iter(id_batches)
+        try:
+            for ids in upcoming:
+                pending.append(pool.submit(load, ids))
+                if len(pending) > prefetch:
+                    yield hand_over(pending.popleft().result())
+            while pending:
+                yield hand_over(pending.popleft().result())
+        finally:
+            for job in pending:
+                job.cancel()

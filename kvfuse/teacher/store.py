@@ -4,29 +4,36 @@ Layout of a store directory::
 
     manifest.json                       settings + model fingerprints, number of shards (written once)
     shard-00003-of-00008.safetensors    tensors of the shard's samples, keys "<sample_id>/<name>"
-    shard-00003-of-00008.json           the shard's sample ids, shapes, dtype, sha256 of the data file
+    shard-00003-of-00008.json           the shard's sample ids, shapes, dtype, sha256 of the data file's header and
+                                        of its tensor bytes
 
-A shard counts as finished only when its JSON exists: the data file is written to a temporary name and renamed
-first, then the JSON the same way, so a job killed at any point leaves either a finished shard or leftovers that
-the next run removes and redoes. Settings are compared on every write and every read, so shards made with
-different settings never mix.
+A shard is streamed to disk as its samples arrive (`ShardStream`): a teacher's KV is ~120 MB per 2k-token sample
+for a 7B model, so a shard never waits in host memory. The safetensors header goes first in the file but is known
+only at the end: its room is reserved from the declared samples and filled last, padded with spaces as the format
+allows; tensors stay aligned to their item size through small "__pad<n>__" byte tensors. A shard counts as
+finished only when its JSON exists: the data file is written under a temporary name and renamed, then the JSON the
+same way, so a job killed at any point leaves either a finished shard or leftovers that the next run removes and
+redoes. Settings are compared on every write and every read, so shards made with different settings never mix.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 1: one sha256 over the whole data file (still read); 2: header and tensor bytes apart
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -43,12 +50,28 @@ def shard_stem(index: int, n_shards: int) -> str:
     return f"shard-{index:05d}-of-{n_shards:05d}"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, start: int = 0, stop: int | None = None) -> str:
+    """sha256 of the bytes [start, stop) of a file (to its end when stop is None)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        fh.seek(start)
+        left = None if stop is None else stop - start
+        while left is None or left > 0:
+            block = fh.read(chunk if left is None else min(chunk, left))
+            if not block:
+                break
             digest.update(block)
+            left = None if left is None else left - len(block)
     return digest.hexdigest()
+
+
+def header_end(path: Path) -> int:
+    """Where a safetensors file's tensor bytes begin: 8 + the header length stored in its first 8 bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        raise StoreError(f"{path} is shorter than a safetensors header: damaged file")
+    return 8 + struct.unpack("<Q", head)[0]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -124,41 +147,129 @@ class StoreWriter:
         if data_path.exists() and not meta_path.exists():
             data_path.unlink()
 
-    def write_shard(self, index: int, samples: Iterable[tuple[str, Mapping[str, torch.Tensor]]]) -> dict:
-        """Write shard `index` from (sample_id, {name: tensor}) pairs; returns its JSON record."""
+    def stream_shard(self, index: int, expected: Sequence[tuple[str, Sequence[str]]]) -> "ShardStream":
+        """Open shard `index` for streaming; `expected` lists its samples in order: (sample_id, tensor names)."""
         if not 0 <= index < self.n_shards:
             raise ValueError(f"shard index {index} outside 0..{self.n_shards - 1}")
+        if not expected:
+            raise ValueError(f"shard {index} of {self.n_shards} got no samples (fewer samples than shards?)")
         self.clean_leftovers(index)
-        data_path, meta_path = self.paths(index)
-        tensors: dict[str, torch.Tensor] = {}
-        records = []
-        tokens = 0
-        for sample_id, named in samples:
+        return ShardStream(self, index, expected)
+
+    def write_shard(self, index: int, samples: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> dict:
+        """Write shard `index` from (sample_id, {name: tensor}) pairs held in memory; returns its JSON record."""
+        with self.stream_shard(index, [(sample_id, list(named)) for sample_id, named in samples]) as shard:
+            for sample_id, named in samples:
+                shard.add(sample_id, named)
+        return shard.meta
+
+
+class ShardStream:
+    """One shard's data file, written sample by sample (see the module docstring); use as a context manager,
+    leaving the block without an exception finishes the shard (header, fsync, rename, JSON)."""
+
+    def __init__(self, writer: StoreWriter, index: int, expected: Sequence[tuple[str, Sequence[str]]]):
+        self.writer, self.index = writer, index
+        self.expected = [(str(sample_id), list(names)) for sample_id, names in expected]
+        seen = set()
+        for sample_id, _ in self.expected:
             if "/" in sample_id:
                 raise ValueError(f"sample id {sample_id!r} must not contain '/'")
-            shapes = {}
-            for name, tensor in named.items():
-                key = f"{sample_id}/{name}"
-                if key in tensors:
-                    raise ValueError(f"duplicate sample id {sample_id!r} in shard {index}")
-                tensors[key] = tensor.detach().to("cpu").contiguous()
-                shapes[name] = [list(tensor.shape), str(tensor.dtype).replace("torch.", "")]
-            if "mask" in named:
-                tokens += int(named["mask"].sum())
-            records.append({"id": sample_id, "tensors": shapes})
-        if not records:
-            raise ValueError(f"shard {index} of {self.n_shards} got no samples (fewer samples than shards?)")
-        tmp = data_path.with_name(f".{data_path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"settings_hash": self.hash})
-        os.chmod(tmp, 0o644)  # readable by the training job's user, whoever ran the dump
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, data_path)
-        meta = {"format": FORMAT_VERSION, "settings_hash": self.hash, "shard": index, "n_shards": self.n_shards,
-                "samples": records, "bytes": data_path.stat().st_size, "sha256": sha256_file(data_path),
-                "valid_tokens": tokens, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _atomic_write_text(meta_path, json.dumps(meta, indent=1))
-        return meta
+            if sample_id in seen:
+                raise ValueError(f"duplicate sample id {sample_id!r} in shard {index}")
+            seen.add(sample_id)
+        self.data_path, self.meta_path = writer.paths(index)
+        self.tmp = self.data_path.with_name(f".{self.data_path.name}.tmp-{os.getpid()}")
+        # Room for the header: every entry at its longest (4-D shapes, 20-digit numbers), one pad per tensor.
+        longest_entry = len('{"dtype":"BF16","shape":[],"data_offsets":[,]}') + 6 * 21 + 4
+        n_tensors = sum(len(names) for _, names in self.expected)
+        reserve = 64 + len(json.dumps({"settings_hash": writer.hash})) + n_tensors * (2 * longest_entry + 24)
+        reserve += sum(len(json.dumps(f"{sid}/{name}")) + 1 for sid, names in self.expected for name in names)
+        self.header_room = -(-reserve // 8) * 8           # tensor bytes start 8-aligned
+        self.entries: dict[str, dict] = {}
+        self.records: list[dict] = []
+        self.offset = 0
+        self.tokens = 0
+        self.meta: dict | None = None
+        self.digest = hashlib.sha256()
+        self.fh = open(self.tmp, "wb", buffering=0)
+        self.fh.seek(8 + self.header_room)
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-sha256")
+
+    def _put(self, key: str, tensor: torch.Tensor) -> None:
+        itemsize = tensor.element_size()
+        if self.offset % itemsize:
+            self._put(f"__pad{len(self.entries)}__", torch.zeros(itemsize - self.offset % itemsize, dtype=torch.uint8))
+        data = tensor.detach().contiguous()
+        if data.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{key}: dtype {data.dtype} cannot be stored")
+        raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else memoryview(b"")
+        hashed = self.hasher.submit(self.digest.update, raw)   # hashing and writing both release the GIL
+        self.fh.write(raw)
+        hashed.result()
+        self.entries[key] = {"dtype": SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape),
+                             "data_offsets": [self.offset, self.offset + raw.nbytes]}
+        self.offset += raw.nbytes
+
+    def add(self, sample_id: str, named: Mapping[str, torch.Tensor]) -> None:
+        """Append one sample's tensors (on any device; host memory, pinned or not, avoids a copy)."""
+        position = len(self.records)
+        if position >= len(self.expected):
+            raise ValueError(f"shard {self.index}: sample {sample_id!r} beyond the {len(self.expected)} declared")
+        want_id, want_names = self.expected[position]
+        if str(sample_id) != want_id or sorted(named) != sorted(want_names):
+            raise ValueError(f"shard {self.index}: got sample {sample_id!r} with {sorted(named)}, expected "
+                             f"{want_id!r} with {sorted(want_names)} (samples arrive in the declared order)")
+        # widest items first, so a sample needs at most one pad (before the next sample's int64 tensors)
+        for name in sorted(named, key=lambda n: (-named[n].element_size(), n)):
+            self._put(f"{sample_id}/{name}", named[name].to("cpu"))
+        if "mask" in named:
+            self.tokens += int(named["mask"].sum())
+        self.records.append({"id": want_id, "tensors": {name: [list(t.shape), str(t.dtype).replace("torch.", "")]
+                                                        for name, t in named.items()}})
+
+    def close(self) -> dict:
+        if len(self.records) != len(self.expected):
+            raise ValueError(f"shard {self.index}: {len(self.records)} of {len(self.expected)} declared samples "
+                             "written")
+        header = json.dumps({"__metadata__": {"settings_hash": self.writer.hash}, **self.entries},
+                            separators=(",", ":")).encode()
+        if len(header) > self.header_room:
+            raise RuntimeError(f"safetensors header of {len(header)} bytes outgrew its {self.header_room} reserved")
+        header += b" " * (self.header_room - len(header))
+        self.fh.seek(0)
+        self.fh.write(struct.pack("<Q", len(header)) + header)
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        self.hasher.shutdown()
+        os.chmod(self.tmp, 0o644)  # readable by the training job's user, whoever ran the dump
+        os.replace(self.tmp, self.data_path)
+        self.meta = {"format": FORMAT_VERSION, "settings_hash": self.writer.hash, "shard": self.index,
+                     "n_shards": self.writer.n_shards, "samples": self.records,
+                     "bytes": self.data_path.stat().st_size,
+                     "header_sha256": hashlib.sha256(struct.pack("<Q", len(header)) + header).hexdigest(),
+                     "data_sha256": self.digest.hexdigest(), "valid_tokens": self.tokens,
+                     "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _atomic_write_text(self.meta_path, json.dumps(self.meta, indent=1))
+        return self.meta
+
+    def abort(self) -> None:
+        self.fh.close()
+        self.hasher.shutdown()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardStream":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
 
 @dataclass(frozen=True)
@@ -208,8 +319,8 @@ class TeacherKVStore(torch.utils.data.Dataset):
             size = data_path.stat().st_size
             if size != meta["bytes"]:
                 raise StoreError(f"{data_path} has {size} bytes, its manifest says {meta['bytes']}: damaged file")
-            if verify and sha256_file(data_path) != meta["sha256"]:
-                raise StoreError(f"{data_path} fails its sha256 check: damaged file")
+            if verify:
+                _verify(data_path, meta)
             self._data_paths.append(data_path)
             self.bytes += size
             self.valid_tokens += int(meta.get("valid_tokens", 0))
@@ -257,6 +368,17 @@ class TeacherKVStore(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def _verify(data_path: Path, meta: Mapping[str, Any]) -> None:
+    if "sha256" in meta:                                  # format 1: the whole file
+        ok = sha256_file(data_path) == meta["sha256"]
+    else:
+        end = header_end(data_path)
+        ok = (end <= meta["bytes"] and sha256_file(data_path, stop=end) == meta["header_sha256"]
+              and sha256_file(data_path, start=end) == meta["data_sha256"])
+    if not ok:
+        raise StoreError(f"{data_path} fails its sha256 check: damaged file")
 
 
 def _read_json(path: Path) -> dict:
