@@ -4,8 +4,9 @@ Layout of a store directory::
 
     manifest.json                       settings + model fingerprints, number of shards (written once)
     shard-00003-of-00008.safetensors    tensors of the shard's samples, keys "<sample_id>/<name>"
-    shard-00003-of-00008.json           the shard's sample ids, shapes, dtype, sha256 of the data file's header and
-                                        of its tensor bytes
+    shard-00003-of-00008.json           the shard's sample ids, shapes, dtype; sha256 of the data file's header,
+                                        and sha256 over the sha256 of each tensor's bytes in file order (hashed
+                                        in parallel: one sha256 stream runs at ~1.2 GB/s, below a 7B dump's rate)
 
 A shard is streamed to disk as its samples arrive (`ShardStream`): a teacher's KV is ~120 MB per 2k-token sample
 for a 7B model, so a shard never waits in host memory. The safetensors header goes first in the file but is known
@@ -31,7 +32,8 @@ import torch
 from safetensors import safe_open
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2   # 1: one sha256 over the whole data file (still read); 2: header and tensor bytes apart
+FORMAT_VERSION = 2   # 1: one sha256 over the whole data file (still read); 2: header and per-tensor digests
+HASH_THREADS = min(8, os.cpu_count() or 1)
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -191,10 +193,11 @@ class ShardStream:
         self.offset = 0
         self.tokens = 0
         self.meta: dict | None = None
-        self.digest = hashlib.sha256()
+        self.digests: list[bytes] = []
         self.fh = open(self.tmp, "wb", buffering=0)
         self.fh.seek(8 + self.header_room)
-        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-sha256")
+        self.hasher = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="kvfuse-sha256")
+        self.hashing: list = []
 
     def _put(self, key: str, tensor: torch.Tensor) -> None:
         itemsize = tensor.element_size()
@@ -204,9 +207,8 @@ class ShardStream:
         if data.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{key}: dtype {data.dtype} cannot be stored")
         raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else memoryview(b"")
-        hashed = self.hasher.submit(self.digest.update, raw)   # hashing and writing both release the GIL
+        self.hashing.append(self.hasher.submit(_digest, raw))    # hashing and writing both release the GIL
         self.fh.write(raw)
-        hashed.result()
         self.entries[key] = {"dtype": SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape),
                              "data_offsets": [self.offset, self.offset + raw.nbytes]}
         self.offset += raw.nbytes
@@ -223,6 +225,8 @@ class ShardStream:
         # widest items first, so a sample needs at most one pad (before the next sample's int64 tensors)
         for name in sorted(named, key=lambda n: (-named[n].element_size(), n)):
             self._put(f"{sample_id}/{name}", named[name].to("cpu"))
+        self.digests += [job.result() for job in self.hashing]   # bounds the bytes held to one sample
+        self.hashing.clear()
         if "mask" in named:
             self.tokens += int(named["mask"].sum())
         self.records.append({"id": want_id, "tensors": {name: [list(t.shape), str(t.dtype).replace("torch.", "")]
@@ -248,7 +252,7 @@ class ShardStream:
                      "n_shards": self.writer.n_shards, "samples": self.records,
                      "bytes": self.data_path.stat().st_size,
                      "header_sha256": hashlib.sha256(struct.pack("<Q", len(header)) + header).hexdigest(),
-                     "data_sha256": self.digest.hexdigest(), "valid_tokens": self.tokens,
+                     "tensor_sha256": hashlib.sha256(b"".join(self.digests)).hexdigest(), "valid_tokens": self.tokens,
                      "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _atomic_write_text(self.meta_path, json.dumps(self.meta, indent=1))
         return self.meta
@@ -370,13 +374,26 @@ class TeacherKVStore(torch.utils.data.Dataset):
         return state
 
 
+def _digest(data) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 def _verify(data_path: Path, meta: Mapping[str, Any]) -> None:
     if "sha256" in meta:                                  # format 1: the whole file
         ok = sha256_file(data_path) == meta["sha256"]
     else:
         end = header_end(data_path)
-        ok = (end <= meta["bytes"] and sha256_file(data_path, stop=end) == meta["header_sha256"]
-              and sha256_file(data_path, start=end) == meta["data_sha256"])
+        ok = end <= meta["bytes"] and sha256_file(data_path, stop=end) == meta["header_sha256"]
+        if ok:    # the header is intact, so its offsets can be trusted to find the tensors
+            with open(data_path, "rb") as fh:
+                fh.seek(8)
+                entries = json.loads(fh.read(end - 8))
+            spans = sorted(e["data_offsets"] for key, e in entries.items() if key != "__metadata__")
+            with open(data_path, "rb") as fh, ThreadPoolExecutor(HASH_THREADS) as pool:
+                def tensor_digest(span):
+                    return _digest(os.pread(fh.fileno(), span[1] - span[0], end + span[0]))
+                digests = list(pool.map(tensor_digest, spans))
+            ok = hashlib.sha256(b"".join(digests)).hexdigest() == meta["tensor_sha256"]
     if not ok:
         raise StoreError(f"{data_path} fails its sha256 check: damaged file")
 
