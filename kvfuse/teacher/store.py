@@ -23,7 +23,7 @@ import json
 import os
 import struct
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -197,7 +197,8 @@ class ShardStream:
         self.fh = open(self.tmp, "wb", buffering=0)
         self.fh.seek(8 + self.header_room)
         self.hasher = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="kvfuse-sha256")
-        self.hashing: list = []
+        self.hashing: list[Future] = []     # this sample's tensors
+        self.previous: list[Future] = []    # the sample before
 
     def _put(self, key: str, tensor: torch.Tensor) -> None:
         itemsize = tensor.element_size()
@@ -225,8 +226,11 @@ class ShardStream:
         # widest items first, so a sample needs at most one pad (before the next sample's int64 tensors)
         for name in sorted(named, key=lambda n: (-named[n].element_size(), n)):
             self._put(f"{sample_id}/{name}", named[name].to("cpu"))
-        self.digests += [job.result() for job in self.hashing]   # bounds the bytes held to one sample
-        self.hashing.clear()
+        # Flush each sample as it lands, so the disk works while the teachers run instead of all at close; and
+        # collect the previous sample's digests (this one's still hash beside the flush): two samples held at most.
+        os.fdatasync(self.fh.fileno())
+        self.digests += [job.result() for job in self.previous]
+        self.previous, self.hashing = self.hashing, []
         if "mask" in named:
             self.tokens += int(named["mask"].sum())
         self.records.append({"id": want_id, "tensors": {name: [list(t.shape), str(t.dtype).replace("torch.", "")]
@@ -236,6 +240,8 @@ class ShardStream:
         if len(self.records) != len(self.expected):
             raise ValueError(f"shard {self.index}: {len(self.records)} of {len(self.expected)} declared samples "
                              "written")
+        self.digests += [job.result() for job in self.previous]
+        self.previous = []
         header = json.dumps({"__metadata__": {"settings_hash": self.writer.hash}, **self.entries},
                             separators=(",", ":")).encode()
         if len(header) > self.header_room:
