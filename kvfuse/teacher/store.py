@@ -197,6 +197,8 @@ class ShardStream:
         self.fh = open(self.tmp, "wb", buffering=0)
         self.fh.seek(8 + self.header_room)
         self.hasher = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="kvfuse-sha256")
+        self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-flush")
+        self.flushing: Future | None = None
         self.hashing: list[Future] = []     # this sample's tensors
         self.previous: list[Future] = []    # the sample before
 
@@ -226,9 +228,13 @@ class ShardStream:
         # widest items first, so a sample needs at most one pad (before the next sample's int64 tensors)
         for name in sorted(named, key=lambda n: (-named[n].element_size(), n)):
             self._put(f"{sample_id}/{name}", named[name].to("cpu"))
-        # Flush each sample as it lands, so the disk works while the teachers run instead of all at close; and
-        # collect the previous sample's digests (this one's still hash beside the flush): two samples held at most.
-        os.fdatasync(self.fh.fileno())
+        # The disk works while the teachers run instead of all at close: a flusher thread syncs what has landed,
+        # starting again whenever its last sync is done, while this thread goes on writing into the page cache.
+        if self.flushing is None or self.flushing.done():
+            if self.flushing is not None:
+                self.flushing.result()
+            self.flushing = self.flusher.submit(os.fdatasync, self.fh.fileno())
+        # the previous sample's digests (this one's still hash): two samples' bytes held at most
         self.digests += [job.result() for job in self.previous]
         self.previous, self.hashing = self.hashing, []
         if "mask" in named:
@@ -247,11 +253,12 @@ class ShardStream:
         if len(header) > self.header_room:
             raise RuntimeError(f"safetensors header of {len(header)} bytes outgrew its {self.header_room} reserved")
         header += b" " * (self.header_room - len(header))
+        if self.flushing is not None:
+            self.flushing.result()
         self.fh.seek(0)
         self.fh.write(struct.pack("<Q", len(header)) + header)
         os.fsync(self.fh.fileno())
-        self.fh.close()
-        self.hasher.shutdown()
+        self._shutdown()
         os.chmod(self.tmp, 0o644)  # readable by the training job's user, whoever ran the dump
         os.replace(self.tmp, self.data_path)
         self.meta = {"format": FORMAT_VERSION, "settings_hash": self.writer.hash, "shard": self.index,
@@ -263,9 +270,13 @@ class ShardStream:
         _atomic_write_text(self.meta_path, json.dumps(self.meta, indent=1))
         return self.meta
 
-    def abort(self) -> None:
-        self.fh.close()
+    def _shutdown(self) -> None:
+        self.flusher.shutdown()    # waits for a running sync before the file closes
         self.hasher.shutdown()
+        self.fh.close()
+
+    def abort(self) -> None:
+        self._shutdown()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardStream":
