@@ -11,13 +11,16 @@ import torch
 
 
 def commit() -> str:
-    """Short hash of HEAD (+"-dirty" with uncommitted changes); KVFUSE_COMMIT where there is no git (the GPU box)."""
+    """KVFUSE_COMMIT when set (the GPU box gets a copy of the working tree whose git state can be stale), else the
+    short hash of HEAD (+"-dirty" with uncommitted changes)."""
+    if os.environ.get("KVFUSE_COMMIT"):
+        return os.environ["KVFUSE_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("KVFUSE_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -11,7 +11,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD" KVFUSE_COMMIT=${KVFUSE_COMMIT:-unknown}
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD" KVFUSE_COMMIT=${KVFUSE_COMMIT:-}
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site .whl/* \
   > /tmp/install.log 2>&1 || { echo "wheel install failed"; tail -20 /tmp/install.log; exit 1; }
 python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { echo "C++ build failed"; tail -20 /tmp/build.log; exit 1; }
