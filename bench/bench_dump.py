@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--csv", default=str(ROOT / "bench/results/dump.csv"))
+    parser.add_argument("--store_dir", default=None,
+                        help="where the shards are written (default: the system temp dir); /dev/shm takes the disk out")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -122,7 +124,7 @@ def main() -> int:
             for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
                 parts[part] += seconds / args.repeats
 
-    tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-dump-"))
+    tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-dump-", dir=args.store_dir))
     runs = iter(range(10 ** 6))
 
     last_built = []   # per dump: seconds until the last batch reached the host (its writes may still run)
@@ -180,12 +182,13 @@ def main() -> int:
             ("store read", t_read, student_tokens)]
     print(f"\nteacher {args.teacher} -> student {args.student} layers, {args.n} examples x ~{args.seq} tokens, "
           f"{name}; {meta['bytes'] / max(student_tokens, 1):.0f} bytes/token stored, open+verify {t_open:.2f} s; "
-          f"streamed shard == serial build bit for bit: {same}")
+          f"streamed shard == serial build bit for bit: {same}; shards in {tmp.parent}")
     print(f"{'stage':18s} {'seconds':>9s} {'tokens/s':>11s} {'vs bare':>9s}")
     out = []
     for stage, seconds, tokens in rows:
         print(f"{stage:18s} {seconds:9.3f} {tokens / seconds:11.0f} {100 * (seconds / t_bare - 1):+8.1f}%")
-        out.append({"device": name, "commit": commit(), "teacher": args.teacher, "student": args.student,
+        out.append({"device": name, "commit": commit(), "store_dir": str(tmp.parent), "teacher": args.teacher,
+                    "student": args.student,
                     "seq": args.seq, "n": args.n, "batch": args.batch, "stage": stage, "seconds": round(seconds, 4),
                     "tokens_per_s": round(tokens / seconds, 1), "vs_bare": round(seconds / t_bare - 1, 4),
                     "bytes_per_token": round(meta["bytes"] / max(student_tokens, 1), 1),

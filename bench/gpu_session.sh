@@ -2,6 +2,7 @@
 # Device calls that measure what the issues ask on GPUs, writing CSV and logs to $OUT (at most 8 files come back):
 #   bash bench/gpu_session.sh dump step kl      one GPU:
 #     dump   bench_dump.py         serial vs pipelined dump vs bare forward, random Qwen2.5-7B teacher, T = 2048
+#     dump_shm                     the same with the shards on tmpfs (the pipeline without the disk)
 #     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed by the store loader's workers) student step
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
 #   bash bench/gpu_session.sh zero3             ZeRO-3 Phase 1 on 1 and 2 GPUs (same global batch: equal loss
@@ -47,6 +48,9 @@ for what in "$@"; do
   case $what in
     dump) part dump python3 bench/bench_dump.py --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 16 --batch 4 \
             --repeats 2 --csv "$OUT/dump.csv" ;;
+    dump_shm)   # the same with the shards in memory (tmpfs): the pipeline without the disk
+          part dump_shm python3 bench/bench_dump.py --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 16 \
+            --batch 4 --repeats 2 --store_dir /dev/shm --csv "$OUT/dump.csv" ;;
     step) part step python3 bench/bench_train_step.py --student "$STUDENT" --batch 4 --seq 2048 --steps 8 \
             --store_prefetch 2 --csv "$OUT/train_step.csv" ;;
     kl)   TAIL=30 part kl python3 bench/bench_attention_kl.py --out "$OUT" --seqs 4096 32768 1024 16384 \
@@ -55,7 +59,7 @@ for what in "$@"; do
       train 1 4 zero3_g1
       [ "$n_gpus" -ge 2 ] && train 2 4 zero3_g2
       [ "$n_gpus" -ge 4 ] && train 4 8 zero3_g4 ;;
-    *) echo "unknown part $what (dump|step|kl|zero3)"; exit 2 ;;
+    *) echo "unknown part $what (dump|dump_shm|step|kl|zero3)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date +%T))"
