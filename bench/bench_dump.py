@@ -175,7 +175,8 @@ def main() -> int:
     t_read = best(read)
     name = device_name(device)
     rows = [("bare forward", t_bare, teacher_tokens), ("serial build", t_serial, teacher_tokens),
-            ("  prepare (CPU)", parts["prepare"], teacher_tokens), ("  launch (device)", parts["launch"], teacher_tokens),
+            ("  prepare (CPU)", parts["prepare"], teacher_tokens),
+            ("  launch (device)", parts["launch"], teacher_tokens),
             ("  copy to host", parts["copy"], teacher_tokens), ("write_shard (held)", t_write, student_tokens),
             ("dump (streamed)", t_dump, teacher_tokens),
             ("  last batch built", statistics.median(last_built[1:]), teacher_tokens),

@@ -192,3 +192,18 @@ def test_flipped_header_byte_and_format_1_shards(tmp_path):
     meta_path.write_text(json.dumps(dict(meta, bytes=data_path.stat().st_size)))
     with pytest.raises(StoreError, match="fails its sha256"):
         TeacherKVStore(old)
+
+
+def test_chunked_digests_cover_every_byte(tmp_path, monkeypatch):
+    from kvfuse.teacher import store as store_module
+
+    monkeypatch.setattr(store_module, "HASH_CHUNK", 48)    # tensors span many chunks, with ragged last chunks
+    expected = _write_store(tmp_path, n_shards=1)
+    loaded = TeacherKVStore(tmp_path)
+    assert all(torch.equal(loaded.get(sid)["positions"], t["positions"]) for sid, t in expected.items())
+    victim = tmp_path / "shard-00000-of-00001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0x01                                         # inside the last chunk of the last tensor
+    victim.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="fails its sha256"):
+        TeacherKVStore(tmp_path)
