@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2   # 1: one sha256 over the whole data file (still read); 2: header and per-tensor digests
-IO_THREADS = min(8, os.cpu_count() or 1)
+HASH_THREADS = min(8, os.cpu_count() or 1)
 HASH_CHUNK = 8 << 20
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -197,10 +197,11 @@ class ShardStream:
         self.meta: dict | None = None
         self.digests: list[bytes] = []
         self.fh = open(self.tmp, "wb", buffering=0)
-        self.workers = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="kvfuse-write")
+        self.fh.seek(8 + self.header_room)
+        self.hasher = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="kvfuse-sha256")
         self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-flush")
         self.flushing: Future | None = None
-        self.chunks: list[Future] = []      # this sample's chunks: written, then their digest
+        self.hashing: list[Future] = []     # this sample's tensors
         self.previous: list[Future] = []    # the sample before
 
     def _put(self, key: str, tensor: torch.Tensor) -> None:
@@ -211,11 +212,10 @@ class ShardStream:
         if data.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{key}: dtype {data.dtype} cannot be stored")
         raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else memoryview(b"")
-        # Chunks written at their offsets and hashed on several threads (both release the GIL): one thread copies
-        # into the page cache at ~3.7 GB/s and hashes at ~1.2 GB/s, below a 7B teacher's output.
-        start = 8 + self.header_room + self.offset
-        self.chunks += [self.workers.submit(_write_and_digest, self.fh.fileno(), raw[at:at + HASH_CHUNK], start + at)
-                        for at in range(0, raw.nbytes, HASH_CHUNK)]
+        # hashing and writing both release the GIL; chunks, so that one large tensor spreads over every thread
+        self.hashing += [self.hasher.submit(_digest, raw[at:at + HASH_CHUNK])
+                         for at in range(0, raw.nbytes, HASH_CHUNK)]
+        self.fh.write(raw)
         self.entries[key] = {"dtype": SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape),
                              "data_offsets": [self.offset, self.offset + raw.nbytes]}
         self.offset += raw.nbytes
@@ -238,9 +238,9 @@ class ShardStream:
             if self.flushing is not None:
                 self.flushing.result()
             self.flushing = self.flusher.submit(os.fdatasync, self.fh.fileno())
-        # the previous sample's chunks (this one's are still in flight): two samples' bytes held at most
+        # the previous sample's digests (this one's still hash): two samples' bytes held at most
         self.digests += [job.result() for job in self.previous]
-        self.previous, self.chunks = self.chunks, []
+        self.previous, self.hashing = self.hashing, []
         if "mask" in named:
             self.tokens += int(named["mask"].sum())
         self.records.append({"id": want_id, "tensors": {name: [list(t.shape), str(t.dtype).replace("torch.", "")]
@@ -275,8 +275,8 @@ class ShardStream:
         return self.meta
 
     def _shutdown(self) -> None:
-        self.flusher.shutdown()    # waits for a running sync and the writes before the file closes
-        self.workers.shutdown()
+        self.flusher.shutdown()    # waits for a running sync before the file closes
+        self.hasher.shutdown()
         self.fh.close()
 
     def abort(self) -> None:
@@ -399,13 +399,6 @@ def _digest(data) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _write_and_digest(fd: int, data: memoryview, position: int) -> bytes:
-    done = 0
-    while done < data.nbytes:
-        done += os.pwrite(fd, data[done:], position + done)
-    return _digest(data)
-
-
 def _verify(data_path: Path, meta: Mapping[str, Any]) -> None:
     if "sha256" in meta:                                  # format 1: the whole file
         ok = sha256_file(data_path) == meta["sha256"]
@@ -419,7 +412,7 @@ def _verify(data_path: Path, meta: Mapping[str, Any]) -> None:
             spans = sorted(e["data_offsets"] for key, e in entries.items() if key != "__metadata__")
             chunks = [(at, min(at + HASH_CHUNK, stop))
                       for start, stop in spans for at in range(start, stop, HASH_CHUNK)]
-            with open(data_path, "rb") as fh, ThreadPoolExecutor(IO_THREADS) as pool:
+            with open(data_path, "rb") as fh, ThreadPoolExecutor(HASH_THREADS) as pool:
                 def chunk_digest(chunk):
                     return _digest(os.pread(fh.fileno(), chunk[1] - chunk[0], end + chunk[0]))
                 digests = list(pool.map(chunk_digest, chunks))
