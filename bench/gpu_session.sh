@@ -3,8 +3,9 @@
 #   bash bench/gpu_session.sh dump step kl      one GPU:
 #     dump   bench_dump.py         serial vs pipelined dump vs bare forward, random Qwen2.5-7B teacher, T = 2048
 #     dump_shm                     the same with the shards on tmpfs (the pipeline without the disk)
-#     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed by the store loader's workers) student step
+#     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed live from the store) student step
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
+#   bash bench/gpu_session.sh store_train      Phase 1 trained from a fresh offline store and online, same seed
 #   bash bench/gpu_session.sh zero3             ZeRO-3 Phase 1 on 1 and 2 GPUs (same global batch: equal loss
 #                                               curves), 4 GPUs (weak scaling) where present
 # Each part runs under its own time limit (PART_LIMIT_<name> seconds), so one that hangs leaves the others' numbers.
@@ -55,11 +56,22 @@ for what in "$@"; do
             --store_prefetch 2 --csv "$OUT/train_step.csv" ;;
     kl)   TAIL=30 part kl python3 bench/bench_attention_kl.py --out "$OUT" --seqs 4096 32768 1024 16384 \
             --triton-only-seqs 65536 ;;
+    store_train)   # Phase 1 from an offline store (prefetch thread, side stream) vs online teachers, same seed
+      part store_dump python3 -m kvfuse dump --teachers "$STUDENT" "$STUDENT" --teacher_prompts default cot \
+        --student "$STUDENT" --n_samples 16 --max_length 4096 --out /tmp/store --shard 0/1
+      for how in store online; do
+        extra=(); [ $how = store ] && extra=(--teacher_store /tmp/store)
+        part "train_$how" python3 train/main.py --phase 1 --model_name "$STUDENT" --n_samples 16 --n_val 0 \
+          --micro_batch 2 --effective_batch 4 --max_length 4096 --save_every 0 --output_dir "/tmp/runs/$how" "${extra[@]}"
+        python3 -c "import json,sys; ev=[json.loads(l) for l in open(sys.argv[1]) if '\"train\"' in l]; \
+print(sys.argv[2], [round(e['kv_loss'], 6) for e in ev], [round(e['tokens_per_s']) for e in ev])" \
+          "/tmp/runs/$how/metrics.jsonl" "$how"
+      done ;;
     zero3)
       train 1 4 zero3_g1
       [ "$n_gpus" -ge 2 ] && train 2 4 zero3_g2
       [ "$n_gpus" -ge 4 ] && train 4 8 zero3_g4 ;;
-    *) echo "unknown part $what (dump|dump_shm|step|kl|zero3)"; exit 2 ;;
+    *) echo "unknown part $what (dump|dump_shm|step|kl|store_train|zero3)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date +%T))"
