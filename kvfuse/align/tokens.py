@@ -114,9 +114,11 @@ def _to_numpy(spans):
 def _to_sparse(csr, n_rows: int, n_cols: int) -> torch.Tensor:
     indptr, indices, values = csr
     # The builder guarantees the CSR invariants (sorted columns in range, indptr of length T_s + 1),
-    # so torch's O(nnz) re-check is skipped; its "beta" notice would repeat on every sample.
+    # so torch's O(nnz) re-check is skipped; its "beta" notice would repeat on every sample, and torch 2.11 also
+    # warns that an explicit check_invariants=False disables the checks.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices),
                                        torch.from_numpy(values), size=(n_rows, n_cols),
                                        dtype=torch.float32, check_invariants=False)
