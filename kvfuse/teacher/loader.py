@@ -81,9 +81,8 @@ def store_batches(store: TeacherKVStore, id_batches: Sequence[Sequence[str]], n_
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-store") as pool:
         pending: deque[Future] = deque()
-        upcoming = iter(id_batches)
         try:
-            for ids in upcoming:
+            for ids in id_batches:
                 pending.append(pool.submit(load, ids))
                 if len(pending) > prefetch:
                     yield hand_over(pending.popleft().result())
