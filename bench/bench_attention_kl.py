@@ -4,8 +4,8 @@ Question answered: for one Qwen2.5-1.5B-like student layer (B = 1, 12 query head
 how much faster and smaller is the Triton forward + backward than the reference, how close to the FLOP floor
 (minimal matmul FLOPs over the bf16 matmul rate measured in this run), and what is the largest T each one fits.
 
-    PYTHONPATH=. python bench/bench_attention_kl.py --out $OUT               # GPU: check + time, CSV + log
-    python bench/bench_attention_kl.py --plot bench/results/attention_kl_<dev>.csv   # anywhere: the plot
+    PYTHONPATH=. python -m bench.bench_attention_kl --out $OUT               # GPU: check + time, CSV + log
+    python -m bench.bench_attention_kl --plot bench/results/attention_kl_<dev>.csv   # anywhere: the plot
 
 "full" = loss + gradients to q_s, k_s, k_f; "fwd" = the loss alone (autograd graph recorded, as in training).
 Peak memory is the allocator's peak during one full call minus what was allocated before it (inputs).
@@ -23,11 +23,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout
-    sys.path.insert(0, str(ROOT))
 
-from bench.common import commit  # noqa: E402
+from bench.common import commit
 from kvfuse.attention import _attention_kl_triton, _kernels, attention_kl_reference
 
 HEADS, KV_HEADS, DIM = 12, 2, 128

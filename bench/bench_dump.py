@@ -13,8 +13,8 @@
 Target (GPU): dump ≤ 15 % over the bare forward; the reader far above what a training step consumes.
 Prints a table; appends CSV rows (device, commit) to bench/results/dump.csv.
 
-    python bench/bench_dump.py                                                             # CPU, SmolLM2
-    python bench/bench_dump.py --teacher random:qwen2.5-7b --student random:qwen2.5-1.5b --seq 2048   # GPU
+    python -m bench.bench_dump                                                             # CPU, SmolLM2
+    python -m bench.bench_dump --teacher random:qwen2.5-7b --student random:qwen2.5-1.5b --seq 2048   # GPU
 """
 from __future__ import annotations
 
@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from bench.common import append_csv, commit, device_name  # noqa: E402
-from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, shakespeare  # noqa: E402
-from kvfuse.models import load  # noqa: E402
-from kvfuse.teacher.builder import Teacher, TeacherKVBuilder, render_tokens  # noqa: E402
-from kvfuse.teacher.dump import dump_shard  # noqa: E402
-from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
+from bench.common import append_csv, commit, device_name
+from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, shakespeare
+from kvfuse.models import load
+from kvfuse.teacher.builder import Teacher, TeacherKVBuilder, render_tokens
+from kvfuse.teacher.dump import dump_shard
+from kvfuse.teacher.store import StoreWriter, TeacherKVStore
 
 
 def long_examples(tokenizer, n: int, seq: int) -> list[Example]:

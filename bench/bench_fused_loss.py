@@ -3,8 +3,8 @@
 Question answered: how close does the fused kernel get to the floor max(bytes/copy-bw, FLOPs/matmul-peak),
 both ceilings measured in this run, and how does it compare with the torch reference eager and compiled.
 
-    PYTHONPATH=. python bench/bench_fused_loss.py --out bench/results          # GPU: check + time, CSV
-    python bench/bench_fused_loss.py --plot bench/results/fused_loss_<dev>.csv  # anywhere: the plot
+    PYTHONPATH=. python -m bench.bench_fused_loss --out bench/results          # GPU: check + time, CSV
+    python -m bench.bench_fused_loss --plot bench/results/fused_loss_<dev>.csv  # anywhere: the plot
 
 Shapes: teachers Qwen2.5-7B-like (4 KV heads x 128) and Llama-3.1-8B-like (8 x 128), student
 Qwen2.5-1.5B-like (2 x 128), 28 student layers, bf16, B*T in {4k, 16k, 64k} (T = 4096, ~6 % right padding).
@@ -21,11 +21,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout
-    sys.path.insert(0, str(ROOT))
 
-from bench.common import commit  # noqa: E402
+from bench.common import commit
 from kvfuse.loss import _torch_loss, _triton_loss, kv_distill_loss
 
 TEACHERS = [(4, 128), (8, 128)]

@@ -12,8 +12,8 @@ Teacher KV is random data of the teachers' real shapes, written once as a real s
 train on batches already on the device; the store read (one thread) is timed on its own, and the last variant puts
 the reader on the timed path. Prints a table and appends CSV rows (device, commit) to bench/results/train_step.csv.
 
-    python bench/bench_train_step.py --student random:qwen2.5-1.5b --batch 4 --seq 2048    # GPU
-    python bench/bench_train_step.py --student tiny-llama --batch 2 --seq 64 --steps 3    # CPU smoke run
+    python -m bench.bench_train_step --student random:qwen2.5-1.5b --batch 4 --seq 2048    # GPU
+    python -m bench.bench_train_step --student tiny-llama --batch 2 --seq 64 --steps 3    # CPU smoke run
 """
 from __future__ import annotations
 
@@ -27,16 +27,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from bench.common import append_csv, commit, device_name  # noqa: E402
-from kvfuse.align.rope import rotate  # noqa: E402
-from kvfuse.loss import KVDistillLoss  # noqa: E402
-from kvfuse.models import load  # noqa: E402
-from kvfuse.models.capture import capture_kv  # noqa: E402
-from kvfuse.teacher.builder import collate  # noqa: E402
-from kvfuse.teacher.loader import batch_to, store_batches  # noqa: E402
-from kvfuse.teacher.store import StoreWriter, TeacherKVStore  # noqa: E402
+from bench.common import append_csv, commit, device_name
+from kvfuse.align.rope import rotate
+from kvfuse.loss import KVDistillLoss
+from kvfuse.models import load
+from kvfuse.models.capture import capture_kv
+from kvfuse.teacher.builder import collate
+from kvfuse.teacher.loader import batch_to, store_batches
+from kvfuse.teacher.store import StoreWriter, TeacherKVStore
 
 
 def make_store(root: Path, n: int, seq: int, n_layers: int, teachers: list[tuple[int, int]], seed: int = 0) -> None:

@@ -47,14 +47,14 @@ PY
 
 for what in "$@"; do
   case $what in
-    dump) part dump python3 bench/bench_dump.py --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 16 --batch 4 \
+    dump) part dump python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 16 --batch 4 \
             --repeats 2 --csv "$OUT/dump.csv" ;;
     dump_shm)   # the same with the shards in memory (tmpfs): the pipeline without the disk
-          part dump_shm python3 bench/bench_dump.py --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 16 \
+          part dump_shm python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 16 \
             --batch 4 --repeats 2 --store_dir "${SHM_DIR:-/dev/shm}" --csv "$OUT/dump.csv" ;;
-    step) part step python3 bench/bench_train_step.py --student "$STUDENT" --batch 4 --seq 2048 --steps 8 \
+    step) part step python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 --steps 8 \
             --store_prefetch 2 --csv "$OUT/train_step.csv" ;;
-    kl)   TAIL=30 part kl python3 bench/bench_attention_kl.py --out "$OUT" --seqs 4096 32768 1024 16384 \
+    kl)   TAIL=30 part kl python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 32768 1024 16384 \
             --triton-only-seqs 65536 ;;
     store_train)   # Phase 1 from an offline store (prefetch thread, side stream) vs online teachers, same seed
       part store_dump python3 -m kvfuse dump --teachers "$STUDENT" "$STUDENT" --teacher_prompts default cot \

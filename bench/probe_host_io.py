@@ -1,7 +1,7 @@
 """Host-side ceilings of the dump and the store reader on this machine: device→host copies (pageable fresh,
 pageable reused, pinned), sha256, and file writes with and without fsync. One CSV row per probe.
 
-    python bench/probe_host_io.py --mb 1024 --csv $OUT/host_io.csv
+    python -m bench.probe_host_io --mb 1024 --csv $OUT/host_io.csv
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from bench.common import append_csv, commit, device_name  # noqa: E402
+from bench.common import append_csv, commit, device_name
 
 
 def rate(fn, nbytes: int, repeats: int = 3) -> float:

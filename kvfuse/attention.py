@@ -3,19 +3,19 @@ the fused teacher keys.  backend="torch" is the readable, materialised reference
 backend="triton" is the O(T)-memory kernel in kvfuse.kernels.attention_kl, checked against it."""
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
 import torch
 
-from kvfuse._kernel_import import kernel_module
 
 BACKENDS = ("torch", "triton", "auto")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
-    return kernel_module("attention_kl")
+    return importlib.import_module("kvfuse.kernels.attention_kl")
 
 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor,

@@ -15,20 +15,20 @@ kvfuse.kernels.fused_kv_loss and must agree with it.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from kvfuse._kernel_import import kernel_module
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_TEACHERS = 8
 
 
 def _kernels():
-    return kernel_module("fused_kv_loss")
+    return importlib.import_module("kvfuse.kernels.fused_kv_loss")
 
 
 # ----------------------------------------------------------------------------------------------- validation

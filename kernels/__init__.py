@@ -1,1 +1,0 @@
-"""Triton kernels and their autograd Functions (installed as kvfuse.kernels)."""
