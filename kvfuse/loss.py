@@ -208,11 +208,16 @@ class StudentRope:
         sign = torch.where(first, -one, one)[:, None, None, None, :]
         self.cos = ang.cos() * s
         self.sin = ang.sin() * s * sign
+        self.full = all(r == D for r in rot)
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         """y [L, B, H, T, D] -> rotated, same shape."""
-        idx = self.partner[:, None, None, None, :].expand(y.shape)
-        return y * self.cos + torch.gather(y, -1, idx) * self.sin
+        if self.full:  # every layer rotates the whole head: the partners are the other half
+            half = y.shape[-1] // 2
+            partner = torch.cat((y[..., half:], y[..., :half]), dim=-1)
+        else:
+            partner = torch.gather(y, -1, self.partner[:, None, None, None, :].expand(y.shape))
+        return y * self.cos + partner * self.sin
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
