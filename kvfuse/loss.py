@@ -24,11 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from kvfuse.kernels.fused_kv_loss_op import pair_width
+from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_TEACHERS = 8
 
 
 # ----------------------------------------------------------------------------------------------- validation

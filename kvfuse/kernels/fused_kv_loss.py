@@ -34,7 +34,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kvfuse.kernels.fused_kv_loss_op import pair_width
+from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
 from kvfuse.kernels.utils import autotune_configs, dot_dtype, interpreting
 
 
@@ -134,8 +134,30 @@ def _project_teacher(p1, p2, x, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t0, t, t_
 
 
 @triton.jit
+def _teacher(i: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7):
+    # Teachers travel as eight separate arguments rather than a tuple: triton 3.6's launcher cannot expand TMA
+    # descriptors nested in tuples. i is a compile-time index, so this selection costs nothing.
+    if i == 0:
+        return x0, w0
+    elif i == 1:
+        return x1, w1
+    elif i == 2:
+        return x2, w2
+    elif i == 3:
+        return x3, w3
+    elif i == 4:
+        return x4, w4
+    elif i == 5:
+        return x5, w5
+    elif i == 6:
+        return x6, w6
+    else:
+        return x7, w7
+
+
+@triton.jit
 def _fused_kv_fwd_kernel(
-    xs, x_strides, ws, w_strides,
+    x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7, x_strides, w_strides,
     HEADS: tl.constexpr, DIMS: tl.constexpr, N: tl.constexpr,
     alpha_ptr, stride_ab, stride_al, stride_an,
     s, ss0, ss1, ss2, ss3,
@@ -187,7 +209,8 @@ def _fused_kv_fwd_kernel(
             p1 = p1 * r
             p2 = p2 * r
             sx = x_strides[i]
-            p1, p2 = _project_teacher(p1, p2, xs[i], sx[0], sx[1], sx[2], sx[3], ws[i], w_strides[i][0],
+            x_i, w_i = _teacher(i, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7)
+            p1, p2 = _project_teacher(p1, p2, x_i, sx[0], sx[1], sx[2], sx[3], w_i, w_strides[i][0],
                                       w_strides[i][1], l32 if USE_DESC else l, b32 if USE_DESC else b,
                                       pid_t * BLOCK_T, t, t_ok, pid_h * CB, col, HALF_COLS, HEADS[i], DIMS[i],
                                       DOT_DTYPE, IEEE, USE_DESC, BLOCK_T, BLOCK_K, CB)
@@ -351,12 +374,10 @@ def _zero_fwd_partials(nargs):
 
 def _fit_descriptors(args: dict, block_t: int, block_k: int, cb: int) -> None:
     """Give the TMA descriptors (where the launch uses them) the boxes of the config about to run."""
-    for x in args["xs"]:
-        if isinstance(x, TensorDescriptor):
-            x.block_shape = [1, 1, 1, block_t, block_k]
-    for w in args["ws"]:
-        if isinstance(w, TensorDescriptor):
-            w.block_shape = [1, block_k, cb]
+    for i in range(MAX_TEACHERS):
+        if isinstance(args[f"x{i}"], TensorDescriptor):
+            args[f"x{i}"].block_shape = [1, 1, 1, block_t, block_k]
+            args[f"w{i}"].block_shape = [1, block_k, cb]
     for name, box in (("s", [1, 1, 1, block_t, cb]), ("ds", [1, 1, 1, block_t, cb]), ("g", [1, 1, block_t, cb])):
         if isinstance(args[name], TensorDescriptor):
             args[name].block_shape = box
@@ -462,9 +483,11 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     def desc(x, use, rank):
         return TensorDescriptor.from_tensor(x, [1] * (rank - 2) + [16, 16]) if use else x
 
+    xs = [desc(x, use_desc, 5) for x in teachers] + [None] * (MAX_TEACHERS - len(teachers))
+    ws = [desc(w, use_desc, 3) for w in weights] + [None] * (MAX_TEACHERS - len(weights))
     args = dict(
-        xs=tuple(desc(x, use_desc, 5) for x in teachers), x_strides=tuple(tuple(x.stride()[:4]) for x in teachers),
-        ws=tuple(desc(w, use_desc, 3) for w in weights), w_strides=tuple(tuple(w.stride()[:2]) for w in weights),
+        **{f"x{i}": x for i, x in enumerate(xs)}, **{f"w{i}": w for i, w in enumerate(ws)},
+        x_strides=tuple(tuple(x.stride()[:4]) for x in teachers), w_strides=tuple(tuple(w.stride()[:2]) for w in weights),
         HEADS=tuple(int(x.shape[2]) for x in teachers), DIMS=tuple(int(x.shape[4]) for x in teachers),
         N=len(teachers), alpha_ptr=alpha, stride_ab=sab, stride_al=sal, stride_an=san,
         s=desc(student, epi_desc, 5), ss0=student.stride(0), ss1=student.stride(1), ss2=student.stride(2),
