@@ -412,6 +412,10 @@ _FWD_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1}, 4, 3),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1}, 8, 3),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2}, 4, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 16, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 16, 4),
+    ({"BLOCK_T": 128, "BLOCK_K": 128, "HPP": 1}, 8, 3),
+    ({"BLOCK_T": 64, "BLOCK_K": 128, "HPP": 1}, 4, 3),
 ], _zero_fwd_partials)
 _DW_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 3),
@@ -419,6 +423,9 @@ _DW_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
     ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 3),
     ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 4, 4),
+    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 4),
+    ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 4),
+    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 128}, 4, 3),
 ], _zero_dw_partials)
 # Under the interpreter one config runs; tests may change these.
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
