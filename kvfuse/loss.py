@@ -18,6 +18,7 @@ through it) and must agree with it.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -69,6 +70,20 @@ def rotary_dims(rotary_dim, n_layers: int, head_dim: int, n_freq: int) -> tuple[
     return dims
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def host_constant(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of Python values on `device`, without a host sync per call: a copy from host memory waits for
+    the stream, which would stall every step, so eager calls reuse one cached copy (never written to); under
+    torch.compile the values are graph constants."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(tuple(values), dtype=dtype, device=device)
+    return _cached_constant(tuple(values), dtype, torch.device(device))
+
+
 def _layer_scalings(attention_scaling, n_layers: int, device) -> torch.Tensor:
     """attention_scaling as an [L] tensor (from a float, an [L] sequence, or a 0-d / [L] tensor)."""
     if isinstance(attention_scaling, torch.Tensor):
@@ -81,7 +96,7 @@ def _layer_scalings(attention_scaling, n_layers: int, device) -> torch.Tensor:
     if isinstance(attention_scaling, Sequence):
         if len(attention_scaling) != n_layers:
             raise ValueError(f"attention_scaling has {len(attention_scaling)} entries for {n_layers} layers")
-        return torch.tensor([float(s) for s in attention_scaling], dtype=torch.float64, device=device)
+        return host_constant([float(s) for s in attention_scaling], torch.float64, device)
     # float64, so a float64 reference sees exactly the Python value; each backend casts to its compute dtype.
     return torch.full((n_layers,), float(attention_scaling), dtype=torch.float64, device=device)
 
@@ -193,7 +208,7 @@ class StudentRope:
         dev = positions.device
         n_freq = inv_freq.shape[-1]
         d = torch.arange(D, device=dev)
-        r = torch.tensor(rot, device=dev)[:, None]                                # [L, 1]
+        r = host_constant(rot, torch.int64, dev)[:, None]                         # [L, 1]
         half = r // 2
         turns = d < r                                                             # [L, D]
         first = d < half
@@ -287,7 +302,7 @@ def _triton_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, ma
     dev = student_k.device
     lw = torch.ones(L, device=dev, dtype=torch.float32) if layer_weights is None else layer_weights.float()
     invf = inv_freq.float().expand(L, inv_freq.shape[-1])  # stride 0 on L: no copy for a shared inv_freq
-    rot_t = torch.tensor(rot, dtype=torch.int32, device=dev)
+    rot_t = host_constant(rot, torch.int32, dev)
 
     # fp32 adapters (master weights) with half-precision KV: run the GEMMs on half tensor cores with fp32
     # accumulation rather than fp32 'ieee' products; the cast is small ([L, F_i, C]) and differentiable.

@@ -401,31 +401,21 @@ def _fit_dw_descriptors(args: dict, block_f: int, block_c: int, block_t: int) ->
         args["g"].block_shape = [1, 1, block_t, block_c]
 
 
-# Tile lists read off the sm_90a register report (ptxas via triton's compiler, no GPU): with TMA descriptors a
-# 128-token tile over one 128-dim head fits 8 warps (value pass 219 registers, no spill; key pass a 48-byte
-# spill); 256-token tiles and two heads per program spill kilobytes. The weight-gradient tiles keep two fp32
-# accumulators (M(b) and ∂W), so 128 × 128 over 8 warps is the largest that does not spill.
+# Tile lists: candidates from the sm_90a register report (ptxas through triton's compiler, no GPU needed: 256-token
+# tiles and two 128-dim heads per program spill kilobytes; the weight-gradient tiles keep two fp32 accumulators, M(b)
+# and ∂W, so 128 × 128 over 8 warps is the largest without spills), then kept by their time alone on an H200
+# (bench/tune_fused_loss.py, 16k tokens; bench/NOTES.md). Two heads per program stays for small head dims.
 _FWD_CONFIGS_GPU = autotune_configs([
-    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 8, 3),
-    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 8, 4),
-    ({"BLOCK_T": 128, "BLOCK_K": 32, "HPP": 1}, 8, 4),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1}, 4, 3),
-    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1}, 8, 3),
-    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2}, 4, 3),
-    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 16, 3),
-    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 16, 4),
     ({"BLOCK_T": 128, "BLOCK_K": 128, "HPP": 1}, 8, 3),
-    ({"BLOCK_T": 64, "BLOCK_K": 128, "HPP": 1}, 4, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 8, 4),
+    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2}, 4, 3),
 ], _zero_fwd_partials)
 _DW_CONFIGS_GPU = autotune_configs([
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 3),
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 128}, 8, 2),
-    ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
-    ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 3),
-    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 4, 4),
     ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 4),
     ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 4),
-    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 128}, 4, 3),
+    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 4, 4),
+    ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
 ], _zero_dw_partials)
 # Under the interpreter one config runs; tests may change these.
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
