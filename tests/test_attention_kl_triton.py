@@ -64,10 +64,13 @@ def test_bf16_matches_reference(B, Hq, Hkv, T, D):
     assert_matches(loss_and_grads(leaves, mask, "triton"), loss_and_grads(leaves, mask, "torch"), 2e-2)
 
 
-def test_strided_inputs_fully_masked_sample_and_uneven_tiles(monkeypatch):
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32)])
+def test_strided_inputs_fully_masked_sample_and_uneven_tiles(block_m, block_n, monkeypatch):
     """Non-contiguous views, a batch row with no valid token at all, an explicit scale, and query/key tiles of
-    different sizes (the key-major backward starts at a query tile that straddles the key tile)."""
-    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_M", 32)
+    different sizes (the key-major backward starts at a query tile that straddles the key tile, or a key tile
+    spans several query tiles)."""
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_M", block_m)
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_N", block_n)
     leaves, mask = make_case(3, 3, 6, 3, 41, 16, strided=True)
     assert not leaves[0].is_contiguous()
     mask[1] = False

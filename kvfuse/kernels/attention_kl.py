@@ -159,7 +159,7 @@ def _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T):
 def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats_ptr, n_rows, row0, dq_ptr,
               m0, offs_d, d_ok, T, scale, dks, dkf,
               D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-              CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+              ATOMIC_DQ: tl.constexpr):
     # Transposed tiles of one (key tile, query tile) pair, [BLOCK_N, BLOCK_M]:
     #   sᵀ, fᵀ;  Pᵀ = e^{sᵀ − lse_s},  Qᵀ = e^{fᵀ − lse_f};  dSᵀ = Pᵀ (sᵀ − fᵀ − E) w,  dFᵀ = (Qᵀ − Pᵀ) w
     #   ∂k_s += dSᵀ q,  ∂k_f += dFᵀ q  (scaled at the end);   ∂q[tile] += scale (dS k_s + dF k_f)  (atomics).
@@ -168,8 +168,7 @@ def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats
     w, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T)
     q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=m_in[:, None] & d_ok[None, :],
                 other=0.0).to(DOT_DTYPE)
-    if CAUSAL:
-        bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
+    bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
     s_t = _dot(k_s, tl.trans(q), IEEE) * scale + bias
     f_t = _dot(k_f, tl.trans(q), IEEE) * scale + bias
     p_t = tl.exp(s_t - lse_s[None, :])
@@ -220,21 +219,18 @@ def _attention_kl_bwd_kernel(
     dks = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dkf = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     heads = GROUP // SPLIT
+    # One flat loop over (query head, query tile) pairs, every tile causally masked: splitting off the tiles
+    # that need no causal mask, or nesting the head loop, made ptxas spill (sm_90a, triton 3.9, 32 × 128 tiles /
+    # 8 warps: no spill flat, 312 B of stack split and nested).
     lo = start_n // BLOCK_M * BLOCK_M
-    # Query tiles starting at or after the key tile's end see all of it: no causal mask there.
-    mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, T)
-    for hh in range(0, heads):
+    n_m = tl.cdiv(T - lo, BLOCK_M)
+    for it in range(0, heads * n_m):
+        hh = it // n_m
+        m0 = lo + (it - hh * n_m) * BLOCK_M
         h = (g * GROUP + part * heads + hh).to(tl.int64)
-        q_base = q_ptr + b * sqb + h * sqh
-        row0 = (b * H + h) * T
-        for m0 in range(lo, mid, BLOCK_M):
-            dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats_ptr, N_ROWS,
-                                 row0, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
-                                 D, BLOCK_M, DOT_DTYPE, IEEE, True, ATOMIC_DQ)
-        for m0 in range(mid, T, BLOCK_M):
-            dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats_ptr, N_ROWS,
-                                 row0, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
-                                 D, BLOCK_M, DOT_DTYPE, IEEE, False, ATOMIC_DQ)
+        dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_ptr + b * sqb + h * sqh, sqt, sqd, mask_row, dkl_ptr,
+                             stats_ptr, N_ROWS, (b * H + h) * T, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
+                             D, BLOCK_M, DOT_DTYPE, IEEE, ATOMIC_DQ)
 
     out = ((b * H_KV + g64) * SPLIT + part) * T * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dks_ptr + out, dks * scale, mask=kd_ok)
@@ -318,15 +314,17 @@ def _configs(options):
 
 # T's power-of-two bucket is in the key (T_BUCKET, otherwise unused by the kernels): small T needs small tiles
 # to fill the GPU, long T prefers large ones, and training with many distinct lengths retunes only per bucket.
-# Backward tiles: the key-major program holds two [BLOCK_N, D] fp32 accumulators (64 × 128 over 8 warps: 64
-# registers a thread) plus the [BLOCK_M, D] ∂q share; 128-key tiles halve the ∂q atomics per product.
+# Backward tiles (ptxas for sm_90a, triton 3.9, D = 128 bf16): the key-major program holds two [BLOCK_N, D] fp32
+# accumulators, its two key tiles and a [BLOCK_M, D] ∂q share; 32 × 128 / 8 warps, 32 × 64 / 8 and 16 × 64 / 4
+# fit in 255 registers without spilling, 64 × 64 / 8 spills 288 B (kept as a candidate: autotuning decides).
+# 128-key tiles halve the ∂q atomics per product.
 _KEY = ["T_BUCKET", "D", "GROUP", "DOT_DTYPE", "IEEE"]
 _FP32 = [(64, 32, 4, 2)]
 _FP32_BWD = [(32, 64, 4, 2)]
 _TUNED = {
     "fwd": (triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_fwd_kernel),
             triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_fwd_kernel)),
-    "bwd": (triton.autotune(_configs([(64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]),
+    "bwd": (triton.autotune(_configs([(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (64, 64, 8, 2)]),
                             key=_KEY + ["ATOMIC_DQ", "SPLIT"], reset_to_zero=["dq_ptr"])(_attention_kl_bwd_kernel),
             triton.autotune(_configs(_FP32_BWD), key=_KEY)(_attention_kl_bwd_kernel)),
     "dq": (triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 8, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel),
