@@ -25,7 +25,8 @@ import torch
 
 
 from bench.common import commit
-from kvfuse.attention import _attention_kl_triton, _kernels, attention_kl_reference
+from kvfuse.attention import _attention_kl_triton, attention_kl_reference
+from kvfuse.kernels import attention_kl as kernels
 
 HEADS, KV_HEADS, DIM = 12, 2, 128
 SEQS = [1024, 4096, 16384, 32768]
@@ -189,7 +190,7 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
                                 mm_tflops=round(peak / 1e12, 1), **row))
                 f.flush()
             rows += r
-    for name, (tuner, _) in _kernels()._TUNED.items():
+    for name, (tuner, _) in kernels._TUNED.items():
         for key, cfg in tuner.cache.items():
             log(f"autotuned {name} {key[:5]}: {cfg}")
     by = {(r["variant"], r["T"], r["mode"]): r for r in rows}
