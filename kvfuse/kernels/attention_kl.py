@@ -35,6 +35,8 @@ import triton.language as tl
 
 _NEG = tl.constexpr(-1.0e30)
 _POS = tl.constexpr(1.0e30)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _interpreting() -> bool:
@@ -57,11 +59,12 @@ def _key_bias(mask_row, offs_n, T):
 
 
 @triton.jit
-def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale,
+def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
               m_s, m_f, l_s, l_f, acc,
               BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
-    # Online update over one key tile:  m ← max(m, max_j s_ij),  c = exp(m_old − m),
-    #   l_s ← c·l_s + Σ_j e^{s_ij − m_s},   acc ← c·acc + Σ_j e^{s_ij − m_s} (s_ij − f_ij);  m_f, l_f likewise.
+    # Online update over one key tile, in base-2 units (s, f, m ← log2(e)·logits; exp2 spares the multiply
+    # that exp costs per element):  m ← max(m, max_j s_ij),  c = 2^{m_old − m},
+    #   l_s ← c·l_s + Σ_j 2^{s_ij − m_s},   acc ← c·acc + Σ_j 2^{s_ij − m_s} (s_ij − f_ij);  m_f, l_f likewise.
     # A padded key's bias cancels in s − f and its weight is 0 once the row has seen a valid key (c = 0 then).
     offs_n = n0 + tl.arange(0, BLOCK_N)
     bias = _key_bias(mask_row, offs_n, T)[None, :]
@@ -70,17 +73,17 @@ def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
     kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
     k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0)
     k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0)
-    s = _dot(q, tl.trans(k_s.to(DOT_DTYPE)), IEEE) * scale + bias
-    f = _dot(q, tl.trans(k_f.to(DOT_DTYPE)), IEEE) * scale + bias
+    s = _dot(q, tl.trans(k_s.to(DOT_DTYPE)), IEEE) * scale2 + bias
+    f = _dot(q, tl.trans(k_f.to(DOT_DTYPE)), IEEE) * scale2 + bias
 
     ms_new = tl.maximum(m_s, tl.max(s, axis=1))
-    c_s = tl.exp(m_s - ms_new)
-    p = tl.exp(s - ms_new[:, None])
+    c_s = tl.exp2(m_s - ms_new)
+    p = tl.exp2(s - ms_new[:, None])
     l_s = l_s * c_s + tl.sum(p, axis=1)
     acc = acc * c_s + tl.sum(p * (s - f), axis=1)
 
     mf_new = tl.maximum(m_f, tl.max(f, axis=1))
-    l_f = l_f * tl.exp(m_f - mf_new) + tl.sum(tl.exp(f - mf_new[:, None]), axis=1)
+    l_f = l_f * tl.exp2(m_f - mf_new) + tl.sum(tl.exp2(f - mf_new[:, None]), axis=1)
     return ms_new, mf_new, l_s, l_f, acc
 
 
@@ -95,7 +98,8 @@ def _attention_kl_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: query tile [BLOCK_M] of (b, h).  Key tiles wholly below the diagonal first (no causal mask),
-    # then the ones that straddle it.  At the end: lse = m + log l, E = acc / l_s, KL = E − lse_s + lse_f.
+    # then the ones that straddle it.  At the end: lse = ln 2 · (m + log2 l), E = ln 2 · acc / l_s,
+    # KL = E − lse_s + lse_f.
     # Grid (B·H, query tiles), the last (heaviest) query tiles launched first.
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -120,22 +124,23 @@ def _attention_kl_fwd_kernel(
     acc = tl.zeros([BLOCK_M], tl.float32)
     ks_base = ks_ptr + b * sksb + g * sksh
     kf_base = kf_ptr + b * skfb + g * skfh
+    scale2 = scale * _LOG2E
     full_end = start_m // BLOCK_N * BLOCK_N          # keys j < full_end ≤ start_m ≤ i: all causal-allowed
     for n0 in range(0, full_end, BLOCK_N):
         m_s, m_f, l_s, l_f, acc = _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
-                                            offs_d, d_ok, T, scale, m_s, m_f, l_s, l_f, acc,
+                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc,
                                             BLOCK_N, DOT_DTYPE, IEEE, False)
     for n0 in range(full_end, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         m_s, m_f, l_s, l_f, acc = _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
-                                            offs_d, d_ok, T, scale, m_s, m_f, l_s, l_f, acc,
+                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc,
                                             BLOCK_N, DOT_DTYPE, IEEE, True)
 
     # A valid query always sees itself, so l_s ≥ 1 on valid rows; padded rows are zeroed here.
     l_s = tl.where(q_valid, l_s, 1.0)
     l_f = tl.where(q_valid, l_f, 1.0)
-    lse_s = tl.where(q_valid, m_s + tl.log(l_s), 0.0)
-    lse_f = tl.where(q_valid, m_f + tl.log(l_f), 0.0)
-    e = tl.where(q_valid, acc / l_s, 0.0)
+    lse_s = tl.where(q_valid, (m_s + tl.log2(l_s)) * _LN2, 0.0)
+    lse_f = tl.where(q_valid, (m_f + tl.log2(l_f)) * _LN2, 0.0)
+    e = tl.where(q_valid, acc * _LN2 / l_s, 0.0)
     row = (b * H + h) * T + offs_m
     tl.store(kl_ptr + row, e - lse_s + lse_f, mask=m_in)
     tl.store(stats_ptr + row, lse_s, mask=m_in)
@@ -145,14 +150,15 @@ def _attention_kl_fwd_kernel(
 
 @triton.jit
 def _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T):
-    """Upstream gradient and statistics of query rows offs_m; padded rows get lse = +1e30 (P = Q = 0)."""
+    """Of query rows offs_m: the upstream gradient w, w·ln 2, and lse_s, lse_f, E in base-2 units (the logits'
+    units in the backward); padded rows get lse = +1e30, so P = Q = 0 there."""
     m_in = offs_m < T
     q_valid = (tl.load(mask_row + offs_m, mask=m_in, other=0) != 0) & m_in
     w = tl.load(dkl_ptr + row0 + offs_m, mask=m_in, other=0.0)
-    lse_s = tl.where(q_valid, tl.load(stats_ptr + row0 + offs_m, mask=m_in, other=0.0), _POS)
-    lse_f = tl.where(q_valid, tl.load(stats_ptr + n_rows + row0 + offs_m, mask=m_in, other=0.0), _POS)
-    e = tl.load(stats_ptr + 2 * n_rows + row0 + offs_m, mask=m_in, other=0.0)
-    return w, lse_s, lse_f, e
+    lse_s = tl.where(q_valid, tl.load(stats_ptr + row0 + offs_m, mask=m_in, other=0.0) * _LOG2E, _POS)
+    lse_f = tl.where(q_valid, tl.load(stats_ptr + n_rows + row0 + offs_m, mask=m_in, other=0.0) * _LOG2E, _POS)
+    e = tl.load(stats_ptr + 2 * n_rows + row0 + offs_m, mask=m_in, other=0.0) * _LOG2E
+    return w, w * _LN2, lse_s, lse_f, e
 
 
 @triton.jit
@@ -160,20 +166,21 @@ def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats
               m0, offs_d, d_ok, T, scale, dks, dkf,
               D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
               ATOMIC_DQ: tl.constexpr):
-    # Transposed tiles of one (key tile, query tile) pair, [BLOCK_N, BLOCK_M]:
-    #   sᵀ, fᵀ;  Pᵀ = e^{sᵀ − lse_s},  Qᵀ = e^{fᵀ − lse_f};  dSᵀ = Pᵀ (sᵀ − fᵀ − E) w,  dFᵀ = (Qᵀ − Pᵀ) w
+    # Transposed tiles of one (key tile, query tile) pair, [BLOCK_N, BLOCK_M], logits and row statistics in
+    # base-2 units (ln 2 · (s − f − E) = natural units, hence w·ln 2 in dS):
+    #   sᵀ, fᵀ;  Pᵀ = 2^{sᵀ − lse_s},  Qᵀ = 2^{fᵀ − lse_f};  dSᵀ = Pᵀ (sᵀ − fᵀ − E) w ln 2,  dFᵀ = (Qᵀ − Pᵀ) w
     #   ∂k_s += dSᵀ q,  ∂k_f += dFᵀ q  (scaled at the end);   ∂q[tile] += scale (dS k_s + dF k_f)  (atomics).
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_in = offs_m < T
-    w, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T)
+    w, w_ln2, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T)
     q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=m_in[:, None] & d_ok[None, :],
                 other=0.0).to(DOT_DTYPE)
     bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
-    s_t = _dot(k_s, tl.trans(q), IEEE) * scale + bias
-    f_t = _dot(k_f, tl.trans(q), IEEE) * scale + bias
-    p_t = tl.exp(s_t - lse_s[None, :])
-    ds_t = (p_t * (s_t - f_t - e[None, :]) * w[None, :]).to(DOT_DTYPE)
-    df_t = ((tl.exp(f_t - lse_f[None, :]) - p_t) * w[None, :]).to(DOT_DTYPE)
+    s_t = _dot(k_s, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
+    f_t = _dot(k_f, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
+    p_t = tl.exp2(s_t - lse_s[None, :])
+    ds_t = (p_t * (s_t - f_t - e[None, :]) * w_ln2[None, :]).to(DOT_DTYPE)
+    df_t = ((tl.exp2(f_t - lse_f[None, :]) - p_t) * w[None, :]).to(DOT_DTYPE)
     dks += _dot(ds_t, q, IEEE)
     dkf += _dot(df_t, q, IEEE)
     if ATOMIC_DQ:
@@ -239,9 +246,10 @@ def _attention_kl_bwd_kernel(
 
 @triton.jit
 def _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale,
-             w, lse_s, lse_f, e, dq,
+             w, w_ln2, lse_s, lse_f, e, dq,
              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
-    # dS = w P (s − f − E),  dF = w (Q − P),  ∂q += dS K_s + dF K_f  (scaled at the end).
+    # Base-2 units as in _bwd_step:  dS = P (s − f − E) w ln 2,  dF = (Q − P) w,  ∂q += dS K_s + dF K_f
+    # (scaled at the end).
     offs_n = n0 + tl.arange(0, BLOCK_N)
     bias = _key_bias(mask_row, offs_n, T)[None, :]
     if CAUSAL:
@@ -249,11 +257,11 @@ def _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, 
     kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
     k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
     k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
-    s = _dot(q, tl.trans(k_s), IEEE) * scale + bias
-    f = _dot(q, tl.trans(k_f), IEEE) * scale + bias
-    p = tl.exp(s - lse_s[:, None])
-    ds = p * (s - f - e[:, None]) * w[:, None]
-    df = (tl.exp(f - lse_f[:, None]) - p) * w[:, None]
+    s = _dot(q, tl.trans(k_s), IEEE) * (scale * _LOG2E) + bias
+    f = _dot(q, tl.trans(k_f), IEEE) * (scale * _LOG2E) + bias
+    p = tl.exp2(s - lse_s[:, None])
+    ds = p * (s - f - e[:, None]) * w_ln2[:, None]
+    df = (tl.exp2(f - lse_f[:, None]) - p) * w[:, None]
     dq += _dot(ds.to(DOT_DTYPE), k_s, IEEE)
     dq += _dot(df.to(DOT_DTYPE), k_f, IEEE)
     return dq
@@ -286,7 +294,7 @@ def _attention_kl_bwd_dq_kernel(
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
     row0 = (b * H + h) * T
-    w, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, N_ROWS, row0, offs_m, T)
+    w, w_ln2, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, N_ROWS, row0, offs_m, T)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ks_base = ks_ptr + b * sksb + g * sksh
@@ -294,10 +302,10 @@ def _attention_kl_bwd_dq_kernel(
     full_end = start_m // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         dq = _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale,
-                      w, lse_s, lse_f, e, dq, BLOCK_N, DOT_DTYPE, IEEE, False)
+                      w, w_ln2, lse_s, lse_f, e, dq, BLOCK_N, DOT_DTYPE, IEEE, False)
     for n0 in range(full_end, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         dq = _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale,
-                      w, lse_s, lse_f, e, dq, BLOCK_N, DOT_DTYPE, IEEE, True)
+                      w, w_ln2, lse_s, lse_f, e, dq, BLOCK_N, DOT_DTYPE, IEEE, True)
 
     tl.store(dq_ptr + (row0 + offs_m[:, None]) * D + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_in[:, None] & d_ok[None, :])
@@ -316,15 +324,16 @@ def _configs(options):
 # to fill the GPU, long T prefers large ones, and training with many distinct lengths retunes only per bucket.
 # Backward tiles (ptxas for sm_90a, triton 3.9, D = 128 bf16): the key-major program holds two [BLOCK_N, D] fp32
 # accumulators, its two key tiles and a [BLOCK_M, D] ∂q share; 32 × 128 / 8 warps, 32 × 64 / 8 and 16 × 64 / 4
-# fit in 255 registers without spilling, 64 × 64 / 8 spills 288 B (kept as a candidate: autotuning decides).
-# 128-key tiles halve the ∂q atomics per product.
+# fit in 255 registers without spilling (64 × 64 / 8 spills 360 B, 64 × 128 / 8 more).  128-key tiles halve the
+# ∂q atomics per product.  Forward: 128 × 128 / 8 warps also fits (255 registers, no spill).
 _KEY = ["T_BUCKET", "D", "GROUP", "DOT_DTYPE", "IEEE"]
 _FP32 = [(64, 32, 4, 2)]
 _FP32_BWD = [(32, 64, 4, 2)]
 _TUNED = {
-    "fwd": (triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_fwd_kernel),
+    "fwd": (triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)]), key=_KEY)(
+        _attention_kl_fwd_kernel),
             triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_fwd_kernel)),
-    "bwd": (triton.autotune(_configs([(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (64, 64, 8, 2)]),
+    "bwd": (triton.autotune(_configs([(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]),
                             key=_KEY + ["ATOMIC_DQ", "SPLIT"], reset_to_zero=["dq_ptr"])(_attention_kl_bwd_kernel),
             triton.autotune(_configs(_FP32_BWD), key=_KEY)(_attention_kl_bwd_kernel)),
     "dq": (triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 8, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel),
