@@ -59,6 +59,23 @@ def _key_bias(mask_row, offs_n, T):
 
 
 @triton.jit
+def _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
+                        BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+    """Base-2 logits s, f [BLOCK_M, BLOCK_N] of query rows offs_m against key tile n0 (padded keys, and later keys
+    when CAUSAL, biased by −1e30), and the key tiles k_s, k_f [BLOCK_N, BLOCK_D]."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    bias = _key_bias(mask_row, offs_n, T)[None, :]
+    if CAUSAL:
+        bias = tl.where(offs_n[None, :] <= offs_m[:, None], bias, _NEG)
+    kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
+    k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    s = _dot(q, tl.trans(k_s), IEEE) * scale2 + bias
+    f = _dot(q, tl.trans(k_f), IEEE) * scale2 + bias
+    return s, f, k_s, k_f
+
+
+@triton.jit
 def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
               m_s, m_f, l_s, l_f, acc,
               BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
@@ -66,15 +83,8 @@ def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
     # that exp costs per element):  m ← max(m, max_j s_ij),  c = 2^{m_old − m},
     #   l_s ← c·l_s + Σ_j 2^{s_ij − m_s},   acc ← c·acc + Σ_j 2^{s_ij − m_s} (s_ij − f_ij);  m_f, l_f likewise.
     # A padded key's bias cancels in s − f and its weight is 0 once the row has seen a valid key (c = 0 then).
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    bias = _key_bias(mask_row, offs_n, T)[None, :]
-    if CAUSAL:
-        bias = tl.where(offs_n[None, :] <= offs_m[:, None], bias, _NEG)
-    kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
-    k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0)
-    k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0)
-    s = _dot(q, tl.trans(k_s.to(DOT_DTYPE)), IEEE) * scale2 + bias
-    f = _dot(q, tl.trans(k_f.to(DOT_DTYPE)), IEEE) * scale2 + bias
+    s, f, _, _ = _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok,
+                                     T, scale2, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
 
     ms_new = tl.maximum(m_s, tl.max(s, axis=1))
     c_s = tl.exp2(m_s - ms_new)
@@ -245,20 +255,13 @@ def _attention_kl_bwd_kernel(
 
 
 @triton.jit
-def _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale,
+def _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
              w, w_ln2, lse_s, lse_f, e, dq,
              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
     # Base-2 units as in _bwd_step:  dS = P (s − f − E) w ln 2,  dF = (Q − P) w,  ∂q += dS K_s + dF K_f
     # (scaled at the end).
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    bias = _key_bias(mask_row, offs_n, T)[None, :]
-    if CAUSAL:
-        bias = tl.where(offs_n[None, :] <= offs_m[:, None], bias, _NEG)
-    kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
-    k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
-    k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
-    s = _dot(q, tl.trans(k_s), IEEE) * (scale * _LOG2E) + bias
-    f = _dot(q, tl.trans(k_f), IEEE) * (scale * _LOG2E) + bias
+    s, f, k_s, k_f = _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d,
+                                         d_ok, T, scale2, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
     p = tl.exp2(s - lse_s[:, None])
     ds = p * (s - f - e[:, None]) * w_ln2[:, None]
     df = (tl.exp2(f - lse_f[:, None]) - p) * w[:, None]
@@ -299,12 +302,13 @@ def _attention_kl_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ks_base = ks_ptr + b * sksb + g * sksh
     kf_base = kf_ptr + b * skfb + g * skfh
+    scale2 = scale * _LOG2E
     full_end = start_m // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
-        dq = _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale,
+        dq = _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
                       w, w_ln2, lse_s, lse_f, e, dq, BLOCK_N, DOT_DTYPE, IEEE, False)
     for n0 in range(full_end, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
-        dq = _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale,
+        dq = _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
                       w, w_ln2, lse_s, lse_f, e, dq, BLOCK_N, DOT_DTYPE, IEEE, True)
 
     tl.store(dq_ptr + (row0 + offs_m[:, None]) * D + offs_d[None, :],
