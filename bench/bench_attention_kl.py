@@ -98,6 +98,25 @@ def check(log) -> float:
     return worst
 
 
+def check_compiled(log, T: int = 2048) -> bool:
+    """torch.compile(fullgraph=True) with Inductor of the Triton loss, bf16: no graph break, and the compiled loss
+    and gradients equal eager's (the same kernels run; only ∂q's atomic summation order differs)."""
+    q, k_s, k_f, valid = make_inputs(T, seed=7)
+    scale = 1 / math.sqrt(DIM)
+    breaks = torch._dynamo.explain(_attention_kl_triton)(q, k_s, k_f, valid, scale).graph_break_count
+    torch._dynamo.reset()
+    res = {}
+    for name, fn in (("eager", _attention_kl_triton),
+                     ("compiled", torch.compile(_attention_kl_triton, fullgraph=True))):
+        loss = fn(q, k_s, k_f, valid, scale)
+        res[name] = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+    errs = [rel(a, b) for a, b in zip(res["compiled"], res["eager"])]
+    ok = breaks == 0 and max(errs) <= 1e-2
+    log(f"check torch.compile(fullgraph=True), Inductor: graph breaks {breaks}; rel err vs eager loss {errs[0]:.2e}, "
+        f"dq {errs[1]:.2e}, dk_s {errs[2]:.2e}, dk_f {errs[3]:.2e}: {'passed' if ok else 'FAILED'}")
+    return ok
+
+
 def bench_one(variant: str, T: int, peak: float, impls, log):
     from triton.testing import do_bench
     q, k_s, k_f, valid = make_inputs(T, seed=T)
@@ -143,7 +162,9 @@ def bench_one(variant: str, T: int, peak: float, impls, log):
     return rows
 
 
-def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
+def run(out_dir: Path, seqs, variants, extra_seqs) -> bool:
+    """Checks, timings, the compiled check (after the timings, so that a failure there keeps them); True when
+    every check passed."""
     import triton
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()
@@ -209,7 +230,9 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
     for v in VARIANTS:
         fits = [T for T in all_seqs if num(by.get((v, T, "full"), {}).get("ms"))]
         log(f"largest T measured that fits, {v}: {max(fits) if fits else 'none'}")
+    compiled_ok = check_compiled(log)
     logf.close()
+    return compiled_ok
 
 
 def plot(csv_path: Path) -> Path:
@@ -256,8 +279,7 @@ def main(argv=None) -> int:
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_kl needs a CUDA GPU (run it through the device tool)")
-    run(args.out, args.seqs, args.variants, args.triton_only_seqs)
-    return 0
+    return 0 if run(args.out, args.seqs, args.variants, args.triton_only_seqs) else 1
 
 
 if __name__ == "__main__":
