@@ -294,3 +294,16 @@ def test_empty_mask_raises_in_eager_and_gives_zero_when_compiled(backend):
     grads = torch.autograd.grad(loss, leaves)
     assert float(loss.detach()) == 0.0
     assert all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_custom_op_rejects_what_the_kernels_cannot_take():
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    mask8 = torch.ones(1, 6, dtype=torch.int8)
+    with pytest.raises(ValueError, match="does not fit q"):
+        kernels.attention_kl_fwd(q, torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8), mask8, 0.5)
+    with pytest.raises(ValueError, match="share one dtype"):
+        kernels.attention_kl_fwd(q, k.bfloat16(), k.bfloat16(), mask8, 0.5)
+    with pytest.raises(ValueError, match="mask must be int8"):
+        kernels.attention_kl_fwd(q, k, k, mask8.bool(), 0.5)
+    with pytest.raises(ValueError, match="k_s = k_f"):
+        kernels.attention_kl_fwd(q, k, k[:, :1], mask8, 0.5)

@@ -17,13 +17,15 @@ Only the T×T tiles in flight ever exist.  Forward: per-row online-softmax stati
 and the P-weighted sum of s − f); it writes KL and (lse_s, lse_f, E) per row.  Backward, one pass: a key-major
 program per (key tile, b, KV head[, share of its query heads]) computes s and f once per (query tile, key tile)
 pair, keeps ∂k_s, ∂k_f in registers over the group's query heads and query tiles, and adds each pair's ∂q share
-into an fp32 buffer with atomics (6 products per pair: the floor).  Atomics make ∂q's fp32 summation order vary
-from run to run; when torch.use_deterministic_algorithms(True) is on, ∂q comes instead from a query-major kernel
-that recomputes s and f (two passes, 8 products per pair, no atomics).
+into an fp32 buffer with atomics (6 products per pair in the backward, 8 with the forward's 2: the floor).  Atomics
+make ∂q's fp32 summation order vary from run to run; when torch.use_deterministic_algorithms(True) is on, ∂q comes
+instead from a query-major kernel that recomputes s and f (two passes, 8 products per pair, no atomics).
 
-Masking: a padded key gets the additive bias −1e30 on both logits (a finite stand-in for −∞, so no inf − inf),
-the causal mask is applied only on tiles that straddle the diagonal, and a padded query row is zeroed at the end
-of the forward and given lse = +1e30 in the backward (so P = Q = 0 there, whatever its logits).
+Masking: a padded key gets the additive bias −1e30 on both logits (a finite stand-in for −∞, so no inf − inf);
+the forward and the query-major ∂q kernel apply the causal mask only on key tiles that straddle the diagonal (the
+one-pass backward on every tile, see there); a padded query row is zeroed at the end of the forward and given
+lse = +1e30 in the backward (so P = Q = 0 there, whatever its logits).  Inside the kernels logits are in base-2
+units (log2(e)·scale·q·k, exp2 and log2); the row statistics they exchange are in natural units.
 """
 from __future__ import annotations
 
@@ -376,6 +378,28 @@ def _check_device(q):
                          "use backend='torch' or 'auto', or set TRITON_INTERPRET=1")
 
 
+def _check_op_inputs(q, k_s, k_f, mask):
+    """What the kernels assume of the custom ops' tensors (kvfuse.attention.attention_kl prepares them so; a
+    direct caller of torch.ops.kvfuse.* gets an error here, from the fake implementation too, rather than garbage).
+    Shapes, dtypes and devices only: no value is read."""
+    if q.dim() != 4 or k_s.dim() != 4 or k_s.shape != k_f.shape:
+        raise ValueError(f"kvfuse::attention_kl: q [B, H, T, D], k_s = k_f [B, H_kv, T, D] expected; got "
+                         f"{tuple(q.shape)}, {tuple(k_s.shape)}, {tuple(k_f.shape)}")
+    B, H, T, D = q.shape
+    if (k_s.shape[0], k_s.shape[2], k_s.shape[3]) != (B, T, D) or k_s.shape[1] == 0 or H % k_s.shape[1]:
+        raise ValueError(f"kvfuse::attention_kl: k_s {tuple(k_s.shape)} does not fit q {tuple(q.shape)} (same B, T, "
+                         "D; H a multiple of H_kv)")
+    if not q.dtype == k_s.dtype == k_f.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"kvfuse::attention_kl: q, k_s, k_f must share one dtype of fp16/bf16/fp32; got {q.dtype}, "
+                         f"{k_s.dtype}, {k_f.dtype}")
+    if mask.shape != (B, T) or mask.dtype != torch.int8:
+        raise ValueError(f"kvfuse::attention_kl: mask must be int8 [B, T] = {(B, T)}; got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    if not q.device == k_s.device == k_f.device == mask.device:
+        raise ValueError(f"kvfuse::attention_kl: tensors on different devices: q {q.device}, k_s {k_s.device}, "
+                         f"k_f {k_f.device}, mask {mask.device}")
+
+
 def attention_kl_forward(q, k_s, k_f, mask, scale: float):
     """Row KL and the row statistics the backward needs.
 
@@ -447,11 +471,13 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
 def attention_kl_fwd(q: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL [B, H, T] fp32, stats [3, B, H, T] fp32) of attention_kl_forward; gradients reach q, k_s, k_f."""
+    _check_op_inputs(q, k_s, k_f, mask)
     return attention_kl_forward(q, k_s, k_f, mask.contiguous(), scale)
 
 
 @attention_kl_fwd.register_fake
 def _attention_kl_fwd_fake(q, k_s, k_f, mask, scale):
+    _check_op_inputs(q, k_s, k_f, mask)
     B, H, T, _ = q.shape
     return q.new_empty(B, H, T, dtype=torch.float32), q.new_empty(3, B, H, T, dtype=torch.float32)
 
