@@ -80,9 +80,6 @@ def _attention_kl_triton(q_s, k_s, k_f, valid, scale):
     # Imported here so that Triton loads only when this backend is used; the import registers the custom ops.
     from kvfuse.kernels.attention_kl import attention_kl_fwd
 
-    if not (q_s.device == k_s.device == k_f.device == valid.device):
-        raise ValueError(f"attention_kl inputs are on different devices: q_s {q_s.device}, k_s {k_s.device}, "
-                         f"k_f {k_f.device}, mask {valid.device}")
     dtype = torch.promote_types(torch.promote_types(q_s.dtype, k_s.dtype), k_f.dtype)
     if dtype not in _TRITON_DTYPES:
         raise ValueError(f"attention_kl backend='triton' takes fp16/bf16/fp32 tensors, got {dtype}; "

@@ -307,3 +307,5 @@ def test_custom_op_rejects_what_the_kernels_cannot_take():
         kernels.attention_kl_fwd(q, k, k, mask8.bool(), 0.5)
     with pytest.raises(ValueError, match="k_s = k_f"):
         kernels.attention_kl_fwd(q, k, k[:, :1], mask8, 0.5)
+    with pytest.raises(ValueError, match="different devices"):
+        kernels.attention_kl_fwd(q, k, k, mask8.to("meta"), 0.5)
