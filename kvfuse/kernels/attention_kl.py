@@ -330,8 +330,9 @@ def _configs(options):
 # to fill the GPU, long T prefers large ones, and training with many distinct lengths retunes only per bucket.
 # Backward tiles (ptxas for sm_90a, triton 3.9, D = 128 bf16): the key-major program holds two [BLOCK_N, D] fp32
 # accumulators, its two key tiles and a [BLOCK_M, D] ∂q share; 32 × 128 / 8 warps, 32 × 64 / 8 and 16 × 64 / 4
-# fit in 255 registers without spilling (64 × 64 / 8 spills 360 B, 64 × 128 / 8 more).  128-key tiles halve the
-# ∂q atomics per product.  Forward: 128 × 128 / 8 warps also fits (255 registers, no spill).
+# fit in 255 registers without spilling, but their ∂q product has M = BLOCK_M < 64 and compiles to mma.sync
+# instead of wgmma; 64 × 64 / 8 is all wgmma and spills 368 B.  Autotuning decides.  128-key tiles halve the ∂q
+# atomics per product.  Forward: 128 × 128 / 8 warps also fits (255 registers, no spill).
 _KEY = ["T_BUCKET", "D", "GROUP", "DOT_DTYPE", "IEEE"]
 _FP32 = [(64, 32, 4, 2)]
 _FP32_BWD = [(16, 32, 4, 2)]      # 198 registers, no spill; 32 × 64 spilled 9 KB and compiled for 35 s
@@ -339,7 +340,7 @@ _TUNED = {
     "fwd": (triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)]), key=_KEY)(
         _attention_kl_fwd_kernel),
             triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_fwd_kernel)),
-    "bwd": (triton.autotune(_configs([(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]),
+    "bwd": (triton.autotune(_configs([(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]),
                             key=_KEY + ["ATOMIC_DQ", "SPLIT"], reset_to_zero=["dq_ptr"])(_attention_kl_bwd_kernel),
             triton.autotune(_configs(_FP32_BWD), key=_KEY)(_attention_kl_bwd_kernel)),
     "dq": (triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 8, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel),
