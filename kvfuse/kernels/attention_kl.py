@@ -196,9 +196,11 @@ def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats
     dks += _dot(ds_t, q, IEEE)
     dkf += _dot(df_t, q, IEEE)
     if ATOMIC_DQ:
-        dq = _dot(tl.trans(ds_t), k_s, IEEE) + _dot(tl.trans(df_t), k_f, IEEE)
-        tl.atomic_add(dq_ptr + (row0 + offs_m[:, None]) * D + offs_d[None, :], dq * scale,
-                      mask=m_in[:, None] & d_ok[None, :], sem="relaxed")
+        # ∂qᵀ = k_sᵀ dSᵀ + k_fᵀ dFᵀ [BLOCK_D, BLOCK_M]: M = D ≥ 64 keeps the product on wgmma (∂q = dS k_s has
+        # M = BLOCK_M, and BLOCK_M < 64 compiled to mma.sync).
+        dq_t = _dot(tl.trans(k_s), ds_t, IEEE) + _dot(tl.trans(k_f), df_t, IEEE)
+        tl.atomic_add(dq_ptr + (row0 + offs_m[None, :]) * D + offs_d[:, None], dq_t * scale,
+                      mask=m_in[None, :] & d_ok[:, None], sem="relaxed")
     return dks, dkf
 
 
@@ -328,11 +330,11 @@ def _configs(options):
 
 # T's power-of-two bucket is in the key (T_BUCKET, otherwise unused by the kernels): small T needs small tiles
 # to fill the GPU, long T prefers large ones, and training with many distinct lengths retunes only per bucket.
-# Backward tiles (ptxas for sm_90a, triton 3.9, D = 128 bf16): the key-major program holds two [BLOCK_N, D] fp32
-# accumulators, its two key tiles and a [BLOCK_M, D] ∂q share; 32 × 128 / 8 warps, 32 × 64 / 8 and 16 × 64 / 4
-# fit in 255 registers without spilling, but their ∂q product has M = BLOCK_M < 64 and compiles to mma.sync
-# instead of wgmma; 64 × 64 / 8 is all wgmma and spills 368 B.  Autotuning decides.  128-key tiles halve the ∂q
-# atomics per product.  Forward: 128 × 128 / 8 warps also fits (255 registers, no spill).
+# Backward tiles (ptxas for sm_90a, triton 3.9, D = 128 bf16, every product on wgmma): the key-major program
+# holds two [BLOCK_N, D] fp32 accumulators, its two key tiles and a [D, BLOCK_M] ∂q share; 32 × 64 / 8 warps
+# fits in 246 registers without spilling, 32 × 128 / 8 spills 32 B, 64 × 64 / 8 320 B, 16 × 64 / 4 is the
+# small-T fallback.  Autotuning decides.  128-key tiles halve the ∂q atomics per product.  Forward: 128 × 128 /
+# 8 warps also fits (255 registers, no spill).
 _KEY = ["T_BUCKET", "D", "GROUP", "DOT_DTYPE", "IEEE"]
 _FP32 = [(64, 32, 4, 2)]
 _FP32_BWD = [(16, 32, 4, 2)]      # 198 registers, no spill; 32 × 64 spilled 9 KB and compiled for 35 s
