@@ -175,9 +175,10 @@ def launches(monkeypatch):
 
 @pytest.fixture
 def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(before)
 
 
 def _weighted_rows_case(seed, B, Hq, Hkv, T, D, scale):
