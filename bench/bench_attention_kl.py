@@ -73,22 +73,27 @@ def rel(a, b):
 
 
 def check(log) -> float:
-    """Triton vs the reference on fresh inputs: fp32 at odd shapes (ieee products, 1e-4) and bf16 at the bench
-    shape (2e-2).  Returns the worst error over loss and gradients, each divided by its tolerance."""
+    """Triton vs the reference on fresh inputs: fp32 at odd shapes (ieee products, 1e-4), once more with
+    torch.use_deterministic_algorithms(True) (the atomic-free backward), and bf16 at the bench shape (2e-2).
+    Returns the worst error over loss and gradients, each divided by its tolerance."""
     worst = 0.0
     # One fp32 shape only: each new D recompiles the fp32 kernels (other D and GQA groups are covered by the CPU
-    # tests under the interpreter).
-    cases = [("fp32", torch.float32, 1e-4, dict(T=333, B=2, H=12, H_kv=4, D=128)),
-             ("bf16", torch.bfloat16, 2e-2, dict(T=2048))]
-    for name, dtype, tol, shape in cases:
+    # tests under the interpreter).  The deterministic case runs in fp32: one fixed tile per kernel, so it
+    # compiles two kernels where bf16 would autotune six.
+    fp32 = dict(T=333, B=2, H=12, H_kv=4, D=128)
+    cases = [("fp32", torch.float32, 1e-4, fp32, False), ("fp32 deterministic", torch.float32, 1e-4, fp32, True),
+             ("bf16", torch.bfloat16, 2e-2, dict(T=2048), False)]
+    for name, dtype, tol, shape, deterministic in cases:
         q, k_s, k_f, valid = make_inputs(dtype=dtype, seed=shape["T"], **shape)
         valid[0, :5] = False  # left padding too
         scale = 1 / math.sqrt(q.shape[-1])
         res = {}
         for impl in ("ref", "triton"):
             fn = attention_kl_reference if impl == "ref" else _attention_kl_triton
+            torch.use_deterministic_algorithms(deterministic and impl == "triton")
             loss = fn(q, k_s, k_f, valid, scale)
             res[impl] = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+            torch.use_deterministic_algorithms(False)
         errs = [rel(a, b) for a, b in zip(res["triton"], res["ref"])]
         finite = all(bool(torch.isfinite(x).all()) for x in res["triton"])
         log(f"check {name} {shape}: rel err loss {errs[0]:.2e}, dq {errs[1]:.2e}, dk_s {errs[2]:.2e}, "
