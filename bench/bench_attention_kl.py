@@ -25,7 +25,8 @@ import torch
 
 
 from bench.common import commit
-from kvfuse.attention import _attention_kl_triton, _kernels, attention_kl_reference
+from kvfuse.attention import _attention_kl_triton, attention_kl_reference
+from kvfuse.kernels import attention_kl as kernels
 
 HEADS, KV_HEADS, DIM = 12, 2, 128
 SEQS = [1024, 4096, 16384, 32768]
@@ -72,22 +73,27 @@ def rel(a, b):
 
 
 def check(log) -> float:
-    """Triton vs the reference on fresh inputs: fp32 at odd shapes (ieee products, 1e-4) and bf16 at the bench
-    shape (2e-2).  Returns the worst error over loss and gradients, each divided by its tolerance."""
+    """Triton vs the reference on fresh inputs: fp32 at odd shapes (ieee products, 1e-4), once more with
+    torch.use_deterministic_algorithms(True) (the atomic-free backward), and bf16 at the bench shape (2e-2).
+    Returns the worst error over loss and gradients, each divided by its tolerance."""
     worst = 0.0
     # One fp32 shape only: each new D recompiles the fp32 kernels (other D and GQA groups are covered by the CPU
-    # tests under the interpreter).
-    cases = [("fp32", torch.float32, 1e-4, dict(T=333, B=2, H=12, H_kv=4, D=128)),
-             ("bf16", torch.bfloat16, 2e-2, dict(T=2048))]
-    for name, dtype, tol, shape in cases:
+    # tests under the interpreter).  The deterministic case runs in fp32: one fixed tile per kernel, so it
+    # compiles two kernels where bf16 would autotune six.
+    fp32 = dict(T=333, B=2, H=12, H_kv=4, D=128)
+    cases = [("fp32", torch.float32, 1e-4, fp32, False), ("fp32 deterministic", torch.float32, 1e-4, fp32, True),
+             ("bf16", torch.bfloat16, 2e-2, dict(T=2048), False)]
+    for name, dtype, tol, shape, deterministic in cases:
         q, k_s, k_f, valid = make_inputs(dtype=dtype, seed=shape["T"], **shape)
         valid[0, :5] = False  # left padding too
         scale = 1 / math.sqrt(q.shape[-1])
         res = {}
         for impl in ("ref", "triton"):
             fn = attention_kl_reference if impl == "ref" else _attention_kl_triton
+            torch.use_deterministic_algorithms(deterministic and impl == "triton")
             loss = fn(q, k_s, k_f, valid, scale)
             res[impl] = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+            torch.use_deterministic_algorithms(False)
         errs = [rel(a, b) for a, b in zip(res["triton"], res["ref"])]
         finite = all(bool(torch.isfinite(x).all()) for x in res["triton"])
         log(f"check {name} {shape}: rel err loss {errs[0]:.2e}, dq {errs[1]:.2e}, dk_s {errs[2]:.2e}, "
@@ -95,6 +101,25 @@ def check(log) -> float:
         worst = max(worst, max(errs) / tol, 0.0 if finite else math.inf)
         del q, k_s, k_f, res
     return worst
+
+
+def check_compiled(log, T: int = 2048) -> bool:
+    """torch.compile(fullgraph=True) with Inductor of the Triton loss, bf16: no graph break, and the compiled loss
+    and gradients equal eager's (the same kernels run; only ∂q's atomic summation order differs)."""
+    q, k_s, k_f, valid = make_inputs(T, seed=7)
+    scale = 1 / math.sqrt(DIM)
+    breaks = torch._dynamo.explain(_attention_kl_triton)(q, k_s, k_f, valid, scale).graph_break_count
+    torch._dynamo.reset()
+    res = {}
+    for name, fn in (("eager", _attention_kl_triton),
+                     ("compiled", torch.compile(_attention_kl_triton, fullgraph=True))):
+        loss = fn(q, k_s, k_f, valid, scale)
+        res[name] = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+    errs = [rel(a, b) for a, b in zip(res["compiled"], res["eager"])]
+    ok = breaks == 0 and max(errs) <= 1e-2
+    log(f"check torch.compile(fullgraph=True), Inductor: graph breaks {breaks}; rel err vs eager loss {errs[0]:.2e}, "
+        f"dq {errs[1]:.2e}, dk_s {errs[2]:.2e}, dk_f {errs[3]:.2e}: {'passed' if ok else 'FAILED'}")
+    return ok
 
 
 def bench_one(variant: str, T: int, peak: float, impls, log):
@@ -142,7 +167,9 @@ def bench_one(variant: str, T: int, peak: float, impls, log):
     return rows
 
 
-def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
+def run(out_dir: Path, seqs, variants, extra_seqs) -> bool:
+    """Checks, timings, the compiled check (after the timings, so that a failure there keeps them); True when
+    every check passed."""
     import triton
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()
@@ -189,7 +216,7 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
                                 mm_tflops=round(peak / 1e12, 1), **row))
                 f.flush()
             rows += r
-    for name, (tuner, _) in _kernels()._TUNED.items():
+    for name, (tuner, _) in kernels._TUNED.items():
         for key, cfg in tuner.cache.items():
             log(f"autotuned {name} {key[:5]}: {cfg}")
     by = {(r["variant"], r["T"], r["mode"]): r for r in rows}
@@ -208,7 +235,9 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> None:
     for v in VARIANTS:
         fits = [T for T in all_seqs if num(by.get((v, T, "full"), {}).get("ms"))]
         log(f"largest T measured that fits, {v}: {max(fits) if fits else 'none'}")
+    compiled_ok = check_compiled(log)
     logf.close()
+    return compiled_ok
 
 
 def plot(csv_path: Path) -> Path:
@@ -255,8 +284,7 @@ def main(argv=None) -> int:
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_kl needs a CUDA GPU (run it through the device tool)")
-    run(args.out, args.seqs, args.variants, args.triton_only_seqs)
-    return 0
+    return 0 if run(args.out, args.seqs, args.variants, args.triton_only_seqs) else 1
 
 
 if __name__ == "__main__":

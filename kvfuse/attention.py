@@ -1,21 +1,16 @@
 """Attention-KL term γ·KL(Attn_s ‖ Attn_f) (DESIGN.md §3 step 7): the student's queries over its own keys vs over
 the fused teacher keys.  backend="torch" is the readable, materialised reference (O(T²) memory per head);
-backend="triton" is the O(T)-memory kernel in kvfuse.kernels.attention_kl, checked against it."""
+backend="triton" is the O(T)-memory kernel in kvfuse.kernels.attention_kl (the custom op kvfuse::attention_kl_fwd,
+which torch.compile traces without graph breaks), checked against it."""
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import torch
 
 
 BACKENDS = ("torch", "triton", "auto")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _kernels():
-    return importlib.import_module("kvfuse.kernels.attention_kl")
 
 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor,
@@ -27,6 +22,10 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
     scale defaults to 1/√D. Computed in fp32 (or the inputs' wider dtype).
     backend: "torch" (the materialised reference), "triton" (O(T) memory; CUDA, or CPU under TRITON_INTERPRET=1;
     fp16/bf16/fp32) or "auto" (triton for CUDA fp16/bf16/fp32 tensors, torch otherwise).
+
+    A mask that selects no token raises ValueError in eager mode only: the check reads a value from the device
+    (a host synchronisation), so under torch.compile it is skipped and such a mask gives a loss of 0 (no valid
+    query to average over) with zero gradients, on both backends.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention_kl backend must be one of {BACKENDS}, got {backend!r}")
@@ -44,7 +43,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
     if mask.shape != (B, T):
         raise ValueError(f"mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
     valid = mask.bool()
-    if not valid.any():
+    if not torch.compiler.is_compiling() and not valid.any():
         raise ValueError("mask selects no token")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "auto":
@@ -57,7 +56,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
 
 def attention_kl_reference(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, valid: torch.Tensor,
                            scale: float) -> torch.Tensor:
-    """The materialised definition (inputs already validated; valid [B, T] bool with at least one True)."""
+    """The materialised definition (inputs already validated; valid [B, T] bool; 0 when it selects no token)."""
     B, H_q, T, D = q_s.shape
     group = H_q // k_s.shape[1]
     acc = torch.promote_types(q_s.dtype, torch.float32)
@@ -74,16 +73,13 @@ def attention_kl_reference(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tens
     log_pf = torch.log_softmax(logits_f, dim=-1)
     kl_rows = (log_ps.exp() * (log_ps - log_pf)).masked_fill(~allowed, 0.0).sum(-1)   # [B, H, T]
     query_ok = valid[:, None, :].expand_as(kl_rows)
-    return kl_rows.masked_fill(~query_ok, 0.0).sum() / query_ok.sum()
+    return kl_rows.masked_fill(~query_ok, 0.0).sum() / query_ok.sum().clamp_min(1)
 
 
 def _attention_kl_triton(q_s, k_s, k_f, valid, scale):
-    if not q_s.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"attention_kl backend='triton' needs CUDA tensors (got {q_s.device}); "
-                         "use backend='torch' or 'auto', or set TRITON_INTERPRET=1")
-    if not (q_s.device == k_s.device == k_f.device == valid.device):
-        raise ValueError(f"attention_kl inputs are on different devices: q_s {q_s.device}, k_s {k_s.device}, "
-                         f"k_f {k_f.device}, mask {valid.device}")
+    # Imported here so that Triton loads only when this backend is used; the import registers the custom ops.
+    from kvfuse.kernels.attention_kl import attention_kl_fwd
+
     dtype = torch.promote_types(torch.promote_types(q_s.dtype, k_s.dtype), k_f.dtype)
     if dtype not in _TRITON_DTYPES:
         raise ValueError(f"attention_kl backend='triton' takes fp16/bf16/fp32 tensors, got {dtype}; "
@@ -91,5 +87,5 @@ def _attention_kl_triton(q_s, k_s, k_f, valid, scale):
     # One operand dtype for the kernel (e.g. fp32 fused keys from fp32 adapters with bf16 student tensors):
     # the cast is differentiable and no-op when the dtypes already agree.
     q, ks, kf = (x.to(dtype) for x in (q_s, k_s, k_f))
-    kl_rows = _kernels().AttentionKLFunction.apply(q, ks, kf, valid.to(torch.int8).contiguous(), scale)
-    return kl_rows.sum() / (q_s.shape[1] * valid.sum())
+    kl_rows, _ = attention_kl_fwd(q, ks, kf, valid.to(torch.int8).contiguous(), scale)
+    return kl_rows.sum() / (q_s.shape[1] * valid.sum().clamp_min(1))

@@ -1,11 +1,12 @@
-"""The O(T)-memory Triton attention KL (interpreter on CPU) vs the materialised torch reference, and the
-reference's gradients vs float64."""
+"""The O(T)-memory Triton attention KL (interpreter on CPU) vs the materialised torch reference, the reference's
+gradients vs float64, the one-pass backward's variants, and the custom op under torch.compile."""
 import math
 
 import pytest
 import torch
 
-from kvfuse.attention import _kernels, attention_kl, attention_kl_reference
+from kvfuse.attention import attention_kl, attention_kl_reference
+from kvfuse.kernels import attention_kl as kernels
 
 def make_case(seed, B, Hq, Hkv, T, D, dtype=torch.float32, strided=False):
     """Fresh random q, k_s, k_f (k_f near k_s so the KL is informative) and a mask with left padding on row 0,
@@ -47,8 +48,8 @@ def assert_matches(got, ref, tol):
         assert rel(a, b) <= tol, (name, rel(a, b))
 
 
-# GQA groups 1, 2, 3, 8; T never a multiple of the 16-token interpreter tile; D a power of two or not.
-SHAPES = [(2, 2, 2, 37, 16), (2, 4, 2, 45, 24), (1, 6, 2, 29, 16), (2, 8, 1, 33, 8)]
+# GQA groups 1, 2, 3, 6, 8; T never a multiple of the 16-token interpreter tile; D a power of two, even or odd.
+SHAPES = [(2, 2, 2, 37, 16), (2, 4, 2, 45, 13), (1, 6, 2, 29, 16), (1, 6, 1, 31, 24), (2, 8, 1, 33, 8)]
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,T,D", SHAPES)
@@ -63,10 +64,13 @@ def test_bf16_matches_reference(B, Hq, Hkv, T, D):
     assert_matches(loss_and_grads(leaves, mask, "triton"), loss_and_grads(leaves, mask, "torch"), 2e-2)
 
 
-def test_strided_inputs_fully_masked_sample_and_uneven_tiles(monkeypatch):
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32)])
+def test_strided_inputs_fully_masked_sample_and_uneven_tiles(block_m, block_n, monkeypatch):
     """Non-contiguous views, a batch row with no valid token at all, an explicit scale, and query/key tiles of
-    different sizes (the key-major backward starts at a query tile that straddles the key tile)."""
-    monkeypatch.setitem(_kernels().INTERP_BLOCKS, "BLOCK_M", 32)
+    different sizes (the key-major backward starts at a query tile that straddles the key tile, or a key tile
+    spans several query tiles)."""
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_M", block_m)
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_N", block_n)
     leaves, mask = make_case(3, 3, 6, 3, 41, 16, strided=True)
     assert not leaves[0].is_contiguous()
     mask[1] = False
@@ -92,11 +96,11 @@ def _rows_reference64(q, k_s, k_f, mask, scale):
 
 
 def test_row_kl_and_arbitrary_upstream_gradient_vs_float64():
-    """The autograd Function itself: every row's KL (zero on padded queries) and the gradients of a random
-    weighting of the rows, against float64."""
+    """The custom op itself: every row's KL (zero on padded queries) and the gradients of a random weighting of
+    the rows, against float64."""
     leaves, mask = make_case(5, 2, 6, 3, 35, 16)
     scale = 1 / 4
-    rows = _kernels().AttentionKLFunction.apply(*leaves, mask.to(torch.int8), scale)
+    rows, _ = kernels.attention_kl_fwd(*leaves, mask.to(torch.int8), scale)
     leaves64 = [x.detach().double().requires_grad_() for x in leaves]
     rows64 = _rows_reference64(*leaves64, mask, scale)
     assert rows.shape == rows64.shape and rows.dtype == torch.float32
@@ -153,3 +157,156 @@ def test_auto_backend_mixed_dtypes_and_bad_input(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             attention_kl(q, k_s, k_f, mask, backend="triton")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records (kernel name, ATOMIC_DQ) of every kernel launch, launching them as usual."""
+    seen = []
+    launch = kernels._launch
+
+    def spy(name, grid_of, args, meta):
+        seen.append((name, meta.get("ATOMIC_DQ")))
+        return launch(name, grid_of, args, meta)
+
+    monkeypatch.setattr(kernels, "_launch", spy)
+    return seen
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def _weighted_rows_case(seed, B, Hq, Hkv, T, D, scale):
+    """Inputs, the op's row statistics, a random upstream gradient and the float64 gradients it gives."""
+    leaves, mask = make_case(seed, B, Hq, Hkv, T, D)
+    q, k_s, k_f = (x.detach() for x in leaves)
+    mask8 = mask.to(torch.int8)
+    _, stats = kernels.attention_kl_forward(q, k_s, k_f, mask8, scale)
+    w = torch.randn(B, Hq, T, generator=torch.Generator().manual_seed(seed + 1))
+    leaves64 = [x.double().requires_grad_() for x in (q, k_s, k_f)]
+    ref = torch.autograd.grad((_rows_reference64(*leaves64, mask, scale) * w.double()).sum(), leaves64)
+    return (q, k_s, k_f, mask8, scale, w, stats), ref
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 6])
+def test_one_pass_backward_every_group_split_vs_float64(split, launches):
+    """The one-pass kernel with the GQA group of 6 query heads shared by 1, 2, 3 or 6 programs per KV head: one
+    launch (∂q by atomics), and ∂q, ∂k_s, ∂k_f of a random row weighting equal to float64's."""
+    args, ref = _weighted_rows_case(21, 1, 6, 1, 35, 16, 0.3)
+    launches.clear()
+    got = kernels.attention_kl_backward(*args, split=split)
+    assert launches == [("bwd", True)]
+    for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        assert rel(a, b) <= 1e-5, (name, split, rel(a, b))
+    with pytest.raises(ValueError, match="must divide the GQA group"):
+        kernels.attention_kl_backward(*args, split=4)
+
+
+def test_group_split_fills_the_gpu():
+    # ≥ 4 programs per SM on 132 SMs = 528, with 64-key tiles and 2 KV heads of 6 query heads each:
+    assert kernels.group_split(1, 2, 6, 32768, 132) == 1      # 1024 (key tile, KV head) pairs
+    assert kernels.group_split(1, 2, 6, 16384, 132) == 2      # 512 pairs: 2 programs per pair give 1024
+    assert kernels.group_split(1, 2, 6, 8192, 132) == 3       # 256 pairs: 2 would give 512
+    assert kernels.group_split(1, 2, 6, 4096, 132) == 6       # 128 pairs: 3 would give 384
+    # Nothing divides further than the group.
+    assert kernels.group_split(1, 1, 1, 64, 132) == 1
+
+
+def test_deterministic_mode_uses_the_atomic_free_path(launches, deterministic):
+    """Under torch.use_deterministic_algorithms(True), ∂q comes from the query-major kernel and the key-major one
+    runs without atomics; the gradients still equal float64's."""
+    args, ref = _weighted_rows_case(23, 2, 4, 2, 29, 16, 0.25)
+    launches.clear()
+    got = kernels.attention_kl_backward(*args)
+    assert launches == [("dq", None), ("bwd", False)]
+    for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
+        assert rel(a, b) <= 1e-5, (name, rel(a, b))
+
+
+@pytest.mark.parametrize("wanted", [(True, False, False), (False, False, True), (False, True, False)])
+def test_gradients_reach_exactly_the_inputs_that_ask(wanted, launches):
+    """Both backends give gradients to the same inputs; only the kernels needed run (q alone: the query-major
+    kernel; keys alone: the key-major one without atomics)."""
+    leaves, mask = make_case(25, 1, 4, 2, 23, 8)
+    grads = {}
+    for backend in ("torch", "triton"):
+        xs = [x.detach().requires_grad_(r) for x, r in zip(leaves, wanted)]
+        launches.clear()
+        attention_kl(*xs, mask, backend=backend).backward()
+        grads[backend] = [x.grad for x in xs]
+    assert [g is not None for g in grads["triton"]] == list(wanted)
+    assert [g is not None for g in grads["torch"]] == list(wanted)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        if b is not None:
+            assert rel(a, b) <= 1e-4
+    assert launches[0] == ("fwd", None)
+    assert launches[1:] == ([("dq", None)] if wanted[0] else [("bwd", False)])
+
+
+def test_custom_ops_pass_opcheck():
+    leaves, mask = make_case(27, 1, 4, 2, 11, 8)
+    mask8 = mask.to(torch.int8)
+    torch.library.opcheck(kernels.attention_kl_fwd, (*leaves, mask8, 0.35))
+    q, k_s, k_f = (x.detach() for x in leaves)
+    _, stats = kernels.attention_kl_fwd(q, k_s, k_f, mask8, 0.35)
+    dkl = torch.randn(stats.shape[1:], generator=torch.Generator().manual_seed(28))
+    for need_q, need_k in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(kernels.attention_kl_bwd, (q, k_s, k_f, mask8, 0.35, dkl, stats, need_q, need_k))
+
+
+def _kl_step(q, k_s, k_f, mask, backend):
+    return attention_kl(q, k_s, k_f, mask, backend=backend)
+
+
+def test_compiled_fullgraph_matches_eager_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces attention_kl(backend="triton") as the custom op: no graph break, and
+    the compiled loss and gradients equal the eager ones (the same kernels run)."""
+    leaves, mask = make_case(29, 2, 4, 2, 27, 16)
+    explained = torch._dynamo.explain(_kl_step)(*leaves, mask, "triton")
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    compiled = torch.compile(_kl_step, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves, mask, "triton")
+    got_grads = torch.autograd.grad(got, leaves)
+    ref = _kl_step(*leaves, mask, "triton")
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert torch.equal(got.detach(), ref.detach())
+    for a, b in zip(got_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_mask_raises_in_eager_and_gives_zero_when_compiled(backend):
+    """The empty-mask check reads the device, so it runs in eager mode only; compiled, such a mask is a
+    well-defined 0 loss with zero gradients."""
+    leaves, mask = make_case(31, 1, 2, 1, 9, 8)
+    empty = torch.zeros_like(mask)
+    with pytest.raises(ValueError, match="selects no token"):
+        attention_kl(*leaves, empty, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(_kl_step, fullgraph=True, backend="aot_eager")
+    loss = compiled(*leaves, empty, backend)
+    grads = torch.autograd.grad(loss, leaves)
+    assert float(loss.detach()) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_custom_op_rejects_what_the_kernels_cannot_take():
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    mask8 = torch.ones(1, 6, dtype=torch.int8)
+    with pytest.raises(ValueError, match="does not fit q"):
+        kernels.attention_kl_fwd(q, torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8), mask8, 0.5)
+    with pytest.raises(ValueError, match="share one dtype"):
+        kernels.attention_kl_fwd(q, k.bfloat16(), k.bfloat16(), mask8, 0.5)
+    with pytest.raises(ValueError, match="mask must be int8"):
+        kernels.attention_kl_fwd(q, k, k, mask8.bool(), 0.5)
+    with pytest.raises(ValueError, match="k_s = k_f"):
+        kernels.attention_kl_fwd(q, k, k[:, :1], mask8, 0.5)
+    with pytest.raises(ValueError, match="different devices"):
+        kernels.attention_kl_fwd(q, k, k, mask8.to("meta"), 0.5)

@@ -1,4 +1,5 @@
-"""Memory-efficient attention KL: KL(softmax(scale·Q K_sᵀ) ‖ softmax(scale·Q K_fᵀ)) per query row, in O(T) memory.
+"""Memory-efficient attention KL: KL(softmax(scale·Q K_sᵀ) ‖ softmax(scale·Q K_fᵀ)) per query row, in O(T) memory,
+and the custom ops `kvfuse::attention_kl_fwd` / `kvfuse::attention_kl_bwd` that torch.compile traces as single nodes.
 
 Notation (one batch row b, query head h, its KV head g = h // GROUP; the readable reference is
 kvfuse.attention.attention_kl with backend="torch"):
@@ -12,10 +13,19 @@ Derivatives, for an upstream gradient w_i = ∂L/∂KL_i:
     dS_ij = w_i P_ij (s_ij − f_ij − E_i),          dF_ij = w_i (Q_ij − P_ij)
     ∂L/∂q_i    = scale Σ_j (dS_ij k_s,j + dF_ij k_f,j)
     ∂L/∂k_s,j  = scale Σ_{h in group g} Σ_i dS_ij q_i ,   ∂L/∂k_f,j = scale Σ_{h in group g} Σ_i dF_ij q_i
-Only the T×T tiles in flight ever exist: the forward keeps per-row online-softmax statistics (running maxima,
-normalisers and the P-weighted sum of s − f) and writes lse_s, lse_f, E and KL per row ([B, H, T] each); the
-backward recomputes s and f tile by tile from them, once in a query-major kernel (∂q) and once in a key-major
-kernel (∂k_s, ∂k_f per query head, summed over the group afterwards): no atomics, so results are deterministic.
+Only the T×T tiles in flight ever exist.  Forward: per-row online-softmax statistics (running maxima, normalisers
+and the P-weighted sum of s − f); it writes KL and (lse_s, lse_f, E) per row.  Backward, one pass: a key-major
+program per (key tile, b, KV head[, share of its query heads]) computes s and f once per (query tile, key tile)
+pair, keeps ∂k_s, ∂k_f in registers over the group's query heads and query tiles, and adds each pair's ∂q share
+into an fp32 buffer with atomics (6 products per pair in the backward, 8 with the forward's 2: the floor).  Atomics
+make ∂q's fp32 summation order vary from run to run; when torch.use_deterministic_algorithms(True) is on, ∂q comes
+instead from a query-major kernel that recomputes s and f (two passes, 8 products per pair, no atomics).
+
+Masking: a padded key gets the additive bias −1e30 on both logits (a finite stand-in for −∞, so no inf − inf);
+the forward and the query-major ∂q kernel apply the causal mask only on key tiles that straddle the diagonal (the
+one-pass backward on every tile, see there); a padded query row is zeroed at the end of the forward and given
+lse = +1e30 in the backward (so P = Q = 0 there, whatever its logits).  Inside the kernels logits are in base-2
+units (log2(e)·scale·q·k, exp2 and log2); the row statistics they exchange are in natural units.
 """
 from __future__ import annotations
 
@@ -25,9 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-# A finite stand-in for −∞: a row whose keys are all masked so far keeps max = _NEG, so no inf − inf = NaN can
-# appear; masked pairs get exp(_NEG) = 0 (the exponent is replaced before exp, so nothing overflows either).
 _NEG = tl.constexpr(-1.0e30)
+_POS = tl.constexpr(1.0e30)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _interpreting() -> bool:
@@ -43,30 +54,78 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _key_bias(mask_row, offs_n, T):
+    """0 for a valid key, −1e30 for a padded or out-of-range one."""
+    n_in = offs_n < T
+    return tl.where((tl.load(mask_row + offs_n, mask=n_in, other=0) != 0) & n_in, 0.0, _NEG)
+
+
+@triton.jit
+def _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
+                        BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+    """Base-2 logits s, f [BLOCK_M, BLOCK_N] of query rows offs_m against key tile n0 (padded keys, and later keys
+    when CAUSAL, biased by −1e30), and the key tiles k_s, k_f [BLOCK_N, BLOCK_D]."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    bias = _key_bias(mask_row, offs_n, T)[None, :]
+    if CAUSAL:
+        bias = tl.where(offs_n[None, :] <= offs_m[:, None], bias, _NEG)
+    kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
+    k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    s = _dot(q, tl.trans(k_s), IEEE) * scale2 + bias
+    f = _dot(q, tl.trans(k_f), IEEE) * scale2 + bias
+    return s, f, k_s, k_f
+
+
+@triton.jit
+def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
+              m_s, m_f, l_s, l_f, acc,
+              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+    # Online update over one key tile, in base-2 units (s, f, m ← log2(e)·logits; exp2 spares the multiply
+    # that exp costs per element):  m ← max(m, max_j s_ij),  c = 2^{m_old − m},
+    #   l_s ← c·l_s + Σ_j 2^{s_ij − m_s},   acc ← c·acc + Σ_j 2^{s_ij − m_s} (s_ij − f_ij);  m_f, l_f likewise.
+    # A padded key's bias cancels in s − f and its weight is 0 once the row has seen a valid key (c = 0 then).
+    s, f, _, _ = _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok,
+                                     T, scale2, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
+
+    ms_new = tl.maximum(m_s, tl.max(s, axis=1))
+    c_s = tl.exp2(m_s - ms_new)
+    p = tl.exp2(s - ms_new[:, None])
+    l_s = l_s * c_s + tl.sum(p, axis=1)
+    acc = acc * c_s + tl.sum(p * (s - f), axis=1)
+
+    mf_new = tl.maximum(m_f, tl.max(f, axis=1))
+    l_f = l_f * tl.exp2(m_f - mf_new) + tl.sum(tl.exp2(f - mf_new[:, None]), axis=1)
+    return ms_new, mf_new, l_s, l_f, acc
+
+
+@triton.jit
 def _attention_kl_fwd_kernel(
     q_ptr, sqb, sqh, sqt, sqd,
     ks_ptr, sksb, sksh, skst, sksd,
     kf_ptr, skfb, skfh, skft, skfd,
-    mask_ptr, kl_ptr, lse_s_ptr, lse_f_ptr, e_ptr,
-    H, T, GROUP, scale, T_BUCKET,
+    mask_ptr, kl_ptr, stats_ptr,
+    H, T, GROUP, N_ROWS, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: query tile [BLOCK_M] of (b, h).  Over key tiles j < end of the tile (causal), online:
-    #   m_s ← max(m_s, max_j s_ij),  c = exp(m_s,old − m_s)
-    #   l_s ← c·l_s + Σ_j e^{s_ij − m_s},   a ← c·a + Σ_j e^{s_ij − m_s} (s_ij − f_ij)
-    #   m_f, l_f likewise for f.          At the end: lse = m + log l,  E = a / l_s,  KL = E − lse_s + lse_f.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest (last) query tiles first
-    pid_bh = tl.program_id(1)
+    # One program: query tile [BLOCK_M] of (b, h).  Key tiles wholly below the diagonal first (no causal mask),
+    # then the ones that straddle it.  At the end: lse = ln 2 · (m + log2 l), E = ln 2 · acc / l_s,
+    # KL = E − lse_s + lse_f.
+    # Grid (B·H, query tiles), the last (heaviest) query tiles launched first.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     g = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_in = offs_m < T
     d_ok = offs_d < D
-    q_valid = (tl.load(mask_ptr + b * T + offs_m, mask=m_in, other=0) != 0) & m_in
+    mask_row = mask_ptr + b * T
+    q_valid = (tl.load(mask_row + offs_m, mask=m_in, other=0) != 0) & m_in
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
 
@@ -77,41 +136,142 @@ def _attention_kl_fwd_kernel(
     acc = tl.zeros([BLOCK_M], tl.float32)
     ks_base = ks_ptr + b * sksb + g * sksh
     kf_base = kf_ptr + b * skfb + g * skfh
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_in = offs_n < T
-        k_valid = (tl.load(mask_ptr + b * T + offs_n, mask=n_in, other=0) != 0) & n_in
-        kd_ok = n_in[:, None] & d_ok[None, :]
-        k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0)
-        k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0)
-        s = _dot(q, tl.trans(k_s.to(DOT_DTYPE)), IEEE) * scale
-        f = _dot(q, tl.trans(k_f.to(DOT_DTYPE)), IEEE) * scale
-        allowed = (offs_n[None, :] <= offs_m[:, None]) & k_valid[None, :] & q_valid[:, None]
+    scale2 = scale * _LOG2E
+    full_end = start_m // BLOCK_N * BLOCK_N          # keys j < full_end ≤ start_m ≤ i: all causal-allowed
+    for n0 in range(0, full_end, BLOCK_N):
+        m_s, m_f, l_s, l_f, acc = _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
+                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc,
+                                            BLOCK_N, DOT_DTYPE, IEEE, False)
+    for n0 in range(full_end, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        m_s, m_f, l_s, l_f, acc = _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
+                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc,
+                                            BLOCK_N, DOT_DTYPE, IEEE, True)
 
-        ms_new = tl.maximum(m_s, tl.max(tl.where(allowed, s, _NEG), axis=1))
-        c_s = tl.exp(m_s - ms_new)
-        p = tl.exp(tl.where(allowed, s - ms_new[:, None], _NEG))
-        l_s = l_s * c_s + tl.sum(p, axis=1)
-        acc = acc * c_s + tl.sum(p * (s - f), axis=1)
-        m_s = ms_new
-
-        mf_new = tl.maximum(m_f, tl.max(tl.where(allowed, f, _NEG), axis=1))
-        c_f = tl.exp(m_f - mf_new)
-        pf = tl.exp(tl.where(allowed, f - mf_new[:, None], _NEG))
-        l_f = l_f * c_f + tl.sum(pf, axis=1)
-        m_f = mf_new
-
-    has = l_s > 0.0
-    lse_s = tl.where(has, m_s + tl.log(tl.where(has, l_s, 1.0)), 0.0)
-    lse_f = tl.where(has, m_f + tl.log(tl.where(has, l_f, 1.0)), 0.0)
-    e = tl.where(has, acc / tl.where(has, l_s, 1.0), 0.0)
-    kl = e - lse_s + lse_f
+    # A valid query always sees itself, so l_s ≥ 1 on valid rows; padded rows are zeroed here.
+    l_s = tl.where(q_valid, l_s, 1.0)
+    l_f = tl.where(q_valid, l_f, 1.0)
+    lse_s = tl.where(q_valid, (m_s + tl.log2(l_s)) * _LN2, 0.0)
+    lse_f = tl.where(q_valid, (m_f + tl.log2(l_f)) * _LN2, 0.0)
+    e = tl.where(q_valid, acc * _LN2 / l_s, 0.0)
     row = (b * H + h) * T + offs_m
-    tl.store(kl_ptr + row, kl, mask=m_in)
-    tl.store(lse_s_ptr + row, lse_s, mask=m_in)
-    tl.store(lse_f_ptr + row, lse_f, mask=m_in)
-    tl.store(e_ptr + row, e, mask=m_in)
+    tl.store(kl_ptr + row, e - lse_s + lse_f, mask=m_in)
+    tl.store(stats_ptr + row, lse_s, mask=m_in)
+    tl.store(stats_ptr + N_ROWS + row, lse_f, mask=m_in)
+    tl.store(stats_ptr + (row + N_ROWS) + N_ROWS, e, mask=m_in)   # row first: int64 before 2·N_ROWS
+
+
+@triton.jit
+def _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T):
+    """Of query rows offs_m: the upstream gradient w, w·ln 2, and lse_s, lse_f, E in base-2 units (the logits'
+    units in the backward); padded rows get lse = +1e30, so P = Q = 0 there."""
+    m_in = offs_m < T
+    q_valid = (tl.load(mask_row + offs_m, mask=m_in, other=0) != 0) & m_in
+    w = tl.load(dkl_ptr + row0 + offs_m, mask=m_in, other=0.0)
+    lse_s = tl.where(q_valid, tl.load(stats_ptr + row0 + offs_m, mask=m_in, other=0.0) * _LOG2E, _POS)
+    lse_f = tl.where(q_valid, tl.load(stats_ptr + n_rows + row0 + offs_m, mask=m_in, other=0.0) * _LOG2E, _POS)
+    e = tl.load(stats_ptr + (row0 + n_rows) + n_rows + offs_m, mask=m_in, other=0.0) * _LOG2E
+    return w, w * _LN2, lse_s, lse_f, e
+
+
+@triton.jit
+def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats_ptr, n_rows, row0, dq_ptr,
+              m0, offs_d, d_ok, T, scale, dks, dkf,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+              ATOMIC_DQ: tl.constexpr):
+    # Transposed tiles of one (key tile, query tile) pair, [BLOCK_N, BLOCK_M], logits and row statistics in
+    # base-2 units (ln 2 · (s − f − E) = natural units, hence w·ln 2 in dS):
+    #   sᵀ, fᵀ;  Pᵀ = 2^{sᵀ − lse_s},  Qᵀ = 2^{fᵀ − lse_f};  dSᵀ = Pᵀ (sᵀ − fᵀ − E) w ln 2,  dFᵀ = (Qᵀ − Pᵀ) w
+    #   ∂k_s += dSᵀ q,  ∂k_f += dFᵀ q  (scaled at the end);   ∂q[tile] += scale (dS k_s + dF k_f)  (atomics).
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_in = offs_m < T
+    w, w_ln2, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T)
+    q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=m_in[:, None] & d_ok[None, :],
+                other=0.0).to(DOT_DTYPE)
+    bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
+    s_t = _dot(k_s, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
+    f_t = _dot(k_f, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
+    p_t = tl.exp2(s_t - lse_s[None, :])
+    ds_t = (p_t * (s_t - f_t - e[None, :]) * w_ln2[None, :]).to(DOT_DTYPE)
+    df_t = ((tl.exp2(f_t - lse_f[None, :]) - p_t) * w[None, :]).to(DOT_DTYPE)
+    dks += _dot(ds_t, q, IEEE)
+    dkf += _dot(df_t, q, IEEE)
+    if ATOMIC_DQ:
+        # ∂qᵀ = k_sᵀ dSᵀ + k_fᵀ dFᵀ [BLOCK_D, BLOCK_M]: M = D ≥ 64 keeps the product on wgmma (∂q = dS k_s has
+        # M = BLOCK_M, and BLOCK_M < 64 compiled to mma.sync).
+        dq_t = _dot(tl.trans(k_s), ds_t, IEEE) + _dot(tl.trans(k_f), df_t, IEEE)
+        tl.atomic_add(dq_ptr + (row0 + offs_m[None, :]) * D + offs_d[:, None], dq_t * scale,
+                      mask=m_in[None, :] & d_ok[:, None], sem="relaxed")
+    return dks, dkf
+
+
+@triton.jit
+def _attention_kl_bwd_kernel(
+    q_ptr, sqb, sqh, sqt, sqd,
+    ks_ptr, sksb, sksh, skst, sksd,
+    kf_ptr, skfb, skfh, skft, skfd,
+    mask_ptr, dkl_ptr, stats_ptr, dq_ptr, dks_ptr, dkf_ptr,
+    H, H_KV, T, GROUP, SPLIT, N_ROWS, scale, T_BUCKET,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: key tile [BLOCK_N] of KV head g in batch row b, over GROUP / SPLIT of g's query heads (share
+    # `part` of SPLIT) and every query tile that can see the tile.  Writes its fp32 ∂k_s, ∂k_f shares to
+    # dks, dkf [B, H_KV, SPLIT, T, D] (the launcher sums the SPLIT shares); adds ∂q into dq [B, H, T, D] fp32 when
+    # ATOMIC_DQ.  Grid (B·H_KV·SPLIT, key tiles): key tile 0 sees every query tile, the last one only the last,
+    # so the heaviest tiles are launched first.
+    pid = tl.program_id(0)
+    pid_n = tl.num_programs(1) - 1 - tl.program_id(1)
+    part = pid % SPLIT
+    g = (pid // SPLIT) % H_KV
+    b = (pid // (SPLIT * H_KV)).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
+    mask_row = mask_ptr + b * T
+    bias = _key_bias(mask_row, offs_n, T)[:, None]
+    g64 = g.to(tl.int64)
+    k_s = tl.load(ks_ptr + b * sksb + g64 * sksh + offs_n[:, None] * skst + offs_d[None, :] * sksd,
+                  mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    k_f = tl.load(kf_ptr + b * skfb + g64 * skfh + offs_n[:, None] * skft + offs_d[None, :] * skfd,
+                  mask=kd_ok, other=0.0).to(DOT_DTYPE)
+
+    dks = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dkf = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    heads = GROUP // SPLIT
+    # One flat loop over (query head, query tile) pairs, every tile causally masked: splitting off the tiles
+    # that need no causal mask, or nesting the head loop, made ptxas spill (sm_90a, triton 3.9, 32 × 128 tiles /
+    # 8 warps, measured with ∂q formed untransposed: no spill flat, 312 B of stack split and nested).
+    lo = start_n // BLOCK_M * BLOCK_M
+    n_m = tl.cdiv(T - lo, BLOCK_M)
+    for it in range(0, heads * n_m):
+        hh = it // n_m
+        m0 = lo + (it - hh * n_m) * BLOCK_M
+        h = (g * GROUP + part * heads + hh).to(tl.int64)
+        dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_ptr + b * sqb + h * sqh, sqt, sqd, mask_row, dkl_ptr,
+                             stats_ptr, N_ROWS, (b * H + h) * T, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
+                             D, BLOCK_M, DOT_DTYPE, IEEE, ATOMIC_DQ)
+
+    out = ((b * H_KV + g64) * SPLIT + part) * T * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(dks_ptr + out, dks * scale, mask=kd_ok)
+    tl.store(dkf_ptr + out, dkf * scale, mask=kd_ok)
+
+
+@triton.jit
+def _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
+             w, w_ln2, lse_s, lse_f, e, dq,
+             BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+    # Base-2 units as in _bwd_step:  dS = P (s − f − E) w ln 2,  dF = (Q − P) w,  ∂q += dS K_s + dF K_f
+    # (scaled at the end).
+    s, f, k_s, k_f = _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d,
+                                         d_ok, T, scale2, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
+    p = tl.exp2(s - lse_s[:, None])
+    ds = p * (s - f - e[:, None]) * w_ln2[:, None]
+    df = (tl.exp2(f - lse_f[:, None]) - p) * w[:, None]
+    dq += _dot(ds.to(DOT_DTYPE), k_s, IEEE)
+    dq += _dot(df.to(DOT_DTYPE), k_f, IEEE)
+    return dq
 
 
 @triton.jit
@@ -119,147 +279,76 @@ def _attention_kl_bwd_dq_kernel(
     q_ptr, sqb, sqh, sqt, sqd,
     ks_ptr, sksb, sksh, skst, sksd,
     kf_ptr, skfb, skfh, skft, skfd,
-    mask_ptr, dkl_ptr, lse_s_ptr, lse_f_ptr, e_ptr, dq_ptr,
-    H, T, GROUP, scale, T_BUCKET,
+    mask_ptr, dkl_ptr, stats_ptr, dq_ptr,
+    H, T, GROUP, N_ROWS, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: query tile of (b, h).  Recompute s, f per key tile, then (header formulas)
-    #   P = e^{s − lse_s}, Q = e^{f − lse_f} on allowed pairs (0 elsewhere)
-    #   dS = w P (s − f − E),  dF = w (Q − P),   ∂q = scale (dS K_s + dF K_f)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest (last) query tiles first
-    pid_bh = tl.program_id(1)
+    # One program: query tile of (b, h), ∂q in registers (the deterministic path, and the one when only q needs a
+    # gradient).  Grid (B·H, query tiles), heaviest first.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     g = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_in = offs_m < T
     d_ok = offs_d < D
-    q_valid = (tl.load(mask_ptr + b * T + offs_m, mask=m_in, other=0) != 0) & m_in
+    mask_row = mask_ptr + b * T
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    row = (b * H + h) * T + offs_m
-    w = tl.load(dkl_ptr + row, mask=m_in, other=0.0)
-    lse_s = tl.load(lse_s_ptr + row, mask=m_in, other=0.0)
-    lse_f = tl.load(lse_f_ptr + row, mask=m_in, other=0.0)
-    e = tl.load(e_ptr + row, mask=m_in, other=0.0)
+    row0 = (b * H + h) * T
+    w, w_ln2, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, N_ROWS, row0, offs_m, T)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ks_base = ks_ptr + b * sksb + g * sksh
     kf_base = kf_ptr + b * skfb + g * skfh
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_in = offs_n < T
-        k_valid = (tl.load(mask_ptr + b * T + offs_n, mask=n_in, other=0) != 0) & n_in
-        kd_ok = n_in[:, None] & d_ok[None, :]
-        k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok,
-                      other=0.0).to(DOT_DTYPE)
-        k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok,
-                      other=0.0).to(DOT_DTYPE)
-        s = _dot(q, tl.trans(k_s), IEEE) * scale
-        f = _dot(q, tl.trans(k_f), IEEE) * scale
-        allowed = (offs_n[None, :] <= offs_m[:, None]) & k_valid[None, :] & q_valid[:, None]
-        p = tl.exp(tl.where(allowed, s - lse_s[:, None], _NEG))
-        pf = tl.exp(tl.where(allowed, f - lse_f[:, None], _NEG))
-        ds = w[:, None] * p * (s - f - e[:, None])
-        df = w[:, None] * (pf - p)
-        dq += _dot(ds.to(DOT_DTYPE), k_s, IEEE)
-        dq += _dot(df.to(DOT_DTYPE), k_f, IEEE)
+    scale2 = scale * _LOG2E
+    full_end = start_m // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        dq = _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
+                      w, w_ln2, lse_s, lse_f, e, dq, BLOCK_N, DOT_DTYPE, IEEE, False)
+    for n0 in range(full_end, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        dq = _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
+                      w, w_ln2, lse_s, lse_f, e, dq, BLOCK_N, DOT_DTYPE, IEEE, True)
 
-    tl.store(dq_ptr + ((b * H + h) * T + offs_m[:, None]) * D + offs_d[None, :],
+    tl.store(dq_ptr + (row0 + offs_m[:, None]) * D + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_in[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _attention_kl_bwd_dk_kernel(
-    q_ptr, sqb, sqh, sqt, sqd,
-    ks_ptr, sksb, sksh, skst, sksd,
-    kf_ptr, skfb, skfh, skft, skfd,
-    mask_ptr, dkl_ptr, lse_s_ptr, lse_f_ptr, e_ptr, dks_ptr, dkf_ptr,
-    H, T, GROUP, scale, T_BUCKET,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # One program: key tile [BLOCK_N] of KV head g as seen by ONE query head h of its group.  Over every query
-    # tile that can see this key tile (i ≥ first key), recompute the transposed tiles sᵀ, fᵀ [BLOCK_N, BLOCK_M]:
-    #   dSᵀ = Pᵀ (sᵀ − fᵀ − E) w,  dFᵀ = (Qᵀ − Pᵀ) w,   ∂k_s += scale dSᵀ q,  ∂k_f += scale dFᵀ q
-    # and write this head's share as an fp32 partial [B, H, T, D]; the launcher sums the GROUP shares.  (One
-    # program per query head rather than a loop over the group: GROUP× more programs to fill the GPU, no atomics.)
-    # Key tile 0 sees every query tile, the last one only one: the heaviest programs are launched first.
-    pid_n = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    g = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_in = offs_n < T
-    d_ok = offs_d < D
-    kd_ok = n_in[:, None] & d_ok[None, :]
-    k_valid = (tl.load(mask_ptr + b * T + offs_n, mask=n_in, other=0) != 0) & n_in
-    k_s = tl.load(ks_ptr + b * sksb + g * sksh + offs_n[:, None] * skst + offs_d[None, :] * sksd,
-                  mask=kd_ok, other=0.0).to(DOT_DTYPE)
-    k_f = tl.load(kf_ptr + b * skfb + g * skfh + offs_n[:, None] * skft + offs_d[None, :] * skfd,
-                  mask=kd_ok, other=0.0).to(DOT_DTYPE)
-
-    dks = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dkf = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    q_base = q_ptr + b * sqb + h * sqh
-    row0 = (b * H + h) * T
-    lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
-    for m0 in range(lo, T, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_in = offs_m < T
-        q_valid = (tl.load(mask_ptr + b * T + offs_m, mask=m_in, other=0) != 0) & m_in
-        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                    mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-        w = tl.load(dkl_ptr + row0 + offs_m, mask=m_in, other=0.0)
-        lse_s = tl.load(lse_s_ptr + row0 + offs_m, mask=m_in, other=0.0)
-        lse_f = tl.load(lse_f_ptr + row0 + offs_m, mask=m_in, other=0.0)
-        e = tl.load(e_ptr + row0 + offs_m, mask=m_in, other=0.0)
-        s_t = _dot(k_s, tl.trans(q), IEEE) * scale
-        f_t = _dot(k_f, tl.trans(q), IEEE) * scale
-        allowed = (offs_n[:, None] <= offs_m[None, :]) & k_valid[:, None] & q_valid[None, :]
-        p_t = tl.exp(tl.where(allowed, s_t - lse_s[None, :], _NEG))
-        pf_t = tl.exp(tl.where(allowed, f_t - lse_f[None, :], _NEG))
-        ds_t = p_t * (s_t - f_t - e[None, :]) * w[None, :]
-        df_t = (pf_t - p_t) * w[None, :]
-        dks += _dot(ds_t.to(DOT_DTYPE), q, IEEE)
-        dkf += _dot(df_t.to(DOT_DTYPE), q, IEEE)
-
-    out = (row0 + offs_n[:, None]) * D + offs_d[None, :]
-    tl.store(dks_ptr + out, dks * scale, mask=kd_ok)
-    tl.store(dkf_ptr + out, dkf * scale, mask=kd_ok)
 
 
 # Tile shapes: a few autotuned ones for half-precision inputs on the GPU; one small fixed shape for fp32 'ieee'
 # products (no tensor cores: a 128-row fp32 tile compiles for ~15 s and spills, and fp32 is the checking path,
 # not the training one); one small fixed shape under the interpreter (every config would run serially on the
-# CPU; tests may change INTERP_BLOCKS).  All kernels write each output element exactly once (no accumulation
-# into outputs), so autotuning's repeated launches are harmless.
+# CPU; tests may change INTERP_BLOCKS).  The one-pass backward adds into its ∂q buffer, so its autotuner zeroes
+# that buffer before each trial and again before the real launch (reset_to_zero).
 def _configs(options):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
 
 
 # T's power-of-two bucket is in the key (T_BUCKET, otherwise unused by the kernels): small T needs small tiles
 # to fill the GPU, long T prefers large ones, and training with many distinct lengths retunes only per bucket.
-# The backward shapes were picked by ptxas -v for sm_90a (triton 3.9 here): the key-major kernel holds two
-# [BLOCK_N, D] fp32 accumulators, so 64-key tiles want 8 warps (4 warps spilled ~1 KB per thread).
+# Backward tiles (ptxas for sm_90a, triton 3.9, D = 128 bf16, every product on wgmma): the key-major program
+# holds two [BLOCK_N, D] fp32 accumulators, its two key tiles and a [D, BLOCK_M] ∂q share; 32 × 64 / 8 warps
+# fits in 246 registers without spilling, 32 × 128 / 8 spills 32 B, 64 × 64 / 8 320 B, 16 × 64 / 4 is the
+# small-T fallback.  Autotuning decides.  128-key tiles halve the ∂q atomics per product.  Forward: 128 × 128 /
+# 8 warps also fits (255 registers, no spill).
 _KEY = ["T_BUCKET", "D", "GROUP", "DOT_DTYPE", "IEEE"]
 _FP32 = [(64, 32, 4, 2)]
+_FP32_BWD = [(16, 32, 4, 2)]      # 198 registers, no spill; 32 × 64 spilled 9 KB and compiled for 35 s
 _TUNED = {
-    "fwd": (triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3)]), key=_KEY)(_attention_kl_fwd_kernel),
+    "fwd": (triton.autotune(_configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)]), key=_KEY)(
+        _attention_kl_fwd_kernel),
             triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_fwd_kernel)),
+    "bwd": (triton.autotune(_configs([(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]),
+                            key=_KEY + ["ATOMIC_DQ", "SPLIT"], reset_to_zero=["dq_ptr"])(_attention_kl_bwd_kernel),
+            triton.autotune(_configs(_FP32_BWD), key=_KEY)(_attention_kl_bwd_kernel)),
     "dq": (triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 8, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel),
            triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_bwd_dq_kernel)),
-    "dk": (triton.autotune(_configs([(64, 64, 8, 2), (32, 64, 4, 3)]), key=_KEY)(_attention_kl_bwd_dk_kernel),
-           triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_bwd_dk_kernel)),
 }
-_KERNELS = {"fwd": _attention_kl_fwd_kernel, "dq": _attention_kl_bwd_dq_kernel, "dk": _attention_kl_bwd_dk_kernel}
+_KERNELS = {"fwd": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "dq": _attention_kl_bwd_dq_kernel}
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
@@ -281,74 +370,151 @@ def _launch(name, grid_of, args, meta):
         _TUNED[name][1 if meta["IEEE"] else 0][grid_of](*args, **meta)
 
 
+def _meta(q):
+    dot_tl, ieee = _dot_dtype(q.dtype)
+    return dict(D=q.shape[3], BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])), DOT_DTYPE=dot_tl, IEEE=ieee)
+
+
+def _check_device(q):
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(f"attention_kl backend='triton' needs CUDA tensors (got {q.device}); "
+                         "use backend='torch' or 'auto', or set TRITON_INTERPRET=1")
+
+
+def _check_op_inputs(q, k_s, k_f, mask):
+    """What the kernels assume of the custom ops' tensors (kvfuse.attention.attention_kl prepares them so; a
+    direct caller of torch.ops.kvfuse.* gets an error here, from the fake implementation too, rather than garbage).
+    Shapes, dtypes and devices only: no value is read."""
+    if q.dim() != 4 or k_s.dim() != 4 or k_s.shape != k_f.shape:
+        raise ValueError(f"kvfuse::attention_kl: q [B, H, T, D], k_s = k_f [B, H_kv, T, D] expected; got "
+                         f"{tuple(q.shape)}, {tuple(k_s.shape)}, {tuple(k_f.shape)}")
+    B, H, T, D = q.shape
+    if (k_s.shape[0], k_s.shape[2], k_s.shape[3]) != (B, T, D) or k_s.shape[1] == 0 or H % k_s.shape[1]:
+        raise ValueError(f"kvfuse::attention_kl: k_s {tuple(k_s.shape)} does not fit q {tuple(q.shape)} (same B, T, "
+                         "D; H a multiple of H_kv)")
+    if not q.dtype == k_s.dtype == k_f.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"kvfuse::attention_kl: q, k_s, k_f must share one dtype of fp16/bf16/fp32; got {q.dtype}, "
+                         f"{k_s.dtype}, {k_f.dtype}")
+    if mask.shape != (B, T) or mask.dtype != torch.int8:
+        raise ValueError(f"kvfuse::attention_kl: mask must be int8 [B, T] = {(B, T)}; got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    if not q.device == k_s.device == k_f.device == mask.device:
+        raise ValueError(f"kvfuse::attention_kl: tensors on different devices: q {q.device}, k_s {k_s.device}, "
+                         f"k_f {k_f.device}, mask {mask.device}")
+
+
 def attention_kl_forward(q, k_s, k_f, mask, scale: float):
     """Row KL and the row statistics the backward needs.
 
     q [B, H, T, D]; k_s, k_f [B, H_kv, T, D] (strides allowed, one dtype: fp16 | bf16 | fp32); mask [B, T] int8
-    contiguous (nonzero = valid).  Returns (kl, lse_s, lse_f, e), each [B, H, T] fp32 contiguous."""
-    B, H, T, D = q.shape
-    H_kv = k_s.shape[1]
-    dot_tl, ieee = _dot_dtype(q.dtype)
-    kl, lse_s, lse_f, e = torch.empty(4, B, H, T, device=q.device, dtype=torch.float32).unbind(0)
-    args = (q, *q.stride(), k_s, *k_s.stride(), k_f, *k_f.stride(), mask, kl, lse_s, lse_f, e,
-            H, T, H // H_kv, float(scale), triton.next_power_of_2(T))
-    meta = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_DTYPE=dot_tl, IEEE=ieee)
-    _launch("fwd", lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H), args, meta)
-    return kl, lse_s, lse_f, e
+    contiguous (nonzero = valid).  Returns (kl [B, H, T], stats [3, B, H, T] = lse_s, lse_f, E), fp32 contiguous."""
+    _check_device(q)
+    B, H, T, _ = q.shape
+    kl = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    stats = torch.empty(3, B, H, T, device=q.device, dtype=torch.float32)
+    args = (q, *q.stride(), k_s, *k_s.stride(), k_f, *k_f.stride(), mask, kl, stats,
+            H, T, H // k_s.shape[1], B * H * T, float(scale), triton.next_power_of_2(T))
+    _launch("fwd", lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"])), args, _meta(q))
+    return kl, stats
 
 
-def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, lse_s, lse_f, e, need_q=True, need_k=True):
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def group_split(B: int, H_kv: int, group: int, T: int, sms: int, block_n: int = 64) -> int:
+    """How many programs share one KV head's query heads in the one-pass backward: the smallest divisor of the
+    group giving ≥ 4 programs per SM at a nominal 64-key tile (small B·H_kv·T would otherwise leave SMs idle
+    and the load imbalanced: key tile 0 carries T queries, the last one a tile), else the whole group."""
+    tiles = B * H_kv * triton.cdiv(T, block_n)
+    for split in range(1, group + 1):
+        if group % split == 0 and tiles * split >= 4 * sms:
+            return split
+    return group
+
+
+def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=True, need_k=True,
+                          split: int | None = None):
     """Gradients of Σ dkl·KL: (dq [B, H, T, D], dk_s, dk_f [B, H_kv, T, D]) contiguous in the inputs' dtypes
-    (None where not needed).  dkl, lse_s, lse_f, e: [B, H, T] fp32 contiguous."""
+    (None where not needed).  dkl [B, H, T], stats [3, B, H, T]: fp32 contiguous.  `split` (a divisor of the GQA
+    group; default group_split) sets how many programs share a KV head's query heads.  Under
+    torch.use_deterministic_algorithms(True), ∂q comes from the atomic-free query-major kernel."""
+    _check_device(q)
     B, H, T, D = q.shape
     H_kv = k_s.shape[1]
-    dot_tl, ieee = _dot_dtype(q.dtype)
-    meta = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_DTYPE=dot_tl, IEEE=ieee)
-    common = (q, *q.stride(), k_s, *k_s.stride(), k_f, *k_f.stride(), mask, dkl, lse_s, lse_f, e)
+    group = H // H_kv
+    meta = _meta(q)
+    common = (q, *q.stride(), k_s, *k_s.stride(), k_f, *k_f.stride(), mask, dkl, stats)
+    one_pass = need_q and need_k and not torch.are_deterministic_algorithms_enabled()
     dq = dks = dkf = None
-    if need_q:
+    if need_q and not one_pass:
         dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-        _launch("dq", lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
-                (*common, dq, H, T, H // H_kv, float(scale), triton.next_power_of_2(T)), meta)
+        _launch("dq", lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"])),
+                (*common, dq, H, T, group, B * H * T, float(scale), triton.next_power_of_2(T)), meta)
     if need_k:
-        # fp32 per-query-head partials (O(T) memory), summed over each KV head's group of query heads.
-        part = torch.empty(2, B, H, T, D, device=q.device, dtype=torch.float32)
-        _launch("dk", lambda c: (triton.cdiv(T, c["BLOCK_N"]), B * H),
-                (*common, part[0], part[1], H, T, H // H_kv, float(scale), triton.next_power_of_2(T)), meta)
-        dk = part.view(2, B, H_kv, H // H_kv, T, D).sum(3)
-        dks, dkf = dk[0].to(k_s.dtype), dk[1].to(k_f.dtype)
+        split = group_split(B, H_kv, group, T, _sm_count(q.device)) if split is None else split
+        if split < 1 or group % split:
+            raise ValueError(f"split ({split}) must divide the GQA group ({group})")
+        dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if one_pass else None
+        dks, dkf = (torch.empty(B, H_kv, split, T, D, device=q.device, dtype=torch.float32) for _ in range(2))
+        # Without atomics the ∂q pointer is never used: any fp32 tensor stands in (the autotuner zeroes it).
+        _launch("bwd", lambda c: (B * H_kv * split, triton.cdiv(T, c["BLOCK_N"])),
+                (*common, dks if dq32 is None else dq32, dks, dkf, H, H_kv, T, group, split, B * H * T,
+                 float(scale), triton.next_power_of_2(T)), dict(meta, ATOMIC_DQ=one_pass))
+        dks, dkf = (x.sum(2) if split > 1 else x.squeeze(2) for x in (dks, dkf))
+        dks, dkf = dks.to(k_s.dtype), dkf.to(k_f.dtype)
+        if one_pass:
+            dq = dq32.to(q.dtype)
     return dq, dks, dkf
 
 
-class AttentionKLFunction(torch.autograd.Function):
-    """Per-row attention KL, KL[b, h, i] = Σ_j P_ij (log P_ij − log Q_ij) with
+# The custom ops: torch.compile sees each as one opaque node (shapes from the fake implementations), so a compiled
+# training step traces through attention_kl without graph breaks and the kernels launch as in eager mode.
+@torch.library.custom_op("kvfuse::attention_kl_fwd", mutates_args=())
+def attention_kl_fwd(q: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL [B, H, T] fp32, stats [3, B, H, T] fp32) of attention_kl_forward; gradients reach q, k_s, k_f."""
+    _check_op_inputs(q, k_s, k_f, mask)
+    return attention_kl_forward(q, k_s, k_f, mask.contiguous(), scale)
 
-        P = softmax_j(scale · q[b, h, i] · k_s[b, g, j]),  Q = softmax_j(scale · q[b, h, i] · k_f[b, g, j])
-        over allowed j: j ≤ i, mask[b, j] and mask[b, i];  g = h // (H / H_kv).
-    Rows with no allowed key (padded queries) give KL = 0 and pass no gradient.  Memory beyond the inputs and
-    their gradients: four [B, H, T] fp32 row statistics, and in the backward two fp32 tensors of q's shape (the
-    per-query-head key-gradient shares); no T × T tensor.
 
-    Arguments of `apply` (one device; strides allowed; q, k_s, k_f share one dtype fp16 | bf16 | fp32):
-        q      [B, H, T, D]       student queries (post-RoPE)
-        k_s    [B, H_kv, T, D]    student keys (post-RoPE); H a multiple of H_kv
-        k_f    [B, H_kv, T, D]    fused teacher keys (post-RoPE)
-        mask   [B, T] int8        contiguous, nonzero = valid token
-        scale  float              softmax scale (1/√D in attention)
-    Returns KL [B, H, T] fp32.  Gradients reach q, k_s and k_f (fp32 accumulation, outputs in their dtypes).
-    """
+@attention_kl_fwd.register_fake
+def _attention_kl_fwd_fake(q, k_s, k_f, mask, scale):
+    _check_op_inputs(q, k_s, k_f, mask)
+    B, H, T, _ = q.shape
+    return q.new_empty(B, H, T, dtype=torch.float32), q.new_empty(3, B, H, T, dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx, q, k_s, k_f, mask, scale):
-        kl, lse_s, lse_f, e = attention_kl_forward(q, k_s, k_f, mask, scale)
-        ctx.save_for_backward(q, k_s, k_f, mask, lse_s, lse_f, e)
-        ctx.scale = scale
-        return kl
 
-    @staticmethod
-    def backward(ctx, dkl):
-        q, k_s, k_f, mask, lse_s, lse_f, e = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dq, dks, dkf = attention_kl_backward(q, k_s, k_f, mask, ctx.scale, dkl.float().contiguous(),
-                                             lse_s, lse_f, e, need_q=need[0], need_k=need[1] or need[2])
-        return dq, (dks if need[1] else None), (dkf if need[2] else None), None, None
+@torch.library.custom_op("kvfuse::attention_kl_bwd", mutates_args=())
+def attention_kl_bwd(q: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor, scale: float,
+                     dkl: torch.Tensor, stats: torch.Tensor, need_q: bool,
+                     need_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂q, ∂k_s, ∂k_f) of Σ dkl·KL; a gradient not asked for (need_q / need_k false) is an empty tensor."""
+    dq, dks, dkf = attention_kl_backward(q, k_s, k_f, mask.contiguous(), scale, dkl.float().contiguous(),
+                                         stats.contiguous(), need_q=need_q, need_k=need_k)
+    return (q.new_empty(0) if dq is None else dq, k_s.new_empty(0) if dks is None else dks,
+            k_f.new_empty(0) if dkf is None else dkf)
+
+
+@attention_kl_bwd.register_fake
+def _attention_kl_bwd_fake(q, k_s, k_f, mask, scale, dkl, stats, need_q, need_k):
+    return (q.new_empty(q.shape if need_q else (0,)), k_s.new_empty(k_s.shape if need_k else (0,)),
+            k_f.new_empty(k_f.shape if need_k else (0,)))
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k_s, k_f, mask, scale = inputs
+    _, stats = output
+    ctx.save_for_backward(q, k_s, k_f, mask, stats)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(stats)
+
+
+def _fwd_backward(ctx, dkl, _dstats):
+    q, k_s, k_f, mask, stats = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dks, dkf = attention_kl_bwd(q, k_s, k_f, mask, ctx.scale, dkl, stats, need[0], need[1] or need[2])
+    return dq if need[0] else None, dks if need[1] else None, dkf if need[2] else None, None, None
+
+
+attention_kl_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
