@@ -90,12 +90,12 @@ _KILL_BEFORE_SHARD_JSON = """
 import os, signal, sys
 from kvfuse import __main__ as cli
 from kvfuse.teacher import store
-write = store._atomic_write_text
+write = store.atomic_write_text
 def write_or_die(path, text):
     if path.name.startswith("shard-"):
         os.kill(os.getpid(), signal.SIGKILL)
     write(path, text)
-store._atomic_write_text = write_or_die
+store.atomic_write_text = write_or_die
 sys.exit(cli.main(sys.argv[1:]))
 """
 

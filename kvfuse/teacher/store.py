@@ -78,7 +78,7 @@ def write_all(fd: int, data, path: Path) -> None:
         done += n
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -116,7 +116,7 @@ class StoreWriter:
                   "n_shards": self.n_shards}
         if not path.exists():
             # Several array tasks may race here; they all write the same content, and os.replace is atomic.
-            _atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True, default=str))
+            atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True, default=str))
         found = read_manifest(self.root)
         if found.get("settings_hash") != self.hash or found.get("n_shards") != self.n_shards:
             raise StoreError(
@@ -287,7 +287,7 @@ class ShardStream:
                      "header_sha256": hashlib.sha256(struct.pack("<Q", len(header)) + header).hexdigest(),
                      "tensor_sha256": hashlib.sha256(b"".join(self.digests)).hexdigest(), "valid_tokens": self.tokens,
                      "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _atomic_write_text(self.meta_path, json.dumps(self.meta, indent=1))
+        atomic_write_text(self.meta_path, json.dumps(self.meta, indent=1))
         return self.meta
 
     def _shutdown(self) -> None:
@@ -477,11 +477,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _diff(a: Mapping[str, Any], b: Mapping[str, Any], only: Iterable[str] | None = None) -> str:
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], only: Iterable[str] | None = None) -> list[str]:
     keys = sorted(set(a) | set(b)) if only is None else sorted(only)
-    parts = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if json.dumps(a.get(k), default=str, sort_keys=True)
-             != json.dumps(b.get(k), default=str, sort_keys=True)]
-    return "; ".join(parts) if parts else ""
+    return [k for k in keys if json.dumps(a.get(k), default=str, sort_keys=True)
+            != json.dumps(b.get(k), default=str, sort_keys=True)]
+
+
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any], only: Iterable[str] | None = None) -> str:
+    return "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in differing_keys(a, b, only))
 
 
 def iter_shard_indices(n_items: int, index: int, n_shards: int) -> Iterator[int]:
