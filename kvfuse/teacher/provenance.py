@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from kvfuse.data import Example, load_examples
-from kvfuse.models import PACKAGED_MODELS, fingerprint
+from kvfuse.models import PACKAGED_MODELS, TINY_CONFIGS, fingerprint
 from kvfuse.models.load import _canonical_config
 from kvfuse.teacher.store import StoreError, TeacherKVStore, differing_keys, read_manifest
 
@@ -50,9 +50,9 @@ def student_fingerprint(tokenizer, config) -> str:
 
 
 def teacher_fingerprint(name: str, model: torch.nn.Module | None = None) -> str | None:
-    """A teacher's fingerprint: from its name where the name identifies the weights (packaged GGUFs, random shapes),
-    else by hashing `model`'s weights; None when neither is possible without loading the model."""
-    if name in PACKAGED_MODELS or name.startswith("random:"):
+    """A teacher's fingerprint: from its name where the name identifies the weights (packaged GGUFs, random shapes,
+    tiny test models), else by hashing `model`'s weights; None when neither is possible without loading the model."""
+    if name in PACKAGED_MODELS or name in TINY_CONFIGS or name.startswith("random:"):
         return fingerprint(name)
     return fingerprint(model) if model is not None else None
 
@@ -67,7 +67,12 @@ def store_examples(store_root, dataset: str, log=print) -> tuple[list[Example], 
     if missing:
         raise StoreError(f"store {store_root} records no {', '.join(missing)} (made by an older kvfuse): it cannot be "
                          "checked against this run; re-dump it with `python -m kvfuse dump`")
-    train, val = load_examples(dataset, settings["n_samples"], settings["n_val"], settings["seed"])
+    try:
+        train, val = load_examples(dataset, settings["n_samples"], settings["n_val"], settings["seed"])
+    except ValueError as err:
+        raise StoreError(f"store {store_root} cannot be trained on dataset {dataset!r}: {err} (the store holds the "
+                         f"split n_samples {settings['n_samples']}, n_val {settings['n_val']}, seed "
+                         f"{settings['seed']} of {settings['dataset']!r})") from err
     ids = {"train": [str(ex.id) for ex in train], "val": [str(ex.id) for ex in val]}
     if ids != settings["examples"] or dataset_fingerprint(train, val) != settings["dataset_sha256"]:
         raise StoreError(f"store {store_root} was made from other examples than dataset {dataset!r} gives now "
@@ -91,8 +96,8 @@ def open_store_for_run(store_root, run: Mapping[str, Any], log=print) -> Teacher
         prints = list(run["teacher_fingerprints"])
         for i, value in enumerate(prints):
             if value is None and i < len(stored):
-                log(f"teacher {i}'s weights are not re-hashed for the store check (only packaged and random models "
-                    "are fingerprinted by name); its name and prompt are compared")
+                log(f"teacher {i}'s weights are not re-hashed for the store check (only packaged, tiny and random "
+                    "models are fingerprinted by name); its name and prompt are compared")
                 prints[i] = stored[i]
         run["teacher_fingerprints"] = prints
     differing = differing_keys(settings, run, only=run.keys())
