@@ -14,8 +14,9 @@ empty, malformed or names a checkpoint that fails, the newest intact resume poin
 what was skipped and why.
 
 What stays trusted: DeepSpeed unpickles its files, here through torch's weights-only unpickler, which rebuilds
-tensors, containers and plain values and only two DeepSpeed classes, `ZeroStageEnum` (an int enum) and
-`LossScaler` (a plain object whose attributes are restored), so no code from the checkpoint runs. The tensor values
+tensors, containers and plain values and only three DeepSpeed classes, `ZeroStageEnum` (an int enum) and the
+loss scalers `LossScaler` and `DynamicLossScaler` (plain objects whose attributes are restored), so no code from
+the checkpoint runs. The tensor values
 themselves, and the seal, are trusted as they are: the seal proves the files are those this trainer wrote only
 against damage, not against someone who can write the run folder (they can rewrite the seal too).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -183,10 +185,10 @@ def choose(ckpt_dir: Path, log: Callable[[str], None]) -> tuple[str, int] | None
 
 # DeepSpeed classes inside its checkpoints (ZeRO optimizer state); both are data, no code runs to rebuild them.
 def _deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    return [LossScaler, ZeroStageEnum]
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum]
 
 
 class _WeightsOnlyLoads:
@@ -197,8 +199,13 @@ class _WeightsOnlyLoads:
         self._inner = inner
 
     def load(self, path, map_location=None):
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            reason = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), str(err)[:300])
+            raise CheckpointError(f"{path} holds more than weights and plain data, refused by the weights-only "
+                                  f"loader: {reason}") from None
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
