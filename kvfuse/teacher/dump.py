@@ -1,8 +1,10 @@
 """`python -m kvfuse dump`: run the teachers once over a dataset and store their aligned KV (DESIGN.md §5).
 
-One invocation writes one shard (`--shard I/N`, one SLURM array task each). Finished shards are skipped, so a
-re-run after a kill redoes only what is missing; settings are recorded in the store's manifest and a dump with
-different settings into the same directory is refused.
+One invocation writes one shard (`--shard I/N`, one SLURM array task each). Finished, intact shards are skipped
+(size and header checked; `--verify` checks every digest) and a damaged one is rewritten, so a re-run after a kill
+or a damaged disk redoes only what is missing; settings and fingerprints of the student, teachers and examples are
+recorded in the store's manifest (kvfuse.teacher.provenance) and a dump with different settings into the same
+directory is refused.
 """
 from __future__ import annotations
 

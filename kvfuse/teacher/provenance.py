@@ -81,7 +81,8 @@ def store_examples(store_root, dataset: str, log=print) -> tuple[list[Example], 
                          "with --dataset naming this run's data")
     log(f"training on the store's examples: {len(train)} train, {len(val)} val (the dump's n_samples "
         f"{settings['n_samples']}, n_val {settings['n_val']}, seed {settings['seed']}; the run's own n_samples, n_val "
-        "and seed are not used)")
+        "and seed are not used)" + ("; it holds no validation examples, so nothing is evaluated (dump with --n_val N "
+                                   "to evaluate)" if not val else ""))
     return train, val
 
 
