@@ -72,23 +72,6 @@ def _copy(saved, tmp_path):
     return ckpt_dir
 
 
-def test_tampered_checkpoint_is_refused_and_the_previous_one_resumes_weights_only(saved, tmp_path):
-    ckpt_dir = _copy(saved, tmp_path)
-    assert (ckpt_dir / "latest").read_text() == "step000002"
-    seal = json.loads((ckpt_dir / "step000002" / checkpoint.SEAL).read_text())
-    assert seal["step"] == 2 and seal["resumable"] and any("optim_states" in name for name in seal["files"])
-    victim = next((ckpt_dir / "step000002").glob("*model_states.pt"))
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
-    stdout, resumed = _worker("resume", ckpt_dir)
-    assert f"{victim.name} fails its sha256 check" in stdout and "Resuming from step000001" in stdout
-    assert resumed["tag"] == "step000001" and resumed["step"] == 1
-    # the optimizer state and weights of step 1 came back through the weights-only unpickler
-    assert resumed["params"] == pytest.approx(saved[1]["1"], abs=0)
-    assert resumed["params"] != pytest.approx(saved[1]["2"], abs=0)
-
-
 class _Payload:
     """Unpickling this runs code: it creates the file `marker`."""
 
@@ -97,6 +80,32 @@ class _Payload:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.marker),))
+
+
+def test_crafted_latest_and_tampered_checkpoint_are_refused_and_the_previous_one_resumes_weights_only(
+        saved, tmp_path):
+    ckpt_dir = _copy(saved, tmp_path)
+    assert (ckpt_dir / "latest").read_text() == "step000002"
+    seal = json.loads((ckpt_dir / "step000002" / checkpoint.SEAL).read_text())
+    assert seal["step"] == 2 and seal["resumable"] and any("optim_states" in name for name in seal["files"])
+    victim = next((ckpt_dir / "step000002").glob("*model_states.pt"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    # `latest` points out of the run folder, at checkpoint files whose unpickling runs code
+    marker, evil = tmp_path / "pwned", tmp_path / "evil"
+    evil.mkdir()
+    for name in (victim.name, "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"module": _Payload(marker)}, evil / name)
+    (ckpt_dir / "latest").write_text("../evil")
+    stdout, resumed = _worker("resume", ckpt_dir)
+    assert not marker.exists()
+    assert "names '../evil', not a checkpoint folder inside" in stdout
+    assert f"{victim.name} fails its sha256 check" in stdout and "Resuming from step000001" in stdout
+    assert resumed["tag"] == "step000001" and resumed["step"] == 1
+    # the optimizer state and weights of step 1 came back through the weights-only unpickler
+    assert resumed["params"] == pytest.approx(saved[1]["1"], abs=0)
+    assert resumed["params"] != pytest.approx(saved[1]["2"], abs=0)
 
 
 def test_crafted_latest_and_pickle_run_nothing(saved, tmp_path):
