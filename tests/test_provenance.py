@@ -77,7 +77,7 @@ def test_student_fingerprint_covers_the_tokenizer_and_the_config():
 
 
 def test_runs_use_the_stores_examples_and_refuse_another_datasets(tmp_path):
-    train, val = load_examples("gsm8k", 8, 0, seed=0)
+    train, _ = load_examples("gsm8k", 8, 0, seed=0)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"question": e.question, "rationale": e.rationale, "answer": e.answer}) + "\n"
                             for e in train))

@@ -25,6 +25,7 @@ from kvfuse.models.capture import capture_kv
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class AlignmentSettings:
     layer_map: str = "interpolate"

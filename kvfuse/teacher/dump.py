@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from kvfuse.data import Example, load_examples, resolve_prompt
 from kvfuse.models import load, student_layer_count
-from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined, max_positions, \
-    sample_names
+from kvfuse.teacher.builder import (AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined, max_positions,
+                                    sample_names)
 from kvfuse.teacher.provenance import dataset_fingerprint, student_fingerprint, teacher_fingerprint
 from kvfuse.teacher.store import STORAGE_DTYPES, StoreWriter, iter_shard_indices, parse_shard
 

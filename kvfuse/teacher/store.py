@@ -325,19 +325,15 @@ class TeacherKVStore(torch.utils.data.Dataset):
 
     Opening checks the manifest (see `read_manifest`), that every shard is present, made with the store's settings
     and agrees with its JSON record, and (verify=True) every digest: a damaged or missing shard is an error naming
-    the file, never skipped data.
+    the file, never skipped data. Whether the store suits a training run is `provenance.open_store_for_run`'s job.
     """
 
-    def __init__(self, root: str | os.PathLike, verify: bool = True, expect_settings: Mapping[str, Any] | None = None):
+    def __init__(self, root: str | os.PathLike, verify: bool = True):
         self.root = Path(root)
         manifest = read_manifest(self.root)
         self.settings = manifest["settings"]
         self.hash = manifest["settings_hash"]
         self.n_shards = manifest["n_shards"]
-        if expect_settings is not None:
-            mismatch = _diff(self.settings, dict(expect_settings), only=expect_settings.keys())
-            if mismatch:
-                raise StoreError(f"store {self.root} was made for other settings: {mismatch}")
         self._entries: list[_Entry] = []
         self._data_paths: list[Path] = []
         self.bytes = 0
