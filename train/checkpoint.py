@@ -214,9 +214,16 @@ class _WeightsOnlyLoads:
 def resume(engine, ckpt_dir: Path, log: Callable[[str], None]) -> Resumed | None:
     """Load the checkpoint `choose` picks (on rank 0; every rank loads the same tag) into `engine`, weights-only;
     None for a fresh start."""
-    picked = [choose(ckpt_dir, log) if dist.get_rank() == 0 else None]
+    picked: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            picked = [choose(ckpt_dir, log)]
+        except CheckpointError as err:
+            picked = [err]      # every rank raises it, none waits for a tag that will not come
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(picked, src=0)
+    if isinstance(picked[0], CheckpointError):
+        raise picked[0]
     if picked[0] is None:
         return None
     tag, _ = picked[0]
