@@ -90,12 +90,12 @@ _KILL_BEFORE_SHARD_JSON = """
 import os, signal, sys
 from kvfuse import __main__ as cli
 from kvfuse.teacher import store
-write = store._atomic_write_text
+write = store.atomic_write_text
 def write_or_die(path, text):
     if path.name.startswith("shard-"):
         os.kill(os.getpid(), signal.SIGKILL)
     write(path, text)
-store._atomic_write_text = write_or_die
+store.atomic_write_text = write_or_die
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -126,3 +126,51 @@ def test_dump_refuses_to_mix_settings_and_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "one prompt per teacher" in proc.stderr and "Traceback" not in proc.stderr
     proc = _dump(tmp_path / "c", "--n_samples", "3", "--max_length", "40", check=False)
     assert proc.returncode == 2 and "more than max_length=40" in proc.stderr and "never truncated" in proc.stderr
+
+
+def test_an_example_beyond_the_models_positions_is_refused_or_allowed_and_logged(caplog):
+    teacher_model, teacher_tok = load("tiny-llama")
+    _, student_tok = load("tiny-qwen2")
+    examples, _ = load_examples("gsm8k", 2, 0, seed=4)
+    teachers = [Teacher("tiny-llama", resolve_prompt("cot"), teacher_model, teacher_tok)]
+    builder = TeacherKVBuilder(teachers, student_tok, resolve_prompt("default"), 3, max_length=4096,
+                               student_max_positions=20)
+    with pytest.raises(ValueError, match=f"example {examples[0].id}: the student sequence has \\d+ tokens, more than "
+                                         "the model's 20 positions .*set allow_long_sequences"):
+        builder.build(examples)
+    builder.student_max_positions = None
+    teacher_model.config.max_position_embeddings = 30
+    with pytest.raises(ValueError, match=f"example {examples[0].id}: the teacher 0 \\(tiny-llama\\) sequence has "
+                                         "\\d+ tokens, more than the model's 30 positions"):
+        builder.build(examples)
+    builder.allow_long_sequences = True
+    with caplog.at_level("WARNING", logger="kvfuse.teacher.builder"):
+        assert len(builder.build(examples)) == 2
+    assert [r.getMessage().count("used anyway (allow_long_sequences)") for r in caplog.records] == [1, 1]
+
+
+def test_rerunning_a_dump_repairs_a_damaged_finished_shard(tmp_path, capsys):
+    import argparse
+
+    from kvfuse.teacher import dump
+
+    parser = argparse.ArgumentParser()
+    dump.add_arguments(parser)
+
+    def rerun(*extra):            # in this process: the same code as the CLI, without a fresh interpreter each time
+        assert dump.run(parser.parse_args([*ARGS, "--out", str(tmp_path), "--n_samples", "2", *extra])) == 0
+        return capsys.readouterr().out
+
+    rerun()
+    victim = tmp_path / "shard-00000-of-00001.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-40])
+    out = rerun()
+    assert "is damaged" in out and "bytes, its record says" in out and "rewriting it" in out
+    assert len(TeacherKVStore(tmp_path)) == 2
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0x08                                   # a flipped tensor bit: only the full check sees it
+    victim.write_bytes(bytes(data))
+    assert "nothing to do" in rerun()
+    out = rerun("--verify")
+    assert "fails its sha256 check" in out and "rewriting it" in out
+    assert len(TeacherKVStore(tmp_path)) == 2          # every digest checks again

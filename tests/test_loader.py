@@ -63,3 +63,12 @@ def test_collate_pads_with_zeros_into_fresh_memory():
         k = batch["teacher_k"][i]
         assert torch.equal(k[:, 0, :, :5], samples[0][f"teacher{i}/k"]) and not k[:, 0, :, 5:].any()
         assert torch.equal(k[:, 1], samples[1][f"teacher{i}/k"])
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 3])
+def test_a_sample_with_an_empty_alignment_mask_is_refused_by_id_at_any_micro_batch(micro_batch):
+    gen = torch.Generator().manual_seed(5)
+    samples = [dict(_sample(gen, 6 + b), id=f"s{b}") for b in range(micro_batch)]
+    samples[-1]["mask"] = torch.zeros_like(samples[-1]["mask"])
+    with pytest.raises(ValueError, match=f"sample 's{micro_batch - 1}': its alignment mask is empty"):
+        collate(samples, 2)

@@ -81,8 +81,6 @@ def test_mixed_settings_are_refused(tmp_path):
         (tmp_path / name).write_bytes((tmp_path / "other" / name).read_bytes())
     with pytest.raises(StoreError, match="mixed shards"):
         TeacherKVStore(tmp_path)
-    with pytest.raises(StoreError, match="made for other settings"):
-        TeacherKVStore(tmp_path / "other", expect_settings={"layer_map": "interpolate"})
 
 
 def test_resume_skips_finished_and_redoes_half_written(tmp_path):
@@ -207,3 +205,77 @@ def test_chunked_digests_cover_every_byte(tmp_path, monkeypatch):
     victim.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="fails its sha256"):
         TeacherKVStore(tmp_path)
+
+
+def test_hand_edited_manifest_and_zero_shards_are_refused(tmp_path):
+    import json
+
+    _write_store(tmp_path)
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(manifest, settings=dict(SETTINGS, student="tiny-llama"))))
+    with pytest.raises(StoreError, match="manifest.json: its settings hash to .* edited after the dump"):
+        TeacherKVStore(tmp_path)
+    path.write_text(json.dumps(dict(manifest, n_shards=0)))
+    with pytest.raises(StoreError, match="manifest.json: n_shards is 0; a store has at least one shard"):
+        TeacherKVStore(tmp_path)
+    path.write_text(json.dumps({"settings": SETTINGS}))
+    with pytest.raises(StoreError, match=r"manifest.json lacks \['settings_hash', 'n_shards'\]"):
+        TeacherKVStore(tmp_path)
+
+
+def test_short_writes_are_completed_and_a_write_that_takes_nothing_is_an_error(tmp_path, monkeypatch):
+    import os
+
+    real_write = os.write
+    calls = []
+
+    def short_write(fd, data):       # the kernel takes at most 100 bytes per call, as it may
+        calls.append(len(data))
+        return real_write(fd, bytes(memoryview(data)[:100]))
+
+    monkeypatch.setattr(os, "write", short_write)
+    expected = _write_store(tmp_path, n_shards=1)
+    monkeypatch.setattr(os, "write", real_write)
+    assert max(calls) > 100                                      # the writer was cut short, and carried on
+    store = TeacherKVStore(tmp_path)                             # every digest checks
+    assert all(torch.equal(store.get(sid)["input_ids"], t["input_ids"]) for sid, t in expected.items())
+
+    monkeypatch.setattr(os, "write", lambda fd, data: 0)         # a full disk that does not say so
+    writer = StoreWriter(tmp_path / "full", SETTINGS, 1)
+    with pytest.raises(OSError, match=r"writing .*shard-00000-of-00001.safetensors.tmp-\d+: the write took no bytes"):
+        writer.write_shard(0, list(_samples(0, ["a"])))
+    monkeypatch.setattr(os, "write", real_write)
+    assert not writer.is_finished(0) and not list((tmp_path / "full").glob("*.safetensors")) \
+        and not list((tmp_path / "full").glob(".*"))
+
+
+def _lose_a_write(path):
+    """The damage an unchecked short write did: the file ends early, and its record was taken from the file."""
+    import json
+
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])
+    meta_path = path.with_suffix(".json")
+    meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), bytes=len(data) - 40)))
+
+
+def test_finished_means_size_header_and_digests_agree(tmp_path):
+    _write_store(tmp_path, n_shards=2)
+    writer = StoreWriter(tmp_path, SETTINGS, 2)
+    assert writer.is_finished(0) and writer.is_finished(1, verify=True)
+    victim = tmp_path / "shard-00000-of-00002.safetensors"
+    _lose_a_write(victim)
+    assert "but its header describes" in writer.unfinished_reason(0)
+    with pytest.raises(StoreError, match="shard-00000-of-00002.safetensors has .* bytes but its header describes"):
+        TeacherKVStore(tmp_path, verify=False)
+    # a flipped tensor byte passes the cheap check and fails the full one
+    other = tmp_path / "shard-00001-of-00002.safetensors"
+    data = bytearray(other.read_bytes())
+    data[-5] ^= 0x04
+    other.write_bytes(bytes(data))
+    assert writer.is_finished(1) and "fails its sha256 check" in writer.unfinished_reason(1, verify=True)
+    # rewriting a damaged shard replaces it
+    writer.write_shard(0, list(_samples(0, [f"s0-{j}" for j in range(4)])))
+    writer.write_shard(1, list(_samples(1, [f"s1-{j}" for j in range(4)])))
+    assert len(TeacherKVStore(tmp_path)) == 8

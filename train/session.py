@@ -29,10 +29,11 @@ from kvfuse.fuse.router import FixedRouter, LearnableRouter, SimilarityRouter, c
 from kvfuse.loss import KVDistillLoss
 from kvfuse.models import load, make_student
 from kvfuse.schedule import layer_weights as annealed_layer_weights, lr_factor, warm_in
-from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, collate
+from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, collate, max_positions
 from kvfuse.teacher.loader import batch_to, check_finite_teachers, store_batches
-from kvfuse.teacher.store import TeacherKVStore
+from kvfuse.teacher.provenance import open_store_for_run, store_examples, student_fingerprint, teacher_fingerprint
 from kvfuse.zspace import ZSpace
+from train import checkpoint
 
 
 class NonFiniteLoss(RuntimeError):
@@ -73,7 +74,11 @@ class TrainingSession:
 
     def _setup_data(self) -> None:
         c = self.config
-        self.train_examples, self.val_examples = load_examples(c["dataset"], c["n_samples"], c["n_val"], c["seed"])
+        if c["teacher_store"]:
+            self.train_examples, self.val_examples = store_examples(c["teacher_store"], c["dataset"], self._log)
+        else:
+            self.train_examples, self.val_examples = load_examples(c["dataset"], c["n_samples"], c["n_val"],
+                                                                   c["seed"])
         if not self.train_examples:
             raise ValueError(f"dataset {c['dataset']!r} gave no training examples (n_samples={c['n_samples']})")
         per_micro = c["micro_batch"] * self.world
@@ -102,6 +107,8 @@ class TrainingSession:
         model_dtype = torch.bfloat16 if self.bf16 else torch.float32
         attn = self._attention_implementation()
         student, self.tokenizer = load(c["model_name"], dtype=torch.float32, device="cpu", attn_implementation=attn)
+        student_print, student_positions = student_fingerprint(self.tokenizer, student.config), \
+            max_positions(student.config)
         student = make_student(student, c["student_layers"])
         self.n_layers = student.config.num_hidden_layers
         names, prompts = self._teacher_names()
@@ -110,9 +117,11 @@ class TrainingSession:
         self.store = None
         teachers, loaded = [], {}
         if c["teacher_store"]:
-            self.store = TeacherKVStore(c["teacher_store"], expect_settings={
+            self.store = open_store_for_run(c["teacher_store"], {
                 "teachers": names, "teacher_prompts": prompts, "student_prompt": resolve_prompt(c["student_prompt"]),
-                "student_layers": c["student_layers"], "alignment": asdict(settings)})
+                "student_layers": c["student_layers"], "alignment": asdict(settings),
+                "student_fingerprint": student_print, "teacher_fingerprints": [teacher_fingerprint(n) for n in names],
+                "allow_long_sequences": c["allow_long_sequences"]}, self._log)
             heads = self._store_heads()
         else:
             for name, prompt in zip(names, prompts):
@@ -125,7 +134,9 @@ class TrainingSession:
         if teachers:
             self.builder = TeacherKVBuilder(teachers, self.tokenizer, resolve_prompt(c["student_prompt"]),
                                             self.n_layers, settings, max_length=c["max_length"],
-                                            storage_dtype=model_dtype, device=self.device)
+                                            storage_dtype=model_dtype, device=self.device,
+                                            student_max_positions=student_positions,
+                                            allow_long_sequences=c["allow_long_sequences"])
         self.student_heads = (student.config.num_key_value_heads, _head_dim(student.config))
         if c["lora"]:
             from peft import LoraConfig, get_peft_model
@@ -302,24 +313,18 @@ class TrainingSession:
 
     def _truncate_metrics(self, step: int) -> None:
         """After a resume, drop events the killed run logged past its last checkpoint: none lost, none doubled."""
-        path = self.out / "metrics.jsonl"
-        if self.rank != 0 or not path.exists():
-            return
         # A fresh start (step 0) keeps nothing: its own step-0 evaluation is logged again.
-        kept = [line for line in path.read_text().splitlines()
-                if step > 0 and line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        if self.rank == 0:
+            checkpoint.trim_metrics(self.out / "metrics.jsonl", step, self._log)
 
     # ------------------------------------------------------------------------------------------------ loop
     def run(self) -> int:
         c = self.config
         start_step = 0
-        if (self.ckpt_dir / "latest").exists():
-            path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
-            if path is None:
-                raise RuntimeError(f"could not load the latest checkpoint from {self.ckpt_dir}")
-            start_step = int(client["step"])
-            self._log(f"resumed from {path} at step {start_step}")
+        resumed = checkpoint.resume(self.engine, self.ckpt_dir, self._log)
+        if resumed is not None:
+            start_step = int(resumed.client_state["step"])
+            self._log(f"resumed from {resumed.path} at step {start_step}")
         self._truncate_metrics(start_step)
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -451,8 +456,7 @@ class TrainingSession:
                     where = f"layer {bad[0]} ({key})"
                     break
         tag = f"nonfinite-step{step:06d}"
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": step - 1},
-                                    save_latest=False)
+        checkpoint.save(self.engine, self.ckpt_dir, tag, step - 1, resumable=False)
         raise NonFiniteLoss(f"non-finite loss at step {step}, first at {where}; the state before this step is saved "
                             f"as checkpoint {self.ckpt_dir / tag}. Lower the learning rate or check the inputs.")
 
@@ -470,7 +474,7 @@ class TrainingSession:
 
     def save(self, step: int) -> None:
         try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{step:06d}", client_state={"step": step})
+            checkpoint.save(self.engine, self.ckpt_dir, f"step{step:06d}", step)
         except (RuntimeError, OSError) as err:
             # torch.save on a full disk says only "unexpected pos …": name the likely cause and the knobs
             free = shutil.disk_usage(self.ckpt_dir).free / 1e9
@@ -479,9 +483,7 @@ class TrainingSession:
         dist.barrier()
         if self.rank == 0:
             # A ZeRO checkpoint holds the optimizer state too (GBs even for a 135M student): keep the newest few.
-            tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[: max(0, len(tags) - self.config["keep_checkpoints"])]:
-                shutil.rmtree(old)
+            checkpoint.prune(self.ckpt_dir, self.config["keep_checkpoints"])
 
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()

@@ -9,6 +9,7 @@ teacher is [L_s, H_t, T_s, D_t], pre-RoPE and still in the teacher's head space 
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -21,6 +22,8 @@ from kvfuse.align.time import apply_alignment, time_alignment
 from kvfuse.align.tokens import token_spans
 from kvfuse.data import Example, render
 from kvfuse.models.capture import capture_kv
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class TeacherKVBuilder:
 
     def __init__(self, teachers: Sequence[Teacher], student_tokenizer, student_prompt: str, n_student_layers: int,
                  settings: AlignmentSettings = AlignmentSettings(), max_length: int = 512,
-                 storage_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+                 storage_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                 student_max_positions: int | None = None, allow_long_sequences: bool = False):
         if not teachers:
             raise ValueError("TeacherKVBuilder needs at least one teacher")
         self.teachers = list(teachers)
@@ -90,6 +94,8 @@ class TeacherKVBuilder:
         self.max_length = max_length
         self.storage_dtype = storage_dtype
         self.device = torch.device(device)
+        self.student_max_positions = student_max_positions
+        self.allow_long_sequences = allow_long_sequences
         self.layer_maps = [layer_map(t.model.config.num_hidden_layers, n_student_layers, settings.layer_map
                                      ).to(self.device) for t in self.teachers]
 
@@ -99,6 +105,16 @@ class TeacherKVBuilder:
             raise ValueError(f"example {example.id}: the student sequence has {len(view.input_ids)} tokens, more "
                              f"than max_length={self.max_length}; raise max_length (sequences are never truncated)")
         return view
+
+    def _check_positions(self, example: Example, who: str, view: Rendering, limit: int | None) -> None:
+        n = len(view.input_ids)
+        if limit is None or n <= limit:
+            return
+        text = (f"example {example.id}: the {who} sequence has {n} tokens, more than the model's {limit} positions "
+                "(max_position_embeddings)")
+        if not self.allow_long_sequences:
+            raise ValueError(f"{text}; drop the example or set allow_long_sequences to use it anyway")
+        log.warning("%s: used anyway (allow_long_sequences)", text)
 
     def align(self, student: Rendering, teacher: Rendering) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [T_s, T_t] sparse CSR, student rows that found a partner [T_s]) for one example's two renderings."""
@@ -131,6 +147,11 @@ class TeacherKVBuilder:
             raise ValueError("build() got no examples")
         students = [self.student_view(ex) for ex in examples]
         views = [[self.teacher_view(ex, i) for ex in examples] for i in range(len(self.teachers))]
+        for b, example in enumerate(examples):
+            self._check_positions(example, "student", students[b], self.student_max_positions)
+            for i, teacher in enumerate(self.teachers):
+                self._check_positions(example, f"teacher {i} ({teacher.name})", views[i][b],
+                                      max_positions(teacher.model.config))
         alignments: list[list[torch.Tensor]] = [[] for _ in self.teachers]
         masks = []
         for b, (example, student) in enumerate(zip(examples, students)):
@@ -181,6 +202,11 @@ class TeacherKVBuilder:
         host (the store) or left on the builder's device (online teachers, `to_host=False`)."""
         built = self.launch(self.prepare(examples))
         return [(sid, _to_host(t)) for sid, t in built] if to_host else built
+
+
+def max_positions(config) -> int | None:
+    """The positions a model was made for (None when its config does not say)."""
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -250,6 +276,10 @@ def collate(samples: Sequence[dict[str, torch.Tensor]], n_teachers: int, pad_id:
         "ids": [s.get("id") for s in samples],
     }
     for b, s in enumerate(samples):
+        if not bool(s["mask"].any()):
+            # it would add nothing to the loss; alone in a micro-batch it would leave the loss undefined
+            raise ValueError(f"sample {s.get('id', b)!r}: its alignment mask is empty (no student token is aligned "
+                             "with every teacher)")
         n = lengths[b]
         batch["input_ids"][b, :n] = s["input_ids"]
         batch["attention_mask"][b, :n] = 1

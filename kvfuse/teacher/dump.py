@@ -1,8 +1,10 @@
 """`python -m kvfuse dump`: run the teachers once over a dataset and store their aligned KV (DESIGN.md §5).
 
-One invocation writes one shard (`--shard I/N`, one SLURM array task each). Finished shards are skipped, so a
-re-run after a kill redoes only what is missing; settings are recorded in the store's manifest and a dump with
-different settings into the same directory is refused.
+One invocation writes one shard (`--shard I/N`, one SLURM array task each). Finished, intact shards are skipped
+(size and header checked; `--verify` checks every digest) and a damaged one is rewritten, so a re-run after a kill
+or a damaged disk redoes only what is missing; settings and fingerprints of the student, teachers and examples are
+recorded in the store's manifest (kvfuse.teacher.provenance) and a dump with different settings into the same
+directory is refused.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import torch
 from tqdm import tqdm
 
 from kvfuse.data import Example, load_examples, resolve_prompt
-from kvfuse.models import PACKAGED_MODELS, fingerprint, load, student_layer_count
-from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined, sample_names
+from kvfuse.models import load, student_layer_count
+from kvfuse.teacher.builder import (AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined, max_positions,
+                                    sample_names)
+from kvfuse.teacher.provenance import dataset_fingerprint, student_fingerprint, teacher_fingerprint
 from kvfuse.teacher.store import STORAGE_DTYPES, StoreWriter, iter_shard_indices, parse_shard
 
 
@@ -43,16 +47,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--allow_long_sequences", action="store_true",
+                        help="keep examples longer than a model's max_position_embeddings (logged) instead of failing")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every digest of an already finished shard, not only its size and header; a "
+                             "damaged shard is rewritten")
 
 
-def dump_settings(args: argparse.Namespace, teacher_prints: list[str], student_print: str) -> dict:
-    """Everything that determines the stored tensors: a store is reusable exactly when these match."""
+def dump_settings(args: argparse.Namespace, teacher_prints: list[str], student_print: str,
+                  train: Sequence[Example], val: Sequence[Example]) -> dict:
+    """Everything that determines the stored tensors: a store is reusable exactly when these match (see
+    kvfuse.teacher.provenance)."""
     return {
         "teachers": list(args.teachers), "teacher_prompts": [resolve_prompt(p) for p in args.teacher_prompts],
         "teacher_fingerprints": teacher_prints, "student": args.student, "student_fingerprint": student_print,
         "student_prompt": resolve_prompt(args.student_prompt), "student_layers": args.student_layers,
         "dataset": args.dataset, "n_samples": args.n_samples, "n_val": args.n_val, "seed": args.seed,
-        "dtype": args.dtype, "max_length": args.max_length,
+        "examples": {"train": [str(ex.id) for ex in train], "val": [str(ex.id) for ex in val]},
+        "dataset_sha256": dataset_fingerprint(train, val),
+        "dtype": args.dtype, "max_length": args.max_length, "allow_long_sequences": args.allow_long_sequences,
         "alignment": asdict(AlignmentSettings(args.layer_map, args.align_threshold, args.align_fallback,
                                               args.trim_whitespace)),
     }
@@ -62,13 +75,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _fingerprint(name: str, model: torch.nn.Module) -> str:
-    # Names that identify their weights (packaged GGUFs, random shapes) are fingerprinted without hashing them.
-    if name in PACKAGED_MODELS or name.startswith("random:"):
-        return fingerprint(name)
-    return fingerprint(model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,17 +92,22 @@ def run(args: argparse.Namespace) -> int:
         teachers.append(Teacher(name, resolve_prompt(prompt), model, tokenizer))
     student_model, student_tokenizer = load(args.student, dtype=torch.float32, device="cpu")
     n_student_layers = student_layer_count(student_model, args.student_layers)
-    settings = dump_settings(args, [_fingerprint(t.name, t.model) for t in teachers],
-                             _fingerprint(args.student, student_model))
+    settings = dump_settings(args, [teacher_fingerprint(t.name, t.model) for t in teachers],
+                             student_fingerprint(student_tokenizer, student_model.config), train, val)
+    student_positions = max_positions(student_model.config)
     del student_model
     writer = StoreWriter(args.out, settings, n_shards)
-    if writer.is_finished(index):
+    reason = writer.unfinished_reason(index, verify=args.verify)
+    if reason is None:
         print(f"shard {index}/{n_shards} already finished in {args.out}: nothing to do")
         return 0
+    if writer.paths(index)[1].exists():
+        print(f"shard {index}/{n_shards} in {args.out} is damaged ({reason}): rewriting it")
     builder = TeacherKVBuilder(
         teachers, student_tokenizer, resolve_prompt(args.student_prompt), n_student_layers,
         AlignmentSettings(args.layer_map, args.align_threshold, args.align_fallback, args.trim_whitespace),
-        max_length=args.max_length, storage_dtype=STORAGE_DTYPES[args.dtype], device=device)
+        max_length=args.max_length, storage_dtype=STORAGE_DTYPES[args.dtype], device=device,
+        student_max_positions=student_positions, allow_long_sequences=args.allow_long_sequences)
     mine = [examples[i] for i in iter_shard_indices(len(examples), index, n_shards)]
     start = time.perf_counter()
     tokens = 0

@@ -13,9 +13,13 @@ A shard is streamed to disk as its samples arrive (`ShardStream`): a teacher's K
 for a 7B model, so a shard never waits in host memory. The safetensors header goes first in the file but is known
 only at the end: its room is reserved from the declared samples and filled last, padded with spaces as the format
 allows; tensors stay aligned to their item size through small "__pad<n>__" byte tensors. A shard counts as
-finished only when its JSON exists: the data file is written under a temporary name and renamed, then the JSON the
-same way, so a job killed at any point leaves either a finished shard or leftovers that the next run removes and
-redoes. Settings are compared on every write and every read, so shards made with different settings never mix.
+finished when its JSON exists and the data file agrees with it (size, header digest, the header's offsets reaching
+exactly the end of the file; `verify=True` also every tensor digest): the data file is written under a temporary
+name and renamed, then the JSON the same way, so a job killed at any point leaves either a finished shard or
+leftovers that the next run removes and redoes, and a finished shard damaged later is rewritten by the next run.
+Every write loops until the operating system took every byte (one write() call moves at most ~2 GiB on Linux).
+Settings are compared on every write and every read, so shards made with different settings never mix; the reader
+recomputes the manifest's settings hash, so a manifest edited by hand is refused.
 """
 from __future__ import annotations
 
@@ -62,7 +66,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_all(fd: int, data, path: Path) -> None:
+    """os.write until every byte landed: one call may take only part (Linux moves at most 0x7ffff000 bytes, and
+    a signal or a nearly full disk can cut it short); a call that takes nothing is an error naming `path`."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < view.nbytes:
+        n = os.write(fd, view[done:])
+        if not n:
+            raise OSError(f"writing {path}: the write took no bytes after {done} of {view.nbytes} (disk full?)")
+        done += n
+
+
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -100,8 +116,8 @@ class StoreWriter:
                   "n_shards": self.n_shards}
         if not path.exists():
             # Several array tasks may race here; they all write the same content, and os.replace is atomic.
-            _atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True, default=str))
-        found = _read_json(path)
+            atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True, default=str))
+        found = read_manifest(self.root)
         if found.get("settings_hash") != self.hash or found.get("n_shards") != self.n_shards:
             raise StoreError(
                 f"{path} was made with other settings (hash {found.get('settings_hash')}, "
@@ -113,17 +129,24 @@ class StoreWriter:
         stem = shard_stem(index, self.n_shards)
         return self.root / f"{stem}.safetensors", self.root / f"{stem}.json"
 
-    def is_finished(self, index: int) -> bool:
+    def unfinished_reason(self, index: int, verify: bool = False) -> str | None:
+        """None when shard `index` is finished and intact, else why it must be (re)written. Cheap by default (size
+        and header); `verify` also recomputes every tensor digest."""
         data_path, meta_path = self.paths(index)
         if not meta_path.exists():
-            return False
+            return f"{meta_path.name} not found"
         meta = _read_json(meta_path)
         if meta.get("settings_hash") != self.hash:
             raise StoreError(f"{meta_path} belongs to other settings (hash {meta.get('settings_hash')} "
                              f"!= {self.hash}); refusing to mix shards")
-        if not data_path.exists() or data_path.stat().st_size != meta.get("bytes"):
-            return False
-        return True
+        try:
+            check_shard(data_path, meta, verify)
+        except StoreError as err:
+            return str(err)
+        return None
+
+    def is_finished(self, index: int, verify: bool = False) -> bool:
+        return self.unfinished_reason(index, verify) is None
 
     def clean_leftovers(self, index: int) -> None:
         """Remove temporary files of a killed writer of this shard (and a data file without its JSON)."""
@@ -142,6 +165,11 @@ class StoreWriter:
         if not expected:
             raise ValueError(f"shard {index} of {self.n_shards} got no samples (fewer samples than shards?)")
         self.clean_leftovers(index)
+        # (Re)writing: a finished shard found damaged goes, its JSON first, so that a kill in between leaves it
+        # unfinished rather than a JSON describing a missing file.
+        data_path, meta_path = self.paths(index)
+        meta_path.unlink(missing_ok=True)
+        data_path.unlink(missing_ok=True)
         return ShardStream(self, index, expected)
 
     def write_shard(self, index: int, samples: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> dict:
@@ -199,7 +227,7 @@ class ShardStream:
         # hashing and writing both release the GIL; chunks, so that one large tensor spreads over every thread
         self.hashing += [self.hasher.submit(_digest, raw[at:at + HASH_CHUNK])
                          for at in range(0, raw.nbytes, HASH_CHUNK)]
-        self.fh.write(raw)
+        write_all(self.fh.fileno(), raw, self.tmp)
         self.entries[key] = {"dtype": SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape),
                              "data_offsets": [self.offset, self.offset + raw.nbytes]}
         self.offset += raw.nbytes
@@ -244,9 +272,13 @@ class ShardStream:
         if self.flushing is not None:
             self.flushing.result()
         self.fh.seek(0)
-        self.fh.write(struct.pack("<Q", len(header)) + header)
+        write_all(self.fh.fileno(), struct.pack("<Q", len(header)) + header, self.tmp)
         os.fsync(self.fh.fileno())
         self._shutdown()
+        size, want = self.tmp.stat().st_size, 8 + self.header_room + self.offset
+        if size != want:
+            raise StoreError(f"{self.tmp} holds {size} bytes after writing shard {self.index}, expected {want}: "
+                             "a write was lost")
         os.chmod(self.tmp, 0o644)  # readable by the training job's user, whoever ran the dump
         os.replace(self.tmp, self.data_path)
         self.meta = {"format": FORMAT_VERSION, "settings_hash": self.writer.hash, "shard": self.index,
@@ -255,7 +287,7 @@ class ShardStream:
                      "header_sha256": hashlib.sha256(struct.pack("<Q", len(header)) + header).hexdigest(),
                      "tensor_sha256": hashlib.sha256(b"".join(self.digests)).hexdigest(), "valid_tokens": self.tokens,
                      "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _atomic_write_text(self.meta_path, json.dumps(self.meta, indent=1))
+        atomic_write_text(self.meta_path, json.dumps(self.meta, indent=1))
         return self.meta
 
     def _shutdown(self) -> None:
@@ -291,24 +323,17 @@ class _Entry:
 class TeacherKVStore(torch.utils.data.Dataset):
     """Memory-mapped reader over a finished store; item i is {name: tensor} plus "id".
 
-    Opening checks that every shard is present, made with the store's settings, and (verify=True) that each data
-    file's sha256 matches its JSON: a damaged or missing shard is an error naming the file, never skipped data.
+    Opening checks the manifest (see `read_manifest`), that every shard is present, made with the store's settings
+    and agrees with its JSON record, and (verify=True) every digest: a damaged or missing shard is an error naming
+    the file, never skipped data. Whether the store suits a training run is `provenance.open_store_for_run`'s job.
     """
 
-    def __init__(self, root: str | os.PathLike, verify: bool = True, expect_settings: Mapping[str, Any] | None = None):
+    def __init__(self, root: str | os.PathLike, verify: bool = True):
         self.root = Path(root)
-        manifest_path = self.root / MANIFEST
-        if not manifest_path.exists():
-            raise StoreError(f"{manifest_path} not found: {self.root} is not a teacher-KV store "
-                             "(make one with `python -m kvfuse dump`)")
-        manifest = _read_json(manifest_path)
+        manifest = read_manifest(self.root)
         self.settings = manifest["settings"]
         self.hash = manifest["settings_hash"]
-        self.n_shards = int(manifest["n_shards"])
-        if expect_settings is not None:
-            mismatch = _diff(self.settings, dict(expect_settings), only=expect_settings.keys())
-            if mismatch:
-                raise StoreError(f"store {self.root} was made for other settings: {mismatch}")
+        self.n_shards = manifest["n_shards"]
         self._entries: list[_Entry] = []
         self._data_paths: list[Path] = []
         self.bytes = 0
@@ -319,17 +344,12 @@ class TeacherKVStore(torch.utils.data.Dataset):
             if not meta_path.exists():
                 raise StoreError(f"shard {index} of {self.n_shards} is missing or unfinished: {meta_path} not found "
                                  f"(rerun `python -m kvfuse dump ... --shard {index}/{self.n_shards}`)")
-            if not data_path.exists():
-                raise StoreError(f"shard data file {data_path} is missing (its manifest {meta_path.name} exists)")
             meta = _read_json(meta_path)
             if meta.get("settings_hash") != self.hash:
                 raise StoreError(f"{meta_path} was made with other settings ({meta.get('settings_hash')} != "
                                  f"{self.hash}): mixed shards")
+            check_shard(data_path, meta, verify)
             size = data_path.stat().st_size
-            if size != meta["bytes"]:
-                raise StoreError(f"{data_path} has {size} bytes, its manifest says {meta['bytes']}: damaged file")
-            if verify:
-                _verify(data_path, meta)
             self._data_paths.append(data_path)
             self.bytes += size
             self.valid_tokens += int(meta.get("valid_tokens", 0))
@@ -383,42 +403,84 @@ def _digest(data) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _verify(data_path: Path, meta: Mapping[str, Any]) -> None:
-    if "sha256" in meta:                                  # format 1: the whole file
-        ok = sha256_file(data_path) == meta["sha256"]
-    else:
-        with open(data_path, "rb") as fh:
-            size = fh.read(8)
-            # a damaged length field can claim any size: read no more than the file holds
-            head = size + fh.read(min(struct.unpack("<Q", size)[0], meta["bytes"]) if len(size) == 8 else 0)
-        ok = len(size) == 8 and hashlib.sha256(head).hexdigest() == meta["header_sha256"]
-        if ok:    # the header is intact, so its offsets can be trusted to find the tensors
-            entries = json.loads(head[8:])
-            spans = sorted(e["data_offsets"] for key, e in entries.items() if key != "__metadata__")
-            chunks = [(at, min(at + HASH_CHUNK, stop))
-                      for start, stop in spans for at in range(start, stop, HASH_CHUNK)]
-            with open(data_path, "rb") as fh, ThreadPoolExecutor(HASH_THREADS) as pool:
-                def chunk_digest(chunk):
-                    return _digest(os.pread(fh.fileno(), chunk[1] - chunk[0], len(head) + chunk[0]))
-                digests = list(pool.map(chunk_digest, chunks))
-            ok = hashlib.sha256(b"".join(digests)).hexdigest() == meta["tensor_sha256"]
-    if not ok:
+def check_shard(data_path: Path, meta: Mapping[str, Any], verify: bool) -> None:
+    """Raise StoreError naming `data_path` unless it agrees with its JSON record `meta`: its size, and (format 2)
+    the header's digest and the header's offsets ending exactly at the end of the file; `verify` also checks the
+    digest of every byte. A write that lost bytes leaves a file its own header does not describe."""
+    if not data_path.exists():
+        raise StoreError(f"shard data file {data_path} is missing (its record {data_path.with_suffix('.json').name} "
+                         "exists)")
+    size = data_path.stat().st_size
+    if size != meta.get("bytes"):
+        raise StoreError(f"{data_path} has {size} bytes, its record says {meta.get('bytes')}: damaged file")
+    if "sha256" in meta:                                  # format 1: one digest over the whole file
+        if verify and sha256_file(data_path) != meta["sha256"]:
+            raise StoreError(f"{data_path} fails its sha256 check: damaged file")
+        return
+    with open(data_path, "rb") as fh:
+        length = fh.read(8)
+        # a damaged length field can claim any size: read no more than the file holds
+        head = length + fh.read(min(struct.unpack("<Q", length)[0], size) if len(length) == 8 else 0)
+    if len(length) != 8 or hashlib.sha256(head).hexdigest() != meta.get("header_sha256"):
+        raise StoreError(f"{data_path} fails its sha256 check (header): damaged file")
+    # the header is intact, so its offsets can be trusted to find the tensors
+    entries = json.loads(head[8:])
+    spans = sorted(e["data_offsets"] for key, e in entries.items() if key != "__metadata__")
+    end = len(head) + (spans[-1][1] if spans else 0)
+    if end != size:
+        raise StoreError(f"{data_path} has {size} bytes but its header describes {end}: damaged file")
+    if not verify:
+        return
+    chunks = [(at, min(at + HASH_CHUNK, stop)) for start, stop in spans for at in range(start, stop, HASH_CHUNK)]
+    with open(data_path, "rb") as fh, ThreadPoolExecutor(HASH_THREADS) as pool:
+        def chunk_digest(chunk):
+            return _digest(os.pread(fh.fileno(), chunk[1] - chunk[0], len(head) + chunk[0]))
+        digests = list(pool.map(chunk_digest, chunks))
+    if hashlib.sha256(b"".join(digests)).hexdigest() != meta.get("tensor_sha256"):
         raise StoreError(f"{data_path} fails its sha256 check: damaged file")
+
+
+def read_manifest(root: Path) -> dict:
+    """The store's manifest.json, checked: its fields are present, `n_shards` is a positive integer and the settings
+    hash is recomputed from the settings (a hand-edited manifest is refused)."""
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        raise StoreError(f"{path} not found: {root} is not a teacher-KV store (make one with `python -m kvfuse dump`)")
+    manifest = _read_json(path)
+    missing = [key for key in ("settings", "settings_hash", "n_shards") if key not in manifest]
+    if missing:
+        raise StoreError(f"{path} lacks {missing}: damaged manifest")
+    n_shards = manifest["n_shards"]
+    if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
+        raise StoreError(f"{path}: n_shards is {n_shards!r}; a store has at least one shard: damaged manifest")
+    if not isinstance(manifest["settings"], dict):
+        raise StoreError(f"{path}: settings must be a mapping, got {type(manifest['settings']).__name__}")
+    recomputed = settings_hash(manifest["settings"])
+    if recomputed != manifest["settings_hash"]:
+        raise StoreError(f"{path}: its settings hash to {recomputed}, not to the recorded {manifest['settings_hash']}:"
+                         " the manifest was edited after the dump; re-dump the store instead")
+    return manifest
 
 
 def _read_json(path: Path) -> dict:
     try:
         with open(path) as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as err:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StoreError(f"{path} is not valid JSON ({err}): damaged manifest") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path} holds a {type(data).__name__}, not a JSON object: damaged manifest")
+    return data
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], only: Iterable[str] | None = None) -> list[str]:
+    keys = sorted(set(a) | set(b)) if only is None else sorted(only)
+    return [k for k in keys if json.dumps(a.get(k), default=str, sort_keys=True)
+            != json.dumps(b.get(k), default=str, sort_keys=True)]
 
 
 def _diff(a: Mapping[str, Any], b: Mapping[str, Any], only: Iterable[str] | None = None) -> str:
-    keys = sorted(set(a) | set(b)) if only is None else sorted(only)
-    parts = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if json.dumps(a.get(k), default=str, sort_keys=True)
-             != json.dumps(b.get(k), default=str, sort_keys=True)]
-    return "; ".join(parts) if parts else ""
+    return "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in differing_keys(a, b, only))
 
 
 def iter_shard_indices(n_items: int, index: int, n_shards: int) -> Iterator[int]:
