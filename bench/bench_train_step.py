@@ -8,6 +8,9 @@ Student step (forward, backward, AdamW) on one device, three ways, same inputs:
   kv_fused+store(P)   kv_fused fed live by kvfuse.teacher.loader.store_batches, P batches read ahead by a
                 background thread into pinned memory and moved on a side stream, as train/ does: equal to kv_fused
                 when the reader keeps up (the first batch is checked equal to an inline read)
+  compiled:ce_only, compiled:kv_fused   (--compile) a compiled trainer: the step's loss under torch.compile —
+                the student alone, or the student, its K/V (hooks on k_proj / v_proj, RoPE) and KVDistillLoss,
+                whose Triton kernels are torch.library custom ops; the backward is AOTAutograd's
 Teacher KV is random data of the teachers' real shapes, written once as a real store. The first three variants
 train on batches already on the device; the store read (one thread) is timed on its own, and the last variant puts
 the reader on the timed path. Prints a table and appends CSV rows (device, commit) to bench/results/train_step.csv.
@@ -67,6 +70,60 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def compiled_variants(student, kv_loss, next_batch, opt, steps: int, device) -> list[tuple[str, float]]:
+    """CE-only and CE + KV steps whose loss is computed by torch.compile'd code (graph breaks reported)."""
+    cfg = student.config
+    H, D = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rotary = student.model.rotary_emb
+
+    def ce_loss(batch):
+        return student(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+
+    rec = {}
+
+    def kv_step_loss(batch):
+        out = student(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False)
+        B, T = batch["input_ids"].shape
+        pos = batch["positions"][:, None]
+        keys = torch.stack([rotate(rec[("k", i)].view(B, T, H, D).transpose(1, 2), pos, rotary.inv_freq,
+                                   rotary.attention_scaling) for i in range(cfg.num_hidden_layers)])
+        values = torch.stack([rec[("v", i)].view(B, T, H, D).transpose(1, 2) for i in range(cfg.num_hidden_layers)])
+        kv, _ = kv_loss(keys, values, batch["teacher_k"], batch["teacher_v"], batch["mask"], batch["positions"],
+                        rotary.inv_freq, rotary.attention_scaling)
+        return out.loss + kv
+
+    def runner(fn):
+        compiled = torch.compile(fn)
+
+        def step():
+            compiled(next_batch()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    out = []
+    explained = torch._dynamo.explain(ce_loss)(next_batch())
+    print(f"compiled ce_only: {explained.graph_break_count} graph breaks", flush=True)
+    out.append(("compiled:ce_only", timed(runner(ce_loss), steps, device)))
+    hooks = []
+    for i, layer in enumerate(student.model.layers):
+        hooks.append(layer.self_attn.k_proj.register_forward_hook(
+            lambda m, inp, o, i=i: rec.__setitem__(("k", i), o)))
+        hooks.append(layer.self_attn.v_proj.register_forward_hook(
+            lambda m, inp, o, i=i: rec.__setitem__(("v", i), o)))
+    try:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(kv_step_loss)(next_batch())
+        print(f"compiled kv_fused: {explained.graph_break_count} graph breaks {explained.break_reasons[:3]}",
+              flush=True)
+        torch._dynamo.reset()
+        out.append(("compiled:kv_fused", timed(runner(kv_step_loss), steps, device)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="random:qwen2.5-1.5b")
@@ -76,6 +133,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--store_prefetch", type=int, default=2, help="batches read ahead in the store-fed variant")
     parser.add_argument("--csv", default=str(ROOT / "bench/results/train_step.csv"))
+    parser.add_argument("--compile", action="store_true", help="also time the compiled-trainer variants")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -160,14 +218,17 @@ def main() -> int:
         return next(batches_fed, None) or next(fed)
     variants.append((f"kv_fused+store({args.store_prefetch})",
                      timed(with_kv(fused_backend, from_store), args.steps, device)))
+    if args.compile:
+        variants += compiled_variants(student, losses[fused_backend], next_batch, opt, args.steps, device)
     tokens = args.batch * args.seq
     name = device_name(device)
     print(f"\nstudent {args.student} ({L} layers, {H_s}x{D_s} KV), teachers {teachers}, batch {args.batch} x "
           f"{args.seq} tokens, {name}; store read + host-to-device copy of one batch (one thread): {read * 1e3:.1f} ms; "
           f"prefetched batch == inline read: {same}")
     print(f"{'variant':24s} {'step ms':>9s} {'tokens/s':>10s} {'vs ce_only':>11s}")
+    bases = {False: base, True: dict(variants).get("compiled:ce_only", base)}
     for variant, seconds in variants:
-        overhead = seconds / base - 1
+        overhead = seconds / bases[variant.startswith("compiled:")] - 1
         print(f"{variant:24s} {seconds * 1e3:9.1f} {tokens / seconds:10.0f} {100 * overhead:+10.1f}%")
         rows.append({"device": name, "commit": commit(), "student": args.student, "teachers": args.teachers,
                      "batch": args.batch, "seq": args.seq, "variant": variant, "step_ms": round(seconds * 1e3, 3),
