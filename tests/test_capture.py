@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kvfuse.align.rope import rope_params, rotate
+from kvfuse.align.rope import rope_from_rotary, rotate
 from kvfuse.models.capture import capture_kv, positions_from_mask
 from kvfuse.models.tiny import tiny_model
 
@@ -74,13 +74,13 @@ ROPE_TYPES = {
 def test_rope_scaling_types_come_from_the_model(rope_type):
     model = tiny_model("tiny-llama", seed=1, rope_parameters=ROPE_TYPES[rope_type], max_position_embeddings=16)
     ids, mask = _batch(seed=5, batch=2, length=37, left_pad=3)  # longer than 16 so dynamic really rescales
-    before = rope_params(model)
+    before = rope_from_rotary(model.model.rotary_emb)
     cap = capture_kv(model, ids, mask)
     cache = _cached(model, ids, mask, cap.positions)
     for i, (ck, _) in enumerate(cache):
         torch.testing.assert_close(rotate(cap.keys[i], cap.positions, *cap.rope[i]), ck, rtol=0, atol=1e-6)
     if rope_type == "dynamic":
-        assert not torch.allclose(before[0][0], cap.rope[0][0])  # the forward rescaled; capture saw that
+        assert not torch.allclose(before.inv_freq, cap.rope[0].inv_freq)  # the forward rescaled; capture saw that
     if rope_type == "yarn":
         assert cap.rope[0][1] > 1.0
 
@@ -142,9 +142,9 @@ def test_errors_name_the_problem():
         capture_kv(model, torch.randint(0, 512, (5,)))
     with pytest.raises(ValueError, match="attention_mask shape"):
         capture_kv(model, torch.randint(0, 512, (2, 5)), torch.ones(2, 4))
-    model.config.model_type = "mistral"
-    model.config.architectures = ["MistralForCausalLM"]
-    with pytest.raises(ValueError, match="MistralForCausalLM"):
+    model.config.model_type = "deepseek_v3"
+    model.config.architectures = ["DeepseekV3ForCausalLM"]
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM.*multi-head latent attention"):
         capture_kv(model, torch.randint(0, 512, (1, 5)))
 
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from kvfuse.align.rope import rephase, rope_params, rotate, unrotate
+from kvfuse.align.rope import rephase, rotate, unrotate
+from kvfuse.models.capture import capture_kv
 from kvfuse.models.tiny import tiny_model
 
 
@@ -114,7 +115,7 @@ def test_rephase_layer0_behind_prompt(arch, student_theta):
     s_pos = torch.arange(n_shared).expand(2, n_shared)
     teacher_keys = _layer0_cache(teacher, ids, mask, t_pos)[..., -n_shared:, :]
     student_keys = _layer0_cache(student, shared, torch.ones_like(shared), s_pos)
-    t_rope, s_rope = rope_params(teacher)[0], rope_params(student)[0]
+    t_rope, s_rope = capture_kv(teacher, shared).rope[0], capture_kv(student, shared).rope[0]
     if student_theta is not None:
         assert not torch.allclose(t_rope[0], s_rope[0])
     moved = rephase(teacher_keys, t_pos[:, -n_shared:], t_rope, s_pos, s_rope)
@@ -123,15 +124,15 @@ def test_rephase_layer0_behind_prompt(arch, student_theta):
     assert (teacher_keys - student_keys).abs().max() > 1e-2
 
 
-def test_rope_params_per_layer_gemma3():
+def test_captured_rope_per_layer_gemma3():
     model = tiny_model("tiny-gemma3")
-    params = rope_params(model)
+    params = capture_kv(model, torch.arange(1, 6)[None]).rope
     head_dim = model.config.head_dim
     local = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     glob = 1.0 / (1000000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     torch.testing.assert_close(params[0][0], local)
     torch.testing.assert_close(params[1][0], glob)
-    assert all(math.isclose(s, 1.0) for _, s in params)
+    assert all(math.isclose(p.attention_scaling, 1.0) and p.rotary_dim == head_dim for p in params)
 
 
 def test_same_convention_as_the_fused_loss():
