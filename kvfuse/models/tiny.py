@@ -106,10 +106,35 @@ def _qwen25(layers, hidden, heads, kv_heads, intermediate, vocab, tie):
                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=tie)
 
 
+def _qwen3(layers, hidden, heads, intermediate, tie):
+    return AutoConfig.for_model(
+        "qwen3", vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=tie)
+
+
 REAL_SHAPES = {
     "qwen2.5-0.5b": lambda: _qwen25(24, 896, 14, 2, 4864, 151936, True),
     "qwen2.5-1.5b": lambda: _qwen25(28, 1536, 12, 2, 8960, 151936, True),
     "qwen2.5-7b": lambda: _qwen25(28, 3584, 28, 4, 18944, 152064, False),
+    "qwen3-1.7b": lambda: _qwen3(28, 2048, 16, 6144, True),
+    "qwen3-8b": lambda: _qwen3(36, 4096, 32, 12288, False),
+    "mistral-7b": lambda: MistralConfig(  # v0.3: 32768-token vocab, rope_theta 1e6, no sliding window
+        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=32768, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False),
+    "gemma-2-9b": lambda: AutoConfig.for_model(
+        "gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=4096, layer_types=["sliding_attention", "full_attention"] * 21,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True),
+    "phi-4": lambda: AutoConfig.for_model(  # Phi3ForCausalLM: fused qkv_proj and gate_up_proj
+        "phi3", vocab_size=100352, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=10, max_position_embeddings=16384,
+        original_max_position_embeddings=16384, pad_token_id=100349, bos_token_id=100257, eos_token_id=100265,
+        rope_parameters={"rope_type": "default", "rope_theta": 250000.0, "partial_rotary_factor": 1.0},
+        tie_word_embeddings=False),
     "llama-3.1-8b": lambda: LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=131072,
