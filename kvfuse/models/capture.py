@@ -88,6 +88,15 @@ class KVCapture:
     def rotary_dims(self) -> list[int]:
         return [r.rotary_dim for r in self.rope]
 
+    def rope_table(self) -> tuple[torch.Tensor, list[float], list[int]]:
+        """Every layer's RoPE as the fused loss takes it: inv_freq `[L, R/2]` float32 (R the largest rotary dim,
+        each row zero-padded past its own r_l/2), attention_scaling per layer, rotary_dim per layer."""
+        width = max(r.inv_freq.shape[0] for r in self.rope)
+        table = torch.zeros(len(self.rope), max(width, 1))
+        for l, r in enumerate(self.rope):
+            table[l, : r.inv_freq.shape[0]] = r.inv_freq.to(table.device)
+        return table, [r.attention_scaling for r in self.rope], [r.rotary_dim for r in self.rope]
+
     def post_rope_keys(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s keys after RoPE, in the model's own head-dim order: what its attention (and cache) holds."""
         rotated = rotate(self.keys[layer], self.positions, *self.rope[layer])
