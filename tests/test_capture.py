@@ -95,7 +95,9 @@ def test_student_capture_keeps_gradients():
     assert not teacher.keys[0].requires_grad
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# + the families whose capture assembles keys: rotary slice + pass-through (Phi), NoPE layer (SmolLM3), interleaved
+# pairs permuted (Cohere) — all of it has to happen inside the checkpoint, where the recompute repeats it
+@pytest.mark.parametrize("arch", ARCHS + ["tiny-phi", "tiny-smollm3", "tiny-cohere"])
 def test_checkpointed_capture_gives_the_same_kv_and_gradients(arch):
     # A loss on the captured KV (+ queries, + hidden) must reach every weight with checkpointing exactly as without:
     # HF's own reentrant checkpointing silently cut the KV off from the weights (a KV-only student never learned).
