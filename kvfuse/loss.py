@@ -1,34 +1,34 @@
 """Multi-teacher KV-distillation loss: the functional `kv_distill_loss` and the `KVDistillLoss` module.
 
-Per student layer l and teacher i (DESIGN.md §3 step 7, §4):
+Per student layer l and teacher i:
     K̂_i = rotate(reshape(flat(K'_i) · W^k_i[l]))     flat: teacher heads per token, index h·D_i + d
     V̂_i = reshape(flat(V'_i) · W^v_i[l])            reshape: [.., T, H_s·D_s] -> [.., H_s, T, D_s]
     K_f = Σ_i α_i K̂_i,   V_f = Σ_i α_i V̂_i
-    rotate(y) = (y·cos(pθ) + rotate_half(y)·sin(pθ))·attention_scaling,  θ = cat(inv_freq, inv_freq)
+    rotate(y) = (y·cos(pθ) + rotate_half(y)·sin(pθ))·s_l on the first r_l dims of each head (rotate-half pairs
+                (j, j + r_l/2), θ = cat(inv_freq, inv_freq)), identity on the rest; r_l = D_s for full RoPE, 0 on a
+                NoPE layer; s_l = attention_scaling of layer l
     k_mse[l] = Σ_{b,t} m Σ_{h,d} (K_s − K_f)² / (n H_s D_s),  v_mse likewise,  n = Σ m
     cos[l]   = Σ_{b,t} m Σ_h ½(cos(K_s, K_f) + cos(V_s, V_f)) / (n H_s),  cos(a, b) = a·b / max(|a||b|, 1e-8)
     loss     = Σ_l w_l (λK k_mse[l] + λV v_mse[l] + β (1 − cos[l])) / Σ_l w_l
 
 `backend="torch"` is the readable reference (dtype-generic: float64 in, float64 out; half inputs are
 projected in their dtype and the rest runs in float32); `backend="triton"` is the fused kernel in
-kvfuse.kernels.fused_kv_loss and must agree with it.
+kvfuse.kernels.fused_kv_loss (called through the custom op kvfuse::fused_kv_loss, so compiled trainers trace
+through it) and must agree with it.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from kvfuse.kernels.fused_kv_loss_op import pair_width
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_TEACHERS = 8
-
-
-def _kernels():
-    return importlib.import_module("kvfuse.kernels.fused_kv_loss")
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -47,6 +47,44 @@ def _expect(name: str, x: torch.Tensor, shape: tuple, device: torch.device) -> N
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, expected {device} (student_k's device)")
+
+
+def rotary_dims(rotary_dim, n_layers: int, head_dim: int, n_freq: int) -> tuple[int, ...]:
+    """Each layer's rotary dim r_l: None → 2·n_freq everywhere; an int → that on every layer; a sequence → per
+    layer (0 = NoPE layer). The first r_l dims of each head rotate as rotate-half pairs (j, j + r_l/2), the rest
+    pass through unrotated and unscaled (partial rotary, as in Phi, GPT-NeoX, StableLM)."""
+    if rotary_dim is None:
+        dims = (2 * n_freq,) * n_layers
+    elif isinstance(rotary_dim, int) and not isinstance(rotary_dim, bool):
+        dims = (rotary_dim,) * n_layers
+    elif isinstance(rotary_dim, Sequence) and not isinstance(rotary_dim, str):
+        dims = tuple(rotary_dim)
+        if len(dims) != n_layers:
+            raise ValueError(f"rotary_dim has {len(dims)} entries for {n_layers} layers")
+    else:
+        raise ValueError(f"rotary_dim must be None, an int or a sequence of {n_layers} ints, got {rotary_dim!r:.80}")
+    for l, r in enumerate(dims):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0 or r % 2 or r > head_dim or r > 2 * n_freq:
+            raise ValueError(f"rotary_dim of layer {l} is {r!r}: it must be an even int in [0, {head_dim}] "
+                             f"(the head dim) and at most {2 * n_freq} (twice inv_freq's last dim)")
+    return dims
+
+
+def _layer_scalings(attention_scaling, n_layers: int, device) -> torch.Tensor:
+    """attention_scaling as an [L] tensor (from a float, an [L] sequence, or a 0-d / [L] tensor)."""
+    if isinstance(attention_scaling, torch.Tensor):
+        if tuple(attention_scaling.shape) not in ((), (n_layers,)) or not attention_scaling.is_floating_point():
+            raise ValueError(f"attention_scaling must be a float or a floating tensor [L={n_layers}], got "
+                             f"{attention_scaling.dtype} of shape {tuple(attention_scaling.shape)}")
+        if attention_scaling.device != device:
+            raise ValueError(f"attention_scaling is on {attention_scaling.device}, expected {device}")
+        return attention_scaling.detach().expand(n_layers)
+    if isinstance(attention_scaling, Sequence):
+        if len(attention_scaling) != n_layers:
+            raise ValueError(f"attention_scaling has {len(attention_scaling)} entries for {n_layers} layers")
+        return torch.tensor([float(s) for s in attention_scaling], dtype=torch.float64, device=device)
+    # float64, so a float64 reference sees exactly the Python value; each backend casts to its compute dtype.
+    return torch.full((n_layers,), float(attention_scaling), dtype=torch.float64, device=device)
 
 
 def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions, inv_freq,
@@ -94,9 +132,11 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
     if mask.dtype.is_complex:
         raise ValueError("mask must be bool or real 0/1 values")
     if not isinstance(inv_freq, torch.Tensor) or not inv_freq.dtype.is_floating_point:
-        raise ValueError("inv_freq must be a floating tensor [D_s/2] or [L, D_s/2]")
-    if tuple(inv_freq.shape) not in ((D_s // 2,), (L, D_s // 2)):
-        raise ValueError(f"inv_freq has shape {tuple(inv_freq.shape)}, expected [{D_s // 2}] or [{L}, {D_s // 2}]")
+        raise ValueError("inv_freq must be a floating tensor [R/2] or [L, R/2] (R: the rotary dim)")
+    if inv_freq.dim() not in (1, 2) or (inv_freq.dim() == 2 and inv_freq.shape[0] != L) \
+            or inv_freq.shape[-1] > D_s // 2:
+        raise ValueError(f"inv_freq has shape {tuple(inv_freq.shape)}, expected [R/2] or [{L}, R/2] with "
+                         f"R ≤ D_s = {D_s} (the rotary dim; [{D_s // 2}] for full RoPE)")
     if inv_freq.device != dev:
         raise ValueError(f"inv_freq is on {inv_freq.device}, expected {dev}")
     if layer_weights is not None:
@@ -106,7 +146,8 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
 
 
 def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, layer_weights, check_finite: bool):
-    # One host sync for all checks; the slow per-tensor pass runs only to name the culprit.
+    # One host sync for all checks; the slow per-tensor pass runs only to name the culprit. kv_distill_loss runs
+    # this in eager mode only: under torch.compile a sync would break the graph and stall the stream.
     flags = [mask.ne(0).any()]
     if layer_weights is not None:
         flags.append(layer_weights.sum().ne(0))
@@ -141,36 +182,60 @@ def _project(x: torch.Tensor, w: torch.Tensor, H_s: int, D_s: int, acc: torch.dt
     return y.to(acc).view(L, B, T, H_s, D_s).permute(0, 1, 3, 2, 4)
 
 
-def _rotate(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
-    half = y.shape[-1] // 2
-    rot = torch.cat((-y[..., half:], y[..., :half]), dim=-1)
-    return (y * cos + rot * sin) * scaling
+class StudentRope:
+    """RoPE at the student's positions for every layer: rotate(y) = y·cos + y[partner]·sin over the head dim.
+
+    Layer l with rotary dim r: dim j < r/2 pairs with j + r/2 (partner signs −, +), both at angle pos·θ_j and
+    scaled by the layer's attention_scaling; dims ≥ r pass through (cos 1, sin 0, unscaled); r = 0 is NoPE."""
+
+    def __init__(self, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: torch.Tensor,
+                 rot: tuple[int, ...], head_dim: int, acc: torch.dtype):
+        L, D = len(rot), head_dim
+        dev = positions.device
+        n_freq = inv_freq.shape[-1]
+        d = torch.arange(D, device=dev)
+        r = torch.tensor(rot, device=dev)[:, None]                                # [L, 1]
+        half = r // 2
+        turns = d < r                                                             # [L, D]
+        first = d < half
+        self.partner = torch.where(turns, torch.where(first, d + half, d - half), d)
+        # θ per dim; the appended 0 serves the pass-through dims (angle 0).
+        invf = torch.cat((inv_freq.to(acc).expand(L, n_freq), torch.zeros(L, 1, dtype=acc, device=dev)), 1)
+        theta = torch.gather(invf, 1, torch.where(turns, torch.where(first, d, d - half), n_freq))
+        ang = positions.to(acc)[None, :, None, :, None] * theta[:, None, None, None, :]   # [L, B, 1, T, D]
+        one = torch.ones((), dtype=acc, device=dev)
+        s = torch.where(turns, scaling.to(acc)[:, None], one)[:, None, None, None, :]
+        sign = torch.where(first, -one, one)[:, None, None, None, :]
+        self.cos = ang.cos() * s
+        self.sin = ang.sin() * s * sign
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        """y [L, B, H, T, D] -> rotated, same shape."""
+        idx = self.partner[:, None, None, None, :].expand(y.shape)
+        return y * self.cos + torch.gather(y, -1, idx) * self.sin
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # max(‖a‖‖b‖, 1e-8) written as sqrt(max(‖a‖²‖b‖², 1e-16)): the same value, but a zero vector (a padded or
-    # unaligned token's fused KV) has a zero gradient instead of sqrt'(0) = inf, which the mask's 0 would turn
-    # into NaN.
-    den = torch.clamp_min(a.square().sum(-1) * b.square().sum(-1), 1e-16).sqrt()
+    # max(‖a‖‖b‖, 1e-8) as the contract states: the product of the norms, not sqrt(‖a‖²‖b‖²), which overflows in
+    # fp32 for ‖a‖, ‖b‖ ≳ 1e9. vector_norm's gradient at a zero vector (a padded or unaligned token's fused KV) is
+    # 0, not NaN, and the clamp passes none below 1e-8.
+    den = torch.clamp_min(torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1), 1e-8)
     return (a * b).sum(-1) / den
 
 
 def _torch_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions, inv_freq,
-                attention_scaling, lambda_k, lambda_v, beta, layer_weights):
+                scaling, rot, lambda_k, lambda_v, beta, layer_weights):
     L, B, H_s, T, D_s = student_k.shape
     acc = _compute_dtype(student_k.dtype)
     m = mask.to(acc)
     n = m.sum()
-    invf = inv_freq.to(acc).expand(L, D_s // 2)
-    ang = positions.to(acc)[None, :, :, None] * invf[:, None, None, :]          # [L, B, T, D/2]
-    ang = torch.cat((ang, ang), dim=-1).unsqueeze(2)                            # [L, B, 1, T, D]
-    cos, sin = ang.cos(), ang.sin()
+    rope = StudentRope(positions, inv_freq, scaling, rot, D_s, acc)
     a = alpha.to(acc)
     a = a.t()[:, None, :].expand(-1, L, B) if alpha.dim() == 2 else a.permute(2, 1, 0)  # [N, L, B]
     k_f = v_f = 0
     for i in range(len(teacher_k)):
         ai = a[i][:, :, None, None, None]
-        k_f = k_f + ai * _rotate(_project(teacher_k[i], w_k[i], H_s, D_s, acc), cos, sin, attention_scaling)
+        k_f = k_f + ai * rope(_project(teacher_k[i], w_k[i], H_s, D_s, acc))
         v_f = v_f + ai * _project(teacher_v[i], w_v[i], H_s, D_s, acc)
     s_k, s_v = student_k.to(acc), student_v.to(acc)
     tok = m[None, :, None, :]                                                   # [1, B, 1, T]
@@ -182,56 +247,99 @@ def _torch_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mas
     return loss, k_mse, v_mse, cos_l
 
 
+def pair_layout_adapter(w: torch.Tensor, student_heads: tuple[int, int], rotary_dim: int) -> torch.Tensor:
+    """[L, F, H_s·D_s] -> [L, F, 2·H_s·PH]: the adapter's columns in the kernel's pair layout (differentiable).
+
+    Column (η, h, j) = η·H_s·PH + h·PH + j holds student dim d_η(j) of head h, where pair j is (j, j + r/2) for
+    j < r/2 and (r + u, r + (D_s − r)/2 + u), u = j − r/2, for the pass-through dims; pairs j ≥ D_s/2 are zero."""
+    H_s, D_s = student_heads
+    L, F, _ = w.shape
+    half, r2 = D_s // 2, rotary_dim // 2
+    ph = pair_width(D_s)
+    w4 = w.reshape(L, F, H_s, D_s)
+    if rotary_dim != D_s:
+        first = list(range(r2)) + [rotary_dim + u for u in range(half - r2)]
+        second = [j + r2 for j in range(r2)] + [rotary_dim + half - r2 + u for u in range(half - r2)]
+        w4 = w4[..., first + second]
+    w5 = w4.reshape(L, F, H_s, 2, half).transpose(2, 3)
+    if ph != half:
+        w5 = torch.nn.functional.pad(w5, (0, ph - half))
+    return w5.reshape(L, F, 2 * H_s * ph).contiguous()
+
+
 def _triton_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions, inv_freq,
-                 attention_scaling, lambda_k, lambda_v, beta, layer_weights):
+                 scaling, rot, lambda_k, lambda_v, beta, layer_weights):
     L, B, H_s, T, D_s = student_k.shape
     if student_k.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (got {student_k.device}); "
                          "use backend='torch' or set TRITON_INTERPRET=1")
     if any(x.dtype == torch.float64 for x in (student_k, student_v, *teacher_k, *teacher_v, *w_k, *w_v)):
         raise ValueError("backend='triton' takes fp16/bf16/fp32 tensors; use backend='torch' for float64")
+    turning = sorted({r for r in rot if r})
+    if len(turning) > 1:
+        raise ValueError(f"backend='triton' needs one rotary dim for all rotating layers, got {turning}; "
+                         "use backend='torch'")
+    pairing = turning[0] if turning else D_s
     dev = student_k.device
     lw = torch.ones(L, device=dev, dtype=torch.float32) if layer_weights is None else layer_weights.float()
-    invf = inv_freq.float().expand(L, D_s // 2)  # stride 0 on L: no copy for a shared inv_freq
+    invf = inv_freq.float().expand(L, inv_freq.shape[-1])  # stride 0 on L: no copy for a shared inv_freq
+    rot_t = torch.tensor(rot, dtype=torch.int32, device=dev)
+
     # fp32 adapters (master weights) with half-precision KV: run the GEMMs on half tensor cores with fp32
     # accumulation rather than fp32 'ieee' products; the cast is small ([L, F_i, C]) and differentiable.
-    w_k = [w.to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) else w for w, x in zip(w_k, teacher_k)]
-    w_v = [w.to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) else w for w, x in zip(w_v, teacher_v)]
-    fn = _kernels().FusedKVDistillLossFunction
-    return fn.apply(student_k, student_v, alpha, lw, mask.float().contiguous(), positions.float().contiguous(),
-                    invf, float(attention_scaling), float(lambda_k), float(lambda_v), float(beta),
-                    len(teacher_k), *w_k, *w_v, *teacher_k, *teacher_v)
+    def layout(ws, xs):
+        return [pair_layout_adapter(w.to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) else w,
+                                    (H_s, D_s), pairing) for w, x in zip(ws, xs)]
+
+    def unit_stride(x):
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (student_k, student_v, alpha, lw, *w_k, *w_v))
+    out = torch.ops.kvfuse.fused_kv_loss(
+        unit_stride(student_k), unit_stride(student_v), alpha, lw, mask.float().contiguous(),
+        positions.float().contiguous(), rot_t, invf, scaling.float(), layout(w_k, teacher_k),
+        layout(w_v, teacher_v), [unit_stride(x) for x in teacher_k], [unit_stride(x) for x in teacher_v], pairing,
+        float(lambda_k), float(lambda_v), float(beta), grad)
+    return out[:4]
 
 
 def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions, inv_freq,
                     attention_scaling=1.0, lambda_k=1.0, lambda_v=1.0, beta=0.1, layer_weights=None,
-                    backend="torch", check_finite=True):
+                    backend="torch", check_finite=True, rotary_dim=None):
     """Fused multi-teacher KV-distillation loss (formula in the module docstring).
 
     student_k, student_v [L, B, H_s, T, D_s] (keys post-RoPE); teacher_k, teacher_v: N lists of
     [L, B, H_i, T, D_i] (aligned, pre-RoPE); w_k, w_v: N lists of [L, H_i·D_i, H_s·D_s]; alpha [B, N] or
-    [B, L, N]; mask [B, T] (bool or 0/1); positions [B, T]; inv_freq [D_s/2] or [L, D_s/2];
-    layer_weights [L] or None (ones). backend: "torch" (reference) or "triton" (CUDA, or TRITON_INTERPRET=1).
-    check_finite: raise on NaN/Inf in any input (one extra pass over the inputs; turn off for speed).
+    [B, L, N]; mask [B, T] (bool or 0/1); positions [B, T]; inv_freq [R/2] or [L, R/2] (R the rotary dim: D_s for
+    full RoPE); attention_scaling a float or one per layer ([L] tensor or sequence); layer_weights [L] or None
+    (ones); rotary_dim None (every layer rotates R = 2·inv_freq.shape[-1] dims), an int, or one int per layer
+    (0 = NoPE layer). backend: "torch" (reference) or "triton" (CUDA, or TRITON_INTERPRET=1).
+    check_finite: raise on NaN/Inf in any input (one extra pass over the inputs; turn off for speed). The content
+    checks (finite inputs, a non-empty mask, non-zero layer weights) need the host to read device values, so they
+    run in eager mode only; under torch.compile they are skipped (an all-zero mask then gives a NaN loss).
 
     Returns (loss, stats) with stats = {"k_mse": [L], "v_mse": [L], "cos": [L]} detached. Gradients reach
-    student_k/v, w_k, w_v, alpha (and layer_weights); teachers get none.
+    student_k/v, w_k, w_v, alpha and layer_weights on both backends; teachers and attention_scaling get none.
     """
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions, inv_freq,
               layer_weights)
+    L, D_s = student_k.shape[0], student_k.shape[4]
+    rot = rotary_dims(rotary_dim, L, D_s, inv_freq.shape[-1])
+    scaling = _layer_scalings(attention_scaling, L, student_k.device)
     teacher_k = [x.detach() for x in teacher_k]
     teacher_v = [x.detach() for x in teacher_v]
-    named = [("student_k", student_k), ("student_v", student_v), ("alpha", alpha), ("positions", positions),
-             ("inv_freq", inv_freq)]
-    for i in range(len(teacher_k)):
-        named += [(f"teacher_k[{i}]", teacher_k[i]), (f"teacher_v[{i}]", teacher_v[i]),
-                  (f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])]
-    _check_contents(named, mask, layer_weights, check_finite)
+    if not torch.compiler.is_compiling():
+        named = [("student_k", student_k), ("student_v", student_v), ("alpha", alpha), ("positions", positions),
+                 ("inv_freq", inv_freq), ("attention_scaling", scaling)]
+        for i in range(len(teacher_k)):
+            named += [(f"teacher_k[{i}]", teacher_k[i]), (f"teacher_v[{i}]", teacher_v[i]),
+                      (f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])]
+        _check_contents(named, mask, layer_weights, check_finite)
     impl = _torch_loss if backend == "torch" else _triton_loss
     loss, k_mse, v_mse, cos = impl(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions,
-                                   inv_freq, attention_scaling, lambda_k, lambda_v, beta, layer_weights)
+                                   inv_freq, scaling, rot, lambda_k, lambda_v, beta, layer_weights)
     return loss, {"k_mse": k_mse.detach(), "v_mse": v_mse.detach(), "cos": cos.detach()}
 
 
@@ -272,7 +380,7 @@ class KVDistillLoss(nn.Module):
     def __init__(self, teacher_heads: Sequence[tuple[int, int]], student_heads: tuple[int, int], n_layers: int,
                  init: str | Sequence[tuple[torch.Tensor, torch.Tensor]] = "group_mean",
                  router: nn.Module | Callable | None = None, alpha: Sequence[float] | torch.Tensor | None = None,
-                 lambda_k: float = 1.0, lambda_v: float = 1.0, beta: float = 0.1, attention_scaling: float = 1.0,
+                 lambda_k: float = 1.0, lambda_v: float = 1.0, beta: float = 0.1, attention_scaling: float | Sequence[float] = 1.0,
                  backend: str | None = None, check_finite: bool = True, dtype: torch.dtype = torch.float32):
         super().__init__()
         teacher_heads = [tuple(int(v) for v in th) for th in teacher_heads]
@@ -289,7 +397,7 @@ class KVDistillLoss(nn.Module):
             raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
         self.teacher_heads, self.student_heads, self.n_layers = teacher_heads, (H_s, D_s), int(n_layers)
         self.lambda_k, self.lambda_v, self.beta = float(lambda_k), float(lambda_v), float(beta)
-        self.attention_scaling, self.backend, self.check_finite = float(attention_scaling), backend, check_finite
+        self.attention_scaling, self.backend, self.check_finite = attention_scaling, backend, check_finite
         N = len(teacher_heads)
         self.n_teachers = N
         for i, (H_i, D_i) in enumerate(teacher_heads):
@@ -349,8 +457,9 @@ class KVDistillLoss(nn.Module):
         return a.expand(B, *a.shape)
 
     def forward(self, student_k, student_v, teacher_k, teacher_v, mask, positions, inv_freq,
-                attention_scaling=None, alpha=None, layer_weights=None, router_inputs=None):
-        """Returns (loss, stats) as `kv_distill_loss`; see that function for the shapes."""
+                attention_scaling=None, alpha=None, layer_weights=None, router_inputs=None, rotary_dim=None):
+        """Returns (loss, stats) as `kv_distill_loss`; see that function for the shapes. attention_scaling
+        (float or per layer) defaults to the module's; rotary_dim as in `kv_distill_loss`."""
         if not isinstance(student_k, torch.Tensor) or student_k.dim() != 5:
             raise ValueError("student_k must be a tensor [L, B, H_s, T, D_s]")
         a = self._alpha(alpha, router_inputs, student_k.shape[1], student_k)
@@ -359,24 +468,22 @@ class KVDistillLoss(nn.Module):
         return kv_distill_loss(student_k, student_v, list(teacher_k), list(teacher_v), self.w_k, self.w_v, a, mask,
                                positions, inv_freq, attention_scaling=scaling, lambda_k=self.lambda_k,
                                lambda_v=self.lambda_v, beta=self.beta, layer_weights=layer_weights, backend=backend,
-                               check_finite=self.check_finite)
+                               check_finite=self.check_finite, rotary_dim=rotary_dim)
 
 
-def fused_teacher_keys(teacher_k, w_k, alpha, positions, inv_freq, attention_scaling, student_heads):
+def fused_teacher_keys(teacher_k, w_k, alpha, positions, inv_freq, attention_scaling, student_heads,
+                       rotary_dim=None):
     """K_f = Σ_i α_i · rotate(K'_i W_k^i) [L, B, H_s, T, D_s]: the fused teacher keys in the student's head space,
-    rotated at student positions (the attention-KL term's keys). Same math as the reference loss."""
+    rotated at student positions (the attention-KL term's keys). Same math and arguments as the reference loss."""
     H_s, D_s = student_heads
     L = teacher_k[0].shape[0]
     acc = _compute_dtype(teacher_k[0].dtype)
-    invf = inv_freq.to(acc).expand(L, D_s // 2)
-    ang = positions.to(acc)[None, :, :, None] * invf[:, None, None, :]
-    ang = torch.cat((ang, ang), dim=-1).unsqueeze(2)
-    cos, sin = ang.cos(), ang.sin()
+    rot = rotary_dims(rotary_dim, L, D_s, inv_freq.shape[-1])
+    rope = StudentRope(positions, inv_freq, _layer_scalings(attention_scaling, L, positions.device), rot, D_s, acc)
     B = positions.shape[0]
     a = alpha.to(acc)
     a = a.t()[:, None, :].expand(-1, L, B) if alpha.dim() == 2 else a.permute(2, 1, 0)
     fused = 0
     for i, (x, w) in enumerate(zip(teacher_k, w_k)):
-        fused = fused + a[i][:, :, None, None, None] * _rotate(_project(x.detach(), w, H_s, D_s, acc), cos, sin,
-                                                               attention_scaling)
+        fused = fused + a[i][:, :, None, None, None] * rope(_project(x.detach(), w, H_s, D_s, acc))
     return fused

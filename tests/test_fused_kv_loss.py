@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvfuse.loss import _kernels, kv_distill_loss
+from kvfuse.loss import kv_distill_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -121,16 +121,16 @@ def test_triton_matches_torch_half(dtype, monkeypatch):
 def test_interpreter_bf16_upcast_switch_is_what_keeps_bf16_exact():
     """The kernel upcasts bf16 dot operands under TRITON_INTERPRET=1 (triton 3.9's interpreter mis-computes bf16
     tl.dot); on the GPU it keeps bf16 tensor-core operands."""
-    k = _kernels()
-    x = torch.zeros(2, dtype=torch.bfloat16)
+    from kvfuse.kernels.utils import dot_dtype
+    bf = torch.bfloat16
     import os
     old = os.environ.get("TRITON_INTERPRET")
     try:
         os.environ["TRITON_INTERPRET"] = "1"
-        assert k._dot_dtype([x, x])[1] == torch.float32
+        assert dot_dtype([bf, bf])[1] == torch.float32
         os.environ["TRITON_INTERPRET"] = "0"
-        assert k._dot_dtype([x, x])[1] == torch.bfloat16
-        assert k._dot_dtype([x, x.float()])[1:] == (torch.float32, True)  # mixed: fp32 'ieee' products
+        assert dot_dtype([bf, bf])[1] == torch.bfloat16
+        assert dot_dtype([bf, torch.float32])[1:] == (torch.float32, True)  # mixed: fp32 'ieee' products
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -139,14 +139,19 @@ def test_interpreter_bf16_upcast_switch_is_what_keeps_bf16_exact():
 
 
 def test_other_tile_sizes_agree(monkeypatch):
-    """A second interpreter tile shape (larger tiles than the tensors: every mask path) gives the same numbers."""
+    """Other interpreter tile shapes give the same numbers: tiles larger than the tensors (every mask path),
+    K-chunks that do not divide a teacher head (24 = 16 + 8), and two student heads per program (the per-head
+    reshape path of the cosine)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    k = _kernels()
-    monkeypatch.setattr(k, "INTERP_FWD", {"BLOCK_T": 64, "BLOCK_F": 32})
-    monkeypatch.setattr(k, "INTERP_DW", {"BLOCK_F": 32, "BLOCK_C": 64, "BLOCK_T": 32})
-    heads = [(3, 8), (2, 16)]
+    import kvfuse.kernels.fused_kv_loss as k
+    heads = [(3, 8), (1, 24), (2, 16)]
     args, leaves = make_case(21, heads, alpha_per_layer=True, strided=True)
-    assert_close(run(args, leaves, "triton"), run(args, leaves, "torch"), 1e-4, len(heads))
+    ref = run(args, leaves, "torch")
+    for fwd, dw in (({"BLOCK_T": 64, "BLOCK_K": 32, "HPP": 1}, {"BLOCK_F": 32, "BLOCK_C": 64, "BLOCK_T": 32}),
+                    ({"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 2}, {"BLOCK_F": 16, "BLOCK_C": 32, "BLOCK_T": 16})):
+        monkeypatch.setattr(k, "INTERP_FWD", fwd)
+        monkeypatch.setattr(k, "INTERP_DW", dw)
+        assert_close(run(args, leaves, "triton"), ref, 1e-4, len(heads))
 
 
 def test_torch_reference_vs_float64():
@@ -160,8 +165,9 @@ def test_torch_reference_vs_float64():
     assert_close(ref, got, 1e-5, len(heads))
 
 
-def _definition(args, attention_scaling, lambda_k, lambda_v, beta, layer_weights):
-    """The issue's contract, term by term, in float64 loops (no shared code with kvfuse.loss)."""
+def _definition(args, attention_scaling, lambda_k, lambda_v, beta, layer_weights, rotary=None):
+    """The contract, term by term, in float64 loops (no shared code with kvfuse.loss). attention_scaling: a float
+    or one per layer; rotary: None (full RoPE) or each layer's rotary dim (0 = NoPE)."""
     sk, sv = args["student_k"].double(), args["student_v"].double()
     L, B, H_s, T, D_s = sk.shape
     m = args["mask"].double()
@@ -170,8 +176,10 @@ def _definition(args, attention_scaling, lambda_k, lambda_v, beta, layer_weights
     invf = args["inv_freq"].double()
     totals, weights = 0.0, 0.0
     for l in range(L):
-        theta = torch.cat([invf[l] if invf.dim() == 2 else invf] * 2)
-        ang = args["positions"].double()[:, None, :, None] * theta            # [B, 1, T, D]
+        r = D_s if rotary is None else rotary[l]
+        s_l = attention_scaling[l] if isinstance(attention_scaling, list) else attention_scaling
+        theta = torch.cat([(invf[l] if invf.dim() == 2 else invf)[:r // 2]] * 2)
+        ang = args["positions"].double()[:, None, :, None] * theta            # [B, 1, T, r]
         kf = torch.zeros(B, H_s, T, D_s, dtype=torch.float64)
         vf = torch.zeros_like(kf)
         for i, (xk, xv) in enumerate(zip(args["teacher_k"], args["teacher_v"])):
@@ -181,9 +189,9 @@ def _definition(args, attention_scaling, lambda_k, lambda_v, beta, layer_weights
             flat_v = xv[l].double().permute(0, 2, 1, 3).reshape(B, T, H_i * D_i)
             yk = (flat_k @ args["w_k"][i][l].double()).reshape(B, T, H_s, D_s).permute(0, 2, 1, 3)
             yv = (flat_v @ args["w_v"][i][l].double()).reshape(B, T, H_s, D_s).permute(0, 2, 1, 3)
-            half = D_s // 2
-            rot_half = torch.cat([-yk[..., half:], yk[..., :half]], -1)
-            yk = (yk * ang.cos() + rot_half * ang.sin()) * attention_scaling
+            turn, rest = yk[..., :r], yk[..., r:]
+            rot_half = torch.cat([-turn[..., r // 2:], turn[..., :r // 2]], -1)
+            yk = torch.cat([(turn * ang.cos() + rot_half * ang.sin()) * s_l, rest], -1)
             kf += a_i[:, None, None, None] * yk
             vf += a_i[:, None, None, None] * yv
         k_mse = (m[:, None, :, None] * (sk[l] - kf) ** 2).sum() / (n * H_s * D_s)
@@ -240,13 +248,14 @@ def test_layer_weight_gradient_and_zero_alpha(monkeypatch):
     assert rel(grads[1][1], grads[0][1]) < 1e-4
 
 
-def test_triton_backward_runs_once(monkeypatch):
+def test_triton_backward_runs_again_with_retain_graph(monkeypatch):
+    """The saved gradient buffers are scaled out of place, so a retained graph gives the same gradients twice."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     args, leaves = make_case(71, [(2, 16)], T=9)
     loss, _ = kv_distill_loss(**args, backend="triton")
-    torch.autograd.grad(loss, [leaves["sk"]], retain_graph=True)
-    with pytest.raises(RuntimeError, match="only once"):
-        torch.autograd.grad(loss, [leaves["sk"]])
+    first = torch.autograd.grad(2.0 * loss, [leaves["sk"], leaves["alpha"]], retain_graph=True)
+    second = torch.autograd.grad(2.0 * loss, [leaves["sk"], leaves["alpha"]])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_zero_fused_vectors_have_finite_matching_gradients(monkeypatch):
@@ -262,3 +271,80 @@ def test_zero_fused_vectors_have_finite_matching_gradients(monkeypatch):
     got = run(args, leaves, "triton", beta=0.9)
     assert all(torch.isfinite(g).all() for g in ref[2])
     assert_close(got, ref, 1e-4, len(heads))
+
+
+@pytest.mark.parametrize("rotary", [[8, 8], [0, 16], [16, 0], [10, 0]], ids=["partial", "nope-first", "nope-last",
+                                                                          "partial-nope"])
+def test_partial_rotary_nope_and_per_layer_scaling(rotary, monkeypatch):
+    """Partial rotary (only the first r dims of each head rotate), NoPE layers (r = 0) and a per-layer
+    attention_scaling: the reference equals the written contract in float64, and Triton equals the reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    heads = [(3, 8), (1, 24)]
+    args, leaves = make_case(90 + sum(rotary), heads, alpha_per_layer=True, strided=True, invf_per_layer=True)
+    r_max = max(rotary)
+    args["inv_freq"] = args["inv_freq"][:, :r_max // 2].contiguous()
+    scalings = [1.25, 0.8]
+    kw = dict(attention_scaling=scalings, rotary_dim=rotary, beta=0.5)
+    args64 = {k: ([x.detach().double() for x in v] if isinstance(v, list) else
+                  (v.detach().double() if v.is_floating_point() else v)) for k, v in args.items()}
+    loss64, _ = kv_distill_loss(**args64, **kw)
+    want = _definition(args64, scalings, 1.0, 1.0, 0.5, None, rotary=rotary)
+    assert math.isclose(float(loss64), float(want), rel_tol=1e-12)
+    kw["attention_scaling"] = torch.tensor(scalings)
+    assert_close(run(args, leaves, "triton", **kw), run(args, leaves, "torch", **kw), 1e-4, len(heads))
+
+
+def test_rotary_dims_are_validated():
+    args, _ = make_case(95, [(2, 16)])
+    for bad, match in (([8], "entries for 2 layers"), (7, "even int"), ([4, 18], "layer 1"),
+                       ("8", "None, an int")):
+        with pytest.raises(ValueError, match=match):
+            kv_distill_loss(**args, rotary_dim=bad)
+    with pytest.raises(ValueError, match="attention_scaling has 3 entries"):
+        kv_distill_loss(**args, attention_scaling=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="at most 8"):  # inv_freq covers only 8 rotary dims
+        kv_distill_loss(**dict(args, inv_freq=args["inv_freq"][:4]), rotary_dim=16)
+
+
+def test_triton_refuses_two_different_rotary_dims(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args, _ = make_case(96, [(2, 16)])
+    with pytest.raises(ValueError, match="one rotary dim"):
+        kv_distill_loss(**args, rotary_dim=[8, 16], backend="triton")
+
+
+def test_large_magnitude_cosine_is_one_on_both_backends(monkeypatch):
+    """|S|, |K_f| ~ 1e10: sqrt(|a|²·|b|²) would overflow fp32 and give cos = 0; the contract's max(|a||b|, 1e-8)
+    gives cos = 1 when the student equals the fused teacher."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from kvfuse.loss import fused_teacher_keys
+    args, _ = make_case(97, [(2, 16)], L=1, B=1, T=5)
+    args["mask"] = torch.ones(1, 5, dtype=torch.bool)
+    eye = torch.eye(32)[None]
+    big = 1e10
+    args["teacher_k"] = [x * big for x in args["teacher_k"]]
+    args["teacher_v"] = [x * big for x in args["teacher_v"]]
+    args.update(w_k=[eye], w_v=[eye], alpha=torch.ones(1, 1))
+    args["student_v"] = args["teacher_v"][0].clone()
+    args["student_k"] = fused_teacher_keys(args["teacher_k"], [eye], args["alpha"], args["positions"],
+                                           args["inv_freq"], 1.0, (2, 16))
+    for backend in ("torch", "triton"):
+        _, stats = kv_distill_loss(**args, backend=backend, check_finite=False)
+        assert torch.allclose(stats["cos"], torch.ones(1), atol=1e-5), (backend, stats["cos"])
+
+
+def test_both_backends_give_gradients_to_the_same_inputs(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args, leaves = make_case(98, [(2, 16), (1, 8)], alpha_per_layer=True)
+    args["teacher_k"] = [x.clone().requires_grad_() for x in args["teacher_k"]]
+    scaling = torch.tensor([1.1, 0.9], requires_grad=True)
+    got = {}
+    for backend in ("torch", "triton"):
+        lw = torch.tensor([0.5, 1.5], requires_grad=True)
+        loss, _ = kv_distill_loss(**args, layer_weights=lw, attention_scaling=scaling, backend=backend)
+        inputs = [leaves["sk"], leaves["sv"], leaves["alpha"], lw, scaling, *leaves["wk"], *leaves["wv"],
+                  *args["teacher_k"]]
+        got[backend] = [g is not None for g in torch.autograd.grad(loss, inputs, allow_unused=True)]
+    assert got["torch"] == got["triton"]
+    assert got["torch"][:4] == [True] * 4 and got["torch"][4] is False  # scaling: a constant of the model
+    assert not any(got["torch"][-2:])                                     # teachers: never

@@ -1,0 +1,34 @@
+"""What every Triton op here shares: interpreter detection, the tensor-core operand dtype, autotune configs."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels run on the CPU through Triton's interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_dtype(dtypes: Iterable[torch.dtype]):
+    """(tl operand dtype, torch dtype of fp buffers the kernel writes for the dot, 'ieee' fp32 products?).
+
+    One shared half dtype runs on half tensor cores with fp32 accumulation; anything else runs in fp32 with
+    'ieee' products (tf32 would miss the fp32 tolerances). Under TRITON_INTERPRET=1 tl.dot on bf16 operands
+    returns garbage (triton 3.9), so bf16 is upcast there and 'ieee' is meaningless (numpy products)."""
+    kinds = set(dtypes)
+    if len(kinds) == 1 and kinds <= {torch.bfloat16, torch.float16}:
+        dt = kinds.pop()
+        if dt == torch.bfloat16 and interpreting():
+            return tl.float32, torch.float32, False
+        return (tl.bfloat16 if dt == torch.bfloat16 else tl.float16), dt, False
+    return tl.float32, torch.float32, not interpreting()
+
+
+def autotune_configs(options, pre_hook=None) -> list[triton.Config]:
+    """[(meta dict, num_warps, num_stages)] -> triton.Configs sharing one pre-hook."""
+    return [triton.Config(dict(meta), num_warps=w, num_stages=s, pre_hook=pre_hook) for meta, w, s in options]
