@@ -149,14 +149,30 @@ def _active_record() -> _LayerRecord | None:
     return getattr(_ACTIVE, "record", None)
 
 
-def _wrap_rope(original):
-    @functools.wraps(original)
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+def _declares_nope(attention: torch.nn.Module) -> bool:
+    use_rope = getattr(attention, "use_rope", None)
+    return use_rope is not None and not use_rope
+
+
+def _recorded(function, note):
+    """`function`, wrapped so that in a thread that is recording `note(record, *args, **kwargs)` sees each call."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
         record = _active_record()
         if record is not None:
-            record.rope.append((q, k, cos, original))
-        return original(q, k, cos, sin, *args, **kwargs)
-    return apply_rotary_pos_emb
+            note(record, *args, **kwargs)
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def _rope_note(apply_rotary_pos_emb):
+    def note(record, q, k, cos, sin, *args, **kwargs):
+        record.rope.append((q, k, cos, apply_rotary_pos_emb))
+    return note
+
+
+def _attention_note(record, module, query, key, value, *args, **kwargs):
+    record.attention.append((module, query, key, value))
 
 
 class _AttentionDispatch:
@@ -167,15 +183,7 @@ class _AttentionDispatch:
         self._real = real
 
     def get_interface(self, attn_implementation, default):
-        function = self._real.get_interface(attn_implementation, default)
-
-        @functools.wraps(function)
-        def attention(module, query, key, value, *args, **kwargs):
-            record = _active_record()
-            if record is not None:
-                record.attention.append((module, query, key, value))
-            return function(module, query, key, value, *args, **kwargs)
-        return attention
+        return _recorded(self._real.get_interface(attn_implementation, default), _attention_note)
 
     def __getattr__(self, name):
         return getattr(self._real, name)
@@ -204,7 +212,8 @@ def _wrapped_helpers(modules):
                 module.ALL_ATTENTION_FUNCTIONS = _AttentionDispatch(module.ALL_ATTENTION_FUNCTIONS)
                 if hasattr(module, "apply_rotary_pos_emb"):
                     originals["apply_rotary_pos_emb"] = module.apply_rotary_pos_emb
-                    module.apply_rotary_pos_emb = _wrap_rope(module.apply_rotary_pos_emb)
+                    module.apply_rotary_pos_emb = _recorded(module.apply_rotary_pos_emb,
+                                                            _rope_note(module.apply_rotary_pos_emb))
                 entry = _PATCHES[module.__name__] = [0, originals]
             entry[0] += 1
     try:
@@ -255,13 +264,21 @@ def _rotary_order(apply_rotary_pos_emb, width: int, rotary_dim: int) -> tuple[in
 # ---------------------------------------------------------------------------------------------- the recorder
 
 @dataclass
+class _LayerRope:
+    """How a layer rotated: kept after its forward (its tensors are not: a teacher's queries would pile up)."""
+
+    cos: torch.Tensor | None        # the cos the rotation used; None on a NoPE layer
+    order: tuple[int, ...] | None   # see _rotary_order
+    attention: type                 # the attention module's class
+    declares_nope: bool             # the attention module says it skips RoPE (SmolLM3's `use_rope = 0`)
+
+
+@dataclass
 class _LayerKV:
     key: torch.Tensor
     value: torch.Tensor
     query: torch.Tensor
-    cos: torch.Tensor | None        # the cos the rotation used; None on a NoPE layer
-    order: tuple[int, ...] | None
-    attention: torch.nn.Module
+    rope: _LayerRope
 
 
 class _Recorder:
@@ -282,7 +299,8 @@ class _Recorder:
                              "through transformers' ALL_ATTENTION_FUNCTIONS; capture cannot see their keys")
         n = len(self.layers)
         self.kv: list[tuple[torch.Tensor, ...] | None] = [None] * n     # (key, value[, query]) per layer
-        self.meta: list[_LayerKV | None] = [None] * n
+        self.meta: list[_LayerRope | None] = [None] * n
+        self.checked: set = set()       # (id, order) of the rotary outputs already compared with rotate's cos
         self.rotary_calls: list[tuple[torch.Tensor, Rope, torch.Tensor]] = []   # (cos, rope, position_ids)
 
     # ------------------------------------------------------------------------------------------ one layer
@@ -309,7 +327,7 @@ class _Recorder:
             raise ValueError(f"{where}: attention received query {tuple(q_att.shape)}, key {tuple(k_att.shape)}, "
                              f"value {tuple(v_att.shape)}; expected [B, H, T, D] with the keys' B, H_kv, T")
         if not record.rope:
-            return _LayerKV(k_att, v_att, q_att, None, None, attention)
+            return _LayerKV(k_att, v_att, q_att, _LayerRope(None, None, type(attention), _declares_nope(attention)))
         if len(record.rope) != 1:
             raise ValueError(f"{where} applied RoPE {len(record.rope)} times; expected once")
         q_in, k_in, cos, rope_fn = record.rope[0]
@@ -325,7 +343,7 @@ class _Recorder:
         order = _rotary_order(rope_fn, width, rotary_dim)
         if order is not None:
             order = order + tuple(range(width, head_dim))
-        return _LayerKV(key, v_att, query, cos, order, attention)
+        return _LayerKV(key, v_att, query, _LayerRope(cos, order, type(attention), _declares_nope(attention)))
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.requires_grad else t.detach()
@@ -336,10 +354,10 @@ class _Recorder:
             out = forward(*args, **kwargs)
         layer = self._resolve(i, record)
         if self.meta[i] is None:
-            self.meta[i] = layer
+            self.meta[i] = layer.rope
         key, query = layer.key, layer.query
-        if layer.order is not None:
-            index = torch.tensor(layer.order, device=key.device)
+        if layer.rope.order is not None:
+            index = torch.tensor(layer.rope.order, device=key.device)
             key, query = key.index_select(-1, index), query.index_select(-1, index)
         tensors = (key, layer.value) + ((query,) if self.with_queries else ())
         return (out, *(self._keep(t) for t in tensors))
@@ -379,12 +397,10 @@ class _Recorder:
         layer_type = kwargs.get("layer_type", args[2] if len(args) > 2 else None)
         self.rotary_calls.append((output[0], rope_from_rotary(module, layer_type), positions.detach()))
 
-    def _rope_of(self, i: int, layer: _LayerKV) -> Rope:
+    def _rope_of(self, i: int, layer: _LayerRope) -> Rope:
         """The `Rope` of the rotary-module call whose cos layer `i` used, checked against `rotate`'s own cos."""
         if layer.cos is None:
-            declared = getattr(layer.attention, "use_rope", None)
-            rotating = {type(m.attention) for m in self.meta if m is not None and m.cos is not None}
-            if declared is not None and not declared or type(layer.attention) in rotating:
+            if layer.declares_nope or layer.attention in {m.attention for m in self.meta if m.cos is not None}:
                 return NOPE
             raise ValueError(f"capture_kv: layer {i} of {type(self.model).__name__} never called its modeling "
                              "module's apply_rotary_pos_emb and declares no NoPE layer: its positional encoding "
@@ -398,14 +414,17 @@ class _Recorder:
         if rope.rotary_dim != cos.shape[-1]:
             raise ValueError(f"capture_kv: layer {i} rotated {cos.shape[-1]} dims but the rotary module's inv_freq "
                              f"covers {rope.rotary_dim}")
+        if (id(cos), layer.order) in self.checked:
+            return rope
         expected, _ = cos_sin(cos, positions.to(cos.device).expand(cos.shape[:-1]), rope.inv_freq,
-                               rope.attention_scaling)
+                              rope.attention_scaling)
         got = cos if layer.order is None else cos[..., list(layer.order[:rope.rotary_dim])]
-        tol = 4 * torch.finfo(cos.dtype).eps * max(1.0, abs(rope.attention_scaling))
-        if not torch.allclose(got.float(), expected.float(), rtol=0, atol=tol):
+        error = float((got.float() - expected.float()).abs().max())
+        if error > 4 * torch.finfo(cos.dtype).eps * max(1.0, abs(rope.attention_scaling)):
             raise ValueError(f"capture_kv: layer {i}'s RoPE cos differs from rotate's for the rotary module's "
-                             f"inv_freq/attention_scaling (max error {float((got.float() - expected.float()).abs().max()):.3g}); "
-                             "the model applies RoPE in a way capture does not reproduce")
+                             f"inv_freq/attention_scaling (max error {error:.3g}); the model applies RoPE in a way "
+                             "capture does not reproduce")
+        self.checked.add((id(cos), layer.order))
         return rope
 
     # ------------------------------------------------------------------------------------------ the forward
