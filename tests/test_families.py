@@ -1,5 +1,6 @@
 """Every supported decoder family as a tiny random-weight model of the installed transformers: captured keys rotated
-equal the model's own cache on every layer (exactly: max error 0 in fp32), values equal, with left and right padding
+equal the model's own cache on every layer (exactly: max error 0 in fp32; in bf16 0, or one ulp where the model
+rotates in float32), values equal, with left and right padding
 and a fully padded row; cross-family re-phasing; the clear error for families without per-head RoPE'd keys; the
 real-shape `random:` aliases."""
 import pytest
@@ -64,6 +65,27 @@ def test_captured_keys_rotated_equal_the_cache_exactly(name):
     torch.testing.assert_close(shifted.queries[0], cap.queries[0], rtol=0, atol=0)
     if cap.rope[0].rotary_dim:
         assert not torch.allclose(shifted.post_rope_keys(0), cap.post_rope_keys(0))
+
+
+# Their apply_rotary_pos_emb rotates in float32 and casts back (Cohere upcasts q/k, OLMo keeps float32 cos/sin);
+# rotate works in the keys' dtype like every other family, so in bf16 the two differ by a last-bit rounding.
+ROTATE_IN_FLOAT32 = {"tiny-cohere", "tiny-olmo", "tiny-olmo2"}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bf16_capture_within_one_ulp_of_the_cache(name):
+    model = tiny_model(name, seed=1).to(torch.bfloat16)
+    ids, mask = _padded_batch()
+    cap = capture_kv(model, ids, mask)
+    cache = model(input_ids=ids, attention_mask=mask, position_ids=cap.positions,
+                  use_cache=True).past_key_values.layers
+    for i, layer in enumerate(cache):
+        kept = layer.keys.shape[-2]
+        rotated = cap.post_rope_keys(i)[..., -kept:, :]
+        # one bf16 ulp at the keys' largest magnitude (8 significant bits)
+        ulp = float(layer.keys.float().abs().max()) * 2.0 ** -7 if name in ROTATE_IN_FLOAT32 else 0.0
+        torch.testing.assert_close(rotated.float(), layer.keys.float(), rtol=0, atol=ulp)
+        torch.testing.assert_close(cap.values[i][..., -kept:, :], layer.values, rtol=0, atol=0)
 
 
 # (teacher, student, the student's RoPE): the student's rope base differs from the teacher's, and so does its
