@@ -48,7 +48,8 @@ def _family(model_type: str, rope: dict | None = None, **overrides) -> Pretraine
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, **(rope or {})},
                 tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    return AutoConfig.for_model(model_type, **{**base, **overrides})
+    kwargs = {key: value for key, value in {**base, **overrides}.items() if value is not None}
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 _SLIDING = ["sliding_attention", "full_attention"]
@@ -69,7 +70,7 @@ TINY_FAMILIES = {
                                                                                        # partial rotary inside RoPE
     "tiny-phi": lambda: _family("phi", rope={"partial_rotary_factor": 0.5}),           # rotary slice, rest concat
     "tiny-gpt-neox": lambda: _family("gpt_neox", rope={"partial_rotary_factor": 0.25},  # fused qkv, Pythia's 25 %
-                                     num_key_value_heads=4),                           # (no GQA)
+                                     num_key_value_heads=None, head_dim=None),         # no GQA, no such keys
     "tiny-stablelm": lambda: _family("stablelm", rope={"partial_rotary_factor": 0.25}, num_key_value_heads=4),
     "tiny-olmo": lambda: _family("olmo"),                                              # non-parametric LayerNorm
     "tiny-olmo2": lambda: _family("olmo2"),                                            # q/k norm over the projection
