@@ -199,3 +199,27 @@ def test_real_packaged_models(alias, length):
         local = cap.layer_types.index("sliding_attention")
         glob = cap.layer_types.index("full_attention")
         assert not torch.equal(cap.rope[local][0], cap.rope[glob][0])
+
+
+def test_captures_in_two_threads_and_the_helpers_put_back():
+    """Teacher and student of one family captured concurrently (the wrapped helpers are shared, the records are
+    per thread) give what serial captures give; afterwards, and after a forward that fails, the modeling module's
+    own helpers are back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers.models.qwen3 import modeling_qwen3
+
+    originals = modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.ALL_ATTENTION_FUNCTIONS
+    models = [tiny_model("tiny-qwen3", seed=s) for s in (0, 1)]
+    ids, mask = _batch(seed=3, batch=2, length=9, left_pad=2)
+    serial = [capture_kv(m, ids, mask) for m in models]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        caps = list(pool.map(lambda m: capture_kv(m, ids, mask), models * 3))
+    for i, cap in enumerate(caps):
+        for a, b in zip(cap.keys + cap.values, serial[i % 2].keys + serial[i % 2].values):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.ALL_ATTENTION_FUNCTIONS) == originals
+    with pytest.raises(IndexError):
+        capture_kv(models[0], torch.full((1, 4), 10_000))       # fails inside the forward (no such token)
+    assert (modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.ALL_ATTENTION_FUNCTIONS) == originals
+    assert "forward" not in vars(models[0].model.layers[0])

@@ -437,7 +437,8 @@ class _Recorder:
             for i, layer in enumerate(self.layers):
                 layer.forward = (self._checkpointed if self.checkpoint and grad else self._plain)(i, layer)
                 patched.append(layer)     # an instance attribute over the class's forward, removed below
-            with torch.set_grad_enabled(grad):
+            # held for the whole forward, so each layer's own hold only counts up and down
+            with torch.set_grad_enabled(grad), _wrapped_helpers(self.modules):
                 return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False)
         finally:
