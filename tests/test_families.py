@@ -183,3 +183,41 @@ def test_random_aliases_have_the_real_shapes(name):
     assert name in REAL_SHAPES
     with pytest.raises(ValueError, match="unknown random model shape"):
         load("random:" + name + "-nope")
+
+
+# students whose RoPE differs by layer: a NoPE layer, partial rotary, and per-layer attention scalings (Gemma3 with
+# yarn on its global layers only: 1.0 on the local ones, > 1 on the global ones)
+_YARN_GLOBAL = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 16}}
+DISTILL_STUDENTS = {"tiny-smollm3": {}, "tiny-phi": {}, "tiny-gemma3": {"rope_parameters": _YARN_GLOBAL}}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", sorted(DISTILL_STUDENTS))
+def test_distillation_from_itself_is_lossless_whatever_the_rope(name, backend):
+    """DistillationModel with the student as its own teacher (pre-RoPE keys, identity adapters): the fused loss
+    rotates the teacher keys with the student's RoPE as capture found it — each layer's rotary dim (0 on NoPE
+    layers) and attention scaling — so the keys match exactly and k_mse vanishes on every layer; with one scaling or
+    rotary dim for all layers, as before, it would not."""
+    from kvfuse.distill import DistillationModel
+    from kvfuse.fuse.router import FixedRouter
+    from kvfuse.loss import KVDistillLoss
+
+    student = tiny_model(name, seed=2, **DISTILL_STUDENTS[name])
+    ids, mask = _padded_batch()
+    ids, mask = ids[:3], mask[:3]                  # the loss needs supervised tokens in every row
+    positions = capture.positions_from_mask(mask)
+    cap = capture_kv(student, ids, mask)
+    assert len({r.rotary_dim for r in cap.rope}) > 1 or len({r.attention_scaling for r in cap.rope}) > 1 \
+        or cap.rope[0].rotary_dim < cap.keys[0].shape[-1]
+    h, d, n = cap.keys[0].shape[1], cap.keys[0].shape[-1], cap.num_layers
+    eye = torch.eye(h * d).expand(n, h * d, h * d).clone()
+    kv_loss = KVDistillLoss([(h, d)], (h, d), n, init=[(eye, eye.clone())], backend=backend)
+    model = DistillationModel(student, kv_loss, FixedRouter([1.0]))
+    batch = {"input_ids": ids, "attention_mask": mask, "positions": positions, "mask": mask.bool(),
+             "labels_mask": mask.bool(), "teacher_k": [torch.stack(cap.keys)], "teacher_v": [torch.stack(cap.values)]}
+    loss, logs = model(batch)
+    torch.testing.assert_close(logs["k_mse"], torch.zeros(n), rtol=0, atol=1e-10)
+    torch.testing.assert_close(logs["cos"], torch.ones(n), rtol=0, atol=1e-5)
+    assert float(loss.detach()) < 1e-5
