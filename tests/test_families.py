@@ -198,8 +198,8 @@ DISTILL_STUDENTS = {"tiny-smollm3": {}, "tiny-phi": {}, "tiny-gemma3": {"rope_pa
 def test_distillation_from_itself_is_lossless_whatever_the_rope(name, backend):
     """DistillationModel with the student as its own teacher (pre-RoPE keys, identity adapters): the fused loss
     rotates the teacher keys with the student's RoPE as capture found it — each layer's rotary dim (0 on NoPE
-    layers) and attention scaling — so the keys match exactly and k_mse vanishes on every layer; with one scaling or
-    rotary dim for all layers, as before, it would not."""
+    layers) and attention scaling — so the keys match exactly and k_mse vanishes on every layer. One scaling for
+    all layers (what distill passed before) fails the Gemma3 case."""
     from kvfuse.distill import DistillationModel
     from kvfuse.fuse.router import FixedRouter
     from kvfuse.loss import KVDistillLoss
