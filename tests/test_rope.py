@@ -1,4 +1,5 @@
-"""RoPE: rotate vs a float64 per-pair reference, exact inverse, broadcasting, re-phasing on real (tiny) models."""
+"""RoPE: rotate vs a float64 per-pair reference (full, partial rotary, NoPE), exact inverse, broadcasting,
+re-phasing on real (tiny) models."""
 import math
 
 import pytest
@@ -37,6 +38,31 @@ def test_rotate_matches_float64_reference(dim, scale):
     torch.testing.assert_close(rotate(x.double(), positions, inv_freq.double(), scale), ref, rtol=1e-12, atol=1e-12)
     # float32 keeps HF's float32 angles: large positions cost ~1e-4 in the angle, nothing more.
     torch.testing.assert_close(rotate(x, positions, inv_freq, scale), ref.float(), rtol=0, atol=5e-3 * scale)
+
+
+@pytest.mark.parametrize("dim,rotary_dim", [(16, 8), (16, 4), (12, 2), (16, 0)])
+def test_partial_rotary_and_nope(dim, rotary_dim):
+    """Only the first r dims turn, as pairs (i, i + r/2); the rest pass through and are not scaled; r = 0 is a
+    NoPE layer (identity). unrotate inverts it, and rephase works between different rotary dims."""
+    g = torch.Generator().manual_seed(dim + rotary_dim)
+    x = torch.randn(2, 3, 11, dim, generator=g, dtype=torch.float64)
+    positions = torch.randint(0, 2000, (2, 11), generator=g)
+    inv_freq = _inv_freq(rotary_dim, 10000.0).double() if rotary_dim else torch.zeros(0, dtype=torch.float64)
+    y = rotate(x, positions, inv_freq, 1.7, rotary_dim)
+    if rotary_dim:
+        ref = _reference_rotate(x[..., :rotary_dim], positions[:, None, :], inv_freq, 1.7)
+        torch.testing.assert_close(y[..., :rotary_dim], ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y[..., rotary_dim:], x[..., rotary_dim:], rtol=0, atol=0)
+    torch.testing.assert_close(unrotate(y, positions, inv_freq, 1.7, rotary_dim), x, rtol=1e-12, atol=1e-12)
+    full = _inv_freq(dim, 500.0).double()
+    moved = rephase(y, positions, (inv_freq, 1.7, rotary_dim), positions + 3, (full, 1.0, dim))
+    torch.testing.assert_close(moved, rotate(x, positions + 3, full), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        rotate(x, positions, _inv_freq(6, 10.0).double(), 1.0, 8)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        rotate(x, positions, inv_freq, 1.0, 3)
+    with pytest.raises(ValueError, match="partial-rotary"):
+        rotate(x, positions, _inv_freq(4, 10.0).double())
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
