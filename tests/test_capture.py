@@ -202,9 +202,9 @@ def test_real_packaged_models(alias, length):
 
 
 def test_captures_in_two_threads_and_the_helpers_put_back():
-    """Teacher and student of one family captured concurrently (the wrapped helpers are shared, the records are
-    per thread) give what serial captures give; afterwards, and after a forward that fails, the modeling module's
-    own helpers are back."""
+    """Two models of one family captured concurrently (the wrapped helpers are shared, the records are per thread),
+    each also by two threads at once (serialised per model: its layer forwards are patched per capture), give what
+    serial captures give; afterwards, and after a forward that fails, the modeling module's own helpers are back."""
     from concurrent.futures import ThreadPoolExecutor
 
     from transformers.models.qwen3 import modeling_qwen3

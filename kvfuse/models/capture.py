@@ -31,6 +31,7 @@ import contextlib
 import functools
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -193,6 +194,16 @@ class _AttentionDispatch:
 
     def __contains__(self, key):
         return key in self._real
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _model_lock(decoder: torch.nn.Module) -> threading.Lock:
+    """One capture of a model at a time: the layer forwards and rotary hooks a capture installs belong to the model
+    object, so a second thread capturing the same model would run the first one's."""
+    with _PATCH_LOCK:
+        return _MODEL_LOCKS.setdefault(decoder, threading.Lock())
 
 
 _PATCH_LOCK = threading.Lock()
@@ -431,21 +442,22 @@ class _Recorder:
     def forward(self, input_ids, attention_mask, position_ids, grad: bool):
         rotaries = [m for m in self.decoder.modules()
                     if any(name.endswith("inv_freq") for name, _ in m.named_buffers(recurse=False))]
-        handles = [m.register_forward_hook(self._rotary_hook, with_kwargs=True) for m in rotaries]
-        patched = []
-        try:
-            for i, layer in enumerate(self.layers):
-                layer.forward = (self._checkpointed if self.checkpoint and grad else self._plain)(i, layer)
-                patched.append(layer)     # an instance attribute over the class's forward, removed below
-            # held for the whole forward, so each layer's own hold only counts up and down
-            with torch.set_grad_enabled(grad), _wrapped_helpers(self.modules):
-                return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for layer in patched:
-                del layer.forward
+        with _model_lock(self.decoder):
+            handles, patched = [], []
+            try:
+                handles += [m.register_forward_hook(self._rotary_hook, with_kwargs=True) for m in rotaries]
+                for i, layer in enumerate(self.layers):
+                    layer.forward = (self._checkpointed if self.checkpoint and grad else self._plain)(i, layer)
+                    patched.append(layer)     # an instance attribute over the class's forward, removed below
+                # held for the whole forward, so each layer's own hold only counts up and down
+                with torch.set_grad_enabled(grad), _wrapped_helpers(self.modules):
+                    return self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for layer in patched:
+                    del layer.forward
 
     def result(self, batch: int, length: int, attention_mask, hidden) -> KVCapture:
         missing = [i for i, kv in enumerate(self.kv) if kv is None]
