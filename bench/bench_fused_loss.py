@@ -26,6 +26,8 @@ from bench.common import commit
 from kvfuse.loss import _torch_loss, _triton_loss, kv_distill_loss
 
 TEACHERS = [(4, 128), (8, 128)]
+# The same question with a third teacher (Mistral-7B-like KV: 8 x 128).
+TEACHERS_3 = [(4, 128), (8, 128), (8, 128)]
 STUDENT = (2, 128)
 LAYERS = 28
 TOKENS = [4096, 16384, 65536]
@@ -55,7 +57,7 @@ def make_inputs(tokens: int, dtype=torch.bfloat16, seed: int = 0, T: int = SEQ, 
     positions = torch.arange(T, device=dev).expand(B, T).contiguous()
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, D_s, 2, device=dev, dtype=torch.float32) / D_s))
     return dict(student_k=sk, student_v=sv, teacher_k=tk, teacher_v=tv, w_k=wk, w_v=wv, alpha=alpha, mask=mask,
-                positions=positions, inv_freq=inv_freq)
+                positions=positions, inv_freq=inv_freq, scaling=torch.ones(L, device=dev), rot=(D_s,) * L)
 
 
 def _params(x):
@@ -63,8 +65,13 @@ def _params(x):
 
 
 def _call(impl, x):
+    """The backend functions behind kv_distill_loss, without its validation (what a trainer's step runs)."""
     return impl(x["student_k"], x["student_v"], x["teacher_k"], x["teacher_v"], x["w_k"], x["w_v"], x["alpha"],
-                x["mask"], x["positions"], x["inv_freq"], 1.0, 1.0, 1.0, 0.1, None)
+                x["mask"], x["positions"], x["inv_freq"], x["scaling"], x["rot"], 1.0, 1.0, 0.1, None)
+
+
+def _api_args(x):
+    return {k: v for k, v in x.items() if k not in ("scaling", "rot")}
 
 
 def minimal_bytes_flops(x, mode: str) -> tuple[int, int]:
@@ -106,7 +113,8 @@ def check(tokens: int, log) -> float:
     """Triton vs the torch reference on fresh bf16 inputs at a bench shape; returns the worst relative error."""
     x = make_inputs(tokens, seed=1234 + tokens)
     ref32 = {k: ([t.detach().float().requires_grad_(t.requires_grad) for t in v] if isinstance(v, list)
-                 else (v.detach().float().requires_grad_(v.requires_grad) if v.is_floating_point() else v))
+                 else (v.detach().float().requires_grad_(v.requires_grad)
+                       if isinstance(v, torch.Tensor) and v.is_floating_point() else v))
              for k, v in x.items()}
     out = {}
     for name, impl, inp in (("torch-fp32", _torch_loss, ref32), ("triton", _triton_loss, x)):
@@ -126,24 +134,27 @@ def check(tokens: int, log) -> float:
 
 
 def check_small_fp32(log) -> float:
-    """Odd shapes in fp32 on the GPU ('ieee' products): the 1e-4 contract."""
-    torch.manual_seed(7)
-    heads = [(3, 8), (1, 32), (2, 16)]
-    x = make_inputs(2 * 37, dtype=torch.float32, seed=7, T=37, teachers=heads, student=(2, 16), L=2)
-    x["mask"][0, :5] = False
-    losses, grads = [], []
-    for impl in (_torch_loss, _triton_loss):
-        loss = _call(impl, x)[0]
-        losses.append(loss.detach())
-        grads.append(torch.autograd.grad(loss, _params(x)))
-    worst = max([rel(losses[1], losses[0])] + [rel(b, a) for a, b in zip(*grads)])
-    log(f"check fp32 odd shapes: worst rel err {worst:.2e}")
+    """Odd shapes in fp32 on the GPU ('ieee' products): the 1e-4 contract, through the TMA paths (aligned heads)
+    and the pointer paths (a 6-dim teacher head: 24-byte rows, no TMA; D_s = 16: padded pairs)."""
+    worst = 0.0
+    for seed, heads, student in ((7, [(3, 8), (1, 32), (2, 16)], (2, 16)), (8, [(2, 6), (1, 32)], (2, 32))):
+        torch.manual_seed(seed)
+        x = make_inputs(2 * 37, dtype=torch.float32, seed=seed, T=37, teachers=heads, student=student, L=2)
+        x["mask"][0, :5] = False
+        losses, grads = [], []
+        for impl in (_torch_loss, _triton_loss):
+            loss = _call(impl, x)[0]
+            losses.append(loss.detach())
+            grads.append(torch.autograd.grad(loss, _params(x)))
+        err = max([rel(losses[1], losses[0])] + [rel(b, a) for a, b in zip(*grads)])
+        log(f"check fp32 odd shapes {heads} -> {student}: worst rel err {err:.2e}")
+        worst = max(worst, err)
     return worst
 
 
-def bench_one(variant: str, tokens: int, bw: float, peak: float):
+def bench_one(variant: str, tokens: int, bw: float, peak: float, teachers=TEACHERS):
     from triton.testing import do_bench
-    x = make_inputs(tokens)
+    x = make_inputs(tokens, teachers=teachers)
     impl = {"eager": _torch_loss, "compile": COMPILED, "triton": _triton_loss}[variant]
     params = _params(x)
 
@@ -168,11 +179,12 @@ def bench_one(variant: str, tokens: int, bw: float, peak: float):
         t_full = do_bench(full, return_mode="median")
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return [dict(variant=variant, tokens=tokens, mode=m, ms="oom") for m in ("fwd", "bwd", "full")]
+        return [dict(variant=variant, tokens=tokens, teachers=len(teachers), mode=m, ms="oom")
+                for m in ("fwd", "bwd", "full")]
     for mode, ms in (("fwd", t_fwd), ("bwd", t_full - t_fwd), ("full", t_full)):
         nbytes, flops = minimal_bytes_flops(x, mode)
         floor = max(nbytes / bw, flops / peak) * 1e3
-        rows.append(dict(variant=variant, tokens=tokens, mode=mode, ms=round(ms, 4),
+        rows.append(dict(variant=variant, tokens=tokens, teachers=len(teachers), mode=mode, ms=round(ms, 4),
                          peak_extra_mib=round(extra / 2 ** 20, 1), min_bytes=nbytes, gflop=round(flops / 1e9, 1),
                          achieved_tbps=round(nbytes / (ms * 1e-3) / 1e12, 3),
                          achieved_tflops=round(flops / (ms * 1e-3) / 1e12, 1), floor_ms=round(floor, 4),
@@ -185,7 +197,7 @@ def bench_one(variant: str, tokens: int, bw: float, peak: float):
 COMPILED = None
 
 
-def run(out_dir: Path, tokens_list, variants) -> None:
+def run(out_dir: Path, tokens_list, variants, three_teacher_tokens) -> None:
     global COMPILED
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()
@@ -208,8 +220,9 @@ def run(out_dir: Path, tokens_list, variants) -> None:
     # The public entry (validation + finite check) once at a bench shape, so its cost is visible too.
     x = make_inputs(16384)
     from triton.testing import do_bench
-    t_api = do_bench(lambda: kv_distill_loss(**x, backend="triton", check_finite=True)[0], return_mode="median")
-    t_api_nocheck = do_bench(lambda: kv_distill_loss(**x, backend="triton", check_finite=False)[0],
+    api = _api_args(x)
+    t_api = do_bench(lambda: kv_distill_loss(**api, backend="triton", check_finite=True)[0], return_mode="median")
+    t_api_nocheck = do_bench(lambda: kv_distill_loss(**api, backend="triton", check_finite=False)[0],
                              return_mode="median")
     log(f"kv_distill_loss fwd 16k (validation + finite check): {t_api:.3f} ms; check_finite=False: "
         f"{t_api_nocheck:.3f} ms")
@@ -219,20 +232,20 @@ def run(out_dir: Path, tokens_list, variants) -> None:
     log(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     COMPILED = torch.compile(_torch_loss, dynamic=False)
     rows = []
-    for tokens in tokens_list:
+    cases = [(t, TEACHERS) for t in tokens_list] + [(t, TEACHERS_3) for t in three_teacher_tokens]
+    for tokens, teachers in cases:
         for variant in variants:
-            r = bench_one(variant, tokens, bw, peak)
+            r = bench_one(variant, tokens, bw, peak, teachers)
             rows += r
             for row in r:
                 log("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    from kvfuse.loss import _kernels
-    ops = _kernels()
+    import kvfuse.kernels.fused_kv_loss as ops
     for name, tuner in (("fwd", ops._fwd_tuned), ("dw", ops._dw_tuned)):
         for key, cfg in tuner.cache.items():
             log(f"autotuned {name} {key[:6]}: {cfg}")
     sha = commit()
     path = out_dir / f"fused_loss_{tag}.csv"
-    fields = ["device", "commit", "dtype", "variant", "tokens", "mode", "ms", "peak_extra_mib", "min_bytes",
+    fields = ["device", "commit", "dtype", "variant", "tokens", "teachers", "mode", "ms", "peak_extra_mib", "min_bytes",
               "gflop", "achieved_tbps", "achieved_tflops", "floor_ms", "pct_roofline", "copy_tbps", "mm_tflops"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -240,17 +253,18 @@ def run(out_dir: Path, tokens_list, variants) -> None:
         for row in rows:
             w.writerow(dict(device=dev, commit=sha, dtype="bf16", copy_tbps=round(bw / 1e12, 3),
                             mm_tflops=round(peak / 1e12, 1), **row))
-    log("\nshape(tokens) mode  eager_ms compile_ms triton_ms  x_eager x_compile  %roof  peakMiB(eager/compile/triton)")
-    by = {(r["variant"], r["tokens"], r["mode"]): r for r in rows}
-    for tokens in tokens_list:
+    log("\nteachers tokens mode  eager_ms compile_ms triton_ms  x_eager x_compile  %roof  "
+        "peakMiB(eager/compile/triton)")
+    by = {(r["variant"], r["tokens"], r["teachers"], r["mode"]): r for r in rows}
+    for tokens, teachers in cases:
         for mode in ("fwd", "bwd", "full"):
-            e, c, t = (by.get((v, tokens, mode), {}) for v in ("eager", "compile", "triton"))
+            e, c, t = (by.get((v, tokens, len(teachers), mode), {}) for v in ("eager", "compile", "triton"))
             ms = [r.get("ms", "-") for r in (e, c, t)]
             num = lambda v: isinstance(v, float)  # noqa: E731
             xe = f"{ms[0] / ms[2]:.2f}" if num(ms[0]) and num(ms[2]) else "-"
             xc = f"{ms[1] / ms[2]:.2f}" if num(ms[1]) and num(ms[2]) else "-"
             mem = "/".join(str(r.get("peak_extra_mib", "-")) for r in (e, c, t))
-            log(f"{tokens:>6} {mode:>5} {ms[0]!s:>9} {ms[1]!s:>10} {ms[2]!s:>9} {xe:>8} {xc:>9} "
+            log(f"{len(teachers):>8} {tokens:>6} {mode:>5} {ms[0]!s:>9} {ms[1]!s:>10} {ms[2]!s:>9} {xe:>8} {xc:>9} "
                 f"{t.get('pct_roofline', '-')!s:>6}  {mem}")
     logf.close()
 
@@ -259,7 +273,7 @@ def plot(csv_path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in csv.DictReader(open(csv_path)) if r["ms"] != "oom"]
+    rows = [r for r in csv.DictReader(open(csv_path)) if r["ms"] != "oom" and r.get("teachers", "2") == "2"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, mode in zip(axes, ("fwd", "bwd", "full")):
         for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^")):
@@ -288,6 +302,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    p.add_argument("--tokens3", type=int, nargs="*", default=TOKENS,
+                   help="token counts for the three-teacher case (none: skip it)")
     p.add_argument("--variants", nargs="+", default=["eager", "compile", "triton"],
                    choices=["eager", "compile", "triton"])
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
@@ -297,7 +313,7 @@ def main(argv=None) -> int:
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench_fused_loss needs a CUDA GPU (run it through the device tool)")
-    run(args.out, args.tokens, args.variants)
+    run(args.out, args.tokens, args.variants, args.tokens3)
     return 0
 
 

@@ -24,11 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from kvfuse.kernels.fused_kv_loss_op import pair_width
+from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_TEACHERS = 8
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -208,11 +207,16 @@ class StudentRope:
         sign = torch.where(first, -one, one)[:, None, None, None, :]
         self.cos = ang.cos() * s
         self.sin = ang.sin() * s * sign
+        self.full = all(r == D for r in rot)
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         """y [L, B, H, T, D] -> rotated, same shape."""
-        idx = self.partner[:, None, None, None, :].expand(y.shape)
-        return y * self.cos + torch.gather(y, -1, idx) * self.sin
+        if self.full:  # every layer rotates the whole head: the partners are the other half
+            half = y.shape[-1] // 2
+            partner = torch.cat((y[..., half:], y[..., :half]), dim=-1)
+        else:
+            partner = torch.gather(y, -1, self.partner[:, None, None, None, :].expand(y.shape))
+        return y * self.cos + partner * self.sin
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,7 @@ CASES = [
     (4, [(3, 8), (1, 32), (2, 16), (4, 4)], dict(alpha_per_layer=True, T=21)),
     (5, [(1, 24), (2, 16)], dict(H_s=3, D_s=12, T=19)),  # D_s/2 = 6: padded halves, odd H_s
     (6, [(1, 8), (2, 4), (1, 16), (3, 4), (1, 4), (2, 8), (1, 12), (4, 2)], dict(T=9, L=1, alpha_per_layer=True)),
+    (7, [(2, 16), (1, 32)], dict(D_s=32, T=19)),  # D_s/2 = 16 = PH: S, ∂L/∂S and G as TMA boxes too
 ]
 
 
@@ -348,3 +349,35 @@ def test_both_backends_give_gradients_to_the_same_inputs(monkeypatch):
     assert got["torch"] == got["triton"]
     assert got["torch"][:4] == [True] * 4 and got["torch"][4] is False  # scaling: a constant of the model
     assert not any(got["torch"][-2:])                                     # teachers: never
+
+
+class _LaunchSpy:
+    """Wraps a @triton.jit kernel: records the keyword arguments of each launch, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("teacher_dim,student_dim,tma,epi", [(16, 32, True, True), (16, 16, True, False),
+                                                            (6, 32, False, False)])
+def test_each_load_path_is_taken_and_exact(teacher_dim, student_dim, tma, epi, monkeypatch):
+    """TMA descriptors for the K-loop when every teacher/adapter row is 16-byte aligned, for S/∂S/G too when the
+    pairs are the standard halves and D_s/2 is a power of two, plain pointers otherwise: each path equals the
+    reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import kvfuse.kernels.fused_kv_loss as k
+    fwd, dw = _LaunchSpy(k._fused_kv_fwd_kernel), _LaunchSpy(k._fused_kv_dw_kernel)
+    monkeypatch.setattr(k, "_fused_kv_fwd_kernel", fwd)
+    monkeypatch.setattr(k, "_fused_kv_dw_kernel", dw)
+    heads = [(2, teacher_dim)]
+    args, leaves = make_case(100 + teacher_dim + student_dim, heads, D_s=student_dim, T=19)
+    got = run(args, leaves, "triton")
+    assert {(c["USE_DESC"], c["EPI_DESC"]) for c in fwd.launches} == {(tma, epi)}
+    assert {c["USE_DESC"] for c in dw.launches} == {tma}
+    assert_close(got, run(args, leaves, "torch"), 1e-4, len(heads))

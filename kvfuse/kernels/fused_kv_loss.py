@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfuse.kernels.fused_kv_loss_op import pair_width
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
 from kvfuse.kernels.utils import autotune_configs, dot_dtype, interpreting
 
 
@@ -85,31 +87,40 @@ def _pair_dims(l, j, rot_ptr, invf_ptr, stride_il, scaling_ptr, D_S: tl.constexp
 
 
 @triton.jit
-def _project_teacher(p1, p2, x_ptr, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, l, b, t, t_ok, col,
+def _project_teacher(p1, p2, x, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t0, t, t_ok, col0, col,
                      HALF_COLS: tl.constexpr, H_I: tl.constexpr, D_I: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
-    # K-loop over one teacher's features in chunks that never cross a head: the X tile is a plain [BLOCK_T, BLOCK_K]
-    # box of one head's [T, D_i] block, contiguous along d (no per-element head/dim arithmetic, no mask along the
-    # contiguous axis when BLOCK_K divides D_i, so loads stay 16-byte vectors); the W tiles are two row blocks of
-    # the pair-layout adapter, contiguous along the columns.
+                     IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                     CB: tl.constexpr):
+    # K-loop over one teacher's features in chunks that never cross a head: the X tile is a box of one head's
+    # [T, D_i] block, the W tiles two row blocks of the pair-layout adapter. With USE_DESC, x and w are TMA tensor
+    # descriptors ([L, B, H_i, T, D_i] and [L, F_i, C']): no per-element addresses in registers, out-of-range rows
+    # and dims arrive as zeros. Otherwise plain pointers (any alignment), unmasked along the contiguous axis when
+    # BLOCK_K divides D_i so loads stay 16-byte vectors.
     CHUNKS: tl.constexpr = (D_I + BLOCK_K - 1) // BLOCK_K
     k = tl.arange(0, BLOCK_K)
-    x_base = x_ptr + l * sx0 + b * sx1 + t[:, None] * sx3
-    w_base = w_ptr + l * sw0 + col[None, :]
+    if not USE_DESC:
+        x_base = x + l * sx0 + b * sx1 + t[:, None] * sx3
+        w_base = w + l * sw0 + col[None, :]
     for kk in range(0, H_I * CHUNKS):
         hi = kk // CHUNKS
-        d = (kk % CHUNKS) * BLOCK_K + k
-        x_tile = x_base + hi * sx2 + d[None, :]
-        w_rows = w_base + (hi * D_I + d)[:, None] * sw1
-        if D_I % BLOCK_K == 0:
-            xt = tl.load(x_tile, mask=t_ok[:, None], other=0.0)
-            w1 = tl.load(w_rows)
-            w2 = tl.load(w_rows + HALF_COLS)
+        d0 = (kk % CHUNKS) * BLOCK_K
+        if USE_DESC:
+            xt = x.load([l, b, hi, t0, d0]).reshape(BLOCK_T, BLOCK_K)
+            w1 = w.load([l, hi * D_I + d0, col0]).reshape(BLOCK_K, CB)
+            w2 = w.load([l, hi * D_I + d0, HALF_COLS + col0]).reshape(BLOCK_K, CB)
         else:
-            d_ok = d < D_I
-            xt = tl.load(x_tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            w1 = tl.load(w_rows, mask=d_ok[:, None], other=0.0)
-            w2 = tl.load(w_rows + HALF_COLS, mask=d_ok[:, None], other=0.0)
+            d = d0 + k
+            x_tile = x_base + hi * sx2 + d[None, :]
+            w_rows = w_base + (hi * D_I + d)[:, None] * sw1
+            if D_I % BLOCK_K == 0:
+                xt = tl.load(x_tile, mask=t_ok[:, None], other=0.0)
+                w1 = tl.load(w_rows)
+                w2 = tl.load(w_rows + HALF_COLS)
+            else:
+                d_ok = d < D_I
+                xt = tl.load(x_tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                w1 = tl.load(w_rows, mask=d_ok[:, None], other=0.0)
+                w2 = tl.load(w_rows + HALF_COLS, mask=d_ok[:, None], other=0.0)
         xt = xt.to(DOT_DTYPE)
         w1 = w1.to(DOT_DTYPE)
         w2 = w2.to(DOT_DTYPE)
@@ -123,21 +134,46 @@ def _project_teacher(p1, p2, x_ptr, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, l, b, t
 
 
 @triton.jit
+def _teacher(i: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7):
+    # Teachers travel as eight separate arguments rather than a tuple: triton 3.6's launcher cannot expand TMA
+    # descriptors nested in tuples. i is a compile-time index, so this selection costs nothing.
+    if i == 0:
+        return x0, w0
+    elif i == 1:
+        return x1, w1
+    elif i == 2:
+        return x2, w2
+    elif i == 3:
+        return x3, w3
+    elif i == 4:
+        return x4, w4
+    elif i == 5:
+        return x5, w5
+    elif i == 6:
+        return x6, w6
+    else:
+        return x7, w7
+
+
+@triton.jit
 def _fused_kv_fwd_kernel(
-    xs, x_strides, ws, w_strides,
+    x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7, x_strides, w_strides,
     HEADS: tl.constexpr, DIMS: tl.constexpr, N: tl.constexpr,
     alpha_ptr, stride_ab, stride_al, stride_an,
-    s_ptr, ss0, ss1, ss2, ss3,
+    s, ss0, ss1, ss2, ss3,
     mask_ptr, pos_ptr, rot_ptr, invf_ptr, stride_il, scaling_ptr,
     coef_mse_ptr, coef_cos_ptr,
-    sq_ptr, cos_ptr, g_ptr, ds_ptr,
+    sq_ptr, cos_ptr, g, ds,
     B, T, n_t_slots, n_h_slots,
     H_S: tl.constexpr, D_S: tl.constexpr, PH: tl.constexpr, ROT: tl.constexpr,
     IS_KEY: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    USE_DESC: tl.constexpr, EPI_DESC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HPP: tl.constexpr,
 ):
     # One program: token tile × HPP student heads × (layer l, batch row b). Consecutive programs share (l, b),
-    # so a layer's adapters stay in L2 while its token tiles stream through.
+    # so a layer's adapters stay in L2 while its token tiles stream through. With EPI_DESC (standard pairs, one
+    # head per program) S, ∂L/∂S and G move as TMA boxes too, so no [tile × columns] address tensor ever lives in
+    # registers; otherwise s, g, ds are pointers (any pairing, any alignment).
     #   forward   p     = Σ_i α_i X_i W_i[:, cols]                      (fp32 accumulation, α on the accumulator)
     #             k     = R p:  k1 = s(p1 cos − p2 sin), k2 = s(p2 cos + p1 sin)
     #             sq    = Σ (S − k)²,   cs = <S, k> / max(|S||k|, 1e-8)   per (token, head)
@@ -148,8 +184,10 @@ def _fused_kv_fwd_kernel(
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_lb = tl.program_id(2)
-    l = (pid_lb // B).to(tl.int64)
-    b = (pid_lb % B).to(tl.int64)
+    l32 = pid_lb // B
+    b32 = pid_lb % B
+    l = l32.to(tl.int64)
+    b = b32.to(tl.int64)
     CB: tl.constexpr = HPP * PH
     HALF_COLS: tl.constexpr = H_S * PH
 
@@ -171,9 +209,11 @@ def _fused_kv_fwd_kernel(
             p1 = p1 * r
             p2 = p2 * r
             sx = x_strides[i]
-            p1, p2 = _project_teacher(p1, p2, xs[i], sx[0], sx[1], sx[2], sx[3], ws[i], w_strides[i][0],
-                                      w_strides[i][1], l, b, t, t_ok, col, HALF_COLS, HEADS[i], DIMS[i],
-                                      DOT_DTYPE, IEEE, BLOCK_K)
+            x_i, w_i = _teacher(i, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7)
+            p1, p2 = _project_teacher(p1, p2, x_i, sx[0], sx[1], sx[2], sx[3], w_i, w_strides[i][0],
+                                      w_strides[i][1], l32 if USE_DESC else l, b32 if USE_DESC else b,
+                                      pid_t * BLOCK_T, t, t_ok, pid_h * CB, col, HALF_COLS, HEADS[i], DIMS[i],
+                                      DOT_DTYPE, IEEE, USE_DESC, BLOCK_T, BLOCK_K, CB)
             a_prev = a_i
     p1 = p1 * a_prev
     p2 = p2 * a_prev
@@ -190,15 +230,19 @@ def _fused_kv_fwd_kernel(
         k1 = p1
         k2 = p2
 
+    HALF_D: tl.constexpr = D_S // 2
     tc_ok = t_ok[:, None] & (d1 >= 0)[None, :]
-    s_base = s_ptr + l * ss0 + b * ss1 + h[None, :] * ss2 + t[:, None] * ss3
-    s1 = tl.load(s_base + d1[None, :], mask=tc_ok, other=0.0).to(tl.float32)
-    s2 = tl.load(s_base + d2[None, :], mask=tc_ok, other=0.0).to(tl.float32)
+    if EPI_DESC:
+        # Standard pairs, one head per program: the two halves of the head are two boxes of S (and of ∂L/∂S).
+        s1 = s.load([l32, b32, pid_h, pid_t * BLOCK_T, 0]).reshape(BLOCK_T, CB).to(tl.float32)
+        s2 = s.load([l32, b32, pid_h, pid_t * BLOCK_T, HALF_D]).reshape(BLOCK_T, CB).to(tl.float32)
+    else:
+        s_base = s + l * ss0 + b * ss1 + h[None, :] * ss2 + t[:, None] * ss3
+        s1 = tl.load(s_base + d1[None, :], mask=tc_ok, other=0.0).to(tl.float32)
+        s2 = tl.load(s_base + d2[None, :], mask=tc_ok, other=0.0).to(tl.float32)
     m = tl.load(mask_ptr + b * T + t, mask=t_ok, other=0.0)
 
-    e1 = s1 - k1
-    e2 = s2 - k2
-    sq = tl.sum(tl.sum(e1 * e1 + e2 * e2, axis=1) * m, axis=0)
+    sq = tl.sum(tl.sum((s1 - k1) * (s1 - k1) + (s2 - k2) * (s2 - k2), axis=1) * m, axis=0)
     sk = _per_head(s1 * k1 + s2 * k2, BLOCK_T, HPP, PH)
     ss = _per_head(s1 * s1 + s2 * s2, BLOCK_T, HPP, PH)
     kk = _per_head(k1 * k1 + k2 * k2, BLOCK_T, HPP, PH)
@@ -211,39 +255,55 @@ def _fused_kv_fwd_kernel(
     tl.store(cos_ptr + out, tl.sum(tl.sum(cs, axis=1) * m, axis=0))
 
     if COMPUTE_GRAD:
+        # Both gradients are per-(token, head) combinations of S and k, so no difference tensor stays live:
+        #   ∂L/∂k = m((cm + cc·cs/|k|²) k − (cm + cc/den) S),   ∂L/∂S = m((cm + cc·cs/|S|²) S − (cm + cc/den) k)
+        # (where den was clamped the reference's clamp passes no gradient through |S||k|: the cs/|·|² terms drop).
         cm = tl.load(coef_mse_ptr + l)
         cc = tl.load(coef_cos_ptr + l)
-        inv_den = _to_columns(1.0 / den, BLOCK_T, HPP, PH)
-        # Where den was clamped the reference's clamp passes no gradient through |S||k|.
-        ck = _to_columns(tl.where(big, cs / tl.where(big, kk, 1.0), 0.0), BLOCK_T, HPP, PH)
-        cS = _to_columns(tl.where(big, cs / tl.where(big, ss, 1.0), 0.0), BLOCK_T, HPP, PH)
-        mm = m[:, None]
-        g1 = mm * (-cm * e1 - cc * (s1 * inv_den - ck * k1))
-        g2 = mm * (-cm * e2 - cc * (s2 * inv_den - ck * k2))
-        f1 = mm * (cm * e1 - cc * (k1 * inv_den - cS * s1))
-        f2 = mm * (cm * e2 - cc * (k2 * inv_den - cS * s2))
+        mh = m[:, None]
+        both = _to_columns(mh * (cm + cc / den), BLOCK_T, HPP, PH)
+        on_k = _to_columns(mh * (cm + cc * tl.where(big, cs / tl.where(big, kk, 1.0), 0.0)), BLOCK_T, HPP, PH)
+        on_s = _to_columns(mh * (cm + cc * tl.where(big, cs / tl.where(big, ss, 1.0), 0.0)), BLOCK_T, HPP, PH)
+        if EPI_DESC:
+            ds_ty: tl.constexpr = ds.dtype
+            g_ty: tl.constexpr = g.dtype
+        else:
+            ds_ty: tl.constexpr = ds.dtype.element_ty
+            g_ty: tl.constexpr = g.dtype.element_ty
+        f1 = (on_s * s1 - both * k1).to(ds_ty)
+        f2 = (on_s * s2 - both * k2).to(ds_ty)
+        g1 = on_k * k1 - both * s1
+        g2 = on_k * k2 - both * s2
         if IS_KEY:
             r1 = g1 * cos_a + g2 * sin_a
             r2 = g2 * cos_a - g1 * sin_a
         else:
             r1 = g1
             r2 = g2
-        g_rows = g_ptr + ((l * B + b) * T + t[:, None]) * (2 * HALF_COLS) + col[None, :]
-        tl.store(g_rows, r1.to(g_ptr.dtype.element_ty), mask=t_ok[:, None])
-        tl.store(g_rows + HALF_COLS, r2.to(g_ptr.dtype.element_ty), mask=t_ok[:, None])
-        ds_base = ds_ptr + (((l * B + b) * H_S + h[None, :]) * T + t[:, None]) * D_S
-        tl.store(ds_base + d1[None, :], f1.to(ds_ptr.dtype.element_ty), mask=tc_ok)
-        tl.store(ds_base + d2[None, :], f2.to(ds_ptr.dtype.element_ty), mask=tc_ok)
+        r1 = r1.to(g_ty)
+        r2 = r2.to(g_ty)
+        if EPI_DESC:
+            ds.store([l32, b32, pid_h, pid_t * BLOCK_T, 0], f1.reshape(1, 1, 1, BLOCK_T, CB))
+            ds.store([l32, b32, pid_h, pid_t * BLOCK_T, HALF_D], f2.reshape(1, 1, 1, BLOCK_T, CB))
+            g.store([l32, b32, pid_t * BLOCK_T, pid_h * CB], r1.reshape(1, 1, BLOCK_T, CB))
+            g.store([l32, b32, pid_t * BLOCK_T, HALF_COLS + pid_h * CB], r2.reshape(1, 1, BLOCK_T, CB))
+        else:
+            g_rows = g + ((l * B + b) * T + t[:, None]) * (2 * HALF_COLS) + col[None, :]
+            tl.store(g_rows, r1, mask=t_ok[:, None])
+            tl.store(g_rows + HALF_COLS, r2, mask=t_ok[:, None])
+            ds_base = ds + (((l * B + b) * H_S + h[None, :]) * T + t[:, None]) * D_S
+            tl.store(ds_base + d1[None, :], f1, mask=tc_ok)
+            tl.store(ds_base + d2[None, :], f2, mask=tc_ok)
 
 
 @triton.jit
 def _fused_kv_dw_kernel(
-    x_ptr, sx0, sx1, sx2, sx3,
+    x, sx0, sx1, sx2, sx3,
     w_ptr, sw0, sw1,
-    g_ptr, alpha_ptr, stride_ab, stride_al, gout_ptr,
+    g, alpha_ptr, stride_ab, stride_al, gout_ptr,
     dw_ptr, dalpha_ptr,
     B, T, N_FBLK, N_CBLK,
-    D_I: tl.constexpr, C2: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    D_I: tl.constexpr, C2: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program: adapter tile W_i[l][f-block, c-block] (pair layout), the f-block inside one teacher head so the
@@ -251,48 +311,55 @@ def _fused_kv_dw_kernel(
     #   M(b)    = Σ_t X_i(b, t)[f]ᵀ G(b, t)[c]            (fp32 accumulation over the T axis)
     #   ∂α_i(b) += g Σ_{f,c} W[f, c] M(b)[f, c]           (partial over this tile; summed by the launcher)
     #   ∂W[f, c] = g Σ_b α_i(b) M(b)[f, c]
-    # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing.
+    # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing; with
+    # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
-    l = tl.program_id(2).to(tl.int64)
+    l32 = tl.program_id(2)
+    l = l32.to(tl.int64)
     CHUNKS: tl.constexpr = (D_I + BLOCK_F - 1) // BLOCK_F
     hi = pid_f // CHUNKS
-    d = (pid_f % CHUNKS) * BLOCK_F + tl.arange(0, BLOCK_F)
+    d0 = (pid_f % CHUNKS) * BLOCK_F
+    d = d0 + tl.arange(0, BLOCK_F)
     f = hi * D_I + d
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     d_ok = d < D_I
     c_ok = c < C2
     fc_ok = d_ok[:, None] & c_ok[None, :]
     g_out = tl.load(gout_ptr).to(tl.float32)
-    w_tile = w_ptr + l * sw0 + f[:, None] * sw1 + c[None, :]
+    w_off = l * sw0 + f[:, None] * sw1 + c[None, :]
 
     dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
     for bb in range(0, B):
         mb = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
-        x_base = x_ptr + l * sx0 + bb * sx1 + hi * sx2 + d[:, None]
-        g_base = g_ptr + (l * B + bb) * T * C2 + c[None, :]
+        if not USE_DESC:
+            x_base = x + l * sx0 + bb * sx1 + hi * sx2 + d[:, None]
+            g_base = g + (l * B + bb) * T * C2 + c[None, :]
         for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < T
-            if D_I % BLOCK_F == 0:
-                xt = tl.load(x_base + t[None, :] * sx3, mask=t_ok[None, :], other=0.0)
+            if USE_DESC:
+                xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
+                gt = g.load([l32, bb, t0, pid_c * BLOCK_C]).reshape(BLOCK_T, BLOCK_C)
             else:
-                xt = tl.load(x_base + t[None, :] * sx3, mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-            if C2 % BLOCK_C == 0:
-                gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None], other=0.0)
-            else:
-                gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+                t = t0 + tl.arange(0, BLOCK_T)
+                t_ok = t < T
+                if D_I % BLOCK_F == 0:
+                    xt = tl.load(x_base + t[None, :] * sx3, mask=t_ok[None, :], other=0.0)
+                else:
+                    xt = tl.load(x_base + t[None, :] * sx3, mask=d_ok[:, None] & t_ok[None, :], other=0.0)
+                if C2 % BLOCK_C == 0:
+                    gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None], other=0.0)
+                else:
+                    gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
             if IEEE:
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb, input_precision="ieee")
             else:
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
-        w = tl.load(w_tile, mask=fc_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
         tl.store(dalpha_ptr + ((l * B + bb) * N_FBLK + pid_f) * N_CBLK + pid_c, part)
         dw += a * mb
-    tl.store(dw_ptr + l * sw0 + f[:, None] * sw1 + c[None, :], (dw * g_out).to(dw_ptr.dtype.element_ty),
-             mask=fc_ok)
+    tl.store(dw_ptr + w_off, (dw * g_out).to(dw_ptr.dtype.element_ty), mask=fc_ok)
 
 
 # Autotuning: a few tile shapes on the GPU, one small config under the interpreter (where every config would run
@@ -302,25 +369,63 @@ def _fused_kv_dw_kernel(
 def _zero_fwd_partials(nargs):
     nargs["sq_ptr"].zero_()
     nargs["cos_ptr"].zero_()
+    _fit_descriptors(nargs, nargs["BLOCK_T"], nargs["BLOCK_K"], nargs["HPP"] * nargs["PH"])
+
+
+def _fit_descriptors(args: dict, block_t: int, block_k: int, cb: int) -> None:
+    """Give the TMA descriptors (where the launch uses them) the boxes of the config about to run."""
+    for i in range(MAX_TEACHERS):
+        if isinstance(args[f"x{i}"], TensorDescriptor):
+            args[f"x{i}"].block_shape = [1, 1, 1, block_t, block_k]
+            args[f"w{i}"].block_shape = [1, block_k, cb]
+    for name, box in (("s", [1, 1, 1, block_t, cb]), ("ds", [1, 1, 1, block_t, cb]), ("g", [1, 1, block_t, cb])):
+        if isinstance(args[name], TensorDescriptor):
+            args[name].block_shape = box
+
+
+def _tma_ready(x: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base, 16-byte aligned strides and a unit last stride (triton checks the same)."""
+    size = x.element_size()
+    return (x.is_cuda or interpreting()) and x.stride(-1) == 1 and x.data_ptr() % 16 == 0 \
+        and all(st * size % 16 == 0 for st in x.stride()[:-1]) and x.dim() <= 5
 
 
 def _zero_dw_partials(nargs):
     nargs["dalpha_ptr"].zero_()
+    _fit_dw_descriptors(nargs, nargs["BLOCK_F"], nargs["BLOCK_C"], nargs["BLOCK_T"])
 
 
+def _fit_dw_descriptors(args: dict, block_f: int, block_c: int, block_t: int) -> None:
+    if isinstance(args["x"], TensorDescriptor):
+        args["x"].block_shape = [1, 1, 1, block_t, block_f]
+        args["g"].block_shape = [1, 1, block_t, block_c]
+
+
+# Tile lists read off the sm_90a register report (ptxas via triton's compiler, no GPU): with TMA descriptors a
+# 128-token tile over one 128-dim head fits 8 warps (value pass 219 registers, no spill; key pass a 48-byte
+# spill); 256-token tiles and two heads per program spill kilobytes. The weight-gradient tiles keep two fp32
+# accumulators (M(b) and ∂W), so 128 × 128 over 8 warps is the largest that does not spill.
 _FWD_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 8, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 8, 4),
     ({"BLOCK_T": 128, "BLOCK_K": 32, "HPP": 1}, 8, 4),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1}, 4, 3),
-    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 2}, 8, 3),
+    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1}, 8, 3),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2}, 4, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 16, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 16, 4),
+    ({"BLOCK_T": 128, "BLOCK_K": 128, "HPP": 1}, 8, 3),
+    ({"BLOCK_T": 64, "BLOCK_K": 128, "HPP": 1}, 4, 3),
 ], _zero_fwd_partials)
 _DW_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 3),
+    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 128}, 8, 2),
     ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
-    ({"BLOCK_F": 128, "BLOCK_C": 256, "BLOCK_T": 32}, 8, 3),
     ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 3),
-    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 128}, 4, 4),
+    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 4, 4),
+    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 4),
+    ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 4),
+    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 128}, 4, 3),
 ], _zero_dw_partials)
 # Under the interpreter one config runs; tests may change these.
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
@@ -334,7 +439,8 @@ def _prune_fwd(configs, nargs, **kwargs):
     # HPP heads per program must divide H_s (no masked heads) and keep the tile within 128 pair columns.
     meta = {**nargs, **kwargs}
     keep = [c for c in configs
-            if meta["H_S"] % c.kwargs["HPP"] == 0 and c.kwargs["HPP"] * meta["PH"] <= max(128, meta["PH"])]
+            if meta["H_S"] % c.kwargs["HPP"] == 0 and c.kwargs["HPP"] * meta["PH"] <= max(128, meta["PH"])
+            and not (meta["EPI_DESC"] and c.kwargs["HPP"] != 1)]
     return keep or [triton.Config({**configs[0].kwargs, "HPP": 1}, num_warps=configs[0].num_warps,
                                   num_stages=configs[0].num_stages, pre_hook=_zero_fwd_partials)]
 
@@ -342,9 +448,9 @@ def _prune_fwd(configs, nargs, **kwargs):
 # T is not part of the key: in training every batch has another length, and re-tuning each one cost seconds per
 # step; the best tile barely moves with T.
 _fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["H_S", "D_S", "PH", "ROT", "N", "HEADS", "DIMS", "IS_KEY",
-                                                    "COMPUTE_GRAD", "DOT_DTYPE"],
+                                                    "COMPUTE_GRAD", "DOT_DTYPE", "USE_DESC", "EPI_DESC"],
                              prune_configs_by={"early_config_prune": _prune_fwd})(_fused_kv_fwd_kernel)
-_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "DOT_DTYPE"])(_fused_kv_dw_kernel)
+_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "DOT_DTYPE", "USE_DESC"])(_fused_kv_dw_kernel)
 
 
 def _alpha_strides(alpha: torch.Tensor) -> tuple[int, int, int]:
@@ -375,25 +481,37 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     else:
         g = ds = sq  # never written: COMPUTE_GRAD=False removes the stores
     sab, sal, san = _alpha_strides(alpha)
-    args = (
-        tuple(teachers), tuple(tuple(x.stride()[:4]) for x in teachers),
-        tuple(weights), tuple(tuple(w.stride()[:2]) for w in weights),
-        tuple(int(x.shape[2]) for x in teachers), tuple(int(x.shape[4]) for x in teachers), len(teachers),
-        alpha, sab, sal, san,
-        student, *student.stride()[:4],
-        mask, positions, rot, inv_freq, inv_freq.stride(0), scaling,
-        coef_mse, coef_cos,
-        sq, cs, g, ds,
-        B, T, n_t_slots, H_s,
-    )
-    meta = dict(H_S=H_s, D_S=D_s, PH=PH, ROT=int(rotary_pairs), IS_KEY=is_key, COMPUTE_GRAD=compute_grad,
-                DOT_DTYPE=dot_tl, IEEE=ieee)
+    use_desc = all(_tma_ready(x) for x in [*teachers, *weights])
+    interp_hpp = INTERP_FWD["HPP"] if interpreting() else 1
+    epi_desc = (use_desc and rotary_pairs == D_s and PH == D_s // 2 and interp_hpp == 1
+                and all(_tma_ready(x) for x in ([student, g, ds] if compute_grad else [student])))
+
+    # Block shapes are placeholders: the pre-hook (or the interpreter branch below) fits them to each config.
+    def desc(x, use, rank):
+        return TensorDescriptor.from_tensor(x, [1] * (rank - 2) + [16, 16]) if use else x
+
+    xs = [desc(x, use_desc, 5) for x in teachers] + [None] * (MAX_TEACHERS - len(teachers))
+    ws = [desc(w, use_desc, 3) for w in weights] + [None] * (MAX_TEACHERS - len(weights))
+    args = dict(
+        **{f"x{i}": x for i, x in enumerate(xs)}, **{f"w{i}": w for i, w in enumerate(ws)},
+        x_strides=tuple(tuple(x.stride()[:4]) for x in teachers), w_strides=tuple(tuple(w.stride()[:2]) for w in weights),
+        HEADS=tuple(int(x.shape[2]) for x in teachers), DIMS=tuple(int(x.shape[4]) for x in teachers),
+        N=len(teachers), alpha_ptr=alpha, stride_ab=sab, stride_al=sal, stride_an=san,
+        s=desc(student, epi_desc, 5), ss0=student.stride(0), ss1=student.stride(1), ss2=student.stride(2),
+        ss3=student.stride(3), mask_ptr=mask, pos_ptr=positions, rot_ptr=rot, invf_ptr=inv_freq,
+        stride_il=inv_freq.stride(0), scaling_ptr=scaling, coef_mse_ptr=coef_mse, coef_cos_ptr=coef_cos,
+        sq_ptr=sq, cos_ptr=cs, g=desc(g, epi_desc and compute_grad, 4), ds=desc(ds, epi_desc and compute_grad, 5),
+        B=B, T=T, n_t_slots=n_t_slots, n_h_slots=H_s,
+        H_S=H_s, D_S=D_s, PH=PH, ROT=int(rotary_pairs), IS_KEY=is_key, COMPUTE_GRAD=compute_grad,
+        DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc, EPI_DESC=epi_desc)
     if interpreting():
-        grid = (triton.cdiv(T, INTERP_FWD["BLOCK_T"]), H_s // INTERP_FWD["HPP"], L * B)
-        _fused_kv_fwd_kernel[grid](*args, **meta, **INTERP_FWD)
+        cfg = INTERP_FWD
+        _fit_descriptors(args, cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["HPP"] * PH)
+        grid = (triton.cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"], L * B)
+        _fused_kv_fwd_kernel[grid](**args, **cfg)
     else:
         grid = lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"], L * B)  # noqa: E731
-        _fwd_tuned[grid](*args, **meta)
+        _fwd_tuned[grid](**args)
     sq_l = sq.view(L, -1).sum(1)
     cs_l = cs.view(L, -1).sum(1)
     return sq_l, cs_l, (g if compute_grad else None), (ds if compute_grad else None)
@@ -418,17 +536,24 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         n_f, n_c = H_i * triton.cdiv(D_i, _MIN_BLOCK_F), triton.cdiv(C2, _MIN_BLOCK_C)
         part = torch.zeros(L, B, n_f, n_c, device=dev, dtype=torch.float32)
         dw = torch.empty_like(w)
+        use_desc = _tma_ready(x) and _tma_ready(G)
         # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.
-        args = (x, *x.stride()[:4], w, *w.stride()[:2], G, alpha[..., i], sab, sal, grad_out, dw, part, B, T)
-        meta = dict(D_I=D_i, C2=C2, DOT_DTYPE=dot_tl, IEEE=ieee)
+        args = dict(x=TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
+                    sx0=x.stride(0), sx1=x.stride(1), sx2=x.stride(2), sx3=x.stride(3),
+                    w_ptr=w, sw0=w.stride(0), sw1=w.stride(1),
+                    g=TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
+                    alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out, dw_ptr=dw,
+                    dalpha_ptr=part, B=B, T=T, N_FBLK=n_f, N_CBLK=n_c,
+                    D_I=D_i, C2=C2, DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
         if interpreting():
             cfg = INTERP_DW
+            _fit_dw_descriptors(args, cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"])
             grid = (triton.cdiv(C2, cfg["BLOCK_C"]), H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
-            _fused_kv_dw_kernel[grid](*args, n_f, n_c, **meta, **cfg)
+            _fused_kv_dw_kernel[grid](**args, **cfg)
         else:
             grid = lambda cfg: (triton.cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
                                 H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
-            _dw_tuned[grid](*args, n_f, n_c, **meta)
+            _dw_tuned[grid](**args)
         if need_alpha:
             dalpha[:, :, i] = part.sum((2, 3)).t()
         dws.append(dw if need_w else None)

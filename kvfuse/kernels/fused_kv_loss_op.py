@@ -30,6 +30,9 @@ def _kernels():
     return importlib.import_module("kvfuse.kernels.fused_kv_loss")
 
 
+MAX_TEACHERS = 8  # the kernels take teachers as eight separate arguments
+
+
 def pair_width(d_s: int) -> int:
     """PH: pair columns per student head in the pair layout (a power of two ≥ D_s/2, ≥ 16 for tl.dot)."""
     return max(16, 1 << max(0, d_s // 2 - 1).bit_length())
