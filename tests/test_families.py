@@ -67,6 +67,28 @@ def test_captured_keys_rotated_equal_the_cache_exactly(name):
         assert not torch.allclose(shifted.post_rope_keys(0), cap.post_rope_keys(0))
 
 
+def test_phi3_longrope_with_partial_rotary():
+    """Phi-3/4's longrope (short factors up to the original context, long factors past it, attention scaling > 1)
+    on a partial-rotary head: the scaling multiplies the rotary dims only, and capture picks up the factors the
+    forward used."""
+    half = 6       # 0.75 of the 16-dim head rotates
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [2.0 + 0.3 * i for i in range(half)],
+            "original_max_position_embeddings": 16}
+    model = tiny_model("tiny-phi3", seed=1, rope_parameters=rope, max_position_embeddings=64,
+                       original_max_position_embeddings=16)
+    ropes = []
+    for length in (13, 40):
+        ids = torch.randint(1, 512, (2, length), generator=torch.Generator().manual_seed(length))
+        cap = capture_kv(model, ids)
+        cache = model(input_ids=ids, position_ids=cap.positions, use_cache=True).past_key_values.layers
+        for i, layer in enumerate(cache):
+            torch.testing.assert_close(cap.post_rope_keys(i), layer.keys, rtol=0, atol=0)
+        assert cap.rope[0].rotary_dim == 12 and cap.rope[0].attention_scaling > 1.0
+        ropes.append(cap.rope[0])
+    assert not torch.equal(ropes[0].inv_freq, ropes[1].inv_freq)       # short factors, then long ones
+
+
 # Their apply_rotary_pos_emb rotates in float32 and casts back (Cohere upcasts q/k, OLMo keeps float32 cos/sin);
 # rotate works in the keys' dtype like every other family, so in bf16 the two differ by a last-bit rounding.
 ROTATE_IN_FLOAT32 = {"tiny-cohere", "tiny-olmo", "tiny-olmo2"}
