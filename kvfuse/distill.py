@@ -9,6 +9,7 @@ batch (from kvfuse.teacher.builder.collate, online or from the store):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,21 @@ from kvfuse.eval.similarity import token_features
 from kvfuse.fuse.router import (FixedRouter, LearnableRouter, SimilarityRouter, entropy, entropy_regularizer,
                                 first_tokens_feature, pooled_features)
 from kvfuse.loss import KVDistillLoss, fused_teacher_keys
-from kvfuse.models.capture import capture_kv
+from kvfuse.models.capture import KVCapture, capture_kv
 from kvfuse.zspace import ZSpace
+
+
+class StudentKV(NamedTuple):
+    """The student's captured KV of one batch, keys rotated as its own attention sees them, and its RoPE in the
+    fused loss's form: inv_freq [L, R/2] (zero-padded past each layer's r_l/2), attention_scaling per layer,
+    rotary_dim per layer (0 on NoPE layers)."""
+
+    cap: KVCapture
+    keys: torch.Tensor              # [L, B, H, T, D], post-RoPE
+    values: torch.Tensor            # [L, B, H, T, D]
+    inv_freq: torch.Tensor
+    attention_scaling: list[float]
+    rotary_dim: list[int]
 
 
 @dataclass
@@ -62,20 +76,15 @@ class DistillationModel(nn.Module):
         """The student as a plain *ForCausalLM (a PEFT/LoRA wrapper's base model, with its LoRA layers in place)."""
         return self.student.get_base_model() if hasattr(self.student, "get_base_model") else self.student
 
-    def student_kv(self, batch: dict, with_queries: bool = False):
+    def student_kv(self, batch: dict, with_queries: bool = False) -> StudentKV:
         cap = capture_kv(self.lm, batch["input_ids"], batch["attention_mask"],
                          position_ids=batch["positions"], requires_grad=True, return_hidden=True,
                          with_queries=with_queries, checkpoint=self.checkpoint)
-        inv_freq = torch.stack([r[0] for r in cap.rope]).to(batch["input_ids"].device)
-        scalings = {float(r[1]) for r in cap.rope}
-        if len(scalings) != 1:
-            raise ValueError(f"student layers use different RoPE attention_scaling values {sorted(scalings)}; "
-                             "the fused kernel takes one")
-        scaling = scalings.pop()
         pos = batch["positions"][:, None]
-        student_k = torch.stack([rotate(k, pos, inv_freq[l], scaling) for l, k in enumerate(cap.keys)])
-        student_v = torch.stack(cap.values)
-        return cap, student_k, student_v, inv_freq, scaling
+        student_k = torch.stack([rotate(k, pos, *cap.rope[l]) for l, k in enumerate(cap.keys)])
+        inv_freq, scalings, rotary_dims = cap.rope_table()
+        return StudentKV(cap, student_k, torch.stack(cap.values), inv_freq.to(student_k.device), scalings,
+                         rotary_dims)
 
     # ------------------------------------------------------------------------------------------------ routing
     def route(self, batch: dict, cap) -> torch.Tensor:
@@ -94,7 +103,8 @@ class DistillationModel(nn.Module):
                 weights: LossWeights = LossWeights(), return_features: bool = False) -> tuple[torch.Tensor, dict]:
         """The total loss and its logged parts; `return_features` adds the student's per-layer pre-RoPE K|V token
         features (`logs["student_features"]`, [n_valid, H·2D] per layer) for space-free similarity metrics."""
-        cap, student_k, student_v, inv_freq, scaling = self.student_kv(batch, with_queries=weights.gamma > 0)
+        cap, student_k, student_v, inv_freq, scaling, rotary_dim = self.student_kv(batch,
+                                                                                   with_queries=weights.gamma > 0)
         dtype = student_k.dtype
         teacher_k = [t.to(dtype) for t in batch["teacher_k"]]
         teacher_v = [t.to(dtype) for t in batch["teacher_v"]]
@@ -102,7 +112,8 @@ class DistillationModel(nn.Module):
         logs: dict = {"alpha": alpha.detach()}
         if self.zspace is None:
             kv, stats = self.kv_loss(student_k, student_v, teacher_k, teacher_v, batch["mask"], batch["positions"],
-                                     inv_freq, scaling, alpha=alpha, layer_weights=layer_weights)
+                                     inv_freq, scaling, alpha=alpha, layer_weights=layer_weights,
+                                     rotary_dim=rotary_dim)
             logs.update(stats)
         else:
             kv, per_layer = self._z_loss(cap, teacher_k, teacher_v, alpha, batch["mask"], layer_weights)
@@ -116,10 +127,9 @@ class DistillationModel(nn.Module):
             logs["ce"] = ce.detach()
         if weights.gamma > 0:
             fused = fused_teacher_keys(teacher_k, list(self.kv_loss.w_k), alpha, batch["positions"], inv_freq,
-                                       scaling, self.kv_loss.student_heads)
+                                       scaling, self.kv_loss.student_heads, rotary_dim=rotary_dim)
             pos = batch["positions"][:, None]
-            kls = [attention_kl(rotate(q, pos, inv_freq[l], scaling), student_k[l], fused[l], batch["mask"],
-                                backend="auto")
+            kls = [attention_kl(rotate(q, pos, *cap.rope[l]), student_k[l], fused[l], batch["mask"], backend="auto")
                    for l, q in enumerate(cap.queries)]
             lw = torch.ones(len(kls)) if layer_weights is None else layer_weights.float().cpu()
             kl = sum(w * k for w, k in zip(lw.tolist(), kls)) / float(lw.sum())

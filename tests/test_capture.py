@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kvfuse.align.rope import rope_params, rotate
+from kvfuse.align.rope import rope_from_rotary, rotate
 from kvfuse.models.capture import capture_kv, positions_from_mask
 from kvfuse.models.tiny import tiny_model
 
@@ -74,13 +74,13 @@ ROPE_TYPES = {
 def test_rope_scaling_types_come_from_the_model(rope_type):
     model = tiny_model("tiny-llama", seed=1, rope_parameters=ROPE_TYPES[rope_type], max_position_embeddings=16)
     ids, mask = _batch(seed=5, batch=2, length=37, left_pad=3)  # longer than 16 so dynamic really rescales
-    before = rope_params(model)
+    before = rope_from_rotary(model.model.rotary_emb)
     cap = capture_kv(model, ids, mask)
     cache = _cached(model, ids, mask, cap.positions)
     for i, (ck, _) in enumerate(cache):
         torch.testing.assert_close(rotate(cap.keys[i], cap.positions, *cap.rope[i]), ck, rtol=0, atol=1e-6)
     if rope_type == "dynamic":
-        assert not torch.allclose(before[0][0], cap.rope[0][0])  # the forward rescaled; capture saw that
+        assert not torch.allclose(before.inv_freq, cap.rope[0].inv_freq)  # the forward rescaled; capture saw that
     if rope_type == "yarn":
         assert cap.rope[0][1] > 1.0
 
@@ -95,7 +95,9 @@ def test_student_capture_keeps_gradients():
     assert not teacher.keys[0].requires_grad
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# + the families whose capture assembles keys: rotary slice + pass-through (Phi), NoPE layer (SmolLM3), interleaved
+# pairs permuted (Cohere) — all of it has to happen inside the checkpoint, where the recompute repeats it
+@pytest.mark.parametrize("arch", ARCHS + ["tiny-phi", "tiny-smollm3", "tiny-cohere"])
 def test_checkpointed_capture_gives_the_same_kv_and_gradients(arch):
     # A loss on the captured KV (+ queries, + hidden) must reach every weight with checkpointing exactly as without:
     # HF's own reentrant checkpointing silently cut the KV off from the weights (a KV-only student never learned).
@@ -142,9 +144,9 @@ def test_errors_name_the_problem():
         capture_kv(model, torch.randint(0, 512, (5,)))
     with pytest.raises(ValueError, match="attention_mask shape"):
         capture_kv(model, torch.randint(0, 512, (2, 5)), torch.ones(2, 4))
-    model.config.model_type = "mistral"
-    model.config.architectures = ["MistralForCausalLM"]
-    with pytest.raises(ValueError, match="MistralForCausalLM"):
+    model.config.model_type = "deepseek_v3"
+    model.config.architectures = ["DeepseekV3ForCausalLM"]
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM.*multi-head latent attention"):
         capture_kv(model, torch.randint(0, 512, (1, 5)))
 
 
@@ -197,3 +199,27 @@ def test_real_packaged_models(alias, length):
         local = cap.layer_types.index("sliding_attention")
         glob = cap.layer_types.index("full_attention")
         assert not torch.equal(cap.rope[local][0], cap.rope[glob][0])
+
+
+def test_captures_in_two_threads_and_the_helpers_put_back():
+    """Two models of one family captured concurrently (the wrapped helpers are shared, the records are per thread),
+    each also by two threads at once (serialised per model: its layer forwards are patched per capture), give what
+    serial captures give; afterwards, and after a forward that fails, the modeling module's own helpers are back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers.models.qwen3 import modeling_qwen3
+
+    originals = modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.ALL_ATTENTION_FUNCTIONS
+    models = [tiny_model("tiny-qwen3", seed=s) for s in (0, 1)]
+    ids, mask = _batch(seed=3, batch=2, length=9, left_pad=2)
+    serial = [capture_kv(m, ids, mask) for m in models]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        caps = list(pool.map(lambda m: capture_kv(m, ids, mask), models * 3))
+    for i, cap in enumerate(caps):
+        for a, b in zip(cap.keys + cap.values, serial[i % 2].keys + serial[i % 2].values):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.ALL_ATTENTION_FUNCTIONS) == originals
+    with pytest.raises(IndexError):
+        capture_kv(models[0], torch.full((1, 4), 10_000))       # fails inside the forward (no such token)
+    assert (modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.ALL_ATTENTION_FUNCTIONS) == originals
+    assert "forward" not in vars(models[0].model.layers[0])

@@ -8,7 +8,7 @@ from kvfuse.align.heads import (
     replicate_mix, ridge_adapter, ridge_adapters, structured_adapter,
 )
 from kvfuse.align.layers import apply_layer_map, layer_map
-from kvfuse.align.rope import rotate
+from kvfuse.align.rope import rephase, rotate
 from kvfuse.align.time import apply_alignment
 from kvfuse.models.capture import capture_kv
 from kvfuse.models.tiny import tiny_model
@@ -66,6 +66,54 @@ def test_identity_dim_map_keeps_rope_pairs():
     torch.testing.assert_close(rotate(x, pos, inv_t) @ m, rotate(x @ m, pos, inv_s))
     with pytest.raises(ValueError, match="even"):
         dim_map(7, 8)
+
+
+@pytest.mark.parametrize("d_t,r_t,d_s,r_s", [
+    (16, 16, 8, 8),     # full rotary, smaller student head (Qwen 128 → 64 style)
+    (16, 8, 8, 4),      # partial rotary on both sides (Phi-style teacher and student)
+    (16, 4, 12, 12),    # Pythia-like 25 % teacher into a full-rotary student
+    (8, 8, 16, 16),     # larger student head: each half zero-padded
+])
+def test_default_adapter_keeps_rotary_pairs_of_rephased_teacher_keys(d_t, r_t, d_s, r_s):
+    """A teacher key re-phased to the student's positions and projected by the default adapter equals the
+    student's RoPE applied to the projected pre-RoPE key: the adapter takes teacher pair (i, i + r_t/2) to student
+    pair (i, i + r_s/2) at the same frequency, and pass-through dims to pass-through dims. The first-contiguous-dims
+    map it replaced pairs dim i with a dim of another frequency and fails this."""
+    g = torch.Generator().manual_seed(d_t + r_t + d_s + r_s)
+    h_t, h_s, T = 4, 2, 9
+    pre_t = torch.randn(2, h_t, T, d_t, generator=g, dtype=torch.float64)
+    t_pos, s_pos = torch.randint(0, 300, (2, T), generator=g), torch.arange(3, 3 + T).expand(2, T)
+    inv_t = 1.0 / (7.0 ** torch.arange(r_t // 2, dtype=torch.float64))
+    inv_s = inv_t[: r_s // 2] if r_s <= r_t else torch.cat([inv_t, torch.rand(r_s // 2 - r_t // 2, generator=g)])
+    w = structured_adapter(h_t, d_t, h_s, d_s, n_layers=1, rotary_dims=(r_t, r_s))[0].double()
+    rephased = rephase(rotate(pre_t, t_pos, inv_t, 1.3, r_t), t_pos, (inv_t, 1.3, r_t), s_pos, (inv_t, 1.3, r_t))
+    projected = _heads(_flat(rephased) @ w, h_s)
+    # the student rotates at the teacher's frequencies where both rotate, unrotated where it does not
+    keep = min(r_t, r_s) // 2
+    expected_rotated = rotate(_heads(_flat(pre_t) @ w, h_s), s_pos, inv_s, 1.3, r_s)
+    if r_s <= r_t:
+        torch.testing.assert_close(projected, expected_rotated, rtol=1e-12, atol=1e-12)
+    else:   # student slots beyond the teacher's rotary part hold pass-through teacher dims: compare the kept pairs
+        idx = torch.cat([torch.arange(keep), r_s // 2 + torch.arange(keep)])
+        torch.testing.assert_close(projected[..., idx], expected_rotated[..., idx], rtol=1e-12, atol=1e-12)
+    naive = torch.zeros(d_t, d_s, dtype=torch.float64)
+    naive[torch.arange(min(d_t, d_s)), torch.arange(min(d_t, d_s))] = 1.0
+    w_naive = adapter_from_mix(group_mean_mix(h_t, h_s), naive)[0].double()
+    if 0 < r_s < r_t:
+        wrong = _heads(_flat(rephased) @ w_naive, h_s)
+        assert (wrong - rotate(_heads(_flat(pre_t) @ w_naive, h_s), s_pos, inv_s, 1.3, r_s)).abs().max() > 1e-2
+
+
+def test_per_layer_rotary_dims_and_bad_rotary_dims():
+    w = structured_adapter(2, 8, 2, 8, n_layers=3, rotary_dims=(8, [8, 0, 4]))
+    torch.testing.assert_close(w[0], torch.eye(16))
+    torch.testing.assert_close(w[1], torch.eye(16))            # NoPE student layer: all dims pass through in order
+    assert not torch.equal(w[2], torch.eye(16))                # pairs (i, i+4) → (i, i+2); dims 2, 3 of each half drop
+    assert w[2][5, 3] == 1 and w[2][1, 1] == 1 and w[2][2].sum() == 0      # teacher dim 2 (slot 2) has no partner
+    with pytest.raises(ValueError, match="r_s must be an even int"):
+        dim_map(8, 8, rotary_dims=(8, 3))
+    with pytest.raises(ValueError, match="n_layers=3"):
+        structured_adapter(2, 8, 2, 8, n_layers=3, rotary_dims=(8, [8, 0]))
 
 
 @pytest.mark.parametrize("d_t,d_s", [(16, 8), (8, 16), (12, 12)])

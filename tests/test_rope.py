@@ -1,10 +1,12 @@
-"""RoPE: rotate vs a float64 per-pair reference, exact inverse, broadcasting, re-phasing on real (tiny) models."""
+"""RoPE: rotate vs a float64 per-pair reference (full, partial rotary, NoPE), exact inverse, broadcasting,
+re-phasing on real (tiny) models."""
 import math
 
 import pytest
 import torch
 
-from kvfuse.align.rope import rephase, rope_params, rotate, unrotate
+from kvfuse.align.rope import rephase, rotate, unrotate
+from kvfuse.models.capture import capture_kv
 from kvfuse.models.tiny import tiny_model
 
 
@@ -36,6 +38,31 @@ def test_rotate_matches_float64_reference(dim, scale):
     torch.testing.assert_close(rotate(x.double(), positions, inv_freq.double(), scale), ref, rtol=1e-12, atol=1e-12)
     # float32 keeps HF's float32 angles: large positions cost ~1e-4 in the angle, nothing more.
     torch.testing.assert_close(rotate(x, positions, inv_freq, scale), ref.float(), rtol=0, atol=5e-3 * scale)
+
+
+@pytest.mark.parametrize("dim,rotary_dim", [(16, 8), (16, 4), (12, 2), (16, 0)])
+def test_partial_rotary_and_nope(dim, rotary_dim):
+    """Only the first r dims turn, as pairs (i, i + r/2); the rest pass through and are not scaled; r = 0 is a
+    NoPE layer (identity). unrotate inverts it, and rephase works between different rotary dims."""
+    g = torch.Generator().manual_seed(dim + rotary_dim)
+    x = torch.randn(2, 3, 11, dim, generator=g, dtype=torch.float64)
+    positions = torch.randint(0, 2000, (2, 11), generator=g)
+    inv_freq = _inv_freq(rotary_dim, 10000.0).double() if rotary_dim else torch.zeros(0, dtype=torch.float64)
+    y = rotate(x, positions, inv_freq, 1.7, rotary_dim)
+    if rotary_dim:
+        ref = _reference_rotate(x[..., :rotary_dim], positions[:, None, :], inv_freq, 1.7)
+        torch.testing.assert_close(y[..., :rotary_dim], ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y[..., rotary_dim:], x[..., rotary_dim:], rtol=0, atol=0)
+    torch.testing.assert_close(unrotate(y, positions, inv_freq, 1.7, rotary_dim), x, rtol=1e-12, atol=1e-12)
+    full = _inv_freq(dim, 500.0).double()
+    moved = rephase(y, positions, (inv_freq, 1.7, rotary_dim), positions + 3, (full, 1.0, dim))
+    torch.testing.assert_close(moved, rotate(x, positions + 3, full), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        rotate(x, positions, _inv_freq(6, 10.0).double(), 1.0, 8)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        rotate(x, positions, inv_freq, 1.0, 3)
+    with pytest.raises(ValueError, match="partial-rotary"):
+        rotate(x, positions, _inv_freq(4, 10.0).double())
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
@@ -114,7 +141,7 @@ def test_rephase_layer0_behind_prompt(arch, student_theta):
     s_pos = torch.arange(n_shared).expand(2, n_shared)
     teacher_keys = _layer0_cache(teacher, ids, mask, t_pos)[..., -n_shared:, :]
     student_keys = _layer0_cache(student, shared, torch.ones_like(shared), s_pos)
-    t_rope, s_rope = rope_params(teacher)[0], rope_params(student)[0]
+    t_rope, s_rope = capture_kv(teacher, shared).rope[0], capture_kv(student, shared).rope[0]
     if student_theta is not None:
         assert not torch.allclose(t_rope[0], s_rope[0])
     moved = rephase(teacher_keys, t_pos[:, -n_shared:], t_rope, s_pos, s_rope)
@@ -123,15 +150,15 @@ def test_rephase_layer0_behind_prompt(arch, student_theta):
     assert (teacher_keys - student_keys).abs().max() > 1e-2
 
 
-def test_rope_params_per_layer_gemma3():
+def test_captured_rope_per_layer_gemma3():
     model = tiny_model("tiny-gemma3")
-    params = rope_params(model)
+    params = capture_kv(model, torch.arange(1, 6)[None]).rope
     head_dim = model.config.head_dim
     local = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     glob = 1.0 / (1000000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     torch.testing.assert_close(params[0][0], local)
     torch.testing.assert_close(params[1][0], glob)
-    assert all(math.isclose(s, 1.0) for _, s in params)
+    assert all(math.isclose(p.attention_scaling, 1.0) and p.rotary_dim == head_dim for p in params)
 
 
 def test_same_convention_as_the_fused_loss():

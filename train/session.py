@@ -18,7 +18,6 @@ import yaml
 from tqdm import tqdm
 
 from kvfuse.align.heads import ridge_adapters, structured_adapter
-from kvfuse.align.rope import unrotate
 from kvfuse.data import extract_final_number, load_examples, render_prompt, resolve_prompt
 from kvfuse.distill import DistillationModel, LossWeights
 from kvfuse.eval.similarity import CKAAccumulator, token_features
@@ -227,8 +226,8 @@ class TrainingSession:
             raise ValueError(f"adapter_init must be ridge or structured, got {c['adapter_init']!r}")
         batch = self.teacher_batch(self._calibration_examples())
         cap_model = DistillationModel(student, None, None)
-        cap, student_k, student_v, inv_freq, scaling = cap_model.student_kv(batch)
-        pre_k = [unrotate(k, batch["positions"][:, None], inv_freq[l], scaling) for l, k in enumerate(student_k)]
+        student_kv = cap_model.student_kv(batch)
+        pre_k, student_v = student_kv.cap.keys, student_kv.values
         init = []
         for i in range(len(heads)):
             wk = ridge_adapters([t.float() for t in batch["teacher_k"][i]], [k.float() for k in pre_k], batch["mask"])

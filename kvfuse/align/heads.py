@@ -6,11 +6,13 @@ pre-RoPE teacher keys. Everything here builds such W:
 * Structured maps are a head-mixing matrix `mix [H_t, H_s]` Kronecker a per-head dim map `dmap [D_t, D_s]`:
   W[h_t·D_t + d_t, h_s·D_s + d_s] = mix[h_t, h_s] · dmap[d_t, d_s]. A 1×1 convolution over heads is exactly such
   a mix, so group-mean reduction (H_t > H_s) and replication (H_t < H_s) are its initialisations.
-* Dim map D_t → D_s. "identity" truncates / zero-pads *each half* of the head separately, because rotate-half
-  RoPE pairs dim i with dim i + D/2: teacher pair (i, i + D_t/2) goes to student pair (i, i + D_s/2), so the
-  kept features stay at frequency slot i (lowest slots = fastest-rotating pairs are the ones kept when
-  shrinking). "orthogonal" is a random semi-orthogonal matrix (orthonormal rows when D_t ≤ D_s, orthonormal
-  columns otherwise): it preserves norms as far as the shapes allow but mixes frequency slots.
+* Dim map D_t → D_s. "identity" truncates / zero-pads *each half* of the rotary part separately, because
+  rotate-half RoPE pairs dim i with dim i + r/2 (r = rotary dim, D for full rotary): teacher pair
+  (i, i + r_t/2) goes to student pair (i, i + r_s/2), so the kept features stay at frequency slot i (lowest
+  slots = fastest-rotating pairs are the ones kept when shrinking). The pass-through dims r..D of a
+  partial-rotary head (Phi, GPT-NeoX) map to the student's pass-through dims in order; with a NoPE layer
+  (r = 0) on either side there are no pairs to keep and all dims map in order. "orthogonal" is a random semi-orthogonal matrix (orthonormal rows when D_t ≤ D_s,
+  orthonormal columns otherwise): it preserves norms as far as the shapes allow but mixes frequency slots.
 * Head matching pairs teacher and student heads by the similarity of per-head patterns (attention maps, or
   `head_gram` of K/V when head dims differ) with a Hungarian assignment, then averages/replicates along it.
 * Ridge regression fits W on a calibration batch, teacher features → student features, so training starts at
@@ -37,8 +39,12 @@ def _check_positive(**sizes: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
 
 
-def dim_map(d_t: int, d_s: int, kind: str = "identity", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-head dim map `[D_t, D_s]` (float32); see the module docstring for the two kinds."""
+def dim_map(d_t: int, d_s: int, kind: str = "identity", generator: torch.Generator | None = None,
+            rotary_dims: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-head dim map `[D_t, D_s]` (float32); see the module docstring for the two kinds.
+
+    rotary_dims: (r_t, r_s), the dims of each teacher / student head that RoPE turns (default (D_t, D_s)); the
+    identity map keeps the pairs within them."""
     _check_positive(d_t=d_t, d_s=d_s)
     if kind not in DIM_KINDS:
         raise ValueError(f"dim map kind must be one of {DIM_KINDS}, got {kind!r}")
@@ -49,13 +55,18 @@ def dim_map(d_t: int, d_s: int, kind: str = "identity", generator: torch.Generat
         # Sign fix makes the draw uniform (Haar) instead of biased by QR's sign convention.
         q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
         return (q if d_t >= d_s else q.T).float()
-    if d_t % 2 or d_s % 2:
-        raise ValueError(f"identity dim map keeps RoPE pairs and needs even head dims, got D_t={d_t}, D_s={d_s}")
+    r_t, r_s = (d_t, d_s) if rotary_dims is None else rotary_dims
+    for name, r, d in (("r_t", r_t, d_t), ("r_s", r_s, d_s)):
+        if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 0 or r > d or r % 2:
+            raise ValueError(f"identity dim map keeps RoPE pairs: {name} must be an even int in [0, {d}], got {r!r}")
+    if min(r_t, r_s) == 0:      # a NoPE side: no pairs to keep, positions never enter; dims map in order
+        r_t = r_s = 0
     m = torch.zeros(d_t, d_s)
-    keep, ht, hs = min(d_t, d_s) // 2, d_t // 2, d_s // 2
-    idx = torch.arange(keep)
+    idx = torch.arange(min(r_t, r_s) // 2)
     m[idx, idx] = 1.0
-    m[ht + idx, hs + idx] = 1.0
+    m[r_t // 2 + idx, r_s // 2 + idx] = 1.0
+    rest = torch.arange(min(d_t - r_t, d_s - r_s))
+    m[r_t + rest, r_s + rest] = 1.0
     return m
 
 
@@ -80,31 +91,63 @@ def replicate_mix(h_t: int, h_s: int) -> torch.Tensor:
 
 
 def adapter_from_mix(mix: torch.Tensor, dmap: torch.Tensor, n_layers: int = 1) -> torch.Tensor:
-    """`W [L_s, H_t·D_t, H_s·D_s]` = kron(mix, dmap), repeated over `n_layers` student layers."""
+    """`W [L_s, H_t·D_t, H_s·D_s]` = kron(mix, dmap) per student layer: one `dmap [D_t, D_s]` repeated over
+    `n_layers`, or one per layer `[n_layers, D_t, D_s]`."""
     _check_positive(n_layers=n_layers)
-    if mix.dim() != 2 or dmap.dim() != 2:
-        raise ValueError(f"mix and dmap must be 2-D, got {tuple(mix.shape)} and {tuple(dmap.shape)}")
-    w = torch.kron(mix.float(), dmap.float())
-    return w.unsqueeze(0).repeat(n_layers, 1, 1)
+    if mix.dim() != 2 or dmap.dim() not in (2, 3) or dmap.dim() == 3 and dmap.shape[0] != n_layers:
+        raise ValueError(f"mix must be 2-D and dmap [D_t, D_s] or [n_layers={n_layers}, D_t, D_s], got "
+                         f"{tuple(mix.shape)} and {tuple(dmap.shape)}")
+    if dmap.dim() == 2:
+        return torch.kron(mix.float(), dmap.float()).unsqueeze(0).repeat(n_layers, 1, 1)
+    return torch.stack([torch.kron(mix.float(), d.float()) for d in dmap])
 
 
-def group_mean_adapter(h_t: int, d_t: int, h_s: int, d_s: int, n_layers: int = 1,
-                       dim_kind: str = "identity", generator: torch.Generator | None = None) -> torch.Tensor:
+RotaryDims = tuple[int | Sequence[int], int | Sequence[int]]
+
+
+def _dim_maps(d_t: int, d_s: int, n_layers: int, kind: str, generator: torch.Generator | None,
+              rotary_dims: RotaryDims | None) -> torch.Tensor:
+    """`[D_t, D_s]`, or `[n_layers, D_t, D_s]` when the rotary dims differ by layer (NoPE layers)."""
+    if rotary_dims is None:
+        return dim_map(d_t, d_s, kind, generator)
+    per_layer = []
+    for r in rotary_dims:
+        r = [r] * n_layers if isinstance(r, numbers.Integral) else list(r)
+        if len(r) != n_layers:
+            raise ValueError(f"per-layer rotary dims {r} must list n_layers={n_layers} entries")
+        per_layer.append(r)
+    pairs = list(zip(*per_layer))
+    if len(set(pairs)) == 1:
+        return dim_map(d_t, d_s, kind, generator, pairs[0])
+    return torch.stack([dim_map(d_t, d_s, kind, generator, pair) for pair in pairs])
+
+
+def group_mean_adapter(h_t: int, d_t: int, h_s: int, d_s: int, n_layers: int = 1, dim_kind: str = "identity",
+                       generator: torch.Generator | None = None,
+                       rotary_dims: RotaryDims | None = None) -> torch.Tensor:
     """Adapter for H_t >= H_s: each student head is the mean of a contiguous group of teacher heads."""
-    return adapter_from_mix(group_mean_mix(h_t, h_s), dim_map(d_t, d_s, dim_kind, generator), n_layers)
+    return adapter_from_mix(group_mean_mix(h_t, h_s),
+                            _dim_maps(d_t, d_s, n_layers, dim_kind, generator, rotary_dims), n_layers)
 
 
-def replicate_adapter(h_t: int, d_t: int, h_s: int, d_s: int, n_layers: int = 1,
-                      dim_kind: str = "identity", generator: torch.Generator | None = None) -> torch.Tensor:
+def replicate_adapter(h_t: int, d_t: int, h_s: int, d_s: int, n_layers: int = 1, dim_kind: str = "identity",
+                      generator: torch.Generator | None = None,
+                      rotary_dims: RotaryDims | None = None) -> torch.Tensor:
     """Adapter for H_t <= H_s: each student head starts as a copy of one teacher head."""
-    return adapter_from_mix(replicate_mix(h_t, h_s), dim_map(d_t, d_s, dim_kind, generator), n_layers)
+    return adapter_from_mix(replicate_mix(h_t, h_s),
+                            _dim_maps(d_t, d_s, n_layers, dim_kind, generator, rotary_dims), n_layers)
 
 
-def structured_adapter(h_t: int, d_t: int, h_s: int, d_s: int, n_layers: int = 1,
-                       dim_kind: str = "identity", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Group mean when the teacher has more KV heads, replication otherwise."""
+def structured_adapter(h_t: int, d_t: int, h_s: int, d_s: int, n_layers: int = 1, dim_kind: str = "identity",
+                       generator: torch.Generator | None = None,
+                       rotary_dims: RotaryDims | None = None) -> torch.Tensor:
+    """The default adapter `[n_layers, H_t·D_t, H_s·D_s]`: group mean when the teacher has more KV heads,
+    replication otherwise, with the RoPE-pair-keeping dim map.
+
+    rotary_dims: (r_t, r_s), each an int or one int per student layer (the teacher's rotary dims of the teacher
+    layers mixed into each student layer; 0 on NoPE layers); default full rotary (D_t, D_s)."""
     build = group_mean_adapter if h_t >= h_s else replicate_adapter
-    return build(h_t, d_t, h_s, d_s, n_layers, dim_kind, generator)
+    return build(h_t, d_t, h_s, d_s, n_layers, dim_kind, generator, rotary_dims)
 
 
 # ----------------------------------------------------------------------------------------------- head matching

@@ -5,7 +5,11 @@ import math
 
 import torch
 
+from kvfuse.models.capture import decoder_of
+
 STUDENT_LAYER_CHOICES = ("all", "every_other")
+# config attributes that hold one entry per decoder layer
+_PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
 
 
 def student_layer_count(model: torch.nn.Module, student_layers: str) -> int:
@@ -18,22 +22,24 @@ def student_layer_count(model: torch.nn.Module, student_layers: str) -> int:
 def make_student(model: torch.nn.Module, student_layers: str) -> torch.nn.Module:
     """The model itself (all) or, in place, the model keeping layers 0, 2, 4, … (every_other).
 
-    Layer indices, the config's layer count and per-layer types are renumbered so caches and Gemma3's
-    local/global pattern stay consistent with the kept layers.
+    Layer indices, the config's layer count and its per-layer lists (layer types, SmolLM3's NoPE layers) are
+    renumbered so caches, local/global patterns and NoPE layers stay consistent with the kept layers.
     """
     n_keep = student_layer_count(model, student_layers)
     if student_layers == "all":
         return model
-    decoder = model.model if hasattr(model, "model") else model
+    decoder = decoder_of(model)
     kept = [layer for i, layer in enumerate(decoder.layers) if i % 2 == 0]
     assert len(kept) == n_keep
     decoder.layers = torch.nn.ModuleList(kept)
     for new_index, layer in enumerate(kept):
-        if hasattr(layer.self_attn, "layer_idx"):
-            layer.self_attn.layer_idx = new_index
+        for module in layer.modules():      # the attention's, and in some families the layer's or its MoE's
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
     config = model.config
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        config.layer_types = [t for i, t in enumerate(types) if i % 2 == 0]
+    for name in _PER_LAYER_LISTS:
+        values = getattr(config, name, None)
+        if values is not None:
+            setattr(config, name, [v for i, v in enumerate(values) if i % 2 == 0])
     config.num_hidden_layers = n_keep
     return model

@@ -1,0 +1,47 @@
+"""Mixed-family training on CPU (Phase 3 and Phase 5): teachers of two families the trainer never saw before
+(Qwen3 with q/k norms, Phi-3 with a fused qkv_proj and partial rotary), a student of a third (SmolLM3, whose
+layer 1 is a NoPE layer, so the fused loss gets per-layer rotary dims [16, 0]), online and through the offline
+store."""
+import subprocess
+import sys
+
+import pytest
+from test_train import ROOT, _events, _train
+
+TEACHERS = ["--teachers", "tiny-qwen3", "tiny-phi3", "--teacher_prompts", "cot", "cot"]
+STUDENT = ["--model_name", "tiny-smollm3", "--student_layers", "all", "--max_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("families") / "store"
+    dump = [sys.executable, "-m", "kvfuse", "dump", *TEACHERS, "--student", "tiny-smollm3", "--student_layers",
+            "all", "--n_samples", "4", "--n_val", "2", "--dtype", "fp32", "--batch_size", "2", "--max_length",
+            "4096", "--out", str(out)]
+    proc = subprocess.run(dump, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _check_learns(out):
+    train = _events(out, "train")
+    assert len(train) == 2 and all(e["loss"] == e["loss"] and abs(e["loss"]) < float("inf") for e in train)
+    val = _events(out, "val")
+    assert val[-1]["ce"] != val[0]["ce"]          # the student's own weights moved, not only the adapters
+    return train
+
+
+def test_phase3_mixed_families_online_equals_offline(tmp_path, store):
+    _train(tmp_path / "online", "--phase", "3", *TEACHERS, *STUDENT)
+    online = _check_learns(tmp_path / "online")
+    assert all(len(e["k_mse"]) == 2 and e["k_mse"][1] > 0 for e in online)     # the NoPE layer is trained too
+    _train(tmp_path / "offline", "--phase", "3", *TEACHERS, *STUDENT, "--teacher_store", str(store))
+    offline = _check_learns(tmp_path / "offline")
+    for a, b in zip(online, offline):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_phase5_mixed_families_through_the_store(tmp_path, store):
+    _train(tmp_path, "--phase", "5", *TEACHERS, *STUDENT, "--teacher_store", str(store), "--z_dim", "16")
+    train = _check_learns(tmp_path)
+    assert "z_loss" in train[-1]
