@@ -301,7 +301,7 @@ def plot(csv_path: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    p.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     p.add_argument("--tokens3", type=int, nargs="*", default=TOKENS,
                    help="token counts for the three-teacher case (none: skip it)")
     p.add_argument("--variants", nargs="+", default=["eager", "compile", "triton"],
