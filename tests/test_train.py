@@ -65,7 +65,6 @@ def test_two_zero3_ranks_match_one_process(tmp_path):
 # holds a step that the newest checkpoint (step 3) does not. Polling from outside raced the run on fast machines.
 _KILL_BEFORE_SAVING_STEP_4 = """
 import os, signal, sys
-sys.path.insert(0, sys.argv[1])
 from train import main, session
 save = session.TrainingSession.save
 def save_or_die(self, step):
@@ -73,7 +72,7 @@ def save_or_die(self, step):
         os.kill(os.getpid(), signal.SIGKILL)
     save(self, step)
 session.TrainingSession.save = save_or_die
-sys.exit(main.main(sys.argv[2:]))
+sys.exit(main.main(sys.argv[1:]))
 """
 
 
@@ -81,7 +80,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     extra = ["--epochs", "2", "--save_every", "1", "--eval_every", "100"]
     _train(tmp_path / "full", *extra)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, str(ROOT), *TINY, "--output_dir", str(out), *extra]
+    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, *TINY, "--output_dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000003"
