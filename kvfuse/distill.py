@@ -32,7 +32,7 @@ class LossWeights:
 
 def rationale_ce(logits: torch.Tensor, input_ids: torch.Tensor, labels_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over rationale tokens: token t is predicted from position t−1."""
-    target_mask = labels_mask[:, 1:]
+    target_mask = labels_mask[:, 1:].bool()     # a 0/1 integer mask would index rows instead of selecting
     if not target_mask.any():
         raise ValueError("rationale_ce: no rationale token to score (labels_mask is empty)")
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
