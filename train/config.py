@@ -165,6 +165,14 @@ class TrainConfig:
         if self.router_type == "fixed" and sum(self.alpha) <= 0:
             raise ConfigError(f"config key 'alpha' = {self.alpha} must have a positive sum")
 
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches accumulated per optimizer step on each of `world_size` ranks."""
+        per_micro = self.micro_batch * world_size
+        if self.effective_batch % per_micro:
+            raise ConfigError(f"config key 'effective_batch' = {self.effective_batch} is not allowed: must be a "
+                              f"multiple of micro_batch × ranks = {self.micro_batch} × {world_size} = {per_micro}")
+        return self.effective_batch // per_micro
+
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -90,11 +90,8 @@ class TrainingSession:
         self.train_examples, self.val_examples = load_examples(c.dataset, c.n_samples, c.n_val, c.seed)
         if not self.train_examples:
             raise ValueError(f"dataset {c.dataset!r} gave no training examples (n_samples={c.n_samples})")
+        self.accum = c.accumulation(self.world)
         per_micro = c.micro_batch * self.world
-        if c.effective_batch % per_micro:
-            raise ValueError(f"config key 'effective_batch' = {c.effective_batch} is not allowed: must be a multiple "
-                             f"of micro_batch × ranks = {c.micro_batch} × {self.world} = {per_micro}")
-        self.accum = c.effective_batch // per_micro
         micro_per_epoch = math.ceil(len(self.train_examples) / per_micro)
         micro_per_epoch = math.ceil(micro_per_epoch / self.accum) * self.accum
         self.micro_per_epoch = micro_per_epoch
