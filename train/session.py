@@ -169,10 +169,8 @@ class TrainingSession:
         c = self.config
         init = self._adapter_init(student, heads)
         router = self._router(len(self.teacher_names), student)
-        # "auto" is KVDistillLoss's own choice (Triton for CUDA inputs)
-        backend = None if c.loss_backend == "auto" else c.loss_backend
         kv_loss = KVDistillLoss(heads, self.student_heads, self.n_layers, init=init, lambda_k=c.lambda_k,
-                                lambda_v=c.lambda_v, beta=c.beta, backend=backend, check_finite=False)
+                                lambda_v=c.lambda_v, beta=c.beta, backend=c.loss_backend, check_finite=False)
         zspace = None
         if c.zspace:
             zspace = ZSpace([2 * h * d for h, d in heads], 2 * self.student_heads[0] * self.student_heads[1],
