@@ -64,6 +64,10 @@ def test_presets_build_a_frozen_typed_config():
     assert config.keep_checkpoints == 2 and config.lr_lora == 2e-4           # from defaults.yaml
     assert isinstance(config.lora_alpha, float)                              # YAML's 32 fitted to the key's type
     assert load_config(0, None, ["--teacher_prompts", "cot"]).teacher_prompts == ["cot"]   # one value, a list
+    # prompt text with YAML syntax in it stays text
+    prompts = load_config(0, None, ["--teacher_prompts", "Answer: think step by step", "--student_prompt",
+                                    "a: b: c"])
+    assert (prompts.teacher_prompts, prompts.student_prompt) == (["Answer: think step by step"], "a: b: c")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.seed = 3
     with pytest.raises(ConfigError, match="config key 'lr_full' = 0.0 is not allowed"):
@@ -77,6 +81,10 @@ def test_every_phase_preset_is_valid_and_a_preset_file_is_checked_like_the_comma
     bad.write_text("lr_ful: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown preset key\(s\) \['lr_ful'\]: lr_ful → did you mean lr_full\?"):
         load_config(1, str(bad), [])
+    bad.write_text("lr_full: [1\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml is not valid YAML: .*line 2") as info:
+        load_config(1, str(bad), [])
+    assert "\n" not in str(info.value)
     bad.write_text("phase: 3\n")
     with pytest.raises(ConfigError, match="preset key 'phase' is set by --phase"):
         load_config(1, str(bad), [])

@@ -234,15 +234,24 @@ def _coerce(key: str, value, hint):
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"config file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values")
     return data
 
 
 def _scalar(text: str):
-    """YAML scalar, except that numbers YAML 1.1 reads as strings (1e-2) become floats."""
-    value = yaml.safe_load(text)
+    """One command-line value read as a YAML scalar (true, 3, 1e-4, null); text that YAML would read as a mapping,
+    a list or not at all (prompt text such as "Answer: think") stays the text it is."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)):
+        return text
     if isinstance(value, str):
         try:
             return float(value)
