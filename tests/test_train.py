@@ -227,3 +227,42 @@ def test_a_failed_checkpoint_save_names_the_disk(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"step000003 .* unexpected pos .* GB free there: a full disk\?"):
         TrainingSession.save(SimpleNamespace(engine=FullDisk(), ckpt_dir=tmp_path), 3)
+
+
+def test_the_recipe_steps_in_process(tmp_path, monkeypatch):
+    """TrainingSession's steps one by one in this process (a gloo world of one): construction loads nothing,
+    setup() builds the run, loss_step() is the model's forward under the step's loss weights, train() runs the
+    loop, cleanup() closes the writers."""
+    import torch.distributed as dist
+    from dataclasses import replace
+
+    from kvfuse.net import free_port
+    from train.config import load_config
+    from train.main import init_distributed
+
+    for key, value in {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    overrides = [*TINY[2:], "--n_val", "1", "--max_steps", "2", "--save_every", "0", "--output_dir", str(tmp_path)]
+    config = replace(load_config(1, None, overrides), device="cpu")
+    init_distributed("cpu")
+    from train.session import TrainingSession
+
+    session = TrainingSession(config)
+    try:
+        assert not hasattr(session, "model") and not tmp_path.joinpath("config.yaml").exists()
+        session.setup()
+        assert (session.start_step, session.accum, session.total_steps) == (0, 1, 2)
+        assert (tmp_path / "config.yaml").exists() and (tmp_path / "alignment_teacher1.png").exists()
+        batch = next(session.train_batches(0))
+        loss, logs, weights, lw = session.loss_step(batch, 0)
+        assert lw.tolist() == [1.0, 1.0, 0.0, 0.0]          # the first third of 4 layers, rounded up, at step 0
+        again, _ = session.model(batch, layer_weights=lw, weights=weights)
+        assert loss.item() == pytest.approx(again.item(), rel=1e-6) and loss.item() > 0
+        assert session.train() == 0
+        assert [e["step"] for e in _events(tmp_path, "train")] == [1, 2]
+        assert session.tb is not None
+    finally:
+        session.cleanup()
+        dist.destroy_process_group()
+    assert session.tb is None
