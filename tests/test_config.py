@@ -31,6 +31,7 @@ def _refusal(capsys, *argv):
     (["--micro_batch", "0"], "config key 'micro_batch' = 0 is not allowed: must be >= 1"),
     (["--micro_batch", "two"], "config key 'micro_batch' = 'two' must be an integer"),
     (["--lora", "maybe"], "config key 'lora' = 'maybe' must be true or false"),
+    (["--lr_lora", "inf"], "config key 'lr_lora' = inf must be a finite number"),
     (["--warmup_ratio", "1.5"], "config key 'warmup_ratio' = 1.5 is not allowed: must be in [0, 1]"),
     (["--alpha", "0.5", "-0.1"], "config key 'alpha' = [0.5, -0.1] is not allowed: must be >= 0"),
     (["--alpha", "1.0"], "config key 'alpha' = [1.0] has 1 weights for 2 teachers: give one weight per teacher"),

@@ -8,6 +8,7 @@ what is allowed.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import textwrap
 import typing
@@ -207,15 +208,15 @@ def _is(value, kind) -> bool:
     if kind is bool:
         return isinstance(value, bool)
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def _type_words(kind) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
 
 
-def _coerce(key: str, value, hint):
+def _coerce(value, hint):
     """YAML's reading of a value, fitted to the key's type where that loses nothing: an int for a float key, one
     value for a list key."""
     if typing.get_origin(hint) is typing.Union:
@@ -321,7 +322,7 @@ def load_config(phase: int, config_path: str | None, override_tokens: list[str])
         values.update(layer)
     values["phase"] = phase
     hints = typing.get_type_hints(TrainConfig)
-    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    return TrainConfig(**{k: _coerce(v, hints[k]) for k, v in values.items()})
 
 
 # ------------------------------------------------------------------------------------------------------ help
