@@ -391,6 +391,11 @@ class TrainingSession:
                     done = True
                     break
         bar.close()
+        self._finish(step)
+        return 0
+
+    def _finish(self, step: int) -> None:
+        """The final evaluation (with generations), the Z-space picture and the HTML report."""
         self.evaluate(step, generate=True)
         if self.model.zspace is not None:
             self._plot_zspace()
@@ -399,7 +404,6 @@ class TrainingSession:
             self.tb.flush()
             self._log(f"report: {build_report(self.out)}")
         dist.barrier()
-        return 0
 
     def cleanup(self) -> None:
         if self.tb is not None:
