@@ -36,7 +36,10 @@ setup(
     packages=[
         "kvfuse", "kvfuse.align", "kvfuse.models", "kvfuse.teacher", "kvfuse.fuse", "kvfuse.eval",
         "kvfuse.kernels",
+        # the trainer, so `python train/main.py` and `deepspeed train/main.py` import `train.*` without path edits
+        "train",
     ],
+    package_data={"train": ["configs/*.yaml"]},
     ext_modules=[CMakeExtension("kvfuse._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

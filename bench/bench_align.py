@@ -30,7 +30,7 @@ from bench.common import commit
 from kvfuse import _C
 from kvfuse.align.tokens import dense_iou, reference_iou_alignment, token_spans
 from kvfuse.data import load_gsm8k, shakespeare
-from kvfuse.models.load import load_tokenizer
+from kvfuse.models import load_tokenizer
 
 STUDENT, TEACHER = "smollm2-135m-instruct", "gemma3-270m"
 PLAY = "hamlet"  # long enough for 32k SmolLM2 tokens on its own

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from bench.common import append_csv, commit, device_name
 from kvfuse.align.rope import rotate
 from kvfuse.loss import KVDistillLoss
-from kvfuse.models import load
+from kvfuse.models import kv_heads, load
 from kvfuse.models.capture import capture_kv
 from kvfuse.teacher.builder import collate
 from kvfuse.teacher.loader import batch_to, store_batches
@@ -140,8 +140,7 @@ def main() -> int:
     student, _ = load(args.student, dtype=dtype, device=device)
     student.train()
     cfg = student.config
-    L, H_s = cfg.num_hidden_layers, cfg.num_key_value_heads
-    D_s = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    L, (H_s, D_s) = cfg.num_hidden_layers, kv_heads(cfg)
     teachers = [tuple(int(x) for x in spec.split("x")) for spec in args.teachers.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-store-"))
     make_store(tmp, args.batch * 2, args.seq, L, teachers)

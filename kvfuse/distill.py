@@ -17,7 +17,7 @@ from torch import nn
 
 from kvfuse.align.rope import rotate
 from kvfuse.attention import attention_kl
-from kvfuse.eval.similarity import token_features
+from kvfuse.eval.similarity import kv_tokens, token_features
 from kvfuse.fuse.router import (FixedRouter, LearnableRouter, SimilarityRouter, entropy, entropy_regularizer,
                                 first_tokens_feature, pooled_features)
 from kvfuse.loss import KVDistillLoss, fused_teacher_keys
@@ -46,7 +46,7 @@ class LossWeights:
 
 def rationale_ce(logits: torch.Tensor, input_ids: torch.Tensor, labels_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over rationale tokens: token t is predicted from position t−1."""
-    target_mask = labels_mask[:, 1:]
+    target_mask = labels_mask[:, 1:].bool()     # a 0/1 integer mask would index rows instead of selecting
     if not target_mask.any():
         raise ValueError("rationale_ce: no rationale token to score (labels_mask is empty)")
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -149,10 +149,8 @@ class DistillationModel(nn.Module):
         per_layer = []
         for l, (k, v) in enumerate(zip(cap.keys, cap.values)):
             # position-free student keys (pre-RoPE), like the stored teacher keys
-            student = torch.cat([k, v], dim=-1).transpose(1, 2).flatten(2)          # [B, T, H·2D]
-            teachers = [torch.cat([tk[l], tv[l]], dim=-1).transpose(1, 2).flatten(2)
-                        for tk, tv in zip(teacher_k, teacher_v)]
-            per_layer.append(self.zspace(student, teachers, alpha, mask))
+            teachers = [kv_tokens(tk[l], tv[l]) for tk, tv in zip(teacher_k, teacher_v)]
+            per_layer.append(self.zspace(kv_tokens(k, v), teachers, alpha, mask))
         losses = torch.stack(per_layer)
         lw = torch.ones_like(losses) if layer_weights is None else layer_weights.to(losses)
         return (lw * losses).sum() / lw.sum(), losses.detach()

@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from kvfuse.backend import BACKENDS, resolve_backend
 from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
-
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -390,7 +390,7 @@ class KVDistillLoss(nn.Module):
         its parameters train with the loss.
     alpha: constant weights [N] or [L, N] used when neither α nor the router is given (default uniform 1/N);
         normalised to sum 1 over teachers.
-    backend: None picks "triton" for CUDA inputs, "torch" otherwise.
+    backend: "auto" picks "triton" for CUDA inputs of a Triton dtype, "torch" otherwise (kvfuse.backend).
 
     The adapters are touched only inside forward, so under DeepSpeed ZeRO-3 (the module being a submodule of
     the engine's model) DeepSpeed's pre-forward hook gathers them and their gradients reach its reducer.
@@ -399,8 +399,9 @@ class KVDistillLoss(nn.Module):
     def __init__(self, teacher_heads: Sequence[tuple[int, int]], student_heads: tuple[int, int], n_layers: int,
                  init: str | Sequence[tuple[torch.Tensor, torch.Tensor]] = "group_mean",
                  router: nn.Module | Callable | None = None, alpha: Sequence[float] | torch.Tensor | None = None,
-                 lambda_k: float = 1.0, lambda_v: float = 1.0, beta: float = 0.1, attention_scaling: float | Sequence[float] = 1.0,
-                 backend: str | None = None, check_finite: bool = True, dtype: torch.dtype = torch.float32):
+                 lambda_k: float = 1.0, lambda_v: float = 1.0, beta: float = 0.1,
+                 attention_scaling: float | Sequence[float] = 1.0, backend: str = "auto", check_finite: bool = True,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         teacher_heads = [tuple(int(v) for v in th) for th in teacher_heads]
         if not 1 <= len(teacher_heads) <= MAX_TEACHERS:
@@ -412,8 +413,8 @@ class KVDistillLoss(nn.Module):
             raise ValueError(f"student_heads must be (H_s >= 1, even D_s), got {student_heads}")
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        if backend not in (None, "torch", "triton"):
-            raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.teacher_heads, self.student_heads, self.n_layers = teacher_heads, (H_s, D_s), int(n_layers)
         self.lambda_k, self.lambda_v, self.beta = float(lambda_k), float(lambda_v), float(beta)
         self.attention_scaling, self.backend, self.check_finite = attention_scaling, backend, check_finite
@@ -482,7 +483,7 @@ class KVDistillLoss(nn.Module):
         if not isinstance(student_k, torch.Tensor) or student_k.dim() != 5:
             raise ValueError("student_k must be a tensor [L, B, H_s, T, D_s]")
         a = self._alpha(alpha, router_inputs, student_k.shape[1], student_k)
-        backend = self.backend or ("triton" if student_k.is_cuda else "torch")
+        backend = resolve_backend(self.backend, student_k)
         scaling = self.attention_scaling if attention_scaling is None else attention_scaling
         return kv_distill_loss(student_k, student_v, list(teacher_k), list(teacher_v), self.w_k, self.w_v, a, mask,
                                positions, inv_freq, attention_scaling=scaling, lambda_k=self.lambda_k,

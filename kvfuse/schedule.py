@@ -1,4 +1,4 @@
-"""Training schedules from PLAN.zh.md §3/§5: layer-weight annealing, γ/δ warm-in, warmup + cosine LR."""
+"""Training schedules from docs/PLAN.md §3/§5: layer-weight annealing, γ/δ warm-in, warmup + cosine LR."""
 from __future__ import annotations
 
 import math

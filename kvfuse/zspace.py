@@ -1,4 +1,4 @@
-"""Phase 5: a common space Z for teachers too different to align head-to-head (PLAN.zh.md Phase 5).
+"""Phase 5: a common space Z for teachers too different to align head-to-head (docs/PLAN.md §4 Phase 5).
 
 Per token, teacher i's aligned [K, V] (pre-RoPE keys, values, heads flattened) is mapped by g_i to Z_i and the
 student's [K, V] by h_s to Z_s; the fused target Z_f = Σ_i α_i Z_i supervises Z_s with one of:

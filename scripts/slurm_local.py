@@ -1,4 +1,4 @@
-"""A one-node SLURM cluster on this machine, for tests and local tries of the SLURM scripts (DESIGN.md §6).
+"""A one-node SLURM cluster on this machine, for tests and local tries of the SLURM scripts (docs/DESIGN.md §6).
 
 `with local_slurm() as env:` writes a minimal slurm.conf under a temp dir (this host as controller and node,
 munge auth, linuxproc tracking, cons_tres), starts munged, slurmctld and slurmd, waits until the node is idle, and
@@ -17,11 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from kvfuse.net import free_port
 
 
 def missing_tools() -> list[str]:
@@ -50,8 +46,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

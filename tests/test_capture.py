@@ -179,7 +179,7 @@ def test_queries_and_hidden_reproduce_attention_and_logits(arch):
 @pytest.mark.parametrize("alias,length", [("smollm2-135m-instruct", 33), ("gemma3-270m", 520)])
 def test_real_packaged_models(alias, length):
     """The packaged pretrained models (converted once, cached); Gemma3 runs past its 512-token window."""
-    from kvfuse.models.load import load
+    from kvfuse.models import load
 
     model, _ = load(alias)
     ids = torch.randint(10, 30000, (1, length), generator=torch.Generator().manual_seed(0))

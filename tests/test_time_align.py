@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 from kvfuse.align.time import apply_alignment, pad_aligned, pick_bucket, shared_text, time_alignment, to_shared_coords
 from kvfuse.align.tokens import token_spans
 from kvfuse.data import Example, render
-from kvfuse.models.load import tiny_tokenizer
+from kvfuse.models import tiny_tokenizer
 
 EXAMPLES = [
     Example(id="a", question="Tom has 3 apples and buys 14 more.", rationale="3 + 14 = 17, so he has 17. #### 17", answer="17"),

@@ -7,7 +7,7 @@ from kvfuse import _C
 from kvfuse.align.tokens import (alignment_matrices, alignment_matrix, check_spans, dense_iou,
                                  reference_iou_alignment, token_spans)
 from kvfuse.data import load_gsm8k
-from kvfuse.models.load import load_tokenizer
+from kvfuse.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The trainer end to end on tiny models: outputs, 2-rank ZeRO-3 == one process, exact resume after SIGKILL,
 online == offline teachers, and every bad input the trainer promises to name."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--phase", "1", "--model_name", "tiny-llama", "--n_samples", "4", "--n_val", "2", "--max_length", "4096",
@@ -65,7 +67,6 @@ def test_two_zero3_ranks_match_one_process(tmp_path):
 # holds a step that the newest checkpoint (step 3) does not. Polling from outside raced the run on fast machines.
 _KILL_BEFORE_SAVING_STEP_4 = """
 import os, signal, sys
-sys.path.insert(0, sys.argv[1])
 from train import main, session
 save = session.TrainingSession.save
 def save_or_die(self, step):
@@ -73,7 +74,7 @@ def save_or_die(self, step):
         os.kill(os.getpid(), signal.SIGKILL)
     save(self, step)
 session.TrainingSession.save = save_or_die
-sys.exit(main.main(sys.argv[2:]))
+sys.exit(main.main(sys.argv[1:]))
 """
 
 
@@ -81,7 +82,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     extra = ["--epochs", "2", "--save_every", "1", "--eval_every", "100"]
     _train(tmp_path / "full", *extra)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, str(ROOT), *TINY, "--output_dir", str(out), *extra]
+    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, *TINY, "--output_dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000003"
@@ -93,6 +94,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step000007", "step000008"]
     for a, b in zip(full, resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
+    # another seed orders the batches differently: resuming would skip the wrong ones, so it is refused by name
+    proc = _train(out, *extra, "--seed", "1", check=False)
+    assert proc.returncode == 2 and "the data order differs in seed (checkpoint 0, now 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_online_and_offline_teachers_give_the_same_loss(tmp_path):
@@ -155,17 +160,44 @@ def test_unalignable_teacher_is_a_clear_error():
 def test_every_phase_preset_trains(tmp_path, extra):
     _train(tmp_path, *extra, "--student_layers", "every_other")
     train = _events(tmp_path, "train")
-    assert train and all(e["loss"] == e["loss"] for e in train)          # no NaN
+    phase = extra[1]
+    # 4 examples: Phase 0 steps one at a time for 1 epoch; Phases 4/5 take all 4 per step for 2 epochs
+    assert [e["step"] for e in train] == ([1, 2, 3, 4] if phase == "0" else [1, 2])
+    learnable = "--router_type" not in extra
+    for e in train:
+        # >= 0, not > 0: in Phase 0 student and teacher are one model, so layer 0's KV (a function of the shared
+        # tokens alone) matches exactly, and the layer warm-up weighs only that layer at first
+        assert math.isfinite(e["loss"]) and e["kv_loss"] >= 0 and e["grad_norm"] >= 0
+        # the logged loss is the sum of its logged terms: each term the step reports is the one it trained on
+        terms = e["kv_loss"] + e["gamma"] * e.get("attn_kl", 0.0) + e["delta"] * e.get("ce", 0.0)
+        if phase == "4" and learnable:
+            terms -= 0.01 * e["router_entropy"]                                 # entropy_weight, diversity target
+        assert e["loss"] == pytest.approx(terms, rel=1e-5, abs=1e-9)
+        if phase == "5":                     # the Z loss is the layer-weighted mean of its per-layer values
+            assert len(e["z_loss"]) == 2 and "k_mse" not in e
+            weighted = sum(w * z for w, z in zip(e["layer_weights"], e["z_loss"])) / sum(e["layer_weights"])
+            assert e["kv_loss"] == pytest.approx(weighted, rel=1e-5)
+        else:
+            assert len(e["k_mse"]) == len(e["v_mse"]) == len(e["cos"]) == 2
     val = _events(tmp_path, "val")
     assert val[-1]["ce"] != val[0]["ce"]               # the student itself learns under every phase's objective
     routers = _events(tmp_path, "router")
-    if "--router_type" in extra or "--router_groups" in extra:
-        alpha = routers[-1]["alpha"]
-        assert routers and (len(alpha[0]) == 2 or len(alpha[0][0]) == 2)
+    if phase == "4":
+        assert [r["step"] for r in routers] == [1, 2]
+        for r in routers:
+            alpha = torch.tensor(r["alpha"])    # the step's last micro-batch: [1, N], or [1, L, N] layer-aware
+            layer_aware = extra[extra.index("--router_groups") + 1] == "2"
+            assert alpha.shape == ((1, 2, 2) if layer_aware else (1, 2))
+            assert torch.allclose(alpha.sum(-1), torch.ones(alpha.shape[:-1])) and (alpha >= 0).all()
+    else:
+        assert routers == []
     if "--gamma_final" in extra:
-        assert train[-1]["gamma"] > 0 and "attn_kl" in train[-1] and "ce" in train[-1]
-    if "5" in extra[:2]:
-        assert (tmp_path / "zspace_embedding.png").exists() and "z_loss" in train[-1]
+        # γ and δ warm in from 0 (so the first step has neither term), then both terms are trained on
+        assert (train[0]["gamma"], train[0]["delta"]) == (0.0, 0.0) and "attn_kl" not in train[0]
+        assert train[-1]["gamma"] > 0 and train[-1]["delta"] > 0
+        assert train[-1]["attn_kl"] > 0 and train[-1]["ce"] > 0
+    if phase == "5":
+        assert (tmp_path / "zspace_embedding.png").exists()
 
 
 def test_lora_run_trains_only_lora_and_the_kv_adapters(tmp_path):
@@ -195,3 +227,42 @@ def test_a_failed_checkpoint_save_names_the_disk(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"step000003 .* unexpected pos .* GB free there: a full disk\?"):
         TrainingSession.save(SimpleNamespace(engine=FullDisk(), ckpt_dir=tmp_path), 3)
+
+
+def test_the_recipe_steps_in_process(tmp_path, monkeypatch):
+    """TrainingSession's steps one by one in this process (a gloo world of one): construction loads nothing,
+    setup() builds the run, loss_step() is the model's forward under the step's loss weights, train() runs the
+    loop, cleanup() closes the writers."""
+    import torch.distributed as dist
+    from dataclasses import replace
+
+    from kvfuse.net import free_port
+    from train.config import load_config
+    from train.main import init_distributed
+
+    for key, value in {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    overrides = [*TINY[2:], "--n_val", "1", "--max_steps", "2", "--save_every", "0", "--output_dir", str(tmp_path)]
+    config = replace(load_config(1, None, overrides), device="cpu")
+    init_distributed("cpu")
+    from train.session import TrainingSession
+
+    session = TrainingSession(config)
+    try:
+        assert not hasattr(session, "model") and not tmp_path.joinpath("config.yaml").exists()
+        session.setup()
+        assert (session.start_step, session.accum, session.total_steps) == (0, 1, 2)
+        assert (tmp_path / "config.yaml").exists() and (tmp_path / "alignment_teacher1.png").exists()
+        batch = next(session.train_batches(0))
+        loss, logs, weights, lw = session.loss_step(batch, 0)
+        assert lw.tolist() == [1.0, 1.0, 0.0, 0.0]          # the first third of 4 layers, rounded up, at step 0
+        again, _ = session.model(batch, layer_weights=lw, weights=weights)
+        assert loss.item() == pytest.approx(again.item(), rel=1e-6) and loss.item() > 0
+        assert session.train() == 0
+        assert [e["step"] for e in _events(tmp_path, "train")] == [1, 2]
+        assert session.tb is not None
+    finally:
+        session.cleanup()
+        dist.destroy_process_group()
+    assert session.tb is None

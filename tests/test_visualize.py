@@ -10,7 +10,7 @@ from kvfuse.align.time import time_alignment
 from kvfuse.align.tokens import token_spans
 from kvfuse.data import Example, render
 from kvfuse.eval.visualize import plot_alignment, plot_layer_map
-from kvfuse.models.load import tiny_tokenizer
+from kvfuse.models import tiny_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -82,12 +82,16 @@ def seal(ckpt_dir: Path, tag: str, step: int, resumable: bool = True) -> Path:
     return folder / SEAL
 
 
-def save(engine, ckpt_dir: Path, tag: str, step: int, resumable: bool = True) -> None:
+def save(engine, ckpt_dir: Path, tag: str, step: int, resumable: bool = True,
+         add_files: Callable[[Path], None] | None = None) -> None:
     """engine.save_checkpoint on every rank, then the seal and `latest` on rank 0 (DeepSpeed's own `latest` is not
-    written: it would name the checkpoint before its seal exists)."""
+    written: it would name the checkpoint before its seal exists). add_files(folder) writes the caller's own files
+    into the checkpoint folder on rank 0 before the seal, so the manifest covers them too."""
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
+        if add_files is not None:
+            add_files(Path(ckpt_dir) / tag)
         seal(ckpt_dir, tag, step, resumable)
     dist.barrier()
 
@@ -211,13 +215,17 @@ class _WeightsOnlyLoads:
         return getattr(self._inner, name)
 
 
-def resume(engine, ckpt_dir: Path, log: Callable[[str], None]) -> Resumed | None:
+def resume(engine, ckpt_dir: Path, log: Callable[[str], None],
+           accept: Callable[[Path], None] | None = None) -> Resumed | None:
     """Load the checkpoint `choose` picks (on rank 0; every rank loads the same tag) into `engine`, weights-only;
-    None for a fresh start."""
+    None for a fresh start. accept(folder) runs on rank 0 before anything is loaded and refuses the checkpoint by
+    raising a CheckpointError (e.g. one trained under another data order)."""
     picked: list = [None]
     if dist.get_rank() == 0:
         try:
             picked = [choose(ckpt_dir, log)]
+            if picked[0] is not None and accept is not None:
+                accept(Path(ckpt_dir) / picked[0][0])
         except CheckpointError as err:
             picked = [err]      # every rank raises it, none waits for a tag that will not come
     if dist.get_world_size() > 1:

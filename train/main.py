@@ -9,67 +9,76 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
-from pathlib import Path
+from dataclasses import replace
 
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python train/main.py` from a checkout without an install
-    sys.path.insert(0, str(ROOT))
-
-from train.config import load_config  # noqa: E402
-from train.session import TrainingSession  # noqa: E402
+from train.config import PHASES, ConfigError, TrainConfig, describe_keys, load_config
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", type=int, required=True, choices=range(6), help="phase preset 0..5")
-    parser.add_argument("--config", default=None, help="YAML preset (default train/configs/phaseN.yaml)")
-    parser.add_argument("--output_dir", default=None, help="run directory (default runs/phaseN)")
-    parser.add_argument("--teacher_store", default=None, help="read teacher KV from this offline store")
+    parser = argparse.ArgumentParser(description=__doc__, epilog=describe_keys(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", type=int, required=True, choices=PHASES, help="phase preset 0..5 (see below)")
+    parser.add_argument("--config", default=None, help="YAML preset instead of train/configs/phaseN.yaml")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     return parser.parse_known_args(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def resolve_device(name: str) -> str:
+    """`auto` → cuda when a GPU is visible, else cpu; a CUDA device that is not there is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'device' = {name!r} is not available: this machine has no CUDA GPU "
+                              "visible to PyTorch; use --device cpu (or auto)")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"config key 'device' = {name!r} is not available: {torch.cuda.device_count()} CUDA "
+                              "GPU(s) visible")
+    return name
 
 
 def init_distributed(device: str) -> None:
     """One process without a launcher becomes a world of one, so the same ZeRO-3 code path runs everywhere."""
     import deepspeed
 
+    from kvfuse.net import free_port
+
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(_free_port())})
+                           "MASTER_PORT": str(free_port())})
     backend = "nccl" if device.startswith("cuda") else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def run(args: argparse.Namespace, overrides: list[str]) -> int:
+def prepare(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
+    """The checked config of this run, with its device and output folder resolved."""
     config = load_config(args.phase, args.config, overrides)
-    if args.teacher_store:
-        config["teacher_store"] = args.teacher_store
-    if args.max_steps is not None:
-        config["max_steps"] = args.max_steps
-    config["output_dir"] = args.output_dir or config.get("output_dir") or f"runs/phase{args.phase}"
-    if config["device"] == "auto":
-        config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if config["device"] == "cpu":
+    return replace(config, device=resolve_device(config.device),
+                   output_dir=config.output_dir or f"runs/phase{args.phase}")
+
+
+def run(config: TrainConfig) -> int:
+    if config.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    init_distributed(config["device"])
-    return TrainingSession(config).run()
+    init_distributed(config.device)
+    from train.session import TrainingSession
+
+    session = TrainingSession(config)
+    try:
+        session.setup()
+        return session.train()
+    finally:
+        session.cleanup()
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     try:
-        return run(args, overrides)
+        return run(prepare(args, overrides))
     except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:
         # One line that says what and where; KVFUSE_DEBUG=1 shows the traceback.
         if os.environ.get("KVFUSE_DEBUG"):

@@ -1,4 +1,6 @@
-"""One training run: data, models, the DeepSpeed ZeRO-3 engine, the loop, evaluation, checkpoints, outputs."""
+"""One training run as a recipe: `TrainingSession(config)` is cheap; `setup()` builds the run from `_setup_*` steps
+(outputs, data, models, loss, DeepSpeed engine, resume, report); `loss_step()` is one micro-batch's forward;
+`train()` is the loop with evaluation and checkpoints; `cleanup()` closes what setup opened."""
 from __future__ import annotations
 
 import json
@@ -20,19 +22,21 @@ from tqdm import tqdm
 from kvfuse.align.heads import ridge_adapters, structured_adapter
 from kvfuse.data import extract_final_number, load_examples, render_prompt, resolve_prompt
 from kvfuse.distill import DistillationModel, LossWeights
-from kvfuse.eval.similarity import CKAAccumulator, token_features
+from kvfuse.eval.similarity import CKAAccumulator, kv_tokens, token_features
 from kvfuse.eval.task_metrics import bleu, exact_match_accuracy, perplexity, rouge_l
 from kvfuse.eval.visualize import plot_alignment, plot_layer_map
 from kvfuse.fuse.router import FixedRouter, LearnableRouter, SimilarityRouter, compute_prototypes, \
     first_tokens_feature
 from kvfuse.loss import KVDistillLoss
-from kvfuse.models import load, make_student
+from kvfuse.models import kv_heads, load, make_student
 from kvfuse.schedule import layer_weights as annealed_layer_weights, lr_factor, warm_in
 from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, collate, max_positions
 from kvfuse.teacher.loader import batch_to, check_finite_teachers, store_batches
 from kvfuse.teacher.provenance import open_store_for_run, store_examples, student_fingerprint, teacher_fingerprint
 from kvfuse.zspace import ZSpace
 from train import checkpoint
+from train.config import TrainConfig
+from train.resume import check_data_order, data_order, write_data_order
 
 
 class NonFiniteLoss(RuntimeError):
@@ -46,121 +50,116 @@ def _set_seed(seed: int) -> None:
 
 
 class TrainingSession:
-    def __init__(self, config: dict):
+    def __init__(self, config: TrainConfig):
+        """Reads the config and the process group; loads nothing."""
         self.config = config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if config["device"].startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            self.device = torch.device("cuda", local)
-            torch.cuda.set_device(self.device)
+        if config.device.startswith("cuda"):
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         else:
-            self.device = torch.device(config["device"])
-        self.bf16 = config["dtype"] == "bf16" or (config["dtype"] == "auto" and self.device.type == "cuda")
-        self.out = Path(config["output_dir"])
+            self.device = torch.device(config.device)
+        self.bf16 = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
+        self.out = Path(config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        _set_seed(config["seed"])
-        self._setup_data()
-        self._setup_models()
-        self._setup_engine()
+        self.tb = None
 
     # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self._setup_output()
+        self._setup_data()
+        student, heads = self._setup_models()
+        self._setup_loss(student, heads)
+        self._setup_engine()
+        self.start_step = self._setup_resume()
+        self._setup_report()
+
     def _log(self, text: str) -> None:
         if self.rank == 0:
             tqdm.write(text)
 
+    def _setup_output(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        _set_seed(self.config.seed)
+
     def _setup_data(self) -> None:
         c = self.config
-        if c["teacher_store"]:
-            self.train_examples, self.val_examples = store_examples(c["teacher_store"], c["dataset"], self._log)
+        if c.teacher_store:
+            self.train_examples, self.val_examples = store_examples(c.teacher_store, c.dataset, self._log)
         else:
-            self.train_examples, self.val_examples = load_examples(c["dataset"], c["n_samples"], c["n_val"],
-                                                                   c["seed"])
+            self.train_examples, self.val_examples = load_examples(c.dataset, c.n_samples, c.n_val, c.seed)
         if not self.train_examples:
-            raise ValueError(f"dataset {c['dataset']!r} gave no training examples (n_samples={c['n_samples']})")
-        per_micro = c["micro_batch"] * self.world
-        self.accum = max(1, c["effective_batch"] // per_micro)
+            raise ValueError(f"dataset {c.dataset!r} gave no training examples (n_samples={c.n_samples})")
+        self.accum = c.accumulation(self.world)
+        per_micro = c.micro_batch * self.world
         micro_per_epoch = math.ceil(len(self.train_examples) / per_micro)
         micro_per_epoch = math.ceil(micro_per_epoch / self.accum) * self.accum
         self.micro_per_epoch = micro_per_epoch
         self.steps_per_epoch = micro_per_epoch // self.accum
-        self.total_steps = self.steps_per_epoch * c["epochs"]
-        if c.get("max_steps"):
-            self.total_steps = min(self.total_steps, int(c["max_steps"]))
+        self.total_steps = self.steps_per_epoch * c.epochs
+        if c.max_steps is not None:
+            self.total_steps = min(self.total_steps, c.max_steps)
 
-    def _teacher_names(self) -> list[str]:
+    def _teacher_names(self) -> tuple[list[str], list[str]]:
         c = self.config
-        prompts = c["teacher_prompts"]
-        if c["teachers"]:
-            names = list(c["teachers"])
+        prompts = list(c.teacher_prompts)
+        if c.teachers:
+            names = list(c.teachers)
             if len(prompts) == 1:
                 prompts = prompts * len(names)
         else:
-            names = [c["model_name"]] * len(prompts)
+            names = [c.model_name] * len(prompts)
         return names, [resolve_prompt(p) for p in prompts]
 
-    def _setup_models(self) -> None:
+    def _setup_models(self):
+        """The student (on the device), and the teachers: online models behind a TeacherKVBuilder, or the store.
+        Returns (student, per-teacher (KV heads, head dim))."""
         c = self.config
         model_dtype = torch.bfloat16 if self.bf16 else torch.float32
         attn = self._attention_implementation()
-        student, self.tokenizer = load(c["model_name"], dtype=torch.float32, device="cpu", attn_implementation=attn)
+        student, self.tokenizer = load(c.model_name, dtype=torch.float32, device="cpu", attn_implementation=attn)
         student_print, student_positions = student_fingerprint(self.tokenizer, student.config), \
             max_positions(student.config)
-        student = make_student(student, c["student_layers"])
+        student = make_student(student, c.student_layers)
         self.n_layers = student.config.num_hidden_layers
+        self.student_heads = kv_heads(student.config)
         names, prompts = self._teacher_names()
         self.teacher_names, self.teacher_prompts = names, prompts
-        settings = AlignmentSettings(c["layer_map"], c["align_threshold"], c["align_fallback"], c["trim_whitespace"])
-        self.store = None
-        teachers, loaded = [], {}
-        if c["teacher_store"]:
-            self.store = open_store_for_run(c["teacher_store"], {
-                "teachers": names, "teacher_prompts": prompts, "student_prompt": resolve_prompt(c["student_prompt"]),
-                "student_layers": c["student_layers"], "alignment": asdict(settings),
+        settings = AlignmentSettings(c.layer_map, c.align_threshold, c.align_fallback, c.trim_whitespace)
+        self.store, self.builder = None, None
+        if c.teacher_store:
+            self.store = open_store_for_run(c.teacher_store, {
+                "teachers": names, "teacher_prompts": prompts, "student_prompt": resolve_prompt(c.student_prompt),
+                "student_layers": c.student_layers, "alignment": asdict(settings),
                 "student_fingerprint": student_print, "teacher_fingerprints": [teacher_fingerprint(n) for n in names],
-                "allow_long_sequences": c["allow_long_sequences"]}, self._log)
+                "allow_long_sequences": c.allow_long_sequences}, self._log)
             heads = self._store_heads()
         else:
+            teachers, loaded = [], {}
             for name, prompt in zip(names, prompts):
                 if name not in loaded:
                     loaded[name] = load(name, dtype=model_dtype, device=self.device, attn_implementation=attn)
                 model, tok = loaded[name]
                 teachers.append(Teacher(name, prompt, model, tok))
-            heads = [(t.model.config.num_key_value_heads, _head_dim(t.model.config)) for t in teachers]
-        self.builder = None
-        if teachers:
-            self.builder = TeacherKVBuilder(teachers, self.tokenizer, resolve_prompt(c["student_prompt"]),
-                                            self.n_layers, settings, max_length=c["max_length"],
+            heads = [kv_heads(t.model.config) for t in teachers]
+            self.builder = TeacherKVBuilder(teachers, self.tokenizer, resolve_prompt(c.student_prompt),
+                                            self.n_layers, settings, max_length=c.max_length,
                                             storage_dtype=model_dtype, device=self.device,
                                             student_max_positions=student_positions,
-                                            allow_long_sequences=c["allow_long_sequences"])
-        self.student_heads = (student.config.num_key_value_heads, _head_dim(student.config))
-        if c["lora"]:
+                                            allow_long_sequences=c.allow_long_sequences)
+        if c.lora:
             from peft import LoraConfig, get_peft_model
-            student = get_peft_model(student, LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"],
+            student = get_peft_model(student, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha,
                                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        student.to(self.device)
-        init = self._adapter_init(student, heads)
-        router = self._router(len(names), student)
-        kv_loss = KVDistillLoss(heads, self.student_heads, self.n_layers, init=init, lambda_k=c["lambda_k"],
-                                lambda_v=c["lambda_v"], beta=c["beta"], backend=self._backend(),
-                                check_finite=False)
-        zspace = None
-        if c["zspace"]:
-            zspace = ZSpace([2 * h * d for h, d in heads], 2 * self.student_heads[0] * self.student_heads[1],
-                            z_dim=c["z_dim"], loss=c["z_loss"], seed=c["seed"])
-        self.model = DistillationModel(student, kv_loss, router, zspace, entropy_weight=c["entropy_weight"],
-                                       entropy_target=c["entropy_target"], router_k=c["router_k"],
-                                       checkpoint=c["gradient_checkpointing"]).to(self.device)
-        if self.rank == 0:
-            self._save_alignment_pictures()
+        return student.to(self.device), heads
 
     def _attention_implementation(self) -> str | None:
         """flash_attn when installed on a GPU run, else PyTorch SDPA (which has flash kernels itself); tiny test
         models keep their eager default."""
-        if self.config["model_name"].startswith("tiny-"):
+        if self.config.model_name.startswith("tiny-"):
             return None
         if self.device.type == "cuda" and self.bf16:
             import importlib.util
@@ -169,16 +168,129 @@ class TrainingSession:
                 return "flash_attention_2"
         return "sdpa"
 
-    def _backend(self) -> str:
-        backend = self.config["loss_backend"]
-        if backend == "auto":
-            return "triton" if self.device.type == "cuda" else "torch"
-        return backend
-
     def _store_heads(self) -> list[tuple[int, int]]:
         first = self.store[0]
         n = len([k for k in first if k.startswith("teacher") and k.endswith("/k")])
         return [(first[f"teacher{i}/k"].shape[1], first[f"teacher{i}/k"].shape[3]) for i in range(n)]
+
+    def _setup_loss(self, student, heads) -> None:
+        """The distillation objective around the student: KV loss with its initialised adapters, router, Z space."""
+        c = self.config
+        init = self._adapter_init(student, heads)
+        router = self._router(len(self.teacher_names), student)
+        kv_loss = KVDistillLoss(heads, self.student_heads, self.n_layers, init=init, lambda_k=c.lambda_k,
+                                lambda_v=c.lambda_v, beta=c.beta, backend=c.loss_backend, check_finite=False)
+        zspace = None
+        if c.zspace:
+            zspace = ZSpace([2 * h * d for h, d in heads], 2 * self.student_heads[0] * self.student_heads[1],
+                            z_dim=c.z_dim, loss=c.z_loss, seed=c.seed)
+        self.model = DistillationModel(student, kv_loss, router, zspace, entropy_weight=c.entropy_weight,
+                                       entropy_target=c.entropy_target, router_k=c.router_k,
+                                       checkpoint=c.gradient_checkpointing).to(self.device)
+
+    @torch.no_grad()
+    def _adapter_init(self, student, heads):
+        c = self.config
+        if c.adapter_init == "structured":
+            return [(structured_adapter(h, d, *self.student_heads, n_layers=self.n_layers),) * 2 for h, d in heads]
+        batch = self.teacher_batch(self._calibration_examples())
+        cap_model = DistillationModel(student, None, None)
+        student_kv = cap_model.student_kv(batch)
+        pre_k, student_v = student_kv.cap.keys, student_kv.values
+        init = []
+        for i in range(len(heads)):
+            wk = ridge_adapters([t.float() for t in batch["teacher_k"][i]], [k.float() for k in pre_k], batch["mask"])
+            wv = ridge_adapters([t.float() for t in batch["teacher_v"][i]], [v.float() for v in student_v],
+                                batch["mask"])
+            init.append((wk, wv))
+        return init
+
+    def _calibration_examples(self):
+        # From the end of the training set: the train/val gap is measured on its start, which must not be the
+        # data the adapters were fitted on.
+        return self.train_examples[-self.config.calibration_samples:]
+
+    def _router(self, n_teachers: int, student):
+        c = self.config
+        if c.router_type == "fixed":
+            return FixedRouter(c.alpha)
+        if c.router_type == "learnable":
+            return LearnableRouter(student.get_input_embeddings().weight.shape[1], n_teachers,
+                                   n_layers=self.n_layers, n_groups=c.router_groups)
+        # similarity: prototypes from a calibration pass over training examples, in each teacher's KV space
+        batch = self.teacher_batch(self._calibration_examples())
+        feats = [first_tokens_feature(v, batch["mask"], c.router_k) for v in batch["teacher_v"]]
+        return SimilarityRouter([compute_prototypes(f[None])[0] for f in feats], c.router_temperature)
+
+    def _setup_engine(self) -> None:
+        c = self.config
+        student_params = [p for p in self.model.student.parameters() if p.requires_grad]
+        router_params = [p for p in self.model.router.parameters() if p.requires_grad]
+        other = [p for n, p in self.model.named_parameters()
+                 if p.requires_grad and not n.startswith(("student.", "router."))]
+        lr_student = c.lr_lora if c.lora else c.lr_full
+        groups = [{"params": student_params, "lr": lr_student}]
+        if other:
+            groups.append({"params": other, "lr": c.lr_lora})
+        if router_params:
+            groups.append({"params": router_params, "lr": c.lr_router})
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        total_student = sum(p.numel() for p in self.model.student.parameters())
+        self._log(f"trainable parameters: student {sum(p.numel() for p in student_params):,} of {total_student:,}"
+                  f"{' (LoRA)' if c.lora else ''}; adapters and Z space {sum(p.numel() for p in other):,}; "
+                  f"router {sum(p.numel() for p in router_params):,}")
+        total = self.total_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, c.warmup_ratio))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": c.micro_batch,
+            "gradient_accumulation_steps": self.accum,
+            "gradient_clipping": c.clip_grad,
+            "zero_optimization": {"stage": c.zero_stage},
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    @property
+    def data_order(self) -> dict:
+        return data_order(self.config, self.world, self.train_examples,
+                          None if self.store is None else self.store.hash)
+
+    def _setup_resume(self) -> int:
+        """The step to start from: 0, or the newest intact checkpoint's (train/checkpoint.py), whose data order must
+        be this run's."""
+        resumed = checkpoint.resume(self.engine, self.ckpt_dir, self._log,
+                                    accept=lambda folder: check_data_order(folder, self.data_order))
+        if resumed is None:
+            return 0
+        step = int(resumed.client_state["step"])
+        self._log(f"resumed from {resumed.path} at step {step}")
+        return step
+
+    def _setup_report(self) -> None:
+        """metrics.jsonl trimmed to the resumed step, TensorBoard, the resolved config and the alignment pictures."""
+        self._truncate_metrics(self.start_step)
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out / "tb"))
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.as_dict(), sort_keys=True))
+            self._save_alignment_pictures()
+
+    def _save_alignment_pictures(self) -> None:
+        if self.builder is None:
+            return
+        example = self.train_examples[0]
+        student = self.builder.student_view(example)
+        for i, teacher in enumerate(self.builder.teachers):
+            view = self.builder.teacher_view(example, i)
+            A, _ = self.builder.align(student, view)
+            plot_alignment(A, [student.text[a:b] for a, b in student.spans], [view.text[a:b] for a, b in view.spans],
+                           self.out / f"alignment_teacher{i}.png",
+                           title=f"A: student × teacher {i} ({teacher.name}), example {example.id}")
+            plot_layer_map(self.builder.layer_maps[i].cpu(), self.out / f"layer_map_teacher{i}.png",
+                           title=f"layer map M: student × teacher {i} ({teacher.name})")
 
     # ------------------------------------------------------------------------------------------------ batches
     def teacher_batch(self, examples) -> dict:
@@ -201,141 +313,45 @@ class TrainingSession:
                 yield self.teacher_batch(examples)
             return
         yield from store_batches(self.store, [[str(ex.id) for ex in chunk] for chunk in chunks],
-                                 len(self.teacher_names), self._pad_id, self.device, self.config["store_prefetch"])
+                                 len(self.teacher_names), self._pad_id, self.device, self.config.store_prefetch)
 
     def micro_batches(self, epoch: int):
         """This rank's micro-batches of `epoch` in a fixed, seeded order (the same on every run and resume)."""
         c = self.config
         order = torch.randperm(len(self.train_examples),
-                               generator=torch.Generator().manual_seed(c["seed"] * 1000 + epoch)).tolist()
-        per_global = c["micro_batch"] * self.world
+                               generator=torch.Generator().manual_seed(c.seed * 1000 + epoch)).tolist()
+        per_global = c.micro_batch * self.world
         needed = self.micro_per_epoch * per_global
         order = (order * math.ceil(needed / len(order)))[:needed]   # wrap around: every rank gets full batches
         for m in range(self.micro_per_epoch):
             chunk = order[m * per_global:(m + 1) * per_global]
-            mine = chunk[self.rank * c["micro_batch"]:(self.rank + 1) * c["micro_batch"]]
+            mine = chunk[self.rank * c.micro_batch:(self.rank + 1) * c.micro_batch]
             yield [self.train_examples[i] for i in mine]
 
-    # ------------------------------------------------------------------------------------------------ init
-    @torch.no_grad()
-    def _adapter_init(self, student, heads):
+    # ------------------------------------------------------------------------------------------------ loss step
+    def loss_step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict, LossWeights, torch.Tensor]:
+        """One micro-batch's forward during optimizer step `step` (0-based) under that step's loss weights (γ/δ
+        warm-in, layer annealing): (loss, logs, weights, layer weights). Stops the run on a non-finite loss."""
         c = self.config
-        if c["adapter_init"] == "structured":
-            return [(structured_adapter(h, d, *self.student_heads, n_layers=self.n_layers),) * 2 for h, d in heads]
-        if c["adapter_init"] != "ridge":
-            raise ValueError(f"adapter_init must be ridge or structured, got {c['adapter_init']!r}")
-        batch = self.teacher_batch(self._calibration_examples())
-        cap_model = DistillationModel(student, None, None)
-        student_kv = cap_model.student_kv(batch)
-        pre_k, student_v = student_kv.cap.keys, student_kv.values
-        init = []
-        for i in range(len(heads)):
-            wk = ridge_adapters([t.float() for t in batch["teacher_k"][i]], [k.float() for k in pre_k], batch["mask"])
-            wv = ridge_adapters([t.float() for t in batch["teacher_v"][i]], [v.float() for v in student_v],
-                                batch["mask"])
-            init.append((wk, wv))
-        return init
-
-    def _calibration_examples(self):
-        # From the end of the training set: the train/val gap is measured on its start, which must not be the
-        # data the adapters were fitted on.
-        return self.train_examples[-self.config["calibration_samples"]:]
-
-    def _router(self, n_teachers: int, student):
-        c = self.config
-        if c["router_type"] == "fixed":
-            return FixedRouter(c["alpha"])
-        if c["router_type"] == "learnable":
-            return LearnableRouter(student.get_input_embeddings().weight.shape[1], n_teachers,
-                                   n_layers=self.n_layers, n_groups=c["router_groups"])
-        # similarity: prototypes from a calibration pass over training examples, in each teacher's KV space
-        batch = self.teacher_batch(self._calibration_examples())
-        feats = [first_tokens_feature(v, batch["mask"], c["router_k"]) for v in batch["teacher_v"]]
-        return SimilarityRouter([compute_prototypes(f[None])[0] for f in feats], c["router_temperature"])
-
-    def _save_alignment_pictures(self) -> None:
-        if self.builder is None:
-            return
-        example = self.train_examples[0]
-        student = self.builder.student_view(example)
-        for i, teacher in enumerate(self.builder.teachers):
-            view = self.builder.teacher_view(example, i)
-            A, _ = self.builder.align(student, view)
-            plot_alignment(A, [student.text[a:b] for a, b in student.spans], [view.text[a:b] for a, b in view.spans],
-                           self.out / f"alignment_teacher{i}.png",
-                           title=f"A: student × teacher {i} ({teacher.name}), example {example.id}")
-            plot_layer_map(self.builder.layer_maps[i].cpu(), self.out / f"layer_map_teacher{i}.png",
-                           title=f"layer map M: student × teacher {i} ({teacher.name})")
-
-    # ------------------------------------------------------------------------------------------------ engine
-    def _setup_engine(self) -> None:
-        c = self.config
-        student_params = [p for p in self.model.student.parameters() if p.requires_grad]
-        router_params = [p for p in self.model.router.parameters() if p.requires_grad]
-        other = [p for n, p in self.model.named_parameters()
-                 if p.requires_grad and not n.startswith(("student.", "router."))]
-        lr_student = c["lr_lora"] if c["lora"] else c["lr_full"]
-        groups = [{"params": student_params, "lr": lr_student}]
-        if other:
-            groups.append({"params": other, "lr": c["lr_lora"]})
-        if router_params:
-            groups.append({"params": router_params, "lr": c["lr_router"]})
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        total_student = sum(p.numel() for p in self.model.student.parameters())
-        self._log(f"trainable parameters: student {sum(p.numel() for p in student_params):,} of {total_student:,}"
-                  f"{' (LoRA)' if c['lora'] else ''}; adapters and Z space {sum(p.numel() for p in other):,}; "
-                  f"router {sum(p.numel() for p in router_params):,}")
-        total = self.total_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, c["warmup_ratio"]))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": c["micro_batch"],
-            "gradient_accumulation_steps": self.accum,
-            "gradient_clipping": c["clip_grad"],
-            "zero_optimization": {"stage": c["zero_stage"]},
-            "bf16": {"enabled": self.bf16},
-            "steps_per_print": 10 ** 9,
-            "wall_clock_breakdown": False,
-        }
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-
-    # ------------------------------------------------------------------------------------------------ outputs
-    def _event(self, event: dict) -> None:
-        if self.rank != 0:
-            return
-        clean = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in event.items()}
-        with open(self.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
-        for key, value in clean.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.tb.add_scalar(f"{clean['split']}/{key}", value, clean["step"])
-
-    def _truncate_metrics(self, step: int) -> None:
-        """After a resume, drop events the killed run logged past its last checkpoint: none lost, none doubled."""
-        # A fresh start (step 0) keeps nothing: its own step-0 evaluation is logged again.
-        if self.rank == 0:
-            checkpoint.trim_metrics(self.out / "metrics.jsonl", step, self._log)
+        weights = LossWeights(gamma=warm_in(step, self.total_steps, c.gamma, c.gamma_final, c.warmin_start),
+                              delta=warm_in(step, self.total_steps, c.delta, c.delta_final, c.warmin_start))
+        lw = annealed_layer_weights(step, self.total_steps, self.n_layers, c.layer_warmup_steps)
+        self.engine.train()
+        loss, logs = self.engine(batch, layer_weights=lw.to(self.device), weights=weights)
+        self._check_finite(loss, logs, step + 1)
+        return loss, logs, weights, lw
 
     # ------------------------------------------------------------------------------------------------ loop
-    def run(self) -> int:
+    def train(self) -> int:
         c = self.config
-        start_step = 0
-        resumed = checkpoint.resume(self.engine, self.ckpt_dir, self._log)
-        if resumed is not None:
-            start_step = int(resumed.client_state["step"])
-            self._log(f"resumed from {resumed.path} at step {start_step}")
-        self._truncate_metrics(start_step)
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tb"))
-            (self.out / "config.yaml").write_text(yaml.safe_dump(c, sort_keys=True))
+        start_step = self.start_step
         if start_step == 0:
             self.evaluate(0)
         step = start_step
-        bar = tqdm(total=self.total_steps, initial=start_step, desc=f"phase {c['phase']}", unit="step",
+        bar = tqdm(total=self.total_steps, initial=start_step, desc=f"phase {c.phase}", unit="step",
                    disable=self.rank != 0, dynamic_ncols=True)
         done = step >= self.total_steps
-        for epoch in range(c["epochs"]):
+        for epoch in range(c.epochs):
             if done:
                 break
             # micro-batches already trained before a resume: same order, skipped exactly (and never read)
@@ -345,14 +361,7 @@ class TrainingSession:
                 micro_seen += 1
                 if micro_seen % self.accum == 1 or self.accum == 1:
                     t0, tokens, acc_loss, acc_stats = time.perf_counter(), 0, 0.0, None
-                weights = LossWeights(gamma=warm_in(step, self.total_steps, c["gamma"], c["gamma_final"],
-                                                    c["warmin_start"]),
-                                      delta=warm_in(step, self.total_steps, c["delta"], c["delta_final"],
-                                                    c["warmin_start"]))
-                lw = annealed_layer_weights(step, self.total_steps, self.n_layers, c["layer_warmup_steps"])
-                self.engine.train()
-                loss, logs = self.engine(batch, layer_weights=lw.to(self.device), weights=weights)
-                self._check_finite(loss, logs, step + 1)
+                loss, logs, weights, lw = self.loss_step(batch, step)
                 self.engine.backward(loss)
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
@@ -378,24 +387,49 @@ class TrainingSession:
                                  "sample_ids": batch["ids"], "entropy": float(logs["router_entropy"])})
                 bar.update(1)
                 bar.set_postfix(loss=f"{acc_loss:.4g}", tok_s=f"{event['tokens_per_s']:.0f}")
-                if step % c["eval_every"] == 0 and step < self.total_steps:
+                if step % c.eval_every == 0 and step < self.total_steps:
                     self.evaluate(step)
-                if c["save_every"] > 0 and (step % c["save_every"] == 0 or step == self.total_steps):
+                if c.save_every > 0 and (step % c.save_every == 0 or step == self.total_steps):
                     self.save(step)
                 if step >= self.total_steps:
                     done = True
                     break
         bar.close()
+        self._finish(step)
+        return 0
+
+    def _finish(self, step: int) -> None:
+        """The final evaluation (with generations), the Z-space picture and the HTML report."""
         self.evaluate(step, generate=True)
         if self.model.zspace is not None:
             self._plot_zspace()
         if self.rank == 0:
             from kvfuse.eval.report import build_report
-            self.tb.close()
-            path = build_report(self.out)
-            self._log(f"report: {path}")
+            self.tb.flush()
+            self._log(f"report: {build_report(self.out)}")
         dist.barrier()
-        return 0
+
+    def cleanup(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def _event(self, event: dict) -> None:
+        if self.rank != 0:
+            return
+        clean = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in event.items()}
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        for key, value in clean.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(f"{clean['split']}/{key}", value, clean["step"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After a resume, drop events the killed run logged past its last checkpoint: none lost, none doubled."""
+        # A fresh start (step 0) keeps nothing: its own step-0 evaluation is logged again.
+        if self.rank == 0:
+            checkpoint.trim_metrics(self.out / "metrics.jsonl", step, self._log)
 
     def _mean_over_ranks(self, values: dict) -> dict:
         """Logged numbers averaged over ranks, so a step's log describes the global batch, not rank 0's part."""
@@ -425,13 +459,12 @@ class TrainingSession:
         cap, *_ = self.model.student_kv(batch)
         layer = self.n_layers // 2
         mask = batch["mask"]
-        flat = lambda k, v: torch.cat([k, v], dim=-1).transpose(1, 2).flatten(2)     # [B, T, H·2D]
         z_student, z_teachers = self.model.zspace.embed(
-            flat(cap.keys[layer], cap.values[layer]),
-            [flat(tk[layer], tv[layer]) for tk, tv in zip(batch["teacher_k"], batch["teacher_v"])])
+            kv_tokens(cap.keys[layer], cap.values[layer]),
+            [kv_tokens(tk[layer], tv[layer]) for tk, tv in zip(batch["teacher_k"], batch["teacher_v"])])
         sample_of_token = [batch["ids"][b] for b in range(mask.shape[0]) for t in range(mask.shape[1])
                            if mask[b, t]]
-        gen = torch.Generator().manual_seed(self.config["seed"])
+        gen = torch.Generator().manual_seed(self.config.seed)
         pick = torch.randperm(len(sample_of_token), generator=gen)[:max_per_source]
         points, sources, samples = [], [], []
         for name, z in [("student", z_student)] + [(f"teacher {i}", z) for i, z in enumerate(z_teachers)]:
@@ -473,7 +506,8 @@ class TrainingSession:
 
     def save(self, step: int) -> None:
         try:
-            checkpoint.save(self.engine, self.ckpt_dir, f"step{step:06d}", step)
+            checkpoint.save(self.engine, self.ckpt_dir, f"step{step:06d}", step,
+                            add_files=lambda folder: write_data_order(folder, self.data_order))
         except (RuntimeError, OSError) as err:
             # torch.save on a full disk says only "unexpected pos …": name the likely cause and the knobs
             free = shutil.disk_usage(self.ckpt_dir).free / 1e9
@@ -482,7 +516,7 @@ class TrainingSession:
         dist.barrier()
         if self.rank == 0:
             # A ZeRO checkpoint holds the optimizer state too (GBs even for a 135M student): keep the newest few.
-            checkpoint.prune(self.ckpt_dir, self.config["keep_checkpoints"])
+            checkpoint.prune(self.ckpt_dir, self.config.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -491,8 +525,8 @@ class TrainingSession:
         sums, count, nll = None, 0, 0.0
         cka = [[CKAAccumulator() for _ in range(self.n_layers)] for _ in self.teacher_names]   # [teacher][layer]
         self.engine.eval()
-        for first in range(0, len(examples), c["micro_batch"]):
-            batch = self.teacher_batch(examples[first:first + c["micro_batch"]])
+        for first in range(0, len(examples), c.micro_batch):
+            batch = self.teacher_batch(examples[first:first + c.micro_batch])
             _, logs = self.engine(batch, layer_weights=None, weights=LossWeights(), return_features=True)
             nll += float(self.model.rationale_nll(batch))
             sums = _accumulate(sums, logs, 1.0)
@@ -517,7 +551,7 @@ class TrainingSession:
                  "train_kv_loss": train["kv_loss"],
                  "gap": (val["kv_loss"] - train["kv_loss"]) / max(abs(train["kv_loss"]), 1e-12)}
         if generate:
-            event.update(self._generation_metrics(self.val_examples[: c["n_generate"]]))
+            event.update(self._generation_metrics(self.val_examples[: c.n_generate]))
         self._event(event)
         self._log(f"[eval step {step}] val kv {val['kv_loss']:.4g}  train kv {train['kv_loss']:.4g}  "
                   f"gap {100 * event['gap']:+.1f}%  val ppl {event['ppl']:.3g}  KV CKA {val['cka_mean']:.4f}"
@@ -528,14 +562,14 @@ class TrainingSession:
         c = self.config
         student = self.model.student
         student.eval()
-        prompt = resolve_prompt(c["student_prompt"])
+        prompt = resolve_prompt(c.student_prompt)
         predictions, texts = [], []
         for ex in examples:
             text = render_prompt(self.tokenizer, prompt, ex.question)
             ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(
                 self.tokenizer, "chat_template", None)).input_ids.to(self.device)
             out = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=c["generate_max_new_tokens"], synced_gpus=self.world > 1,
+                                   max_new_tokens=c.generate_max_new_tokens, synced_gpus=self.world > 1,
                                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
             generated = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             texts.append(generated)
@@ -547,10 +581,6 @@ class TrainingSession:
         return {"accuracy": exact_match_accuracy(predictions, [ex.answer for ex in examples]),
                 "rouge_l": rouge_l(texts, [ex.rationale for ex in examples]),
                 "bleu": bleu(texts, [ex.rationale for ex in examples])}
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _accumulate(acc: dict | None, logs: dict, divisor: float) -> dict:

@@ -1,7 +1,7 @@
 """Cross-tokenizer alignment: char spans of tokens → sparse IoU alignment matrix A [T_s, T_t].
 
 A[s, t] = |span_s ∩ span_t| / |span_s ∪ span_t| over half-open char ranges [start, end) of the same
-text, thresholded and row-normalised (DESIGN.md §3 step 3). The fast builder is the C++ extension
+text, thresholded and row-normalised (docs/DESIGN.md §3 step 3). The fast builder is the C++ extension
 `kvfuse._C`; this module gets the spans from a tokenizer, wraps the builder's CSR arrays as a torch
 sparse CSR tensor, and keeps two readable references used by the tests and the benchmark:
 

@@ -51,7 +51,11 @@ class CKAAccumulator:
         return float(yx.square().sum() / (xx.norm() * yy.norm()))
 
 
+def kv_tokens(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] keys and values → [B, T, H·2D]: per token, each head's key then value, heads side by side."""
+    return torch.cat([keys, values], dim=-1).transpose(1, 2).flatten(2)
+
+
 def token_features(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] keys and values → [n_valid, H·2D]: one row per valid token, heads and K|V side by side."""
-    feats = torch.cat([keys, values], dim=-1).transpose(1, 2).flatten(2)     # [B, T, H·2D]
-    return feats[mask.bool()]
+    """[B, H, T, D] keys and values → [n_valid, H·2D]: `kv_tokens` of the valid tokens only."""
+    return kv_tokens(keys, values)[mask.bool()]

@@ -1,4 +1,4 @@
-"""Task metrics (PLAN.zh.md §8): perplexity on gold rationales, GSM8K final-answer accuracy, ROUGE-L and BLEU."""
+"""Task metrics (docs/PLAN.md §8): perplexity on gold rationales, GSM8K final-answer accuracy, ROUGE-L and BLEU."""
 from __future__ import annotations
 
 import math

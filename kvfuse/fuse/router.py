@@ -1,4 +1,4 @@
-"""Routers that weight the teachers (PLAN.zh.md §3 fusion v1–v3; DESIGN.md §3 step 8).
+"""Routers that weight the teachers (docs/PLAN.md §3 fusion v1–v3; docs/DESIGN.md §3 step 8).
 
 Every router maps per-sample features to α, a distribution over the N teachers, of shape [B, N] or, when layer
 aware, [B, L, N] (one distribution per student layer). α feeds `kv_distill_loss`; for the learnable router its
@@ -138,7 +138,7 @@ class SimilarityRouter(nn.Module):
 
 def first_tokens_feature(teacher_v: torch.Tensor, mask: torch.Tensor, k: int = 16) -> torch.Tensor:
     """A sample's feature in one teacher's space: its aligned values [L, B, H, T, D] averaged over layers and the
-    first k valid tokens, heads concatenated → [B, H·D] (PLAN §3 v2: "前几步 KV")."""
+    first k valid tokens, heads concatenated → [B, H·D] (docs/PLAN.md §3 v2: "the first steps' KV")."""
     L, B, H, T, D = teacher_v.shape
     first = (mask.bool().cumsum(-1) <= k) & mask.bool()                          # [B, T]
     if not first.any(-1).all():

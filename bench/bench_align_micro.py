@@ -1,6 +1,7 @@
 """CPU microbenchmarks (pytest-benchmark) of the alignment builder on 4k-token spans; each also checks its result.
-
-The full comparison on real tokenizers is bench/bench_align.py; these keep a cheap, repeatable number in CI.
+Run them with `python -m pytest bench/bench_align_micro.py` (kept out of the unit suite: timing is not a test;
+tests/test_iou_alignment.py holds the builder's correctness). The full comparison on real tokenizers is
+`python -m bench.bench_align`.
 """
 import numpy as np
 import pytest
