@@ -15,7 +15,7 @@ _VOLATILE_CONFIG_KEYS = {"architectures", "_name_or_path", "_model_name_or_path"
                          "output_hidden_states", "return_dict"}
 
 
-def _canonical_config(config) -> str:
+def canonical_config(config) -> str:
     data = {k: v for k, v in config.to_diff_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     return json.dumps(data, sort_keys=True, default=str)
 
@@ -26,7 +26,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"cannot fingerprint {type(model).__name__}: it has no transformers config")
-    digest = hashlib.sha256(f"{type(model).__name__}|{_canonical_config(config)}".encode())
+    digest = hashlib.sha256(f"{type(model).__name__}|{canonical_config(config)}".encode())
     seen: dict[tuple, str] = {}
     for key, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach()

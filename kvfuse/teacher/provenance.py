@@ -16,7 +16,7 @@ import torch
 
 from kvfuse.data import Example, load_examples
 from kvfuse.models import PACKAGED_MODELS, TINY_CONFIGS, fingerprint
-from kvfuse.models.load import _canonical_config
+from kvfuse.models.identity import canonical_config
 from kvfuse.teacher.store import StoreError, TeacherKVStore, differing_keys, read_manifest
 
 # Settings a store must record to be checked against a run; stores from before they existed are refused.
@@ -44,7 +44,7 @@ def student_fingerprint(tokenizer, config) -> str:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} is not a fast tokenizer; "
                          "a store's student fingerprint needs its tokenizers JSON")
     parts = [backend.to_str(), json.dumps(tokenizer.special_tokens_map, sort_keys=True),
-             str(getattr(tokenizer, "chat_template", None)), _canonical_config(config)]
+             str(getattr(tokenizer, "chat_template", None)), canonical_config(config)]
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
     return f"{config.model_type}-{digest}"
 
