@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python train/main.py` from a checkout without an install
     sys.path.insert(0, str(ROOT))
 
+from kvfuse.hub import offline_unless_reachable  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.session import TrainingSession  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -62,12 +62,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if config["device"] == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Imported here, after DS_ACCELERATOR is set: DeepSpeed warns when it has to guess the accelerator itself.
+    from train.session import TrainingSession
+
     init_distributed(config["device"])
     return TrainingSession(config).run()
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    offline_unless_reachable()
     try:
         return run(args, overrides)
     except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +34,11 @@ from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder,
 from kvfuse.teacher.loader import batch_to, check_finite_teachers, store_batches
 from kvfuse.teacher.store import TeacherKVStore
 from kvfuse.zspace import ZSpace
+
+# DeepSpeed's ZeRO-3 calls collectives that torch deprecates; the FutureWarning is addressed to DeepSpeed, not to
+# our users, and would otherwise be printed into the progress bar every step.
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
 
 
 class NonFiniteLoss(RuntimeError):
