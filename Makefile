@@ -10,7 +10,7 @@ setup:
 run:
 	bash scripts/setup_env.sh smollm2-135m-instruct
 	@echo "make run: Phase 1 on the packaged SmolLM2 (about 3 min on 2 CPU cores) into runs/phase1"
-	$(VENV)/python train/main.py --phase 1 --output_dir runs/phase1
+	PYTHONUNBUFFERED=1 $(VENV)/python train/main.py --phase 1 --output_dir runs/phase1
 
 # Every failure is reported (no -x); --durations lists the slowest tests and pytest's last line the wall time.
 test:

@@ -69,6 +69,7 @@ class TrainingSession:
         dist.barrier()
         _set_seed(config["seed"])
         self._setup_data()
+        self._log(f"loading the student {config['model_name']} and the teachers, starting DeepSpeed")
         self._setup_models()
         self._setup_engine()
 
@@ -496,7 +497,8 @@ class TrainingSession:
         sums, count, nll = None, 0, 0.0
         cka = [[CKAAccumulator() for _ in range(self.n_layers)] for _ in self.teacher_names]   # [teacher][layer]
         self.engine.eval()
-        for first in range(0, len(examples), c["micro_batch"]):
+        for first in tqdm(range(0, len(examples), c["micro_batch"]), desc="evaluating", unit="batch", leave=False,
+                          disable=self.rank != 0, dynamic_ncols=True):
             batch = self.teacher_batch(examples[first:first + c["micro_batch"]])
             _, logs = self.engine(batch, layer_weights=None, weights=LossWeights(), return_features=True)
             nll += float(self.model.rationale_nll(batch))
@@ -535,7 +537,8 @@ class TrainingSession:
         student.eval()
         prompt = resolve_prompt(c["student_prompt"])
         predictions, texts = [], []
-        for ex in examples:
+        for ex in tqdm(examples, desc=f"generating up to {c['generate_max_new_tokens']} tokens", unit="question",
+                       leave=False, disable=self.rank != 0, dynamic_ncols=True):
             text = render_prompt(self.tokenizer, prompt, ex.question)
             ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(
                 self.tokenizer, "chat_template", None)).input_ids.to(self.device)
