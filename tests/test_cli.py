@@ -109,3 +109,15 @@ def test_unknown_model_fails_at_once_with_the_clear_message(tmp_path, env):
     assert "not in the local Hugging Face cache" in result.stderr and "tiny-llama" in result.stderr
     assert "Retrying" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_trainer_unknown_model_fails_at_once_with_the_clear_message(tmp_path):
+    """train/main.py goes offline the same way when the hub does not answer."""
+    cmd = [sys.executable, str(ROOT / "train/main.py"), "--phase", "1", "--model_name", "kvfuse-test/not-a-model",
+           "--output_dir", str(tmp_path / "run")]
+    env = _env(HF_ENDPOINT=_closed_port_endpoint(), DS_ACCELERATOR="cpu")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: cannot load model 'kvfuse-test/not-a-model'" in result.stderr
+    assert "not in the local Hugging Face cache" in result.stderr
+    assert "Retrying" not in result.stderr and "Traceback" not in result.stderr
