@@ -193,7 +193,7 @@ def _gguf_path(alias, tmp_path_factory):
 
 
 def _packaged(alias, loaded, tmp_path_factory):
-    model, tok = loaded  # the session's shared load (tests/conftest.py); how fast it loads is no test's business
+    model, tok = loaded  # the session's shared load (tests/conftest.py); its speed: python -m bench.bench_load
     return {"alias": alias, "model": model, "tok": tok, "gguf": _gguf_path(alias, tmp_path_factory)}
 
 
