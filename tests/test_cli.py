@@ -121,3 +121,12 @@ def test_trainer_unknown_model_fails_at_once_with_the_clear_message(tmp_path):
     assert "error: cannot load model 'kvfuse-test/not-a-model'" in result.stderr
     assert "not in the local Hugging Face cache" in result.stderr
     assert "Retrying" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_trainer_help_prints_no_deepspeed_warning():
+    """DeepSpeed warns when it guesses the accelerator; `--help` must not import it at all."""
+    env = {k: v for k, v in _env().items() if k != "DS_ACCELERATOR"}
+    result = subprocess.run([sys.executable, str(ROOT / "train/main.py"), "--help"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0 and "--phase" in result.stdout
+    assert "WARNING" not in result.stderr and "accelerator" not in result.stderr, result.stderr
