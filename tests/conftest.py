@@ -1,9 +1,20 @@
-"""Fixtures shared across test files: each packaged real model is loaded once per test session (seconds each, and
-a one-off conversion of minutes on a fresh machine) instead of once per test that needs it. Tests must not modify
+"""Fixtures shared across test files. Each packaged real model is loaded once per test session (seconds each, and
+a one-off conversion of minutes on a fresh machine) instead of once per test that needs it; tests must not modify
 these models (they come in eval mode; capture hooks are removed after use)."""
 from __future__ import annotations
 
+import socket
+
 import pytest
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on: for a launcher's rendezvous, or a connection sure to be
+    refused. A fixed port would collide with another test run on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _load_packaged(alias: str):

@@ -24,13 +24,6 @@ def _env(**changes) -> dict:
     return env
 
 
-def _closed_port_endpoint() -> str:
-    with socket.socket() as s:  # a port the kernel just gave out and nobody listens on: connect is refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 def test_top_level_help_imports_no_heavy_library():
     """`--help` must not pay for torch/transformers/deepspeed (seconds each): check what it imported."""
     code = ("import sys, json\nfrom kvfuse.__main__ import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
@@ -59,12 +52,12 @@ def test_command_help_fills_in_only_that_command(capsys):
 
 # ---------------------------------------------------------------------------------------------- offline behaviour
 
-def test_hub_reachable_probes_one_tcp_connection():
+def test_hub_reachable_probes_one_tcp_connection(free_port):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         assert hub.hub_reachable(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5.0)
-    assert not hub.hub_reachable(_closed_port_endpoint(), timeout=5.0)
+    assert not hub.hub_reachable(f"http://127.0.0.1:{free_port}", timeout=5.0)
     with pytest.raises(ValueError, match="HF_ENDPOINT"):
         hub.hub_reachable("not a url")
 
@@ -97,10 +90,10 @@ def test_offline_unless_reachable_switches_off_an_unreachable_hub(monkeypatch):
 
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "unreachable"}], ids=["offline", "probe"])
-def test_unknown_model_fails_at_once_with_the_clear_message(tmp_path, env):
+def test_unknown_model_fails_at_once_with_the_clear_message(tmp_path, free_port, env):
     """No hub retries: HF_HUB_OFFLINE=1 set by the user, or set by the CLI after one refused connection."""
     if env.get("HF_ENDPOINT") == "unreachable":
-        env = {"HF_ENDPOINT": _closed_port_endpoint()}
+        env = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port}"}
     cmd = [sys.executable, "-m", "kvfuse", "dump", "--teachers", "kvfuse-test/not-a-model", "--teacher_prompts",
            "default", "--student", "tiny-llama", "--n_samples", "2", "--out", str(tmp_path / "store")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), cwd=tmp_path, timeout=300)
@@ -111,11 +104,11 @@ def test_unknown_model_fails_at_once_with_the_clear_message(tmp_path, env):
     assert not (tmp_path / "store").exists()
 
 
-def test_trainer_unknown_model_fails_at_once_with_the_clear_message(tmp_path):
+def test_trainer_unknown_model_fails_at_once_with_the_clear_message(tmp_path, free_port):
     """train/main.py goes offline the same way when the hub does not answer."""
     cmd = [sys.executable, str(ROOT / "train/main.py"), "--phase", "1", "--model_name", "kvfuse-test/not-a-model",
            "--output_dir", str(tmp_path / "run")]
-    env = _env(HF_ENDPOINT=_closed_port_endpoint(), DS_ACCELERATOR="cpu")
+    env = _env(HF_ENDPOINT=f"http://127.0.0.1:{free_port}", DS_ACCELERATOR="cpu")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: cannot load model 'kvfuse-test/not-a-model'" in result.stderr

@@ -48,11 +48,11 @@ def test_one_process_run_writes_every_output(tmp_path):
     assert list((tmp_path / "tb").iterdir())
 
 
-def test_two_zero3_ranks_match_one_process(tmp_path):
+def test_two_zero3_ranks_match_one_process(tmp_path, free_port):
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     _train(tmp_path / "one", "--effective_batch", "2", "--micro_batch", "1")
     _train(tmp_path / "two", "--effective_batch", "2", "--micro_batch", "1",
-           launcher=[deepspeed, "--num_gpus", "2", "--master_port", "29731"])
+           launcher=[deepspeed, "--num_gpus", "2", "--master_port", str(free_port)])
     one, two = _events(tmp_path / "one", "train"), _events(tmp_path / "two", "train")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_zero3_two_ranks_match_single_process(tmp_path):
+def test_zero3_two_ranks_match_single_process(tmp_path, free_port):
     assert importlib.util.find_spec("deepspeed"), "deepspeed (the [train] extra) is needed for this test"
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     assert launcher, "the deepspeed launcher is not on PATH"
     env = dict(os.environ, DS_ACCELERATOR="cpu", TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port),
            str(ROOT / "tests" / "zero3_loss_worker.py"), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
