@@ -9,5 +9,6 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "SLURM is not installed and this is not root: run 'apt-get install -y slurm-wlm munge' as root" >&2
   exit 1
 fi
+echo "set-up: installing Debian's slurm-wlm and munge for the SLURM tests (once; about 1 min)"
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null

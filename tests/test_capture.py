@@ -177,11 +177,10 @@ def test_queries_and_hidden_reproduce_attention_and_logits(arch):
 
 
 @pytest.mark.parametrize("alias,length", [("smollm2-135m-instruct", 33), ("gemma3-270m", 520)])
-def test_real_packaged_models(alias, length):
+def test_real_packaged_models(alias, length, request):
     """The packaged pretrained models (converted once, cached); Gemma3 runs past its 512-token window."""
-    from kvfuse.models import load
-
-    model, _ = load(alias)
+    fixture = {"smollm2-135m-instruct": "smollm2_model", "gemma3-270m": "gemma3_model"}[alias]
+    model, _ = request.getfixturevalue(fixture)  # loaded once per session (tests/conftest.py)
     ids = torch.randint(10, 30000, (1, length), generator=torch.Generator().manual_seed(0))
     cap = capture_kv(model, ids)
     with torch.no_grad():

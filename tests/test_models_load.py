@@ -186,20 +186,19 @@ def _gguf_path(alias, tmp_path_factory):
     return P._gguf_sources(spec)[0]
 
 
-def _packaged(alias, tmp_path_factory):
-    model, tok = load(alias)
-    return {"alias": alias, "model": model, "tok": tok,
-            "gguf": _gguf_path(alias, tmp_path_factory)}
+def _packaged(alias, loaded, tmp_path_factory):
+    model, tok = loaded  # the session's shared load (tests/conftest.py); its speed: python -m bench.bench_load
+    return {"alias": alias, "model": model, "tok": tok, "gguf": _gguf_path(alias, tmp_path_factory)}
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    return _packaged("smollm2-135m-instruct", tmp_path_factory)
+def smollm2(smollm2_model, tmp_path_factory):
+    return _packaged("smollm2-135m-instruct", smollm2_model, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    return _packaged("gemma3-270m", tmp_path_factory)
+def gemma3(gemma3_model, tmp_path_factory):
+    return _packaged("gemma3-270m", gemma3_model, tmp_path_factory)
 
 
 EXPECTED_FACTS = {  # (model_type, layers, attention heads, (KV heads, head dim), hidden, vocab, chat template)

@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import replace
 
+from kvfuse.hub import offline_unless_reachable
 from train.config import PHASES, ConfigError, TrainConfig, describe_keys, load_config
 
 
@@ -77,6 +78,7 @@ def run(config: TrainConfig) -> int:
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    offline_unless_reachable()
     try:
         return run(prepare(args, overrides))
     except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:

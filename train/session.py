@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +38,11 @@ from kvfuse.zspace import ZSpace
 from train import checkpoint
 from train.config import TrainConfig
 from train.resume import check_data_order, data_order, write_data_order
+
+# DeepSpeed's ZeRO-3 calls collectives that torch deprecates; the FutureWarning is addressed to DeepSpeed, not to
+# our users, and would otherwise be printed into the progress bar every step.
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -67,6 +73,7 @@ class TrainingSession:
     def setup(self) -> None:
         self._setup_output()
         self._setup_data()
+        self._log(f"loading the student {self.config.model_name} and the teachers, starting DeepSpeed")
         student, heads = self._setup_models()
         self._setup_loss(student, heads)
         self._setup_engine()
@@ -525,7 +532,8 @@ class TrainingSession:
         sums, count, nll = None, 0, 0.0
         cka = [[CKAAccumulator() for _ in range(self.n_layers)] for _ in self.teacher_names]   # [teacher][layer]
         self.engine.eval()
-        for first in range(0, len(examples), c.micro_batch):
+        for first in tqdm(range(0, len(examples), c.micro_batch), desc="evaluating", unit="batch", leave=False,
+                          disable=self.rank != 0, dynamic_ncols=True):
             batch = self.teacher_batch(examples[first:first + c.micro_batch])
             _, logs = self.engine(batch, layer_weights=None, weights=LossWeights(), return_features=True)
             nll += float(self.model.rationale_nll(batch))
@@ -564,7 +572,8 @@ class TrainingSession:
         student.eval()
         prompt = resolve_prompt(c.student_prompt)
         predictions, texts = [], []
-        for ex in examples:
+        for ex in tqdm(examples, desc=f"generating up to {c.generate_max_new_tokens} tokens", unit="question",
+                       leave=False, disable=self.rank != 0, dynamic_ncols=True):
             text = render_prompt(self.tokenizer, prompt, ex.question)
             ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(
                 self.tokenizer, "chat_template", None)).input_ids.to(self.device)

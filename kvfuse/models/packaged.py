@@ -170,7 +170,8 @@ def ensure_converted(alias: str) -> Path:
         if target.exists():
             log.warning("cached %s at %s is stale or incomplete; reconverting", alias, target)
         else:
-            log.warning("converting packaged model %s into %s (one-off, up to a minute)", alias, target)
+            log.warning("converting packaged model %s into %s (once; about 1 min for SmolLM2, 2 min for Gemma3 on "
+                        "2 CPU cores)", alias, target)
         work = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=target.parent))
         try:
             if spec.chunked:
