@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from kvfuse.align.heads import structured_adapter
 from kvfuse.backend import BACKENDS, resolve_backend
 from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
 
@@ -363,28 +364,15 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
 
 
 # ------------------------------------------------------------------------------------------------ the module
-def group_mean_adapter(teacher: tuple[int, int], student: tuple[int, int], n_layers: int,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Structured default W [L, H_t·D_t, H_s·D_s]: each student head is the mean of its group of teacher heads
-    (H_t ≥ H_s: heads ht with ⌊ht·H_s/H_t⌋ = hs) or a copy of one teacher head (H_t < H_s: ⌊hs·H_t/H_s⌋),
-    mapping feature d to d for d < min(D_t, D_s) (truncate or zero-pad the head dim)."""
-    H_t, D_t = teacher
-    H_s, D_s = student
-    w = torch.zeros(H_t * D_t, H_s * D_s, dtype=dtype)
-    d = torch.arange(min(D_t, D_s))
-    for hs in range(H_s):
-        group = [ht for ht in range(H_t) if ht * H_s // H_t == hs] if H_t >= H_s else [hs * H_t // H_s]
-        for ht in group:
-            w[ht * D_t + d, hs * D_s + d] += 1.0 / len(group)
-    return w.unsqueeze(0).repeat(n_layers, 1, 1)
-
-
 class KVDistillLoss(nn.Module):
     """The fused KV-distillation loss as a module that owns the per-teacher adapters W^k_i, W^v_i.
 
     teacher_heads: [(H_i, D_i)] per teacher; student_heads: (H_s, D_s); n_layers: student layers L.
-    init: "group_mean" (default, see `group_mean_adapter`), or a sequence of N (w_k, w_v) tensor pairs
-        [L, H_i·D_i, H_s·D_s] (e.g. from kvfuse.align.heads' structured inits or ridge fit).
+    init: "structured" (default: kvfuse.align.heads.structured_adapter — group mean of the teacher heads, or
+        replication, with each head's dims mapped so that RoPE pairs stay pairs), or a sequence of N (w_k, w_v)
+        tensor pairs [L, H_i·D_i, H_s·D_s] (e.g. a ridge fit, kvfuse.align.heads.ridge_adapters).
+    rotary_dims: for the structured init, N pairs (r_t, r_s) of the teacher's and the student's rotary dims (each
+        an int, or one int per student layer; 0 on NoPE layers); None: full rotary on both sides.
     router: an nn.Module or callable giving α [B, N] | [B, L, N]; called as router(*router_inputs) when
         router_inputs is a tuple, router(**router_inputs) for a dict. An nn.Module router is registered, so
         its parameters train with the loss.
@@ -397,11 +385,11 @@ class KVDistillLoss(nn.Module):
     """
 
     def __init__(self, teacher_heads: Sequence[tuple[int, int]], student_heads: tuple[int, int], n_layers: int,
-                 init: str | Sequence[tuple[torch.Tensor, torch.Tensor]] = "group_mean",
+                 init: str | Sequence[tuple[torch.Tensor, torch.Tensor]] = "structured",
                  router: nn.Module | Callable | None = None, alpha: Sequence[float] | torch.Tensor | None = None,
                  lambda_k: float = 1.0, lambda_v: float = 1.0, beta: float = 0.1,
                  attention_scaling: float | Sequence[float] = 1.0, backend: str = "auto", check_finite: bool = True,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, rotary_dims: Sequence[tuple] | None = None):
         super().__init__()
         teacher_heads = [tuple(int(v) for v in th) for th in teacher_heads]
         if not 1 <= len(teacher_heads) <= MAX_TEACHERS:
@@ -415,6 +403,8 @@ class KVDistillLoss(nn.Module):
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if rotary_dims is not None and len(rotary_dims) != len(teacher_heads):
+            raise ValueError(f"rotary_dims has {len(rotary_dims)} (r_t, r_s) pairs for {len(teacher_heads)} teachers")
         self.teacher_heads, self.student_heads, self.n_layers = teacher_heads, (H_s, D_s), int(n_layers)
         self.lambda_k, self.lambda_v, self.beta = float(lambda_k), float(lambda_v), float(beta)
         self.attention_scaling, self.backend, self.check_finite = attention_scaling, backend, check_finite
@@ -423,9 +413,10 @@ class KVDistillLoss(nn.Module):
         for i, (H_i, D_i) in enumerate(teacher_heads):
             shape = (self.n_layers, H_i * D_i, H_s * D_s)
             if isinstance(init, str):
-                if init != "group_mean":
-                    raise ValueError(f"init must be 'group_mean' or a list of (w_k, w_v) tensors, got {init!r}")
-                wk = group_mean_adapter((H_i, D_i), (H_s, D_s), self.n_layers, dtype)
+                if init != "structured":
+                    raise ValueError(f"init must be 'structured' or a list of (w_k, w_v) tensors, got {init!r}")
+                wk = structured_adapter(H_i, D_i, H_s, D_s, self.n_layers,
+                                        rotary_dims=None if rotary_dims is None else tuple(rotary_dims[i])).to(dtype)
                 wv = wk.clone()
             else:
                 if len(init) != N:

@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 from kvfuse import KVDistillLoss, kv_distill_loss
-from kvfuse.loss import group_mean_adapter
 
 L, B, T, H_S, D_S = 2, 2, 13, 2, 8
 HEADS = [(4, 8), (1, 16)]
@@ -35,23 +34,29 @@ def functional_args(seed=0):
 
 
 # ------------------------------------------------------------------------------------------------ adapters
-def test_group_mean_adapter_groups_expands_and_truncates():
-    w = group_mean_adapter((4, 8), (2, 8), 3)
-    assert w.shape == (3, 32, 16)
-    x = torch.randn(5, 4, 8)  # [tokens, H_t, D_t]
-    y = (x.reshape(5, 32) @ w[0]).reshape(5, 2, 8)
-    torch.testing.assert_close(y[:, 0], x[:, :2].mean(1))
-    torch.testing.assert_close(y[:, 1], x[:, 2:].mean(1))
-    w = group_mean_adapter((1, 16), (2, 8), 1)  # one teacher head copied to both, head dim truncated
-    x = torch.randn(5, 1, 16)
-    y = (x.reshape(5, 16) @ w[0]).reshape(5, 2, 8)
-    torch.testing.assert_close(y[:, 0], x[:, 0, :8])
-    torch.testing.assert_close(y[:, 1], x[:, 0, :8])
-    w = group_mean_adapter((2, 4), (2, 8), 1)  # head dim zero-padded
-    x = torch.randn(5, 2, 4)
-    y = (x.reshape(5, 8) @ w[0]).reshape(5, 2, 8)
-    torch.testing.assert_close(y[..., :4], x)
-    assert (y[..., 4:] == 0).all()
+def test_default_init_is_the_rope_pair_keeping_structured_adapter():
+    """The module's default adapters are kvfuse.align.heads.structured_adapter (one implementation): with a smaller
+    student head dim, each student rotate-half pair (j, j + D_s/2) reads a teacher pair (i, i + D_t/2) — first
+    halves from first halves, second from second — so a re-phased key keeps its rotary pairs; a contiguous-prefix
+    truncation would feed dims 4..7 of the student from the teacher's first half."""
+    from kvfuse.align.heads import structured_adapter
+    mod = KVDistillLoss([(4, 16), (1, 16)], (2, 8), n_layers=3)
+    for i, (h, d) in enumerate([(4, 16), (1, 16)]):
+        want = structured_adapter(h, d, 2, 8, n_layers=3)
+        torch.testing.assert_close(mod.w_k[i].data, want)
+        torch.testing.assert_close(mod.w_v[i].data, want)
+    w = mod.w_k[1][0]                                   # one teacher head of 16 dims -> two student heads of 8
+    for hs in range(2):
+        for j in range(4):
+            first = w[:, hs * 8 + j].nonzero().flatten().tolist()
+            second = w[:, hs * 8 + 4 + j].nonzero().flatten().tolist()
+            assert first and second
+            assert all(r % 16 < 8 for r in first) and all(r % 16 >= 8 for r in second)
+            assert [r + 8 for r in first] == second
+    partial = KVDistillLoss([(1, 16)], (1, 8), n_layers=1, rotary_dims=[(8, 4)])
+    torch.testing.assert_close(partial.w_k[0].data, structured_adapter(1, 16, 1, 8, 1, rotary_dims=(8, 4)))
+    with pytest.raises(ValueError, match="2 teachers"):
+        KVDistillLoss([(1, 16), (1, 16)], (1, 8), n_layers=1, rotary_dims=[(8, 4)])
 
 
 def test_module_owns_direct_adapter_parameters_and_explicit_init():

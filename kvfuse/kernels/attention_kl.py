@@ -29,20 +29,17 @@ units (log2(e)·scale·q·k, exp2 and log2); the row statistics they exchange ar
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kvfuse.kernels.utils import autotune_configs, dot_dtype, interpreting
+
 _NEG = tl.constexpr(-1.0e30)
 _POS = tl.constexpr(1.0e30)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -325,7 +322,7 @@ def _attention_kl_bwd_dq_kernel(
 # CPU; tests may change INTERP_BLOCKS).  The one-pass backward adds into its ∂q buffer, so its autotuner zeroes
 # that buffer before each trial and again before the real launch (reset_to_zero).
 def _configs(options):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
+    return autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, s) for m, n, w, s in options])
 
 
 # T's power-of-two bucket is in the key (T_BUCKET, otherwise unused by the kernels): small T needs small tiles
@@ -352,31 +349,20 @@ _KERNELS = {"fwd": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "d
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """(operand dtype for tl.dot, 'ieee' fp32 products?).  Half inputs run on half tensor cores with fp32
-    accumulation; fp32 inputs use 'ieee' products (tf32 would miss the 1e-4 contract).  Under TRITON_INTERPRET=1
-    (triton 3.9) tl.dot on bf16 operands returns garbage, so bf16 is upcast there."""
-    if dtype == torch.float16:
-        return tl.float16, False
-    if dtype == torch.bfloat16:
-        return (tl.float32, False) if _interpreting() else (tl.bfloat16, False)
-    return tl.float32, not _interpreting()
-
-
 def _launch(name, grid_of, args, meta):
-    if _interpreting():
+    if interpreting():
         _KERNELS[name][grid_of(INTERP_BLOCKS)](*args, **meta, **INTERP_BLOCKS)
     else:
         _TUNED[name][1 if meta["IEEE"] else 0][grid_of](*args, **meta)
 
 
 def _meta(q):
-    dot_tl, ieee = _dot_dtype(q.dtype)
+    dot_tl, _, ieee = dot_dtype([q.dtype])
     return dict(D=q.shape[3], BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])), DOT_DTYPE=dot_tl, IEEE=ieee)
 
 
 def _check_device(q):
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not interpreting():
         raise ValueError(f"attention_kl backend='triton' needs CUDA tensors (got {q.device}); "
                          "use backend='torch' or 'auto', or set TRITON_INTERPRET=1")
 
