@@ -431,7 +431,10 @@ class _Recorder:
                               rope.attention_scaling)
         got = cos if layer.order is None else cos[..., list(layer.order[:rope.rotary_dim])]
         error = float((got.float() - expected.float()).abs().max())
-        if error > 4 * torch.finfo(cos.dtype).eps * max(1.0, abs(rope.attention_scaling)):
+        # transformers computes the angles in float32 whatever the model's dtype, so a float64 model's cos carries
+        # float32 rounding: the tolerance is float32's at least.
+        eps = max(torch.finfo(cos.dtype).eps, torch.finfo(torch.float32).eps)
+        if error > 4 * eps * max(1.0, abs(rope.attention_scaling)):
             raise ValueError(f"capture_kv: layer {i}'s RoPE cos differs from rotate's for the rotary module's "
                              f"inv_freq/attention_scaling (max error {error:.3g}); the model applies RoPE in a way "
                              "capture does not reproduce")
