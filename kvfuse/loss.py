@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from kvfuse.align.heads import structured_adapter
+from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
 from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
 
@@ -197,42 +198,13 @@ def _project(x: torch.Tensor, w: torch.Tensor, H_s: int, D_s: int, acc: torch.dt
     return y.to(acc).view(L, B, T, H_s, D_s).permute(0, 1, 3, 2, 4)
 
 
-class StudentRope:
-    """RoPE at the student's positions for every layer: rotate(y) = y·cos + y[partner]·sin over the head dim.
-
-    Layer l with rotary dim r: dim j < r/2 pairs with j + r/2 (partner signs −, +), both at angle pos·θ_j and
-    scaled by the layer's attention_scaling; dims ≥ r pass through (cos 1, sin 0, unscaled); r = 0 is NoPE."""
-
-    def __init__(self, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: torch.Tensor,
-                 rot: tuple[int, ...], head_dim: int, acc: torch.dtype):
-        L, D = len(rot), head_dim
-        dev = positions.device
-        n_freq = inv_freq.shape[-1]
-        d = torch.arange(D, device=dev)
-        r = host_constant(rot, torch.int64, dev)[:, None]                         # [L, 1]
-        half = r // 2
-        turns = d < r                                                             # [L, D]
-        first = d < half
-        self.partner = torch.where(turns, torch.where(first, d + half, d - half), d)
-        # θ per dim; the appended 0 serves the pass-through dims (angle 0).
-        invf = torch.cat((inv_freq.to(acc).expand(L, n_freq), torch.zeros(L, 1, dtype=acc, device=dev)), 1)
-        theta = torch.gather(invf, 1, torch.where(turns, torch.where(first, d, d - half), n_freq))
-        ang = positions.to(acc)[None, :, None, :, None] * theta[:, None, None, None, :]   # [L, B, 1, T, D]
-        one = torch.ones((), dtype=acc, device=dev)
-        s = torch.where(turns, scaling.to(acc)[:, None], one)[:, None, None, None, :]
-        sign = torch.where(first, -one, one)[:, None, None, None, :]
-        self.cos = ang.cos() * s
-        self.sin = ang.sin() * s * sign
-        self.full = all(r == D for r in rot)
-
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        """y [L, B, H, T, D] -> rotated, same shape."""
-        if self.full:  # every layer rotates the whole head: the partners are the other half
-            half = y.shape[-1] // 2
-            partner = torch.cat((y[..., half:], y[..., :half]), dim=-1)
-        else:
-            partner = torch.gather(y, -1, self.partner[:, None, None, None, :].expand(y.shape))
-        return y * self.cos + partner * self.sin
+def rotate_layers(y: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: torch.Tensor,
+                  rot: tuple[int, ...]) -> torch.Tensor:
+    """RoPE at the student's positions on every layer of y [L, B, H, T, D]: kvfuse.align.rope.rotate per layer with
+    that layer's rotary dim (0: NoPE), frequencies inv_freq [R/2] | [L, R/2] and scale."""
+    invf = inv_freq.expand(len(rot), inv_freq.shape[-1])
+    return torch.stack([rotate(y[l], positions, invf[l, :r // 2], scaling[l].to(y.dtype), r)
+                        for l, r in enumerate(rot)])
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -249,13 +221,13 @@ def _torch_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mas
     acc = _compute_dtype(student_k.dtype)
     m = mask.to(acc)
     n = m.sum()
-    rope = StudentRope(positions, inv_freq, scaling, rot, D_s, acc)
+    pos = positions.to(acc)
     a = alpha.to(acc)
     a = a.t()[:, None, :].expand(-1, L, B) if alpha.dim() == 2 else a.permute(2, 1, 0)  # [N, L, B]
     k_f = v_f = 0
     for i in range(len(teacher_k)):
         ai = a[i][:, :, None, None, None]
-        k_f = k_f + ai * rope(_project(teacher_k[i], w_k[i], H_s, D_s, acc))
+        k_f = k_f + ai * rotate_layers(_project(teacher_k[i], w_k[i], H_s, D_s, acc), pos, inv_freq, scaling, rot)
         v_f = v_f + ai * _project(teacher_v[i], w_v[i], H_s, D_s, acc)
     s_k, s_v = student_k.to(acc), student_v.to(acc)
     tok = m[None, :, None, :]                                                   # [1, B, 1, T]
@@ -490,11 +462,12 @@ def fused_teacher_keys(teacher_k, w_k, alpha, positions, inv_freq, attention_sca
     L = teacher_k[0].shape[0]
     acc = _compute_dtype(teacher_k[0].dtype)
     rot = rotary_dims(rotary_dim, L, D_s, inv_freq.shape[-1])
-    rope = StudentRope(positions, inv_freq, _layer_scalings(attention_scaling, L, positions.device), rot, D_s, acc)
+    scaling = _layer_scalings(attention_scaling, L, positions.device)
     B = positions.shape[0]
     a = alpha.to(acc)
     a = a.t()[:, None, :].expand(-1, L, B) if alpha.dim() == 2 else a.permute(2, 1, 0)
     fused = 0
     for i, (x, w) in enumerate(zip(teacher_k, w_k)):
-        fused = fused + a[i][:, :, None, None, None] * rope(_project(x.detach(), w, H_s, D_s, acc))
+        fused = fused + a[i][:, :, None, None, None] * rotate_layers(_project(x.detach(), w, H_s, D_s, acc),
+                                                                     positions.to(acc), inv_freq, scaling, rot)
     return fused
