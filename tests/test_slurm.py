@@ -1,4 +1,5 @@
 """The SLURM scripts run for real: a one-node cluster started by the test (scripts/slurm_local.py)."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,11 @@ import pytest
 from kvfuse.teacher.store import TeacherKVStore
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from slurm_local import local_slurm, missing_tools  # noqa: E402
+# scripts/ is a folder of tools, not a package: load the cluster helper from its file.
+_spec = importlib.util.spec_from_file_location("slurm_local", ROOT / "scripts" / "slurm_local.py")
+_slurm_local = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_slurm_local)
+local_slurm, missing_tools = _slurm_local.local_slurm, _slurm_local.missing_tools
 
 if missing_tools():
     pytest.fail(f"SLURM tools missing ({missing_tools()}): .ci/run installs slurm-wlm and munge", pytrace=False)
