@@ -30,6 +30,7 @@ from kvfuse.fuse.router import FixedRouter, LearnableRouter, SimilarityRouter, c
     first_tokens_feature
 from kvfuse.loss import KVDistillLoss
 from kvfuse.models import kv_heads, load, make_student
+from kvfuse.models.capture import capture_kv
 from kvfuse.schedule import layer_weights as annealed_layer_weights, lr_factor, warm_in
 from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, collate, max_positions
 from kvfuse.teacher.loader import batch_to, check_finite_teachers, store_batches
@@ -199,7 +200,9 @@ class TrainingSession:
     def _adapter_init(self, student, heads):
         c = self.config
         if c.adapter_init == "structured":
-            return [(structured_adapter(h, d, *self.student_heads, n_layers=self.n_layers),) * 2 for h, d in heads]
+            return [(structured_adapter(h, d, *self.student_heads, n_layers=self.n_layers,
+                                        rotary_dims=dims),) * 2
+                    for (h, d), dims in zip(heads, self._rotary_dims(student, heads))]
         batch = self.teacher_batch(self._calibration_examples())
         cap_model = DistillationModel(student, None, None)
         student_kv = cap_model.student_kv(batch)
@@ -211,6 +214,29 @@ class TrainingSession:
                                 batch["mask"])
             init.append((wk, wv))
         return init
+
+    def _rotary_dims(self, student, heads) -> list[tuple[list[int], list[int]]]:
+        """Per teacher, (r_t, r_s) per student layer for the structured init: the rotary dims capture reads off the
+        models (partial rotary, NoPE layers), a teacher's taken from the teacher layers the layer map mixes into each
+        student layer. Store-fed teachers are not loaded here: their heads count as fully rotary."""
+        ids = torch.arange(1, 5, device=self.device)[None]   # any tokens: the rotary dims do not depend on them
+        r_s = capture_kv(student, ids).rotary_dims
+        out = []
+        for i, (_, d_t) in enumerate(heads):
+            if self.builder is None:
+                out.append(([d_t] * self.n_layers, r_s))
+                continue
+            r_teacher = capture_kv(self.builder.teachers[i].model, ids).rotary_dims
+            mixed = [self.builder.layer_maps[i][l].nonzero().flatten().tolist() for l in range(self.n_layers)]
+            r_t = []
+            for l, layers in enumerate(mixed):
+                dims = {r_teacher[j] for j in layers}
+                if len(dims) > 1:
+                    raise ValueError(f"structured adapter init: student layer {l} mixes teacher {i}'s layers {layers} "
+                                     f"with different rotary dims {sorted(dims)}; use adapter_init ridge")
+                r_t.append(dims.pop())
+            out.append((r_t, r_s))
+        return out
 
     def _calibration_examples(self):
         # From the end of the training set: the train/val gap is measured on its start, which must not be the
