@@ -47,47 +47,33 @@ def test_phase5_mixed_families_through_the_store(tmp_path, store):
     assert "z_loss" in train[-1]
 
 
-def test_structured_init_keeps_partial_rotary_pairs(tmp_path, monkeypatch):
+def test_structured_init_keeps_partial_rotary_pairs(tmp_path):
     """The trainer's structured adapter init reads each side's rotary dims off the models (here a Phi-3 teacher,
     3/4 of each head rotating, and a StableLM student, 1/4): the adapters equal structured_adapter with those dims,
-    not the full-rotary map."""
+    not the full-rotary map. The session's set-up steps run up to the loss, without DeepSpeed or a process group."""
     import torch
-    import torch.distributed as dist
     from dataclasses import replace
 
     from kvfuse.align.heads import structured_adapter
     from kvfuse.models import kv_heads, load
-    from kvfuse.net import free_port
     from train.config import load_config
-    from train.main import init_distributed
-
-    for key, value in {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
-        monkeypatch.setenv(key, value)
-    overrides = ["--teachers", "tiny-phi3", "--teacher_prompts", "cot", "--model_name", "tiny-stablelm",
-                 "--student_layers", "all", "--adapter_init", "structured", "--alpha", "1.0", "--n_samples", "2",
-                 "--n_val", "0",
-                 "--max_steps", "1", "--save_every", "0", "--output_dir", str(tmp_path)]
-    config = replace(load_config(3, None, overrides), device="cpu")
-    init_distributed("cpu")
     from train.session import TrainingSession
 
-    session = TrainingSession(config)
-    try:
-        session.setup()
-        teacher, student = load("tiny-phi3")[0].config, load("tiny-stablelm")[0].config
-        (h_t, d_t), (h_s, d_s) = kv_heads(teacher), kv_heads(student)
-        r_t = int(d_t * teacher.rope_parameters["partial_rotary_factor"])
-        r_s = int(d_s * student.rope_parameters["partial_rotary_factor"])
-        L = student.num_hidden_layers
-        assert (r_t, r_s) != (d_t, d_s)
-        import deepspeed
-        param = session.model.kv_loss.w_k[0]
-        with deepspeed.zero.GatheredParameters([param]):    # ZeRO-3 partitioned it across (here one) ranks
-            got = param.detach().float().clone()
-        want = structured_adapter(h_t, d_t, h_s, d_s, n_layers=L, rotary_dims=([r_t] * L, [r_s] * L))
-        assert torch.equal(got, want)
-        assert not torch.equal(got, structured_adapter(h_t, d_t, h_s, d_s, n_layers=L))
-    finally:
-        session.cleanup()
-        dist.destroy_process_group()
+    overrides = ["--teachers", "tiny-phi3", "--teacher_prompts", "cot", "--model_name", "tiny-stablelm",
+                 "--student_layers", "all", "--adapter_init", "structured", "--alpha", "1.0", "--n_samples", "2",
+                 "--n_val", "0", "--max_steps", "1", "--save_every", "0", "--output_dir", str(tmp_path)]
+    session = TrainingSession.__new__(TrainingSession)   # __init__ asks the process group for rank and world size
+    session.config = replace(load_config(3, None, overrides), device="cpu")
+    session.rank, session.world, session.device, session.bf16 = 0, 1, torch.device("cpu"), False
+    session._setup_data()
+    student, heads = session._setup_models()
+    init = session._adapter_init(student, heads)
+    teacher, student_config = load("tiny-phi3")[0].config, load("tiny-stablelm")[0].config
+    (h_t, d_t), (h_s, d_s) = kv_heads(teacher), kv_heads(student_config)
+    r_t = int(d_t * teacher.rope_parameters["partial_rotary_factor"])
+    r_s = int(d_s * student_config.rope_parameters["partial_rotary_factor"])
+    L = student_config.num_hidden_layers
+    assert (r_t, r_s) != (d_t, d_s)
+    want = structured_adapter(h_t, d_t, h_s, d_s, n_layers=L, rotary_dims=([r_t] * L, [r_s] * L))
+    assert torch.equal(init[0][0], want) and torch.equal(init[0][1], want)
+    assert not torch.equal(want, structured_adapter(h_t, d_t, h_s, d_s, n_layers=L))

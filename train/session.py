@@ -220,7 +220,7 @@ class TrainingSession:
         models (partial rotary, NoPE layers), a teacher's taken from the teacher layers the layer map mixes into each
         student layer. Store-fed teachers are not loaded here: their heads count as fully rotary."""
         ids = torch.arange(1, 5, device=self.device)[None]   # any tokens: the rotary dims do not depend on them
-        r_s = capture_kv(student, ids).rotary_dims
+        r_s = capture_kv(DistillationModel(student, None, None).lm, ids).rotary_dims   # LoRA: its base model
         out = []
         for i, (_, d_t) in enumerate(heads):
             if self.builder is None:
