@@ -97,6 +97,28 @@ def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
 
 
 @triton.jit
+def _query_tile(q_ptr, sqb, sqh, sqt, sqd, mask_ptr, H, T, GROUP, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query-major programs' start: (b, h, KV head g) of grid axis 0, the query tile of axis 1 counted from the
+    end (the heaviest causal tiles first), its offsets and masks, the mask row and the loaded q tile."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    g = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < T
+    d_ok = offs_d < D
+    mask_row = mask_ptr + b * T
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    return b, h, g, pid_m, start_m, offs_m, offs_d, m_in, d_ok, mask_row, q
+
+
+@triton.jit
 def _attention_kl_fwd_kernel(
     q_ptr, sqb, sqh, sqt, sqd,
     ks_ptr, sksb, sksh, skst, sksd,
@@ -110,21 +132,9 @@ def _attention_kl_fwd_kernel(
     # then the ones that straddle it.  At the end: lse = ln 2 · (m + log2 l), E = ln 2 · acc / l_s,
     # KL = E − lse_s + lse_f.
     # Grid (B·H, query tiles), the last (heaviest) query tiles launched first.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    g = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_in = offs_m < T
-    d_ok = offs_d < D
-    mask_row = mask_ptr + b * T
+    b, h, g, pid_m, start_m, offs_m, offs_d, m_in, d_ok, mask_row, q = _query_tile(
+        q_ptr, sqb, sqh, sqt, sqd, mask_ptr, H, T, GROUP, D, BLOCK_D, DOT_DTYPE, BLOCK_M)
     q_valid = (tl.load(mask_row + offs_m, mask=m_in, other=0) != 0) & m_in
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
 
     m_s = tl.full([BLOCK_M], _NEG, tl.float32)
     m_f = tl.full([BLOCK_M], _NEG, tl.float32)
@@ -283,20 +293,8 @@ def _attention_kl_bwd_dq_kernel(
 ):
     # One program: query tile of (b, h), ∂q in registers (the deterministic path, and the one when only q needs a
     # gradient).  Grid (B·H, query tiles), heaviest first.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    g = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_in = offs_m < T
-    d_ok = offs_d < D
-    mask_row = mask_ptr + b * T
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    b, h, g, pid_m, start_m, offs_m, offs_d, m_in, d_ok, mask_row, q = _query_tile(
+        q_ptr, sqb, sqh, sqt, sqd, mask_ptr, H, T, GROUP, D, BLOCK_D, DOT_DTYPE, BLOCK_M)
     row0 = (b * H + h) * T
     w, w_ln2, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, N_ROWS, row0, offs_m, T)
 
