@@ -123,3 +123,14 @@ def test_trainer_help_prints_no_deepspeed_warning():
                             env=env, timeout=300)
     assert result.returncode == 0 and "--phase" in result.stdout
     assert "WARNING" not in result.stderr and "accelerator" not in result.stderr, result.stderr
+
+
+def test_every_dump_option_says_what_it_does():
+    import argparse
+
+    from kvfuse.teacher.dump import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    silent = [a.option_strings[0] for a in parser._actions
+              if a.option_strings and a.option_strings[0] != "-h" and not (a.help or "").strip()]
+    assert not silent, f"dump options without help text: {silent}"

@@ -31,22 +31,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher_prompts", nargs="+", required=True,
                         help="one prompt per teacher: a name from kvfuse.data.PROMPTS or literal text")
     parser.add_argument("--student", required=True, help="student model name (its tokenizer and layer count)")
-    parser.add_argument("--student_prompt", default="default")
-    parser.add_argument("--student_layers", default="all", choices=["all", "every_other"])
+    parser.add_argument("--student_prompt", default="default",
+                        help="the student's prompt: a name from kvfuse.data.PROMPTS or literal text (default: default)")
+    parser.add_argument("--student_layers", default="all", choices=["all", "every_other"],
+                        help="the student's layers the teachers are aligned to; must match the training run's")
     parser.add_argument("--dataset", default="gsm8k", help="gsm8k or a JSONL path")
-    parser.add_argument("--n_samples", type=int, default=64)
+    parser.add_argument("--n_samples", type=int, default=64,
+                        help="training examples to dump (the trainer then uses exactly these; default 64)")
     parser.add_argument("--n_val", type=int, default=0, help="also dump this many validation examples")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default 0)")
     parser.add_argument("--out", required=True, help="store directory")
     parser.add_argument("--shard", default="0/1", help="I/N: write shard I of N")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(STORAGE_DTYPES))
-    parser.add_argument("--layer_map", default="interpolate", choices=["interpolate", "round", "ratio_mean"])
-    parser.add_argument("--align_threshold", type=float, default=0.0)
-    parser.add_argument("--align_fallback", default="nearest", choices=["nearest", "none"])
-    parser.add_argument("--trim_whitespace", action="store_true")
-    parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(STORAGE_DTYPES),
+                        help="storage dtype of the teacher KV (default bf16)")
+    parser.add_argument("--layer_map", default="interpolate", choices=["interpolate", "round", "ratio_mean"],
+                        help="how teacher layers map onto student layers (default interpolate)")
+    parser.add_argument("--align_threshold", type=float, default=0.0,
+                        help="token-span IoU below which an alignment weight is dropped (default 0)")
+    parser.add_argument("--align_fallback", default="nearest", choices=["nearest", "none"],
+                        help="a student token with no overlapping teacher token: take the nearest one, or mask it")
+    parser.add_argument("--trim_whitespace", action="store_true",
+                        help="ignore leading/trailing whitespace of tokens when aligning")
+    parser.add_argument("--max_length", type=int, default=512,
+                        help="longest rendered sequence; a longer example is an error, never truncated (default 512)")
+    parser.add_argument("--batch_size", type=int, default=4, help="examples per teacher forward (default 4)")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (a GPU when there is one)")
     parser.add_argument("--allow_long_sequences", action="store_true",
                         help="keep examples longer than a model's max_position_embeddings (logged) instead of failing")
     parser.add_argument("--verify", action="store_true",
