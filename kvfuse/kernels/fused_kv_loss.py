@@ -443,6 +443,12 @@ _fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["H_S", "D_S", "PH", "ROT", "
 _dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "DOT_DTYPE", "USE_DESC"])(_fused_kv_dw_kernel)
 
 
+def _partials(*shape: int, device) -> torch.Tensor:
+    """An fp32 partial-sum buffer: on the GPU every launch's pre-hook zeroes it (see above), so it is not zeroed twice;
+    the interpreter runs no pre-hook."""
+    return (torch.zeros if interpreting() else torch.empty)(*shape, device=device, dtype=torch.float32)
+
+
 def _alpha_strides(alpha: torch.Tensor) -> tuple[int, int, int]:
     if alpha.dim() == 2:
         return alpha.stride(0), 0, alpha.stride(1)
@@ -463,8 +469,8 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     dot_tl, g_dtype, ieee = dot_dtype(list(t.dtype for t in teachers) + list(w.dtype for w in weights))
     n_t_slots = triton.cdiv(T, _MIN_BLOCK_T)
     dev = student.device
-    sq = torch.zeros(L * B, n_t_slots, H_s, device=dev, dtype=torch.float32)
-    cs = torch.zeros(L * B, n_t_slots, H_s, device=dev, dtype=torch.float32)
+    sq = _partials(L * B, n_t_slots, H_s, device=dev)
+    cs = _partials(L * B, n_t_slots, H_s, device=dev)
     if compute_grad:
         g = torch.empty(L, B, T, 2 * H_s * PH, device=dev, dtype=g_dtype)
         ds = torch.empty(L, B, H_s, T, D_s, device=dev, dtype=student.dtype)
@@ -524,7 +530,7 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
             continue
         H_i, D_i = int(x.shape[2]), int(x.shape[4])
         n_f, n_c = H_i * triton.cdiv(D_i, _MIN_BLOCK_F), triton.cdiv(C2, _MIN_BLOCK_C)
-        part = torch.zeros(L, B, n_f, n_c, device=dev, dtype=torch.float32)
+        part = _partials(L, B, n_f, n_c, device=dev)
         dw = torch.empty_like(w)
         use_desc = _tma_ready(x) and _tma_ready(G)
         # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.

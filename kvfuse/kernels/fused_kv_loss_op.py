@@ -38,7 +38,7 @@ def pair_width(d_s: int) -> int:
     return max(16, 1 << max(0, d_s // 2 - 1).bit_length())
 
 
-def _grad_dtypes(student: Tensor, teachers: list[Tensor], weights: list[Tensor]) -> torch.dtype:
+def _grad_dtype(teachers: list[Tensor], weights: list[Tensor]) -> torch.dtype:
     from kvfuse.kernels.utils import dot_dtype
     return dot_dtype([t.dtype for t in teachers] + [w.dtype for w in weights])[1]
 
@@ -79,10 +79,10 @@ def _(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq
     stat = [student_k.new_empty((L,), dtype=torch.float32) for _ in range(4)]
     loss = student_k.new_empty((), dtype=torch.float32)
     if compute_grad:
-        g_dtype = _grad_dtypes(student_k, teacher_k, w_k)
+        g_dtype = _grad_dtype(teacher_k, w_k)
         c2 = w_k[0].shape[2]
         bufs = [student_k.new_empty((L, B, T, c2), dtype=g_dtype),
-                student_k.new_empty((L, B, T, c2), dtype=_grad_dtypes(student_v, teacher_v, w_v)),
+                student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_v, w_v)),
                 torch.empty_like(student_k, memory_format=torch.contiguous_format),
                 torch.empty_like(student_v, memory_format=torch.contiguous_format)]
     else:
