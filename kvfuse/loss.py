@@ -13,7 +13,7 @@ Per student layer l and teacher i:
 
 `backend="torch"` is the readable reference (dtype-generic: float64 in, float64 out; half inputs are
 projected in their dtype and the rest runs in float32); `backend="triton"` is the fused kernel in
-kvfuse.kernels.fused_kv_loss (called through the custom op kvfuse::fused_kv_loss, so compiled trainers trace
+kvfuse.kernels.fused_kv_loss (called through the operator kvfuse::fused_kv_loss, so compiled trainers trace
 through it) and must agree with it.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 from kvfuse.align.heads import structured_adapter
 from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
-from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
+from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, fused_kv_loss_function, pair_width
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -287,12 +287,11 @@ def _triton_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, ma
         return x if x.stride(-1) == 1 else x.contiguous()
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (student_k, student_v, alpha, lw, *w_k, *w_v))
-    out = torch.ops.kvfuse.fused_kv_loss(
+    return fused_kv_loss_function(
         unit_stride(student_k), unit_stride(student_v), alpha, lw, mask.float().contiguous(),
         positions.float().contiguous(), rot_t, invf, scaling.float(), layout(w_k, teacher_k),
         layout(w_v, teacher_v), [unit_stride(x) for x in teacher_k], [unit_stride(x) for x in teacher_v], pairing,
         float(lambda_k), float(lambda_v), float(beta), grad)
-    return out[:4]
 
 
 def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions, inv_freq,

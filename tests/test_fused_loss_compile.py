@@ -1,4 +1,4 @@
-"""The Triton fused loss as a torch.library custom op: opcheck, no graph breaks, and a compiled training step
+"""The Triton fused loss as torch.library operators: opcheck, no graph breaks, and a compiled training step
 (tiny student + KVDistillLoss, fullgraph=True) equal to the eager one. The kernels run in the interpreter; the
 compile backend is aot_eager (Dynamo + AOTAutograd, which is what the custom op must survive; Inductor's
 codegen of the surrounding student is not what these tests are about)."""
@@ -41,17 +41,21 @@ def _inputs(seed=0, L=2, B=2, H_s=2, T=9, D_s=16, heads=((2, 16), (1, 8))):
 def test_opcheck_forward_and_backward_ops():
     x = _inputs()
     L, _, H_s, _, D_s = x["student_k"].shape
-    lw = torch.rand(L).requires_grad_()
-    wk = [pair_layout_adapter(w, (H_s, D_s), D_s) for w in x["w_k"]]
-    wv = [pair_layout_adapter(w, (H_s, D_s), D_s) for w in x["w_v"]]
-    args = (x["student_k"], x["student_v"], x["alpha"], lw, x["mask"], x["positions"],
+    wk = [pair_layout_adapter(w, (H_s, D_s), D_s).detach() for w in x["w_k"]]
+    wv = [pair_layout_adapter(w, (H_s, D_s), D_s).detach() for w in x["w_v"]]
+    coefs = [torch.rand(L) for _ in range(3)]
+    args = (x["student_k"].detach(), x["student_v"].detach(), x["alpha"].detach(), x["mask"], x["positions"],
             torch.tensor([D_s, 0], dtype=torch.int32), x["inv_freq"].expand(L, -1), torch.tensor([1.0, 1.2]),
-            wk, wv, x["teacher_k"], x["teacher_v"], D_s, 1.0, 0.5, 0.3, True)
+            *coefs, wk, wv, x["teacher_k"], x["teacher_v"], D_s, True)
     torch.library.opcheck(torch.ops.kvfuse.fused_kv_loss.default, args)
     out = torch.ops.kvfuse.fused_kv_loss(*args)
-    bwd_args = (torch.tensor(0.7), x["alpha"].detach(), out[5].detach(), out[6].detach(),
-                [w.detach() for w in wk], [w.detach() for w in wv], x["teacher_k"], x["teacher_v"], True, True)
+    assert out[4].shape == (L, 2, 9, wk[0].shape[2]) and out[6].shape == x["student_k"].shape
+    bwd_args = (torch.tensor(0.7), x["alpha"].detach(), *out[4:], wk, wv, x["teacher_k"], x["teacher_v"], True,
+                True, True)
     torch.library.opcheck(torch.ops.kvfuse.fused_kv_loss_backward.default, bwd_args)
+    d_alpha, d_sk, d_sv, dwk, dwv = torch.ops.kvfuse.fused_kv_loss_backward(*bwd_args)
+    assert torch.allclose(d_sk, 0.7 * out[6]) and torch.allclose(d_sv, 0.7 * out[7])
+    assert d_alpha.shape == x["alpha"].shape and [d.shape for d in dwk] == [w.shape for w in wk]
 
 
 def test_no_graph_breaks():

@@ -1,9 +1,9 @@
-"""`kvfuse::fused_kv_loss` and its backward as torch.library custom ops.
+"""The operators `kvfuse::fused_kv_loss` and `kvfuse::fused_kv_loss_backward`, and the autograd.Function around them.
 
-As custom ops with fake (meta) implementations and a registered autograd formula, the Triton kernels are opaque
-nodes to torch.compile: a compiled training step traces through them with no graph break, and AOTAutograd puts
-the backward op in the backward graph. This module imports no Triton at import time (the op bodies do), so
-`import kvfuse` stays cheap and works where Triton is absent.
+Registered with torch.library's define/impl and fake (meta) implementations (kernels.utils.define_op), the Triton
+kernels are opaque nodes to torch.compile: a compiled training step traces through them with no graph break, and
+AOTAutograd traces `FusedKVLoss.backward`, so the backward op lands in the backward graph. This module imports no
+Triton at import time (the op bodies do), so `import kvfuse` stays cheap and works where Triton is absent.
 
 Shapes (all tensors on one device):
     student_k, student_v   [L, B, H_s, T, D_s]     fp16 | bf16 | fp32, last stride 1 (keys post-RoPE)
@@ -13,10 +13,9 @@ Shapes (all tensors on one device):
     rot                    [L] int32               each layer's rotary dim: `rotary_dim` or 0 (NoPE layer)
     inv_freq               [L, ≥ rotary_dim/2] fp32 (stride 0 on L allowed)
     scaling                [L] fp32                RoPE attention_scaling per layer
+    coef_k, coef_v, coef_cos [L] fp32              the loss's per-layer coefficients (FusedKVLoss.forward)
     w_k[i], w_v[i]         [L, H_i·D_i, 2·H_s·PH]  adapters in the pair layout (kvfuse.kernels.fused_kv_loss)
     teacher_k[i], _v[i]    [L, B, H_i, T, D_i]     aligned pre-RoPE teacher KV, last stride 1
-Returns (loss [], k_mse [L], v_mse [L], cos [L], terms [L], G_k, G_v, dS_k, dS_v); the last four are the saved
-gradient buffers (empty when no gradient is needed) and, like the statistics, carry no gradient.
 """
 from __future__ import annotations
 
@@ -24,6 +23,8 @@ import importlib
 
 import torch
 from torch import Tensor
+
+from kvfuse.kernels.utils import define_op
 
 
 def _kernels():
@@ -43,57 +44,46 @@ def _grad_dtype(teachers: list[Tensor], weights: list[Tensor]) -> torch.dtype:
     return dot_dtype([t.dtype for t in teachers] + [w.dtype for w in weights])[1]
 
 
-@torch.library.custom_op("kvfuse::fused_kv_loss", mutates_args=())
-def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, layer_weights: Tensor, mask: Tensor,
-                  positions: Tensor, rot: Tensor, inv_freq: Tensor, scaling: Tensor, w_k: list[Tensor],
-                  w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor], rotary_dim: int,
-                  lambda_k: float, lambda_v: float, beta: float, compute_grad: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, mask: Tensor, positions: Tensor, rot: Tensor,
+                  inv_freq: Tensor, scaling: Tensor, coef_k: Tensor, coef_v: Tensor, coef_cos: Tensor,
+                  w_k: list[Tensor], w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor],
+                  rotary_dim: int, compute_grad: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(Σ squared error [L], Σ cosine [L]) for keys and values, then the saved gradient buffers G_k, G_v (∂L/∂P in
+    the pair layout) and ∂L/∂S_k, ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is false)."""
     kern = _kernels()
-    L, B, H_s, T, D_s = student_k.shape
-    n = mask.sum()
-    c_l = layer_weights / layer_weights.sum()
-    coef_k = 2.0 * lambda_k * c_l / (n * H_s * D_s)
-    coef_v = 2.0 * lambda_v * c_l / (n * H_s * D_s)
-    coef_cos = beta * c_l / (2.0 * n * H_s)
     sq_k, cs_k, g_k, ds_k = kern.fused_kv_loss_forward(student_k, teacher_k, w_k, alpha, mask, positions, rot,
                                                        inv_freq, scaling, rotary_dim, coef_k, coef_cos, True,
                                                        compute_grad)
     sq_v, cs_v, g_v, ds_v = kern.fused_kv_loss_forward(student_v, teacher_v, w_v, alpha, mask, positions, rot,
                                                        inv_freq, scaling, rotary_dim, coef_v, coef_cos, False,
                                                        compute_grad)
-    k_mse = sq_k / (n * H_s * D_s)
-    v_mse = sq_v / (n * H_s * D_s)
-    cos = (cs_k + cs_v) / (2.0 * n * H_s)
-    terms = lambda_k * k_mse + lambda_v * v_mse + beta * (1.0 - cos)
-    loss = (c_l * terms).sum()
-    if not compute_grad:  # outputs of a custom op may not alias each other: four distinct empties
+    if not compute_grad:
         g_k, g_v, ds_k, ds_v = (student_k.new_empty(0) for _ in range(4))
-    return loss, k_mse, v_mse, cos, terms, g_k, g_v, ds_k, ds_v
+    return sq_k, cs_k, sq_v, cs_v, g_k, g_v, ds_k, ds_v
 
 
-@fused_kv_loss.register_fake
-def _(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling, w_k, w_v, teacher_k,
-      teacher_v, rotary_dim, lambda_k, lambda_v, beta, compute_grad):
+def _fused_kv_loss_fake(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
+                        coef_cos, w_k, w_v, teacher_k, teacher_v, rotary_dim, compute_grad):
     L, B, H_s, T, D_s = student_k.shape
     stat = [student_k.new_empty((L,), dtype=torch.float32) for _ in range(4)]
-    loss = student_k.new_empty((), dtype=torch.float32)
     if compute_grad:
-        g_dtype = _grad_dtype(teacher_k, w_k)
         c2 = w_k[0].shape[2]
-        bufs = [student_k.new_empty((L, B, T, c2), dtype=g_dtype),
+        bufs = [student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_k, w_k)),
                 student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_v, w_v)),
                 torch.empty_like(student_k, memory_format=torch.contiguous_format),
                 torch.empty_like(student_v, memory_format=torch.contiguous_format)]
     else:
         bufs = [student_k.new_empty(0) for _ in range(4)]
-    return (loss, *stat, *bufs)
+    return (*stat, *bufs)
 
 
-@torch.library.custom_op("kvfuse::fused_kv_loss_backward", mutates_args=())
-def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: Tensor, w_k: list[Tensor],
-                           w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor], need_w: bool,
-                           need_alpha: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: Tensor, ds_k: Tensor, ds_v: Tensor,
+                           w_k: list[Tensor], w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor],
+                           need_w: bool, need_alpha: bool, need_student: bool
+                           ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """(∂α, ∂S_k, ∂S_v, ∂W_k list, ∂W_v list) for the upstream gradient grad_loss (a 0-d tensor); what is not asked
+    for comes back empty."""
     kern = _kernels()
     g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
     dwk, da_k = kern.fused_kv_loss_backward(teacher_k, w_k, alpha, g_k, g, need_w, need_alpha)
@@ -104,47 +94,91 @@ def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: T
         if alpha.dim() == 2:
             d_alpha = d_alpha.sum(1)
         d_alpha = d_alpha.to(alpha.dtype)
-    return (d_alpha, [d if need_w else w.new_empty(0) for d, w in zip(dwk, w_k)],
+    d_sk, d_sv = kern.scale_pair(ds_k, ds_v, g) if need_student else (ds_k.new_empty(0), ds_v.new_empty(0))
+    return (d_alpha, d_sk, d_sv, [d if need_w else w.new_empty(0) for d, w in zip(dwk, w_k)],
             [d if need_w else w.new_empty(0) for d, w in zip(dwv, w_v)])
 
 
-@fused_kv_loss_backward.register_fake
-def _(grad_loss, alpha, g_k, g_v, w_k, w_v, teacher_k, teacher_v, need_w, need_alpha):
+def _fused_kv_loss_backward_fake(grad_loss, alpha, g_k, g_v, ds_k, ds_v, w_k, w_v, teacher_k, teacher_v, need_w,
+                                 need_alpha, need_student):
     d_alpha = torch.empty_like(alpha) if need_alpha else alpha.new_empty(0)
-    return (d_alpha, [torch.empty_like(w) if need_w else w.new_empty(0) for w in w_k],
+    d_s = [torch.empty_like(x) if need_student else x.new_empty(0) for x in (ds_k, ds_v)]
+    return (d_alpha, *d_s, [torch.empty_like(w) if need_w else w.new_empty(0) for w in w_k],
             [torch.empty_like(w) if need_w else w.new_empty(0) for w in w_v])
 
 
-def _setup_context(ctx, inputs, output):
-    (student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling, w_k, w_v, teacher_k,
-     teacher_v, rotary_dim, lambda_k, lambda_v, beta, compute_grad) = inputs
-    loss, k_mse, v_mse, cos, terms, g_k, g_v, ds_k, ds_v = output
-    if not compute_grad:
-        ctx.n_teachers = -1  # the caller asked for no gradient: backward must not run
-        return
-    ctx.n_teachers = len(w_k)
-    ctx.save_for_backward(alpha, layer_weights, terms, loss, g_k, g_v, ds_k, ds_v, *w_k, *w_v, *teacher_k,
-                          *teacher_v)
+fused_kv_loss_op = define_op(fused_kv_loss, _fused_kv_loss_fake)
+fused_kv_loss_backward_op = define_op(fused_kv_loss_backward, _fused_kv_loss_backward_fake)
 
 
-def _backward(ctx, grad_loss, *_stats_and_buffers):
-    if ctx.n_teachers < 0:
-        raise RuntimeError("kvfuse::fused_kv_loss ran with compute_grad=False; its backward has no buffers")
-    N = ctx.n_teachers
-    alpha, layer_weights, terms, loss, g_k, g_v, ds_k, ds_v, *rest = ctx.saved_tensors
-    w_k, w_v, t_k, t_v = rest[:N], rest[N:2 * N], rest[2 * N:3 * N], rest[3 * N:]
-    need = ctx.needs_input_grad
-    need_w = any(need[9]) or any(need[10])
-    d_alpha, dwk, dwv = fused_kv_loss_backward(grad_loss, alpha, g_k, g_v, list(w_k), list(w_v), list(t_k),
-                                               list(t_v), need_w, bool(need[2]))
-    g = grad_loss.to(torch.float32)
-    d_sk = (ds_k * g).to(ds_k.dtype) if need[0] else None
-    d_sv = (ds_v * g).to(ds_v.dtype) if need[1] else None
-    d_lw = g * (terms - loss) / layer_weights.sum() if need[3] else None
-    return (d_sk, d_sv, d_alpha if need[2] else None, d_lw, None, None, None, None, None,
-            [d if need[9][i] else None for i, d in enumerate(dwk)],
-            [d if need[10][i] else None for i, d in enumerate(dwv)],
-            [None] * N, [None] * N, None, None, None, None, None)
+def _statistics(sums, layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k: float, lambda_v: float,
+                beta: float):
+    """(loss, k_mse, v_mse, cos, terms) from the kernels' per-layer sums (formula in kvfuse.loss)."""
+    sq_k, cs_k, sq_v, cs_v = sums
+    k_mse = sq_k / (n * H_s * D_s)
+    v_mse = sq_v / (n * H_s * D_s)
+    cos = (cs_k + cs_v) / (2.0 * n * H_s)
+    terms = lambda_k * k_mse + lambda_v * v_mse + beta * (1.0 - cos)
+    return (layer_weights / layer_weights.sum() * terms).sum(), k_mse, v_mse, cos, terms
 
 
-fused_kv_loss.register_autograd(_backward, setup_context=_setup_context)
+def _coefficients(layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k: float, lambda_v: float,
+                  beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """∂loss/∂(squared error) per layer for keys and values, and ∂loss/∂(Σ cosine) up to its sign."""
+    c_l = layer_weights / layer_weights.sum()
+    return (2.0 * lambda_k * c_l / (n * H_s * D_s), 2.0 * lambda_v * c_l / (n * H_s * D_s),
+            beta * c_l / (2.0 * n * H_s))
+
+
+class FusedKVLoss(torch.autograd.Function):
+    """loss, k_mse, v_mse, cos [L] of the fused kernels, differentiable in the student tensors, α, the layer weights
+    and the adapters (teachers get no gradient). Adapters and teachers travel as trailing positional arguments
+    (w_k..., w_v..., teacher_k..., teacher_v...), since autograd tracks tensors only as direct arguments."""
+
+    @staticmethod
+    def forward(ctx, student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling,
+                rotary_dim, lambda_k, lambda_v, beta, n_teachers, *adapters_and_teachers):
+        N = n_teachers
+        w_k, w_v = list(adapters_and_teachers[:N]), list(adapters_and_teachers[N:2 * N])
+        t_k, t_v = list(adapters_and_teachers[2 * N:3 * N]), list(adapters_and_teachers[3 * N:])
+        L, B, H_s, T, D_s = student_k.shape
+        n = mask.sum()
+        coef_k, coef_v, coef_cos = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
+        out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
+                               coef_cos, w_k, w_v, t_k, t_v, rotary_dim, True)
+        loss, k_mse, v_mse, cos, terms = _statistics(out[:4], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
+        ctx.mark_non_differentiable(k_mse, v_mse, cos)
+        ctx.n_teachers = N
+        ctx.save_for_backward(alpha, layer_weights, terms, loss, *out[4:], *w_k, *w_v, *t_k, *t_v)
+        return loss, k_mse, v_mse, cos
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stats):
+        N = ctx.n_teachers
+        alpha, layer_weights, terms, loss, g_k, g_v, ds_k, ds_v, *rest = ctx.saved_tensors
+        w_k, w_v, t_k, t_v = rest[:N], rest[N:2 * N], rest[2 * N:3 * N], rest[3 * N:]
+        need = ctx.needs_input_grad
+        need_w = any(need[14:14 + 2 * N])
+        d_alpha, d_sk, d_sv, dwk, dwv = fused_kv_loss_backward_op(
+            grad_loss, alpha, g_k, g_v, ds_k, ds_v, list(w_k), list(w_v), list(t_k), list(t_v), need_w, need[2],
+            need[0] or need[1])
+        d_lw = grad_loss.to(torch.float32) * (terms - loss) / layer_weights.sum() if need[3] else None
+        return (d_sk if need[0] else None, d_sv if need[1] else None, d_alpha if need[2] else None, d_lw,
+                *[None] * 10, *[d if need[14 + i] else None for i, d in enumerate(dwk)],
+                *[d if need[14 + N + i] else None for i, d in enumerate(dwv)], *[None] * (2 * N))
+
+
+def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling,
+                           w_k, w_v, teacher_k, teacher_v, rotary_dim: int, lambda_k: float, lambda_v: float,
+                           beta: float, compute_grad: bool):
+    """(loss, k_mse, v_mse, cos) through FusedKVLoss, or the forward op alone when no gradient is wanted."""
+    if compute_grad:
+        return FusedKVLoss.apply(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq,
+                                 scaling, rotary_dim, lambda_k, lambda_v, beta, len(w_k), *w_k, *w_v, *teacher_k,
+                                 *teacher_v)
+    L, B, H_s, T, D_s = student_k.shape
+    n = mask.sum()
+    coefs = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
+    out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, *coefs, w_k, w_v,
+                           teacher_k, teacher_v, rotary_dim, False)
+    return _statistics(out[:4], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)[:4]

@@ -32,3 +32,18 @@ def dot_dtype(dtypes: Iterable[torch.dtype]):
 def autotune_configs(options, pre_hook=None) -> list[triton.Config]:
     """[(meta dict, num_warps, num_stages)] -> triton.Configs sharing one pre-hook."""
     return [triton.Config(dict(meta), num_warps=w, num_stages=s, pre_hook=pre_hook) for meta, w, s in options]
+
+
+def define_op(fn, fake):
+    """Register `fn` (type-annotated) as the CPU and CUDA kernel of the operator kvfuse::<fn.__name__>, with `fake`
+    computing its outputs' shapes for torch.compile (FakeTensor/meta); returns torch.ops.kvfuse.<name>.
+
+    This is torch.library's plain define/impl: the dispatcher calls `fn` directly. torch.library.custom_op would
+    wrap every call in Python layers (an autograd kernel, output aliasing checks, pytree handling) that cost more
+    host time per step than the fused loss's kernels take on the GPU at small batches (bench/NOTES.md); so the
+    ops here carry no autograd formula and each op's gradient lives in a torch.autograd.Function around it."""
+    name = f"kvfuse::{fn.__name__}"
+    torch.library.define(name, torch.library.infer_schema(fn, mutates_args=()))
+    torch.library.impl(name, ("cpu", "cuda"), fn)
+    torch.library.register_fake(name, fake)
+    return getattr(torch.ops.kvfuse, fn.__name__)
