@@ -155,7 +155,7 @@ def check_small_fp32(log) -> float:
 def bench_one(variant: str, tokens: int, bw: float, peak: float, teachers=TEACHERS):
     from triton.testing import do_bench
     x = make_inputs(tokens, teachers=teachers)
-    impl = {"eager": _torch_loss, "compile": COMPILED, "triton": _triton_loss}[variant]
+    impl = {"eager": _torch_loss, "compile": COMPILED, "triton": _triton_loss, "triton_compile": TRITON_COMPILED}[variant]
     params = _params(x)
 
     def fwd():
@@ -195,10 +195,11 @@ def bench_one(variant: str, tokens: int, bw: float, peak: float, teachers=TEACHE
 
 
 COMPILED = None
+TRITON_COMPILED = None  # the Triton backend inside torch.compile, as a compiled trainer runs it
 
 
 def run(out_dir: Path, tokens_list, variants, three_teacher_tokens) -> None:
-    global COMPILED
+    global COMPILED, TRITON_COMPILED
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()
     tag = dev.replace(" ", "_").replace("/", "_")
@@ -231,6 +232,7 @@ def run(out_dir: Path, tokens_list, variants, three_teacher_tokens) -> None:
     bw, peak = ceilings()
     log(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     COMPILED = torch.compile(_torch_loss, dynamic=False)
+    TRITON_COMPILED = torch.compile(_triton_loss, dynamic=False, fullgraph=True)
     rows = []
     cases = [(t, TEACHERS) for t in tokens_list] + [(t, TEACHERS_3) for t in three_teacher_tokens]
     for tokens, teachers in cases:
@@ -254,7 +256,7 @@ def run(out_dir: Path, tokens_list, variants, three_teacher_tokens) -> None:
             w.writerow(dict(device=dev, commit=sha, dtype="bf16", copy_tbps=round(bw / 1e12, 3),
                             mm_tflops=round(peak / 1e12, 1), **row))
     log("\nteachers tokens mode  eager_ms compile_ms triton_ms  x_eager x_compile  %roof  "
-        "peakMiB(eager/compile/triton)")
+        "peakMiB(eager/compile/triton)  triton_compile_ms x_compile")
     by = {(r["variant"], r["tokens"], r["teachers"], r["mode"]): r for r in rows}
     for tokens, teachers in cases:
         for mode in ("fwd", "bwd", "full"):
@@ -264,8 +266,10 @@ def run(out_dir: Path, tokens_list, variants, three_teacher_tokens) -> None:
             xe = f"{ms[0] / ms[2]:.2f}" if num(ms[0]) and num(ms[2]) else "-"
             xc = f"{ms[1] / ms[2]:.2f}" if num(ms[1]) and num(ms[2]) else "-"
             mem = "/".join(str(r.get("peak_extra_mib", "-")) for r in (e, c, t))
+            tc = by.get(("triton_compile", tokens, len(teachers), mode), {}).get("ms", "-")
+            xtc = f"{ms[1] / tc:.2f}" if num(ms[1]) and num(tc) else "-"
             log(f"{len(teachers):>8} {tokens:>6} {mode:>5} {ms[0]!s:>9} {ms[1]!s:>10} {ms[2]!s:>9} {xe:>8} {xc:>9} "
-                f"{t.get('pct_roofline', '-')!s:>6}  {mem}")
+                f"{t.get('pct_roofline', '-')!s:>6}  {mem}  {tc!s:>9} {xtc:>6}")
     logf.close()
 
 
@@ -304,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     p.add_argument("--tokens3", type=int, nargs="*", default=TOKENS,
                    help="token counts for the three-teacher case (none: skip it)")
-    p.add_argument("--variants", nargs="+", default=["eager", "compile", "triton"],
+    p.add_argument("--variants", nargs="+", default=["eager", "compile", "triton", "triton_compile"],
                    choices=["eager", "compile", "triton"])
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     args = p.parse_args(argv)

@@ -25,12 +25,14 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     import kvfuse.kernels.fused_kv_loss as K
+    from kvfuse.kernels.fused_kv_loss_op import natural_layout
     from kvfuse.loss import pair_layout_adapter
     x = make_inputs(args.tokens)
     sk = x["student_k"].detach()
     L, B, H_s, T, D_s = sk.shape
     dev = sk.device
-    wk = [pair_layout_adapter(w.detach(), (H_s, D_s), D_s) for w in x["w_k"]]
+    natural = natural_layout(D_s, D_s)
+    wk = [w.detach() if natural else pair_layout_adapter(w.detach(), (H_s, D_s), D_s) for w in x["w_k"]]
     mask = x["mask"].float().contiguous()
     pos = x["positions"].float().contiguous()
     rot = torch.full((L,), D_s, dtype=torch.int32, device=dev)

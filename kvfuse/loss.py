@@ -28,7 +28,7 @@ from torch import nn
 from kvfuse.align.heads import structured_adapter
 from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
-from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, fused_kv_loss_function, pair_width
+from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, fused_kv_loss_function, natural_layout, pair_width
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -273,24 +273,25 @@ def _triton_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, ma
                          "use backend='torch'")
     pairing = turning[0] if turning else D_s
     dev = student_k.device
-    lw = torch.ones(L, device=dev, dtype=torch.float32) if layer_weights is None else layer_weights.float()
+    lw = host_constant((1.0,) * L, torch.float32, dev) if layer_weights is None else layer_weights.float()
     invf = inv_freq.float().expand(L, inv_freq.shape[-1])  # stride 0 on L: no copy for a shared inv_freq
     rot_t = host_constant(rot, torch.int32, dev)
 
     # fp32 adapters (master weights) with half-precision KV: run the GEMMs on half tensor cores with fp32
     # accumulation rather than fp32 'ieee' products; the cast is small ([L, F_i, C]) and differentiable.
     def layout(ws, xs):
-        return [pair_layout_adapter(w.to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) else w,
-                                    (H_s, D_s), pairing) for w, x in zip(ws, xs)]
+        ws = [w.to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) else w for w, x in zip(ws, xs)]
+        if natural_layout(D_s, pairing):
+            return [unit_stride(w) for w in ws]
+        return [pair_layout_adapter(w, (H_s, D_s), pairing) for w in ws]
 
     def unit_stride(x):
         return x if x.stride(-1) == 1 else x.contiguous()
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (student_k, student_v, alpha, lw, *w_k, *w_v))
     return fused_kv_loss_function(
-        unit_stride(student_k), unit_stride(student_v), alpha, lw, mask.float().contiguous(),
-        positions.float().contiguous(), rot_t, invf, scaling.float(), layout(w_k, teacher_k),
-        layout(w_v, teacher_v), [unit_stride(x) for x in teacher_k], [unit_stride(x) for x in teacher_v], pairing,
+        unit_stride(student_k), unit_stride(student_v), alpha, lw, mask.contiguous(), positions.contiguous(), rot_t,
+        invf, scaling.float(), layout(w_k, teacher_k), layout(w_v, teacher_v), [unit_stride(x) for x in teacher_k], [unit_stride(x) for x in teacher_v], pairing,
         float(lambda_k), float(lambda_v), float(beta), grad)
 
 

@@ -139,6 +139,20 @@ def test_interpreter_bf16_upcast_switch_is_what_keeps_bf16_exact():
             os.environ["TRITON_INTERPRET"] = old
 
 
+def test_mask_and_positions_in_any_dtype(monkeypatch):
+    """The kernels read the mask and positions in the caller's dtypes (make_case: bool / int64; here also fp16 /
+    fp32 and int32 / fp64) with no converted copy, and get the same numbers."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    heads = [(2, 16), (1, 32)]
+    args, leaves = make_case(41, heads, D_s=32, T=19)
+    assert args["mask"].dtype == torch.bool and args["positions"].dtype == torch.int64
+    ref = run(args, leaves, "triton")
+    assert_close(ref, run(args, leaves, "torch"), 1e-4, len(heads))
+    for m_dtype, p_dtype in ((torch.float16, torch.int32), (torch.float32, torch.float64)):
+        raw = dict(args, mask=args["mask"].to(m_dtype), positions=args["positions"].to(p_dtype))
+        assert_close(run(raw, leaves, "triton"), ref, 1e-6, len(heads))
+
+
 def test_other_tile_sizes_agree(monkeypatch):
     """Other interpreter tile shapes give the same numbers: tiles larger than the tensors (every mask path),
     K-chunks that do not divide a teacher head (24 = 16 + 8), and two student heads per program (the per-head

@@ -9,12 +9,13 @@ Shapes (all tensors on one device):
     student_k, student_v   [L, B, H_s, T, D_s]     fp16 | bf16 | fp32, last stride 1 (keys post-RoPE)
     alpha                  [B, N] | [B, L, N]      router weights
     layer_weights          [L] fp32                w_l (loss = Σ_l w_l term_l / Σ_l w_l)
-    mask, positions        [B, T] fp32 contiguous  0/1 token mask, student positions
+    mask, positions        [B, T] contiguous       0/1 token mask, student positions (bool, integer or float)
     rot                    [L] int32               each layer's rotary dim: `rotary_dim` or 0 (NoPE layer)
     inv_freq               [L, ≥ rotary_dim/2] fp32 (stride 0 on L allowed)
     scaling                [L] fp32                RoPE attention_scaling per layer
     coef_k, coef_v, coef_cos [L] fp32              the loss's per-layer coefficients (FusedKVLoss.forward)
-    w_k[i], w_v[i]         [L, H_i·D_i, 2·H_s·PH]  adapters in the pair layout (kvfuse.kernels.fused_kv_loss)
+    w_k[i], w_v[i]         [L, H_i·D_i, 2·H_s·PH]  adapters in the pair layout (kvfuse.kernels.fused_kv_loss), or
+                                                   as given when natural_layout(D_s, rotary_dim)
     teacher_k[i], _v[i]    [L, B, H_i, T, D_i]     aligned pre-RoPE teacher KV, last stride 1
 """
 from __future__ import annotations
@@ -37,6 +38,14 @@ MAX_TEACHERS = 8  # the kernels take teachers as eight separate arguments
 def pair_width(d_s: int) -> int:
     """PH: pair columns per student head in the pair layout (a power of two ≥ D_s/2, ≥ 16 for tl.dot)."""
     return max(16, 1 << max(0, d_s // 2 - 1).bit_length())
+
+
+def natural_layout(d_s: int, rotary_dim: int) -> bool:
+    """True when the kernels take the adapters [L, F, H_s·D_s] in their own column order: with full rotary and
+    D_s/2 a power of two ≥ 16, the pair layout's two column blocks of a head are exactly the head's two halves
+    (pair j = (j, j + D_s/2)), so the kernels address them in place and no permuted copy is made. Otherwise the
+    adapters come in the pair layout (kvfuse.loss.pair_layout_adapter)."""
+    return rotary_dim == d_s and pair_width(d_s) == d_s // 2
 
 
 def _grad_dtype(teachers: list[Tensor], weights: list[Tensor]) -> torch.dtype:
@@ -115,19 +124,19 @@ def _statistics(sums, layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lamb
                 beta: float):
     """(loss, k_mse, v_mse, cos, terms) from the kernels' per-layer sums (formula in kvfuse.loss)."""
     sq_k, cs_k, sq_v, cs_v = sums
-    k_mse = sq_k / (n * H_s * D_s)
-    v_mse = sq_v / (n * H_s * D_s)
-    cos = (cs_k + cs_v) / (2.0 * n * H_s)
+    inv_n = 1.0 / n
+    k_mse = sq_k * inv_n / (H_s * D_s)
+    v_mse = sq_v * inv_n / (H_s * D_s)
+    cos = (cs_k + cs_v) * inv_n / (2.0 * H_s)
     terms = lambda_k * k_mse + lambda_v * v_mse + beta * (1.0 - cos)
-    return (layer_weights / layer_weights.sum() * terms).sum(), k_mse, v_mse, cos, terms
+    return (layer_weights * terms).sum() / layer_weights.sum(), k_mse, v_mse, cos, terms
 
 
 def _coefficients(layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k: float, lambda_v: float,
                   beta: float) -> tuple[Tensor, Tensor, Tensor]:
     """∂loss/∂(squared error) per layer for keys and values, and ∂loss/∂(Σ cosine) up to its sign."""
-    c_l = layer_weights / layer_weights.sum()
-    return (2.0 * lambda_k * c_l / (n * H_s * D_s), 2.0 * lambda_v * c_l / (n * H_s * D_s),
-            beta * c_l / (2.0 * n * H_s))
+    c_n = layer_weights / (layer_weights.sum() * n)
+    return c_n * (2.0 * lambda_k / (H_s * D_s)), c_n * (2.0 * lambda_v / (H_s * D_s)), c_n * (beta / (2.0 * H_s))
 
 
 class FusedKVLoss(torch.autograd.Function):
@@ -142,7 +151,7 @@ class FusedKVLoss(torch.autograd.Function):
         w_k, w_v = list(adapters_and_teachers[:N]), list(adapters_and_teachers[N:2 * N])
         t_k, t_v = list(adapters_and_teachers[2 * N:3 * N]), list(adapters_and_teachers[3 * N:])
         L, B, H_s, T, D_s = student_k.shape
-        n = mask.sum()
+        n = mask.sum(dtype=torch.float32)
         coef_k, coef_v, coef_cos = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
         out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
                                coef_cos, w_k, w_v, t_k, t_v, rotary_dim, True)
@@ -177,7 +186,7 @@ def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, pos
                                  scaling, rotary_dim, lambda_k, lambda_v, beta, len(w_k), *w_k, *w_v, *teacher_k,
                                  *teacher_v)
     L, B, H_s, T, D_s = student_k.shape
-    n = mask.sum()
+    n = mask.sum(dtype=torch.float32)
     coefs = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
     out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, *coefs, w_k, w_v,
                            teacher_k, teacher_v, rotary_dim, False)
