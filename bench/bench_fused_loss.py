@@ -280,7 +280,7 @@ def plot(csv_path: Path) -> Path:
     rows = [r for r in csv.DictReader(open(csv_path)) if r["ms"] != "oom" and r.get("teachers", "2") == "2"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, mode in zip(axes, ("fwd", "bwd", "full")):
-        for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^")):
+        for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^"), ("triton_compile", "v")):
             pts = sorted((int(r["tokens"]), float(r["ms"])) for r in rows
                          if r["variant"] == variant and r["mode"] == mode)
             if pts:
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens3", type=int, nargs="*", default=TOKENS,
                    help="token counts for the three-teacher case (none: skip it)")
     p.add_argument("--variants", nargs="+", default=["eager", "compile", "triton", "triton_compile"],
-                   choices=["eager", "compile", "triton"])
+                   choices=["eager", "compile", "triton", "triton_compile"])
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     args = p.parse_args(argv)
     if args.plot:
