@@ -28,7 +28,9 @@ from torch import nn
 from kvfuse.align.heads import structured_adapter
 from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
-from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, fused_kv_loss_function, natural_layout, pair_width
+from kvfuse.codecs import LowRankKV, QuantizedKV, decode_teachers, fold_lowrank_adapter, is_encoded
+from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherStorage, fused_kv_loss_function,
+                                             natural_layout, pair_width)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -42,6 +44,16 @@ def _check_float(name: str, x, dim: int) -> torch.Tensor:
     if x.dim() != dim:
         raise ValueError(f"{name} must have {dim} dims, got shape {tuple(x.shape)}")
     return x
+
+
+def _check_teacher(name: str, x):
+    """A teacher entry: a floating tensor [L, B, H_i, T, D_i], or a compressed one (kvfuse.codecs) of that logical
+    shape (its container validated its own dtypes)."""
+    if is_encoded(x):
+        if len(x.shape) != 5:
+            raise ValueError(f"{name} must have 5 dims, got logical shape {tuple(x.shape)}")
+        return x
+    return _check_float(name, x, 5)
 
 
 def _expect(name: str, x: torch.Tensor, shape: tuple, device: torch.device) -> None:
@@ -124,12 +136,12 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
         if len(seq) != N:
             raise ValueError(f"{name} has {len(seq)} entries but teacher_k has {N}")
     for i in range(N):
-        tk = _check_float(f"teacher_k[{i}]", teacher_k[i], 5)
+        tk = _check_teacher(f"teacher_k[{i}]", teacher_k[i])
         if tk.shape[0] != L or tk.shape[1] != B or tk.shape[3] != T:
             raise ValueError(f"teacher_k[{i}] has shape {tuple(tk.shape)}, expected [L={L}, B={B}, H_i, T={T}, D_i]")
         if tk.device != dev:
             raise ValueError(f"teacher_k[{i}] is on {tk.device}, expected {dev} (student_k's device)")
-        _check_float(f"teacher_v[{i}]", teacher_v[i], 5)
+        _check_teacher(f"teacher_v[{i}]", teacher_v[i])
         _expect(f"teacher_v[{i}]", teacher_v[i], tk.shape, dev)
         F_i = tk.shape[2] * tk.shape[4]
         for name, w in ((f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])):
@@ -159,6 +171,16 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
         if not isinstance(layer_weights, torch.Tensor):
             raise ValueError("layer_weights must be a tensor [L] or None")
         _expect("layer_weights", layer_weights, (L,), dev)
+
+
+def _finite_parts(name: str, x) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a teacher entry whose values the finite check reads: a compressed entry's scales, offsets
+    and low-rank basis (fp8 / int4 codes are finite by construction)."""
+    if isinstance(x, LowRankKV):
+        return [(f"{name}.basis", x.basis), *_finite_parts(f"{name}.coeffs", x.coeffs)]
+    if isinstance(x, QuantizedKV):
+        return [(f"{name}.{part}", t) for part, t in (("scale", x.scale), ("offset", x.offset)) if t is not None]
+    return [(name, x)]
 
 
 def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, layer_weights, check_finite: bool):
@@ -259,13 +281,40 @@ def pair_layout_adapter(w: torch.Tensor, student_heads: tuple[int, int], rotary_
     return w5.reshape(L, F, 2 * H_s * ph).contiguous()
 
 
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _kernel_storage(teachers, adapters) -> tuple[TeacherStorage, list[torch.Tensor]]:
+    """Teacher entries as the kernels read them, and the adapters they pair with: a low-rank teacher becomes its
+    coefficients (one head of width r) with the folded adapter B·W; an fp8 / int4 one stays compressed (the
+    kernels decode it in registers); a plain tensor passes as it is."""
+    data, codecs, scales, offsets, ws = [], [], [], [], []
+    for x, w in zip(teachers, adapters):
+        if isinstance(x, LowRankKV):
+            x, w = x.coeffs, fold_lowrank_adapter(x.basis, w)
+        if isinstance(x, QuantizedKV):
+            data.append(_unit_stride(x.data))
+            codecs.append(CODEC_CODES[x.kind, x.axis])
+            scales.append(x.scale.contiguous())
+            offsets.append(x.offset.contiguous() if x.offset is not None else x.scale.new_empty(0))
+        else:
+            data.append(_unit_stride(x))
+            codecs.append(0)
+            scales.append(x.new_empty(0))
+            offsets.append(x.new_empty(0))
+        ws.append(w)
+    return TeacherStorage(data, tuple(codecs), scales, offsets), ws
+
+
 def _triton_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions, inv_freq,
                  scaling, rot, lambda_k, lambda_v, beta, layer_weights):
     L, B, H_s, T, D_s = student_k.shape
     if student_k.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (got {student_k.device}); "
                          "use backend='torch' or set TRITON_INTERPRET=1")
-    if any(x.dtype == torch.float64 for x in (student_k, student_v, *teacher_k, *teacher_v, *w_k, *w_v)):
+    plain = [x for x in (*teacher_k, *teacher_v) if not is_encoded(x)]
+    if any(x.dtype == torch.float64 for x in (student_k, student_v, *plain, *w_k, *w_v)):
         raise ValueError("backend='triton' takes fp16/bf16/fp32 tensors; use backend='torch' for float64")
     turning = sorted({r for r in rot if r})
     if len(turning) > 1:
@@ -276,22 +325,24 @@ def _triton_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, ma
     lw = host_constant((1.0,) * L, torch.float32, dev) if layer_weights is None else layer_weights.float()
     invf = inv_freq.float().expand(L, inv_freq.shape[-1])  # stride 0 on L: no copy for a shared inv_freq
     rot_t = host_constant(rot, torch.int32, dev)
+    keys, w_k = _kernel_storage(teacher_k, w_k)
+    values, w_v = _kernel_storage(teacher_v, w_v)
+    # Compressed teachers decode to the student's half dtype (fp32 for an fp32 student).
+    decoded = student_k.dtype if student_k.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
     # fp32 adapters (master weights) with half-precision KV: run the GEMMs on half tensor cores with fp32
     # accumulation rather than fp32 'ieee' products; the cast is small ([L, F_i, C]) and differentiable.
-    def layout(ws, xs):
-        ws = [w.to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) else w for w, x in zip(ws, xs)]
+    def layout(ws, storage):
+        dtypes = [decoded if c else x.dtype for x, c in zip(storage.data, storage.codecs)]
+        ws = [w.to(dt) if dt in (torch.float16, torch.bfloat16) else w for w, dt in zip(ws, dtypes)]
         if natural_layout(D_s, pairing):
-            return [unit_stride(w) for w in ws]
+            return [_unit_stride(w) for w in ws]
         return [pair_layout_adapter(w, (H_s, D_s), pairing) for w in ws]
-
-    def unit_stride(x):
-        return x if x.stride(-1) == 1 else x.contiguous()
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (student_k, student_v, alpha, lw, *w_k, *w_v))
     return fused_kv_loss_function(
-        unit_stride(student_k), unit_stride(student_v), alpha, lw, mask.contiguous(), positions.contiguous(), rot_t,
-        invf, scaling.float(), layout(w_k, teacher_k), layout(w_v, teacher_v), [unit_stride(x) for x in teacher_k], [unit_stride(x) for x in teacher_v], pairing,
+        _unit_stride(student_k), _unit_stride(student_v), alpha, lw, mask.contiguous(), positions.contiguous(),
+        rot_t, invf, scaling.float(), layout(w_k, keys), layout(w_v, values), keys, values, pairing,
         float(lambda_k), float(lambda_v), float(beta), grad)
 
 
@@ -301,7 +352,9 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
     """Fused multi-teacher KV-distillation loss (formula in the module docstring).
 
     student_k, student_v [L, B, H_s, T, D_s] (keys post-RoPE); teacher_k, teacher_v: N lists of
-    [L, B, H_i, T, D_i] (aligned, pre-RoPE); w_k, w_v: N lists of [L, H_i·D_i, H_s·D_s]; alpha [B, N] or
+    [L, B, H_i, T, D_i] (aligned, pre-RoPE), each a tensor or compressed (kvfuse.codecs: QuantizedKV fp8 / int4,
+    decoded in the Triton kernel's registers, or LowRankKV, run as its coefficients with the folded adapter B·W;
+    the torch reference decodes them explicitly); w_k, w_v: N lists of [L, H_i·D_i, H_s·D_s]; alpha [B, N] or
     [B, L, N]; mask [B, T] (bool or 0/1); positions [B, T]; inv_freq [R/2] or [L, R/2] (R the rotary dim: D_s for
     full RoPE); attention_scaling a float or one per layer ([L] tensor or sequence); layer_weights [L] or None
     (ones); rotary_dim None (every layer rotates R = 2·inv_freq.shape[-1] dims), an int, or one int per layer
@@ -320,14 +373,16 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
     L, D_s = student_k.shape[0], student_k.shape[4]
     rot = rotary_dims(rotary_dim, L, D_s, inv_freq.shape[-1])
     scaling = _layer_scalings(attention_scaling, L, student_k.device)
-    teacher_k = [x.detach() for x in teacher_k]
-    teacher_v = [x.detach() for x in teacher_v]
+    if backend == "torch":  # the reference decodes compressed teachers explicitly
+        teacher_k, teacher_v = decode_teachers(teacher_k, teacher_v, _compute_dtype(student_k.dtype))
+    teacher_k = [x if is_encoded(x) else x.detach() for x in teacher_k]
+    teacher_v = [x if is_encoded(x) else x.detach() for x in teacher_v]
     if not torch.compiler.is_compiling():
         named = [("student_k", student_k), ("student_v", student_v), ("alpha", alpha), ("positions", positions),
                  ("inv_freq", inv_freq), ("attention_scaling", scaling)]
         for i in range(len(teacher_k)):
-            named += [(f"teacher_k[{i}]", teacher_k[i]), (f"teacher_v[{i}]", teacher_v[i]),
-                      (f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])]
+            named += [*_finite_parts(f"teacher_k[{i}]", teacher_k[i]),
+                      *_finite_parts(f"teacher_v[{i}]", teacher_v[i]), (f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])]
         _check_contents(named, mask, layer_weights, check_finite)
     impl = _torch_loss if backend == "torch" else _triton_loss
     loss, k_mse, v_mse, cos = impl(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions,

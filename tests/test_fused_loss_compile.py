@@ -7,6 +7,7 @@ import torch
 import transformers
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from kvfuse.codecs import encode_int4
 from kvfuse.kernels import fused_kv_loss_op  # noqa: F401  (registers torch.ops.kvfuse.*)
 from kvfuse.loss import KVDistillLoss, kv_distill_loss, pair_layout_adapter
 
@@ -44,14 +45,20 @@ def test_opcheck_forward_and_backward_ops():
     wk = [pair_layout_adapter(w, (H_s, D_s), D_s).detach() for w in x["w_k"]]
     wv = [pair_layout_adapter(w, (H_s, D_s), D_s).detach() for w in x["w_v"]]
     coefs = [torch.rand(L) for _ in range(3)]
+    # keys of teacher 1 in int4 with per-token scales and offsets (decoded in the kernel); opcheck's schema check
+    # cannot read fp8 tensors on the CPU (tests/test_fused_kv_loss_codecs.py covers fp8 through the loss)
+    int4 = encode_int4(x["teacher_k"][1], "token")
+    x["teacher_k"][1] = int4.data
+    empty = torch.empty(0)
+    codec_args = ([0, 4], [empty, int4.scale], [empty, int4.offset], [0, 0], [empty, empty], [empty, empty])
     args = (x["student_k"].detach(), x["student_v"].detach(), x["alpha"].detach(), x["mask"], x["positions"],
             torch.tensor([D_s, 0], dtype=torch.int32), x["inv_freq"].expand(L, -1), torch.tensor([1.0, 1.2]),
-            *coefs, wk, wv, x["teacher_k"], x["teacher_v"], D_s, True)
+            *coefs, wk, wv, x["teacher_k"], x["teacher_v"], *codec_args, D_s, True)
     torch.library.opcheck(torch.ops.kvfuse.fused_kv_loss.default, args)
     out = torch.ops.kvfuse.fused_kv_loss(*args)
     assert out[4].shape == (L, 2, 9, wk[0].shape[2]) and out[6].shape == x["student_k"].shape
-    bwd_args = (torch.tensor(0.7), x["alpha"].detach(), *out[4:], wk, wv, x["teacher_k"], x["teacher_v"], True,
-                True, True)
+    bwd_args = (torch.tensor(0.7), x["alpha"].detach(), *out[4:], wk, wv, x["teacher_k"], x["teacher_v"],
+                *codec_args, True, True, True)
     torch.library.opcheck(torch.ops.kvfuse.fused_kv_loss_backward.default, bwd_args)
     d_alpha, d_sk, d_sv, dwk, dwv = torch.ops.kvfuse.fused_kv_loss_backward(*bwd_args)
     assert torch.allclose(d_sk, 0.7 * out[6]) and torch.allclose(d_sv, 0.7 * out[7])

@@ -37,8 +37,16 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, natural_layout, pair_width
+from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES, MAX_TEACHERS, natural_layout, pair_width
 from kvfuse.kernels.utils import autotune_configs, dot_dtype, interpreting
+
+# Teacher storage, one code per teacher (fused_kv_loss_op.CODEC_CODES, kvfuse.codecs): plain tensor, fp8 or int4
+# with per-channel or per-token scales (and offsets for int4).
+CODEC_PLAIN = tl.constexpr(0)
+CODEC_FP8_CHANNEL = tl.constexpr(CODEC_CODES["fp8", "channel"])
+CODEC_FP8_TOKEN = tl.constexpr(CODEC_CODES["fp8", "token"])
+CODEC_INT4_CHANNEL = tl.constexpr(CODEC_CODES["int4", "channel"])  # int4 codes are the two largest (packed data)
+CODEC_INT4_TOKEN = tl.constexpr(CODEC_CODES["int4", "token"])
 
 
 @triton.jit
@@ -90,38 +98,92 @@ def _pair_dims(l, j, rot_ptr, invf_ptr, stride_il, scaling_ptr, D_S: tl.constexp
 
 
 @triton.jit
-def _project_teacher(p1, p2, x, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t0, t, t_ok, col0, col,
-                     W2_OFF: tl.constexpr, H_I: tl.constexpr, D_I: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                     CB: tl.constexpr):
+def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.constexpr, BLOCK_T: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """A compressed teacher tile in registers, fp32 [BLOCK_T, BLOCK_K] (kvfuse.codecs holds the layout and the
+    reference decode). raw: fp8 [BLOCK_T, BLOCK_K], or int4 bytes [BLOCK_T, BLOCK_K/2] (even channel in the low
+    nibble); grp = (l·B + b)·H_i + head indexes the scales: [.., D_i] per channel or [.., T] per token."""
+    if CODEC >= CODEC_INT4_CHANNEL:
+        q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_K).to(tl.float32)
+    else:
+        q = raw.to(tl.float32)
+    if CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL:
+        d_ok = d < D_I
+        sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        if CODEC == CODEC_INT4_CHANNEL:
+            ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        sv = tl.load(sc + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+        if CODEC == CODEC_INT4_TOKEN:
+            ov = tl.load(of + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+    if CODEC >= CODEC_INT4_CHANNEL:
+        return q * sv + ov
+    else:
+        return q * sv
+
+
+@triton.jit
+def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.constexpr, CODEC: tl.constexpr,
+            USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
+    decoded to fp32 for a compressed one. With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
+    PACK: tl.constexpr = 2 if CODEC >= CODEC_INT4_CHANNEL else 1
+    W: tl.constexpr = BLOCK_K // PACK
+    t = t0 + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    if USE_DESC:
+        raw = x.load([l, b, hi, t0, d0 // PACK]).reshape(BLOCK_T, W)
+    else:
+        e = d0 // PACK + tl.arange(0, W)
+        tile = x + l * sx0 + b * sx1 + hi * sx2 + t[:, None] * sx3 + e[None, :]
+        ok = t_ok[:, None] & (e < D_I // PACK)[None, :]
+        if CODEC != CODEC_PLAIN:
+            raw = tl.load(tile, mask=ok)  # no `other`: fp8 has no integer zero to cast; zeroed after decoding
+        elif D_I % BLOCK_K == 0:
+            raw = tl.load(tile, mask=t_ok[:, None], other=0)
+        else:
+            raw = tl.load(tile, mask=ok, other=0)
+    if CODEC == CODEC_PLAIN:
+        return raw
+    else:
+        d = d0 + tl.arange(0, BLOCK_K)
+        grp = (l.to(tl.int64) * B + b) * H_I + hi
+        xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K)
+        if not USE_DESC:
+            xd = tl.where(t_ok[:, None] & (d < D_I)[None, :], xd, 0.0)
+        return xd
+
+
+@triton.jit
+def _project_teacher(p1, p2, x, sc, of, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t0, col0, col, B, T,
+                     W2_OFF: tl.constexpr, H_I: tl.constexpr, D_I: tl.constexpr, CODEC: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_K: tl.constexpr, CB: tl.constexpr):
     # K-loop over one teacher's features in chunks that never cross a head: the X tile is a box of one head's
-    # [T, D_i] block, the W tiles two row blocks of the pair-layout adapter. With USE_DESC, x and w are TMA tensor
-    # descriptors ([L, B, H_i, T, D_i] and [L, F_i, C']): no per-element addresses in registers, out-of-range rows
-    # and dims arrive as zeros. Otherwise plain pointers (any alignment), unmasked along the contiguous axis when
-    # BLOCK_K divides D_i so loads stay 16-byte vectors.
+    # [T, D_i] block (`_x_tile`, decoded in registers for a compressed teacher), the W tiles two row blocks of the
+    # adapter. With USE_DESC, x and w are TMA tensor descriptors ([L, B, H_i, T, D_i] and [L, F_i, C']): no
+    # per-element addresses in registers, out-of-range rows and dims arrive as zeros. Otherwise plain pointers
+    # (any alignment), unmasked along the contiguous axis when BLOCK_K divides D_i so loads stay 16-byte vectors.
     CHUNKS: tl.constexpr = (D_I + BLOCK_K - 1) // BLOCK_K
     k = tl.arange(0, BLOCK_K)
     if not USE_DESC:
-        x_base = x + l * sx0 + b * sx1 + t[:, None] * sx3
         w_base = w + l * sw0 + col[None, :]
     for kk in range(0, H_I * CHUNKS):
         hi = kk // CHUNKS
         d0 = (kk % CHUNKS) * BLOCK_K
+        xt = _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I, CODEC, USE_DESC, BLOCK_T,
+                     BLOCK_K)
         if USE_DESC:
-            xt = x.load([l, b, hi, t0, d0]).reshape(BLOCK_T, BLOCK_K)
             w1 = w.load([l, hi * D_I + d0, col0]).reshape(BLOCK_K, CB)
             w2 = w.load([l, hi * D_I + d0, col0 + W2_OFF]).reshape(BLOCK_K, CB)
         else:
             d = d0 + k
-            x_tile = x_base + hi * sx2 + d[None, :]
             w_rows = w_base + (hi * D_I + d)[:, None] * sw1
             if D_I % BLOCK_K == 0:
-                xt = tl.load(x_tile, mask=t_ok[:, None], other=0.0)
                 w1 = tl.load(w_rows)
                 w2 = tl.load(w_rows + W2_OFF)
             else:
                 d_ok = d < D_I
-                xt = tl.load(x_tile, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
                 w1 = tl.load(w_rows, mask=d_ok[:, None], other=0.0)
                 w2 = tl.load(w_rows + W2_OFF, mask=d_ok[:, None], other=0.0)
         xt = xt.to(DOT_DTYPE)
@@ -137,31 +199,32 @@ def _project_teacher(p1, p2, x, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t0, t, t_
 
 
 @triton.jit
-def _teacher(i: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7):
-    # Teachers travel as eight separate arguments rather than a tuple: triton 3.6's launcher cannot expand TMA
-    # descriptors nested in tuples. i is a compile-time index, so this selection costs nothing.
+def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    # Per-teacher tensors travel as eight separate arguments rather than a tuple: triton 3.6's launcher cannot
+    # expand TMA descriptors nested in tuples. i is a compile-time index, so this selection costs nothing.
     if i == 0:
-        return x0, w0
+        return a0
     elif i == 1:
-        return x1, w1
+        return a1
     elif i == 2:
-        return x2, w2
+        return a2
     elif i == 3:
-        return x3, w3
+        return a3
     elif i == 4:
-        return x4, w4
+        return a4
     elif i == 5:
-        return x5, w5
+        return a5
     elif i == 6:
-        return x6, w6
+        return a6
     else:
-        return x7, w7
+        return a7
 
 
 @triton.jit
 def _fused_kv_fwd_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7, x_strides, w_strides,
-    HEADS: tl.constexpr, DIMS: tl.constexpr, N: tl.constexpr,
+    sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, of0, of1, of2, of3, of4, of5, of6, of7,
+    HEADS: tl.constexpr, DIMS: tl.constexpr, CODECS: tl.constexpr, N: tl.constexpr,
     alpha_ptr, stride_ab, stride_al, stride_an,
     s, ss0, ss1, ss2, ss3,
     mask_ptr, pos_ptr, rot_ptr, invf_ptr, stride_il, scaling_ptr,
@@ -213,11 +276,12 @@ def _fused_kv_fwd_kernel(
             p1 = p1 * r
             p2 = p2 * r
             sx = x_strides[i]
-            x_i, w_i = _teacher(i, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7)
-            p1, p2 = _project_teacher(p1, p2, x_i, sx[0], sx[1], sx[2], sx[3], w_i, w_strides[i][0],
-                                      w_strides[i][1], l32 if USE_DESC else l, b32 if USE_DESC else b,
-                                      pid_t * BLOCK_T, t, t_ok, col0, col, W2_OFF, HEADS[i], DIMS[i],
-                                      DOT_DTYPE, IEEE, USE_DESC, BLOCK_T, BLOCK_K, CB)
+            p1, p2 = _project_teacher(
+                p1, p2, _pick(i, x0, x1, x2, x3, x4, x5, x6, x7), _pick(i, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7),
+                _pick(i, of0, of1, of2, of3, of4, of5, of6, of7), sx[0], sx[1], sx[2], sx[3],
+                _pick(i, w0, w1, w2, w3, w4, w5, w6, w7), w_strides[i][0], w_strides[i][1],
+                l32 if USE_DESC else l, b32 if USE_DESC else b, pid_t * BLOCK_T, col0, col, B, T, W2_OFF, HEADS[i],
+                DIMS[i], CODECS[i], DOT_DTYPE, IEEE, USE_DESC, BLOCK_T, BLOCK_K, CB)
             a_prev = a_i
     p1 = p1 * a_prev
     p2 = p2 * a_prev
@@ -302,12 +366,13 @@ def _fused_kv_fwd_kernel(
 
 @triton.jit
 def _fused_kv_dw_kernel(
-    x, sx0, sx1, sx2, sx3,
+    x, sc, of, sx0, sx1, sx2, sx3,
     w_ptr, sw0, sw1,
     g, alpha_ptr, stride_ab, stride_al, gout_ptr,
     dw_ptr, dalpha_ptr,
-    B, T, N_FBLK, N_CBLK,
-    D_I: tl.constexpr, C2: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr,
+    B, T, N_FBLK, N_CBLK, H_I,
+    D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    USE_DESC: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program: adapter tile W_i[l][f-block, c-block] (pair layout), the f-block inside one teacher head so the
@@ -340,13 +405,19 @@ def _fused_kv_dw_kernel(
             x_base = x + l * sx0 + bb * sx1 + hi * sx2 + d[:, None]
             g_base = g + (l * B + bb) * T * C2 + c[None, :]
         for t0 in range(0, T, BLOCK_T):
+            if CODEC != CODEC_PLAIN:
+                xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F))
             if USE_DESC:
-                xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
+                if CODEC == CODEC_PLAIN:
+                    xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
                 gt = g.load([l32, bb, t0, pid_c * BLOCK_C]).reshape(BLOCK_T, BLOCK_C)
             else:
                 t = t0 + tl.arange(0, BLOCK_T)
                 t_ok = t < T
-                if D_I % BLOCK_F == 0:
+                if CODEC != CODEC_PLAIN:
+                    pass
+                elif D_I % BLOCK_F == 0:
                     xt = tl.load(x_base + t[None, :] * sx3, mask=t_ok[None, :], other=0.0)
                 else:
                     xt = tl.load(x_base + t[None, :] * sx3, mask=d_ok[:, None] & t_ok[None, :], other=0.0)
@@ -378,7 +449,8 @@ def _fit_descriptors(args: dict, block_t: int, block_k: int, cb: int) -> None:
     """Give the TMA descriptors (where the launch uses them) the boxes of the config about to run."""
     for i in range(MAX_TEACHERS):
         if isinstance(args[f"x{i}"], TensorDescriptor):
-            args[f"x{i}"].block_shape = [1, 1, 1, block_t, block_k]
+            packed = args["CODECS"][i] >= CODEC_INT4_CHANNEL  # two int4 codes per byte
+            args[f"x{i}"].block_shape = [1, 1, 1, block_t, block_k // 2 if packed else block_k]
             args[f"w{i}"].block_shape = [1, block_k, cb]
     for name, box in (("s", [1, 1, 1, block_t, cb]), ("ds", [1, 1, 1, block_t, cb]), ("g", [1, 1, block_t, cb])):
         if isinstance(args[name], TensorDescriptor):
@@ -392,13 +464,23 @@ def _tma_ready(x: torch.Tensor) -> bool:
         and all(st * size % 16 == 0 for st in x.stride()[:-1]) and x.dim() <= 5
 
 
+def _packed_boxes_ok(codecs, width: str, interp_config: dict) -> bool:
+    """TMA boxes must span ≥ 16 bytes in their last dim: an int4 teacher's box is width/2 bytes, so it may use a
+    descriptor only if every config that can run has width ≥ 32 (all GPU configs do; the interpreter's may not)."""
+    if not any(c >= CODEC_INT4_CHANNEL for c in codecs):
+        return True
+    configs = [interp_config] if interpreting() else [c.kwargs for c in (_FWD_CONFIGS_GPU if width == "BLOCK_K"
+                                                                          else _DW_CONFIGS_GPU)]
+    return min(c[width] for c in configs) >= 32
+
+
 def _dw_pre_hook(nargs):
     _fit_dw_descriptors(nargs, nargs["BLOCK_F"], nargs["BLOCK_C"], nargs["BLOCK_T"])
 
 
 def _fit_dw_descriptors(args: dict, block_f: int, block_c: int, block_t: int) -> None:
     if isinstance(args["x"], TensorDescriptor):
-        args["x"].block_shape = [1, 1, 1, block_t, block_f]
+        args["x"].block_shape = [1, 1, 1, block_t, block_f // 2 if args["CODEC"] >= CODEC_INT4_CHANNEL else block_f]
         args["g"].block_shape = [1, 1, block_t, block_c]
 
 
@@ -438,10 +520,11 @@ def _prune_fwd(configs, nargs, **kwargs):
 
 # T is not part of the key: in training every batch has another length, and re-tuning each one cost seconds per
 # step; the best tile barely moves with T.
-_fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["H_S", "D_S", "PH", "ROT", "N", "HEADS", "DIMS", "IS_KEY",
-                                                    "COMPUTE_GRAD", "DOT_DTYPE", "USE_DESC", "EPI_DESC", "NATURAL"],
+_fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["H_S", "D_S", "PH", "ROT", "N", "HEADS", "DIMS", "CODECS",
+                                                    "IS_KEY", "COMPUTE_GRAD", "DOT_DTYPE", "USE_DESC", "EPI_DESC",
+                                                    "NATURAL"],
                              prune_configs_by={"early_config_prune": _prune_fwd})(_fused_kv_fwd_kernel)
-_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "DOT_DTYPE", "USE_DESC"])(_fused_kv_dw_kernel)
+_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "CODEC", "DOT_DTYPE", "USE_DESC"])(_fused_kv_dw_kernel)
 
 
 _TUNED: dict = {}
@@ -469,18 +552,38 @@ def _alpha_strides(alpha: torch.Tensor) -> tuple[int, int, int]:
     return alpha.stride(0), alpha.stride(1), alpha.stride(2)
 
 
+def _codec_dims(teachers, codecs) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(heads, logical head dims) of each teacher: an int4 teacher's data holds two dims per byte."""
+    return (tuple(int(x.shape[2]) for x in teachers),
+            tuple(int(x.shape[4]) * (2 if c >= CODEC_INT4_CHANNEL else 1) for x, c in zip(teachers, codecs)))
+
+
+def _operand_dtypes(teachers, weights, codecs) -> list[torch.dtype]:
+    """What the GEMMs multiply: a compressed teacher is decoded to its adapter's dtype."""
+    return [w.dtype if c != CODEC_PLAIN else x.dtype for x, w, c in zip(teachers, weights, codecs)] + \
+        [w.dtype for w in weights]
+
+
 def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, rot, inv_freq, scaling, rotary_pairs,
-                          coef_mse, coef_cos, is_key: bool, compute_grad: bool):
+                          coef_mse, coef_cos, is_key: bool, compute_grad: bool, codecs=None, scales=None,
+                          offsets=None):
     """One fused pass for keys (is_key: RoPE on the fused projection) or values.
 
     student [L, B, H_s, T, D_s] (last stride 1); teachers[i] [L, B, H_i, T, D_i] (last stride 1); weights[i]
     [L, H_i·D_i, 2·H_s·PH] contiguous, pair layout; alpha [B, N] | [B, L, N]; mask, positions [B, T]
     contiguous (bool, integer or float); rot [L] int32 (rotary dim per layer: rotary_pairs or 0); inv_freq [L, ≥ rotary_pairs/2] fp32
     (stride 0 on L allowed); scaling [L] fp32; coef_mse, coef_cos [L] fp32 (see the kernel comment).
+    codecs[i] (default plain): CODEC_* of teacher i, whose data is then fp8 or packed int4 bytes with scales[i]
+    (and offsets[i]) contiguous as kvfuse.codecs.QuantizedKV lays them out.
     Returns (sq_sum [L], cos_sum [L], G [L, B, T, 2·H_s·PH] or None, dS [L, B, H_s, T, D_s] or None)."""
     L, B, H_s, T, D_s = student.shape
     PH = pair_width(D_s)
-    dot_tl, g_dtype, ieee = dot_dtype(list(t.dtype for t in teachers) + list(w.dtype for w in weights))
+    N = len(teachers)
+    codecs = tuple(codecs or (0,) * N)
+    scales = list(scales or [None] * N) + [None] * (MAX_TEACHERS - N)
+    offsets = list(offsets or [None] * N) + [None] * (MAX_TEACHERS - N)
+    heads, dims = _codec_dims(teachers, codecs)
+    dot_tl, g_dtype, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
     n_t_slots = triton.cdiv(T, _MIN_BLOCK_T)
     dev = student.device
     sq = torch.empty(L, B, n_t_slots, H_s, device=dev, dtype=torch.float32)
@@ -491,7 +594,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     else:
         g = ds = sq  # never written: COMPUTE_GRAD=False removes the stores
     sab, sal, san = _alpha_strides(alpha)
-    use_desc = all(_tma_ready(x) for x in [*teachers, *weights])
+    use_desc = all(_tma_ready(x) for x in [*teachers, *weights]) and _packed_boxes_ok(codecs, "BLOCK_K", INTERP_FWD)
     natural = natural_layout(D_s, rotary_pairs)
     interp_cfg = dict(INTERP_FWD, HPP=1) if natural else INTERP_FWD
     epi_desc = (use_desc and natural and interp_cfg["HPP"] == 1
@@ -506,8 +609,8 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     args = dict(
         **{f"x{i}": x for i, x in enumerate(xs)}, **{f"w{i}": w for i, w in enumerate(ws)},
         x_strides=tuple(tuple(x.stride()[:4]) for x in teachers), w_strides=tuple(tuple(w.stride()[:2]) for w in weights),
-        HEADS=tuple(int(x.shape[2]) for x in teachers), DIMS=tuple(int(x.shape[4]) for x in teachers),
-        N=len(teachers), alpha_ptr=alpha, stride_ab=sab, stride_al=sal, stride_an=san,
+        **{f"sc{i}": x for i, x in enumerate(scales)}, **{f"of{i}": x for i, x in enumerate(offsets)},
+        HEADS=heads, DIMS=dims, CODECS=codecs, N=N, alpha_ptr=alpha, stride_ab=sab, stride_al=sal, stride_an=san,
         s=desc(student, epi_desc, 5), ss0=student.stride(0), ss1=student.stride(1), ss2=student.stride(2),
         ss3=student.stride(3), mask_ptr=mask, pos_ptr=positions, rot_ptr=rot, invf_ptr=inv_freq,
         stride_il=inv_freq.stride(0), scaling_ptr=scaling, coef_mse_ptr=coef_mse, coef_cos_ptr=coef_cos,
@@ -523,8 +626,8 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
         _fused_kv_fwd_kernel[grid](**args, **cfg)
     else:
         grid = lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"], L * B)  # noqa: E731
-        key = (H_s, D_s, rotary_pairs, tuple(args["HEADS"]), tuple(args["DIMS"]), is_key, compute_grad, dot_tl,
-               use_desc, epi_desc, natural, student.dtype)
+        key = (H_s, D_s, rotary_pairs, heads, dims, codecs, is_key, compute_grad, dot_tl, use_desc, epi_desc,
+               natural, student.dtype)
         cfg = _launch_tuned(_fwd_tuned, key, grid, args)
     n_t, n_h = triton.cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"]
     sq_l = sq[:, :, :n_t, :n_h].sum((1, 2, 3))
@@ -532,14 +635,19 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     return sq_l, cs_l, (g if compute_grad else None), (ds if compute_grad else None)
 
 
-def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, need_alpha: bool):
-    """Adapter (pair layout) and router gradients from G = ∂L/∂P (see the module docstring).
+def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, need_alpha: bool, codecs=None,
+                           scales=None, offsets=None):
+    """Adapter (in the adapters' layout) and router gradients from G = ∂L/∂P (see the module docstring); teachers
+    as for fused_kv_loss_forward.
 
     Returns (dW list (None where not needed), dalpha [B, L, N] fp32 or None)."""
     L, B, T, C2 = G.shape
     N = len(teachers)
     dev = G.device
-    dot_tl, _, ieee = dot_dtype(list(t.dtype for t in teachers) + list(w.dtype for w in weights))
+    codecs = tuple(codecs or (0,) * N)
+    scales, offsets = scales or [None] * N, offsets or [None] * N
+    heads, dims = _codec_dims(teachers, codecs)
+    dot_tl, _, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
     sab, sal, _ = _alpha_strides(alpha)
     dalpha = torch.empty(B, L, N, device=dev, dtype=torch.float32) if need_alpha else None
     dws = []
@@ -547,19 +655,19 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         if not (need_w or need_alpha):
             dws.append(None)
             continue
-        H_i, D_i = int(x.shape[2]), int(x.shape[4])
+        H_i, D_i = heads[i], dims[i]
         n_f, n_c = H_i * triton.cdiv(D_i, _MIN_BLOCK_F), triton.cdiv(C2, _MIN_BLOCK_C)
         part = torch.empty(L, B, n_f, n_c, device=dev, dtype=torch.float32)
         dw = torch.empty_like(w)
-        use_desc = _tma_ready(x) and _tma_ready(G)
+        use_desc = _tma_ready(x) and _tma_ready(G) and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW)
         # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.
         args = dict(x=TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
-                    sx0=x.stride(0), sx1=x.stride(1), sx2=x.stride(2), sx3=x.stride(3),
+                    sc=scales[i], of=offsets[i], sx0=x.stride(0), sx1=x.stride(1), sx2=x.stride(2), sx3=x.stride(3),
                     w_ptr=w, sw0=w.stride(0), sw1=w.stride(1),
                     g=TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
                     alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out, dw_ptr=dw,
-                    dalpha_ptr=part, B=B, T=T, N_FBLK=n_f, N_CBLK=n_c,
-                    D_I=D_i, C2=C2, DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
+                    dalpha_ptr=part, B=B, T=T, N_FBLK=n_f, N_CBLK=n_c, H_I=H_i,
+                    D_I=D_i, C2=C2, CODEC=codecs[i], DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
         if interpreting():
             cfg = INTERP_DW
             _fit_dw_descriptors(args, cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"])
@@ -568,7 +676,7 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         else:
             grid = lambda cfg: (triton.cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
                                 H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
-            cfg = _launch_tuned(_dw_tuned, (D_i, C2, dot_tl, use_desc, x.dtype), grid, args)
+            cfg = _launch_tuned(_dw_tuned, (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype), grid, args)
         if need_alpha:
             written = part[:, :, :H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), :triton.cdiv(C2, cfg["BLOCK_C"])]
             dalpha[:, :, i] = written.sum((2, 3)).t()

@@ -21,6 +21,7 @@ Shapes (all tensors on one device):
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +34,8 @@ def _kernels():
 
 
 MAX_TEACHERS = 8  # the kernels take teachers as eight separate arguments
+# Codec code of a compressed teacher (kvfuse.codecs.QuantizedKV kind and axis); 0 is a plain tensor.
+CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("int4", "channel"): 3, ("int4", "token"): 4}
 
 
 def pair_width(d_s: int) -> int:
@@ -48,38 +51,50 @@ def natural_layout(d_s: int, rotary_dim: int) -> bool:
     return rotary_dim == d_s and pair_width(d_s) == d_s // 2
 
 
-def _grad_dtype(teachers: list[Tensor], weights: list[Tensor]) -> torch.dtype:
+def _grad_dtype(teachers: list[Tensor], weights: list[Tensor], codecs: list[int]) -> torch.dtype:
     from kvfuse.kernels.utils import dot_dtype
-    return dot_dtype([t.dtype for t in teachers] + [w.dtype for w in weights])[1]
+    operands = [w.dtype if c else t.dtype for t, w, c in zip(teachers, weights, codecs)]
+    return dot_dtype(operands + [w.dtype for w in weights])[1]
+
+
+def _present(tensors: list[Tensor]) -> list[Tensor | None]:
+    """Scale / offset lists as the kernels take them: an empty tensor (a plain teacher, fp8's offset) is None."""
+    return [t if t.numel() else None for t in tensors]
 
 
 def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, mask: Tensor, positions: Tensor, rot: Tensor,
                   inv_freq: Tensor, scaling: Tensor, coef_k: Tensor, coef_v: Tensor, coef_cos: Tensor,
                   w_k: list[Tensor], w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor],
-                  rotary_dim: int, compute_grad: bool
+                  k_codecs: list[int], k_scale: list[Tensor], k_offset: list[Tensor], v_codecs: list[int],
+                  v_scale: list[Tensor], v_offset: list[Tensor], rotary_dim: int, compute_grad: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ squared error [L], Σ cosine [L]) for keys and values, then the saved gradient buffers G_k, G_v (∂L/∂P in
-    the pair layout) and ∂L/∂S_k, ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is false)."""
+    the pair layout) and ∂L/∂S_k, ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is false).
+    A teacher with codec c ≠ 0 (kernels.fused_kv_loss.CODEC_*) holds fp8 or packed int4 data, decoded in the
+    kernels' registers with its scale (and offset: empty for fp8; both empty for a plain teacher)."""
     kern = _kernels()
     sq_k, cs_k, g_k, ds_k = kern.fused_kv_loss_forward(student_k, teacher_k, w_k, alpha, mask, positions, rot,
                                                        inv_freq, scaling, rotary_dim, coef_k, coef_cos, True,
-                                                       compute_grad)
+                                                       compute_grad, k_codecs, _present(k_scale),
+                                                       _present(k_offset))
     sq_v, cs_v, g_v, ds_v = kern.fused_kv_loss_forward(student_v, teacher_v, w_v, alpha, mask, positions, rot,
                                                        inv_freq, scaling, rotary_dim, coef_v, coef_cos, False,
-                                                       compute_grad)
+                                                       compute_grad, v_codecs, _present(v_scale),
+                                                       _present(v_offset))
     if not compute_grad:
         g_k, g_v, ds_k, ds_v = (student_k.new_empty(0) for _ in range(4))
     return sq_k, cs_k, sq_v, cs_v, g_k, g_v, ds_k, ds_v
 
 
 def _fused_kv_loss_fake(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
-                        coef_cos, w_k, w_v, teacher_k, teacher_v, rotary_dim, compute_grad):
+                        coef_cos, w_k, w_v, teacher_k, teacher_v, k_codecs, k_scale, k_offset, v_codecs, v_scale,
+                        v_offset, rotary_dim, compute_grad):
     L, B, H_s, T, D_s = student_k.shape
     stat = [student_k.new_empty((L,), dtype=torch.float32) for _ in range(4)]
     if compute_grad:
         c2 = w_k[0].shape[2]
-        bufs = [student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_k, w_k)),
-                student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_v, w_v)),
+        bufs = [student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_k, w_k, k_codecs)),
+                student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_v, w_v, v_codecs)),
                 torch.empty_like(student_k, memory_format=torch.contiguous_format),
                 torch.empty_like(student_v, memory_format=torch.contiguous_format)]
     else:
@@ -89,14 +104,18 @@ def _fused_kv_loss_fake(student_k, student_v, alpha, mask, positions, rot, inv_f
 
 def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: Tensor, ds_k: Tensor, ds_v: Tensor,
                            w_k: list[Tensor], w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor],
-                           need_w: bool, need_alpha: bool, need_student: bool
+                           k_codecs: list[int], k_scale: list[Tensor], k_offset: list[Tensor], v_codecs: list[int],
+                           v_scale: list[Tensor], v_offset: list[Tensor], need_w: bool, need_alpha: bool,
+                           need_student: bool
                            ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
     """(∂α, ∂S_k, ∂S_v, ∂W_k list, ∂W_v list) for the upstream gradient grad_loss (a 0-d tensor); what is not asked
     for comes back empty."""
     kern = _kernels()
     g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
-    dwk, da_k = kern.fused_kv_loss_backward(teacher_k, w_k, alpha, g_k, g, need_w, need_alpha)
-    dwv, da_v = kern.fused_kv_loss_backward(teacher_v, w_v, alpha, g_v, g, need_w, need_alpha)
+    dwk, da_k = kern.fused_kv_loss_backward(teacher_k, w_k, alpha, g_k, g, need_w, need_alpha, k_codecs,
+                                            _present(k_scale), _present(k_offset))
+    dwv, da_v = kern.fused_kv_loss_backward(teacher_v, w_v, alpha, g_v, g, need_w, need_alpha, v_codecs,
+                                            _present(v_scale), _present(v_offset))
     d_alpha = alpha.new_empty(0)
     if need_alpha:
         d_alpha = da_k + da_v
@@ -108,8 +127,8 @@ def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: T
             [d if need_w else w.new_empty(0) for d, w in zip(dwv, w_v)])
 
 
-def _fused_kv_loss_backward_fake(grad_loss, alpha, g_k, g_v, ds_k, ds_v, w_k, w_v, teacher_k, teacher_v, need_w,
-                                 need_alpha, need_student):
+def _fused_kv_loss_backward_fake(grad_loss, alpha, g_k, g_v, ds_k, ds_v, w_k, w_v, teacher_k, teacher_v, k_codecs,
+                                 k_scale, k_offset, v_codecs, v_scale, v_offset, need_w, need_alpha, need_student):
     d_alpha = torch.empty_like(alpha) if need_alpha else alpha.new_empty(0)
     d_s = [torch.empty_like(x) if need_student else x.new_empty(0) for x in (ds_k, ds_v)]
     return (d_alpha, *d_s, [torch.empty_like(w) if need_w else w.new_empty(0) for w in w_k],
@@ -139,55 +158,73 @@ def _coefficients(layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k
     return c_n * (2.0 * lambda_k / (H_s * D_s)), c_n * (2.0 * lambda_v / (H_s * D_s)), c_n * (beta / (2.0 * H_s))
 
 
+class TeacherStorage(NamedTuple):
+    """One kind (keys or values) of every teacher as the kernels read it: data (a plain tensor, fp8, or packed
+    int4 bytes), the codec codes (kernels.fused_kv_loss.CODEC_*), and scales / offsets (empty tensors where a
+    teacher has none)."""
+    data: list[Tensor]
+    codecs: tuple[int, ...]
+    scale: list[Tensor]
+    offset: list[Tensor]
+
+    @classmethod
+    def plain(cls, data: list[Tensor]) -> "TeacherStorage":
+        return cls(list(data), (0,) * len(data), [x.new_empty(0) for x in data], [x.new_empty(0) for x in data])
+
+
 class FusedKVLoss(torch.autograd.Function):
     """loss, k_mse, v_mse, cos [L] of the fused kernels, differentiable in the student tensors, α, the layer weights
-    and the adapters (teachers get no gradient). Adapters and teachers travel as trailing positional arguments
-    (w_k..., w_v..., teacher_k..., teacher_v...), since autograd tracks tensors only as direct arguments."""
+    and the adapters (teachers get no gradient). Adapters and teacher tensors travel as trailing positional arguments
+    (w_k, w_v, then keys' and values' data, scales and offsets, N each), since autograd tracks tensors only as
+    direct arguments."""
 
     @staticmethod
     def forward(ctx, student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling,
-                rotary_dim, lambda_k, lambda_v, beta, n_teachers, *adapters_and_teachers):
+                rotary_dim, lambda_k, lambda_v, beta, n_teachers, k_codecs, v_codecs, *tensors):
         N = n_teachers
-        w_k, w_v = list(adapters_and_teachers[:N]), list(adapters_and_teachers[N:2 * N])
-        t_k, t_v = list(adapters_and_teachers[2 * N:3 * N]), list(adapters_and_teachers[3 * N:])
+        w_k, w_v, t_k, k_sc, k_of, t_v, v_sc, v_of = (list(tensors[i * N:(i + 1) * N]) for i in range(8))
         L, B, H_s, T, D_s = student_k.shape
         n = mask.sum(dtype=torch.float32)
         coef_k, coef_v, coef_cos = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
         out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
-                               coef_cos, w_k, w_v, t_k, t_v, rotary_dim, True)
+                               coef_cos, w_k, w_v, t_k, t_v, list(k_codecs), k_sc, k_of, list(v_codecs), v_sc, v_of,
+                               rotary_dim, True)
         loss, k_mse, v_mse, cos, terms = _statistics(out[:4], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
         ctx.mark_non_differentiable(k_mse, v_mse, cos)
-        ctx.n_teachers = N
-        ctx.save_for_backward(alpha, layer_weights, terms, loss, *out[4:], *w_k, *w_v, *t_k, *t_v)
+        ctx.n_teachers, ctx.codecs = N, (k_codecs, v_codecs)
+        ctx.save_for_backward(alpha, layer_weights, terms, loss, *out[4:], *tensors)
         return loss, k_mse, v_mse, cos
 
     @staticmethod
     def backward(ctx, grad_loss, *_stats):
         N = ctx.n_teachers
-        alpha, layer_weights, terms, loss, g_k, g_v, ds_k, ds_v, *rest = ctx.saved_tensors
-        w_k, w_v, t_k, t_v = rest[:N], rest[N:2 * N], rest[2 * N:3 * N], rest[3 * N:]
+        alpha, layer_weights, terms, loss, g_k, g_v, ds_k, ds_v, *tensors = ctx.saved_tensors
+        w_k, w_v, t_k, k_sc, k_of, t_v, v_sc, v_of = (list(tensors[i * N:(i + 1) * N]) for i in range(8))
         need = ctx.needs_input_grad
-        need_w = any(need[14:14 + 2 * N])
+        first_w = 16
+        need_w = any(need[first_w:first_w + 2 * N])
         d_alpha, d_sk, d_sv, dwk, dwv = fused_kv_loss_backward_op(
-            grad_loss, alpha, g_k, g_v, ds_k, ds_v, list(w_k), list(w_v), list(t_k), list(t_v), need_w, need[2],
-            need[0] or need[1])
+            grad_loss, alpha, g_k, g_v, ds_k, ds_v, w_k, w_v, t_k, t_v, list(ctx.codecs[0]), k_sc, k_of,
+            list(ctx.codecs[1]), v_sc, v_of, need_w, need[2], need[0] or need[1])
         d_lw = grad_loss.to(torch.float32) * (terms - loss) / layer_weights.sum() if need[3] else None
         return (d_sk if need[0] else None, d_sv if need[1] else None, d_alpha if need[2] else None, d_lw,
-                *[None] * 10, *[d if need[14 + i] else None for i, d in enumerate(dwk)],
-                *[d if need[14 + N + i] else None for i, d in enumerate(dwv)], *[None] * (2 * N))
+                *[None] * (first_w - 4), *[d if need[first_w + i] else None for i, d in enumerate(dwk)],
+                *[d if need[first_w + N + i] else None for i, d in enumerate(dwv)], *[None] * (6 * N))
 
 
 def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling,
-                           w_k, w_v, teacher_k, teacher_v, rotary_dim: int, lambda_k: float, lambda_v: float,
-                           beta: float, compute_grad: bool):
+                           w_k, w_v, keys: TeacherStorage, values: TeacherStorage, rotary_dim: int, lambda_k: float,
+                           lambda_v: float, beta: float, compute_grad: bool):
     """(loss, k_mse, v_mse, cos) through FusedKVLoss, or the forward op alone when no gradient is wanted."""
     if compute_grad:
         return FusedKVLoss.apply(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq,
-                                 scaling, rotary_dim, lambda_k, lambda_v, beta, len(w_k), *w_k, *w_v, *teacher_k,
-                                 *teacher_v)
+                                 scaling, rotary_dim, lambda_k, lambda_v, beta, len(w_k), keys.codecs, values.codecs,
+                                 *w_k, *w_v, *keys.data, *keys.scale, *keys.offset, *values.data, *values.scale,
+                                 *values.offset)
     L, B, H_s, T, D_s = student_k.shape
     n = mask.sum(dtype=torch.float32)
     coefs = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
     out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, *coefs, w_k, w_v,
-                           teacher_k, teacher_v, rotary_dim, False)
+                           keys.data, values.data, list(keys.codecs), keys.scale, keys.offset, list(values.codecs),
+                           values.scale, values.offset, rotary_dim, False)
     return _statistics(out[:4], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)[:4]

@@ -1,0 +1,81 @@
+"""The fused loss on compressed teachers (kvfuse.codecs): the Triton kernels decode fp8 / int4 in registers (TMA and
+pointer paths, per-channel and per-token scales) and run a low-rank teacher as its coefficients with the folded
+adapter; each must equal the torch loss on the explicitly decoded teachers to fp32 tolerance."""
+import pytest
+import torch
+
+from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4
+from kvfuse.loss import kv_distill_loss
+
+from test_fused_kv_loss import assert_close
+
+
+def _case(seed, heads, D_s, T=21, L=2, B=2, H_s=2):
+    g = torch.Generator().manual_seed(seed)
+    tk = [torch.randn(L, B, h, T, d, generator=g) * 1.5 for h, d in heads]
+    tv = [torch.randn(L, B, h, T, d, generator=g) for h, d in heads]
+    wk = [(torch.randn(L, h * d, H_s * D_s, generator=g) / (h * d) ** 0.5).requires_grad_() for h, d in heads]
+    wv = [(torch.randn(L, h * d, H_s * D_s, generator=g) / (h * d) ** 0.5).requires_grad_() for h, d in heads]
+    sk = torch.randn(L, B, H_s, T, D_s, generator=g).requires_grad_()
+    sv = torch.randn(L, B, H_s, T, D_s, generator=g).requires_grad_()
+    alpha = torch.rand(B, len(heads), generator=g).softmax(-1).requires_grad_()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[1, T - 4:] = False
+    pos = torch.cumsum(mask.long(), 1)
+    invf = 1.0 / (10000 ** (torch.arange(0, D_s, 2).float() / D_s))
+    return dict(student_k=sk, student_v=sv, teacher_k=tk, teacher_v=tv, w_k=wk, w_v=wv, alpha=alpha, mask=mask,
+                positions=pos, inv_freq=invf)
+
+
+def _encode(x, kind, axis, mask):
+    return (encode_fp8 if kind == "fp8" else encode_int4)(x, axis, mask[:, None, :])
+
+
+def _loss(args, backend):
+    leaves = [args["student_k"], args["student_v"], args["alpha"], *args["w_k"], *args["w_v"]]
+    loss, stats = kv_distill_loss(**args, backend=backend, beta=0.6, attention_scaling=1.2)
+    return loss.detach(), stats, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("heads,D_s", [([(2, 32), (1, 64)], 32),   # TMA boxes (int4 rows of 16 bytes)
+                                       ([(2, 16), (3, 8)], 16)],   # pointer loads, masked int4 byte columns
+                         ids=["descriptors", "pointers"])
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_quantised_teachers_equal_their_decode(kind, heads, D_s, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import kvfuse.kernels.fused_kv_loss as k
+    if D_s == 32:  # int4 TMA boxes need ≥ 16 bytes: 32 dims per K-chunk (the GPU configs use 64 or more)
+        monkeypatch.setattr(k, "INTERP_FWD", dict(k.INTERP_FWD, BLOCK_K=32))
+        monkeypatch.setattr(k, "INTERP_DW", dict(k.INTERP_DW, BLOCK_F=32))
+    args = _case(3, heads, D_s)
+    mask = args["mask"]
+    # keys per channel, values per token (the store's layout), and the other way round for the second teacher
+    axes = [("channel", "token"), ("token", "channel")]
+    enc = dict(args, teacher_k=[_encode(x, kind, axes[i][0], mask) for i, x in enumerate(args["teacher_k"])],
+               teacher_v=[_encode(x, kind, axes[i][1], mask) for i, x in enumerate(args["teacher_v"])])
+    dec = dict(args, teacher_k=[x.decode() for x in enc["teacher_k"]], teacher_v=[x.decode() for x in enc["teacher_v"]])
+    got = _loss(enc, "triton")
+    assert_close(got, _loss(dec, "torch"), 1e-4, len(heads))
+    assert_close(_loss(enc, "torch"), _loss(dec, "torch"), 1e-6, len(heads))
+    # the codec really ran: the loss on the original teachers differs by more than fp32 rounding
+    assert abs(float(got[0]) - float(_loss(args, "torch")[0])) > 1e-6
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_low_rank_teacher_runs_folded(quant, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    heads = [(2, 16), (1, 32)]
+    args = _case(5, heads, 16)
+    g = torch.Generator().manual_seed(9)
+    L, B, _, T, _ = args["teacher_k"][0].shape
+
+    def low_rank(h, d, r=16):
+        basis = torch.linalg.qr(torch.randn(L, h * d, r, generator=g))[0].transpose(1, 2).contiguous()
+        z = torch.randn(L, B, 1, T, r, generator=g) * args["mask"][None, :, None, :, None]
+        coeffs = z if quant is None else encode_int4(z, "token", args["mask"][:, None, :])
+        return LowRankKV(coeffs, basis, h, d)
+
+    enc = dict(args, teacher_k=[low_rank(h, d) for h, d in heads], teacher_v=[low_rank(h, d) for h, d in heads])
+    dec = dict(args, teacher_k=[x.decode() for x in enc["teacher_k"]], teacher_v=[x.decode() for x in enc["teacher_v"]])
+    assert_close(_loss(enc, "triton"), _loss(dec, "torch"), 1e-4, len(heads))
