@@ -302,6 +302,60 @@ def plot(csv_path: Path) -> Path:
     return out
 
 
+def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
+    """The Triton loss reading the teachers as bf16, fp8, int4 (kvfuse.codecs: keys per channel, values per token)
+    and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per token, and the
+    loss's relative difference from bf16 — one CSV."""
+    from triton.testing import do_bench
+
+    from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4
+    x = make_inputs(tokens)
+    m = x["mask"][:, None, :]
+
+    def low_rank(t):
+        L, B, H, T, D = t.shape
+        r = min(256, H * D // 2)
+        basis = torch.linalg.qr(torch.randn(L, H * D, r, device=t.device))[0].transpose(1, 2).contiguous()
+        z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2)).to(t.dtype)
+        return LowRankKV(z.unsqueeze(2), basis, H, D)
+
+    variants = {"bf16": (x["teacher_k"], x["teacher_v"]),
+                "fp8": ([encode_fp8(t, "channel", m) for t in x["teacher_k"]],
+                        [encode_fp8(t, "token", m) for t in x["teacher_v"]]),
+                "int4": ([encode_int4(t, "channel", m) for t in x["teacher_k"]],
+                         [encode_int4(t, "token", m) for t in x["teacher_v"]]),
+                "lowrank256": ([low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]])}
+    params = _params(x)
+    rows, ref = [], None
+    for name, (tk, tv) in variants.items():
+        args = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
+
+        def fwd():
+            return kv_distill_loss(**args, backend="triton", check_finite=False)[0]
+
+        def full():
+            return torch.autograd.grad(fwd(), params)
+
+        full()
+        loss = float(fwd())
+        ref = loss if ref is None else ref
+        nbytes = sum(t.nbytes if hasattr(t, "nbytes") and not isinstance(t, torch.Tensor) else
+                     t.numel() * t.element_size() for t in tk + tv)
+        rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
+                         fwd_ms=round(do_bench(fwd, return_mode="median"), 4),
+                         full_ms=round(do_bench(full, return_mode="median"), 4),
+                         teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
+                         loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref)))
+        log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"fused_loss_codecs_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -311,12 +365,17 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=["eager", "compile", "triton", "triton_compile"],
                    choices=["eager", "compile", "triton", "triton_compile"])
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
+    p.add_argument("--codecs", type=int, metavar="TOKENS",
+                   help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
     args = p.parse_args(argv)
     if args.plot:
         print(plot(args.plot))
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench_fused_loss needs a CUDA GPU (run it through the device tool)")
+    if args.codecs:
+        print(bench_codecs(args.out, args.codecs))
+        return 0
     run(args.out, args.tokens, args.variants, args.tokens3)
     return 0
 

@@ -490,6 +490,7 @@ def _fit_dw_descriptors(args: dict, block_f: int, block_c: int, block_t: int) ->
 # (bench/tune_fused_loss.py, 16k tokens; bench/NOTES.md). Two heads per program stays for small head dims.
 _FWD_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1}, 4, 3),
+    ({"BLOCK_T": 64, "BLOCK_K": 128, "HPP": 1}, 4, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 128, "HPP": 1}, 8, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 8, 4),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2}, 4, 3),
