@@ -316,7 +316,7 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
         L, B, H, T, D = t.shape
         r = min(256, H * D // 2)
         basis = torch.linalg.qr(torch.randn(L, H * D, r, device=t.device))[0].transpose(1, 2).contiguous()
-        z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2)).to(t.dtype)
+        z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2).unsqueeze(1)).to(t.dtype)
         return LowRankKV(z.unsqueeze(2), basis, H, D)
 
     variants = {"bf16": (x["teacher_k"], x["teacher_v"]),

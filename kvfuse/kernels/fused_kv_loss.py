@@ -581,14 +581,16 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     PH = pair_width(D_s)
     N = len(teachers)
     codecs = tuple(codecs or (0,) * N)
-    scales = list(scales or [None] * N) + [None] * (MAX_TEACHERS - N)
-    offsets = list(offsets or [None] * N) + [None] * (MAX_TEACHERS - N)
     heads, dims = _codec_dims(teachers, codecs)
     dot_tl, g_dtype, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
     n_t_slots = triton.cdiv(T, _MIN_BLOCK_T)
     dev = student.device
     sq = torch.empty(L, B, n_t_slots, H_s, device=dev, dtype=torch.float32)
     cs = torch.empty_like(sq)
+    # A teacher without scales or offsets gets a stand-in pointer its codec never reads (triton 3.6 cannot select
+    # a None argument in the kernel's per-teacher pick).
+    scales = [sq if t is None else t for t in (scales or [None] * N)] + [sq] * (MAX_TEACHERS - N)
+    offsets = [sq if t is None else t for t in (offsets or [None] * N)] + [sq] * (MAX_TEACHERS - N)
     if compute_grad:
         g = torch.empty(L, B, T, 2 * H_s * PH, device=dev, dtype=g_dtype)
         ds = torch.empty(L, B, H_s, T, D_s, device=dev, dtype=student.dtype)
@@ -646,8 +648,9 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
     N = len(teachers)
     dev = G.device
     codecs = tuple(codecs or (0,) * N)
-    scales, offsets = scales or [None] * N, offsets or [None] * N
     heads, dims = _codec_dims(teachers, codecs)
+    scales = [G if t is None else t for t in (scales or [None] * N)]  # stand-ins, as in fused_kv_loss_forward
+    offsets = [G if t is None else t for t in (offsets or [None] * N)]
     dot_tl, _, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
     sab, sal, _ = _alpha_strides(alpha)
     dalpha = torch.empty(B, L, N, device=dev, dtype=torch.float32) if need_alpha else None
