@@ -297,13 +297,15 @@ def _kernel_storage(teachers, adapters) -> tuple[TeacherStorage, list[torch.Tens
             data.append(_unit_stride(x.data))
             codecs.append(CODEC_CODES[x.kind, x.axis])
             scales.append(x.scale.contiguous())
-            offsets.append(x.offset.contiguous() if x.offset is not None else x.scale.new_empty(0))
+            offsets.append(None if x.offset is None else x.offset.contiguous())
         else:
             data.append(_unit_stride(x))
             codecs.append(0)
-            scales.append(x.new_empty(0))
-            offsets.append(x.new_empty(0))
+            scales.append(None)
+            offsets.append(None)
         ws.append(w)
+    if not any(codecs):
+        return TeacherStorage.plain(data), ws
     return TeacherStorage(data, tuple(codecs), scales, offsets), ws
 
 

@@ -49,8 +49,7 @@ def test_opcheck_forward_and_backward_ops():
     # cannot read fp8 tensors on the CPU (tests/test_fused_kv_loss_codecs.py covers fp8 through the loss)
     int4 = encode_int4(x["teacher_k"][1], "token")
     x["teacher_k"][1] = int4.data
-    empty = torch.empty(0)
-    codec_args = ([0, 4], [empty, int4.scale], [empty, int4.offset], [0, 0], [empty, empty], [empty, empty])
+    codec_args = ([0, 4], [None, int4.scale], [None, int4.offset], [0, 0], [], [])
     args = (x["student_k"].detach(), x["student_v"].detach(), x["alpha"].detach(), x["mask"], x["positions"],
             torch.tensor([D_s, 0], dtype=torch.int32), x["inv_freq"].expand(L, -1), torch.tensor([1.0, 1.2]),
             *coefs, wk, wv, x["teacher_k"], x["teacher_v"], *codec_args, D_s, True)

@@ -222,8 +222,7 @@ def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 
 @triton.jit
 def _fused_kv_fwd_kernel(
-    x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7, x_strides, w_strides,
-    sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, of0, of1, of2, of3, of4, of5, of6, of7,
+    x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7, x_strides, w_strides, codec_buf, codec_offs,
     HEADS: tl.constexpr, DIMS: tl.constexpr, CODECS: tl.constexpr, N: tl.constexpr,
     alpha_ptr, stride_ab, stride_al, stride_an,
     s, ss0, ss1, ss2, ss3,
@@ -276,9 +275,10 @@ def _fused_kv_fwd_kernel(
             p1 = p1 * r
             p2 = p2 * r
             sx = x_strides[i]
+            # a compressed teacher's scales and offsets: two runs of one flat fp32 buffer (codec_offs[i])
             p1, p2 = _project_teacher(
-                p1, p2, _pick(i, x0, x1, x2, x3, x4, x5, x6, x7), _pick(i, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7),
-                _pick(i, of0, of1, of2, of3, of4, of5, of6, of7), sx[0], sx[1], sx[2], sx[3],
+                p1, p2, _pick(i, x0, x1, x2, x3, x4, x5, x6, x7), codec_buf + codec_offs[i][0],
+                codec_buf + codec_offs[i][1], sx[0], sx[1], sx[2], sx[3],
                 _pick(i, w0, w1, w2, w3, w4, w5, w6, w7), w_strides[i][0], w_strides[i][1],
                 l32 if USE_DESC else l, b32 if USE_DESC else b, pid_t * BLOCK_T, col0, col, B, T, W2_OFF, HEADS[i],
                 DIMS[i], CODECS[i], DOT_DTYPE, IEEE, USE_DESC, BLOCK_T, BLOCK_K, CB)
@@ -553,6 +553,23 @@ def _alpha_strides(alpha: torch.Tensor) -> tuple[int, int, int]:
     return alpha.stride(0), alpha.stride(1), alpha.stride(2)
 
 
+def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor):
+    """The compressed teachers' scales and offsets as one flat fp32 buffer and each teacher's (scale, offset)
+    element offsets into it: two kernel arguments instead of sixteen, and none to build for plain teachers (their
+    offsets point at a stand-in the kernels never read)."""
+    parts = [t for t in (*(scales or ()), *(offsets or ())) if t is not None]
+    if not parts:
+        return stand_in, ((0, 0),) * N
+    starts, at = [], 0
+    for t in parts:
+        starts.append(at)
+        at += t.numel()
+    where = iter(starts)
+    sc = [0 if t is None else next(where) for t in (scales or [None] * N)]
+    of = [0 if t is None else next(where) for t in (offsets or [None] * N)]
+    return torch.cat([t.reshape(-1).to(torch.float32) for t in parts]), tuple(zip(sc, of))
+
+
 def _codec_dims(teachers, codecs) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(heads, logical head dims) of each teacher: an int4 teacher's data holds two dims per byte."""
     return (tuple(int(x.shape[2]) for x in teachers),
@@ -587,10 +604,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     dev = student.device
     sq = torch.empty(L, B, n_t_slots, H_s, device=dev, dtype=torch.float32)
     cs = torch.empty_like(sq)
-    # A teacher without scales or offsets gets a stand-in pointer its codec never reads (triton 3.6 cannot select
-    # a None argument in the kernel's per-teacher pick).
-    scales = [sq if t is None else t for t in (scales or [None] * N)] + [sq] * (MAX_TEACHERS - N)
-    offsets = [sq if t is None else t for t in (offsets or [None] * N)] + [sq] * (MAX_TEACHERS - N)
+    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sq)
     if compute_grad:
         g = torch.empty(L, B, T, 2 * H_s * PH, device=dev, dtype=g_dtype)
         ds = torch.empty(L, B, H_s, T, D_s, device=dev, dtype=student.dtype)
@@ -612,8 +626,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     args = dict(
         **{f"x{i}": x for i, x in enumerate(xs)}, **{f"w{i}": w for i, w in enumerate(ws)},
         x_strides=tuple(tuple(x.stride()[:4]) for x in teachers), w_strides=tuple(tuple(w.stride()[:2]) for w in weights),
-        **{f"sc{i}": x for i, x in enumerate(scales)}, **{f"of{i}": x for i, x in enumerate(offsets)},
-        HEADS=heads, DIMS=dims, CODECS=codecs, N=N, alpha_ptr=alpha, stride_ab=sab, stride_al=sal, stride_an=san,
+        codec_buf=codec_buf, codec_offs=codec_offs, HEADS=heads, DIMS=dims, CODECS=codecs, N=N, alpha_ptr=alpha, stride_ab=sab, stride_al=sal, stride_an=san,
         s=desc(student, epi_desc, 5), ss0=student.stride(0), ss1=student.stride(1), ss2=student.stride(2),
         ss3=student.stride(3), mask_ptr=mask, pos_ptr=positions, rot_ptr=rot, invf_ptr=inv_freq,
         stride_il=inv_freq.stride(0), scaling_ptr=scaling, coef_mse_ptr=coef_mse, coef_cos_ptr=coef_cos,
@@ -649,8 +662,7 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
     dev = G.device
     codecs = tuple(codecs or (0,) * N)
     heads, dims = _codec_dims(teachers, codecs)
-    scales = [G if t is None else t for t in (scales or [None] * N)]  # stand-ins, as in fused_kv_loss_forward
-    offsets = [G if t is None else t for t in (offsets or [None] * N)]
+    scales, offsets = scales or [None] * N, offsets or [None] * N
     dot_tl, _, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
     sab, sal, _ = _alpha_strides(alpha)
     dalpha = torch.empty(B, L, N, device=dev, dtype=torch.float32) if need_alpha else None
@@ -666,7 +678,8 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         use_desc = _tma_ready(x) and _tma_ready(G) and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW)
         # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.
         args = dict(x=TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
-                    sc=scales[i], of=offsets[i], sx0=x.stride(0), sx1=x.stride(1), sx2=x.stride(2), sx3=x.stride(3),
+                    sc=G if scales[i] is None else scales[i], of=G if offsets[i] is None else offsets[i],
+                    sx0=x.stride(0), sx1=x.stride(1), sx2=x.stride(2), sx3=x.stride(3),
                     w_ptr=w, sw0=w.stride(0), sw1=w.stride(1),
                     g=TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
                     alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out, dw_ptr=dw,

@@ -57,30 +57,32 @@ def _grad_dtype(teachers: list[Tensor], weights: list[Tensor], codecs: list[int]
     return dot_dtype(operands + [w.dtype for w in weights])[1]
 
 
-def _present(tensors: list[Tensor]) -> list[Tensor | None]:
-    """Scale / offset lists as the kernels take them: an empty tensor (a plain teacher, fp8's offset) is None."""
-    return [t if t.numel() else None for t in tensors]
+def _present(tensors: list[Tensor | None], n: int) -> list[Tensor | None]:
+    """Scale / offset lists as the kernels take them: one entry per teacher (None where it has none); an empty list
+    (every teacher plain) stands for n Nones."""
+    return list(tensors) if tensors else [None] * n
 
 
 def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, mask: Tensor, positions: Tensor, rot: Tensor,
                   inv_freq: Tensor, scaling: Tensor, coef_k: Tensor, coef_v: Tensor, coef_cos: Tensor,
                   w_k: list[Tensor], w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor],
-                  k_codecs: list[int], k_scale: list[Tensor], k_offset: list[Tensor], v_codecs: list[int],
-                  v_scale: list[Tensor], v_offset: list[Tensor], rotary_dim: int, compute_grad: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  k_codecs: list[int], k_scale: list[Tensor | None], k_offset: list[Tensor | None],
+                  v_codecs: list[int], v_scale: list[Tensor | None], v_offset: list[Tensor | None], rotary_dim: int,
+                  compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(Σ squared error [L], Σ cosine [L]) for keys and values, then the saved gradient buffers G_k, G_v (∂L/∂P in
     the pair layout) and ∂L/∂S_k, ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is false).
     A teacher with codec c ≠ 0 (kernels.fused_kv_loss.CODEC_*) holds fp8 or packed int4 data, decoded in the
-    kernels' registers with its scale (and offset: empty for fp8; both empty for a plain teacher)."""
+    kernels' registers with its scale (and offset: None for fp8; both None for a plain teacher, and the lists may be
+    empty when every teacher is plain)."""
     kern = _kernels()
     sq_k, cs_k, g_k, ds_k = kern.fused_kv_loss_forward(student_k, teacher_k, w_k, alpha, mask, positions, rot,
                                                        inv_freq, scaling, rotary_dim, coef_k, coef_cos, True,
-                                                       compute_grad, k_codecs, _present(k_scale),
-                                                       _present(k_offset))
+                                                       compute_grad, k_codecs, _present(k_scale, len(w_k)),
+                                                       _present(k_offset, len(w_k)))
     sq_v, cs_v, g_v, ds_v = kern.fused_kv_loss_forward(student_v, teacher_v, w_v, alpha, mask, positions, rot,
                                                        inv_freq, scaling, rotary_dim, coef_v, coef_cos, False,
-                                                       compute_grad, v_codecs, _present(v_scale),
-                                                       _present(v_offset))
+                                                       compute_grad, v_codecs, _present(v_scale, len(w_v)),
+                                                       _present(v_offset, len(w_v)))
     if not compute_grad:
         g_k, g_v, ds_k, ds_v = (student_k.new_empty(0) for _ in range(4))
     return sq_k, cs_k, sq_v, cs_v, g_k, g_v, ds_k, ds_v
@@ -104,18 +106,18 @@ def _fused_kv_loss_fake(student_k, student_v, alpha, mask, positions, rot, inv_f
 
 def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: Tensor, ds_k: Tensor, ds_v: Tensor,
                            w_k: list[Tensor], w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor],
-                           k_codecs: list[int], k_scale: list[Tensor], k_offset: list[Tensor], v_codecs: list[int],
-                           v_scale: list[Tensor], v_offset: list[Tensor], need_w: bool, need_alpha: bool,
-                           need_student: bool
+                           k_codecs: list[int], k_scale: list[Tensor | None], k_offset: list[Tensor | None],
+                           v_codecs: list[int], v_scale: list[Tensor | None], v_offset: list[Tensor | None],
+                           need_w: bool, need_alpha: bool, need_student: bool
                            ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
     """(∂α, ∂S_k, ∂S_v, ∂W_k list, ∂W_v list) for the upstream gradient grad_loss (a 0-d tensor); what is not asked
     for comes back empty."""
     kern = _kernels()
     g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
     dwk, da_k = kern.fused_kv_loss_backward(teacher_k, w_k, alpha, g_k, g, need_w, need_alpha, k_codecs,
-                                            _present(k_scale), _present(k_offset))
+                                            _present(k_scale, len(w_k)), _present(k_offset, len(w_k)))
     dwv, da_v = kern.fused_kv_loss_backward(teacher_v, w_v, alpha, g_v, g, need_w, need_alpha, v_codecs,
-                                            _present(v_scale), _present(v_offset))
+                                            _present(v_scale, len(w_v)), _present(v_offset, len(w_v)))
     d_alpha = alpha.new_empty(0)
     if need_alpha:
         d_alpha = da_k + da_v
@@ -160,56 +162,85 @@ def _coefficients(layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k
 
 class TeacherStorage(NamedTuple):
     """One kind (keys or values) of every teacher as the kernels read it: data (a plain tensor, fp8, or packed
-    int4 bytes), the codec codes (kernels.fused_kv_loss.CODEC_*), and scales / offsets (empty tensors where a
-    teacher has none)."""
+    int4 bytes), the codec codes (kernels.fused_kv_loss.CODEC_*), and scales / offsets: one entry per teacher (None
+    where it has none), or empty lists when every teacher is plain."""
     data: list[Tensor]
     codecs: tuple[int, ...]
-    scale: list[Tensor]
-    offset: list[Tensor]
+    scale: list[Tensor | None]
+    offset: list[Tensor | None]
 
     @classmethod
     def plain(cls, data: list[Tensor]) -> "TeacherStorage":
-        return cls(list(data), (0,) * len(data), [x.new_empty(0) for x in data], [x.new_empty(0) for x in data])
+        return cls(list(data), (0,) * len(data), [], [])
+
+    def side_tensors(self) -> list[Tensor]:
+        """The scale and offset tensors present, in order (what FusedKVLoss passes and saves)."""
+        return [t for t in (*self.scale, *self.offset) if t is not None]
 
 
 class FusedKVLoss(torch.autograd.Function):
     """loss, k_mse, v_mse, cos [L] of the fused kernels, differentiable in the student tensors, α, the layer weights
     and the adapters (teachers get no gradient). Adapters and teacher tensors travel as trailing positional arguments
-    (w_k, w_v, then keys' and values' data, scales and offsets, N each), since autograd tracks tensors only as
-    direct arguments."""
+    (w_k, w_v, keys' and values' data, N each, then the scales and offsets present), since autograd tracks tensors
+    only as direct arguments; `layout` (keys and values with their data and side tensors taken out) says how to
+    put them back."""
 
     @staticmethod
     def forward(ctx, student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling,
-                rotary_dim, lambda_k, lambda_v, beta, n_teachers, k_codecs, v_codecs, *tensors):
-        N = n_teachers
-        w_k, w_v, t_k, k_sc, k_of, t_v, v_sc, v_of = (list(tensors[i * N:(i + 1) * N]) for i in range(8))
+                rotary_dim, lambda_k, lambda_v, beta, layout, *tensors):
+        keys, values = FusedKVLoss._unpack(layout, tensors)
+        N = len(keys.codecs)
+        w_k, w_v = list(tensors[:N]), list(tensors[N:2 * N])
         L, B, H_s, T, D_s = student_k.shape
         n = mask.sum(dtype=torch.float32)
         coef_k, coef_v, coef_cos = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
         out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
-                               coef_cos, w_k, w_v, t_k, t_v, list(k_codecs), k_sc, k_of, list(v_codecs), v_sc, v_of,
-                               rotary_dim, True)
+                               coef_cos, w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale, keys.offset,
+                               list(values.codecs), values.scale, values.offset, rotary_dim, True)
         loss, k_mse, v_mse, cos, terms = _statistics(out[:4], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
         ctx.mark_non_differentiable(k_mse, v_mse, cos)
-        ctx.n_teachers, ctx.codecs = N, (k_codecs, v_codecs)
+        ctx.layout = layout
         ctx.save_for_backward(alpha, layer_weights, terms, loss, *out[4:], *tensors)
         return loss, k_mse, v_mse, cos
 
     @staticmethod
+    def _unpack(layout, tensors) -> tuple[TeacherStorage, TeacherStorage]:
+        (k_codecs, k_sc, k_of), (v_codecs, v_sc, v_of) = layout
+        N = len(k_codecs)
+        sides = iter(tensors[4 * N:])
+
+        def fill(present):
+            return [next(sides) if p else None for p in present]
+
+        keys = TeacherStorage(list(tensors[2 * N:3 * N]), k_codecs, fill(k_sc), fill(k_of))
+        values = TeacherStorage(list(tensors[3 * N:4 * N]), v_codecs, fill(v_sc), fill(v_of))
+        return keys, values
+
+    @staticmethod
     def backward(ctx, grad_loss, *_stats):
-        N = ctx.n_teachers
         alpha, layer_weights, terms, loss, g_k, g_v, ds_k, ds_v, *tensors = ctx.saved_tensors
-        w_k, w_v, t_k, k_sc, k_of, t_v, v_sc, v_of = (list(tensors[i * N:(i + 1) * N]) for i in range(8))
+        keys, values = FusedKVLoss._unpack(ctx.layout, tensors)
+        N = len(keys.codecs)
+        w_k, w_v = tensors[:N], tensors[N:2 * N]
         need = ctx.needs_input_grad
-        first_w = 16
+        first_w = 14
         need_w = any(need[first_w:first_w + 2 * N])
         d_alpha, d_sk, d_sv, dwk, dwv = fused_kv_loss_backward_op(
-            grad_loss, alpha, g_k, g_v, ds_k, ds_v, w_k, w_v, t_k, t_v, list(ctx.codecs[0]), k_sc, k_of,
-            list(ctx.codecs[1]), v_sc, v_of, need_w, need[2], need[0] or need[1])
+            grad_loss, alpha, g_k, g_v, ds_k, ds_v, w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale,
+            keys.offset, list(values.codecs), values.scale, values.offset, need_w, need[2], need[0] or need[1])
         d_lw = grad_loss.to(torch.float32) * (terms - loss) / layer_weights.sum() if need[3] else None
         return (d_sk if need[0] else None, d_sv if need[1] else None, d_alpha if need[2] else None, d_lw,
                 *[None] * (first_w - 4), *[d if need[first_w + i] else None for i, d in enumerate(dwk)],
-                *[d if need[first_w + N + i] else None for i, d in enumerate(dwv)], *[None] * (6 * N))
+                *[d if need[first_w + N + i] else None for i, d in enumerate(dwv)],
+                *[None] * (len(tensors) - 2 * N))
+
+
+def _layout(keys: TeacherStorage, values: TeacherStorage):
+    """What FusedKVLoss needs besides the tensors to rebuild keys and values: codecs and which scales / offsets are
+    present (plain tuples: a constant under torch.compile)."""
+    def flags(s: TeacherStorage):
+        return s.codecs, tuple(t is not None for t in s.scale), tuple(t is not None for t in s.offset)
+    return flags(keys), flags(values)
 
 
 def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling,
@@ -218,9 +249,8 @@ def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, pos
     """(loss, k_mse, v_mse, cos) through FusedKVLoss, or the forward op alone when no gradient is wanted."""
     if compute_grad:
         return FusedKVLoss.apply(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq,
-                                 scaling, rotary_dim, lambda_k, lambda_v, beta, len(w_k), keys.codecs, values.codecs,
-                                 *w_k, *w_v, *keys.data, *keys.scale, *keys.offset, *values.data, *values.scale,
-                                 *values.offset)
+                                 scaling, rotary_dim, lambda_k, lambda_v, beta, _layout(keys, values), *w_k, *w_v,
+                                 *keys.data, *values.data, *keys.side_tensors(), *values.side_tensors())
     L, B, H_s, T, D_s = student_k.shape
     n = mask.sum(dtype=torch.float32)
     coefs = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
