@@ -82,6 +82,8 @@ MATRIX = (
           "CE + KV, SmolLM2 + Gemma3 teachers, learnable router"),
 )
 SEEDS = (0, 1, 2)
+# the untrained student scored alone (runs/base/eval.json): the table's reference point
+BASE = Setup("base", 0, {}, (STUDENT,), "the untrained student")
 
 # Predicted rates for `plan` (replace with measured ones, bench/NOTES.md): the student alone trains CE-only at
 # ~140k tokens/s on the H200 (16 × 1024, bf16); online teachers add their forwards, the per-example alignment on the
@@ -113,7 +115,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.setup.name}-seed{self.seed}"
+        return "base" if self.setup is BASE else f"{self.setup.name}-seed{self.seed}"
 
     @property
     def dir(self) -> Path:
@@ -134,6 +136,8 @@ class Run:
     def state(self) -> str:
         if (self.dir / "eval.json").is_file():
             return "done"
+        if self.setup is BASE:
+            return "trained"        # nothing to train: only scored
         if (self.dir / "student" / "config.json").is_file() and (self.dir / "train.done").is_file():
             return "trained"
         return "started" if (self.dir / "metrics.jsonl").is_file() else "pending"
@@ -145,8 +149,10 @@ def all_runs(root: Path, names: list[str] | None, seeds: list[int], extra: dict,
     if names and len(setups) != len(set(names)):
         raise SystemExit(f"unknown setup(s) {sorted(set(names) - {s.name for s in MATRIX})}; "
                          f"choose from {[s.name for s in MATRIX]}")
-    # seed-major: every setup of seed 0 first, so an interrupted session still has whole comparisons
-    return [Run(s, seed, root, extra, eval_args) for seed in seeds for s in setups]
+    # the untrained student first (one short evaluation), then seed-major: every setup of seed 0 first, so an
+    # interrupted session still has whole comparisons
+    return [Run(BASE, 0, root, extra, eval_args)] + [Run(s, seed, root, extra, eval_args) for seed in seeds
+                                                      for s in setups]
 
 
 def models_ready(models: set[str]) -> bool:
@@ -182,10 +188,12 @@ def predict(runs: list[Run], parallel: int, tokens: dict[int, int]) -> tuple[flo
     lines, per_run = [], []
     share = max(1.0, parallel / 2)
     for run in runs:
-        n = tokens[run.seed]
-        steps = n_steps(run)
-        seconds = (STARTUP_S + n / PREDICTED_TOKENS_PER_S[run.setup.phase] * parallel / share
-                   + EVAL_S * (steps // int(COMMON["eval_every"]) + 2) + GSM8K_S)
+        n, steps = tokens[run.seed], n_steps(run)
+        if run.setup is BASE:
+            seconds = STARTUP_S / 3 + GSM8K_S
+        else:
+            seconds = (STARTUP_S + n / PREDICTED_TOKENS_PER_S[run.setup.phase] * parallel / share
+                       + EVAL_S * (steps // int(run.values["eval_every"]) + 2) + GSM8K_S)
         per_run.append(seconds)
         lines.append(f"{run.name:<24} {n / 1e6:.3f} M tokens, {steps} steps, ~{seconds / 60:.1f} min  "
                      f"[{run.state()}]")
@@ -214,9 +222,13 @@ def launch(run: Run, port: int, threads: int, site: Path | None) -> subprocess.P
     run.dir.mkdir(parents=True, exist_ok=True)
     env = child_env(port, threads, site)
     if run.state() == "trained":
-        extra = json.dumps({"name": run.name, "setup": run.setup.name, "seed": run.seed, "summary": run.setup.summary,
-                            "command": run.command()})
-        cmd = [sys.executable, "-m", "bench.gpu_scale_eval", str(run.dir), "--extra", extra, *run.eval_args]
+        if run.setup is BASE:
+            extra, model = {"name": run.name, "summary": run.setup.summary}, ["--model", run.values["model_name"]]
+        else:
+            extra, model = {"name": run.name, "setup": run.setup.name, "seed": run.seed,
+                            "summary": run.setup.summary, "command": run.command()}, []
+        cmd = [sys.executable, "-m", "bench.gpu_scale_eval", str(run.dir), "--extra", json.dumps(extra), *model,
+               *run.eval_args]
         log = run.dir / "eval.log"
     else:
         cmd = [sys.executable, str(REPO / "train" / "main.py"), *run.trainer_args()]
@@ -322,12 +334,16 @@ def progress(runs: list[Run]) -> str:
 
 
 def wait(root: Path, runs: list[Run], seconds: float) -> None:
-    log, offset, end = root / "runner.log", 0, time.time() + seconds
+    """Print what the runner logged since the last `wait` (each call shows only what is new), until it stops or
+    `seconds` pass; then one line of progress."""
+    log, seen, end = root / "runner.log", root / "runner.log.shown", time.time() + seconds
+    offset = int(seen.read_text()) if seen.is_file() else 0
     while True:
         if log.is_file():
             text = log.read_text()
             print(text[offset:], end="", flush=True)
             offset = len(text)
+            seen.write_text(str(offset))
         alive = _pid_alive(root / "runner.pid")
         if not alive or time.time() >= end:
             print(f"{time.strftime('%T')} runs: {progress(runs)}; runner {'running' if alive else 'not running'}",
@@ -336,19 +352,21 @@ def wait(root: Path, runs: list[Run], seconds: float) -> None:
         time.sleep(min(15.0, max(0.0, end - time.time())))
 
 
-def collect(root: Path, out: Path, max_bytes: int = 15 * 2 ** 20) -> list[Path]:
-    """Each run's small files (metrics.jsonl, eval.json, config.yaml, logs, generations, report pictures) into
-    tar.gz files of at most `max_bytes` (a `run` call brings back 8 files of 16 MiB)."""
+def collect(root: Path, out: Path, max_bytes: int = 15 * 2 ** 20, max_files: int = 4) -> list[Path]:
+    """Each run's small files into at most `max_files` tar.gz files of at most `max_bytes` (a `run` call brings
+    back 8 files of 16 MiB, 64 MiB in all): the numbers first (eval.json, metrics.jsonl, config.yaml), then the
+    generations and logs, the HTML reports last; what does not fit is named and left out."""
     out.mkdir(parents=True, exist_ok=True)
-    names = ("metrics.jsonl", "eval.json", "config.yaml", "train.log", "eval.log", "gsm8k_generations.jsonl.gz",
+    names = ("eval.json", "metrics.jsonl", "config.yaml", "gsm8k_generations.jsonl.gz", "eval.log", "train.log",
              "report.html")
-    files = sorted(p for p in (root / "runs").glob("*/*") if p.name in names)
-    files += [p for p in (root / "runner.log",) if p.is_file()]
+    files = [p for p in (root / "runner.log",) if p.is_file()]
+    files += sorted((p for p in (root / "runs").glob("*/*") if p.name in names),
+                    key=lambda p: (names.index(p.name), str(p)))
     tars, current, size = [], None, 0
     for path in files:
         n = path.stat().st_size
-        if n > max_bytes:
-            print(f"collect: {path} ({n / 2**20:.1f} MiB) is too large to bring back; left out")
+        if n > max_bytes or (size + n > max_bytes and len(tars) == max_files):
+            print(f"collect: {path} ({n / 2**20:.1f} MiB) does not fit; left out")
             continue
         if current is None or size + n > max_bytes:
             if current is not None:
@@ -387,13 +405,19 @@ def main(argv=None) -> int:
         () if args.eval_max_new_tokens is None else ("--max_new_tokens", str(args.eval_max_new_tokens)))
     runs = all_runs(args.root, args.only, args.seeds, extra, eval_args)
     if args.action == "plan" or args.action == "run":
+        student = runs[0].values["model_name"]
+        if args.action == "run" and not models_ready({student}):
+            # started before staging brought the student (bench/gpu_scale_session.sh): wait for it
+            print(f"{time.strftime('%T')} waiting for {student} to be staged", flush=True)
+            while not models_ready({student}):
+                time.sleep(5)
         tokens = training_tokens(runs)
         seconds, lines = predict(runs, args.parallel, tokens)
         print("\n".join(lines))
         print(f"predicted: {seconds / 60:.1f} min for {len(runs)} runs, {args.parallel} at a time "
               f"(rates assumed: {PREDICTED_TOKENS_PER_S} tokens/s per process by phase)", flush=True)
         if args.action == "plan":
-            for run in runs:
+            for run in runs[1:]:
                 print(run.command())
             return 0
         if min(tokens.values()) < 1_000_000 and "n_samples" not in extra:

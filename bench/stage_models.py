@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 STAGE = REPO / ".stage"
 PIECE_BYTES = 60_000_000
 CALL_LIMIT = 64 * 2 ** 20          # what one `run` call may carry, the tree included
-MARGIN = 2 ** 20                   # the manifest, and files that change before the call
+MARGIN = 2 * 2 ** 20               # the manifest, and files added to the tree before the calls
 # Wheels for what the GPU image lacks (its package list: /work/.library/device/KINDS.md), for Python 3.12 there.
 # DeepSpeed travels as its source archive (pure Python; its ops are not pre-built).
 WHEELS = ("deepspeed==0.19.8", "hjson==3.1.0", "pydantic==2.14.4", "pydantic_core==2.50.5", "annotated-types==0.8.0",
@@ -86,23 +86,24 @@ def tree_bytes(repo: Path = REPO) -> int:
     return sum((repo / p.decode()).stat().st_size for p in listed if p and (repo / p.decode()).is_file())
 
 
-def plan_pieces(sources: list[Source], budget: int, piece_bytes: int = PIECE_BYTES) -> list[list[dict]]:
-    """Per call, its pieces: the files as one stream in order, cut where a call is full (`budget` bytes) or a
-    piece reaches `piece_bytes`, so no call carries more than `budget` and the first files are complete first."""
+def plan_pieces(files: list[tuple[str, int]], budget: int, piece_bytes: int = PIECE_BYTES) -> list[list[dict]]:
+    """Per call, its pieces of the (name, size) `files`: the files as one stream in order, cut where a call is full
+    (`budget` bytes) or a piece reaches `piece_bytes`, so no call carries more than `budget` and the first files are
+    complete first."""
     if budget <= 0:
         raise StageError(f"no room for pieces: the call budget is {budget} bytes")
     calls: list[list[dict]] = [[]]
     room = budget
-    for src in sources:
-        size, offset = src.path.stat().st_size, 0
+    for name, size in files:
         if size == 0:
-            raise StageError(f"{src.path} is empty")
+            raise StageError(f"{name} is empty")
+        offset = 0
         while offset < size:
             if room == 0:
                 calls.append([])
                 room = budget
             take = min(size - offset, room, piece_bytes)
-            calls[-1].append({"file": src.name, "offset": offset, "bytes": take})
+            calls[-1].append({"file": name, "offset": offset, "bytes": take})
             offset += take
             room -= take
     return calls
@@ -116,7 +117,7 @@ def split(stage: Path = STAGE, piece_bytes: int = PIECE_BYTES, call_limit: int =
         sources = [Source(f"wheels/{w.name}", w, "wheel") for w in wheels] + model_sources(stage / "src")
     tree = tree_bytes(repo)
     budget = call_limit - tree - MARGIN
-    calls = plan_pieces(sources, budget, piece_bytes)
+    calls = plan_pieces([(s.name, s.path.stat().st_size) for s in sources], budget, piece_bytes)
     files = {s.name: {"kind": s.kind, "alias": s.alias, "bytes": s.path.stat().st_size,
                       "sha256": sha256_file(s.path)} for s in sources}
     by_name = {s.name: s for s in sources}
