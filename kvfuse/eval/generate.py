@@ -43,8 +43,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[r, width - len(encoded[i]):] = 1
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
-                                   temperature=None, top_p=None, top_k=None)[:, width:].cpu()
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True)[:, width:].cpu()
         for r, i in enumerate(rows):
             row = generated[r].tolist()
             end = next((t for t, tok in enumerate(row) if tok in eos_ids), None)
