@@ -13,7 +13,7 @@ loss, ZeRO-3 on one GPU through the trainer's single-process path):
 
 | name | question | loss |
 | --- | --- | --- |
-| ce_only | baseline | CE on the gold rationale only (δ = 1, λ_K = λ_V = β = 0); the Phase 1 teachers still run, for the CKA |
+| ce_only | baseline | CE on the gold rationale only (δ = 1, λ_K = λ_V = β = 0); the Phase 1 teachers run for the CKA |
 | kv_single | single vs multi | CE + KV, the CoT prompt's teacher alone (α = [1]) |
 | kv_fused | single vs multi, baseline | CE + KV, default and CoT teachers fused (α = [0.7, 0.3]) |
 | cross_fixed | router | CE + KV, SmolLM2 (CoT) + Gemma3-270M (CoT) teachers, α = [0.5, 0.5], ridge adapters |
@@ -50,13 +50,12 @@ GEMMA = "gemma3-270m"
 
 # Every run: one epoch over N_SAMPLES items of gsm_symbolic (≈ 194 student tokens each with the default prompt:
 # 5400 items ≈ 1.05 M training tokens; `plan` counts them exactly), N_VAL held-out items for the curves.
-COMMON = {"model_name": STUDENT, "dataset": "gsm_symbolic", "n_samples": 5400, "n_val": 200, "epochs": 1, "micro_batch": 32,
-          "effective_batch": 32, "eval_every": 34, "save_every": 85, "keep_checkpoints": 1, "n_generate": 0,
-          "export_student": "true", "max_length": 512, "dtype": "bf16", "loss_backend": "auto"}
+COMMON = {"model_name": STUDENT, "dataset": "gsm_symbolic", "n_samples": 5400, "n_val": 200, "epochs": 1,
+          "micro_batch": 32, "effective_batch": 32, "eval_every": 34, "save_every": 85, "keep_checkpoints": 1,
+          "n_generate": 0, "export_student": "true", "max_length": 512, "dtype": "bf16", "loss_backend": "auto"}
 CE_KV = {"delta": 0.0, "delta_final": 0.1, "warmin_start": 0.5}
 PHASE1 = {"teacher_prompts": ["default", "cot"], "alpha": [0.7, 0.3]}
-CROSS = {"teachers": [STUDENT, GEMMA], "teacher_prompts": ["cot", "cot"],
-         "student_layers": "all"}
+CROSS = {"teachers": [STUDENT, GEMMA], "teacher_prompts": ["cot", "cot"], "student_layers": "all"}
 
 
 @dataclass(frozen=True)
@@ -282,7 +281,10 @@ def _schedule(runs, parallel, site, poll_s, threads, active) -> int:
             del active[name]
             if code != 0:
                 failed.add(name)
-                print(f"{time.strftime('%T')} {name}: failed (exit {code}); see {run.dir}/*.log", flush=True)
+                log = run.dir / ("eval.log" if run.state() == "trained" else "train.log")
+                tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-6:] if log.is_file() else []
+                print(f"{time.strftime('%T')} {name}: failed (exit {code}); the end of {log}:\n    "
+                      + "\n    ".join(tail), flush=True)
             elif run.state() == "started":
                 (run.dir / "train.done").write_text("ok\n")
                 print(f"{time.strftime('%T')} {name}: trained", flush=True)

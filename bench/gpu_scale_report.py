@@ -86,6 +86,30 @@ def table(results_by_setup: dict[str, list[dict]], setups: tuple[str, ...]) -> s
     return "\n".join(rows) + "\n\n" + "\n".join(commands)
 
 
+def _change(key: str, relative: bool):
+    """first → last evaluation of `key`: in % (relative) or as a difference; None without both."""
+    def get(r: dict):
+        first, last = r.get("first_eval", {}).get(key), r.get("last_eval", {}).get(key)
+        if first is None or last is None:
+            return None
+        return 100 * (last / first - 1) if relative else last - first
+    return get
+
+
+def train_val_table(results_by_setup: dict[str, list[dict]]) -> str:
+    """PLAN §7, "train and val both fall, gap ≤ 2–3 %", per setup: the rationale perplexity on the held-out items
+    and on as many training items, first → last evaluation, the final CE gap and the change of KV CKA."""
+    rows = ["| setup (seeds) | val ppl change % | train ppl change % | final CE gap % | KV CKA change |",
+            "| --- | --- | --- | --- | --- |"]
+    for setup, results in results_by_setup.items():
+        gap = _cell(results, lambda r: 100 * r["last_eval"]["ce_gap"] if "ce_gap" in r.get("last_eval", {})
+                    else None, 3)
+        rows.append(f"| {setup} ({len(results)}) | {_cell(results, _change('val_ppl', True), 3)} | "
+                    f"{_cell(results, _change('train_ppl', True), 3)} | {gap} | "
+                    f"{_cell(results, _change('cka_mean', False), 3)} |")
+    return "\n".join(rows)
+
+
 def figure(results_by_setup: dict[str, list[dict]], setups: tuple[str, ...], title: str, out: Path) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
@@ -129,6 +153,7 @@ def section(root: Path | None, img: Path, link_prefix: str = "img") -> str:
         png = figure(results, setups, title, img / f"gpu_scale_{stem}.png")
         if png is not None:
             parts.append(f"![{title}]({link_prefix}/{png.name})")
+    parts.append("### PLAN §7 at this scale: do train and val fall together?\n\n" + train_val_table(results))
     parts.append("Reading: (to be written from the tables above once the runs exist; \"no difference\" where the "
                  "seed bands overlap.)")
     return "\n\n".join(parts)
