@@ -112,7 +112,7 @@ class TrainConfig:
     lr_router: float = _key(ROUTER, "learnable router's learning rate", _above(0.0))
     # --- data and batches ---
     dataset: str = _key(DATA, "gsm8k (GSM8K test), gsm_symbolic (the shipped GSM-style training set), or a JSONL "
-                                  "path with question / rationale / answer fields")
+                              "path with question / rationale / answer fields")
     n_samples: int = _key(DATA, "training examples", _at_least(1))
     n_val: int = _key(DATA, "validation examples (0: no evaluation)", _at_least(0))
     seed: int = _key(DATA, "seed of the split, the batch order and every random initialisation", _at_least(0))
