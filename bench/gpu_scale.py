@@ -4,7 +4,8 @@ in `<root>/runs/<name>-seed<s>/eval.json` (bench/gpu_scale_eval.py), tables and 
     python -m bench.gpu_scale plan                       the runs, their commands and the predicted time
     python -m bench.gpu_scale run   [--parallel K] ...   train and evaluate every unfinished run, K at a time
     python -m bench.gpu_scale start [--parallel K] ...   the same, detached (setsid): it outlives the `run` call
-    python -m bench.gpu_scale wait --seconds S           print progress until everything is done or S seconds pass
+    python -m bench.gpu_scale wait --seconds S [--out D] print progress until everything is done or S seconds
+                                                         pass (then collect into D)
     python -m bench.gpu_scale collect --out DIR          results (metrics, eval.json, configs, logs) as tar files
 
 The matrix (every run: the packaged SmolLM2-135M-Instruct student, the shipped gsm_symbolic training set, one epoch
@@ -430,7 +431,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_max_new_tokens", type=int, default=None, help="cap on generated tokens (default: "
                                                                               "bench/gpu_scale_eval.py's)")
     parser.add_argument("--seconds", type=float, default=540, help="wait: how long at most (default 540)")
-    parser.add_argument("--out", type=Path, default=None, help="collect: where the tar files go")
+    parser.add_argument("--out", type=Path, default=None, help="collect (and wait, after waiting): where the tar "
+                                                               "files go")
     args = parser.parse_args(argv)
     extra = {k: v for k, v in args.set}
     eval_args = (() if args.eval_limit is None else ("--limit", str(args.eval_limit))) + (
@@ -463,7 +465,13 @@ def main(argv=None) -> int:
     if args.action == "start":
         start_detached(args.root, [a for a in argv if a != "start"] + ["--root", str(args.root)])
     elif args.action == "wait":
+        from bench.stage_models import home_stage, status
+
+        print(f"staged: {json.dumps(status(home_stage()))}")
         wait(args.root, runs, args.seconds)
+        if args.out is not None:
+            for tar in collect(args.root, args.out):
+                print(f"{tar} ({tar.stat().st_size / 2**20:.1f} MiB)")
     else:
         if args.out is None:
             raise SystemExit("collect needs --out DIR")

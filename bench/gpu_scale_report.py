@@ -57,12 +57,32 @@ def _last(key):
     return lambda r: r.get("last_eval", {}).get(key)
 
 
+def teacher_labels(config: dict) -> list[str]:
+    """Short names of a run's teachers in order: the prompt alone when the student's own model teaches under
+    several prompts (Phase 1), else model and prompt."""
+    prompts = config.get("teacher_prompts") or []
+    teachers = config.get("teachers") or []
+    if not teachers:
+        return list(prompts)
+    prompts = prompts * len(teachers) if len(prompts) == 1 else prompts
+    return [f"{t.split('-')[0]} {p}" for t, p in zip(teachers, prompts)]
+
+
+def _cka_cell(results: list[dict]) -> str:
+    labels = teacher_labels(results[0].get("config", {}))
+    per_teacher = [r.get("last_eval", {}).get("cka_per_teacher") or [] for r in results]
+    cells = []
+    for i, label in enumerate(labels):
+        values = [p[i] for p in per_teacher if len(p) > i]
+        if values:
+            cells.append(f"{label}: {mean_std_cell(values)}")
+    return "; ".join(cells) or "–"
+
+
 def table(results_by_setup: dict[str, list[dict]], setups: tuple[str, ...]) -> str:
-    n_teachers = max((len(r.get("last_eval", {}).get("cka_per_teacher", [])) for s in setups
-                      for r in results_by_setup.get(s, [])), default=0)
     head = ["setup (seeds)", "GSM8K acc, 1319", "GSM8K acc, clean", "val ppl (held-out rationales)",
-            *[f"KV CKA, teacher {i}" for i in range(n_teachers)], "CE gap (val − train) / train",
-            "training tokens (M)", "tokens/s (supervised)", "GPU memory (GB)"]
+            "KV CKA to each teacher", "CE gap (val − train) / train", "training tokens (M)", "tokens/s (supervised)",
+            "GPU memory (GB)"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     commands = []
     for setup in setups:
@@ -70,11 +90,9 @@ def table(results_by_setup: dict[str, list[dict]], setups: tuple[str, ...]) -> s
         if not results:
             rows.append(f"| {setup} (0) | not run |" + " |" * (len(head) - 2))
             continue
-        cka = [_cell(results, lambda r, i=i: (r.get("last_eval", {}).get("cka_per_teacher") or [None] * 9)[i])
-               for i in range(n_teachers)]
         cells = [f"{setup} ({len(results)})", _cell(results, lambda r: r["gsm8k"]["accuracy"], 3),
                  _cell(results, lambda r: r["gsm8k"].get("accuracy_clean"), 3), _cell(results, _last("val_ppl")),
-                 *cka, _cell(results, _last("ce_gap"), 3),
+                 _cka_cell(results), _cell(results, _last("ce_gap"), 3),
                  _cell(results, lambda r: r.get("train_tokens", 0) / 1e6, 4),
                  _cell(results, lambda r: r.get("supervised_tokens_per_s"), 3),
                  _cell(results, lambda r: r.get("gpu_mem_gb"), 3)]

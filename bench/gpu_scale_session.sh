@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One device call of the GPU-scale session (bench/NOTES.md, "GPU-scale session"), the same command every time:
-#   bash bench/gpu_scale_session.sh [.stage/callNN] [--wait SECONDS] [--parallel K]
+#   bash bench/gpu_scale_session.sh [.stage/callNN] [--wait SECONDS] [--parallel K] [-- RUNNER OPTIONS]
+# (RUNNER OPTIONS go to `python -m bench.gpu_scale start`, e.g. `--only ce_only kv_fused --seeds 0`.)
 # Idempotent steps, each skipped once done on this machine: take the call's staged pieces (bench/stage_models.py:
 # assemble, check, install the wheels, convert the models), build the C++ extension, start the detached runner
 # (bench/gpu_scale.py, which starts each run as soon as its models are converted), wait while it works, and always
 # put the results so far into $OUT (tar files), so every call brings back what exists.
 set -uo pipefail
-CALL_DIR="" WAIT=0 PARALLEL=${PARALLEL:-6}
+CALL_DIR="" WAIT=0 PARALLEL=${PARALLEL:-6} RUNNER_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
     --wait) WAIT=$2; shift 2 ;;
     --parallel) PARALLEL=$2; shift 2 ;;
+    --) shift; RUNNER_ARGS=("$@"); break ;;
     *) CALL_DIR=$1; shift ;;
   esac
 done
@@ -23,16 +25,14 @@ echo "=== $(date +%T) $(nvidia-smi --query-gpu=name,memory.used,memory.total,uti
 if [ -n "$CALL_DIR" ]; then
   python3 -m bench.stage_models receive "$CALL_DIR" || { echo "staging failed"; exit 1; }
 fi
-if ! ls kvfuse/_C*312*.so > /dev/null 2>&1; then
+if ! python3 -c "import kvfuse._C" 2> /dev/null; then
   echo "=== $(date +%T) building the C++ extension"
   python3 setup.py -q build_ext --inplace > "$HOME/build.log" 2>&1 || { echo "C++ build failed"; tail -20 "$HOME/build.log"; exit 1; }
 fi
-if python3 -c "import deepspeed" 2> /dev/null; then
-  python3 -m bench.gpu_scale start --parallel "$PARALLEL" --site "$KVFUSE_STAGE/site"
+if python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)"; then
+  python3 -m bench.gpu_scale start --parallel "$PARALLEL" --site "$KVFUSE_STAGE/site" ${RUNNER_ARGS[@]+"${RUNNER_ARGS[@]}"}
 else
   echo "deepspeed not importable yet (its wheel travels in call 1): runner not started"
 fi
-python3 -m bench.stage_models status
-python3 -m bench.gpu_scale wait --seconds "$WAIT"
-python3 -m bench.gpu_scale collect --out "$OUT"
+python3 -m bench.gpu_scale wait --seconds "$WAIT" --out "$OUT" ${RUNNER_ARGS[@]+"${RUNNER_ARGS[@]}"}
 echo "=== $(date +%T) done; $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader)"
