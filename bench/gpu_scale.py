@@ -224,19 +224,23 @@ def n_steps(run: Run) -> int:
 
 # ------------------------------------------------------------------------------------------------------- running
 
-def child_env(port: int, threads: int, site: Path | None) -> dict:
+def child_env(port: int, threads: int, site: Path | None, gpu: int | None = None) -> dict:
+    """One run's environment: a world of one on its own rendezvous port, its share of the CPU threads, offline, and
+    on several GPUs its own one. NVLink multicast stays off (the lending machines' rule)."""
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               HF_HUB_OFFLINE="1")
+               HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     paths = [str(site)] if site else []
     env["PYTHONPATH"] = os.pathsep.join(paths + [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
-def launch(run: Run, port: int, threads: int, site: Path | None) -> subprocess.Popen:
+def launch(run: Run, port: int, threads: int, site: Path | None, gpu: int | None = None) -> subprocess.Popen:
     """The run's next step as a child process: training (resuming), or, once trained, the evaluation."""
     run.dir.mkdir(parents=True, exist_ok=True)
-    env = child_env(port, threads, site)
+    env = child_env(port, threads, site, gpu)
     if run.state() == "trained":
         if run.setup is BASE:
             extra, model = {"name": run.name, "summary": run.setup.summary}, ["--model", run.values["model_name"]]
@@ -259,23 +263,29 @@ def run_all(runs: list[Run], parallel: int, site: Path | None, poll_s: float = 5
     """Train and evaluate every unfinished run, `parallel` children at a time; a child that fails is reported and
     its run is not tried again in this call (the next call retries it). Returns the number of failed runs."""
     threads = max(1, (os.cpu_count() or 2) // max(1, parallel))
-    active: dict[str, tuple[Run, subprocess.Popen]] = {}
+    active: dict[str, tuple[Run, subprocess.Popen, int | None]] = {}
     try:
-        return _schedule(runs, parallel, site, poll_s, threads, active)
+        return _schedule(runs, parallel, site, poll_s, threads, active, _gpu_count())
     finally:
         # a runner that stops (SIGTERM, an error) takes its children with it: a later runner must not find a run
         # still being trained by an orphan
-        for _, proc in active.values():
+        for _, proc, _ in active.values():
             proc.terminate()
-        for _, proc in active.values():
+        for _, proc, _ in active.values():
             proc.wait()
 
 
-def _schedule(runs, parallel, site, poll_s, threads, active) -> int:
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _schedule(runs, parallel, site, poll_s, threads, active, n_gpus: int) -> int:
     failed: set[str] = set()
     ports: set[int] = set()
     while True:
-        for name, (run, proc) in list(active.items()):
+        for name, (run, proc, _) in list(active.items()):
             code = proc.poll()
             if code is None:
                 continue
@@ -308,7 +318,10 @@ def _schedule(runs, parallel, site, poll_s, threads, active) -> int:
             ports.add(port)
             print(f"{time.strftime('%T')} {run.name}: {'evaluating' if run.state() == 'trained' else 'training'}",
                   flush=True)
-            active[run.name] = (run, launch(run, port, threads, site))
+            # several GPUs: each run on the one running the fewest (one GPU, or none: as the environment says)
+            busy = [g for _, _, g in active.values()]
+            gpu = min(range(n_gpus), key=busy.count) if n_gpus > 1 else None
+            active[run.name] = (run, launch(run, port, threads, site, gpu), gpu)
         time.sleep(poll_s)
 
 

@@ -1,7 +1,8 @@
-"""The GPU-scale path end to end on the CPU at toy size: bench/gpu_scale.py trains two setups of the matrix (tiny
-random Llama, 2 training items, one step each) and the untrained student's row, bench/gpu_scale_eval.py scores
-each on 2 GSM8K questions, a second call skips what is finished, bench/gpu_scale_report.py makes the tables,
-figures and the RESULTS.md section, and collect packs what a device call brings back."""
+"""The GPU-scale path end to end on the CPU at toy size (about 45 s of CPU): bench/gpu_scale.py trains two setups of
+the matrix (tiny random Llama, 2 training items, one step each) and scores the untrained student's row,
+bench/gpu_scale_eval.py scores each on 2 GSM8K questions, a second call skips what is finished,
+bench/gpu_scale_report.py makes the tables, figures and the RESULTS.md section, and collect packs what a device
+call brings back."""
 from __future__ import annotations
 
 import json
@@ -61,15 +62,13 @@ def test_every_run_is_trained_and_scored_at_equal_tokens(root):
     assert [g["id"] for g in with_text] == ["gsm8k-0", "gsm8k-1"]
 
 
-def test_a_second_call_skips_finished_runs_and_only_scores_a_trained_one(root):
-    before = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/eval.json")}
-    (root / "runs" / "ce_only-seed0" / "eval.json").unlink()          # trained, not scored
-    train_log = (root / "runs" / "ce_only-seed0" / "train.log").read_text()
+def test_a_second_call_skips_finished_runs(root):
+    """Finished runs (eval.json written) are not touched again; the runner says so and starts nothing. (A trained but
+    unscored run is only scored: every run passes through that state in the fixture's call.)"""
+    before = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/*") if p.is_file()}
     out = _runner(root, "run")
-    assert "ce_only-seed0: evaluating" in out and "training" not in out
-    assert (root / "runs" / "ce_only-seed0" / "train.log").read_text() == train_log
-    kept = root / "runs" / "kv_fused-seed0" / "eval.json"
-    assert kept.stat().st_mtime_ns == before[kept]
+    assert "training" not in out and "evaluating" not in out and "finished: done 3; 0 failed" in out
+    assert before == {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/*") if p.is_file()}
 
 
 def test_report_tables_figures_and_results_section(root, tmp_path):
