@@ -5,6 +5,7 @@ bench/gpu_scale_report.py makes the tables, figures and the RESULTS.md section, 
 call brings back."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -57,9 +58,8 @@ def test_every_run_is_trained_and_scored_at_equal_tokens(root):
     assert results["kv_fused-seed0"]["last_eval"]["val_kv_loss"] > 0 == results["ce_only-seed0"]["last_eval"][
         "val_kv_loss"]
     assert "setup" not in results["base"] and results["base"]["gsm8k"]["n"] == 2
-    with_text = [json.loads(line) for line in __import__("gzip").open(
-        root / "runs" / "kv_fused-seed0" / "gsm8k_generations.jsonl.gz", "rt")]
-    assert [g["id"] for g in with_text] == ["gsm8k-0", "gsm8k-1"]
+    with gzip.open(root / "runs" / "kv_fused-seed0" / "gsm8k_generations.jsonl.gz", "rt") as fh:
+        assert [json.loads(line)["id"] for line in fh] == ["gsm8k-0", "gsm8k-1"]
 
 
 def test_a_second_call_skips_finished_runs(root):
