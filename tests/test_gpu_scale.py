@@ -98,3 +98,22 @@ def test_collect_packs_the_numbers_first(root, tmp_path):
     assert "runs/kv_fused-seed0/eval.json" in names and "runs/base/eval.json" in names
     assert names.index("runs/kv_fused-seed0/eval.json") < names.index("runs/kv_fused-seed0/report.html")
     assert all(t.stat().st_size <= 15 * 2 ** 20 for t in tars)
+
+
+@pytest.mark.parametrize("setup", gpu_scale.MATRIX, ids=lambda s: s.name)
+def test_every_setup_of_the_matrix_is_a_valid_trainer_config(setup, tmp_path):
+    """The full-size commands the GPU runs get: every key known and in range (checked at start-up there, which
+    would cost device minutes), one epoch of the shared 5400 items, and the losses the matrix promises."""
+    from train.config import load_config
+    from train.main import parse_args
+
+    run = gpu_scale.Run(setup, 0, tmp_path)
+    args, overrides = parse_args(run.trainer_args())
+    config = load_config(args.phase, None, overrides)
+    assert (config.dataset, config.n_samples, config.epochs, config.dtype) == ("gsm_symbolic", 5400, 1, "bf16")
+    assert config.export_student and config.student_layers == "all" and config.n_generate == 0
+    kv = config.lambda_k > 0 and config.lambda_v > 0
+    assert kv == (setup.name != "ce_only")
+    assert config.delta_final == {"ce_only": 1.0, "kv_only": 0.0}.get(setup.name, 0.1)
+    assert len(config.teachers or config.teacher_prompts) == (1 if setup.name == "kv_single" else 2)
+    assert config.router_type == ("learnable" if setup.name == "cross_learnable" else "fixed")
