@@ -22,14 +22,22 @@ export PYTHONPATH="$KVFUSE_STAGE/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p "$OUT" "$KVFUSE_STAGE"
 echo "=== $(date +%T) $(nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv,noheader)"
 
+# The C++ extension builds (once, ~0.5-1 min) while this call's pieces are taken and the wheels installed.
+BUILD=""
+if [ ! -f "kvfuse/_C$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" ]; then
+  echo "=== $(date +%T) building the C++ extension (log: $HOME/build.log)"
+  python3 setup.py -q build_ext --inplace > "$HOME/build.log" 2>&1 &
+  BUILD=$!
+fi
 if [ -n "$CALL_DIR" ]; then
   python3 -m bench.stage_models receive "$CALL_DIR" || { echo "staging failed"; exit 1; }
 fi
-if ! python3 -c "import kvfuse._C" 2> /dev/null; then
-  echo "=== $(date +%T) building the C++ extension"
-  python3 setup.py -q build_ext --inplace > "$HOME/build.log" 2>&1 || { echo "C++ build failed"; tail -20 "$HOME/build.log"; exit 1; }
+if [ -n "$BUILD" ] && ! wait "$BUILD"; then
+  echo "C++ build failed"; tail -20 "$HOME/build.log"; exit 1
 fi
-if python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)"; then
+if kill -0 "$(cat "$KVFUSE_GPU_SCALE/runner.pid" 2> /dev/null)" 2> /dev/null; then
+  echo "runner running (pid $(cat "$KVFUSE_GPU_SCALE/runner.pid"))"
+elif python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)"; then
   python3 -m bench.gpu_scale start --parallel "$PARALLEL" --site "$KVFUSE_STAGE/site" ${RUNNER_ARGS[@]+"${RUNNER_ARGS[@]}"}
 else
   echo "deepspeed not importable yet (its wheel travels in call 1): runner not started"
