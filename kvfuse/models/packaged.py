@@ -158,6 +158,39 @@ def ensure_converted(alias: str) -> Path:
             raise
         log.warning("packages of %s are not installed; using the cached folder %s unverified", alias, target)
         return target
+
+    return _convert_into_cache(spec, expected, lambda work: packaged_gguf(alias, work))
+
+
+def packaged_gguf(alias: str, work: Path) -> Path:
+    """The GGUF of packaged model `alias` as one file: the package's own, or its chunks joined into folder `work`."""
+    spec = PACKAGED_MODELS[alias]
+    if spec.chunked:
+        return Path(importlib.import_module(spec.packages[0]).assemble(Path(work) / spec.gguf_name, overwrite=True))
+    return _gguf_sources(spec)[0]
+
+
+def convert_gguf_file(alias: str, gguf: Path) -> Path:
+    """The cached HF folder of packaged model `alias` made from the GGUF file `gguf` itself (the whole file, chunks
+    already joined), for a machine where the packages cannot be installed (the GPU machine: bench/stage_models.py
+    brings the file). The cache record is the one `ensure_converted` writes, so later loads by alias find it."""
+    if alias not in PACKAGED_MODELS:
+        raise ValueError(f"unknown packaged model {alias!r}; choose one of {sorted(PACKAGED_MODELS)}")
+    expected = {"format": _CONVERSION_FORMAT, "alias": alias, "gguf_sha256": _sha256_files([Path(gguf)]),
+                "kvfuse_version": kvfuse.__version__}
+    return _convert_into_cache(PACKAGED_MODELS[alias], expected, lambda work: Path(gguf))
+
+
+def converted_from(alias: str) -> str | None:
+    """The sha256 of the GGUF the cached folder of `alias` was converted from (None: not converted)."""
+    record = _read_record(cache_dir(alias))
+    return None if record is None else record.get("gguf_sha256")
+
+
+def _convert_into_cache(spec: PackagedModel, expected: dict, gguf_in) -> Path:
+    """Convert the GGUF that `gguf_in(work folder)` gives into the cache folder of `spec`, unless the record there
+    already matches `expected`; under a file lock, through a temporary folder renamed into place."""
+    alias, target = spec.alias, cache_dir(spec.alias)
     if _record_matches(_read_record(target), expected):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -174,10 +207,7 @@ def ensure_converted(alias: str) -> Path:
                         "2 CPU cores)", alias, target)
         work = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=target.parent))
         try:
-            if spec.chunked:
-                gguf = importlib.import_module(spec.packages[0]).assemble(work / spec.gguf_name)
-            else:
-                gguf = _gguf_sources(spec)[0]
+            gguf = gguf_in(work)
             out = work / "hf"
             model_fp = convert_gguf(Path(gguf), out)
             (out / FINGERPRINT_FILE).write_text(json.dumps({**expected, "model_fingerprint": model_fp}, indent=2))
