@@ -1,6 +1,6 @@
 """Attention-KL term γ·KL(Attn_s ‖ Attn_f) (DESIGN.md §3 step 7): the student's queries over its own keys vs over
 the fused teacher keys.  backend="torch" is the readable, materialised reference (O(T²) memory per head);
-backend="triton" is the O(T)-memory kernel in kvfuse.kernels.attention_kl (the custom op kvfuse::attention_kl_fwd,
+backend="triton" is the O(T)-memory kernel in kvfuse.kernels.attention_kl (the operator kvfuse::attention_kl_fwd,
 which torch.compile traces without graph breaks), checked against it."""
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def attention_kl_reference(q_s: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tens
 
 
 def _attention_kl_triton(q_s, k_s, k_f, valid, scale):
-    # Imported here so that Triton loads only when this backend is used; the import registers the custom ops.
-    from kvfuse.kernels.attention_kl import attention_kl_fwd
+    # Imported here so that Triton loads only when this backend is used; the import registers the operators.
+    from kvfuse.kernels.attention_kl import attention_kl_rows
 
     dtype = torch.promote_types(torch.promote_types(q_s.dtype, k_s.dtype), k_f.dtype)
     if dtype not in _TRITON_DTYPES:
@@ -82,5 +82,5 @@ def _attention_kl_triton(q_s, k_s, k_f, valid, scale):
     # One operand dtype for the kernel (e.g. fp32 fused keys from fp32 adapters with bf16 student tensors):
     # the cast is differentiable and no-op when the dtypes already agree.
     q, ks, kf = (x.to(dtype) for x in (q_s, k_s, k_f))
-    kl_rows, _ = attention_kl_fwd(q, ks, kf, valid.to(torch.int8).contiguous(), scale)
+    kl_rows, _ = attention_kl_rows(q, ks, kf, valid.to(torch.int8).contiguous(), scale)
     return kl_rows.sum() / (q_s.shape[1] * valid.sum().clamp_min(1))

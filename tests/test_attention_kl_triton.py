@@ -1,5 +1,5 @@
 """The O(T)-memory Triton attention KL (interpreter on CPU) vs the materialised torch reference, the reference's
-gradients vs float64, the one-pass backward's variants, and the custom op under torch.compile."""
+gradients vs float64, the one-pass backward's variants, and the operator under torch.compile."""
 import math
 
 import pytest
@@ -96,11 +96,11 @@ def _rows_reference64(q, k_s, k_f, mask, scale):
 
 
 def test_row_kl_and_arbitrary_upstream_gradient_vs_float64():
-    """The custom op itself: every row's KL (zero on padded queries) and the gradients of a random weighting of
+    """The operator itself (through its autograd.Function): every row's KL (zero on padded queries) and the gradients of a random weighting of
     the rows, against float64."""
     leaves, mask = make_case(5, 2, 6, 3, 35, 16)
     scale = 1 / 4
-    rows, _ = kernels.attention_kl_fwd(*leaves, mask.to(torch.int8), scale)
+    rows, _ = kernels.attention_kl_rows(*leaves, mask.to(torch.int8), scale)
     leaves64 = [x.detach().double().requires_grad_() for x in leaves]
     rows64 = _rows_reference64(*leaves64, mask, scale)
     assert rows.shape == rows64.shape and rows.dtype == torch.float32
@@ -249,15 +249,15 @@ def test_gradients_reach_exactly_the_inputs_that_ask(wanted, launches):
     assert launches[1:] == ([("dq", None)] if wanted[0] else [("bwd", False)])
 
 
-def test_custom_ops_pass_opcheck():
+def test_operators_pass_opcheck():
     leaves, mask = make_case(27, 1, 4, 2, 11, 8)
     mask8 = mask.to(torch.int8)
-    torch.library.opcheck(kernels.attention_kl_fwd, (*leaves, mask8, 0.35))
+    torch.library.opcheck(kernels.attention_kl_fwd.default, tuple(x.detach() for x in leaves) + (mask8, 0.35))
     q, k_s, k_f = (x.detach() for x in leaves)
     _, stats = kernels.attention_kl_fwd(q, k_s, k_f, mask8, 0.35)
     dkl = torch.randn(stats.shape[1:], generator=torch.Generator().manual_seed(28))
     for need_q, need_k in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(kernels.attention_kl_bwd, (q, k_s, k_f, mask8, 0.35, dkl, stats, need_q, need_k))
+        torch.library.opcheck(kernels.attention_kl_bwd.default, (q, k_s, k_f, mask8, 0.35, dkl, stats, need_q, need_k))
 
 
 def _kl_step(q, k_s, k_f, mask, backend):
@@ -265,7 +265,7 @@ def _kl_step(q, k_s, k_f, mask, backend):
 
 
 def test_compiled_fullgraph_matches_eager_without_graph_breaks():
-    """torch.compile(fullgraph=True) traces attention_kl(backend="triton") as the custom op: no graph break, and
+    """torch.compile(fullgraph=True) traces attention_kl(backend="triton") as the operator: no graph break, and
     the compiled loss and gradients equal the eager ones (the same kernels run)."""
     leaves, mask = make_case(29, 2, 4, 2, 27, 16)
     explained = torch._dynamo.explain(_kl_step)(*leaves, mask, "triton")
@@ -297,7 +297,7 @@ def test_empty_mask_raises_in_eager_and_gives_zero_when_compiled(backend):
     assert all(float(g.abs().max()) == 0.0 for g in grads)
 
 
-def test_custom_op_rejects_what_the_kernels_cannot_take():
+def test_operator_rejects_what_the_kernels_cannot_take():
     q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
     mask8 = torch.ones(1, 6, dtype=torch.int8)
     with pytest.raises(ValueError, match="does not fit q"):

@@ -1,2 +1,2 @@
-"""Triton kernels and their custom ops; imported lazily by kvfuse.loss and kvfuse.attention (Triton loads only when a
+"""Triton kernels and their operators; imported lazily by kvfuse.loss and kvfuse.attention (Triton loads only when a
 Triton backend is asked for)."""

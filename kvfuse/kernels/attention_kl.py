@@ -1,5 +1,5 @@
 """Memory-efficient attention KL: KL(softmax(scale·Q K_sᵀ) ‖ softmax(scale·Q K_fᵀ)) per query row, in O(T) memory,
-and the custom ops `kvfuse::attention_kl_fwd` / `kvfuse::attention_kl_bwd` that torch.compile traces as single nodes.
+and the operators `kvfuse::attention_kl_fwd` / `kvfuse::attention_kl_bwd` that torch.compile traces as single nodes.
 
 Notation (one batch row b, query head h, its KV head g = h // GROUP; the readable reference is
 kvfuse.attention.attention_kl with backend="torch"):
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfuse.kernels.utils import autotune_configs, dot_dtype, interpreting
+from kvfuse.kernels.utils import autotune_configs, define_op, dot_dtype, interpreting
 
 _NEG = tl.constexpr(-1.0e30)
 _POS = tl.constexpr(1.0e30)
@@ -366,7 +366,7 @@ def _check_device(q):
 
 
 def _check_op_inputs(q, k_s, k_f, mask):
-    """What the kernels assume of the custom ops' tensors (kvfuse.attention.attention_kl prepares them so; a
+    """What the kernels assume of the operators' tensors (kvfuse.attention.attention_kl prepares them so; a
     direct caller of torch.ops.kvfuse.* gets an error here, from the fake implementation too, rather than garbage).
     Shapes, dtypes and devices only: no value is read."""
     if q.dim() != 4 or k_s.dim() != 4 or k_s.shape != k_f.shape:
@@ -452,24 +452,22 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
     return dq, dks, dkf
 
 
-# The custom ops: torch.compile sees each as one opaque node (shapes from the fake implementations), so a compiled
-# training step traces through attention_kl without graph breaks and the kernels launch as in eager mode.
-@torch.library.custom_op("kvfuse::attention_kl_fwd", mutates_args=())
+# The operators: torch.compile sees each as one opaque node (shapes from the fake implementations), so a compiled
+# training step traces through attention_kl without graph breaks and the kernels launch as in eager mode. Plain
+# torch.library define/impl (kernels.utils.define_op); the gradient lives in AttentionKLRows around them.
 def attention_kl_fwd(q: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL [B, H, T] fp32, stats [3, B, H, T] fp32) of attention_kl_forward; gradients reach q, k_s, k_f."""
+    """(KL [B, H, T] fp32, stats [3, B, H, T] fp32) of attention_kl_forward."""
     _check_op_inputs(q, k_s, k_f, mask)
     return attention_kl_forward(q, k_s, k_f, mask.contiguous(), scale)
 
 
-@attention_kl_fwd.register_fake
 def _attention_kl_fwd_fake(q, k_s, k_f, mask, scale):
     _check_op_inputs(q, k_s, k_f, mask)
     B, H, T, _ = q.shape
     return q.new_empty(B, H, T, dtype=torch.float32), q.new_empty(3, B, H, T, dtype=torch.float32)
 
 
-@torch.library.custom_op("kvfuse::attention_kl_bwd", mutates_args=())
 def attention_kl_bwd(q: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask: torch.Tensor, scale: float,
                      dkl: torch.Tensor, stats: torch.Tensor, need_q: bool,
                      need_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -480,25 +478,34 @@ def attention_kl_bwd(q: torch.Tensor, k_s: torch.Tensor, k_f: torch.Tensor, mask
             k_f.new_empty(0) if dkf is None else dkf)
 
 
-@attention_kl_bwd.register_fake
 def _attention_kl_bwd_fake(q, k_s, k_f, mask, scale, dkl, stats, need_q, need_k):
     return (q.new_empty(q.shape if need_q else (0,)), k_s.new_empty(k_s.shape if need_k else (0,)),
             k_f.new_empty(k_f.shape if need_k else (0,)))
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k_s, k_f, mask, scale = inputs
-    _, stats = output
-    ctx.save_for_backward(q, k_s, k_f, mask, stats)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(stats)
+attention_kl_fwd = define_op(attention_kl_fwd, _attention_kl_fwd_fake)
+attention_kl_bwd = define_op(attention_kl_bwd, _attention_kl_bwd_fake)
 
 
-def _fwd_backward(ctx, dkl, _dstats):
-    q, k_s, k_f, mask, stats = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dq, dks, dkf = attention_kl_bwd(q, k_s, k_f, mask, ctx.scale, dkl, stats, need[0], need[1] or need[2])
-    return dq if need[0] else None, dks if need[1] else None, dkf if need[2] else None, None, None
+class AttentionKLRows(torch.autograd.Function):
+    """Row KL [B, H, T] (and the non-differentiable stats) with gradients to q, k_s and k_f."""
+
+    @staticmethod
+    def forward(ctx, q, k_s, k_f, mask, scale):
+        kl, stats = attention_kl_fwd(q, k_s, k_f, mask, scale)
+        ctx.save_for_backward(q, k_s, k_f, mask, stats)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(stats)
+        return kl, stats
+
+    @staticmethod
+    def backward(ctx, dkl, _dstats):
+        q, k_s, k_f, mask, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dks, dkf = attention_kl_bwd(q, k_s, k_f, mask, ctx.scale, dkl, stats, need[0], need[1] or need[2])
+        return dq if need[0] else None, dks if need[1] else None, dkf if need[2] else None, None, None
 
 
-attention_kl_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+def attention_kl_rows(q, k_s, k_f, mask, scale: float):
+    """(KL [B, H, T], stats) through the operators, differentiable in q, k_s, k_f (mask int8 [B, T])."""
+    return AttentionKLRows.apply(q, k_s, k_f, mask, scale)
