@@ -1,0 +1,490 @@
+"""Compressed teacher KV: the codecs of the offline store and the layout the loss (and its kernel) decodes.
+
+A teacher's keys or values, logical shape [..., T, D] ([L, H, T, D] per sample, [L, B, H, T, D] batched), are held
+as one of:
+
+* a plain tensor (bf16 / fp16 / fp32: the store's original format);
+* `QuantizedKV` kind "fp8": data float8_e4m3fn [..., T, D], x ≈ data·scale, scale = amax/448 over the group;
+* `QuantizedKV` kind "int4": data uint8 [..., T, D/2], two 4-bit codes q ∈ 0..15 per byte, the even channel in the
+  low nibble (byte j = q[2j] | q[2j+1] << 4), x ≈ q·scale + offset, scale = (max − min)/15, offset = min;
+* `LowRankKV`: X ≈ Z·B per layer, Z [L, B, 1, T, r] (a one-head teacher of width r, plain or quantised per token),
+  B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
+
+Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
+float32 [..., D] (keys: their outliers sit in fixed channels, as KIVI argues); "token" — one per (layer, head,
+token), shared over the head's D channels, float16 [..., T] (values; fp16 because per-token side data is paid on
+every token: it keeps int4 under 0.28× of bf16).
+
+Masked tokens (mask 0: padding, prompt tokens, unaligned tokens) take no part in the statistics and decode to 0
+(int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's range, else
+the channel's min or max — since a channel's offset is shared with the valid tokens): finite either way, and the
+loss, CKA and router all ignore them. Bounds of one decoded value x̂ against x on a valid token (tested):
+fp8 |x̂ − x| ≤ max(2⁻⁴|x|, 2⁻¹⁰·scale) (3 mantissa bits; subnormals below 2⁻⁶·scale) plus the rounding of the
+scale; int4 |x̂ − x| ≤ scale/2 plus the fp16 rounding of scale and offset on the token axis.
+
+This module imports only torch: the store, the loader and the loss all use it, and the fused kernel decodes the
+same layout in registers.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+FP8_MAX = 448.0            # largest finite float8_e4m3fn
+INT4_LEVELS = 15           # codes 0..15
+RANK_MULTIPLE = 16         # low-rank widths are padded to this (tensor-core tiles in the kernel)
+KINDS = ("fp8", "int4")
+AXES = ("channel", "token")
+AXIS_OF = {"k": "channel", "v": "token"}     # keys per channel, values per token
+SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ containers
+@dataclass(frozen=True)
+class QuantizedKV:
+    """One teacher's keys or values, logical shape [..., T, D] ([L, H, T, D] per sample, [L, B, H, T, D] batched)."""
+
+    kind: str                  # "fp8" | "int4"
+    axis: str                  # "channel" | "token"
+    data: Tensor               # fp8: float8_e4m3fn [..., T, D]; int4: uint8 [..., T, D // 2] (low nibble = even ch.)
+    scale: Tensor              # channel: float32 [..., D]; token: float16 [..., T]
+    offset: Tensor | None = None   # int4: like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"QuantizedKV kind must be one of {KINDS}, got {self.kind!r}")
+        if self.axis not in AXES:
+            raise ValueError(f"QuantizedKV axis must be one of {AXES}, got {self.axis!r}")
+        want = torch.float8_e4m3fn if self.kind == "fp8" else torch.uint8
+        if self.data.dtype != want:
+            raise ValueError(f"{self.kind} data must be {want}, got {self.data.dtype}")
+        lead, T, width = tuple(self.data.shape[:-2]), self.data.shape[-2], self.data.shape[-1]
+        D = width * 2 if self.kind == "int4" else width
+        group = lead + ((D,) if self.axis == "channel" else (T,))
+        for name, t in (("scale", self.scale), ("offset", self.offset)):
+            if t is None:
+                if name == "offset" and self.kind == "int4":
+                    raise ValueError("int4 QuantizedKV needs an offset")
+                continue
+            if name == "offset" and self.kind == "fp8":
+                raise ValueError("fp8 QuantizedKV has no offset (x ≈ data·scale)")
+            if tuple(t.shape) != group or t.dtype != SCALE_DTYPES[self.axis]:
+                raise ValueError(f"{self.kind}/{self.axis} {name} must be {SCALE_DTYPES[self.axis]} of shape "
+                                 f"{group} for data of shape {tuple(self.data.shape)}, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+
+    # logical view ------------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        s = self.data.shape
+        return torch.Size((*s[:-1], s[-1] * 2)) if self.kind == "int4" else s
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def dim(self) -> int:
+        return self.data.dim()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.data, self.scale, self.offset) if t is not None]
+
+    def _map(self, fn) -> "QuantizedKV":
+        return replace(self, data=fn(self.data), scale=fn(self.scale),
+                       offset=None if self.offset is None else fn(self.offset))
+
+    def to(self, device, non_blocking: bool = False) -> "QuantizedKV":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "QuantizedKV":
+        return self._map(lambda t: t if t.is_pinned() else t.pin_memory())
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The explicit decode, the reference the fused kernel must match: [..., T, D] in `dtype` (computed in fp32)."""
+        if self.kind == "fp8":
+            q = self.data.to(torch.float32)
+        else:
+            q = unpack_int4(self.data).to(torch.float32)
+        scale, offset = self._expand(self.scale), None if self.offset is None else self._expand(self.offset)
+        x = q * scale if offset is None else q * scale + offset
+        return x.to(dtype)
+
+    def _expand(self, t: Tensor) -> Tensor:
+        t = t.to(torch.float32)
+        return t.unsqueeze(-2) if self.axis == "channel" else t.unsqueeze(-1)
+
+
+@dataclass(frozen=True)
+class LowRankKV:
+    """X ≈ Z · B per layer: the teacher's H·D features projected on an r-dim basis."""
+
+    coeffs: Tensor | QuantizedKV   # [L, B, 1, T, r] batched ([L, 1, T, r] per sample): a teacher of ONE head of
+                                   # width r (r a multiple of 16, zero-padded), quantised with axis="token" if asked
+    basis: Tensor                  # float32 [L, r, F], F = H·D (feature f = h·D + d, as the loss flattens heads)
+    heads: int                     # H and D of the teacher the features came from
+    head_dim: int
+
+    def __post_init__(self):
+        c = self.coeffs
+        if self.basis.dim() != 3 or self.basis.dtype != torch.float32:
+            raise ValueError(f"LowRankKV basis must be float32 [L, r, F], got {self.basis.dtype} "
+                             f"{tuple(self.basis.shape)}")
+        L, r, F = self.basis.shape
+        if F != self.heads * self.head_dim:
+            raise ValueError(f"LowRankKV basis has F={F} features, not heads·head_dim = {self.heads}·{self.head_dim}")
+        if c.dim() not in (4, 5) or c.shape[0] != L or c.shape[-3] != 1 or c.shape[-1] != r:
+            raise ValueError(f"LowRankKV coeffs must be [L={L}, (B,) 1, T, r={r}], got {tuple(c.shape)}")
+        if isinstance(c, QuantizedKV) and c.axis != "token":
+            raise ValueError("quantised low-rank coefficients use axis='token' (their channels are not features)")
+
+    @property
+    def shape(self) -> torch.Size:
+        s = self.coeffs.shape
+        return torch.Size((*s[:-3], self.heads, s[-2], self.head_dim))
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.basis.device
+
+    def dim(self) -> int:
+        return self.coeffs.dim()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the coefficients (the per-sample part; the basis is stored once per store)."""
+        c = self.coeffs
+        return c.nbytes if isinstance(c, QuantizedKV) else c.numel() * c.element_size()
+
+    def tensors(self) -> list[Tensor]:
+        c = self.coeffs
+        return (c.tensors() if isinstance(c, QuantizedKV) else [c]) + [self.basis]
+
+    def to(self, device, non_blocking: bool = False) -> "LowRankKV":
+        return replace(self, coeffs=self.coeffs.to(device, non_blocking=non_blocking),
+                       basis=self.basis.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "LowRankKV":
+        c = self.coeffs
+        return replace(self, coeffs=c.pin_memory() if isinstance(c, QuantizedKV) or not c.is_pinned() else c)
+
+    def coefficients(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Z as a plain tensor [L, (B,) 1, T, r]: the teacher the loss sees with the folded adapter B·W."""
+        c = self.coeffs
+        return c.decode(dtype) if isinstance(c, QuantizedKV) else c.to(dtype)
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The explicit product Z·B reshaped to the teacher's heads: [L, (B,) H, T, D] in `dtype`."""
+        z = self.coefficients(torch.float32).squeeze(-3)                       # [L, (B,) T, r]
+        basis = self.basis.to(z.device)
+        x = torch.matmul(z, basis if z.dim() == 3 else basis.unsqueeze(1))    # [L, (B,) T, F]
+        x = x.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)    # [L, (B,) H, T, D]
+        return x.to(dtype)
+
+
+Encoded = QuantizedKV | LowRankKV
+
+
+def is_encoded(x) -> bool:
+    return isinstance(x, (QuantizedKV, LowRankKV))
+
+
+# ------------------------------------------------------------------------------------------------ int4 packing
+def pack_int4(q: Tensor) -> Tensor:
+    """uint8 codes 0..15 [..., D] (D even) → bytes [..., D/2], byte j = q[2j] | q[2j+1] << 4."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even channel count, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """bytes [..., D/2] → uint8 codes [..., D] (inverse of `pack_int4`)."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+def _check_axis(x: Tensor, axis: str) -> None:
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"expected a floating tensor [..., T, D], got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+
+
+def _token_mask(x: Tensor, mask: Tensor | None) -> Tensor:
+    """mask [T] (or broadcastable to x's [..., T]) as a float [..., T, 1] of 0/1; None: every token counts."""
+    if mask is None:
+        return torch.ones(x.shape[-2], 1, dtype=torch.float32, device=x.device)
+    if mask.shape[-1] != x.shape[-2]:
+        raise ValueError(f"mask has {mask.shape[-1]} tokens, the tensor {x.shape[-2]} (shape {tuple(x.shape)})")
+    return mask.to(device=x.device, dtype=torch.float32).unsqueeze(-1)
+
+
+def _group_reduce(x: Tensor, m: Tensor, axis: str, op: str) -> Tensor:
+    """max / min / amax of x over the group (tokens for "channel", channels for "token"), valid tokens only."""
+    dim = -2 if axis == "channel" else -1
+    fill = {"max": -math.inf, "min": math.inf, "amax": 0.0}[op]
+    src = x.abs() if op == "amax" else x
+    src = torch.where(m.bool(), src, torch.full_like(src, fill))
+    out = src.amax(dim) if op in ("max", "amax") else src.amin(dim)
+    # a group with no valid token (a masked token's row, or a channel of a sample without valid tokens)
+    return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+
+
+def _expand(t: Tensor, axis: str) -> Tensor:
+    return t.unsqueeze(-2) if axis == "channel" else t.unsqueeze(-1)
+
+
+def _finite_scale(scale: Tensor, what: str) -> Tensor:
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"{what}: a scale overflows {scale.dtype} (|x| too large to quantise; store bf16 instead)")
+    return scale
+
+
+def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None) -> QuantizedKV:
+    """fp8 e4m3 with scale = amax/448 per group (valid tokens only); masked tokens and all-zero groups decode to 0."""
+    _check_axis(x, axis)
+    x = x.to(torch.float32)
+    m = _token_mask(x, mask)
+    amax = _group_reduce(x, m, axis, "amax")
+    scale = _finite_scale((amax / FP8_MAX).to(SCALE_DTYPES[axis]), "fp8")
+    # all-zero group, or an amax so small that amax/448 underflows: scale 1, the data alone carries the values
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (x * m / _expand(scale.to(torch.float32), axis)).clamp(-FP8_MAX, FP8_MAX)
+    return QuantizedKV("fp8", axis, q.to(torch.float8_e4m3fn), scale, None)
+
+
+def encode_int4(x: Tensor, axis: str, mask: Tensor | None = None) -> QuantizedKV:
+    """Asymmetric int4: scale = (max − min)/15, offset = min per group (valid tokens only), q = round((x − offset)
+    / scale) clamped to 0..15, packed two per byte. A constant group has scale 1 (q = 0 decodes to the constant);
+    masked tokens decode to 0 (token axis: scale and offset 0) or to the code nearest 0 (channel axis)."""
+    _check_axis(x, axis)
+    if x.shape[-1] % 2:
+        raise ValueError(f"int4 needs an even head dim (two codes per byte), got D={x.shape[-1]}")
+    x = x.to(torch.float32)
+    m = _token_mask(x, mask)
+    hi, lo = _group_reduce(x, m, axis, "max"), _group_reduce(x, m, axis, "min")
+    dtype = SCALE_DTYPES[axis]
+    offset = lo.to(dtype)
+    scale = _finite_scale(((hi - offset.to(torch.float32)) / INT4_LEVELS).to(dtype), "int4")
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    s, o = _expand(scale.to(torch.float32), axis), _expand(offset.to(torch.float32), axis)
+    q = torch.round((x - o) / s)
+    if axis == "token":
+        # a masked token's group is its own row: make it exactly 0 (scale 0, offset 0, codes 0)
+        valid = m.squeeze(-1).bool().expand(scale.shape)
+        scale = torch.where(valid, scale, torch.zeros_like(scale))
+        offset = torch.where(valid, offset, torch.zeros_like(offset))
+        q = q * m
+    else:
+        q = torch.where(m.bool(), q, torch.round(-o / s))
+    return QuantizedKV("int4", axis, pack_int4(q.clamp(0, INT4_LEVELS)), scale, offset)
+
+
+def encode(x: Tensor, kind: str, axis: str, mask: Tensor | None = None) -> QuantizedKV:
+    if kind == "fp8":
+        return encode_fp8(x, axis, mask)
+    if kind == "int4":
+        return encode_int4(x, axis, mask)
+    raise ValueError(f"quantisation kind must be one of {KINDS}, got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------ low rank
+def features(x: Tensor) -> Tensor:
+    """[L, (B,) H, T, D] → [L, (B,) T, H·D], feature h·D + d (the loss's flattening)."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+def gram(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Σ over valid tokens of fᵀf per layer, float64 [L, F, F], for one sample x [L, H, T, D] (mask [T]): summed over
+    calibration samples, its eigenvectors are the SVD basis of all their tokens without holding them."""
+    f = features(x.to(torch.float64))
+    if mask is not None:
+        f = f * mask.to(device=f.device, dtype=f.dtype)[:, None]
+    return f.transpose(-1, -2) @ f
+
+
+def fit_lowrank_basis(gram_sum: Tensor, rank: int | None = None, energy: float | None = None
+                      ) -> tuple[Tensor, list[int]]:
+    """Per-layer uncentred PCA (SVD) basis from the summed Gram matrix [L, F, F] (`gram`): (basis float32 [L, R, F],
+    ranks r_l). r_l is `rank`, or the fewest directions holding `energy` of the layer's Σ x²; R is max r_l rounded up
+    to a multiple of 16 (≤ F) and a layer's rows past r_l are zero. Uncentred, because X ≈ Z·B has no mean term:
+    the mean direction is simply one of the components."""
+    if (rank is None) == (energy is None):
+        raise ValueError("fit_lowrank_basis: give exactly one of rank and energy")
+    L, F, _ = gram_sum.shape
+    evals, evecs = torch.linalg.eigh(gram_sum.to(torch.float64))       # ascending
+    evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)         # descending; columns are directions
+    if rank is not None:
+        if not 1 <= rank <= F:
+            raise ValueError(f"low-rank r={rank} must be in 1..{F} (the teacher's H·D features)")
+        ranks = [rank] * L
+    else:
+        if not 0 < energy <= 1:
+            raise ValueError(f"low-rank energy threshold must be in (0, 1], got {energy}")
+        total = evals.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        kept = torch.cumsum(evals, -1) / total
+        ranks = [min(int((kept[l] < energy - 1e-12).sum()) + 1, F) for l in range(L)]
+    R = min(-(-max(ranks) // RANK_MULTIPLE) * RANK_MULTIPLE, F)
+    basis = torch.zeros(L, R, F, dtype=torch.float32)
+    for l, r in enumerate(ranks):
+        basis[l, :r] = evecs[l, :, :r].T.to(torch.float32)
+    return basis, ranks
+
+
+def encode_lowrank(x: Tensor, basis: Tensor, quant: str | None = None, mask: Tensor | None = None) -> LowRankKV:
+    """One sample x [L, H, T, D] as coefficients Z = X·Bᵀ [L, 1, T, R] on `basis` [L, R, F] (orthonormal rows or
+    zero rows), optionally quantised per token ("fp8" | "int4"); masked tokens get Z = 0."""
+    if x.dim() != 4:
+        raise ValueError(f"encode_lowrank takes one sample [L, H, T, D], got {tuple(x.shape)}")
+    L, H, T, D = x.shape
+    if basis.shape[0] != L or basis.shape[2] != H * D:
+        raise ValueError(f"basis {tuple(basis.shape)} does not fit a teacher of {L} layers × {H}·{D} features")
+    z = features(x.to(torch.float32)) @ basis.to(x.device).transpose(-1, -2)   # [L, T, R]
+    if mask is not None:
+        z = z * mask.to(device=z.device, dtype=z.dtype)[:, None]
+    z = z.unsqueeze(1)                                                              # [L, 1, T, R]
+    coeffs = z if quant is None else encode(z, quant, "token", mask)
+    if quant is None:
+        coeffs = coeffs.to(torch.bfloat16)
+    return LowRankKV(coeffs, basis.to(torch.float32), H, D)
+
+
+def fold_lowrank_adapter(basis: Tensor, w: Tensor) -> Tensor:
+    """W' = B·W, [L, r, C] from basis [L, r, F] and adapter [L, F, C]: X·W = Z·(B·W), so the loss can run on the
+    coefficients (one head of width r) with W' instead of decoding X (differentiable in w)."""
+    if basis.dim() != 3 or w.dim() != 3 or basis.shape[0] != w.shape[0] or basis.shape[2] != w.shape[1]:
+        raise ValueError(f"fold_lowrank_adapter: basis [L, r, F] {tuple(basis.shape)} and adapter [L, F, C] "
+                         f"{tuple(w.shape)} do not match")
+    return torch.matmul(basis.to(w.dtype), w)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def decode(x, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A teacher entry as a plain tensor: encoded entries decoded, tensors cast to `dtype`."""
+    return x.decode(dtype) if is_encoded(x) else x.to(dtype)
+
+
+def decode_teachers(teacher_k: Sequence, teacher_v: Sequence, dtype: torch.dtype = torch.float32
+                    ) -> tuple[list[Tensor], list[Tensor]]:
+    """Teacher K/V lists with every QuantizedKV / LowRankKV decoded to `dtype`; plain tensors pass unchanged."""
+    def one(xs):
+        return [x.decode(dtype) if is_encoded(x) else x for x in xs]
+    return one(teacher_k), one(teacher_v)
+
+
+def _pad_group(t: Tensor, T: int, fill) -> Tensor:
+    """[..., T_b] → [..., T] padded with `fill` (a scalar or a tensor broadcast over the padded tokens)."""
+    if t.shape[-1] == T:
+        return t
+    pad = torch.empty(*t.shape[:-1], T - t.shape[-1], dtype=t.dtype, device=t.device)
+    pad[...] = fill if not isinstance(fill, Tensor) else fill.unsqueeze(-1)
+    return torch.cat([t, pad], -1)
+
+
+def stack_samples(samples: Sequence[Encoded], T: int, pin_memory: bool = False) -> Encoded:
+    """Per-sample encoded tensors ([L, H, T_b, D] logical) → one batch [L, B, H, T, D], right-padded to T with
+    tokens that decode to 0 (int4 keys: each channel's grid value nearest 0, see the module docstring). Low-rank samples must share one basis."""
+    first = samples[0]
+    if isinstance(first, LowRankKV):
+        for s in samples:
+            if not isinstance(s, LowRankKV) or s.basis is not first.basis and not torch.equal(s.basis, first.basis):
+                raise ValueError("low-rank samples of one batch must share their basis (one store, one basis)")
+        coeffs = [s.coeffs for s in samples]
+        stacked = (stack_samples(coeffs, T, pin_memory) if isinstance(first.coeffs, QuantizedKV)
+                   else _stack_plain(coeffs, T, pin_memory))
+        return replace(first, coeffs=stacked)
+    if not all(isinstance(s, QuantizedKV) and (s.kind, s.axis) == (first.kind, first.axis) for s in samples):
+        raise ValueError(f"a batch mixes codecs: {[getattr(s, 'kind', type(s).__name__) for s in samples]}")
+    data = _stack_plain([s.data for s in samples], T, pin_memory,
+                        fill=None if first.kind == "fp8" or first.axis == "token" else
+                        [_zero_code_bytes(s) for s in samples])
+    if first.axis == "channel":
+        scale = torch.stack([s.scale for s in samples], 1)
+        offset = None if first.offset is None else torch.stack([s.offset for s in samples], 1)
+    else:
+        # padded tokens: scale 0 and offset 0, so they decode to exactly 0 whatever their codes
+        scale = torch.stack([_pad_group(s.scale, T, 0) for s in samples], 1)
+        offset = None if first.offset is None else torch.stack([_pad_group(s.offset, T, 0) for s in samples], 1)
+    if pin_memory:
+        scale = scale.pin_memory()
+        offset = None if offset is None else offset.pin_memory()
+    return QuantizedKV(first.kind, first.axis, data, scale, offset)
+
+
+def _zero_code_bytes(s: QuantizedKV) -> Tensor:
+    """Per channel-pair byte [..., D/2] whose codes decode nearest 0 for a channel-axis int4 sample."""
+    q = torch.round(-s.offset.float() / s.scale.float()).clamp(0, INT4_LEVELS)
+    return pack_int4(q)
+
+
+def _stack_plain(xs: Sequence[Tensor], T: int, pin_memory: bool, fill: Sequence[Tensor] | None = None) -> Tensor:
+    """[L, H, T_b, W] each → [L, B, H, T, W], written once into (pinned) memory, padding 0 or `fill[b]` [L, H, W]."""
+    L, H, _, W = xs[0].shape
+    out = torch.empty(L, len(xs), H, T, W, dtype=xs[0].dtype, device=xs[0].device,
+                      pin_memory=pin_memory and xs[0].device.type == "cpu")
+    for b, x in enumerate(xs):
+        if x.shape[0] != L or x.shape[1] != H or x.shape[3] != W:
+            raise ValueError(f"sample {b} has shape {tuple(x.shape)}, the batch's first [{L}, {H}, T, {W}]")
+        n = x.shape[2]
+        out[:, b, :, :n] = x
+        if fill is None:
+            out[:, b, :, n:] = 0
+        else:
+            out[:, b, :, n:] = fill[b].unsqueeze(-2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ codec names
+@dataclass(frozen=True)
+class Codec:
+    """A parsed store codec: "bf16" | "fp8" | "int4" | "lowrank:<r | e0.99>[+fp8 | +int4]"."""
+
+    kind: str                       # "bf16" | "fp8" | "int4" | "lowrank"
+    rank: int | None = None         # lowrank: a fixed r ...
+    energy: float | None = None     # ... or an energy threshold
+    quant: str | None = None        # lowrank coefficients: None (bf16) | "fp8" | "int4"
+
+    def __str__(self) -> str:
+        if self.kind != "lowrank":
+            return self.kind
+        size = str(self.rank) if self.rank is not None else f"e{self.energy:g}"
+        return f"lowrank:{size}" + (f"+{self.quant}" if self.quant else "")
+
+    @property
+    def lowrank(self) -> bool:
+        return self.kind == "lowrank"
+
+
+_LOWRANK = re.compile(r"lowrank:(?:(\d+)|e((?:0?\.\d+)|1(?:\.0*)?))(?:\+(fp8|int4))?")
+
+
+def parse_codec(text: str) -> Codec:
+    """'bf16' | 'fp8' | 'int4' | 'lowrank:<r or e0.99>[+fp8|+int4]' → Codec; anything else is a ValueError saying
+    what is accepted."""
+    text = str(text).strip()
+    if text in ("bf16", "fp8", "int4"):
+        return Codec(text)
+    match = _LOWRANK.fullmatch(text)
+    if match is None:
+        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, int4 or lowrank:<r or e<energy>>[+fp8|+int4] "
+                         "(e.g. lowrank:64+int4, lowrank:e0.99+fp8)")
+    rank, energy, quant = match.groups()
+    if rank is not None and int(rank) < 1:
+        raise ValueError(f"codec {text!r}: the rank must be at least 1")
+    if energy is not None and not 0 < float(energy) <= 1:
+        raise ValueError(f"codec {text!r}: the energy threshold must be in (0, 1]")
+    return Codec("lowrank", int(rank) if rank else None, float(energy) if energy else None, quant)
