@@ -380,8 +380,11 @@ def decode(x, dtype: torch.dtype = torch.float32) -> Tensor:
 
 def decode_teachers(teacher_k: Sequence, teacher_v: Sequence, dtype: torch.dtype = torch.float32
                     ) -> tuple[list[Tensor], list[Tensor]]:
-    """Teacher K/V lists with every QuantizedKV / LowRankKV decoded to `dtype`; plain tensors pass unchanged."""
+    """Teacher K/V lists with every QuantizedKV / LowRankKV decoded to `dtype`; plain tensors pass unchanged, and so
+    does anything that is not a list or tuple (the loss's validation names it)."""
     def one(xs):
+        if not isinstance(xs, (list, tuple)) or not any(is_encoded(x) for x in xs):
+            return xs
         return [x.decode(dtype) if is_encoded(x) else x for x in xs]
     return one(teacher_k), one(teacher_v)
 

@@ -28,6 +28,7 @@ from torch import nn
 from kvfuse.align.heads import structured_adapter
 from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
+from kvfuse.codecs import decode_teachers
 from kvfuse.kernels.fused_kv_loss_op import MAX_TEACHERS, pair_width
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -315,6 +316,8 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
     """
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if isinstance(student_k, torch.Tensor):
+        teacher_k, teacher_v = decode_teachers(teacher_k, teacher_v, student_k.dtype)
     _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions, inv_freq,
               layer_weights)
     L, D_s = student_k.shape[0], student_k.shape[4]
