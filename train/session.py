@@ -609,6 +609,7 @@ class TrainingSession:
         event = {"step": step, "split": "val", **val, "ppl": perplexity(val["ce"]),
                  "train_kv_loss": train["kv_loss"],
                  "gap": (val["kv_loss"] - train["kv_loss"]) / max(abs(train["kv_loss"]), 1e-12)}
+        generate = generate and c.n_generate > 0       # n_generate 0: the KV metrics alone
         if generate:
             event.update(self._generation_metrics(self.val_examples[: c.n_generate]))
         self._event(event)
