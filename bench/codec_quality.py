@@ -46,8 +46,8 @@ RESULTS = ROOT / "bench" / "results"
 STUDENT = "smollm2-135m-instruct"
 SETUPS = {"smollm2": [("smollm2-135m-instruct", "default"), ("smollm2-135m-instruct", "cot")],
           "gemma3": [("gemma3-270m", "cot")]}
-CODECS = ["fp8", "int4", "lowrank:e0.99", "lowrank:e0.99+int4", "lowrank:32+fp8", "lowrank:32+int4",
-          "lowrank:48+int4", "lowrank:64+int4", "lowrank:80+int4", "lowrank:112+int4"]
+CODECS = ["fp8", "int4", "lowrank:e0.99", "lowrank:e0.99+fp8", "lowrank:e0.99+int4", "lowrank:32+int4",
+          "lowrank:48+int4", "lowrank:64+int4", "lowrank:80+int4", "lowrank:112+int4", "lowrank:144+int4"]
 # Phase 2 at a size two shared CPU cores finish in minutes: 16 train / 4 val items, effective batch 2, 1 epoch.
 PHASE_RUNS = {1: {"n_samples": 10, "n_val": 4, "train": []},
               2: {"n_samples": 16, "n_val": 4, "train": ["--epochs", "1", "--effective_batch", "2"]}}
@@ -230,7 +230,7 @@ def distill(args) -> int:
                 print(f"encode phase {phase} {codec} -> {store}", flush=True)
                 reencode(fp32, store, codec, args.calib)
         for seed in args.seeds:
-            for codec in args.codecs:
+            for codec in args.train or args.codecs:
                 run = out / f"p{phase}-{_slug(codec)}-seed{seed}"
                 if not (run / "report.html").exists():
                     print(f"train phase {phase} {codec} seed {seed} -> {run}", flush=True)
@@ -297,6 +297,8 @@ def main(argv=None) -> int:
                          help="codecs to compare; bf16 (the reference) must be among them")
         dis.add_argument("--phases", nargs="+", type=int, default=[1, 2], choices=sorted(PHASE_RUNS))
         dis.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        dis.add_argument("--train", nargs="+", help="train only these of --codecs (another process trains the rest; "
+                         "their runs must exist before the table is made)")
         dis.add_argument("--calib", type=int, default=8, help="items the low-rank bases are fitted on (default 8)")
         dis.add_argument("--out", default=str(ROOT / "runs" / "codecs"))
     args = parser.parse_args(argv)
