@@ -12,7 +12,7 @@ import argparse
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable, Sequence
 
 import torch
@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"low-rank bases ({codec}) fitted on {args.calib} examples: ranks per layer "
               + "; ".join(f"{name} {list(b.ranks)} (stored width {b.basis.shape[1]})" for name, b in bases.items()))
     if codec.kind != "bf16":
-        builder.encode = lambda tensors: encode_sample(tensors, codec, bases)
+        # bases on the teachers' device once, not copied there for every sample
+        on_device = None if bases is None else {n: replace(b, basis=b.basis.to(device)) for n, b in bases.items()}
+        builder.encode = lambda tensors: encode_sample(tensors, codec, on_device)
     mine = [examples[i] for i in iter_shard_indices(len(examples), index, n_shards)]
     start = time.perf_counter()
     tokens = 0
