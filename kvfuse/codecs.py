@@ -45,8 +45,23 @@ SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------ containers
+class _Compressed:
+    """What both containers answer like a tensor: device, dim(), and the bytes a sample of it costs in a store."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.payload())
+
+
 @dataclass(frozen=True)
-class QuantizedKV:
+class QuantizedKV(_Compressed):
     """One teacher's keys or values, logical shape [..., T, D] ([L, H, T, D] per sample, [L, B, H, T, D] batched)."""
 
     kind: str                  # "fp8" | "int4"
@@ -84,19 +99,11 @@ class QuantizedKV:
         s = self.data.shape
         return torch.Size((*s[:-1], s[-1] * 2)) if self.kind == "int4" else s
 
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def dim(self) -> int:
-        return self.data.dim()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.data, self.scale, self.offset) if t is not None]
+
+    def payload(self) -> list[Tensor]:
+        return self.tensors()
 
     def _map(self, fn) -> "QuantizedKV":
         return replace(self, data=fn(self.data), scale=fn(self.scale),
@@ -124,7 +131,7 @@ class QuantizedKV:
 
 
 @dataclass(frozen=True)
-class LowRankKV:
+class LowRankKV(_Compressed):
     """X ≈ Z · B per layer: the teacher's H·D features projected on an r-dim basis."""
 
     coeffs: Tensor | QuantizedKV   # [L, B, 1, T, r] batched ([L, 1, T, r] per sample): a teacher of ONE head of
@@ -155,22 +162,13 @@ class LowRankKV:
     def rank(self) -> int:
         return self.basis.shape[1]
 
-    @property
-    def device(self) -> torch.device:
-        return self.basis.device
-
-    def dim(self) -> int:
-        return self.coeffs.dim()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the coefficients (the per-sample part; the basis is stored once per store)."""
+    def payload(self) -> list[Tensor]:
+        """The coefficients: the per-sample part (the basis is stored once per store)."""
         c = self.coeffs
-        return c.nbytes if isinstance(c, QuantizedKV) else c.numel() * c.element_size()
+        return c.tensors() if isinstance(c, QuantizedKV) else [c]
 
     def tensors(self) -> list[Tensor]:
-        c = self.coeffs
-        return (c.tensors() if isinstance(c, QuantizedKV) else [c]) + [self.basis]
+        return self.payload() + [self.basis]
 
     def to(self, device, non_blocking: bool = False) -> "LowRankKV":
         return replace(self, coeffs=self.coeffs.to(device, non_blocking=non_blocking),
