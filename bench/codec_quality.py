@@ -256,6 +256,9 @@ def summarise(args) -> int:
         for seed in args.seeds:
             for codec in args.codecs:
                 run = out / f"p{phase}-{_slug(codec)}-seed{seed}"
+                if not (run / "report.html").exists():
+                    print(f"(no finished run {run.name}: left out)")
+                    continue
                 val = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                        if e["split"] == "val"]
                 store = out / f"store-p{phase}-{_slug(codec)}"
@@ -271,7 +274,9 @@ def summarise(args) -> int:
     for phase in args.phases:
         base = {r["seed"]: r for r in rows if r["phase"] == phase and r["codec"] == "bf16"}
         for codec in args.codecs:
-            mine = [r for r in rows if r["phase"] == phase and r["codec"] == codec]
+            mine = [r for r in rows if r["phase"] == phase and r["codec"] == codec and r["seed"] in base]
+            if not mine:
+                continue
             last = [r["val_kv_last"] for r in mine]
             rel = [100 * (r["val_kv_last"] / base[r["seed"]]["val_kv_last"] - 1) for r in mine]
             cka = [r["cka_last"] for r in mine]
