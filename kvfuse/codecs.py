@@ -45,8 +45,23 @@ SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------ containers
+class _Compressed:
+    """What both containers answer like a tensor: device, dim(), and the bytes a sample of it costs in a store."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.payload())
+
+
 @dataclass(frozen=True)
-class QuantizedKV:
+class QuantizedKV(_Compressed):
     """One teacher's keys or values, logical shape [..., T, D] ([L, H, T, D] per sample, [L, B, H, T, D] batched)."""
 
     kind: str                  # "fp8" | "int4"
@@ -84,19 +99,11 @@ class QuantizedKV:
         s = self.data.shape
         return torch.Size((*s[:-1], s[-1] * 2)) if self.kind == "int4" else s
 
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def dim(self) -> int:
-        return self.data.dim()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.data, self.scale, self.offset) if t is not None]
+
+    def payload(self) -> list[Tensor]:
+        return self.tensors()
 
     def _map(self, fn) -> "QuantizedKV":
         return replace(self, data=fn(self.data), scale=fn(self.scale),
@@ -124,7 +131,7 @@ class QuantizedKV:
 
 
 @dataclass(frozen=True)
-class LowRankKV:
+class LowRankKV(_Compressed):
     """X ≈ Z · B per layer: the teacher's H·D features projected on an r-dim basis."""
 
     coeffs: Tensor | QuantizedKV   # [L, B, 1, T, r] batched ([L, 1, T, r] per sample): a teacher of ONE head of
@@ -155,22 +162,13 @@ class LowRankKV:
     def rank(self) -> int:
         return self.basis.shape[1]
 
-    @property
-    def device(self) -> torch.device:
-        return self.basis.device
-
-    def dim(self) -> int:
-        return self.coeffs.dim()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the coefficients (the per-sample part; the basis is stored once per store)."""
+    def payload(self) -> list[Tensor]:
+        """The coefficients: the per-sample part (the basis is stored once per store)."""
         c = self.coeffs
-        return c.nbytes if isinstance(c, QuantizedKV) else c.numel() * c.element_size()
+        return c.tensors() if isinstance(c, QuantizedKV) else [c]
 
     def tensors(self) -> list[Tensor]:
-        c = self.coeffs
-        return (c.tensors() if isinstance(c, QuantizedKV) else [c]) + [self.basis]
+        return self.payload() + [self.basis]
 
     def to(self, device, non_blocking: bool = False) -> "LowRankKV":
         return replace(self, coeffs=self.coeffs.to(device, non_blocking=non_blocking),
@@ -322,7 +320,10 @@ def fit_lowrank_basis(gram_sum: Tensor, rank: int | None = None, energy: float |
     """Per-layer uncentred PCA (SVD) basis from the summed Gram matrix [L, F, F] (`gram`): (basis float32 [L, R, F],
     ranks r_l). r_l is `rank`, or the fewest directions holding `energy` of the layer's Σ x²; R is max r_l rounded up
     to a multiple of 16 (≤ F) and a layer's rows past r_l are zero. Uncentred, because X ≈ Z·B has no mean term:
-    the mean direction is simply one of the components."""
+    the mean direction is simply one of the components. The rows are orthogonal but not unit: row j is the j-th
+    singular direction times √(λ_j/λ_1), so that every coefficient spreads like the first (whitened) and one
+    per-token quantisation scale suits all r of them; with unit rows the first (mean) coefficient set the scale and
+    int4 rounded the smaller ones away (5 % relative MSE on SmolLM2's keys at any r, measured)."""
     if (rank is None) == (energy is None):
         raise ValueError("fit_lowrank_basis: give exactly one of rank and energy")
     L, F, _ = gram_sum.shape
@@ -341,19 +342,31 @@ def fit_lowrank_basis(gram_sum: Tensor, rank: int | None = None, energy: float |
     R = min(-(-max(ranks) // RANK_MULTIPLE) * RANK_MULTIPLE, F)
     basis = torch.zeros(L, R, F, dtype=torch.float32)
     for l, r in enumerate(ranks):
-        basis[l, :r] = evecs[l, :, :r].T.to(torch.float32)
+        spread = (evals[l, :r] / evals[l, 0].clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+        basis[l, :r] = (evecs[l, :, :r] * spread).T.to(torch.float32)
     return basis, ranks
 
 
+def lowrank_coefficients(x: Tensor, basis: Tensor) -> Tensor:
+    """Z with Z·B the least-squares fit of X: features(x) [L, (B,) T, F] · Bᵀ(B·Bᵀ)⁻¹ for a basis of orthogonal
+    rows (zero rows give zero coefficients)."""
+    basis = basis.to(device=x.device, dtype=torch.float32)
+    norms = basis.square().sum(-1)                                          # [L, R]: B·Bᵀ is diagonal
+    inverse = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(norms))
+    analysis = (basis * inverse[..., None]).transpose(-1, -2)               # [L, F, R]
+    f = features(x.to(torch.float32))
+    return f @ (analysis if f.dim() == 3 else analysis.unsqueeze(1))
+
+
 def encode_lowrank(x: Tensor, basis: Tensor, quant: str | None = None, mask: Tensor | None = None) -> LowRankKV:
-    """One sample x [L, H, T, D] as coefficients Z = X·Bᵀ [L, 1, T, R] on `basis` [L, R, F] (orthonormal rows or
-    zero rows), optionally quantised per token ("fp8" | "int4"); masked tokens get Z = 0."""
+    """One sample x [L, H, T, D] as coefficients Z [L, 1, T, R] on `basis` [L, R, F] (orthogonal rows, see
+    `lowrank_coefficients`), optionally quantised per token ("fp8" | "int4"); masked tokens get Z = 0."""
     if x.dim() != 4:
         raise ValueError(f"encode_lowrank takes one sample [L, H, T, D], got {tuple(x.shape)}")
     L, H, T, D = x.shape
     if basis.shape[0] != L or basis.shape[2] != H * D:
         raise ValueError(f"basis {tuple(basis.shape)} does not fit a teacher of {L} layers × {H}·{D} features")
-    z = features(x.to(torch.float32)) @ basis.to(x.device).transpose(-1, -2)   # [L, T, R]
+    z = lowrank_coefficients(x, basis)                                       # [L, T, R]
     if mask is not None:
         z = z * mask.to(device=z.device, dtype=z.dtype)[:, None]
     z = z.unsqueeze(1)                                                              # [L, 1, T, R]
@@ -380,8 +393,11 @@ def decode(x, dtype: torch.dtype = torch.float32) -> Tensor:
 
 def decode_teachers(teacher_k: Sequence, teacher_v: Sequence, dtype: torch.dtype = torch.float32
                     ) -> tuple[list[Tensor], list[Tensor]]:
-    """Teacher K/V lists with every QuantizedKV / LowRankKV decoded to `dtype`; plain tensors pass unchanged."""
+    """Teacher K/V lists with every QuantizedKV / LowRankKV decoded to `dtype`; plain tensors pass unchanged, and so
+    does anything that is not a list or tuple (the loss's validation names it)."""
     def one(xs):
+        if not isinstance(xs, (list, tuple)) or not any(is_encoded(x) for x in xs):
+            return xs
         return [x.decode(dtype) if is_encoded(x) else x for x in xs]
     return one(teacher_k), one(teacher_v)
 

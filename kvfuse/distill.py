@@ -17,6 +17,7 @@ from torch import nn
 
 from kvfuse.align.rope import rotate
 from kvfuse.attention import attention_kl
+from kvfuse.codecs import decode, decode_teachers, is_encoded
 from kvfuse.eval.similarity import kv_tokens, token_features
 from kvfuse.fuse.router import (FixedRouter, LearnableRouter, SimilarityRouter, entropy, entropy_regularizer,
                                 first_tokens_feature, pooled_features)
@@ -92,7 +93,8 @@ class DistillationModel(nn.Module):
         if isinstance(self.router, FixedRouter):
             return self.router(B).to(batch["input_ids"].device)
         if isinstance(self.router, SimilarityRouter):
-            return self.router([first_tokens_feature(v, batch["mask"], self.router_k) for v in batch["teacher_v"]])
+            return self.router([first_tokens_feature(decode(v), batch["mask"], self.router_k)
+                                for v in batch["teacher_v"]])
         if isinstance(self.router, LearnableRouter):
             embeddings = self.lm.get_input_embeddings()(batch["input_ids"]).detach()
             return self.router(pooled_features(embeddings, batch["mask"]))
@@ -106,8 +108,9 @@ class DistillationModel(nn.Module):
         cap, student_k, student_v, inv_freq, scaling, rotary_dim = self.student_kv(batch,
                                                                                    with_queries=weights.gamma > 0)
         dtype = student_k.dtype
-        teacher_k = [t.to(dtype) for t in batch["teacher_k"]]
-        teacher_v = [t.to(dtype) for t in batch["teacher_v"]]
+        # compressed store entries go to the KV loss as they are (it decodes them); the other terms take tensors
+        teacher_k = [t if is_encoded(t) else t.to(dtype) for t in batch["teacher_k"]]
+        teacher_v = [t if is_encoded(t) else t.to(dtype) for t in batch["teacher_v"]]
         alpha = self.route(batch, cap)
         logs: dict = {"alpha": alpha.detach()}
         if self.zspace is None:
@@ -115,7 +118,9 @@ class DistillationModel(nn.Module):
                                      inv_freq, scaling, alpha=alpha, layer_weights=layer_weights,
                                      rotary_dim=rotary_dim)
             logs.update(stats)
-        else:
+        if self.zspace is not None or weights.gamma > 0:
+            teacher_k, teacher_v = decode_teachers(teacher_k, teacher_v, dtype)
+        if self.zspace is not None:
             kv, per_layer = self._z_loss(cap, teacher_k, teacher_v, alpha, batch["mask"], layer_weights)
             logs["z_loss"] = per_layer
         total = kv

@@ -174,3 +174,24 @@ def test_rerunning_a_dump_repairs_a_damaged_finished_shard(tmp_path, capsys):
     out = rerun("--verify")
     assert "fails its sha256 check" in out and "rewriting it" in out
     assert len(TeacherKVStore(tmp_path)) == 2          # every digest checks again
+
+
+def test_codec_dumps_are_smaller_share_one_basis_across_shards_and_refuse_another_codec(tmp_path):
+    from kvfuse.codecs import LowRankKV, QuantizedKV
+
+    common = ["--n_samples", "4", "--n_val", "1", "--batch_size", "2"]
+    _dump(tmp_path / "int4", *common, "--codec", "int4")
+    for shard in ("1/2", "0/2"):
+        proc = _dump(tmp_path / "lowrank", *common, "--codec", "lowrank:e0.95+fp8", "--calib", "2", "--shard", shard)
+        assert ("low-rank bases" in proc.stdout) == (shard == "1/2")     # fitted by the first writer only
+    int4, lowrank = TeacherKVStore(tmp_path / "int4"), TeacherKVStore(tmp_path / "lowrank")
+    assert isinstance(int4[0]["teacher0/k"], QuantizedKV) and isinstance(lowrank[0]["teacher1/v"], LowRankKV)
+    assert str(lowrank.codec) == "lowrank:e0.95+fp8" and lowrank.settings["calib"] == 2
+    # what the same samples take in bf16: 2 bytes per teacher value, plus the same ids and masks
+    bf16 = sum(2 * x.shape.numel() if name.startswith("teacher") else x.numel() * x.element_size()
+               for item in int4 for name, x in item.items() if name != "id")
+    assert int4.bytes < 0.5 * bf16
+    proc = _dump(tmp_path / "int4", *common, "--codec", "fp8", check=False)
+    assert proc.returncode != 0 and "codec: 'int4' vs 'fp8'" in proc.stderr
+    proc = _dump(tmp_path / "x", *common, "--codec", "int3", check=False)
+    assert proc.returncode == 2 and "unknown codec 'int3'" in proc.stderr

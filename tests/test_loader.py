@@ -72,3 +72,28 @@ def test_a_sample_with_an_empty_alignment_mask_is_refused_by_id_at_any_micro_bat
     samples[-1]["mask"] = torch.zeros_like(samples[-1]["mask"])
     with pytest.raises(ValueError, match=f"sample 's{micro_batch - 1}': its alignment mask is empty"):
         collate(samples, 2)
+
+
+@pytest.mark.parametrize("codec", ["int4", "lowrank:16+fp8"])
+def test_codec_store_batches_stay_compressed_and_decode_like_their_samples(tmp_path, codec):
+    from kvfuse.codecs import decode, parse_codec
+    from kvfuse.teacher.compress import encode_sample, fit_bases
+
+    gen = torch.Generator().manual_seed(11)
+    samples = [(f"s{j}", {n: (t.float() if n.startswith("teacher") else t) for n, t in
+                          _sample(gen, int(torch.randint(4, 30, (1,), generator=gen))).items()}) for j in range(5)]
+    writer = StoreWriter(tmp_path, {"test": "loader", "codec": codec}, 1)
+    bases = writer.claim_bases(fit_bases([t for _, t in samples], parse_codec(codec))) if "lowrank" in codec else None
+    writer.write_shard(0, [(sid, encode_sample(t, parse_codec(codec), bases)) for sid, t in samples])
+    store = TeacherKVStore(tmp_path)
+    ids = [["s3", "s0"], ["s1", "s4", "s2"]]
+    for batch_ids, batch in zip(ids, store_batches(store, ids, n_teachers=2, prefetch=1)):
+        lengths = [len(store.get(i)["input_ids"]) for i in batch_ids]
+        for kind in ("teacher_k", "teacher_v"):
+            for i, entry in enumerate(batch[kind]):
+                assert not isinstance(entry, torch.Tensor)                  # compressed until the loss
+                x = decode(entry)
+                assert x.shape[1] == len(batch_ids) and x.shape[3] == max(lengths) and torch.isfinite(x).all()
+                for b, (sid, n) in enumerate(zip(batch_ids, lengths)):
+                    one = decode(store.get(sid)[f"teacher{i}/{kind[-1]}"])
+                    torch.testing.assert_close(x[:, b, :, :n], one, rtol=1e-6, atol=1e-6)

@@ -279,3 +279,119 @@ def test_finished_means_size_header_and_digests_agree(tmp_path):
     writer.write_shard(0, list(_samples(0, [f"s0-{j}" for j in range(4)])))
     writer.write_shard(1, list(_samples(1, [f"s1-{j}" for j in range(4)])))
     assert len(TeacherKVStore(tmp_path)) == 8
+
+
+# ------------------------------------------------------------------------------------------------ codec stores
+def _codec_store(root, codec, seed=0, n_shards=2, settings=SETTINGS):
+    """A store of `codec` written as the dump writes it: samples encoded by kvfuse.teacher.compress, low-rank bases
+    fitted on the first samples and claimed before any shard."""
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import encode_sample, fit_bases
+
+    codec = parse_codec(codec)
+    writer = StoreWriter(root, dict(settings, codec=str(codec)), n_shards)
+    shards = [[(sid, dict(t, labels_mask=t["mask"].clone(), **{"teacher0/k": t["teacher0/k"].float(),
+                                                               "teacher0/v": t["teacher0/v"].float()}))
+               for sid, t in _samples(seed + shard, [f"s{shard}-{j}" for j in range(3)])] for shard in range(n_shards)]
+    bases = writer.claim_bases(fit_bases([t for _, t in shards[0]], codec)) if codec.lowrank else None
+    written = {}
+    for shard, samples in enumerate(shards):
+        encoded = [(sid, encode_sample(t, codec, bases)) for sid, t in samples]
+        writer.write_shard(shard, encoded)
+        written.update(encoded)
+    return written, bases
+
+
+def _tensor_span(path, key):
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    start, end = json.loads(raw[8:8 + n])[key]["data_offsets"]
+    return 8 + n + start, 8 + n + end
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int4", "lowrank:16+int4", "lowrank:e0.9"])
+def test_codec_store_round_trip_hands_out_compressed_entries(tmp_path, codec):
+    from kvfuse.codecs import LowRankKV, QuantizedKV
+
+    written, bases = _codec_store(tmp_path, codec)
+    store = TeacherKVStore(tmp_path)
+    assert str(store.codec) == codec and len(store) == 6
+    for sid, named in written.items():
+        got = store.get(sid)
+        for entry in ("teacher0/k", "teacher0/v"):
+            value = got[entry]
+            assert isinstance(value, LowRankKV if codec.startswith("lowrank") else QuantizedKV)
+            assert value.shape == (3, 2, named["mask"].shape[0], 8)
+            raw = value.coeffs if isinstance(value, LowRankKV) else value
+            data = raw if isinstance(raw, torch.Tensor) else raw.data
+            assert torch.equal(data.view(torch.uint8), named[entry].view(torch.uint8))
+            if isinstance(raw, QuantizedKV):
+                assert torch.equal(raw.scale, named[entry + ".scale"])
+            if isinstance(value, LowRankKV):
+                assert torch.equal(value.basis, bases[entry].basis)
+    if codec.startswith("lowrank"):
+        assert store.bases_bytes > 0
+
+
+def test_flipped_byte_in_a_scale_tensor_is_caught_by_verify_and_by_the_reader(tmp_path):
+    _codec_store(tmp_path, "int4")
+    victim = tmp_path / "shard-00001-of-00002.safetensors"
+    start, end = _tensor_span(victim, "s1-1/teacher0/v.scale")
+    data = bytearray(victim.read_bytes())
+    data[(start + end) // 2] ^= 0x04
+    victim.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard-00001-of-00002.safetensors fails its sha256"):
+        TeacherKVStore(tmp_path)
+    writer = StoreWriter(tmp_path, dict(SETTINGS, codec="int4"), 2)
+    assert writer.is_finished(1) and "fails its sha256" in writer.unfinished_reason(1, verify=True)   # dump --verify
+
+
+def test_mixing_codecs_across_shards_is_refused_naming_the_shard_and_both_codecs(tmp_path):
+    _codec_store(tmp_path / "a", "fp8")
+    _codec_store(tmp_path / "b", "int4")
+    for suffix in ("json", "safetensors"):
+        name = f"shard-00001-of-00002.{suffix}"
+        (tmp_path / "a" / name).write_bytes((tmp_path / "b" / name).read_bytes())
+    with pytest.raises(StoreError, match="shard-00001-of-00002.json was dumped with codec 'int4', its store "
+                                         r"\(manifest.json\) with 'fp8'"):
+        TeacherKVStore(tmp_path / "a")
+    with pytest.raises(StoreError, match="codec 'int4'.* 'fp8'"):
+        StoreWriter(tmp_path / "a", dict(SETTINGS, codec="fp8"), 2).is_finished(1)
+    with pytest.raises(StoreError, match="codec: 'fp8' vs 'int4'"):               # a dump with another --codec
+        StoreWriter(tmp_path / "a", dict(SETTINGS, codec="int4"), 2)
+
+
+def test_lowrank_bases_are_claimed_once_checksummed_and_never_mixed(tmp_path):
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import fit_bases
+
+    _, bases = _codec_store(tmp_path / "a", "lowrank:16+fp8")
+    _codec_store(tmp_path / "b", "lowrank:16+fp8", seed=7)              # same settings, other calibration data
+    # a second writer (another array task) gets the bases already saved, not its own fit
+    other = fit_bases([{k: (t.float() if k.startswith("teacher") else t) for k, t in named.items()}
+                       for _, named in _samples(9, ["z"])], parse_codec("lowrank:16+fp8"))
+    writer = StoreWriter(tmp_path / "a", dict(SETTINGS, codec="lowrank:16+fp8"), 2)
+    claimed = writer.claim_bases(other)
+    assert torch.equal(claimed["teacher0/k"].basis, bases["teacher0/k"].basis)
+    assert not torch.equal(other["teacher0/k"].basis, bases["teacher0/k"].basis)
+    # a shard encoded on other bases, beside the store's own
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("manifest.json", "bases.safetensors", "shard-00000-of-00002.json", "shard-00000-of-00002.safetensors"):
+        (mixed / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    for name in ("shard-00001-of-00002.json", "shard-00001-of-00002.safetensors"):
+        (mixed / name).write_bytes((tmp_path / "b" / name).read_bytes())
+    with pytest.raises(StoreError, match="shard-00001-of-00002.json was encoded on low-rank bases with sha256 "
+                                         "[0-9a-f]{64}, but the store's bases.safetensors has sha256 [0-9a-f]{64}"):
+        TeacherKVStore(mixed)
+    # a flipped byte in the bases file: every shard's record disagrees with it
+    victim = tmp_path / "a" / "bases.safetensors"
+    start, end = _tensor_span(victim, "teacher0/v")
+    data = bytearray(victim.read_bytes())
+    data[start + 5] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard-00000-of-00002.json was encoded on low-rank bases"):
+        TeacherKVStore(tmp_path / "a")

@@ -101,6 +101,34 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_codec_store_trains_identically_after_a_resume(tmp_path):
+    """From a low-rank + int4 store (bases, quantised coefficients): killed before saving step 4, resumed, the
+    losses equal an uninterrupted run's; validation reads a second (bf16) store of the same examples."""
+    stores = {}
+    for codec in ("lowrank:16+int4", "bf16"):
+        stores[codec] = tmp_path / f"store-{codec.replace(':', '_').replace('+', '_')}"
+        dump = [sys.executable, "-m", "kvfuse", "dump", "--teachers", "tiny-llama", "tiny-llama", "--teacher_prompts",
+                "default", "cot", "--student", "tiny-llama", "--n_samples", "4", "--n_val", "2", "--codec", codec,
+                "--calib", "2", "--max_length", "4096", "--out", str(stores[codec])]
+        subprocess.run(dump, check=True, capture_output=True, timeout=300, cwd=ROOT)
+    extra = ["--epochs", "2", "--save_every", "1", "--eval_every", "100", "--teacher_store",
+             str(stores["lowrank:16+int4"]), "--eval_teacher_store", str(stores["bf16"])]
+    full = _train(tmp_path / "full", *extra)
+    assert "evaluating against the teacher KV of" in full.stdout + full.stderr
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, *TINY, "--output_dir", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = _train(out, *extra)
+    assert "resumed from" in proc.stdout + proc.stderr
+    done, resumed = _events(tmp_path / "full", "train"), _events(out, "train")
+    assert [e["step"] for e in resumed] == list(range(1, 9))
+    for a, b in zip(done, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
+    assert _events(out, "val")[-1]["kv_loss"] == pytest.approx(_events(tmp_path / "full", "val")[-1]["kv_loss"],
+                                                               rel=1e-6)
+
+
 def test_online_and_offline_teachers_give_the_same_loss(tmp_path):
     store = tmp_path / "store"
     dump = [sys.executable, "-m", "kvfuse", "dump", "--teachers", "tiny-llama", "tiny-llama", "--teacher_prompts",

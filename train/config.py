@@ -128,6 +128,9 @@ class TrainConfig:
                                            _at_least(1, ", or null for no limit"))
     teacher_store: typing.Optional[str] = _key(DATA, "read teacher KV from this offline store (python -m kvfuse "
                                                      "dump) instead of running the teachers")
+    eval_teacher_store: typing.Optional[str] = _key(
+        DATA, "evaluate (KV loss, KV CKA) against this store's teacher KV instead of teacher_store's, e.g. the bf16 "
+              "store of a run trained from a compressed one; it must hold the same examples (null: teacher_store)")
     store_prefetch: int = _key(DATA, "store batches read ahead by a background thread (0: inline)", _at_least(0))
     # --- optimisation ---
     lr_full: float = _key(OPTIM, "student learning rate (full fine-tuning)", _above(0.0))

@@ -21,6 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from kvfuse.align.heads import ridge_adapters, structured_adapter
+from kvfuse.codecs import decode, decode_teachers
 from kvfuse.data import extract_final_number, load_examples, render_prompt, resolve_prompt
 from kvfuse.distill import DistillationModel, LossWeights
 from kvfuse.eval.similarity import CKAAccumulator, kv_tokens, token_features
@@ -137,7 +138,10 @@ class TrainingSession:
         names, prompts = self._teacher_names()
         self.teacher_names, self.teacher_prompts = names, prompts
         settings = AlignmentSettings(c.layer_map, c.align_threshold, c.align_fallback, c.trim_whitespace)
-        self.store, self.builder = None, None
+        self.store, self.builder, self.eval_store = None, None, None
+        if c.eval_teacher_store and not c.teacher_store:
+            raise ValueError("eval_teacher_store needs teacher_store: it replaces the training store's teacher KV in "
+                             "evaluations")
         if c.teacher_store:
             self.store = open_store_for_run(c.teacher_store, {
                 "teachers": names, "teacher_prompts": prompts, "student_prompt": resolve_prompt(c.student_prompt),
@@ -145,6 +149,7 @@ class TrainingSession:
                 "student_fingerprint": student_print, "teacher_fingerprints": [teacher_fingerprint(n) for n in names],
                 "allow_long_sequences": c.allow_long_sequences}, self._log)
             heads = self._store_heads()
+            self.eval_store = self._open_eval_store(c.eval_teacher_store, self.store)
         else:
             teachers, loaded = [], {}
             for name, prompt in zip(names, prompts):
@@ -175,6 +180,22 @@ class TrainingSession:
             if importlib.util.find_spec("flash_attn") is not None:
                 return "flash_attention_2"
         return "sdpa"
+
+    def _open_eval_store(self, root, train_store):
+        """The store evaluations read (None: the training store's): checked like the training store, and holding the
+        same examples, so that the KV loss of a run trained from a compressed store is measured against another
+        store's teacher KV (its bf16 original) on exactly the same tokens."""
+        if not root:
+            return None
+        settings = train_store.settings
+        same = {key: settings[key] for key in ("teachers", "teacher_prompts", "student_prompt", "student_layers",
+                                               "alignment", "student_fingerprint", "teacher_fingerprints",
+                                               "allow_long_sequences", "examples", "dataset_sha256")
+                if key in settings}
+        store = open_store_for_run(root, same, self._log)
+        self._log(f"evaluating against the teacher KV of {root} (codec {store.codec}); training reads "
+                  f"{self.config.teacher_store} (codec {train_store.codec})")
+        return store
 
     def _store_heads(self) -> list[tuple[int, int]]:
         first = self.store[0]
@@ -209,9 +230,8 @@ class TrainingSession:
         pre_k, student_v = student_kv.cap.keys, student_kv.values
         init = []
         for i in range(len(heads)):
-            wk = ridge_adapters([t.float() for t in batch["teacher_k"][i]], [k.float() for k in pre_k], batch["mask"])
-            wv = ridge_adapters([t.float() for t in batch["teacher_v"][i]], [v.float() for v in student_v],
-                                batch["mask"])
+            wk = ridge_adapters(list(decode(batch["teacher_k"][i])), [k.float() for k in pre_k], batch["mask"])
+            wv = ridge_adapters(list(decode(batch["teacher_v"][i])), [v.float() for v in student_v], batch["mask"])
             init.append((wk, wv))
         return init
 
@@ -252,7 +272,7 @@ class TrainingSession:
                                    n_layers=self.n_layers, n_groups=c.router_groups)
         # similarity: prototypes from a calibration pass over training examples, in each teacher's KV space
         batch = self.teacher_batch(self._calibration_examples())
-        feats = [first_tokens_feature(v, batch["mask"], c.router_k) for v in batch["teacher_v"]]
+        feats = [first_tokens_feature(decode(v), batch["mask"], c.router_k) for v in batch["teacher_v"]]
         return SimilarityRouter([compute_prototypes(f[None])[0] for f in feats], c.router_temperature)
 
     def _setup_engine(self) -> None:
@@ -326,9 +346,12 @@ class TrainingSession:
                            title=f"layer map M: student × teacher {i} ({teacher.name})")
 
     # ------------------------------------------------------------------------------------------------ batches
-    def teacher_batch(self, examples) -> dict:
-        if self.store is not None:
-            samples = [dict(self.store.get(str(ex.id))) for ex in examples]
+    def teacher_batch(self, examples, evaluation: bool = False) -> dict:
+        """The collated batch of `examples` on the device (teacher entries compressed as the store holds them);
+        `evaluation` reads the eval_teacher_store when there is one."""
+        store = self.eval_store if evaluation and self.eval_store is not None else self.store
+        if store is not None:
+            samples = [dict(store.get(str(ex.id))) for ex in examples]
         else:
             samples = [dict(t, id=sid) for sid, t in self.builder.build(examples, to_host=False)]
         return batch_to(check_finite_teachers(collate(samples, len(self.teacher_names), self._pad_id)), self.device)
@@ -504,6 +527,7 @@ class TrainingSession:
 
         examples = (self.val_examples or self.train_examples)[:4]
         batch = self.teacher_batch(examples)
+        batch["teacher_k"], batch["teacher_v"] = decode_teachers(batch["teacher_k"], batch["teacher_v"])
         self.engine.eval()
         cap, *_ = self.model.student_kv(batch)
         layer = self.n_layers // 2
@@ -576,13 +600,14 @@ class TrainingSession:
         self.engine.eval()
         for first in tqdm(range(0, len(examples), c.micro_batch), desc="evaluating", unit="batch", leave=False,
                           disable=self.rank != 0, dynamic_ncols=True):
-            batch = self.teacher_batch(examples[first:first + c.micro_batch])
+            batch = self.teacher_batch(examples[first:first + c.micro_batch], evaluation=True)
             _, logs = self.engine(batch, layer_weights=None, weights=LossWeights(), return_features=True)
             nll += float(self.model.rationale_nll(batch))
             sums = _accumulate(sums, logs, 1.0)
             count += 1
+            teachers = list(zip(*decode_teachers(batch["teacher_k"], batch["teacher_v"])))
             for l, student in enumerate(logs["student_features"]):
-                for i, (tk, tv) in enumerate(zip(batch["teacher_k"], batch["teacher_v"])):
+                for i, (tk, tv) in enumerate(teachers):
                     cka[i][l].update(student, token_features(tk[l], tv[l], batch["mask"]))
         out = {k: ([x / count for x in v] if isinstance(v, list) else v / count) for k, v in sums.items()}
         out["ce"] = nll / count
@@ -600,6 +625,7 @@ class TrainingSession:
         event = {"step": step, "split": "val", **val, "ppl": perplexity(val["ce"]),
                  "train_kv_loss": train["kv_loss"], "train_ce": train["ce"], "train_ppl": perplexity(train["ce"]),
                  "gap": (val["kv_loss"] - train["kv_loss"]) / max(abs(train["kv_loss"]), 1e-12)}
+        generate = generate and c.n_generate > 0       # n_generate 0: the KV metrics alone
         if generate:
             event.update(self._generation_metrics(self.val_examples[: c.n_generate]))
         self._event(event)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from kvfuse.align.layers import layer_map
 from kvfuse.align.time import apply_alignment, time_alignment
 from kvfuse.align.tokens import token_spans
+from kvfuse.codecs import is_encoded, stack_samples
 from kvfuse.data import Example, render
 from kvfuse.models.capture import capture_kv
 
@@ -62,12 +63,6 @@ def render_tokens(tokenizer, prompt: str, example: Example, trim_whitespace: boo
                      rationale)
 
 
-def sample_names(n_teachers: int) -> list[str]:
-    """The tensors `TeacherKVBuilder.build` makes per example."""
-    return ["input_ids", "positions", "mask", "labels_mask"] + [f"teacher{i}/{kind}" for i in range(n_teachers)
-                                                                for kind in ("k", "v")]
-
-
 @dataclass
 class PreparedBatch:
     examples: list[Example]
@@ -83,7 +78,10 @@ class TeacherKVBuilder:
     def __init__(self, teachers: Sequence[Teacher], student_tokenizer, student_prompt: str, n_student_layers: int,
                  settings: AlignmentSettings = AlignmentSettings(), max_length: int = 512,
                  storage_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                 student_max_positions: int | None = None, allow_long_sequences: bool = False):
+                 student_max_positions: int | None = None, allow_long_sequences: bool = False,
+                 encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
+        """encode: applied to each built sample on the builder's device (a store codec,
+        kvfuse.teacher.compress.encode_sample), so that only the compressed bytes travel to the host."""
         if not teachers:
             raise ValueError("TeacherKVBuilder needs at least one teacher")
         self.teachers = list(teachers)
@@ -96,6 +94,7 @@ class TeacherKVBuilder:
         self.device = torch.device(device)
         self.student_max_positions = student_max_positions
         self.allow_long_sequences = allow_long_sequences
+        self.encode = encode
         self.layer_maps = [layer_map(t.model.config.num_hidden_layers, n_student_layers, settings.layer_map
                                      ).to(self.device) for t in self.teachers]
 
@@ -194,7 +193,7 @@ class TeacherKVBuilder:
             tensors["positions"] = torch.arange(T_s, dtype=torch.long)
             tensors["mask"] = prepared.masks[b]
             tensors["labels_mask"] = student.rationale_mask
-            out.append((str(example.id), tensors))
+            out.append((str(example.id), tensors if self.encode is None else self.encode(tensors)))
         return out
 
     def build(self, examples: Sequence[Example], to_host: bool = True) -> list[tuple[str, dict[str, torch.Tensor]]]:
@@ -261,7 +260,8 @@ def build_pipelined(builder: TeacherKVBuilder, examples: Sequence[Example], batc
 def collate(samples: Sequence[dict[str, torch.Tensor]], n_teachers: int, pad_id: int = 0,
             pin_memory: bool = False) -> dict[str, Any]:
     """Pad per-sample tensors on the right into a batch; teacher KV becomes [L_s, B, H_t, T, D_t] (kernel layout),
-    in pinned host memory with `pin_memory` (for an asynchronous copy to a GPU)."""
+    in pinned host memory with `pin_memory` (for an asynchronous copy to a GPU). Compressed entries (a codec store's
+    QuantizedKV / LowRankKV) stay compressed: kvfuse.codecs.stack_samples pads them so that padding decodes to 0."""
     if not samples:
         raise ValueError("collate: empty batch")
     lengths = [len(s["input_ids"]) for s in samples]
@@ -291,6 +291,15 @@ def collate(samples: Sequence[dict[str, torch.Tensor]], n_teachers: int, pad_id:
         for i in range(n_teachers):
             first = samples[0][f"teacher{i}/{kind}"]
             L, H, _, D = first.shape
+            if is_encoded(first):
+                for b, s in enumerate(samples):
+                    x = s[f"teacher{i}/{kind}"]
+                    if tuple(x.shape) != (L, H, lengths[b], D):
+                        raise ValueError(f"sample {s.get('id', b)}: teacher{i}/{kind} has shape {tuple(x.shape)}, "
+                                         f"expected [{L}, {H}, {lengths[b]}, {D}]")
+                batch[f"teacher_{kind}"].append(stack_samples([s[f"teacher{i}/{kind}"] for s in samples], T,
+                                                              pin_memory))
+                continue
             # empty + zeroed padding: the batch is written once (it is the largest thing a step reads)
             stacked = torch.empty(L, B, H, T, D, dtype=first.dtype, device=first.device,
                                   pin_memory=pin_memory and first.device.type == "cpu")

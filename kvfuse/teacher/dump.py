@@ -12,7 +12,7 @@ import argparse
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable, Sequence
 
 import torch
@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from kvfuse.data import Example, load_examples, resolve_prompt
 from kvfuse.models import load, student_layer_count
-from kvfuse.teacher.builder import (AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined, max_positions,
-                                    sample_names)
+from kvfuse.codecs import parse_codec
+from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder, build_pipelined, max_positions
+from kvfuse.teacher.compress import encode_sample, fit_bases, stored_names
 from kvfuse.teacher.provenance import dataset_fingerprint, student_fingerprint, teacher_fingerprint
 from kvfuse.teacher.store import STORAGE_DTYPES, StoreWriter, iter_shard_indices, parse_shard
 
@@ -43,7 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="store directory")
     parser.add_argument("--shard", default="0/1", help="I/N: write shard I of N")
     parser.add_argument("--dtype", default="bf16", choices=sorted(STORAGE_DTYPES),
-                        help="storage dtype of the teacher KV (default bf16)")
+                        help="storage dtype of the teacher KV under codec bf16 (default bf16)")
+    parser.add_argument("--codec", default="bf16", type=_codec_arg,
+                        help="how the teacher KV is stored: bf16 (plain, in --dtype), fp8 (e4m3; keys scaled per "
+                             "channel, values per token), int4 (asymmetric, same groups, two per byte) or "
+                             "lowrank:<r or e<energy>>[+fp8|+int4] (per-layer SVD bases fitted on --calib samples, "
+                             "coefficients stored, optionally quantised); default bf16")
+    parser.add_argument("--calib", type=int, default=8,
+                        help="low-rank codecs: the first N training examples the bases are fitted on (default 8)")
     parser.add_argument("--layer_map", default="interpolate", choices=["interpolate", "round", "ratio_mean"],
                         help="how teacher layers map onto student layers (default interpolate)")
     parser.add_argument("--align_threshold", type=float, default=0.0,
@@ -63,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "damaged shard is rewritten")
 
 
+def _codec_arg(text: str):
+    try:
+        return parse_codec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def dump_settings(args: argparse.Namespace, teacher_prints: list[str], student_print: str,
                   train: Sequence[Example], val: Sequence[Example]) -> dict:
     """Everything that determines the stored tensors: a store is reusable exactly when these match (see
@@ -74,9 +89,10 @@ def dump_settings(args: argparse.Namespace, teacher_prints: list[str], student_p
         "dataset": args.dataset, "n_samples": args.n_samples, "n_val": args.n_val, "seed": args.seed,
         "examples": {"train": [str(ex.id) for ex in train], "val": [str(ex.id) for ex in val]},
         "dataset_sha256": dataset_fingerprint(train, val),
-        "dtype": args.dtype, "max_length": args.max_length, "allow_long_sequences": args.allow_long_sequences,
+        "dtype": args.dtype, "codec": str(args.codec), "max_length": args.max_length, "allow_long_sequences": args.allow_long_sequences,
         "alignment": asdict(AlignmentSettings(args.layer_map, args.align_threshold, args.align_fallback,
                                               args.trim_whitespace)),
+        **({"calib": args.calib} if args.codec.lowrank else {}),
     }
 
 
@@ -106,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     student_positions = max_positions(student_model.config)
     del student_model
     writer = StoreWriter(args.out, settings, n_shards)
+    codec = args.codec
+    bases = writer.existing_bases() if codec.lowrank else None
     reason = writer.unfinished_reason(index, verify=args.verify)
     if reason is None:
         print(f"shard {index}/{n_shards} already finished in {args.out}: nothing to do")
@@ -115,8 +133,21 @@ def run(args: argparse.Namespace) -> int:
     builder = TeacherKVBuilder(
         teachers, student_tokenizer, resolve_prompt(args.student_prompt), n_student_layers,
         AlignmentSettings(args.layer_map, args.align_threshold, args.align_fallback, args.trim_whitespace),
-        max_length=args.max_length, storage_dtype=STORAGE_DTYPES[args.dtype], device=device,
+        max_length=args.max_length, device=device,
+        storage_dtype=STORAGE_DTYPES[args.dtype] if codec.kind == "bf16" else torch.float32,
         student_max_positions=student_positions, allow_long_sequences=args.allow_long_sequences)
+    if codec.lowrank and bases is None:
+        if not 1 <= args.calib <= len(train):
+            raise ValueError(f"--calib {args.calib}: the bases are fitted on the first N training examples, "
+                             f"1 <= N <= {len(train)} (--n_samples)")
+        calibration = [t for _, t in builder.build(train[:args.calib])]
+        bases = writer.claim_bases(fit_bases(calibration, codec))
+        print(f"low-rank bases ({codec}) fitted on {args.calib} examples: ranks per layer "
+              + "; ".join(f"{name} {list(b.ranks)} (stored width {b.basis.shape[1]})" for name, b in bases.items()))
+    if codec.kind != "bf16":
+        # bases on the teachers' device once, not copied there for every sample
+        on_device = None if bases is None else {n: replace(b, basis=b.basis.to(device)) for n, b in bases.items()}
+        builder.encode = lambda tensors: encode_sample(tensors, codec, on_device)
     mine = [examples[i] for i in iter_shard_indices(len(examples), index, n_shards)]
     start = time.perf_counter()
     tokens = 0
@@ -137,7 +168,7 @@ def dump_shard(builder: TeacherKVBuilder, examples: Sequence[Example], batch_siz
                index: int, on_batch: Callable[[list], None] = lambda built: None) -> dict:
     """Teacher KV of `examples` streamed into shard `index`: the pipelined build on this thread, the file writes
     (and their sha256) on another, at most two batches waiting in host memory. Returns the shard's JSON record."""
-    names = sample_names(len(builder.teachers))
+    names = stored_names(len(builder.teachers), writer.codec)
     with writer.stream_shard(index, [(str(ex.id), names) for ex in examples]) as shard, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-write") as pool:
         pending: deque[Future] = deque()

@@ -16,33 +16,48 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from kvfuse.codecs import is_encoded
 from kvfuse.teacher.builder import collate
 from kvfuse.teacher.store import TeacherKVStore
+
+
+def _finite_parts(t) -> list[torch.Tensor]:
+    """The floating tensors whose finiteness makes the (decoded) teacher entry finite: a compressed entry's scales,
+    offsets, basis and fp8 codes (int4 codes are integers), or the tensor itself."""
+    if not is_encoded(t):
+        return [t]
+    parts = [p for p in t.tensors() if p.dtype != torch.uint8]
+    return [p.to(torch.float16) if p.dtype == torch.float8_e4m3fn else p for p in parts]
 
 
 def check_finite_teachers(batch: dict[str, Any]) -> dict[str, Any]:
     """Refuse a batch whose teacher KV holds NaN/Inf, naming the samples (a corrupt teacher poisons every step)."""
     for kind in ("teacher_k", "teacher_v"):
         for i, t in enumerate(batch[kind]):
-            if not torch.isfinite(t).all():
+            if not all(torch.isfinite(p).all() for p in _finite_parts(t)):
                 raise ValueError(f"{kind}[{i}] of samples {batch['ids']} has NaN/Inf values")
     return batch
 
 
 def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Every tensor of a collated batch (lists of tensors too) on `device`, asynchronously from pinned memory."""
-    def move(t: torch.Tensor) -> torch.Tensor:
+    """Every tensor of a collated batch (lists of tensors too, compressed teacher entries too) on `device`,
+    asynchronously from pinned memory."""
+    def movable(t) -> bool:
+        return torch.is_tensor(t) or is_encoded(t)
+
+    def move(t):
         return t.to(device, non_blocking=True)
-    return {k: ([move(t) for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
-                else move(v) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: ([move(t) for t in v] if isinstance(v, list) and v and movable(v[0])
+                else move(v) if movable(v) else v) for k, v in batch.items()}
 
 
 def _tensors(batch: dict[str, Any]) -> Iterator[torch.Tensor]:
     for value in batch.values():
-        if torch.is_tensor(value):
-            yield value
-        elif isinstance(value, list):
-            yield from (t for t in value if torch.is_tensor(t))
+        for t in value if isinstance(value, list) else [value]:
+            if torch.is_tensor(t):
+                yield t
+            elif is_encoded(t):
+                yield from t.tensors()
 
 
 def store_batches(store: TeacherKVStore, id_batches: Sequence[Sequence[str]], n_teachers: int, pad_id: int = 0,

@@ -7,7 +7,15 @@ Layout of a store directory::
     shard-00003-of-00008.json           the shard's sample ids, shapes, dtype; sha256 of the data file's header,
                                         and sha256 over the sha256 of each 8 MiB chunk of each tensor's bytes,
                                         in file order (hashed in parallel: one sha256 stream runs at ~1.2 GB/s,
-                                        below a 7B dump's rate of KV)
+                                        below a 7B dump's rate of KV); the codec and the low-rank bases' sha256
+    bases.safetensors                   low-rank codecs only: the per-(teacher, k|v) bases, written once by the
+                                        first shard's writer (kvfuse.teacher.compress), checked against every
+                                        shard's record on every open
+
+Teacher KV is stored under the manifest's codec (`settings["codec"]`, kvfuse.codecs; a store without one is bf16):
+its scales, offsets and coefficients are tensors of the shard like the data, so the same digests cover them, and
+the reader hands out QuantizedKV / LowRankKV entries (kvfuse.teacher.compress.assemble). Mixing codecs or bases
+across shards is refused, naming the shard and both values.
 
 A shard is streamed to disk as its samples arrive (`ShardStream`): a teacher's KV is ~120 MB per 2k-token sample
 for a 7B model, so a shard never waits in host memory. The safetensors header goes first in the file but is known
@@ -35,18 +43,29 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors, save as save_safetensors
+
+from kvfuse.codecs import Codec, parse_codec
+from kvfuse.teacher.compress import Basis, assemble
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2   # 1: one sha256 over the whole data file (still read); 2: header and chunk digests
 HASH_THREADS = min(8, os.cpu_count() or 1)
 HASH_CHUNK = 8 << 20
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+                      torch.float8_e4m3fn: "F8_E4M3"}
+BASES = "bases.safetensors"
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class StoreError(RuntimeError):
     """A store that cannot be used as it is: missing or damaged file, mixed settings."""
+
+
+def store_codec(settings: Mapping[str, Any]) -> Codec:
+    """The codec a store's settings record; stores from before codecs existed are bf16."""
+    return parse_codec(settings.get("codec", "bf16"))
 
 
 def settings_hash(settings: Mapping[str, Any]) -> str:
@@ -107,8 +126,39 @@ class StoreWriter:
         self.settings = dict(settings)
         self.n_shards = int(n_shards)
         self.hash = settings_hash(self.settings)
+        self.codec = store_codec(self.settings)
+        self.bases_sha256: str | None = None     # set by claim_bases for low-rank codecs
         self.root.mkdir(parents=True, exist_ok=True)
         self._claim_manifest()
+
+    def existing_bases(self) -> dict[str, Basis] | None:
+        """The store's low-rank bases when an earlier writer (or array task) saved them, else None."""
+        if not (self.root / BASES).exists():
+            return None
+        bases, self.bases_sha256 = read_bases(self.root)
+        return bases
+
+    def claim_bases(self, bases: Mapping[str, Basis]) -> dict[str, Basis]:
+        """Save `bases` as the store's, unless another writer got there first: then theirs are returned and must be
+        used, so that every shard of the store is encoded on one basis. The file appears complete or not at all
+        (written under a temporary name, then hard-linked, which fails if the name exists)."""
+        path = self.root / BASES
+        meta = {name: {"heads": b.heads, "head_dim": b.head_dim, "ranks": list(b.ranks)} for name, b in bases.items()}
+        payload = save_safetensors({name: b.basis.contiguous() for name, b in bases.items()},
+                                   metadata={"bases": json.dumps(meta), "settings_hash": self.hash})
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return self.existing_bases()
 
     def _claim_manifest(self) -> None:
         path = self.root / MANIFEST
@@ -136,6 +186,7 @@ class StoreWriter:
         if not meta_path.exists():
             return f"{meta_path.name} not found"
         meta = _read_json(meta_path)
+        check_shard_codec(meta_path, meta, self.codec, self.bases_sha256)
         if meta.get("settings_hash") != self.hash:
             raise StoreError(f"{meta_path} belongs to other settings (hash {meta.get('settings_hash')} "
                              f"!= {self.hash}); refusing to mix shards")
@@ -164,6 +215,8 @@ class StoreWriter:
             raise ValueError(f"shard index {index} outside 0..{self.n_shards - 1}")
         if not expected:
             raise ValueError(f"shard {index} of {self.n_shards} got no samples (fewer samples than shards?)")
+        if self.codec.lowrank and self.bases_sha256 is None:
+            raise ValueError(f"codec {self.codec}: claim the store's low-rank bases (claim_bases) before writing shards")
         self.clean_leftovers(index)
         # (Re)writing: a finished shard found damaged goes, its JSON first, so that a kill in between leaves it
         # unfinished rather than a JSON describing a missing file.
@@ -281,7 +334,8 @@ class ShardStream:
                              "a write was lost")
         os.chmod(self.tmp, 0o644)  # readable by the training job's user, whoever ran the dump
         os.replace(self.tmp, self.data_path)
-        self.meta = {"format": FORMAT_VERSION, "settings_hash": self.writer.hash, "shard": self.index,
+        self.meta = {"format": FORMAT_VERSION, "settings_hash": self.writer.hash, "codec": str(self.writer.codec),
+                     "bases_sha256": self.writer.bases_sha256, "shard": self.index,
                      "n_shards": self.writer.n_shards, "samples": self.records,
                      "bytes": self.data_path.stat().st_size,
                      "header_sha256": hashlib.sha256(struct.pack("<Q", len(header)) + header).hexdigest(),
@@ -334,6 +388,13 @@ class TeacherKVStore(torch.utils.data.Dataset):
         self.settings = manifest["settings"]
         self.hash = manifest["settings_hash"]
         self.n_shards = manifest["n_shards"]
+        self.codec = store_codec(self.settings)
+        self.bases: dict[str, Basis] | None = None
+        bases_sha256 = None
+        self.bases_bytes = 0
+        if self.codec.lowrank:
+            self.bases, bases_sha256 = read_bases(self.root)
+            self.bases_bytes = (self.root / BASES).stat().st_size
         self._entries: list[_Entry] = []
         self._data_paths: list[Path] = []
         self.bytes = 0
@@ -345,6 +406,7 @@ class TeacherKVStore(torch.utils.data.Dataset):
                 raise StoreError(f"shard {index} of {self.n_shards} is missing or unfinished: {meta_path} not found "
                                  f"(rerun `python -m kvfuse dump ... --shard {index}/{self.n_shards}`)")
             meta = _read_json(meta_path)
+            check_shard_codec(meta_path, meta, self.codec, bases_sha256)
             if meta.get("settings_hash") != self.hash:
                 raise StoreError(f"{meta_path} was made with other settings ({meta.get('settings_hash')} != "
                                  f"{self.hash}): mixed shards")
@@ -385,6 +447,7 @@ class TeacherKVStore(torch.utils.data.Dataset):
         entry = self._entries[i]
         handle = self._handle(entry.shard)
         item: dict[str, Any] = {name: handle.get_tensor(f"{entry.sample_id}/{name}") for name in entry.names}
+        item = assemble(item, self.codec, self.bases)
         item["id"] = entry.sample_id
         return item
 
@@ -397,6 +460,38 @@ class TeacherKVStore(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def check_shard_codec(meta_path: Path, meta: Mapping[str, Any], codec: Codec, bases_sha256: str | None) -> None:
+    """Refuse a shard encoded with another codec or on other low-rank bases than its store, naming both values
+    (checked before the settings hash, whose mismatch would not say what differs)."""
+    found = meta.get("codec", "bf16")
+    if found != str(codec):
+        raise StoreError(f"{meta_path} was dumped with codec {found!r}, its store ({MANIFEST}) with {str(codec)!r}: "
+                         "refusing to mix codecs across shards; re-dump the shard with the store's --codec")
+    if codec.lowrank and meta.get("bases_sha256") != bases_sha256:
+        raise StoreError(f"{meta_path} was encoded on low-rank bases with sha256 {meta.get('bases_sha256')}, but the "
+                         f"store's {BASES} has sha256 {bases_sha256}: a damaged {BASES} or bases mixed across shards; "
+                         "re-dump the store")
+
+
+def read_bases(root: Path) -> tuple[dict[str, Basis], str]:
+    """A low-rank store's bases and the sha256 of their file (which every shard's record must name)."""
+    path = Path(root) / BASES
+    if not path.exists():
+        raise StoreError(f"{path} not found: a low-rank store keeps its bases there (re-dump the store)")
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        tensors = load_safetensors(raw)
+        (header_len,) = struct.unpack("<Q", raw[:8])
+        meta = json.loads(json.loads(raw[8:8 + header_len])["__metadata__"]["bases"])
+        bases = {name: Basis(tensors[name], int(m["heads"]), int(m["head_dim"]), tuple(m["ranks"]))
+                 for name, m in meta.items()}
+    except Exception as err:  # any parse failure of a damaged file: name the file, not the parser's internals
+        raise StoreError(f"{path} cannot be read ({type(err).__name__}: {err}): damaged bases file "
+                         f"(sha256 {digest})") from None
+    return bases, digest
 
 
 def _digest(data) -> bytes:

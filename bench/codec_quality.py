@@ -1,0 +1,316 @@
+"""Store codecs on the packaged real models: what each codec loses, what it saves, and what the student learns.
+
+  reconstruct  teacher KV of GSM8K items aligned to the SmolLM2 student (fp32, as the dump builds it) under two
+               setups: "smollm2" (SmolLM2 under the Phase-1 default and CoT prompts, the Phase-1/2 teachers) and
+               "gemma3" (Gemma3-270M under the CoT prompt as teacher). Low-rank bases are fitted on the first
+               --calib items and measured on the next --eval items (held out). Per codec, teacher, K|V and layer:
+               relative MSE Σ(x̂ − x)² / Σx² and the mean cosine between x̂ and x per token (over H·D), valid tokens
+               only; bytes per token of a stored sample (every tensor: ids, masks, KV, scales) per codec and its
+               ratio to bf16. Writes bench/results/codec_reconstruction.csv, codec_bytes.csv, codec_quality.png.
+  distill      one teacher pass per phase (`python -m kvfuse dump --dtype fp32`; Phase 1: its 10 train / 4 val
+               items; Phase 2 here: 16 train / 4 val at an effective batch of 2, 8 steps), re-encoded into one
+               store per codec exactly as `dump --codec` encodes (the dump builds fp32 and encodes each sample; here
+               the fp32 store's samples are encoded: the same tensors without running the teachers again; the
+               settings are those the dump records), then trains Phase 1 and
+               Phase 2 from each under every seed (`train/main.py --teacher_store S --eval_teacher_store <bf16
+               store>`: the validation KV loss and KV CKA are measured against the bf16 teacher KV, not the
+               compressed one), and writes bench/results/codec_distill.csv (one row per run) and a table relative to
+               the bf16 run of the same seed. Runs land in runs/codecs/ (checkpoints are not kept).
+
+    python -m bench.codec_quality reconstruct
+    python -m bench.codec_quality distill --phases 1 2 --seeds 0 1 2 --codecs bf16 fp8 int4 lowrank:64+int4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import append_csv, commit
+from kvfuse.codecs import decode, parse_codec
+from kvfuse.data import load_examples, resolve_prompt
+from kvfuse.models import load
+from kvfuse.teacher.builder import AlignmentSettings, Teacher, TeacherKVBuilder
+from kvfuse.teacher.compress import assemble, encode_sample, fit_bases, stored_names
+from kvfuse.teacher.store import StoreWriter, TeacherKVStore
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+STUDENT = "smollm2-135m-instruct"
+SETUPS = {"smollm2": [("smollm2-135m-instruct", "default"), ("smollm2-135m-instruct", "cot")],
+          "gemma3": [("gemma3-270m", "cot")]}
+CODECS = ["fp8", "int4", "lowrank:e0.99", "lowrank:e0.99+fp8", "lowrank:e0.99+int4", "lowrank:32+int4",
+          "lowrank:48+int4", "lowrank:64+int4", "lowrank:80+int4", "lowrank:112+int4", "lowrank:144+int4"]
+# Phase 2 at a size two shared CPU cores finish in minutes: 16 train / 4 val items, effective batch 2, 1 epoch.
+PHASE_RUNS = {1: {"n_samples": 10, "n_val": 4, "train": []},
+              2: {"n_samples": 16, "n_val": 4, "train": ["--epochs", "1", "--effective_batch", "2"]}}
+
+
+def _stored_bytes(named: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in named.values())
+
+
+@torch.no_grad()
+def reconstruct(args) -> int:
+    _, student_tok = load(STUDENT)
+    student_layers = 30
+    examples, _ = load_examples("gsm8k", args.calib + args.eval, 0, seed=0)
+    rows, byte_rows = [], []
+    for setup, spec in SETUPS.items():
+        teachers = [Teacher(name, resolve_prompt(prompt), *load(name)) for name, prompt in spec]
+        builder = TeacherKVBuilder(teachers, student_tok, resolve_prompt("default"), student_layers,
+                                   AlignmentSettings(), max_length=1024, storage_dtype=torch.float32)
+        start = time.perf_counter()
+        built = [t for _, t in builder.build(examples)]
+        print(f"{setup}: built {len(built)} items in {time.perf_counter() - start:.0f} s")
+        calib, held_out = built[:args.calib], built[args.calib:]
+        tokens = sum(int(s["mask"].sum()) for s in held_out)
+        plain = [{n: (t.to(torch.bfloat16) if n.startswith("teacher") else t) for n, t in s.items()} for s in held_out]
+        bf16_bytes = sum(_stored_bytes(s) for s in plain)
+        bf16_kv = sum(_stored_bytes({n: t for n, t in s.items() if n.startswith("teacher")}) for s in plain)
+        byte_rows.append({"setup": setup, "codec": "bf16", "bytes_per_token": bf16_bytes / tokens,
+                          "ratio_vs_bf16": 1.0, "kv_bytes_per_token": bf16_kv / tokens, "kv_ratio_vs_bf16": 1.0,
+                          "bases_bytes": 0, "ranks": "", "k_rel_mse": 0.0, "v_rel_mse": 0.0, "k_cos": 1.0,
+                          "v_cos": 1.0, "commit": commit()})
+        for name in args.codecs:
+            codec = parse_codec(name)
+            width = {n: t.shape[1] * t.shape[3] for n, t in built[0].items() if n.startswith("teacher")}
+            if codec.lowrank and codec.rank is not None and codec.rank >= min(width.values()):
+                continue          # not low rank for this teacher
+            bases = fit_bases(calib, codec) if codec.lowrank else None
+            err = {}   # (entry, layer) -> [Σ(x̂−x)², Σx², Σcos, n]
+            stored = kv_stored = 0
+            for sample in held_out:
+                named = encode_sample(sample, codec, bases)
+                stored += _stored_bytes(named)
+                kv_stored += _stored_bytes({n: t for n, t in named.items() if n.startswith("teacher")})
+                got = assemble(named, codec, bases)
+                m = sample["mask"]
+                for entry in [n for n in sample if n.startswith("teacher")]:
+                    x = sample[entry][:, :, m]                               # [L, H, n, D]
+                    xh = decode(got[entry])[:, :, m]
+                    f, fh = x.transpose(1, 2).flatten(2), xh.transpose(1, 2).flatten(2)   # [L, n, H·D]
+                    cos = torch.nn.functional.cosine_similarity(fh, f, dim=-1, eps=1e-12)
+                    for l in range(x.shape[0]):
+                        acc = err.setdefault((entry, l), [0.0, 0.0, 0.0, 0])
+                        acc[0] += float((fh[l] - f[l]).double().square().sum())
+                        acc[1] += float(f[l].double().square().sum())
+                        acc[2] += float(cos[l].double().sum())
+                        acc[3] += cos.shape[1]
+            per_kind = {"k": [], "v": []}
+            for (entry, l), (se, ss, cs, n) in sorted(err.items()):
+                teacher, kind = entry.split("/")
+                rel, cos = se / max(ss, 1e-30), cs / max(n, 1)
+                per_kind[kind].append((rel, cos))
+                rows.append({"setup": setup, "codec": name, "teacher": teacher, "kind": kind, "layer": l,
+                             "rel_mse": rel, "cosine": cos, "commit": commit()})
+            bases_bytes = 0 if bases is None else sum(b.basis.numel() * 4 for b in bases.values())
+            ranks = "" if bases is None else json.dumps({n: list(b.ranks) for n, b in bases.items()})
+            byte_rows.append({
+                "setup": setup, "codec": name, "bytes_per_token": stored / tokens,
+                "ratio_vs_bf16": stored / bf16_bytes, "kv_bytes_per_token": kv_stored / tokens,
+                "kv_ratio_vs_bf16": kv_stored / bf16_kv, "bases_bytes": bases_bytes, "ranks": ranks,
+                "k_rel_mse": statistics.fmean(r for r, _ in per_kind["k"]),
+                "v_rel_mse": statistics.fmean(r for r, _ in per_kind["v"]),
+                "k_cos": statistics.fmean(c for _, c in per_kind["k"]),
+                "v_cos": statistics.fmean(c for _, c in per_kind["v"]), "commit": commit()})
+            b = byte_rows[-1]
+            print(f"  {setup:8s} {name:20s} {b['bytes_per_token']:9.0f} B/token ({b['ratio_vs_bf16']:.3f}× bf16; KV "
+                  f"{b['kv_ratio_vs_bf16']:.3f}×)  rel MSE K {b['k_rel_mse']:.2e} V {b['v_rel_mse']:.2e}  cos K "
+                  f"{b['k_cos']:.5f} V {b['v_cos']:.5f}")
+        del teachers, builder
+    for path in (RESULTS / "codec_reconstruction.csv", RESULTS / "codec_bytes.csv"):
+        path.unlink(missing_ok=True)
+    append_csv(RESULTS / "codec_reconstruction.csv", rows)
+    append_csv(RESULTS / "codec_bytes.csv", byte_rows)
+    plot(rows, byte_rows, RESULTS / "codec_quality.png")
+    return 0
+
+
+def plot(rows, byte_rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = list(SETUPS)
+    fig, axes = plt.subplots(len(setups), 3, figsize=(17, 4.6 * len(setups)), squeeze=False)
+    for r, setup in enumerate(setups):
+        for c, kind in enumerate(("k", "v")):
+            ax = axes[r][c]
+            for codec in dict.fromkeys(row["codec"] for row in rows if row["setup"] == setup):
+                mine = [row for row in rows if row["setup"] == setup and row["codec"] == codec and row["kind"] == kind
+                        and row["teacher"] == "teacher0"]
+                ax.semilogy([row["layer"] for row in mine], [max(row["rel_mse"], 1e-12) for row in mine],
+                            label=codec, marker="." if codec.startswith("lowrank") else "o", ms=3)
+            ax.set_title(f"{setup}: {'keys (pre-RoPE)' if kind == 'k' else 'values'}, teacher 0")
+            ax.set_xlabel("student layer")
+            ax.set_ylabel("relative MSE (held-out items)")
+            ax.grid(alpha=0.3)
+        ax = axes[r][2]
+        for b in byte_rows:
+            if b["setup"] == setup and b["codec"] != "bf16":
+                mse = (b["k_rel_mse"] + b["v_rel_mse"]) / 2
+                ax.loglog(b["ratio_vs_bf16"], mse, "o")
+                ax.annotate(b["codec"], (b["ratio_vs_bf16"], mse), fontsize=7)
+        ax.axvline(0.125, ls="--", c="grey")
+        ax.set_title(f"{setup}: mean relative MSE vs store size")
+        ax.set_xlabel("bytes per token / bf16's")
+        ax.set_ylabel("relative MSE, mean of K and V over layers")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def _slug(codec: str) -> str:
+    return codec.replace(":", "_").replace("+", "_").replace(".", "_")
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def reencode(source: Path, target: Path, codec_name: str, calib: int) -> None:
+    """The fp32 store `source` as `python -m kvfuse dump --codec codec_name` would have written it (one shard)."""
+    src = TeacherKVStore(source)
+    codec = parse_codec(codec_name)
+    settings = dict(src.settings, codec=str(codec), dtype="bf16")        # the dump's defaults besides --codec
+    if codec.lowrank:
+        settings["calib"] = calib
+    writer = StoreWriter(target, settings, 1)
+    n_teachers = len(settings["teachers"])
+
+    def plain(sample):
+        return {n: t for n, t in sample.items() if n != "id"}
+    bases = None
+    if codec.lowrank:
+        train_ids = settings["examples"]["train"][:calib]
+        bases = writer.claim_bases(fit_bases([plain(src.get(i)) for i in train_ids], codec))
+    samples = []
+    for i in range(len(src)):
+        sample = plain(src[i])
+        if codec.kind == "bf16":
+            named = {n: (t.to(torch.bfloat16) if n.startswith("teacher") else t) for n, t in sample.items()}
+        else:
+            named = encode_sample(sample, codec, bases)
+        assert sorted(named) == sorted(stored_names(n_teachers, codec))
+        samples.append((src.sample_ids[i], named))
+    writer.write_shard(0, samples)
+
+
+def distill(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for phase in args.phases:
+        size = PHASE_RUNS[phase]
+        fp32 = out / f"store-p{phase}-fp32"
+        if not (fp32 / "shard-00000-of-00001.json").exists():
+            print(f"dump phase {phase} (fp32) -> {fp32}", flush=True)
+            _run([sys.executable, "-m", "kvfuse", "dump", "--teachers", STUDENT, STUDENT, "--teacher_prompts",
+                  "default", "cot", "--student", STUDENT, "--n_samples", str(size["n_samples"]), "--n_val",
+                  str(size["n_val"]), "--seed", "0", "--dtype", "fp32", "--out", str(fp32)],
+                 out / f"dump-p{phase}-fp32.log")
+        stores = {}
+        for codec in args.codecs:
+            store = out / f"store-p{phase}-{_slug(codec)}"
+            stores[codec] = store
+            if not (store / "shard-00000-of-00001.json").exists():
+                print(f"encode phase {phase} {codec} -> {store}", flush=True)
+                reencode(fp32, store, codec, args.calib)
+        for seed in args.seeds:
+            for codec in args.train or args.codecs:
+                run = out / f"p{phase}-{_slug(codec)}-seed{seed}"
+                if not (run / "report.html").exists():
+                    print(f"train phase {phase} {codec} seed {seed} -> {run}", flush=True)
+                    start = time.perf_counter()
+                    _run([sys.executable, "train/main.py", "--phase", str(phase), "--seed", str(seed),
+                          "--teacher_store", str(stores[codec]), "--eval_teacher_store", str(stores["bf16"]),
+                          "--output_dir", str(run), "--save_every", "0", "--eval_every", "100", "--n_generate", "0",
+                          *size["train"]], out / f"p{phase}-{_slug(codec)}-seed{seed}.log")
+                    print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+    return summarise(args)
+
+
+def _store_bytes_per_token(store: Path) -> float:
+    """The shard file's bytes per valid token (a low-rank store's bases file is paid once, not per token)."""
+    meta = json.loads((store / "shard-00000-of-00001.json").read_text())
+    return meta["bytes"] / meta["valid_tokens"]
+
+
+def summarise(args) -> int:
+    out = Path(args.out)
+    rows = []
+    for phase in args.phases:
+        for seed in args.seeds:
+            for codec in args.codecs:
+                run = out / f"p{phase}-{_slug(codec)}-seed{seed}"
+                if not (run / "report.html").exists():
+                    print(f"(no finished run {run.name}: left out)")
+                    continue
+                val = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                       if e["split"] == "val"]
+                store = out / f"store-p{phase}-{_slug(codec)}"
+                rows.append({"phase": phase, "codec": codec, "seed": seed, "steps": val[-1]["step"],
+                             "val_kv_first": val[0]["kv_loss"], "val_kv_last": val[-1]["kv_loss"],
+                             "cka_last": val[-1]["cka_mean"],
+                             "store_bytes_per_token": _store_bytes_per_token(store), "commit": commit()})
+    path = RESULTS / "codec_distill.csv"
+    path.unlink(missing_ok=True)
+    append_csv(path, rows)
+    print(f"{'phase':>5s} {'codec':20s} {'val KV loss (3 seeds)':>24s} {'vs bf16, per seed':>28s} "
+          f"{'KV CKA':>16s} {'store B/token':>14s}")
+    for phase in args.phases:
+        base = {r["seed"]: r for r in rows if r["phase"] == phase and r["codec"] == "bf16"}
+        for codec in args.codecs:
+            mine = [r for r in rows if r["phase"] == phase and r["codec"] == codec and r["seed"] in base]
+            if not mine:
+                continue
+            last = [r["val_kv_last"] for r in mine]
+            rel = [100 * (r["val_kv_last"] / base[r["seed"]]["val_kv_last"] - 1) for r in mine]
+            cka = [r["cka_last"] for r in mine]
+            sd = statistics.stdev if len(last) > 1 else (lambda _: 0.0)
+            print(f"{phase:5d} {codec:20s} {statistics.fmean(last):.6f} ± {sd(last):.6f} "
+                  f"{statistics.fmean(rel):+7.2f} % ({', '.join(f'{x:+.2f}' for x in rel)}) "
+                  f"{statistics.fmean(cka):.5f} ± {sd(cka):.5f} {mine[0]['store_bytes_per_token']:14.0f}")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("reconstruct", help="per-layer reconstruction error and bytes per token of each codec")
+    rec.add_argument("--codecs", nargs="+", default=CODECS)
+    rec.add_argument("--calib", type=int, default=8, help="items the low-rank bases are fitted on (default 8)")
+    rec.add_argument("--eval", type=int, default=8, help="held-out items measured (default 8)")
+    for name in ("distill", "summarise"):
+        dis = sub.add_parser(name, help="Phase 1/2 trained from each codec's store vs the bf16 store"
+                             if name == "distill" else "the distill table again from finished runs")
+        dis.add_argument("--codecs", nargs="+", default=["bf16", "fp8", "int4", "lowrank:64+int4"],
+                         help="codecs to compare; bf16 (the reference) must be among them")
+        dis.add_argument("--phases", nargs="+", type=int, default=[1, 2], choices=sorted(PHASE_RUNS))
+        dis.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        dis.add_argument("--train", nargs="+", help="train only these of --codecs (another process trains the rest; "
+                         "their runs must exist before the table is made)")
+        dis.add_argument("--calib", type=int, default=8, help="items the low-rank bases are fitted on (default 8)")
+        dis.add_argument("--out", default=str(ROOT / "runs" / "codecs"))
+    args = parser.parse_args(argv)
+    if args.command != "reconstruct" and "bf16" not in args.codecs:
+        parser.error("--codecs must include bf16, the reference the others are compared with")
+    return {"reconstruct": reconstruct, "distill": distill, "summarise": summarise}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

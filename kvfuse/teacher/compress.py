@@ -1,0 +1,128 @@
+"""A store codec applied to the teacher KV of one sample, and undone on reading (DESIGN.md §5, kvfuse.codecs).
+
+Stored tensor names per sample, teacher i, kind k|v:
+
+    codec bf16                 teacher{i}/{k}                   bf16 (or the dump's --dtype) [L_s, H, T, D]
+    codec fp8 | int4           teacher{i}/{k}                   data (float8_e4m3fn [L_s, H, T, D] | uint8 [.., D/2])
+                               teacher{i}/{k}.scale             keys: float32 [L_s, H, D]; values: float16 [L_s, H, T]
+                               teacher{i}/{k}.offset            int4 only, like the scale
+    codec lowrank:r[+q]        teacher{i}/{k}                   coefficients [L_s, 1, T, R] (bf16, or q's data)
+                               teacher{i}/{k}.scale/.offset     q's per-token scale (and offset), float16 [L_s, 1, T]
+
+Low-rank bases (one per teacher and kind, fitted on the first `--calib` training samples) live once per store in
+`bases.safetensors` (kvfuse.teacher.store handles the file and its checksum); `Basis` is one of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from kvfuse.codecs import (AXIS_OF, Codec, LowRankKV, QuantizedKV, encode, encode_lowrank, fit_lowrank_basis, gram,
+                           parse_codec)
+
+SIDE = (".scale", ".offset")
+
+
+@dataclass(frozen=True)
+class Basis:
+    """One (teacher, k|v) low-rank basis: float32 [L_s, R, H·D] and the per-layer ranks r_l it was cut at."""
+
+    basis: torch.Tensor
+    heads: int
+    head_dim: int
+    ranks: tuple[int, ...]
+
+
+def teacher_entries(n_teachers: int) -> list[str]:
+    return [f"teacher{i}/{kind}" for i in range(n_teachers) for kind in ("k", "v")]
+
+
+def stored_names(n_teachers: int, codec: Codec | str) -> list[str]:
+    """The names of one sample's stored tensors under `codec` (what a shard declares before streaming)."""
+    codec = parse_codec(str(codec))
+    quant = codec.quant if codec.lowrank else (codec.kind if codec.kind != "bf16" else None)
+    names = ["input_ids", "positions", "mask", "labels_mask"]
+    for entry in teacher_entries(n_teachers):
+        names.append(entry)
+        if quant is not None:
+            names.append(entry + ".scale")
+        if quant == "int4":
+            names.append(entry + ".offset")
+    return names
+
+
+def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapping[str, Basis] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """One built sample ({input_ids, positions, mask, labels_mask, teacher{i}/{k|v}}) → its stored tensors under
+    `codec`; codec bf16 returns the sample as it is. Statistics over the sample's valid (mask) tokens only."""
+    if codec.kind == "bf16":
+        return dict(tensors)
+    out = {}
+    mask = tensors["mask"]
+    for name, t in tensors.items():
+        if not name.startswith("teacher"):
+            out[name] = t
+            continue
+        kind = name.rsplit("/", 1)[1]
+        if codec.lowrank:
+            if bases is None or name not in bases:
+                raise ValueError(f"codec {codec}: no low-rank basis for {name}")
+            encoded = encode_lowrank(t, bases[name].basis.to(t.device), codec.quant, mask)
+            coeffs = encoded.coeffs
+            if isinstance(coeffs, QuantizedKV):
+                out.update(_quantized_tensors(name, coeffs))
+            else:
+                out[name] = coeffs
+        else:
+            out.update(_quantized_tensors(name, encode(t, codec.kind, AXIS_OF[kind], mask)))
+    return out
+
+
+def _quantized_tensors(name: str, q: QuantizedKV) -> dict[str, torch.Tensor]:
+    named = {name: q.data, name + ".scale": q.scale}
+    if q.offset is not None:
+        named[name + ".offset"] = q.offset
+    return named
+
+
+def assemble(named: Mapping[str, torch.Tensor], codec: Codec, bases: Mapping[str, Basis] | None = None) -> dict:
+    """Stored tensors of one sample → the sample with each teacher entry a tensor (bf16), a QuantizedKV or a
+    LowRankKV (the inverse of `encode_sample`, nothing decoded)."""
+    if codec.kind == "bf16":
+        return dict(named)
+    out = {}
+    for name, t in named.items():
+        if name.endswith(SIDE):
+            continue
+        if not name.startswith("teacher"):
+            out[name] = t
+            continue
+        kind = name.rsplit("/", 1)[1]
+        quant = codec.quant if codec.lowrank else codec.kind
+        axis = "token" if codec.lowrank else AXIS_OF[kind]
+        value = t if quant is None else QuantizedKV(quant, axis, t, named[name + ".scale"], named.get(name + ".offset"))
+        if codec.lowrank:
+            basis = bases[name]
+            value = LowRankKV(value, basis.basis, basis.heads, basis.head_dim)
+        out[name] = value
+    return out
+
+
+def fit_bases(samples: Sequence[Mapping[str, torch.Tensor]], codec: Codec) -> dict[str, Basis]:
+    """Per (teacher, k|v): the SVD basis of the calibration samples' valid tokens ([L_s, H, T, D] each, fp32),
+    per layer, cut at the codec's rank or energy threshold."""
+    if not samples:
+        raise ValueError(f"codec {codec}: fitting low-rank bases needs at least one calibration sample (--calib)")
+    bases = {}
+    for name in [n for n in samples[0] if n.startswith("teacher")]:
+        total = None
+        for s in samples:
+            g = gram(s[name].float().cpu(), s["mask"].cpu())
+            total = g if total is None else total + g
+        L, H, _, D = samples[0][name].shape
+        rank = None if codec.rank is None else min(codec.rank, H * D)
+        basis, ranks = fit_lowrank_basis(total, rank=rank, energy=codec.energy)
+        bases[name] = Basis(basis, H, D, tuple(ranks))
+    return bases
