@@ -18,6 +18,11 @@ In the standard case (full rotary, D_s/2 a power of two ≥ 16: fused_kv_loss_op
 blocks (η, h) are simply the halves of head h, so the kernels read the adapters in their own column order (column
 h·D_s + η·D_s/2 + j) and write G in it: no permuted copy of W, and ∂W comes out in W's layout.
 
+Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes or packed int4 bytes with scales
+(and int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each [tokens × dims] tile in
+registers right after its load, so no decoded copy of the teacher exists in memory. The forward kernel finds every
+teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets `codec_offs`).
+
 α.  α_i is one scalar per program (one b, one l), so it is applied to the accumulator, not to the operands:
     acc ← acc · (α_prev / α_i) + X_i W_i  for each teacher with α_i ≠ 0, and finally acc ← acc · α_last,
 which leaves X and W straight from memory to the tensor cores (a teacher with α_i = 0 is skipped entirely).
