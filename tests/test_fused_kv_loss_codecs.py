@@ -1,6 +1,6 @@
 """The fused loss on compressed teachers (kvfuse.codecs): the Triton kernels decode fp8 / int4 in registers (TMA and
 pointer paths, per-channel and per-token scales) and run a low-rank teacher as its coefficients with the folded
-adapter; each must equal the torch loss on the explicitly decoded teachers to fp32 tolerance."""
+adapter; each must equal the torch loss on the explicitly decoded teachers to fp32 tolerance, also compiled."""
 import pytest
 import torch
 
@@ -79,3 +79,27 @@ def test_low_rank_teacher_runs_folded(quant, monkeypatch):
     enc = dict(args, teacher_k=[low_rank(h, d) for h, d in heads], teacher_v=[low_rank(h, d) for h, d in heads])
     dec = dict(args, teacher_k=[x.decode() for x in enc["teacher_k"]], teacher_v=[x.decode() for x in enc["teacher_v"]])
     assert_close(_loss(enc, "triton"), _loss(dec, "torch"), 1e-4, len(heads))
+
+
+def test_compressed_teachers_trace_with_no_graph_break(monkeypatch):
+    """A compiled trainer fed by a codec store: torch.compile(fullgraph=True) of the loss on int4 keys and fp8
+    values traces with no graph break and gives the eager loss and gradients."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    args = _case(3, [(2, 16), (1, 32)], 16)
+    mask = args["mask"]
+    enc = dict(args, teacher_k=[_encode(x, "int4", "channel", mask) for x in args["teacher_k"]],
+               teacher_v=[_encode(x, "fp8", "token", mask) for x in args["teacher_v"]])
+
+    def f(student_k, alpha):
+        return kv_distill_loss(**dict(enc, student_k=student_k, alpha=alpha), backend="triton")[0]
+
+    explained = torch._dynamo.explain(f)(args["student_k"], args["alpha"])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    leaves = [args["student_k"], args["alpha"], *args["w_k"], *args["w_v"]]
+    eager = f(args["student_k"], args["alpha"])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(args["student_k"], args["alpha"])
+    assert torch.equal(eager, compiled)
+    for a, b in zip(torch.autograd.grad(compiled, leaves), torch.autograd.grad(eager, leaves)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
