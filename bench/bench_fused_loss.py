@@ -155,7 +155,8 @@ def check_small_fp32(log) -> float:
 def bench_one(variant: str, tokens: int, bw: float, peak: float, teachers=TEACHERS):
     from triton.testing import do_bench
     x = make_inputs(tokens, teachers=teachers)
-    impl = {"eager": _torch_loss, "compile": COMPILED, "triton": _triton_loss, "triton_compile": TRITON_COMPILED}[variant]
+    impl = {"eager": _torch_loss, "compile": COMPILED, "triton": _triton_loss,
+            "triton_compile": TRITON_COMPILED}[variant]
     params = _params(x)
 
     def fwd():
@@ -304,8 +305,8 @@ def plot(csv_path: Path) -> Path:
 
 def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int4 (kvfuse.codecs: keys per channel, values per token)
-    and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per token, and the
-    loss's relative difference from bf16 — one CSV."""
+    and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per
+    token, and the loss's relative difference from bf16 — one CSV."""
     from triton.testing import do_bench
 
     from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4
@@ -339,8 +340,7 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
         full()
         loss = float(fwd())
         ref = loss if ref is None else ref
-        nbytes = sum(t.nbytes if hasattr(t, "nbytes") and not isinstance(t, torch.Tensor) else
-                     t.numel() * t.element_size() for t in tk + tv)
+        nbytes = sum(t.nbytes for t in tk + tv)  # a compressed entry counts its codes and scales
         rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
                          fwd_ms=round(do_bench(fwd, return_mode="median"), 4),
                          full_ms=round(do_bench(full, return_mode="median"), 4),

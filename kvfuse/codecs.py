@@ -413,7 +413,8 @@ def _pad_group(t: Tensor, T: int, fill) -> Tensor:
 
 def stack_samples(samples: Sequence[Encoded], T: int, pin_memory: bool = False) -> Encoded:
     """Per-sample encoded tensors ([L, H, T_b, D] logical) → one batch [L, B, H, T, D], right-padded to T with
-    tokens that decode to 0 (int4 keys: each channel's grid value nearest 0, see the module docstring). Low-rank samples must share one basis."""
+    tokens that decode to 0 (int4 keys: each channel's grid value nearest 0, see the module docstring). Low-rank
+    samples must share one basis."""
     first = samples[0]
     if isinstance(first, LowRankKV):
         for s in samples:

@@ -96,8 +96,8 @@ def _rows_reference64(q, k_s, k_f, mask, scale):
 
 
 def test_row_kl_and_arbitrary_upstream_gradient_vs_float64():
-    """The operator itself (through its autograd.Function): every row's KL (zero on padded queries) and the gradients of a random weighting of
-    the rows, against float64."""
+    """The operator itself (through its autograd.Function): every row's KL (zero on padded queries) and the
+    gradients of a random weighting of the rows, against float64."""
     leaves, mask = make_case(5, 2, 6, 3, 35, 16)
     scale = 1 / 4
     rows, _ = kernels.attention_kl_rows(*leaves, mask.to(torch.int8), scale)

@@ -410,22 +410,20 @@ def _fused_kv_dw_kernel(
             x_base = x + l * sx0 + bb * sx1 + hi * sx2 + d[:, None]
             g_base = g + (l * B + bb) * T * C2 + c[None, :]
         for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
                                       H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F))
+            elif USE_DESC:
+                xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
+            elif D_I % BLOCK_F == 0:
+                xt = tl.load(x_base + t[None, :] * sx3, mask=t_ok[None, :], other=0.0)
+            else:
+                xt = tl.load(x_base + t[None, :] * sx3, mask=d_ok[:, None] & t_ok[None, :], other=0.0)
             if USE_DESC:
-                if CODEC == CODEC_PLAIN:
-                    xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
                 gt = g.load([l32, bb, t0, pid_c * BLOCK_C]).reshape(BLOCK_T, BLOCK_C)
             else:
-                t = t0 + tl.arange(0, BLOCK_T)
-                t_ok = t < T
-                if CODEC != CODEC_PLAIN:
-                    pass
-                elif D_I % BLOCK_F == 0:
-                    xt = tl.load(x_base + t[None, :] * sx3, mask=t_ok[None, :], other=0.0)
-                else:
-                    xt = tl.load(x_base + t[None, :] * sx3, mask=d_ok[:, None] & t_ok[None, :], other=0.0)
                 if C2 % BLOCK_C == 0:
                     gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None], other=0.0)
                 else:
@@ -469,13 +467,12 @@ def _tma_ready(x: torch.Tensor) -> bool:
         and all(st * size % 16 == 0 for st in x.stride()[:-1]) and x.dim() <= 5
 
 
-def _packed_boxes_ok(codecs, width: str, interp_config: dict) -> bool:
+def _packed_boxes_ok(codecs, width: str, interp_config: dict, gpu_configs) -> bool:
     """TMA boxes must span ≥ 16 bytes in their last dim: an int4 teacher's box is width/2 bytes, so it may use a
     descriptor only if every config that can run has width ≥ 32 (all GPU configs do; the interpreter's may not)."""
     if not any(c >= CODEC_INT4_CHANNEL for c in codecs):
         return True
-    configs = [interp_config] if interpreting() else [c.kwargs for c in (_FWD_CONFIGS_GPU if width == "BLOCK_K"
-                                                                          else _DW_CONFIGS_GPU)]
+    configs = [interp_config] if interpreting() else [c.kwargs for c in gpu_configs]
     return min(c[width] for c in configs) >= 32
 
 
@@ -593,9 +590,10 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     """One fused pass for keys (is_key: RoPE on the fused projection) or values.
 
     student [L, B, H_s, T, D_s] (last stride 1); teachers[i] [L, B, H_i, T, D_i] (last stride 1); weights[i]
-    [L, H_i·D_i, 2·H_s·PH] contiguous, pair layout; alpha [B, N] | [B, L, N]; mask, positions [B, T]
-    contiguous (bool, integer or float); rot [L] int32 (rotary dim per layer: rotary_pairs or 0); inv_freq [L, ≥ rotary_pairs/2] fp32
-    (stride 0 on L allowed); scaling [L] fp32; coef_mse, coef_cos [L] fp32 (see the kernel comment).
+    [L, H_i·D_i, 2·H_s·PH] contiguous, pair layout (or natural, fused_kv_loss_op.natural_layout); alpha [B, N] |
+    [B, L, N]; mask, positions [B, T] contiguous (bool, integer or float); rot [L] int32 (rotary dim per layer:
+    rotary_pairs or 0); inv_freq [L, ≥ rotary_pairs/2] fp32 (stride 0 on L allowed); scaling [L] fp32; coef_mse,
+    coef_cos [L] fp32 (see the kernel comment).
     codecs[i] (default plain): CODEC_* of teacher i, whose data is then fp8 or packed int4 bytes with scales[i]
     (and offsets[i]) contiguous as kvfuse.codecs.QuantizedKV lays them out.
     Returns (sq_sum [L], cos_sum [L], G [L, B, T, 2·H_s·PH] or None, dS [L, B, H_s, T, D_s] or None)."""
@@ -616,7 +614,8 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     else:
         g = ds = sq  # never written: COMPUTE_GRAD=False removes the stores
     sab, sal, san = _alpha_strides(alpha)
-    use_desc = all(_tma_ready(x) for x in [*teachers, *weights]) and _packed_boxes_ok(codecs, "BLOCK_K", INTERP_FWD)
+    use_desc = (all(_tma_ready(x) for x in [*teachers, *weights])
+                and _packed_boxes_ok(codecs, "BLOCK_K", INTERP_FWD, _FWD_CONFIGS_GPU))
     natural = natural_layout(D_s, rotary_pairs)
     interp_cfg = dict(INTERP_FWD, HPP=1) if natural else INTERP_FWD
     epi_desc = (use_desc and natural and interp_cfg["HPP"] == 1
@@ -630,8 +629,10 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     ws = [desc(w, use_desc, 3) for w in weights] + [None] * (MAX_TEACHERS - len(weights))
     args = dict(
         **{f"x{i}": x for i, x in enumerate(xs)}, **{f"w{i}": w for i, w in enumerate(ws)},
-        x_strides=tuple(tuple(x.stride()[:4]) for x in teachers), w_strides=tuple(tuple(w.stride()[:2]) for w in weights),
-        codec_buf=codec_buf, codec_offs=codec_offs, HEADS=heads, DIMS=dims, CODECS=codecs, N=N, alpha_ptr=alpha, stride_ab=sab, stride_al=sal, stride_an=san,
+        x_strides=tuple(tuple(x.stride()[:4]) for x in teachers),
+        w_strides=tuple(tuple(w.stride()[:2]) for w in weights),
+        codec_buf=codec_buf, codec_offs=codec_offs, HEADS=heads, DIMS=dims, CODECS=codecs, N=N,
+        alpha_ptr=alpha, stride_ab=sab, stride_al=sal, stride_an=san,
         s=desc(student, epi_desc, 5), ss0=student.stride(0), ss1=student.stride(1), ss2=student.stride(2),
         ss3=student.stride(3), mask_ptr=mask, pos_ptr=positions, rot_ptr=rot, invf_ptr=inv_freq,
         stride_il=inv_freq.stride(0), scaling_ptr=scaling, coef_mse_ptr=coef_mse, coef_cos_ptr=coef_cos,
@@ -680,7 +681,8 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         n_f, n_c = H_i * triton.cdiv(D_i, _MIN_BLOCK_F), triton.cdiv(C2, _MIN_BLOCK_C)
         part = torch.empty(L, B, n_f, n_c, device=dev, dtype=torch.float32)
         dw = torch.empty_like(w)
-        use_desc = _tma_ready(x) and _tma_ready(G) and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW)
+        use_desc = (_tma_ready(x) and _tma_ready(G)
+                    and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
         # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.
         args = dict(x=TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
                     sc=G if scales[i] is None else scales[i], of=G if offsets[i] is None else offsets[i],
