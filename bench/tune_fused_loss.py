@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ones = torch.ones(L, device=dev)
     coef = torch.full((L,), 1e-6, device=dev)
     alpha = x["alpha"].detach()
+    sums = torch.zeros(2, L, B, *K.stat_slots(T, H_s), device=dev)
     rows = []
     dev_name = torch.cuda.get_device_name()
     flops_fwd = sum(2 * B * T * w.shape[0] * w.shape[1] * H_s * D_s for w in x["w_k"])
@@ -48,10 +49,11 @@ def main(argv=None) -> int:
         for cfg in list(K._FWD_CONFIGS_GPU):
             K._fwd_tuned.configs = [cfg]
             K._fwd_tuned.cache.clear()
+            K._TUNED.clear()
             try:
                 def fwd():
                     return K.fused_kv_loss_forward(sk, x["teacher_k"], wk, alpha, mask, pos, rot, invf, ones, D_s,
-                                                   coef, coef, is_key, True)
+                                                   coef, coef, is_key, True, sums)
                 fwd()
                 ms = do_bench(fwd, return_mode="median")
             except Exception as err:  # a config that does not compile here is reported, not fatal
@@ -62,15 +64,19 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     K._fwd_tuned.configs = list(K._FWD_CONFIGS_GPU)
     K._fwd_tuned.cache.clear()
-    _, _, G, _ = K.fused_kv_loss_forward(sk, x["teacher_k"], wk, alpha, mask, pos, rot, invf, ones, D_s, coef, coef,
-                                         True, True)
+    K._TUNED.clear()
+    G, _ = K.fused_kv_loss_forward(sk, x["teacher_k"], wk, alpha, mask, pos, rot, invf, ones, D_s, coef, coef,
+                                   True, True, sums)
+    part = torch.zeros(len(wk), L, B, *K.alpha_slots([(t.shape[2], t.shape[4]) for t in x["teacher_k"]],
+                                                     G.shape[3]), device=dev)
     g_out = torch.ones(1, device=dev)
     for cfg in list(K._DW_CONFIGS_GPU):
         K._dw_tuned.configs = [cfg]
         K._dw_tuned.cache.clear()
+        K._TUNED.clear()
         try:
             def dw():
-                return K.fused_kv_loss_backward(x["teacher_k"], wk, alpha, G, g_out, True, True)
+                return K.fused_kv_loss_backward(x["teacher_k"], wk, alpha, G, g_out, True, part)
             dw()
             ms = do_bench(dw, return_mode="median")
         except Exception as err:

@@ -395,3 +395,40 @@ def test_each_load_path_is_taken_and_exact(teacher_dim, student_dim, tma, epi, m
     assert {(c["USE_DESC"], c["EPI_DESC"]) for c in fwd.launches} == {(tma, epi)}
     assert {c["USE_DESC"] for c in dw.launches} == {tma}
     assert_close(got, run(args, leaves, "torch"), 1e-4, len(heads))
+
+
+def test_tuned_launch_zeroes_the_partial_sums_the_tuning_runs_left():
+    # The autotuner's benchmark runs of other configs store partial sums in slots the chosen config never writes;
+    # the callers reduce the whole slot buffer, so those slots must be zero again before the chosen config runs.
+    import triton
+    from kvfuse.kernels import fused_kv_loss as K
+
+    buf = torch.zeros(8)
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(buf, BLOCK, **launch_options):  # num_warps, num_stages, …
+                launched.append((grid, BLOCK))
+                buf[:grid[0]] = 1.0  # the chosen config's programs store into their own slots
+            return run
+
+    class Tuned:
+        fn = Kernel()
+        best_config = triton.Config({"BLOCK": 4})
+
+        def __getitem__(self, grid):
+            def tune(buf):
+                buf.fill_(7.0)  # a config with smaller tiles, benchmarked last, wrote every slot
+            return tune
+
+    grid = lambda cfg: (8 // cfg["BLOCK"],)  # noqa: E731
+    tuned, key = Tuned(), ("test", id(buf))
+    try:
+        assert K._launch_tuned(tuned, key, grid, dict(buf=buf), partials=(buf,)) == {"BLOCK": 4}
+        assert buf.tolist() == [1.0, 1.0] + [0.0] * 6 and launched == [((2,), 4)]
+        buf.zero_()
+        K._launch_tuned(tuned, key, grid, dict(buf=buf), partials=(buf,))  # tuned already: straight launch
+        assert buf.sum() == 2.0 and len(launched) == 2
+    finally:
+        K._TUNED.pop((id(tuned), key), None)

@@ -55,12 +55,13 @@ def test_opcheck_forward_and_backward_ops():
             *coefs, wk, wv, x["teacher_k"], x["teacher_v"], *codec_args, D_s, True)
     torch.library.opcheck(torch.ops.kvfuse.fused_kv_loss.default, args)
     out = torch.ops.kvfuse.fused_kv_loss(*args)
-    assert out[4].shape == (L, 2, 9, wk[0].shape[2]) and out[6].shape == x["student_k"].shape
-    bwd_args = (torch.tensor(0.7), x["alpha"].detach(), *out[4:], wk, wv, x["teacher_k"], x["teacher_v"],
+    assert out[0].shape == (2, 2, L)
+    assert out[1].shape == (L, 2, 9, wk[0].shape[2]) and out[3].shape == x["student_k"].shape
+    bwd_args = (torch.tensor(0.7), x["alpha"].detach(), *out[1:], wk, wv, x["teacher_k"], x["teacher_v"],
                 *codec_args, True, True, True)
     torch.library.opcheck(torch.ops.kvfuse.fused_kv_loss_backward.default, bwd_args)
     d_alpha, d_sk, d_sv, dwk, dwv = torch.ops.kvfuse.fused_kv_loss_backward(*bwd_args)
-    assert torch.allclose(d_sk, 0.7 * out[6]) and torch.allclose(d_sv, 0.7 * out[7])
+    assert torch.allclose(d_sk, 0.7 * out[3]) and torch.allclose(d_sv, 0.7 * out[4])
     assert d_alpha.shape == x["alpha"].shape and [d.shape for d in dwk] == [w.shape for w in wk]
 
 

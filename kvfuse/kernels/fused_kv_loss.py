@@ -43,7 +43,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES, MAX_TEACHERS, natural_layout, pair_width
-from kvfuse.kernels.utils import autotune_configs, dot_dtype, interpreting
+from kvfuse.kernels.utils import autotune_configs, cdiv, dot_dtype, interpreting
 
 # Teacher storage, one code per teacher (fused_kv_loss_op.CODEC_CODES, kvfuse.codecs): plain tensor, fp8 or int4
 # with per-channel or per-token scales (and offsets for int4).
@@ -533,15 +533,20 @@ _dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "CODEC", "DOT_DTY
 _TUNED: dict = {}
 
 
-def _launch_tuned(tuned, key: tuple, grid, args: dict) -> dict:
+def _launch_tuned(tuned, key: tuple, grid, args: dict, partials: tuple[torch.Tensor, ...] = ()) -> dict:
     """Launch through the autotuner the first time a key is seen, then straight with the config it chose (the
     autotuner's per-call dispatch — its key, argument dicts, pre-hook — costs host time that small batches cannot
-    hide, bench/NOTES.md). `key` must determine the autotuner's own key. Returns the config's meta-parameters."""
+    hide, bench/NOTES.md). `key` must determine the autotuner's own key. `partials`: zero-filled slot buffers the
+    caller reduces whole; the tuning runs of other configs leave values in slots the chosen one does not write, so
+    after tuning they are zeroed again and the chosen config runs once more. Returns the config's meta-parameters."""
     cfg = _TUNED.get((id(tuned), key))
-    if cfg is None:
+    fresh = cfg is None
+    if fresh:
         tuned[grid](**args)
         cfg = _TUNED[(id(tuned), key)] = tuned.best_config
-    else:
+    if not fresh or partials:
+        for t in partials:
+            t.zero_()
         meta = cfg.all_kwargs()
         if cfg.pre_hook is not None:
             cfg.pre_hook({**args, **meta})
@@ -584,9 +589,15 @@ def _operand_dtypes(teachers, weights, codecs) -> list[torch.dtype]:
         [w.dtype for w in weights]
 
 
+def stat_slots(T: int, H_s: int) -> tuple[int, int]:
+    """(token slots, head slots) of the forward's per-program partial sums: one slot per program of the smallest
+    tile, so any config's programs find theirs."""
+    return cdiv(T, _MIN_BLOCK_T), H_s
+
+
 def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, rot, inv_freq, scaling, rotary_pairs,
-                          coef_mse, coef_cos, is_key: bool, compute_grad: bool, codecs=None, scales=None,
-                          offsets=None):
+                          coef_mse, coef_cos, is_key: bool, compute_grad: bool, sums: torch.Tensor, codecs=None,
+                          scales=None, offsets=None):
     """One fused pass for keys (is_key: RoPE on the fused projection) or values.
 
     student [L, B, H_s, T, D_s] (last stride 1); teachers[i] [L, B, H_i, T, D_i] (last stride 1); weights[i]
@@ -596,18 +607,20 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     coef_cos [L] fp32 (see the kernel comment).
     codecs[i] (default plain): CODEC_* of teacher i, whose data is then fp8 or packed int4 bytes with scales[i]
     (and offsets[i]) contiguous as kvfuse.codecs.QuantizedKV lays them out.
-    Returns (sq_sum [L], cos_sum [L], G [L, B, T, 2·H_s·PH] or None, dS [L, B, H_s, T, D_s] or None)."""
+    sums [2, L, B, *stat_slots(T, H_s)] fp32, zero-filled: the programs add nothing, each stores its partial squared
+    error (sums[0]) and cosine sum (sums[1]) in its own slot, the rest stays zero, so the caller reduces it in one op
+    (for keys and values together when their buffers are one).
+    Returns (G [L, B, T, 2·H_s·PH] or None, dS [L, B, H_s, T, D_s] or None)."""
     L, B, H_s, T, D_s = student.shape
     PH = pair_width(D_s)
     N = len(teachers)
     codecs = tuple(codecs or (0,) * N)
     heads, dims = _codec_dims(teachers, codecs)
     dot_tl, g_dtype, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
-    n_t_slots = triton.cdiv(T, _MIN_BLOCK_T)
+    n_t_slots, n_h_slots = stat_slots(T, H_s)
     dev = student.device
-    sq = torch.empty(L, B, n_t_slots, H_s, device=dev, dtype=torch.float32)
-    cs = torch.empty_like(sq)
-    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sq)
+    sq, cs = sums[0], sums[1]
+    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sums)
     if compute_grad:
         g = torch.empty(L, B, T, 2 * H_s * PH, device=dev, dtype=g_dtype)
         ds = torch.empty(L, B, H_s, T, D_s, device=dev, dtype=student.dtype)
@@ -637,49 +650,58 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
         ss3=student.stride(3), mask_ptr=mask, pos_ptr=positions, rot_ptr=rot, invf_ptr=inv_freq,
         stride_il=inv_freq.stride(0), scaling_ptr=scaling, coef_mse_ptr=coef_mse, coef_cos_ptr=coef_cos,
         sq_ptr=sq, cos_ptr=cs, g=desc(g, epi_desc and compute_grad, 4), ds=desc(ds, epi_desc and compute_grad, 5),
-        B=B, T=T, n_t_slots=n_t_slots, n_h_slots=H_s,
+        B=B, T=T, n_t_slots=n_t_slots, n_h_slots=n_h_slots,
         H_S=H_s, D_S=D_s, PH=PH, ROT=int(rotary_pairs), IS_KEY=is_key, COMPUTE_GRAD=compute_grad,
         DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc, EPI_DESC=epi_desc, NATURAL=natural,
         W2_OFF=PH if natural else H_s * PH)
     if interpreting():
         cfg = interp_cfg
         _fit_descriptors(args, cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["HPP"] * PH)
-        grid = (triton.cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"], L * B)
+        grid = (cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"], L * B)
         _fused_kv_fwd_kernel[grid](**args, **cfg)
     else:
-        grid = lambda cfg: (triton.cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"], L * B)  # noqa: E731
+        grid = lambda cfg: (cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"], L * B)  # noqa: E731
         key = (H_s, D_s, rotary_pairs, heads, dims, codecs, is_key, compute_grad, dot_tl, use_desc, epi_desc,
                natural, student.dtype)
-        cfg = _launch_tuned(_fwd_tuned, key, grid, args)
-    n_t, n_h = triton.cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"]
-    sq_l = sq[:, :, :n_t, :n_h].sum((1, 2, 3))
-    cs_l = cs[:, :, :n_t, :n_h].sum((1, 2, 3))
-    return sq_l, cs_l, (g if compute_grad else None), (ds if compute_grad else None)
+        _launch_tuned(_fwd_tuned, key, grid, args, partials=(sums,))
+    return (g if compute_grad else None), (ds if compute_grad else None)
 
 
-def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, need_alpha: bool, codecs=None,
-                           scales=None, offsets=None):
-    """Adapter (in the adapters' layout) and router gradients from G = ∂L/∂P (see the module docstring); teachers
-    as for fused_kv_loss_forward.
+def alpha_slots(heads_dims, C2: int) -> tuple[int, int]:
+    """(f slots, c slots) of the weight-gradient kernel's ∂α partial sums for teachers of (heads, logical head dim)
+    `heads_dims`: one slot per program of the smallest tile, so any config's programs find theirs."""
+    return max(h * cdiv(d, _MIN_BLOCK_F) for h, d in heads_dims), cdiv(C2, _MIN_BLOCK_C)
 
-    Returns (dW list (None where not needed), dalpha [B, L, N] fp32 or None)."""
+
+def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, dalpha_part: torch.Tensor | None,
+                           codecs=None, scales=None, offsets=None):
+    """Adapter gradients (in the adapters' layout) from G = ∂L/∂P (see the module docstring), and the router
+    gradient's partial sums; teachers as for fused_kv_loss_forward.
+
+    dalpha_part [N, L, B, *alpha_slots(...)] fp32, zero-filled, or None when α needs no gradient: each program
+    stores g·<W_i, M_i(b)> over its tile in its own slot, so ∂α_i(b) is the sum over teacher i's slots (the caller
+    reduces keys and values together when their buffers are one).
+    Returns the dW list (None where not needed)."""
     L, B, T, C2 = G.shape
     N = len(teachers)
-    dev = G.device
     codecs = tuple(codecs or (0,) * N)
     heads, dims = _codec_dims(teachers, codecs)
     scales, offsets = scales or [None] * N, offsets or [None] * N
     dot_tl, _, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
     sab, sal, _ = _alpha_strides(alpha)
-    dalpha = torch.empty(B, L, N, device=dev, dtype=torch.float32) if need_alpha else None
+    need_alpha = dalpha_part is not None
+    if need_alpha:
+        n_f, n_c = dalpha_part.shape[3], dalpha_part.shape[4]
+    else:  # the kernel stores its partial sums anyway: a small scratch buffer takes them
+        n_f, n_c = alpha_slots(zip(heads, dims), C2)
+        scratch = torch.empty(L, B, n_f, n_c, device=G.device, dtype=torch.float32)
     dws = []
     for i, (x, w) in enumerate(zip(teachers, weights)):
         if not (need_w or need_alpha):
             dws.append(None)
             continue
         H_i, D_i = heads[i], dims[i]
-        n_f, n_c = H_i * triton.cdiv(D_i, _MIN_BLOCK_F), triton.cdiv(C2, _MIN_BLOCK_C)
-        part = torch.empty(L, B, n_f, n_c, device=dev, dtype=torch.float32)
+        part = dalpha_part[i] if need_alpha else scratch
         dw = torch.empty_like(w)
         use_desc = (_tma_ready(x) and _tma_ready(G)
                     and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
@@ -695,17 +717,15 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         if interpreting():
             cfg = INTERP_DW
             _fit_dw_descriptors(args, cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"])
-            grid = (triton.cdiv(C2, cfg["BLOCK_C"]), H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
+            grid = (cdiv(C2, cfg["BLOCK_C"]), H_i * cdiv(D_i, cfg["BLOCK_F"]), L)
             _fused_kv_dw_kernel[grid](**args, **cfg)
         else:
-            grid = lambda cfg: (triton.cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
-                                H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
-            cfg = _launch_tuned(_dw_tuned, (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype), grid, args)
-        if need_alpha:
-            written = part[:, :, :H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), :triton.cdiv(C2, cfg["BLOCK_C"])]
-            dalpha[:, :, i] = written.sum((2, 3)).t()
+            grid = lambda cfg: (cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
+                                H_i * cdiv(D_i, cfg["BLOCK_F"]), L)
+            _launch_tuned(_dw_tuned, (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype), grid, args,
+                          partials=(part,) if need_alpha else ())
         dws.append(dw if need_w else None)
-    return dws, dalpha
+    return dws
 
 
 @triton.jit
@@ -730,6 +750,6 @@ def scale_pair(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> tuple[torch
     """(a·g, b·g) in a's and b's dtypes, products in fp32; a, b contiguous, g a one-element fp32 tensor."""
     out_a, out_b = torch.empty_like(a), torch.empty_like(b)
     block = 1024 if interpreting() else 4096
-    grid = (triton.cdiv(a.numel(), block) + triton.cdiv(b.numel(), block),)
+    grid = (cdiv(a.numel(), block) + cdiv(b.numel(), block),)
     _scale_pair_kernel[grid](a, out_a, a.numel(), b, out_b, b.numel(), g, BLOCK=block, num_warps=8)
     return out_a, out_b

@@ -68,31 +68,32 @@ def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, mask: Ten
                   w_k: list[Tensor], w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor],
                   k_codecs: list[int], k_scale: list[Tensor | None], k_offset: list[Tensor | None],
                   v_codecs: list[int], v_scale: list[Tensor | None], v_offset: list[Tensor | None], rotary_dim: int,
-                  compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(Σ squared error [L], Σ cosine [L]) for keys and values, then the saved gradient buffers G_k, G_v (∂L/∂P in
-    the pair layout) and ∂L/∂S_k, ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is false).
-    A teacher with codec c ≠ 0 (kernels.fused_kv_loss.CODEC_*) holds fp8 or packed int4 data, decoded in the
-    kernels' registers with its scale (and offset: None for fp8; both None for a plain teacher, and the lists may be
-    empty when every teacher is plain)."""
+                  compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The per-layer sums [2 (keys, values), 2 (Σ squared error, Σ cosine), L], then the saved gradient buffers G_k,
+    G_v (∂L/∂P in the pair layout) and ∂L/∂S_k, ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is
+    false). A teacher with codec c ≠ 0 (kernels.fused_kv_loss.CODEC_*) holds fp8 or packed int4 data, decoded in
+    the kernels' registers with its scale (and offset: None for fp8; both None for a plain teacher, and the lists
+    may be empty when every teacher is plain)."""
     kern = _kernels()
-    sq_k, cs_k, g_k, ds_k = kern.fused_kv_loss_forward(student_k, teacher_k, w_k, alpha, mask, positions, rot,
-                                                       inv_freq, scaling, rotary_dim, coef_k, coef_cos, True,
-                                                       compute_grad, k_codecs, _present(k_scale, len(w_k)),
-                                                       _present(k_offset, len(w_k)))
-    sq_v, cs_v, g_v, ds_v = kern.fused_kv_loss_forward(student_v, teacher_v, w_v, alpha, mask, positions, rot,
-                                                       inv_freq, scaling, rotary_dim, coef_v, coef_cos, False,
-                                                       compute_grad, v_codecs, _present(v_scale, len(w_v)),
-                                                       _present(v_offset, len(w_v)))
+    L, B, H_s, T, _ = student_k.shape
+    # One zero-filled slot buffer for both kinds, reduced by one op (host time counts at small batches).
+    sums = torch.zeros(2, 2, L, B, *kern.stat_slots(T, H_s), device=student_k.device, dtype=torch.float32)
+    g_k, ds_k = kern.fused_kv_loss_forward(student_k, teacher_k, w_k, alpha, mask, positions, rot, inv_freq,
+                                           scaling, rotary_dim, coef_k, coef_cos, True, compute_grad, sums[0],
+                                           k_codecs, _present(k_scale, len(w_k)), _present(k_offset, len(w_k)))
+    g_v, ds_v = kern.fused_kv_loss_forward(student_v, teacher_v, w_v, alpha, mask, positions, rot, inv_freq,
+                                           scaling, rotary_dim, coef_v, coef_cos, False, compute_grad, sums[1],
+                                           v_codecs, _present(v_scale, len(w_v)), _present(v_offset, len(w_v)))
     if not compute_grad:
         g_k, g_v, ds_k, ds_v = (student_k.new_empty(0) for _ in range(4))
-    return sq_k, cs_k, sq_v, cs_v, g_k, g_v, ds_k, ds_v
+    return sums.sum((3, 4, 5)), g_k, g_v, ds_k, ds_v
 
 
 def _fused_kv_loss_fake(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
                         coef_cos, w_k, w_v, teacher_k, teacher_v, k_codecs, k_scale, k_offset, v_codecs, v_scale,
                         v_offset, rotary_dim, compute_grad):
     L, B, H_s, T, D_s = student_k.shape
-    stat = [student_k.new_empty((L,), dtype=torch.float32) for _ in range(4)]
+    stats = student_k.new_empty((2, 2, L), dtype=torch.float32)
     if compute_grad:
         c2 = w_k[0].shape[2]
         bufs = [student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_k, w_k, k_codecs)),
@@ -101,7 +102,7 @@ def _fused_kv_loss_fake(student_k, student_v, alpha, mask, positions, rot, inv_f
                 torch.empty_like(student_v, memory_format=torch.contiguous_format)]
     else:
         bufs = [student_k.new_empty(0) for _ in range(4)]
-    return (*stat, *bufs)
+    return (stats, *bufs)
 
 
 def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: Tensor, ds_k: Tensor, ds_v: Tensor,
@@ -114,16 +115,24 @@ def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: T
     for comes back empty."""
     kern = _kernels()
     g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
-    dwk, da_k = kern.fused_kv_loss_backward(teacher_k, w_k, alpha, g_k, g, need_w, need_alpha, k_codecs,
-                                            _present(k_scale, len(w_k)), _present(k_offset, len(w_k)))
-    dwv, da_v = kern.fused_kv_loss_backward(teacher_v, w_v, alpha, g_v, g, need_w, need_alpha, v_codecs,
-                                            _present(v_scale, len(w_v)), _present(v_offset, len(w_v)))
+    part = None
+    if need_alpha:
+        # ∂α's partial sums of both kinds and every teacher in one zero-filled buffer, reduced by one op.
+        L, B, _, c2 = g_k.shape
+        shapes = [(x.shape[2], x.shape[4] * (2 if c >= CODEC_CODES["int4", "channel"] else 1))
+                  for x, c in [*zip(teacher_k, k_codecs), *zip(teacher_v, v_codecs)]]
+        part = torch.zeros(2, len(w_k), L, B, *kern.alpha_slots(shapes, c2), device=g_k.device,
+                           dtype=torch.float32)
+    dwk = kern.fused_kv_loss_backward(teacher_k, w_k, alpha, g_k, g, need_w, None if part is None else part[0],
+                                      k_codecs, _present(k_scale, len(w_k)), _present(k_offset, len(w_k)))
+    dwv = kern.fused_kv_loss_backward(teacher_v, w_v, alpha, g_v, g, need_w, None if part is None else part[1],
+                                      v_codecs, _present(v_scale, len(w_v)), _present(v_offset, len(w_v)))
     d_alpha = alpha.new_empty(0)
     if need_alpha:
-        d_alpha = da_k + da_v
-        if alpha.dim() == 2:
-            d_alpha = d_alpha.sum(1)
-        d_alpha = d_alpha.to(alpha.dtype)
+        if alpha.dim() == 2:  # [B, N]: one α for every layer
+            d_alpha = part.sum((0, 2, 4, 5)).t().contiguous().to(alpha.dtype)
+        else:
+            d_alpha = part.sum((0, 4, 5)).permute(2, 1, 0).contiguous().to(alpha.dtype)
     d_sk, d_sv = kern.scale_pair(ds_k, ds_v, g) if need_student else (ds_k.new_empty(0), ds_v.new_empty(0))
     return (d_alpha, d_sk, d_sv, [d if need_w else w.new_empty(0) for d, w in zip(dwk, w_k)],
             [d if need_w else w.new_empty(0) for d, w in zip(dwv, w_v)])
@@ -141,14 +150,13 @@ fused_kv_loss_op = define_op(fused_kv_loss, _fused_kv_loss_fake)
 fused_kv_loss_backward_op = define_op(fused_kv_loss_backward, _fused_kv_loss_backward_fake)
 
 
-def _statistics(sums, layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k: float, lambda_v: float,
-                beta: float):
-    """(loss, k_mse, v_mse, cos, terms) from the kernels' per-layer sums (formula in kvfuse.loss)."""
-    sq_k, cs_k, sq_v, cs_v = sums
-    inv_n = 1.0 / n
-    k_mse = sq_k * inv_n / (H_s * D_s)
-    v_mse = sq_v * inv_n / (H_s * D_s)
-    cos = (cs_k + cs_v) * inv_n / (2.0 * H_s)
+def _statistics(sums: Tensor, layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k: float,
+                lambda_v: float, beta: float):
+    """(loss, k_mse, v_mse, cos, terms) from the kernels' per-layer sums [2, 2, L] (formula in kvfuse.loss)."""
+    mean = sums / n
+    k_mse, v_mse = mean[:, 0].unbind(0)
+    k_mse, v_mse = k_mse / (H_s * D_s), v_mse / (H_s * D_s)
+    cos = mean[:, 1].sum(0) / (2.0 * H_s)
     terms = lambda_k * k_mse + lambda_v * v_mse + beta * (1.0 - cos)
     return (layer_weights * terms).sum() / layer_weights.sum(), k_mse, v_mse, cos, terms
 
@@ -197,10 +205,10 @@ class FusedKVLoss(torch.autograd.Function):
         out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
                                coef_cos, w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale, keys.offset,
                                list(values.codecs), values.scale, values.offset, rotary_dim, True)
-        loss, k_mse, v_mse, cos, terms = _statistics(out[:4], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
+        loss, k_mse, v_mse, cos, terms = _statistics(out[0], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
         ctx.mark_non_differentiable(k_mse, v_mse, cos)
         ctx.layout = layout
-        ctx.save_for_backward(alpha, layer_weights, terms, loss, *out[4:], *tensors)
+        ctx.save_for_backward(alpha, layer_weights, terms, loss, *out[1:], *tensors)
         return loss, k_mse, v_mse, cos
 
     @staticmethod
@@ -257,4 +265,4 @@ def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, pos
     out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, *coefs, w_k, w_v,
                            keys.data, values.data, list(keys.codecs), keys.scale, keys.offset, list(values.codecs),
                            values.scale, values.offset, rotary_dim, False)
-    return _statistics(out[:4], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)[:4]
+    return _statistics(out[0], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)[:4]

@@ -29,6 +29,12 @@ def dot_dtype(dtypes: Iterable[torch.dtype]):
     return tl.float32, torch.float32, not interpreting()
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host code: triton.cdiv is a constexpr_function since triton 3.5, and its argument unwrapping costs
+    microseconds per call — tens of calls per step of the fused loss, host time small batches cannot hide."""
+    return -(-a // b)
+
+
 def autotune_configs(options, pre_hook=None) -> list[triton.Config]:
     """[(meta dict, num_warps, num_stages)] -> triton.Configs sharing one pre-hook."""
     return [triton.Config(dict(meta), num_warps=w, num_stages=s, pre_hook=pre_hook) for meta, w, s in options]
