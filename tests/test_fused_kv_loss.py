@@ -162,8 +162,10 @@ def test_other_tile_sizes_agree(monkeypatch):
     heads = [(3, 8), (1, 24), (2, 16)]
     args, leaves = make_case(21, heads, alpha_per_layer=True, strided=True)
     ref = run(args, leaves, "torch")
-    for fwd, dw in (({"BLOCK_T": 64, "BLOCK_K": 32, "HPP": 1}, {"BLOCK_F": 32, "BLOCK_C": 64, "BLOCK_T": 32}),
-                    ({"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 2}, {"BLOCK_F": 16, "BLOCK_C": 32, "BLOCK_T": 16})):
+    for fwd, dw in (({"BLOCK_T": 64, "BLOCK_K": 32, "HPP": 1, "WIDE": False},
+                     {"BLOCK_F": 32, "BLOCK_C": 64, "BLOCK_T": 32}),
+                    ({"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 2, "WIDE": False},
+                     {"BLOCK_F": 16, "BLOCK_C": 32, "BLOCK_T": 16})):
         monkeypatch.setattr(k, "INTERP_FWD", fwd)
         monkeypatch.setattr(k, "INTERP_DW", dw)
         assert_close(run(args, leaves, "triton"), ref, 1e-4, len(heads))
@@ -395,6 +397,26 @@ def test_each_load_path_is_taken_and_exact(teacher_dim, student_dim, tma, epi, m
     assert {(c["USE_DESC"], c["EPI_DESC"]) for c in fwd.launches} == {(tma, epi)}
     assert {c["USE_DESC"] for c in dw.launches} == {tma}
     assert_close(got, run(args, leaves, "torch"), 1e-4, len(heads))
+
+
+@pytest.mark.parametrize("teacher_dim,block_k", [(16, 16), (24, 16), (6, 16)], ids=["tma", "chunked", "pointers"])
+def test_wide_product_equals_two_products(teacher_dim, block_k, monkeypatch):
+    """WIDE (natural layout): one [BLOCK_K, 2·PH] adapter tile and one product per X tile, split into the two
+    RoPE halves afterwards, gives the reference's numbers on the TMA path, with K-chunks that do not divide a head
+    (24 = 16 + 8), and on the pointer path; it is taken only where the layout is natural."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import kvfuse.kernels.fused_kv_loss as k
+    fwd = _LaunchSpy(k._fused_kv_fwd_kernel)
+    monkeypatch.setattr(k, "_fused_kv_fwd_kernel", fwd)
+    monkeypatch.setattr(k, "INTERP_FWD", {"BLOCK_T": 16, "BLOCK_K": block_k, "HPP": 1, "WIDE": True})
+    heads = [(2, teacher_dim), (1, 16)]
+    args, leaves = make_case(200 + teacher_dim, heads, D_s=32, T=19, alpha_per_layer=True)
+    assert_close(run(args, leaves, "triton"), run(args, leaves, "torch"), 1e-4, len(heads))
+    assert {c["WIDE"] for c in fwd.launches} == {True}
+    fwd.launches.clear()
+    args, leaves = make_case(300 + teacher_dim, heads, D_s=24, T=19)  # D_s/2 = 12: pair layout, no WIDE
+    assert_close(run(args, leaves, "triton"), run(args, leaves, "torch"), 1e-4, len(heads))
+    assert {c["WIDE"] for c in fwd.launches} == {False}
 
 
 def test_tuned_launch_zeroes_the_partial_sums_the_tuning_runs_left():

@@ -160,46 +160,54 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
 
 
 @triton.jit
-def _project_teacher(p1, p2, x, sc, of, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t0, col0, col, B, T,
+def _w_tile(w, sw0, sw1, l, row0, col0, D_I: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_K: tl.constexpr,
+            WIDTH: tl.constexpr):
+    """Adapter tile: rows [row0, row0 + BLOCK_K) of layer l (one head's, row0 = hi·D_i + d0), WIDTH columns from
+    col0; rows past the head's D_i arrive as zeros."""
+    if USE_DESC:
+        return w.load([l, row0, col0]).reshape(BLOCK_K, WIDTH)
+    else:
+        d = row0 % D_I + tl.arange(0, BLOCK_K)
+        tile = w + l * sw0 + (row0 + tl.arange(0, BLOCK_K))[:, None] * sw1 + (col0 + tl.arange(0, WIDTH))[None, :]
+        if D_I % BLOCK_K == 0:
+            return tl.load(tile)
+        else:
+            return tl.load(tile, mask=(d < D_I)[:, None], other=0.0)
+
+
+@triton.jit
+def _project_teacher(p1, p2, x, sc, of, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t0, col0, B, T,
                      W2_OFF: tl.constexpr, H_I: tl.constexpr, D_I: tl.constexpr, CODEC: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_K: tl.constexpr, CB: tl.constexpr):
+                     BLOCK_K: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr):
     # K-loop over one teacher's features in chunks that never cross a head: the X tile is a box of one head's
-    # [T, D_i] block (`_x_tile`, decoded in registers for a compressed teacher), the W tiles two row blocks of the
+    # [T, D_i] block (`_x_tile`, decoded in registers for a compressed teacher), the W tiles row blocks of the
     # adapter. With USE_DESC, x and w are TMA tensor descriptors ([L, B, H_i, T, D_i] and [L, F_i, C']): no
     # per-element addresses in registers, out-of-range rows and dims arrive as zeros. Otherwise plain pointers
     # (any alignment), unmasked along the contiguous axis when BLOCK_K divides D_i so loads stay 16-byte vectors.
+    # WIDE (natural layout: a head's two column blocks are adjacent): one [BLOCK_K, 2·CB] W tile and one product
+    # of N = 2·CB into p1 (p2 untouched), so each X tile feeds the tensor cores once instead of twice.
     CHUNKS: tl.constexpr = (D_I + BLOCK_K - 1) // BLOCK_K
-    k = tl.arange(0, BLOCK_K)
-    if not USE_DESC:
-        w_base = w + l * sw0 + col[None, :]
     for kk in range(0, H_I * CHUNKS):
         hi = kk // CHUNKS
         d0 = (kk % CHUNKS) * BLOCK_K
         xt = _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I, CODEC, USE_DESC, BLOCK_T,
-                     BLOCK_K)
-        if USE_DESC:
-            w1 = w.load([l, hi * D_I + d0, col0]).reshape(BLOCK_K, CB)
-            w2 = w.load([l, hi * D_I + d0, col0 + W2_OFF]).reshape(BLOCK_K, CB)
-        else:
-            d = d0 + k
-            w_rows = w_base + (hi * D_I + d)[:, None] * sw1
-            if D_I % BLOCK_K == 0:
-                w1 = tl.load(w_rows)
-                w2 = tl.load(w_rows + W2_OFF)
+                     BLOCK_K).to(DOT_DTYPE)
+        if WIDE:
+            wt = _w_tile(w, sw0, sw1, l, hi * D_I + d0, col0, D_I, USE_DESC, BLOCK_K, 2 * CB).to(DOT_DTYPE)
+            if IEEE:
+                p1 = tl.dot(xt, wt, p1, input_precision="ieee")
             else:
-                d_ok = d < D_I
-                w1 = tl.load(w_rows, mask=d_ok[:, None], other=0.0)
-                w2 = tl.load(w_rows + W2_OFF, mask=d_ok[:, None], other=0.0)
-        xt = xt.to(DOT_DTYPE)
-        w1 = w1.to(DOT_DTYPE)
-        w2 = w2.to(DOT_DTYPE)
-        if IEEE:
-            p1 = tl.dot(xt, w1, p1, input_precision="ieee")
-            p2 = tl.dot(xt, w2, p2, input_precision="ieee")
+                p1 = tl.dot(xt, wt, p1)
         else:
-            p1 = tl.dot(xt, w1, p1)
-            p2 = tl.dot(xt, w2, p2)
+            w1 = _w_tile(w, sw0, sw1, l, hi * D_I + d0, col0, D_I, USE_DESC, BLOCK_K, CB).to(DOT_DTYPE)
+            w2 = _w_tile(w, sw0, sw1, l, hi * D_I + d0, col0 + W2_OFF, D_I, USE_DESC, BLOCK_K, CB).to(DOT_DTYPE)
+            if IEEE:
+                p1 = tl.dot(xt, w1, p1, input_precision="ieee")
+                p2 = tl.dot(xt, w2, p2, input_precision="ieee")
+            else:
+                p1 = tl.dot(xt, w1, p1)
+                p2 = tl.dot(xt, w2, p2)
     return p1, p2
 
 
@@ -238,7 +246,7 @@ def _fused_kv_fwd_kernel(
     H_S: tl.constexpr, D_S: tl.constexpr, PH: tl.constexpr, ROT: tl.constexpr,
     IS_KEY: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     USE_DESC: tl.constexpr, EPI_DESC: tl.constexpr, NATURAL: tl.constexpr, W2_OFF: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HPP: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HPP: tl.constexpr, WIDE: tl.constexpr,
 ):
     # One program: token tile × HPP student heads × (layer l, batch row b). Consecutive programs share (l, b),
     # so a layer's adapters stay in L2 while its token tiles stream through. With EPI_DESC (standard pairs, one
@@ -269,7 +277,9 @@ def _fused_kv_fwd_kernel(
     j = c % PH
     h = (pid_h * HPP + c // PH).to(tl.int64)
 
-    p1 = tl.zeros([BLOCK_T, CB], dtype=tl.float32)
+    # WIDE: p1 holds both column blocks [BLOCK_T, 2·CB] until the split below; p2 stays an unused zero tile (the
+    # compiler drops it).
+    p1 = tl.zeros([BLOCK_T, CB * (1 + WIDE)], dtype=tl.float32)
     p2 = tl.zeros([BLOCK_T, CB], dtype=tl.float32)
     a_base = alpha_ptr + b * stride_ab + l * stride_al
     a_prev = tl.load(a_base).to(tl.float32) * 0.0 + 1.0
@@ -285,11 +295,13 @@ def _fused_kv_fwd_kernel(
                 p1, p2, _pick(i, x0, x1, x2, x3, x4, x5, x6, x7), codec_buf + codec_offs[i][0],
                 codec_buf + codec_offs[i][1], sx[0], sx[1], sx[2], sx[3],
                 _pick(i, w0, w1, w2, w3, w4, w5, w6, w7), w_strides[i][0], w_strides[i][1],
-                l32 if USE_DESC else l, b32 if USE_DESC else b, pid_t * BLOCK_T, col0, col, B, T, W2_OFF, HEADS[i],
-                DIMS[i], CODECS[i], DOT_DTYPE, IEEE, USE_DESC, BLOCK_T, BLOCK_K, CB)
+                l32 if USE_DESC else l, b32 if USE_DESC else b, pid_t * BLOCK_T, col0, B, T, W2_OFF, HEADS[i],
+                DIMS[i], CODECS[i], DOT_DTYPE, IEEE, USE_DESC, BLOCK_T, BLOCK_K, CB, WIDE)
             a_prev = a_i
     p1 = p1 * a_prev
     p2 = p2 * a_prev
+    if WIDE:
+        p1, p2 = tl.split(tl.permute(tl.reshape(p1, (BLOCK_T, 2, CB)), (0, 2, 1)))
 
     d1, d2, freq, scale = _pair_dims(l, j, rot_ptr, invf_ptr, stride_il, scaling_ptr, D_S, ROT, IS_KEY)
     if IS_KEY:
@@ -445,16 +457,16 @@ def _fused_kv_dw_kernel(
 # the block of slots its config's grid covers (the autotuner's benchmark runs fill others with garbage), so the
 # launcher sums exactly the block of the config it launched, and no buffer needs zeroing.
 def _fwd_pre_hook(nargs):
-    _fit_descriptors(nargs, nargs["BLOCK_T"], nargs["BLOCK_K"], nargs["HPP"] * nargs["PH"])
+    _fit_descriptors(nargs, nargs["BLOCK_T"], nargs["BLOCK_K"], nargs["HPP"] * nargs["PH"], nargs["WIDE"])
 
 
-def _fit_descriptors(args: dict, block_t: int, block_k: int, cb: int) -> None:
+def _fit_descriptors(args: dict, block_t: int, block_k: int, cb: int, wide: bool) -> None:
     """Give the TMA descriptors (where the launch uses them) the boxes of the config about to run."""
     for i in range(MAX_TEACHERS):
         if isinstance(args[f"x{i}"], TensorDescriptor):
             packed = args["CODECS"][i] >= CODEC_INT4_CHANNEL  # two int4 codes per byte
             args[f"x{i}"].block_shape = [1, 1, 1, block_t, block_k // 2 if packed else block_k]
-            args[f"w{i}"].block_shape = [1, block_k, cb]
+            args[f"w{i}"].block_shape = [1, block_k, 2 * cb if wide else cb]
     for name, box in (("s", [1, 1, 1, block_t, cb]), ("ds", [1, 1, 1, block_t, cb]), ("g", [1, 1, block_t, cb])):
         if isinstance(args[name], TensorDescriptor):
             args[name].block_shape = box
@@ -491,11 +503,15 @@ def _fit_dw_descriptors(args: dict, block_f: int, block_c: int, block_t: int) ->
 # and ∂W, so 128 × 128 over 8 warps is the largest without spills), then kept by their time alone on an H200
 # (bench/tune_fused_loss.py, 16k tokens; bench/NOTES.md). Two heads per program stays for small head dims.
 _FWD_CONFIGS_GPU = autotune_configs([
-    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1}, 4, 3),
-    ({"BLOCK_T": 64, "BLOCK_K": 128, "HPP": 1}, 4, 3),
-    ({"BLOCK_T": 128, "BLOCK_K": 128, "HPP": 1}, 8, 3),
-    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 8, 4),
-    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2}, 4, 3),
+    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": False}, 4, 3),
+    ({"BLOCK_T": 64, "BLOCK_K": 128, "HPP": 1, "WIDE": False}, 4, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 128, "HPP": 1, "WIDE": False}, 8, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1, "WIDE": False}, 8, 4),
+    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2, "WIDE": False}, 4, 3),
+    # one N = 2·PH product per X tile (natural layout only); not yet timed on a GPU
+    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 4, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 8, 3),
+    ({"BLOCK_T": 128, "BLOCK_K": 32, "HPP": 1, "WIDE": True}, 8, 4),
 ], _fwd_pre_hook)
 _DW_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 4),
@@ -504,7 +520,7 @@ _DW_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
 ], _dw_pre_hook)
 # Under the interpreter one config runs; tests may change these.
-INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
+INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1, "WIDE": False}
 INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
 _MIN_BLOCK_T = 16
 _MIN_BLOCK_F = 16
@@ -512,12 +528,14 @@ _MIN_BLOCK_C = 16
 
 
 def _prune_fwd(configs, nargs, **kwargs):
-    # HPP heads per program must divide H_s (no masked heads) and keep the tile within 128 pair columns.
+    # HPP heads per program must divide H_s (no masked heads) and keep the tile within 128 pair columns; WIDE
+    # needs a head's two column blocks side by side (natural layout).
     meta = {**nargs, **kwargs}
     keep = [c for c in configs
             if meta["H_S"] % c.kwargs["HPP"] == 0 and c.kwargs["HPP"] * meta["PH"] <= max(128, meta["PH"])
-            and not ((meta["EPI_DESC"] or meta["NATURAL"]) and c.kwargs["HPP"] != 1)]
-    return keep or [triton.Config({**configs[0].kwargs, "HPP": 1}, num_warps=configs[0].num_warps,
+            and not ((meta["EPI_DESC"] or meta["NATURAL"]) and c.kwargs["HPP"] != 1)
+            and (meta["NATURAL"] or not c.kwargs["WIDE"])]
+    return keep or [triton.Config({**configs[0].kwargs, "HPP": 1, "WIDE": False}, num_warps=configs[0].num_warps,
                                   num_stages=configs[0].num_stages, pre_hook=_fwd_pre_hook)]
 
 
@@ -630,7 +648,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     use_desc = (all(_tma_ready(x) for x in [*teachers, *weights])
                 and _packed_boxes_ok(codecs, "BLOCK_K", INTERP_FWD, _FWD_CONFIGS_GPU))
     natural = natural_layout(D_s, rotary_pairs)
-    interp_cfg = dict(INTERP_FWD, HPP=1) if natural else INTERP_FWD
+    interp_cfg = dict(INTERP_FWD, HPP=1) if natural else dict(INTERP_FWD, WIDE=False)
     epi_desc = (use_desc and natural and interp_cfg["HPP"] == 1
                 and all(_tma_ready(x) for x in ([student, g, ds] if compute_grad else [student])))
 
@@ -656,7 +674,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
         W2_OFF=PH if natural else H_s * PH)
     if interpreting():
         cfg = interp_cfg
-        _fit_descriptors(args, cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["HPP"] * PH)
+        _fit_descriptors(args, cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["HPP"] * PH, cfg["WIDE"])
         grid = (cdiv(T, cfg["BLOCK_T"]), H_s // cfg["HPP"], L * B)
         _fused_kv_fwd_kernel[grid](**args, **cfg)
     else:
