@@ -310,3 +310,68 @@ def test_operator_rejects_what_the_kernels_cannot_take():
         kernels.attention_kl_fwd(q, k, k[:, :1], mask8, 0.5)
     with pytest.raises(ValueError, match="different devices"):
         kernels.attention_kl_fwd(q, k, k, mask8.to("meta"), 0.5)
+
+
+@pytest.fixture
+def tma_reduce(monkeypatch):
+    """Triton 3.9's interpreter has no TMA reduction (descriptor atomic_add): give its builder one, an add into
+    the box's in-bounds elements (what cp.reduce.async.bulk .add does), so the TMA ∂q variants run on the CPU."""
+    from triton.runtime import interpreter
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        assert kind == interpreter._ir.DESCRIPTOR_REDUCE_KIND.ADD, kind
+        ptrs, mask = desc.materialize_pointers(indices)
+        old = self.create_masked_load(ptrs, mask, None, None, False)
+        return interpreter._interpreter.store(ptrs.data, old.data + value.data, mask.data)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce", create_descriptor_reduce,
+                        raising=False)
+
+
+# (B, Hq, Hkv, T, D, split, block_m, block_n): T odd (∂qᵀ rows padded to a multiple of 4) or a multiple of 4,
+# tiles of equal and unequal sizes, D = 13 (q's strides not 16-byte aligned: q falls back to pointer loads).
+VARIANT_CASES = [(1, 6, 1, 35, 16, 2, 16, 16), (2, 4, 2, 29, 16, 1, 32, 16), (1, 4, 1, 44, 13, 4, 16, 32)]
+
+
+@pytest.mark.parametrize("variant", ["tma_dq", "tma"])
+@pytest.mark.parametrize("case", VARIANT_CASES)
+def test_tma_backward_variants_vs_float64(variant, case, launches, tma_reduce, monkeypatch):
+    """The TMA backward variants (∂q by bulk reduction into a transposed buffer; q by TMA loads): one launch of
+    the TMA kernel with the expected flags, gradients of a random row weighting equal to float64's."""
+    B, Hq, Hkv, T, D, split, block_m, block_n = case
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_M", block_m)
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_N", block_n)
+    args, ref = _weighted_rows_case(31 + T, B, Hq, Hkv, T, D, 0.3)
+    flags = kernels.bwd_variant_flags(args[0], kernels._meta(args[0]), variant)
+    assert flags == (variant == "tma" and D != 13, True)
+    launches.clear()
+    got = kernels.attention_kl_backward(*args, split=split, variant=variant)
+    assert launches == [("bwd_tma", True)]
+    for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape and a.is_contiguous(), name
+        assert rel(a, b) <= 1e-5, (name, variant, case, rel(a, b))
+
+
+@pytest.mark.parametrize("variant", ["tma_dq", "tma"])
+def test_tma_variants_through_attention_kl_padded_masks(variant, tma_reduce, monkeypatch):
+    """The module switch BWD_VARIANT (what the bench sweeps) routes attention_kl's backward through the variant;
+    padded rows (left, right, holes, a fully masked batch row) match the torch reference."""
+    monkeypatch.setattr(kernels, "BWD_VARIANT", variant)
+    leaves, mask = make_case(41, 3, 6, 2, 27, 16)
+    mask[1] = False
+    got = loss_and_grads(leaves, mask, "triton", scale=0.4)
+    ref = loss_and_grads(leaves, mask, "torch", scale=0.4)
+    assert_matches(got, ref, 1e-4)
+    assert float(got[1][0][1].abs().max()) == 0.0
+
+
+def test_tma_variants_step_aside_where_tma_cannot_run(monkeypatch):
+    """On the GPU the TMA variants run only for half-precision products with D a power of two; the fp32 'ieee'
+    path and other D keep the pointer kernel."""
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    q = torch.zeros(1, 2, 8, 128)
+    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=128, BLOCK_D=128), "tma") == (True, True)
+    assert kernels.bwd_variant_flags(q, dict(IEEE=True, D=128, BLOCK_D=128), "tma") == (False, False)
+    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=96, BLOCK_D=128), "tma_dq") == (False, False)
+    assert kernels.bwd_variant_flags(q[..., ::2], dict(IEEE=False, D=64, BLOCK_D=64), "tma") == (False, True)
+    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=128, BLOCK_D=128), "ptr") == (False, False)

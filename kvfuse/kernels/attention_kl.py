@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from kvfuse.kernels.utils import autotune_configs, define_op, dot_dtype, interpreting
 
 _NEG = tl.constexpr(-1.0e30)
@@ -181,10 +183,10 @@ def _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T):
 
 
 @triton.jit
-def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats_ptr, n_rows, row0, dq_ptr,
-              m0, offs_d, d_ok, T, scale, dks, dkf,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-              ATOMIC_DQ: tl.constexpr):
+def _bwd_step(k_s, k_f, bias, offs_n, q_ptr, b, h, bh, sqb, sqh, sqt, sqd, mask_row, dkl_ptr, stats_ptr, n_rows, row0,
+              dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, Q_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
     # Transposed tiles of one (key tile, query tile) pair, [BLOCK_N, BLOCK_M], logits and row statistics in
     # base-2 units (ln 2 · (s − f − E) = natural units, hence w·ln 2 in dS):
     #   sᵀ, fᵀ;  Pᵀ = 2^{sᵀ − lse_s},  Qᵀ = 2^{fᵀ − lse_f};  dSᵀ = Pᵀ (sᵀ − fᵀ − E) w ln 2,  dFᵀ = (Qᵀ − Pᵀ) w
@@ -192,8 +194,13 @@ def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_in = offs_m < T
     w, w_ln2, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T)
-    q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=m_in[:, None] & d_ok[None, :],
-                other=0.0).to(DOT_DTYPE)
+    if Q_TMA:
+        # q [B, H, T, D] through a TMA descriptor (box [1, 1, BLOCK_M, D]; rows past T read as zeros): one bulk
+        # copy per tile and no per-element 64-bit addresses in registers.
+        q = q_ptr.load([b.to(tl.int32), h.to(tl.int32), m0, 0]).reshape(BLOCK_M, BLOCK_D).to(DOT_DTYPE)
+    else:
+        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                    mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
     bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
     s_t = _dot(k_s, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
     f_t = _dot(k_f, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
@@ -206,8 +213,14 @@ def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats
         # ∂qᵀ = k_sᵀ dSᵀ + k_fᵀ dFᵀ [BLOCK_D, BLOCK_M]: M = D ≥ 64 keeps the product on wgmma (∂q = dS k_s has
         # M = BLOCK_M, and BLOCK_M < 64 compiled to mma.sync).
         dq_t = _dot(tl.trans(k_s), ds_t, IEEE) + _dot(tl.trans(k_f), df_t, IEEE)
-        tl.atomic_add(dq_ptr + (row0 + offs_m[None, :]) * D + offs_d[:, None], dq_t * scale,
-                      mask=m_in[None, :] & d_ok[:, None], sem="relaxed")
+        if DQ_TMA:
+            # One bulk reduction (cp.reduce.async.bulk .add.f32) of the [D, BLOCK_M] tile into ∂qᵀ [B·H, D, T_pad]
+            # fp32 (box [1, D, BLOCK_M]; columns past T are clipped by the copy engine, and are zero anyway).
+            dq_ptr.atomic_add([bh.to(tl.int32), 0, m0],
+                              (dq_t * scale).reshape(1, BLOCK_D, BLOCK_M))
+        else:
+            tl.atomic_add(dq_ptr + (row0 + offs_m[None, :]) * D + offs_d[:, None], dq_t * scale,
+                          mask=m_in[None, :] & d_ok[:, None], sem="relaxed")
     return dks, dkf
 
 
@@ -220,6 +233,7 @@ def _attention_kl_bwd_kernel(
     H, H_KV, T, GROUP, SPLIT, N_ROWS, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_TMA: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
     # One program: key tile [BLOCK_N] of KV head g in batch row b, over GROUP / SPLIT of g's query heads (share
     # `part` of SPLIT) and every query tile that can see the tile.  Writes its fp32 ∂k_s, ∂k_f shares to
@@ -256,9 +270,10 @@ def _attention_kl_bwd_kernel(
         hh = it // n_m
         m0 = lo + (it - hh * n_m) * BLOCK_M
         h = (g * GROUP + part * heads + hh).to(tl.int64)
-        dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_ptr + b * sqb + h * sqh, sqt, sqd, mask_row, dkl_ptr,
-                             stats_ptr, N_ROWS, (b * H + h) * T, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
-                             D, BLOCK_M, DOT_DTYPE, IEEE, ATOMIC_DQ)
+        bh = b * H + h
+        dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_ptr, b, h, bh, sqb, sqh, sqt, sqd, mask_row, dkl_ptr,
+                             stats_ptr, N_ROWS, bh * T, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
+                             D, BLOCK_D, BLOCK_M, DOT_DTYPE, IEEE, ATOMIC_DQ, Q_TMA, DQ_TMA)
 
     out = ((b * H_KV + g64) * SPLIT + part) * T * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dks_ptr + out, dks * scale, mask=kd_ok)
@@ -343,12 +358,45 @@ _TUNED = {
     "dq": (triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 8, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel),
            triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_bwd_dq_kernel)),
 }
-_KERNELS = {"fwd": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "dq": _attention_kl_bwd_dq_kernel}
+
+# One-pass backward variants (a private switch the bench sweeps; the default stays "ptr" until a GPU run proves
+# another): "ptr" = pointer loads of q and per-element fp32 atomics for ∂q (the measured kernel); "tma_dq" = ∂q
+# added per pair by one TMA bulk reduction (tensor descriptor atomic_add) into a transposed fp32 buffer;
+# "tma" = that plus q tiles loaded through a TMA descriptor.  The TMA variants run only for half-precision inputs
+# whose q meets TMA's alignment (16-byte base and strides, unit last stride); otherwise "ptr" runs.
+BWD_VARIANTS = {"ptr": (False, False), "tma_dq": (False, True), "tma": (True, True)}
+BWD_VARIANT = "ptr"
+
+
+def _bwd_tma_pre_hook(nargs):
+    """Before each autotuning trial and the launch: the descriptors' boxes for the config about to run, and the
+    ∂qᵀ buffer zeroed (every trial adds into it)."""
+    m, d = nargs["BLOCK_M"], nargs["BLOCK_D"]
+    if isinstance(nargs["q_ptr"], TensorDescriptor):
+        nargs["q_ptr"].block_shape = [1, 1, m, d]
+    if isinstance(nargs["dq_ptr"], TensorDescriptor):
+        nargs["dq_ptr"].block_shape = [1, d, m]
+        nargs["dq_ptr"].base.zero_()
+
+
+# TMA-variant tiles (ptxas for sm_90a through triton 3.6's compiler, D = 128 bf16; bench/ptx_attention_kl.py
+# prints the table, bench/NOTES.md has it): the bulk reduction stages the [D, BLOCK_M] fp32 ∂qᵀ tile in shared
+# memory, and TMA q loads free the per-element address registers, so 64-query tiles become candidates.
+_TMA_BWD = [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 64, 4, 2)]
+_TUNED["bwd_tma"] = (triton.autotune(autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, st)
+                                                       for m, n, w, st in _TMA_BWD], _bwd_tma_pre_hook),
+                                     key=_KEY + ["ATOMIC_DQ", "SPLIT", "Q_TMA", "DQ_TMA"])(_attention_kl_bwd_kernel),
+                     None)
+_KERNELS = {"fwd": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "dq": _attention_kl_bwd_dq_kernel,
+            "bwd_tma": _attention_kl_bwd_kernel}
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _launch(name, grid_of, args, meta):
     if interpreting():
+        if name == "bwd_tma":
+            names = _attention_kl_bwd_kernel.arg_names
+            _bwd_tma_pre_hook({**dict(zip(names, args)), **meta, **INTERP_BLOCKS})
         _KERNELS[name][grid_of(INTERP_BLOCKS)](*args, **meta, **INTERP_BLOCKS)
     else:
         _TUNED[name][1 if meta["IEEE"] else 0][grid_of](*args, **meta)
@@ -417,8 +465,24 @@ def group_split(B: int, H_kv: int, group: int, T: int, sms: int, block_n: int = 
     return group
 
 
+def _tma_ready(x: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base, 16-byte aligned strides and a unit last stride."""
+    size = x.element_size()
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
+
+
+def bwd_variant_flags(q: torch.Tensor, meta: dict, variant: str | None = None) -> tuple[bool, bool]:
+    """(Q_TMA, DQ_TMA) the one-pass backward runs with for `variant` (default BWD_VARIANT): TMA only for half
+    products (not the fp32 'ieee' path; under the interpreter any dtype, so the tests cover it), D = BLOCK_D on the
+    GPU, and a TMA-ready q when q is read through a descriptor."""
+    q_tma, dq_tma = BWD_VARIANTS[BWD_VARIANT if variant is None else variant]
+    if not interpreting() and (meta["IEEE"] or meta["D"] != meta["BLOCK_D"]):
+        return False, False
+    return q_tma and _tma_ready(q), dq_tma
+
+
 def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=True, need_k=True,
-                          split: int | None = None):
+                          split: int | None = None, variant: str | None = None):
     """Gradients of Σ dkl·KL: (dq [B, H, T, D], dk_s, dk_f [B, H_kv, T, D]) contiguous in the inputs' dtypes
     (None where not needed).  dkl [B, H, T], stats [3, B, H, T]: fp32 contiguous.  `split` (a divisor of the GQA
     group; default group_split) sets how many programs share a KV head's query heads.  Under
@@ -439,16 +503,30 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
         split = group_split(B, H_kv, group, T, _sm_count(q.device)) if split is None else split
         if split < 1 or group % split:
             raise ValueError(f"split ({split}) must divide the GQA group ({group})")
-        dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if one_pass else None
+        q_tma, dq_tma = bwd_variant_flags(q, meta, variant) if one_pass else (False, False)
         dks, dkf = (torch.empty(B, H_kv, split, T, D, device=q.device, dtype=torch.float32) for _ in range(2))
-        # Without atomics the ∂q pointer is never used: any fp32 tensor stands in (the autotuner zeroes it).
-        _launch("bwd", lambda c: (B * H_kv * split, triton.cdiv(T, c["BLOCK_N"])),
-                (*common, dks if dq32 is None else dq32, dks, dkf, H, H_kv, T, group, split, B * H * T,
-                 float(scale), triton.next_power_of_2(T)), dict(meta, ATOMIC_DQ=one_pass))
+        grid = lambda c: (B * H_kv * split, triton.cdiv(T, c["BLOCK_N"]))  # noqa: E731
+        tail = (H, H_kv, T, group, split, B * H * T, float(scale), triton.next_power_of_2(T))
+        if q_tma or dq_tma:
+            # ∂qᵀ [B·H, D, T_pad] fp32, T_pad a multiple of 4 (16-byte rows); the pre-hook zeroes it.  Block
+            # shapes here are placeholders: the pre-hook fits them to each config.
+            t_pad = (T + 3) // 4 * 4
+            dqt = torch.empty(B * H, D, t_pad, device=q.device, dtype=torch.float32)
+            dq_desc = TensorDescriptor(dqt, [B * H, D, T], [D * t_pad, t_pad, 1], [1, 16, 16])
+            q_arg = TensorDescriptor.from_tensor(q, [1, 1, 16, 16]) if q_tma else q
+            _launch("bwd_tma", grid, (q_arg, *common[1:], dq_desc, dks, dkf, *tail),
+                    dict(meta, ATOMIC_DQ=True, Q_TMA=q_tma, DQ_TMA=dq_tma))
+            dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+            dq.copy_(dqt.view(B, H, D, t_pad)[..., :T].transpose(2, 3))
+        else:
+            dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if one_pass else None
+            # Without atomics the ∂q pointer is never used: any fp32 tensor stands in (the autotuner zeroes it).
+            _launch("bwd", grid, (*common, dks if dq32 is None else dq32, dks, dkf, *tail),
+                    dict(meta, ATOMIC_DQ=one_pass))
+            if one_pass:
+                dq = dq32.to(q.dtype)
         dks, dkf = (x.sum(2) if split > 1 else x.squeeze(2) for x in (dks, dkf))
         dks, dkf = dks.to(k_s.dtype), dkf.to(k_f.dtype)
-        if one_pass:
-            dq = dq32.to(q.dtype)
     return dq, dks, dkf
 
 
