@@ -343,10 +343,10 @@ def test_tma_backward_variants_vs_float64(variant, case, launches, tma_reduce, m
     monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_N", block_n)
     args, ref = _weighted_rows_case(31 + T, B, Hq, Hkv, T, D, 0.3)
     flags = kernels.bwd_variant_flags(args[0], kernels._meta(args[0]), variant)
-    assert flags == (variant == "tma" and D != 13, True)
+    assert flags == (2 if variant == "tma" and D != 13 else 0, True)
     launches.clear()
     got = kernels.attention_kl_backward(*args, split=split, variant=variant)
-    assert launches == [("bwd_tma", True)]
+    assert launches == [("bwd_tma" if flags[0] else "bwd_tma_dq", True)]
     for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
         assert a.dtype == torch.float32 and a.shape == b.shape and a.is_contiguous(), name
         assert rel(a, b) <= 1e-5, (name, variant, case, rel(a, b))
@@ -370,8 +370,23 @@ def test_tma_variants_step_aside_where_tma_cannot_run(monkeypatch):
     path and other D keep the pointer kernel."""
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     q = torch.zeros(1, 2, 8, 128)
-    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=128, BLOCK_D=128), "tma") == (True, True)
-    assert kernels.bwd_variant_flags(q, dict(IEEE=True, D=128, BLOCK_D=128), "tma") == (False, False)
-    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=96, BLOCK_D=128), "tma_dq") == (False, False)
-    assert kernels.bwd_variant_flags(q[..., ::2], dict(IEEE=False, D=64, BLOCK_D=64), "tma") == (False, True)
-    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=128, BLOCK_D=128), "ptr") == (False, False)
+    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=128, BLOCK_D=128), "tma") == (2, True)
+    assert kernels.bwd_variant_flags(q, dict(IEEE=True, D=128, BLOCK_D=128), "tma") == (0, False)
+    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=96, BLOCK_D=128), "tma_dq") == (0, False)
+    assert kernels.bwd_variant_flags(q[..., ::2], dict(IEEE=False, D=64, BLOCK_D=64), "tma") == (0, True)
+    assert kernels.bwd_variant_flags(q.transpose(1, 2), dict(IEEE=False, D=128, BLOCK_D=128), "tma") == (1, True)
+    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=128, BLOCK_D=128), "ptr") == (0, False)
+
+
+def test_tma_variant_reads_a_permuted_q_through_a_4d_descriptor(launches, tma_reduce):
+    """q stored [B, T, H, D] and viewed [B, H, T, D] is TMA-ready but its rows do not collapse to one stride: the
+    "tma" variant reads it through the 4-D descriptor (Q_TMA = 1); gradients equal float64's."""
+    args, ref = _weighted_rows_case(51, 2, 4, 2, 27, 16, 0.3)
+    q = args[0].permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert torch.equal(q, args[0]) and not q.is_contiguous()
+    assert kernels.bwd_variant_flags(q, kernels._meta(q), "tma") == (1, True)
+    launches.clear()
+    got = kernels.attention_kl_backward(q, *args[1:], split=2, variant="tma")
+    assert launches == [("bwd_tma", True)]
+    for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
+        assert rel(a, b) <= 1e-5, (name, rel(a, b))

@@ -194,9 +194,13 @@ def _bwd_step(k_s, k_f, bias, offs_n, q_ptr, b, h, bh, sqb, sqh, sqt, sqd, mask_
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_in = offs_m < T
     w, w_ln2, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T)
-    if Q_TMA:
-        # q [B, H, T, D] through a TMA descriptor (box [1, 1, BLOCK_M, D]; rows past T read as zeros): one bulk
-        # copy per tile and no per-element 64-bit addresses in registers.
+    if Q_TMA == 2:
+        # q viewed as [B·H·T, D] rows through a TMA descriptor (box [BLOCK_M, D]): one bulk copy per tile and no
+        # per-element 64-bit addresses in registers.  Rows past T are the next head's (or zeros past the end):
+        # finite, and their P = Q = 0 (lse = +1e30), so they add nothing.
+        q = q_ptr.load([bh.to(tl.int32) * T + m0, 0]).to(DOT_DTYPE)
+    elif Q_TMA == 1:
+        # q [B, H, T, D] through a TMA descriptor (box [1, 1, BLOCK_M, D]; rows past T read as zeros).
         q = q_ptr.load([b.to(tl.int32), h.to(tl.int32), m0, 0]).reshape(BLOCK_M, BLOCK_D).to(DOT_DTYPE)
     else:
         q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
@@ -233,7 +237,7 @@ def _attention_kl_bwd_kernel(
     H, H_KV, T, GROUP, SPLIT, N_ROWS, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    Q_TMA: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
+    Q_TMA: tl.constexpr = 0, DQ_TMA: tl.constexpr = False,
 ):
     # One program: key tile [BLOCK_N] of KV head g in batch row b, over GROUP / SPLIT of g's query heads (share
     # `part` of SPLIT) and every query tile that can see the tile.  Writes its fp32 ∂k_s, ∂k_f shares to
@@ -373,28 +377,32 @@ def _bwd_tma_pre_hook(nargs):
     ∂qᵀ buffer zeroed (every trial adds into it)."""
     m, d = nargs["BLOCK_M"], nargs["BLOCK_D"]
     if isinstance(nargs["q_ptr"], TensorDescriptor):
-        nargs["q_ptr"].block_shape = [1, 1, m, d]
+        nargs["q_ptr"].block_shape = [m, d] if nargs["Q_TMA"] == 2 else [1, 1, m, d]
     if isinstance(nargs["dq_ptr"], TensorDescriptor):
         nargs["dq_ptr"].block_shape = [1, d, m]
         nargs["dq_ptr"].base.zero_()
 
 
-# TMA-variant tiles (ptxas for sm_90a through triton 3.6's compiler, D = 128 bf16; bench/ptx_attention_kl.py
-# prints the table, bench/NOTES.md has it): the bulk reduction stages the [D, BLOCK_M] fp32 ∂qᵀ tile in shared
-# memory, and TMA q loads free the per-element address registers, so 64-query tiles become candidates.
-_TMA_BWD = [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 64, 4, 2)]
-_TUNED["bwd_tma"] = (triton.autotune(autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, st)
-                                                       for m, n, w, st in _TMA_BWD], _bwd_tma_pre_hook),
+# TMA-variant tiles (ptxas for sm_90a through triton 3.6's compiler, D = 128 bf16, bench/ptx_attention_kl.py; the
+# table is in bench/NOTES.md): every tile that fits in 255 registers with ≤ 8 B of spill.  64-query tiles spill
+# 240–830 B in every variant and 16 warps cap registers at 128 (0.5–2.5 KB of spill), so none of those is listed.
+# With q through TMA, 32 × 128 spills 356 B at 2 stages and 4 B at 1 (the pipeliner keeps a second q tile and its
+# row statistics live), hence 1 stage there.
+_TMA_BWD = {"bwd_tma_dq": [(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3)],
+            "bwd_tma": [(32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 8, 3)]}
+for _name, _tiles in _TMA_BWD.items():
+    _TUNED[_name] = (triton.autotune(autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, st) for m, n, w, st in _tiles],
+                                                      _bwd_tma_pre_hook),
                                      key=_KEY + ["ATOMIC_DQ", "SPLIT", "Q_TMA", "DQ_TMA"])(_attention_kl_bwd_kernel),
                      None)
 _KERNELS = {"fwd": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "dq": _attention_kl_bwd_dq_kernel,
-            "bwd_tma": _attention_kl_bwd_kernel}
+            "bwd_tma_dq": _attention_kl_bwd_kernel, "bwd_tma": _attention_kl_bwd_kernel}
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _launch(name, grid_of, args, meta):
     if interpreting():
-        if name == "bwd_tma":
+        if name in _TMA_BWD:
             names = _attention_kl_bwd_kernel.arg_names
             _bwd_tma_pre_hook({**dict(zip(names, args)), **meta, **INTERP_BLOCKS})
         _KERNELS[name][grid_of(INTERP_BLOCKS)](*args, **meta, **INTERP_BLOCKS)
@@ -471,14 +479,19 @@ def _tma_ready(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
 
 
-def bwd_variant_flags(q: torch.Tensor, meta: dict, variant: str | None = None) -> tuple[bool, bool]:
-    """(Q_TMA, DQ_TMA) the one-pass backward runs with for `variant` (default BWD_VARIANT): TMA only for half
-    products (not the fp32 'ieee' path; under the interpreter any dtype, so the tests cover it), D = BLOCK_D on the
-    GPU, and a TMA-ready q when q is read through a descriptor."""
+def bwd_variant_flags(q: torch.Tensor, meta: dict, variant: str | None = None) -> tuple[int, bool]:
+    """(Q_TMA, DQ_TMA) the one-pass backward runs with for `variant` (default BWD_VARIANT).  TMA only for half
+    products (not the fp32 'ieee' path; under the interpreter any dtype, so the tests cover it) and D = BLOCK_D on
+    the GPU.  Q_TMA: 0 = pointer loads (q not TMA-ready), 2 = a 2-D descriptor over q's rows [B·H·T, D] when
+    (b, h, t) collapse to one stride (contiguous q), 1 = a 4-D descriptor otherwise."""
     q_tma, dq_tma = BWD_VARIANTS[BWD_VARIANT if variant is None else variant]
     if not interpreting() and (meta["IEEE"] or meta["D"] != meta["BLOCK_D"]):
-        return False, False
-    return q_tma and _tma_ready(q), dq_tma
+        return 0, False
+    if not (q_tma and _tma_ready(q)):
+        return 0, dq_tma
+    B, H, T, _ = q.shape
+    rows = (B == 1 or q.stride(0) == H * q.stride(1)) and (H == 1 or q.stride(1) == T * q.stride(2))
+    return (2 if rows else 1), dq_tma
 
 
 def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=True, need_k=True,
@@ -513,8 +526,11 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
             t_pad = (T + 3) // 4 * 4
             dqt = torch.empty(B * H, D, t_pad, device=q.device, dtype=torch.float32)
             dq_desc = TensorDescriptor(dqt, [B * H, D, T], [D * t_pad, t_pad, 1], [1, 16, 16])
-            q_arg = TensorDescriptor.from_tensor(q, [1, 1, 16, 16]) if q_tma else q
-            _launch("bwd_tma", grid, (q_arg, *common[1:], dq_desc, dks, dkf, *tail),
+            if q_tma == 2:
+                q_arg = TensorDescriptor(q, [B * H * T, D], [q.stride(2), 1], [16, 16])
+            else:
+                q_arg = TensorDescriptor.from_tensor(q, [1, 1, 16, 16]) if q_tma else q
+            _launch("bwd_tma" if q_tma else "bwd_tma_dq", grid, (q_arg, *common[1:], dq_desc, dks, dkf, *tail),
                     dict(meta, ATOMIC_DQ=True, Q_TMA=q_tma, DQ_TMA=dq_tma))
             dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
             dq.copy_(dqt.view(B, H, D, t_pad)[..., :T].transpose(2, 3))
