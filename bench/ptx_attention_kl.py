@@ -95,6 +95,7 @@ def main(argv=None):
     p.add_argument("--arch", default="sm_90a")
     p.add_argument("--variants", nargs="+", default=list(K.BWD_VARIANTS) + ["tma-4d"],
                    help="tma: q through a 2-D row descriptor (contiguous q); tma-4d: through a 4-D one")
+    p.add_argument("--all-tiles", action="store_true", help="also the tiles the autotuner lists leave out")
     args = p.parse_args(argv)
     print(f"triton {triton.__version__}, {args.arch}, D = {D}, bf16")
     if args.only != "fwd":
@@ -102,7 +103,10 @@ def main(argv=None):
             q_tma, dq_tma = K.BWD_VARIANTS[variant.removesuffix("-4d")]
             q_tma = (1 if variant.endswith("-4d") else 2) if q_tma else 0
             tiles = [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)] if variant == "ptr" \
-                else K._TMA_BWD
+                else K._TMA_BWD["bwd_tma" if q_tma else "bwd_tma_dq"]
+            if args.all_tiles:
+                tiles = sorted(set(tiles) | {(32, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2),
+                                             (64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 4, 2)})
             for m, n, w, s in tiles:
                 consts = dict(sqd=1, sksd=1, skfd=1, D=D, BLOCK_D=D, DOT_DTYPE=tl.bfloat16, IEEE=False,
                               ATOMIC_DQ=True, BLOCK_M=m, BLOCK_N=n, Q_TMA=q_tma, DQ_TMA=dq_tma)
