@@ -109,19 +109,21 @@ def check(log) -> float:
 
 class bwd_variant:
     """Context: the one-pass backward runs `variant` ("ptr" | "tma_dq" | "tma", kernels.BWD_VARIANTS) or, for
-    "det", the deterministic two-kernel path."""
+    "det", the deterministic two-kernel path; "tma" also switches the forward to TMA key tiles
+    (kernels.FWD_VARIANT), so its fwd rows time the forward variant and full − fwd the backward one."""
 
     def __init__(self, variant: str):
         self.variant = variant
 
     def __enter__(self):
-        self.saved = kernels.BWD_VARIANT, torch.are_deterministic_algorithms_enabled()
+        self.saved = kernels.BWD_VARIANT, kernels.FWD_VARIANT, torch.are_deterministic_algorithms_enabled()
         kernels.BWD_VARIANT = "ptr" if self.variant == "det" else self.variant
+        kernels.FWD_VARIANT = "tma" if self.variant == "tma" else "ptr"
         torch.use_deterministic_algorithms(self.variant == "det")
 
     def __exit__(self, *exc):
-        kernels.BWD_VARIANT = self.saved[0]
-        torch.use_deterministic_algorithms(self.saved[1])
+        kernels.BWD_VARIANT, kernels.FWD_VARIANT = self.saved[:2]
+        torch.use_deterministic_algorithms(self.saved[2])
 
 
 def check_variants(log, variants, shapes=(dict(T=2048), dict(T=333, B=2, H=12, H_kv=4, D=128))) -> float:
@@ -157,11 +159,11 @@ def chosen_configs(variant: str) -> str:
     def fmt(tuner):
         c = getattr(tuner, "best_config", None)
         return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s" if c else "-"
-    names = {"triton": ["bwd"], "triton-tma_dq": ["bwd_tma_dq"], "triton-tma": ["bwd_tma"],
-             "triton-det": ["dq", "bwd"]}.get(variant)
+    names = {"triton": ["fwd", "bwd"], "triton-tma_dq": ["fwd", "bwd_tma_dq"], "triton-tma": ["fwd_tma", "bwd_tma"],
+             "triton-det": ["fwd", "dq", "bwd"]}.get(variant)
     if names is None:
         return ""
-    return "fwd " + fmt(kernels._TUNED["fwd"][0]) + "; " + "; ".join(f"{n} {fmt(kernels._TUNED[n][0])}" for n in names)
+    return "; ".join(f"{n} {fmt(kernels._TUNED[n][0])}" for n in names)
 
 
 def check_compiled(log, T: int = 2048) -> bool:

@@ -54,14 +54,15 @@ def bwd_signature(q_tma: int, dq_tma: bool, block_m: int) -> dict:
     return sig
 
 
-def fwd_signature() -> dict:
+def fwd_signature(k_tma: int = 0, block_n: int = 64) -> dict:
+    k = {0: "*bf16", 2: f"tensordesc<bf16[{block_n}, {D}]>", 1: f"tensordesc<bf16[1, 1, {block_n}, {D}]>"}[k_tma]
     sig = {"q_ptr": "*bf16", "sqb": "i32", "sqh": "i32", "sqt": "i32", "sqd": "constexpr",
-           "ks_ptr": "*bf16", "sksb": "i32", "sksh": "i32", "skst": "i32", "sksd": "constexpr",
-           "kf_ptr": "*bf16", "skfb": "i32", "skfh": "i32", "skft": "i32", "skfd": "constexpr",
+           "ks_ptr": k, "sksb": "i32", "sksh": "i32", "skst": "i32", "sksd": "constexpr",
+           "kf_ptr": k, "skfb": "i32", "skfh": "i32", "skft": "i32", "skfd": "constexpr",
            "mask_ptr": "*i8", "kl_ptr": "*fp32", "stats_ptr": "*fp32",
            "H": "i32", "T": "i32", "GROUP": "i32", "N_ROWS": "i32", "scale": "fp32", "T_BUCKET": "i32"}
-    for k in ("D", "BLOCK_D", "DOT_DTYPE", "IEEE", "BLOCK_M", "BLOCK_N"):
-        sig[k] = "constexpr"
+    for name in ("D", "BLOCK_D", "DOT_DTYPE", "IEEE", "BLOCK_M", "BLOCK_N", "K_TMA"):
+        sig[name] = "constexpr"
     return sig
 
 
@@ -117,11 +118,15 @@ def main(argv=None):
                     info = f"FAILED {type(err).__name__}: {str(err)[:400]}"
                 print(f"bwd {variant:7s} {m:3d} x {n:3d} / {w} warps, {s} stages: {info}", flush=True)
     if args.only != "bwd":
-        for m, n, w, s in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)]:
-            consts = dict(sqd=1, sksd=1, skfd=1, D=D, BLOCK_D=D, DOT_DTYPE=tl.bfloat16, IEEE=False,
-                          BLOCK_M=m, BLOCK_N=n)
-            info = compile_one(K._attention_kl_fwd_kernel, fwd_signature(), consts, w, s, args.ptxas, args.arch)
-            print(f"fwd {m:3d} x {n:3d} / {w} warps, {s} stages: {info}", flush=True)
+        for k_tma, tiles in ((0, [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)]), (2, K._TMA_FWD),
+                             (1, K._TMA_FWD[:1])):
+            for m, n, w, s in tiles:
+                consts = dict(sqd=1, sksd=1, skfd=1, D=D, BLOCK_D=D, DOT_DTYPE=tl.bfloat16, IEEE=False,
+                              BLOCK_M=m, BLOCK_N=n, K_TMA=k_tma)
+                info = compile_one(K._attention_kl_fwd_kernel, fwd_signature(k_tma, n), consts, w, s, args.ptxas,
+                                   args.arch)
+                name = {0: "ptr", 2: "tma", 1: "tma-4d"}[k_tma]
+                print(f"fwd {name:7s} {m:3d} x {n:3d} / {w} warps, {s} stages: {info}", flush=True)
 
 
 if __name__ == "__main__":

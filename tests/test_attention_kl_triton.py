@@ -353,13 +353,17 @@ def test_tma_backward_variants_vs_float64(variant, case, launches, tma_reduce, m
 
 
 @pytest.mark.parametrize("variant", ["tma_dq", "tma"])
-def test_tma_variants_through_attention_kl_padded_masks(variant, tma_reduce, monkeypatch):
-    """The module switch BWD_VARIANT (what the bench sweeps) routes attention_kl's backward through the variant;
-    padded rows (left, right, holes, a fully masked batch row) match the torch reference."""
+def test_tma_variants_through_attention_kl_padded_masks(variant, launches, tma_reduce, monkeypatch):
+    """The module switches BWD_VARIANT and FWD_VARIANT (what the bench sweeps) route attention_kl through the
+    variants (forward with TMA key tiles for "tma"); padded rows (left, right, holes, a fully masked batch row)
+    match the torch reference."""
     monkeypatch.setattr(kernels, "BWD_VARIANT", variant)
+    monkeypatch.setattr(kernels, "FWD_VARIANT", "tma" if variant == "tma" else "ptr")
     leaves, mask = make_case(41, 3, 6, 2, 27, 16)
     mask[1] = False
+    launches.clear()
     got = loss_and_grads(leaves, mask, "triton", scale=0.4)
+    assert launches == [("fwd_tma" if variant == "tma" else "fwd", None), (f"bwd_{variant}", True)]
     ref = loss_and_grads(leaves, mask, "torch", scale=0.4)
     assert_matches(got, ref, 1e-4)
     assert float(got[1][0][1].abs().max()) == 0.0
@@ -428,3 +432,37 @@ def test_bench_sweeps_every_backward_variant_on_cpu(tmp_path, monkeypatch, tma_r
         (v, m) for v in ("triton", "triton-tma_dq", "triton-tma", "triton-det") for m in ("fwd", "full"))
     assert all(float(r["ms"]) == 1.0 and r["T"] == "24" for r in rows)
     assert kernels.BWD_VARIANT == "ptr" and not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16), (16, 32)])
+def test_tma_forward_vs_float64(permuted, block_m, block_n, launches, monkeypatch):
+    """The forward with TMA key tiles (rows descriptor for contiguous keys, 4-D for keys stored [B, T, H, D]):
+    row KL and statistics equal the pointer forward's, and KL equals float64's, at odd T with padded rows."""
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_M", block_m)
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_N", block_n)
+    leaves, mask = make_case(61, 2, 6, 2, 37, 16)
+    q, k_s, k_f = (x.detach() for x in leaves)
+    if permuted:
+        k_s, k_f = (k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for k in (k_s, k_f))
+    mask8 = mask.to(torch.int8)
+    assert kernels.fwd_k_tma(k_s, k_f, kernels._meta(q), "tma") == (1 if permuted else 2)
+    launches.clear()
+    kl, stats = kernels.attention_kl_forward(q, k_s, k_f, mask8, 0.3)
+    monkeypatch.setattr(kernels, "FWD_VARIANT", "tma")
+    kl_t, stats_t = kernels.attention_kl_forward(q, k_s, k_f, mask8, 0.3)
+    assert launches == [("fwd", None), ("fwd_tma", None)]
+    assert torch.allclose(kl_t, kl, atol=1e-6, rtol=1e-5) and torch.allclose(stats_t, stats, atol=1e-5, rtol=1e-5)
+    ref = _rows_reference64(q.double(), k_s.double(), k_f.double(), mask, 0.3)
+    assert rel(kl_t, ref) <= 1e-5
+
+
+def test_tma_forward_steps_aside_where_tma_cannot_run(monkeypatch):
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    k = torch.zeros(1, 2, 8, 128)
+    half = dict(IEEE=False, D=128, BLOCK_D=128)
+    assert kernels.fwd_k_tma(k, k, half, "tma") == 2
+    assert kernels.fwd_k_tma(k, k.transpose(1, 2), half, "tma") == 1
+    assert kernels.fwd_k_tma(k, k[..., ::2], dict(half, D=64, BLOCK_D=64), "tma") == 0
+    assert kernels.fwd_k_tma(k, k, dict(half, IEEE=True), "tma") == 0
+    assert kernels.fwd_k_tma(k, k, half, "ptr") == 0

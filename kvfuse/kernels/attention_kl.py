@@ -61,16 +61,27 @@ def _key_bias(mask_row, offs_n, T):
 
 @triton.jit
 def _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
-                        BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+                        kv_b, kv_g, kv_row0, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                        CAUSAL: tl.constexpr, K_TMA: tl.constexpr = 0, BLOCK_D: tl.constexpr = 16):
     """Base-2 logits s, f [BLOCK_M, BLOCK_N] of query rows offs_m against key tile n0 (padded keys, and later keys
-    when CAUSAL, biased by −1e30), and the key tiles k_s, k_f [BLOCK_N, BLOCK_D]."""
+    when CAUSAL, biased by −1e30), and the key tiles k_s, k_f [BLOCK_N, BLOCK_D].  K_TMA: the key tiles come from
+    TMA descriptors (ks_base, kf_base: 2 = rows [B·H_kv·T, D] from row kv_row0 = (b·H_kv + g)·T on, 1 = 4-D
+    [B, H_kv, T, D] at (kv_b, kv_g)) instead of pointers."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     bias = _key_bias(mask_row, offs_n, T)[None, :]
     if CAUSAL:
         bias = tl.where(offs_n[None, :] <= offs_m[:, None], bias, _NEG)
-    kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
-    k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
-    k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    if K_TMA == 2:
+        # Rows [B·H_kv·T, D]: rows past T are the next head's keys (finite, biased by −1e30) or zeros past the end.
+        k_s = ks_base.load([kv_row0 + n0, 0]).to(DOT_DTYPE)
+        k_f = kf_base.load([kv_row0 + n0, 0]).to(DOT_DTYPE)
+    elif K_TMA == 1:
+        k_s = ks_base.load([kv_b, kv_g, n0, 0]).reshape(BLOCK_N, BLOCK_D).to(DOT_DTYPE)
+        k_f = kf_base.load([kv_b, kv_g, n0, 0]).reshape(BLOCK_N, BLOCK_D).to(DOT_DTYPE)
+    else:
+        kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
+        k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
+        k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
     s = _dot(q, tl.trans(k_s), IEEE) * scale2 + bias
     f = _dot(q, tl.trans(k_f), IEEE) * scale2 + bias
     return s, f, k_s, k_f
@@ -78,14 +89,16 @@ def _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n
 
 @triton.jit
 def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
-              m_s, m_f, l_s, l_f, acc,
-              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+              m_s, m_f, l_s, l_f, acc, kv_b, kv_g, kv_row0,
+              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr,
+              K_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     # Online update over one key tile, in base-2 units (s, f, m ← log2(e)·logits; exp2 spares the multiply
     # that exp costs per element):  m ← max(m, max_j s_ij),  c = 2^{m_old − m},
     #   l_s ← c·l_s + Σ_j 2^{s_ij − m_s},   acc ← c·acc + Σ_j 2^{s_ij − m_s} (s_ij − f_ij);  m_f, l_f likewise.
     # A padded key's bias cancels in s − f and its weight is 0 once the row has seen a valid key (c = 0 then).
     s, f, _, _ = _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok,
-                                     T, scale2, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
+                                     T, scale2, kv_b, kv_g, kv_row0, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL, K_TMA,
+                                     BLOCK_D)
 
     ms_new = tl.maximum(m_s, tl.max(s, axis=1))
     c_s = tl.exp2(m_s - ms_new)
@@ -128,7 +141,7 @@ def _attention_kl_fwd_kernel(
     mask_ptr, kl_ptr, stats_ptr,
     H, T, GROUP, N_ROWS, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_TMA: tl.constexpr = 0,
 ):
     # One program: query tile [BLOCK_M] of (b, h).  Key tiles wholly below the diagonal first (no causal mask),
     # then the ones that straddle it.  At the end: lse = ln 2 · (m + log2 l), E = ln 2 · acc / l_s,
@@ -143,18 +156,25 @@ def _attention_kl_fwd_kernel(
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_f = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)
-    ks_base = ks_ptr + b * sksb + g * sksh
-    kf_base = kf_ptr + b * skfb + g * skfh
+    if K_TMA:
+        ks_base = ks_ptr
+        kf_base = kf_ptr
+    else:
+        ks_base = ks_ptr + b * sksb + g * sksh
+        kf_base = kf_ptr + b * skfb + g * skfh
+    kv_b = b.to(tl.int32)
+    kv_g = g.to(tl.int32)
+    kv_row0 = (kv_b * (H // GROUP) + kv_g) * T
     scale2 = scale * _LOG2E
     full_end = start_m // BLOCK_N * BLOCK_N          # keys j < full_end ≤ start_m ≤ i: all causal-allowed
     for n0 in range(0, full_end, BLOCK_N):
         m_s, m_f, l_s, l_f, acc = _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
-                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc,
-                                            BLOCK_N, DOT_DTYPE, IEEE, False)
+                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc, kv_b, kv_g, kv_row0,
+                                            BLOCK_N, DOT_DTYPE, IEEE, False, K_TMA, BLOCK_D)
     for n0 in range(full_end, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         m_s, m_f, l_s, l_f, acc = _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
-                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc,
-                                            BLOCK_N, DOT_DTYPE, IEEE, True)
+                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc, kv_b, kv_g, kv_row0,
+                                            BLOCK_N, DOT_DTYPE, IEEE, True, K_TMA, BLOCK_D)
 
     # A valid query always sees itself, so l_s ≥ 1 on valid rows; padded rows are zeroed here.
     l_s = tl.where(q_valid, l_s, 1.0)
@@ -291,7 +311,7 @@ def _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, 
     # Base-2 units as in _bwd_step:  dS = P (s − f − E) w ln 2,  dF = (Q − P) w,  ∂q += dS K_s + dF K_f
     # (scaled at the end).
     s, f, k_s, k_f = _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d,
-                                         d_ok, T, scale2, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
+                                         d_ok, T, scale2, 0, 0, 0, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
     p = tl.exp2(s - lse_s[:, None])
     ds = p * (s - f - e[:, None]) * w_ln2[:, None]
     df = (tl.exp2(f - lse_f[:, None]) - p) * w[:, None]
@@ -370,6 +390,10 @@ _TUNED = {
 # whose q meets TMA's alignment (16-byte base and strides, unit last stride); otherwise "ptr" runs.
 BWD_VARIANTS = {"ptr": (False, False), "tma_dq": (False, True), "tma": (True, True)}
 BWD_VARIANT = "ptr"
+# Forward variants: "ptr" = pointer loads of the key tiles (the measured kernel); "tma" = key tiles through TMA
+# descriptors (bulk copies, no per-element addresses in registers), for the same inputs as the backward's.
+FWD_VARIANTS = ("ptr", "tma")
+FWD_VARIANT = "ptr"
 
 
 def _bwd_tma_pre_hook(nargs):
@@ -381,6 +405,14 @@ def _bwd_tma_pre_hook(nargs):
     if isinstance(nargs["dq_ptr"], TensorDescriptor):
         nargs["dq_ptr"].block_shape = [1, d, m]
         nargs["dq_ptr"].base.zero_()
+
+
+def _fwd_tma_pre_hook(nargs):
+    """The key descriptors' boxes for the config about to run."""
+    box = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+    for name in ("ks_ptr", "kf_ptr"):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = box if nargs["K_TMA"] == 2 else [1, 1, *box]
 
 
 # TMA-variant tiles (ptxas for sm_90a through triton 3.6's compiler, D = 128 bf16, bench/ptx_attention_kl.py; the
@@ -395,16 +427,20 @@ for _name, _tiles in _TMA_BWD.items():
                                                       _bwd_tma_pre_hook),
                                      key=_KEY + ["ATOMIC_DQ", "SPLIT", "Q_TMA", "DQ_TMA"])(_attention_kl_bwd_kernel),
                      None)
-_KERNELS = {"fwd": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "dq": _attention_kl_bwd_dq_kernel,
+_TMA_FWD = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3)]
+_TUNED["fwd_tma"] = (triton.autotune(autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, st)
+                                                       for m, n, w, st in _TMA_FWD], _fwd_tma_pre_hook),
+                                     key=_KEY + ["K_TMA"])(_attention_kl_fwd_kernel), None)
+_KERNELS = {"fwd": _attention_kl_fwd_kernel, "fwd_tma": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "dq": _attention_kl_bwd_dq_kernel,
             "bwd_tma_dq": _attention_kl_bwd_kernel, "bwd_tma": _attention_kl_bwd_kernel}
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _launch(name, grid_of, args, meta):
     if interpreting():
-        if name in _TMA_BWD:
-            names = _attention_kl_bwd_kernel.arg_names
-            _bwd_tma_pre_hook({**dict(zip(names, args)), **meta, **INTERP_BLOCKS})
+        if name in _TMA_BWD or name == "fwd_tma":
+            nargs = {**dict(zip(_KERNELS[name].arg_names, args)), **meta, **INTERP_BLOCKS}
+            (_fwd_tma_pre_hook if name == "fwd_tma" else _bwd_tma_pre_hook)(nargs)
         _KERNELS[name][grid_of(INTERP_BLOCKS)](*args, **meta, **INTERP_BLOCKS)
     else:
         _TUNED[name][1 if meta["IEEE"] else 0][grid_of](*args, **meta)
@@ -452,9 +488,17 @@ def attention_kl_forward(q, k_s, k_f, mask, scale: float):
     B, H, T, _ = q.shape
     kl = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     stats = torch.empty(3, B, H, T, device=q.device, dtype=torch.float32)
-    args = (q, *q.stride(), k_s, *k_s.stride(), k_f, *k_f.stride(), mask, kl, stats,
+    meta = _meta(q)
+    k_tma = fwd_k_tma(k_s, k_f, meta)
+    ks_arg, kf_arg = (_rows_descriptor(k) if k_tma == 2 else TensorDescriptor.from_tensor(k, [1, 1, 16, 16])
+                      if k_tma else k for k in (k_s, k_f))
+    args = (q, *q.stride(), ks_arg, *k_s.stride(), kf_arg, *k_f.stride(), mask, kl, stats,
             H, T, H // k_s.shape[1], B * H * T, float(scale), triton.next_power_of_2(T))
-    _launch("fwd", lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"])), args, _meta(q))
+    grid = lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))  # noqa: E731
+    if k_tma:
+        _launch("fwd_tma", grid, args, dict(meta, K_TMA=k_tma))
+    else:
+        _launch("fwd", grid, args, meta)
     return kl, stats
 
 
@@ -479,6 +523,34 @@ def _tma_ready(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
 
 
+def _tma_mode(x: torch.Tensor) -> int:
+    """How a TMA descriptor can read x [B, H, T, D]: 2 = as rows [B·H·T, D] ((b, h, t) collapse to one stride),
+    1 = as itself (4-D), 0 = not at all (alignment)."""
+    if not _tma_ready(x):
+        return 0
+    B, H, T, _ = x.shape
+    rows = (B == 1 or x.stride(0) == H * x.stride(1)) and (H == 1 or x.stride(1) == T * x.stride(2))
+    return 2 if rows else 1
+
+
+def _rows_descriptor(x: torch.Tensor) -> TensorDescriptor:
+    """x [B, H, T, D] as rows [B·H·T, D] (box a placeholder; the pre-hooks fit it to each config)."""
+    B, H, T, D = x.shape
+    return TensorDescriptor(x, [B * H * T, D], [x.stride(2), 1], [16, 16])
+
+
+def fwd_k_tma(k_s: torch.Tensor, k_f: torch.Tensor, meta: dict, variant: str | None = None) -> int:
+    """K_TMA the forward runs with for `variant` (default FWD_VARIANT): 0 = pointer loads; else both key tensors
+    through descriptors of one kind (2 = rows, 1 = 4-D), for half products with D = BLOCK_D on the GPU (any dtype
+    under the interpreter, so the tests cover it)."""
+    if (FWD_VARIANT if variant is None else variant) != "tma":
+        return 0
+    if not interpreting() and (meta["IEEE"] or meta["D"] != meta["BLOCK_D"]):
+        return 0
+    modes = {_tma_mode(k_s), _tma_mode(k_f)}
+    return 0 if 0 in modes else min(modes)
+
+
 def bwd_variant_flags(q: torch.Tensor, meta: dict, variant: str | None = None) -> tuple[int, bool]:
     """(Q_TMA, DQ_TMA) the one-pass backward runs with for `variant` (default BWD_VARIANT).  TMA only for half
     products (not the fp32 'ieee' path; under the interpreter any dtype, so the tests cover it) and D = BLOCK_D on
@@ -487,11 +559,7 @@ def bwd_variant_flags(q: torch.Tensor, meta: dict, variant: str | None = None) -
     q_tma, dq_tma = BWD_VARIANTS[BWD_VARIANT if variant is None else variant]
     if not interpreting() and (meta["IEEE"] or meta["D"] != meta["BLOCK_D"]):
         return 0, False
-    if not (q_tma and _tma_ready(q)):
-        return 0, dq_tma
-    B, H, T, _ = q.shape
-    rows = (B == 1 or q.stride(0) == H * q.stride(1)) and (H == 1 or q.stride(1) == T * q.stride(2))
-    return (2 if rows else 1), dq_tma
+    return (_tma_mode(q) if q_tma else 0), dq_tma
 
 
 def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=True, need_k=True,
@@ -527,7 +595,7 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
             dqt = torch.empty(B * H, D, t_pad, device=q.device, dtype=torch.float32)
             dq_desc = TensorDescriptor(dqt, [B * H, D, T], [D * t_pad, t_pad, 1], [1, 16, 16])
             if q_tma == 2:
-                q_arg = TensorDescriptor(q, [B * H * T, D], [q.stride(2), 1], [16, 16])
+                q_arg = _rows_descriptor(q)
             else:
                 q_arg = TensorDescriptor.from_tensor(q, [1, 1, 16, 16]) if q_tma else q
             _launch("bwd_tma" if q_tma else "bwd_tma_dq", grid, (q_arg, *common[1:], dq_desc, dks, dkf, *tail),
