@@ -35,7 +35,7 @@ VARIANTS = ("eager", "compile", "triton")
 # One-pass backward variants timed next to the default kernel ("triton" = kernels.BWD_VARIANT's default, "ptr"):
 # rows named triton-<variant>; "det" = the deterministic two-kernel backward (∂q from the query-major kernel, no
 # atomics), which splits the atomics' cost from the rest in one run.
-TRITON_VARIANTS = ("tma_dq", "tma", "det")
+TRITON_VARIANTS = ("lean", "tma_dq", "tma", "det")
 DEVICE = "cuda"  # a CPU smoke test of this script's logic may set "cpu" (with TRITON_INTERPRET=1)
 
 
@@ -108,7 +108,7 @@ def check(log) -> float:
 
 
 class bwd_variant:
-    """Context: the one-pass backward runs `variant` ("ptr" | "tma_dq" | "tma", kernels.BWD_VARIANTS) or, for
+    """Context: the one-pass backward runs `variant` ("ptr" | "lean" | "tma_dq" | "tma", kernels.BWD_VARIANTS) or, for
     "det", the deterministic two-kernel path; "tma" also switches the forward to TMA key tiles
     (kernels.FWD_VARIANT), so its fwd rows time the forward variant and full − fwd the backward one."""
 
@@ -159,8 +159,8 @@ def chosen_configs(variant: str) -> str:
     def fmt(tuner):
         c = getattr(tuner, "best_config", None)
         return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s" if c else "-"
-    names = {"triton": ["fwd", "bwd"], "triton-tma_dq": ["fwd", "bwd_tma_dq"], "triton-tma": ["fwd_tma", "bwd_tma"],
-             "triton-det": ["fwd", "dq", "bwd"]}.get(variant)
+    names = {"triton": ["fwd", "bwd"], "triton-lean": ["fwd", "bwd_lean"], "triton-tma_dq": ["fwd", "bwd_tma_dq"],
+             "triton-tma": ["fwd_tma", "bwd_tma"], "triton-det": ["fwd", "dq", "bwd"]}.get(variant)
     if names is None:
         return ""
     return "; ".join(f"{n} {fmt(kernels._TUNED[n][0])}" for n in names)
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", type=int, nargs="+", default=SEQS)
     p.add_argument("--triton-only-seqs", type=int, nargs="*", default=TRITON_ONLY_SEQS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--triton-variants", nargs="*", default=["tma_dq", "tma"], choices=TRITON_VARIANTS,
+    p.add_argument("--triton-variants", nargs="*", default=["lean", "tma_dq", "tma"], choices=TRITON_VARIANTS,
                    help="backward variants timed as extra rows triton-<variant> (checked first); det = the "
                         "deterministic two-kernel backward (compiles 6 more kernels, ~40 s)")
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")

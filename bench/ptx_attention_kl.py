@@ -49,7 +49,7 @@ def bwd_signature(q_tma: int, dq_tma: bool, block_m: int) -> dict:
            "dq_ptr": f"tensordesc<fp32[1, {D}, {block_m}]>" if dq_tma else "*fp32",
            "dks_ptr": "*fp32", "dkf_ptr": "*fp32", "H": "i32", "H_KV": "i32", "T": "i32", "GROUP": "i32",
            "SPLIT": "i32", "N_ROWS": "i32", "scale": "fp32", "T_BUCKET": "i32"}
-    for k in ("D", "BLOCK_D", "DOT_DTYPE", "IEEE", "ATOMIC_DQ", "BLOCK_M", "BLOCK_N", "Q_TMA", "DQ_TMA"):
+    for k in ("D", "BLOCK_D", "DOT_DTYPE", "IEEE", "ATOMIC_DQ", "BLOCK_M", "BLOCK_N", "Q_TMA", "DQ_TMA", "LEAN"):
         sig[k] = "constexpr"
     return sig
 
@@ -101,16 +101,16 @@ def main(argv=None):
     print(f"triton {triton.__version__}, {args.arch}, D = {D}, bf16")
     if args.only != "fwd":
         for variant in args.variants:
-            q_tma, dq_tma = K.BWD_VARIANTS[variant.removesuffix("-4d")]
+            q_tma, dq_tma, lean = K.BWD_VARIANTS[variant.removesuffix("-4d")]
             q_tma = (1 if variant.endswith("-4d") else 2) if q_tma else 0
             tiles = [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)] if variant == "ptr" \
-                else K._TMA_BWD["bwd_tma" if q_tma else "bwd_tma_dq"]
+                else K._VARIANT_BWD["bwd_" + variant.removesuffix("-4d")]
             if args.all_tiles:
                 tiles = sorted(set(tiles) | {(32, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2),
                                              (64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 4, 2)})
             for m, n, w, s in tiles:
                 consts = dict(sqd=1, sksd=1, skfd=1, D=D, BLOCK_D=D, DOT_DTYPE=tl.bfloat16, IEEE=False,
-                              ATOMIC_DQ=True, BLOCK_M=m, BLOCK_N=n, Q_TMA=q_tma, DQ_TMA=dq_tma)
+                              ATOMIC_DQ=True, BLOCK_M=m, BLOCK_N=n, Q_TMA=q_tma, DQ_TMA=dq_tma, LEAN=lean)
                 try:
                     info = compile_one(K._attention_kl_bwd_kernel, bwd_signature(q_tma, dq_tma, m), consts, w, s,
                                        args.ptxas, args.arch)

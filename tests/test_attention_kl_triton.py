@@ -333,26 +333,28 @@ def tma_reduce(monkeypatch):
 VARIANT_CASES = [(1, 6, 1, 35, 16, 2, 16, 16), (2, 4, 2, 29, 16, 1, 32, 16), (1, 4, 1, 44, 13, 4, 16, 32)]
 
 
-@pytest.mark.parametrize("variant", ["tma_dq", "tma"])
+@pytest.mark.parametrize("variant", ["lean", "tma_dq", "tma"])
 @pytest.mark.parametrize("case", VARIANT_CASES)
 def test_tma_backward_variants_vs_float64(variant, case, launches, tma_reduce, monkeypatch):
-    """The TMA backward variants (∂q by bulk reduction into a transposed buffer; q by TMA loads): one launch of
-    the TMA kernel with the expected flags, gradients of a random row weighting equal to float64's."""
+    """The backward variants (lean elementwise form; ∂q by bulk reduction into a transposed buffer; q by TMA
+    loads): one launch of the variant's kernel with the expected flags, gradients of a random row weighting equal
+    to float64's."""
     B, Hq, Hkv, T, D, split, block_m, block_n = case
     monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_M", block_m)
     monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_N", block_n)
     args, ref = _weighted_rows_case(31 + T, B, Hq, Hkv, T, D, 0.3)
     flags = kernels.bwd_variant_flags(args[0], kernels._meta(args[0]), variant)
-    assert flags == (2 if variant == "tma" and D != 13 else 0, True)
+    assert flags == (2 if variant == "tma" and D != 13 else 0, variant != "lean", True)
     launches.clear()
     got = kernels.attention_kl_backward(*args, split=split, variant=variant)
-    assert launches == [("bwd_tma" if flags[0] else "bwd_tma_dq", True)]
+    name = "bwd_tma" if flags[0] else "bwd_tma_dq" if flags[1] else "bwd_lean"
+    assert launches == [(name, True)]
     for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
         assert a.dtype == torch.float32 and a.shape == b.shape and a.is_contiguous(), name
         assert rel(a, b) <= 1e-5, (name, variant, case, rel(a, b))
 
 
-@pytest.mark.parametrize("variant", ["tma_dq", "tma"])
+@pytest.mark.parametrize("variant", ["lean", "tma_dq", "tma"])
 def test_tma_variants_through_attention_kl_padded_masks(variant, launches, tma_reduce, monkeypatch):
     """The module switches BWD_VARIANT and FWD_VARIANT (what the bench sweeps) route attention_kl through the
     variants (forward with TMA key tiles for "tma"); padded rows (left, right, holes, a fully masked batch row)
@@ -374,12 +376,15 @@ def test_tma_variants_step_aside_where_tma_cannot_run(monkeypatch):
     path and other D keep the pointer kernel."""
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     q = torch.zeros(1, 2, 8, 128)
-    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=128, BLOCK_D=128), "tma") == (2, True)
-    assert kernels.bwd_variant_flags(q, dict(IEEE=True, D=128, BLOCK_D=128), "tma") == (0, False)
-    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=96, BLOCK_D=128), "tma_dq") == (0, False)
-    assert kernels.bwd_variant_flags(q[..., ::2], dict(IEEE=False, D=64, BLOCK_D=64), "tma") == (0, True)
-    assert kernels.bwd_variant_flags(q.transpose(1, 2), dict(IEEE=False, D=128, BLOCK_D=128), "tma") == (1, True)
-    assert kernels.bwd_variant_flags(q, dict(IEEE=False, D=128, BLOCK_D=128), "ptr") == (0, False)
+    half = dict(IEEE=False, D=128, BLOCK_D=128)
+    assert kernels.bwd_variant_flags(q, half, "tma") == (2, True, True)
+    assert kernels.bwd_variant_flags(q, dict(half, IEEE=True), "tma") == (0, False, False)
+    assert kernels.bwd_variant_flags(q, dict(half, IEEE=True), "lean") == (0, False, False)
+    assert kernels.bwd_variant_flags(q, dict(half, D=96), "tma_dq") == (0, False, True)
+    assert kernels.bwd_variant_flags(q[..., ::2], dict(half, D=64, BLOCK_D=64), "tma") == (0, True, True)
+    assert kernels.bwd_variant_flags(q.transpose(1, 2), half, "tma") == (1, True, True)
+    assert kernels.bwd_variant_flags(q, half, "lean") == (0, False, True)
+    assert kernels.bwd_variant_flags(q, half, "ptr") == (0, False, False)
 
 
 def test_tma_variant_reads_a_permuted_q_through_a_4d_descriptor(launches, tma_reduce):
@@ -388,7 +393,7 @@ def test_tma_variant_reads_a_permuted_q_through_a_4d_descriptor(launches, tma_re
     args, ref = _weighted_rows_case(51, 2, 4, 2, 27, 16, 0.3)
     q = args[0].permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
     assert torch.equal(q, args[0]) and not q.is_contiguous()
-    assert kernels.bwd_variant_flags(q, kernels._meta(q), "tma") == (1, True)
+    assert kernels.bwd_variant_flags(q, kernels._meta(q), "tma") == (1, True, True)
     launches.clear()
     got = kernels.attention_kl_backward(q, *args[1:], split=2, variant="tma")
     assert launches == [("bwd_tma", True)]
@@ -425,11 +430,12 @@ def test_bench_sweeps_every_backward_variant_on_cpu(tmp_path, monkeypatch, tma_r
 
     check_variants.__wrapped__ = bench.check_variants
     monkeypatch.setattr(bench, "check_variants", check_variants)
-    assert bench.run(tmp_path, [24], ["triton"], [], ("tma_dq", "tma", "det"))
-    assert checked == ["tma_dq", "tma", "det"]
+    assert bench.run(tmp_path, [24], ["triton"], [], ("lean", "tma_dq", "tma", "det"))
+    assert checked == ["lean", "tma_dq", "tma", "det"]
     rows = list(csv.DictReader(open(tmp_path / "attention_kl_cpu_smoke.csv")))
     assert sorted((r["variant"], r["mode"]) for r in rows) == sorted(
-        (v, m) for v in ("triton", "triton-tma_dq", "triton-tma", "triton-det") for m in ("fwd", "full"))
+        (v, m) for v in ("triton", "triton-lean", "triton-tma_dq", "triton-tma", "triton-det")
+        for m in ("fwd", "full"))
     assert all(float(r["ms"]) == 1.0 and r["T"] == "24" for r in rows)
     assert kernels.BWD_VARIANT == "ptr" and not torch.are_deterministic_algorithms_enabled()
 

@@ -206,7 +206,8 @@ def _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T):
 def _bwd_step(k_s, k_f, bias, offs_n, q_ptr, b, h, bh, sqb, sqh, sqt, sqd, mask_row, dkl_ptr, stats_ptr, n_rows, row0,
               dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, Q_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
+              IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, Q_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+              LEAN: tl.constexpr):
     # Transposed tiles of one (key tile, query tile) pair, [BLOCK_N, BLOCK_M], logits and row statistics in
     # base-2 units (ln 2 · (s − f − E) = natural units, hence w·ln 2 in dS):
     #   sᵀ, fᵀ;  Pᵀ = 2^{sᵀ − lse_s},  Qᵀ = 2^{fᵀ − lse_f};  dSᵀ = Pᵀ (sᵀ − fᵀ − E) w ln 2,  dFᵀ = (Qᵀ − Pᵀ) w
@@ -225,12 +226,24 @@ def _bwd_step(k_s, k_f, bias, offs_n, q_ptr, b, h, bh, sqb, sqh, sqt, sqd, mask_
     else:
         q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
                     mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
-    s_t = _dot(k_s, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
-    f_t = _dot(k_f, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
-    p_t = tl.exp2(s_t - lse_s[None, :])
-    ds_t = (p_t * (s_t - f_t - e[None, :]) * w_ln2[None, :]).to(DOT_DTYPE)
-    df_t = ((tl.exp2(f_t - lse_f[None, :]) - p_t) * w[None, :]).to(DOT_DTYPE)
+    if LEAN:
+        # No bias tile: the raw products a_s, a_f enter one FMA each (2^{c·a − lse}), the mask (causal and padded
+        # keys) selects 0 afterwards (an exponential that overflows on a masked pair is discarded, never
+        # multiplied), and s − f = c (a_s − a_f) needs no bias.  One [BLOCK_N, BLOCK_M] fp32 tile fewer live.
+        c = scale * _LOG2E
+        ok = (offs_n[:, None] <= offs_m[None, :]) & (bias == 0.0)
+        a_s = _dot(k_s, tl.trans(q), IEEE)
+        a_f = _dot(k_f, tl.trans(q), IEEE)
+        p_t = tl.where(ok, tl.exp2(a_s * c - lse_s[None, :]), 0.0)
+        ds_t = (p_t * ((a_s - a_f) * c - e[None, :]) * w_ln2[None, :]).to(DOT_DTYPE)
+        df_t = ((tl.where(ok, tl.exp2(a_f * c - lse_f[None, :]), 0.0) - p_t) * w[None, :]).to(DOT_DTYPE)
+    else:
+        bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
+        s_t = _dot(k_s, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
+        f_t = _dot(k_f, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
+        p_t = tl.exp2(s_t - lse_s[None, :])
+        ds_t = (p_t * (s_t - f_t - e[None, :]) * w_ln2[None, :]).to(DOT_DTYPE)
+        df_t = ((tl.exp2(f_t - lse_f[None, :]) - p_t) * w[None, :]).to(DOT_DTYPE)
     dks += _dot(ds_t, q, IEEE)
     dkf += _dot(df_t, q, IEEE)
     if ATOMIC_DQ:
@@ -257,7 +270,7 @@ def _attention_kl_bwd_kernel(
     H, H_KV, T, GROUP, SPLIT, N_ROWS, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    Q_TMA: tl.constexpr = 0, DQ_TMA: tl.constexpr = False,
+    Q_TMA: tl.constexpr = 0, DQ_TMA: tl.constexpr = False, LEAN: tl.constexpr = False,
 ):
     # One program: key tile [BLOCK_N] of KV head g in batch row b, over GROUP / SPLIT of g's query heads (share
     # `part` of SPLIT) and every query tile that can see the tile.  Writes its fp32 ∂k_s, ∂k_f shares to
@@ -297,7 +310,7 @@ def _attention_kl_bwd_kernel(
         bh = b * H + h
         dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_ptr, b, h, bh, sqb, sqh, sqt, sqd, mask_row, dkl_ptr,
                              stats_ptr, N_ROWS, bh * T, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
-                             D, BLOCK_D, BLOCK_M, DOT_DTYPE, IEEE, ATOMIC_DQ, Q_TMA, DQ_TMA)
+                             D, BLOCK_D, BLOCK_M, DOT_DTYPE, IEEE, ATOMIC_DQ, Q_TMA, DQ_TMA, LEAN)
 
     out = ((b * H_KV + g64) * SPLIT + part) * T * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dks_ptr + out, dks * scale, mask=kd_ok)
@@ -384,11 +397,13 @@ _TUNED = {
 }
 
 # One-pass backward variants (a private switch the bench sweeps; the default stays "ptr" until a GPU run proves
-# another): "ptr" = pointer loads of q and per-element fp32 atomics for ∂q (the measured kernel); "tma_dq" = ∂q
-# added per pair by one TMA bulk reduction (tensor descriptor atomic_add) into a transposed fp32 buffer;
-# "tma" = that plus q tiles loaded through a TMA descriptor.  The TMA variants run only for half-precision inputs
-# whose q meets TMA's alignment (16-byte base and strides, unit last stride); otherwise "ptr" runs.
-BWD_VARIANTS = {"ptr": (False, False), "tma_dq": (False, True), "tma": (True, True)}
+# another), (q through TMA, ∂q by TMA reduction, lean elementwise):  "ptr" = pointer loads of q, per-element fp32
+# atomics for ∂q, a −1e30 bias tile (the measured kernel);  "lean" = the same with the lean elementwise form
+# (no bias tile; _bwd_step);  "tma_dq" = lean, and ∂q added per pair by one TMA bulk reduction (tensor descriptor
+# atomic_add) into a transposed fp32 buffer;  "tma" = that plus q tiles loaded through a TMA descriptor.  The TMA
+# parts run only for half-precision inputs (q TMA-aligned for the q loads); otherwise the pointer forms run.
+BWD_VARIANTS = {"ptr": (False, False, False), "lean": (False, False, True), "tma_dq": (False, True, True),
+                "tma": (True, True, True)}
 BWD_VARIANT = "ptr"
 # Forward variants: "ptr" = pointer loads of the key tiles (the measured kernel); "tma" = key tiles through TMA
 # descriptors (bulk copies, no per-element addresses in registers), for the same inputs as the backward's.
@@ -415,30 +430,34 @@ def _fwd_tma_pre_hook(nargs):
             nargs[name].block_shape = box if nargs["K_TMA"] == 2 else [1, 1, *box]
 
 
-# TMA-variant tiles (ptxas for sm_90a through triton 3.6's compiler, D = 128 bf16, bench/ptx_attention_kl.py; the
-# table is in bench/NOTES.md): every tile that fits in 255 registers with ≤ 8 B of spill.  64-query tiles spill
-# 240–830 B in every variant and 16 warps cap registers at 128 (0.5–2.5 KB of spill), so none of those is listed.
-# With q through TMA, 32 × 128 spills 356 B at 2 stages and 4 B at 1 (the pipeliner keeps a second q tile and its
+# Variant tiles (ptxas for sm_90a through triton 3.6's compiler, D = 128 bf16, bench/ptx_attention_kl.py; the
+# table is in bench/NOTES.md): tiles that fit in 255 registers without spilling.  64-query tiles spill 160–880 B in
+# every variant and 16 warps cap registers at 128 (0.5–2.5 KB of spill), so none of those is listed.  With q
+# through TMA, 32 × 128 spills ~350 B at 2 or 3 stages and none at 1 (the pipeliner keeps a second q tile and its
 # row statistics live), hence 1 stage there.
-_TMA_BWD = {"bwd_tma_dq": [(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3)],
-            "bwd_tma": [(32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 8, 3)]}
-for _name, _tiles in _TMA_BWD.items():
-    _TUNED[_name] = (triton.autotune(autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, st) for m, n, w, st in _tiles],
-                                                      _bwd_tma_pre_hook),
-                                     key=_KEY + ["ATOMIC_DQ", "SPLIT", "Q_TMA", "DQ_TMA"])(_attention_kl_bwd_kernel),
-                     None)
+_VARIANT_BWD = {"bwd_lean": [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)],
+                "bwd_tma_dq": [(32, 128, 8, 2), (32, 128, 8, 1), (32, 64, 8, 2)],
+                "bwd_tma": [(32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 8, 1)]}
+_VARIANT_KEY = _KEY + ["ATOMIC_DQ", "SPLIT", "Q_TMA", "DQ_TMA", "LEAN"]
+for _name, _tiles in _VARIANT_BWD.items():
+    _options = [({"BLOCK_M": m, "BLOCK_N": n}, w, st) for m, n, w, st in _tiles]
+    if _name == "bwd_lean":   # pointer atomics: the autotuner zeroes the ∂q buffer before each trial and the launch
+        _tuner = triton.autotune(autotune_configs(_options), key=_VARIANT_KEY, reset_to_zero=["dq_ptr"])
+    else:
+        _tuner = triton.autotune(autotune_configs(_options, _bwd_tma_pre_hook), key=_VARIANT_KEY)
+    _TUNED[_name] = (_tuner(_attention_kl_bwd_kernel), None)
 _TMA_FWD = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3)]
 _TUNED["fwd_tma"] = (triton.autotune(autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, st)
                                                        for m, n, w, st in _TMA_FWD], _fwd_tma_pre_hook),
                                      key=_KEY + ["K_TMA"])(_attention_kl_fwd_kernel), None)
-_KERNELS = {"fwd": _attention_kl_fwd_kernel, "fwd_tma": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "dq": _attention_kl_bwd_dq_kernel,
-            "bwd_tma_dq": _attention_kl_bwd_kernel, "bwd_tma": _attention_kl_bwd_kernel}
+_KERNELS = {"fwd": _attention_kl_fwd_kernel, "fwd_tma": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel,
+            "dq": _attention_kl_bwd_dq_kernel, **{name: _attention_kl_bwd_kernel for name in _VARIANT_BWD}}
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _launch(name, grid_of, args, meta):
     if interpreting():
-        if name in _TMA_BWD or name == "fwd_tma":
+        if name in ("bwd_tma", "bwd_tma_dq", "fwd_tma"):
             nargs = {**dict(zip(_KERNELS[name].arg_names, args)), **meta, **INTERP_BLOCKS}
             (_fwd_tma_pre_hook if name == "fwd_tma" else _bwd_tma_pre_hook)(nargs)
         _KERNELS[name][grid_of(INTERP_BLOCKS)](*args, **meta, **INTERP_BLOCKS)
@@ -551,15 +570,16 @@ def fwd_k_tma(k_s: torch.Tensor, k_f: torch.Tensor, meta: dict, variant: str | N
     return 0 if 0 in modes else min(modes)
 
 
-def bwd_variant_flags(q: torch.Tensor, meta: dict, variant: str | None = None) -> tuple[int, bool]:
-    """(Q_TMA, DQ_TMA) the one-pass backward runs with for `variant` (default BWD_VARIANT).  TMA only for half
-    products (not the fp32 'ieee' path; under the interpreter any dtype, so the tests cover it) and D = BLOCK_D on
-    the GPU.  Q_TMA: 0 = pointer loads (q not TMA-ready), 2 = a 2-D descriptor over q's rows [B·H·T, D] when
-    (b, h, t) collapse to one stride (contiguous q), 1 = a 4-D descriptor otherwise."""
-    q_tma, dq_tma = BWD_VARIANTS[BWD_VARIANT if variant is None else variant]
+def bwd_variant_flags(q: torch.Tensor, meta: dict, variant: str | None = None) -> tuple[int, bool, bool]:
+    """(Q_TMA, DQ_TMA, LEAN) the one-pass backward runs with for `variant` (default BWD_VARIANT).  TMA only for
+    half products (not the fp32 'ieee' path; under the interpreter any dtype, so the tests cover it) and
+    D = BLOCK_D on the GPU.  Q_TMA: 0 = pointer loads (q not TMA-ready), 2 = a 2-D descriptor over q's rows
+    [B·H·T, D] when (b, h, t) collapse to one stride (contiguous q), 1 = a 4-D descriptor otherwise.  LEAN applies
+    to half products only on the GPU (the fp32 path keeps its one tuned tile)."""
+    q_tma, dq_tma, lean = BWD_VARIANTS[BWD_VARIANT if variant is None else variant]
     if not interpreting() and (meta["IEEE"] or meta["D"] != meta["BLOCK_D"]):
-        return 0, False
-    return (_tma_mode(q) if q_tma else 0), dq_tma
+        return 0, False, lean and not meta["IEEE"]
+    return (_tma_mode(q) if q_tma else 0), dq_tma, lean
 
 
 def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=True, need_k=True,
@@ -584,7 +604,7 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
         split = group_split(B, H_kv, group, T, _sm_count(q.device)) if split is None else split
         if split < 1 or group % split:
             raise ValueError(f"split ({split}) must divide the GQA group ({group})")
-        q_tma, dq_tma = bwd_variant_flags(q, meta, variant) if one_pass else (False, False)
+        q_tma, dq_tma, lean = bwd_variant_flags(q, meta, variant) if one_pass else (0, False, False)
         dks, dkf = (torch.empty(B, H_kv, split, T, D, device=q.device, dtype=torch.float32) for _ in range(2))
         grid = lambda c: (B * H_kv * split, triton.cdiv(T, c["BLOCK_N"]))  # noqa: E731
         tail = (H, H_kv, T, group, split, B * H * T, float(scale), triton.next_power_of_2(T))
@@ -599,14 +619,17 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
             else:
                 q_arg = TensorDescriptor.from_tensor(q, [1, 1, 16, 16]) if q_tma else q
             _launch("bwd_tma" if q_tma else "bwd_tma_dq", grid, (q_arg, *common[1:], dq_desc, dks, dkf, *tail),
-                    dict(meta, ATOMIC_DQ=True, Q_TMA=q_tma, DQ_TMA=dq_tma))
+                    dict(meta, ATOMIC_DQ=True, Q_TMA=q_tma, DQ_TMA=dq_tma, LEAN=lean))
             dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
             dq.copy_(dqt.view(B, H, D, t_pad)[..., :T].transpose(2, 3))
         else:
             dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if one_pass else None
             # Without atomics the ∂q pointer is never used: any fp32 tensor stands in (the autotuner zeroes it).
-            _launch("bwd", grid, (*common, dks if dq32 is None else dq32, dks, dkf, *tail),
-                    dict(meta, ATOMIC_DQ=one_pass))
+            args = (*common, dks if dq32 is None else dq32, dks, dkf, *tail)
+            if lean:
+                _launch("bwd_lean", grid, args, dict(meta, ATOMIC_DQ=True, LEAN=True))
+            else:
+                _launch("bwd", grid, args, dict(meta, ATOMIC_DQ=one_pass))
             if one_pass:
                 dq = dq32.to(q.dtype)
         dks, dkf = (x.sum(2) if split > 1 else x.squeeze(2) for x in (dks, dkf))
