@@ -434,9 +434,9 @@ def _fwd_tma_pre_hook(nargs):
 # table is in bench/NOTES.md): tiles that fit in 255 registers without spilling.  64-query tiles spill 160–880 B in
 # every variant and 16 warps cap registers at 128 (0.5–2.5 KB of spill), so none of those is listed.  With q
 # through TMA, 32 × 128 spills ~350 B at 2 or 3 stages and none at 1 (the pipeliner keeps a second q tile and its
-# row statistics live), hence 1 stage there.
-_VARIANT_BWD = {"bwd_lean": [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)],
-                "bwd_tma_dq": [(32, 128, 8, 2), (32, 128, 8, 1), (32, 64, 8, 2)],
+# row statistics live), hence 1 stage there; 16-query tiles fit with 3 stages except with q through TMA.
+_VARIANT_BWD = {"bwd_lean": [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 2)],
+                "bwd_tma_dq": [(32, 128, 8, 2), (32, 128, 8, 1), (16, 128, 8, 3), (32, 64, 8, 2)],
                 "bwd_tma": [(32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 8, 1)]}
 _VARIANT_KEY = _KEY + ["ATOMIC_DQ", "SPLIT", "Q_TMA", "DQ_TMA", "LEAN"]
 for _name, _tiles in _VARIANT_BWD.items():
@@ -446,7 +446,9 @@ for _name, _tiles in _VARIANT_BWD.items():
     else:
         _tuner = triton.autotune(autotune_configs(_options, _bwd_tma_pre_hook), key=_VARIANT_KEY)
     _TUNED[_name] = (_tuner(_attention_kl_bwd_kernel), None)
-_TMA_FWD = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3)]
+# Forward with TMA key tiles: 128 registers at 64 × 64 / 4 and 128 × 64 / 8 (pointer loads: 167, 172), no spill;
+# 2 stages halve the shared memory so that two programs fit on an SM.
+_TMA_FWD = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)]
 _TUNED["fwd_tma"] = (triton.autotune(autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, st)
                                                        for m, n, w, st in _TMA_FWD], _fwd_tma_pre_hook),
                                      key=_KEY + ["K_TMA"])(_attention_kl_fwd_kernel), None)
