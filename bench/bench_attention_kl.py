@@ -126,11 +126,13 @@ class bwd_variant:
         torch.use_deterministic_algorithms(self.saved[2])
 
 
-def check_variants(log, variants, shapes=(dict(T=2048), dict(T=333, B=2, H=12, H_kv=4, D=128))) -> float:
-    """Every backward variant, bf16: at the bench shape (T = 2048) and at an odd padded one (T = 333, 12/4 heads,
-    B = 2, left padding: ∂qᵀ's rows padded to a multiple of 4, partial tiles) against the reference (2e-2), and
-    its ∂q, ∂k against the default kernel's (bf16 both, 1e-2).  Returns the worst error / tolerance."""
-    worst = 0.0
+def check_variants(log, variants, shapes=(dict(T=2048), dict(T=333, B=2, H=12, H_kv=4, D=128))) -> list[str]:
+    """Every variant, bf16: at the bench shape (T = 2048) and at an odd padded one (T = 333, 12/4 heads, B = 2,
+    left padding: ∂qᵀ's rows padded to a multiple of 4, partial tiles) against the reference and against the
+    default kernels' results (2e-2 each: the default kernels themselves are ≈ 4e-3 from the reference at 2048).
+    Returns the variants that passed; one that fails or raises (e.g. does not compile) is logged and left out of
+    the timings, and the others still run."""
+    failed = set()
     for shape in shapes:
         q, k_s, k_f, valid = make_inputs(seed=shape["T"] + 1, **shape)
         valid[0, :5] = False
@@ -140,18 +142,27 @@ def check_variants(log, variants, shapes=(dict(T=2048), dict(T=333, B=2, H=12, H
         loss = _attention_kl_triton(q, k_s, k_f, valid, scale)
         base = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
         for v in variants:
-            with bwd_variant(v):
-                loss = _attention_kl_triton(q, k_s, k_f, valid, scale)
-                got = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+            if v in failed:
+                continue
+            try:
+                with bwd_variant(v):
+                    loss = _attention_kl_triton(q, k_s, k_f, valid, scale)
+                    got = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+            except Exception as err:  # noqa: BLE001 - a broken variant must not cost the other rows
+                log(f"check bf16 variant {v} {shape}: FAILED, {type(err).__name__}: {str(err)[:400]}")
+                failed.add(v)
+                continue
             errs = [rel(a, b) for a, b in zip(got, ref)]
             same = [rel(a, b) for a, b in zip(got, base)]
             finite = all(bool(torch.isfinite(x).all()) for x in got)
+            ok = finite and max(errs + same) <= 2e-2
             log(f"check bf16 variant {v} {shape}: rel err vs reference loss {errs[0]:.2e}, dq {errs[1]:.2e}, "
-                f"dk_s {errs[2]:.2e}, dk_f {errs[3]:.2e}; vs default kernel dq {same[1]:.2e}, dk_s {same[2]:.2e}, "
-                f"dk_f {same[3]:.2e}; finite {finite}")
-            worst = max(worst, max(errs) / 2e-2, max(same) / 1e-2, 0.0 if finite else math.inf)
-        del q, k_s, k_f, ref, base, got
-    return worst
+                f"dk_s {errs[2]:.2e}, dk_f {errs[3]:.2e}; vs default kernels loss {same[0]:.2e}, dq {same[1]:.2e}, "
+                f"dk_s {same[2]:.2e}, dk_f {same[3]:.2e}; finite {finite}: {'passed' if ok else 'FAILED'}")
+            if not ok:
+                failed.add(v)
+        del q, k_s, k_f, ref, base
+    return [v for v in variants if v not in failed]
 
 
 def chosen_configs(variant: str) -> str:
@@ -259,12 +270,14 @@ def run(out_dir: Path, seqs, variants, extra_seqs, triton_variants=()) -> bool:
     if worst > 1.0:
         log(f"CORRECTNESS FAILED (worst error / tolerance = {worst:.2f}): not timing")
         sys.exit(1)
+    log("correctness passed (default kernels)")
+    variants_ok = True
     if triton_variants and "triton" in variants:
-        worst = check_variants(log, triton_variants)
-        if worst > 1.0:
-            log(f"CORRECTNESS FAILED for a backward variant (worst error / tolerance = {worst:.2f}): not timing")
-            sys.exit(1)
-    log("correctness passed")
+        passed = check_variants(log, triton_variants)
+        if passed != list(triton_variants):
+            log(f"VARIANTS FAILED, not timed: {sorted(set(triton_variants) - set(passed))}")
+            variants_ok = False
+        triton_variants = passed
     peak = matmul_peak()
     log(f"ceiling: bf16 matmul (8192^3) {peak / 1e12:.0f} TFLOP/s")
     # dynamic=True: one compilation serves every T (a static compile per T would cost ~4x the compile time).
@@ -320,7 +333,7 @@ def run(out_dir: Path, seqs, variants, extra_seqs, triton_variants=()) -> bool:
         log(f"largest T measured that fits, {v}: {max(fits) if fits else 'none'}")
     compiled_ok = check_compiled(log)
     logf.close()
-    return compiled_ok
+    return compiled_ok and variants_ok
 
 
 def plot(csv_path: Path) -> Path:
