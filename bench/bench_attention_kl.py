@@ -32,6 +32,10 @@ HEADS, KV_HEADS, DIM = 12, 2, 128
 SEQS = [1024, 4096, 16384, 32768]
 TRITON_ONLY_SEQS = [65536]
 VARIANTS = ("eager", "compile", "triton")
+# One-pass backward variants timed next to the default kernel ("triton" = kernels.BWD_VARIANT's default, "ptr"):
+# rows named triton-<variant>; "det" = the deterministic two-kernel backward (∂q from the query-major kernel, no
+# atomics), which splits the atomics' cost from the rest in one run.
+TRITON_VARIANTS = ("lean", "tma_dq", "tma", "det")
 DEVICE = "cuda"  # a CPU smoke test of this script's logic may set "cpu" (with TRITON_INTERPRET=1)
 
 
@@ -103,6 +107,76 @@ def check(log) -> float:
     return worst
 
 
+class bwd_variant:
+    """Context: the one-pass backward runs `variant` ("ptr" | "lean" | "tma_dq" | "tma", kernels.BWD_VARIANTS) or, for
+    "det", the deterministic two-kernel path; "tma" also switches the forward to TMA key tiles
+    (kernels.FWD_VARIANT), so its fwd rows time the forward variant and full − fwd the backward one."""
+
+    def __init__(self, variant: str):
+        self.variant = variant
+
+    def __enter__(self):
+        self.saved = kernels.BWD_VARIANT, kernels.FWD_VARIANT, torch.are_deterministic_algorithms_enabled()
+        kernels.BWD_VARIANT = "ptr" if self.variant == "det" else self.variant
+        kernels.FWD_VARIANT = "tma" if self.variant == "tma" else "ptr"
+        torch.use_deterministic_algorithms(self.variant == "det")
+
+    def __exit__(self, *exc):
+        kernels.BWD_VARIANT, kernels.FWD_VARIANT = self.saved[:2]
+        torch.use_deterministic_algorithms(self.saved[2])
+
+
+def check_variants(log, variants, shapes=(dict(T=2048), dict(T=333, B=2, H=12, H_kv=4, D=128))) -> list[str]:
+    """Every variant, bf16: at the bench shape (T = 2048) and at an odd padded one (T = 333, 12/4 heads, B = 2,
+    left padding: ∂qᵀ's rows padded to a multiple of 4, partial tiles) against the reference and against the
+    default kernels' results (2e-2 each: the default kernels themselves are ≈ 4e-3 from the reference at 2048).
+    Returns the variants that passed; one that fails or raises (e.g. does not compile) is logged and left out of
+    the timings, and the others still run."""
+    failed = set()
+    for shape in shapes:
+        q, k_s, k_f, valid = make_inputs(seed=shape["T"] + 1, **shape)
+        valid[0, :5] = False
+        scale = 1 / math.sqrt(q.shape[-1])
+        loss = attention_kl_reference(q, k_s, k_f, valid, scale)
+        ref = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+        loss = _attention_kl_triton(q, k_s, k_f, valid, scale)
+        base = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+        for v in variants:
+            if v in failed:
+                continue
+            try:
+                with bwd_variant(v):
+                    loss = _attention_kl_triton(q, k_s, k_f, valid, scale)
+                    got = (loss, *torch.autograd.grad(loss, (q, k_s, k_f)))
+            except Exception as err:  # noqa: BLE001 - a broken variant must not cost the other rows
+                log(f"check bf16 variant {v} {shape}: FAILED, {type(err).__name__}: {str(err)[:400]}")
+                failed.add(v)
+                continue
+            errs = [rel(a, b) for a, b in zip(got, ref)]
+            same = [rel(a, b) for a, b in zip(got, base)]
+            finite = all(bool(torch.isfinite(x).all()) for x in got)
+            ok = finite and max(errs + same) <= 2e-2
+            log(f"check bf16 variant {v} {shape}: rel err vs reference loss {errs[0]:.2e}, dq {errs[1]:.2e}, "
+                f"dk_s {errs[2]:.2e}, dk_f {errs[3]:.2e}; vs default kernels loss {same[0]:.2e}, dq {same[1]:.2e}, "
+                f"dk_s {same[2]:.2e}, dk_f {same[3]:.2e}; finite {finite}: {'passed' if ok else 'FAILED'}")
+            if not ok:
+                failed.add(v)
+        del q, k_s, k_f, ref, base
+    return [v for v in variants if v not in failed]
+
+
+def chosen_configs(variant: str) -> str:
+    """The tiles the autotuners last launched for this Triton variant (forward; backward)."""
+    def fmt(tuner):
+        c = getattr(tuner, "best_config", None)
+        return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s" if c else "-"
+    names = {"triton": ["fwd", "bwd"], "triton-lean": ["fwd", "bwd_lean"], "triton-tma_dq": ["fwd", "bwd_tma_dq"],
+             "triton-tma": ["fwd_tma", "bwd_tma"], "triton-det": ["fwd", "dq", "bwd"]}.get(variant)
+    if names is None:
+        return ""
+    return "; ".join(f"{n} {fmt(kernels._TUNED[n][0])}" for n in names)
+
+
 def check_compiled(log, T: int = 2048) -> bool:
     """torch.compile(fullgraph=True) with Inductor of the Triton loss, bf16: no graph break, and the compiled loss
     and gradients equal eager's (the same kernels run; only ∂q's atomic summation order differs)."""
@@ -126,9 +200,11 @@ def bench_one(variant: str, T: int, peak: float, impls, log):
     from triton.testing import do_bench
     q, k_s, k_f, valid = make_inputs(T, seed=T)
     scale = 1 / math.sqrt(DIM)
-    impl = impls[variant]
+    impl = impls[variant.split("-")[0]]
     fwd = lambda: impl(q, k_s, k_f, valid, scale)  # noqa: E731
     full = lambda: torch.autograd.grad(impl(q, k_s, k_f, valid, scale), (q, k_s, k_f))  # noqa: E731
+    context = bwd_variant(variant.split("-")[1] if "-" in variant else "ptr")
+    context.__enter__()
     f_fwd, f_full = min_flops(valid, HEADS, DIM)
     base = dict(variant=variant, T=T, gflop_fwd=round(f_fwd / 1e9, 1), gflop_full=round(f_full / 1e9, 1))
     failure = None
@@ -149,6 +225,8 @@ def bench_one(variant: str, T: int, peak: float, impls, log):
     except Exception as err:  # noqa: BLE001 - recorded in the CSV and the log, and the other cases still run
         failure = "ERROR"
         log(f"  {variant} T={T} failed: {type(err).__name__}: {str(err)[:300]}")
+    finally:
+        context.__exit__(None, None, None)
     if failure:
         # Free outside the except block: the traceback there still holds the failed call's tensors.
         del q, k_s, k_f, valid
@@ -158,7 +236,8 @@ def bench_one(variant: str, T: int, peak: float, impls, log):
     rows = []
     for mode, ms, fl in (("fwd", t_fwd, f_fwd), ("full", t_full, f_full)):
         floor = fl / peak * 1e3
-        rows.append(dict(base, mode=mode, ms=round(ms, 4), peak_extra_mib=round(extra / 2 ** 20, 1),
+        rows.append(dict(base, mode=mode, config=chosen_configs(variant), ms=round(ms, 4),
+                         peak_extra_mib=round(extra / 2 ** 20, 1),
                          tflops=round(fl / (ms * 1e-3) / 1e12, 1), floor_ms=round(floor, 4),
                          pct_floor=round(100 * floor / ms, 1)))
     del q, k_s, k_f, valid
@@ -167,7 +246,7 @@ def bench_one(variant: str, T: int, peak: float, impls, log):
     return rows
 
 
-def run(out_dir: Path, seqs, variants, extra_seqs) -> bool:
+def run(out_dir: Path, seqs, variants, extra_seqs, triton_variants=()) -> bool:
     """Checks, timings, the compiled check (after the timings, so that a failure there keeps them); True when
     every check passed."""
     import triton
@@ -191,23 +270,33 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> bool:
     if worst > 1.0:
         log(f"CORRECTNESS FAILED (worst error / tolerance = {worst:.2f}): not timing")
         sys.exit(1)
-    log("correctness passed")
+    log("correctness passed (default kernels)")
+    variants_ok = True
+    if triton_variants and "triton" in variants:
+        passed = check_variants(log, triton_variants)
+        if passed != list(triton_variants):
+            log(f"VARIANTS FAILED, not timed: {sorted(set(triton_variants) - set(passed))}")
+            variants_ok = False
+        triton_variants = passed
     peak = matmul_peak()
     log(f"ceiling: bf16 matmul (8192^3) {peak / 1e12:.0f} TFLOP/s")
     # dynamic=True: one compilation serves every T (a static compile per T would cost ~4x the compile time).
     impls = {"eager": attention_kl_reference, "triton": _attention_kl_triton,
              "compile": torch.compile(attention_kl_reference, dynamic=True)}
     path = out_dir / f"attention_kl_{tag}.csv"
-    fields = ["device", "commit", "dtype", "B", "H_q", "H_kv", "D", "variant", "T", "mode", "ms", "peak_extra_mib",
+    fields = ["device", "commit", "dtype", "B", "H_q", "H_kv", "D", "variant", "config", "T", "mode", "ms",
+              "peak_extra_mib",
               "gflop_fwd", "gflop_full", "tflops", "floor_ms", "pct_floor", "mm_tflops"]
     rows = []
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         # Triton first at each T: if the run is cut short, the kernel's numbers are already written.
+        tv = [f"triton-{v}" for v in triton_variants] if "triton" in variants else []
         order = sorted(variants, key=lambda v: v != "triton")
-        cases = [(v, T) for T in seqs for v in order] + [("triton", T) for T in extra_seqs
-                                                              if "triton" in variants and T not in seqs]
+        order = order[:1] + tv + order[1:] if "triton" in variants else order
+        cases = [(v, T) for T in seqs for v in order] + [(v, T) for T in extra_seqs for v in ["triton", *tv]
+                                                         if "triton" in variants and T not in seqs]
         for variant, T in cases:
             r = bench_one(variant, T, peak, impls, log)
             for row in r:
@@ -232,12 +321,19 @@ def run(out_dir: Path, seqs, variants, extra_seqs) -> bool:
             mem = "/".join(str(r.get("peak_extra_mib", "-")) for r in (e, c, t))
             log(f"{T:>6} {mode:>4} {ms[0]!s:>9} {ms[1]!s:>10} {ms[2]!s:>9} {xe:>8} {xc:>9} "
                 f"{t.get('pct_floor', '-')!s:>6}  {mem}")
+    log("\n    T  variant          full_ms  %floor  bwd_ms(full-fwd)  config")
+    for T in all_seqs:
+        for v in ["triton"] + [f"triton-{x}" for x in triton_variants]:
+            r, rf = by.get((v, T, "full"), {}), by.get((v, T, "fwd"), {})
+            bwd = f"{r['ms'] - rf['ms']:.3f}" if num(r.get("ms")) and num(rf.get("ms")) else "-"
+            log(f"{T:>6} {v:<16} {r.get('ms', '-')!s:>8} {r.get('pct_floor', '-')!s:>7} {bwd:>16}  "
+                f"{r.get('config', '')}")
     for v in VARIANTS:
         fits = [T for T in all_seqs if num(by.get((v, T, "full"), {}).get("ms"))]
         log(f"largest T measured that fits, {v}: {max(fits) if fits else 'none'}")
     compiled_ok = check_compiled(log)
     logf.close()
-    return compiled_ok
+    return compiled_ok and variants_ok
 
 
 def plot(csv_path: Path) -> Path:
@@ -246,7 +342,9 @@ def plot(csv_path: Path) -> Path:
     import matplotlib.pyplot as plt
     rows = [r for r in csv.DictReader(open(csv_path)) if r["mode"] == "full"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^")):
+    names = ["eager", "compile", "triton"]
+    names += sorted({r["variant"] for r in rows} - set(names))
+    for variant, marker in zip(names, "os^vD<>p*"):
         ok = sorted((int(r["T"]), float(r["ms"]), float(r["peak_extra_mib"])) for r in rows
                     if r["variant"] == variant and r["ms"] != "OOM")
         if ok:
@@ -277,6 +375,9 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", type=int, nargs="+", default=SEQS)
     p.add_argument("--triton-only-seqs", type=int, nargs="*", default=TRITON_ONLY_SEQS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--triton-variants", nargs="*", default=["lean", "tma_dq", "tma"], choices=TRITON_VARIANTS,
+                   help="backward variants timed as extra rows triton-<variant> (checked first); det = the "
+                        "deterministic two-kernel backward (compiles 6 more kernels, ~40 s)")
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     args = p.parse_args(argv)
     if args.plot:
@@ -284,7 +385,7 @@ def main(argv=None) -> int:
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_kl needs a CUDA GPU (run it through the device tool)")
-    return 0 if run(args.out, args.seqs, args.variants, args.triton_only_seqs) else 1
+    return 0 if run(args.out, args.seqs, args.variants, args.triton_only_seqs, args.triton_variants) else 1
 
 
 if __name__ == "__main__":

@@ -310,3 +310,186 @@ def test_operator_rejects_what_the_kernels_cannot_take():
         kernels.attention_kl_fwd(q, k, k[:, :1], mask8, 0.5)
     with pytest.raises(ValueError, match="different devices"):
         kernels.attention_kl_fwd(q, k, k, mask8.to("meta"), 0.5)
+
+
+@pytest.fixture
+def tma_reduce(monkeypatch):
+    """Triton 3.9's interpreter has no TMA reduction (descriptor atomic_add): give its builder one, an add into
+    the box's in-bounds elements (what cp.reduce.async.bulk .add does), so the TMA ∂q variants run on the CPU."""
+    from triton.runtime import interpreter
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        assert kind == interpreter._ir.DESCRIPTOR_REDUCE_KIND.ADD, kind
+        ptrs, mask = desc.materialize_pointers(indices)
+        old = self.create_masked_load(ptrs, mask, None, None, False)
+        return interpreter._interpreter.store(ptrs.data, old.data + value.data, mask.data)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce", create_descriptor_reduce,
+                        raising=False)
+
+
+# (B, Hq, Hkv, T, D, split, block_m, block_n): T odd (∂qᵀ rows padded to a multiple of 4) or a multiple of 4,
+# tiles of equal and unequal sizes, D = 13 (q's strides not 16-byte aligned: q falls back to pointer loads).
+VARIANT_CASES = [(1, 6, 1, 35, 16, 2, 16, 16), (2, 4, 2, 29, 16, 1, 32, 16), (1, 4, 1, 44, 13, 4, 16, 32)]
+
+
+@pytest.mark.parametrize("variant", ["lean", "tma_dq", "tma"])
+@pytest.mark.parametrize("case", VARIANT_CASES)
+def test_tma_backward_variants_vs_float64(variant, case, launches, tma_reduce, monkeypatch):
+    """The backward variants (lean elementwise form; ∂q by bulk reduction into a transposed buffer; q by TMA
+    loads): one launch of the variant's kernel with the expected flags, gradients of a random row weighting equal
+    to float64's."""
+    B, Hq, Hkv, T, D, split, block_m, block_n = case
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_M", block_m)
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_N", block_n)
+    args, ref = _weighted_rows_case(31 + T, B, Hq, Hkv, T, D, 0.3)
+    flags = kernels.bwd_variant_flags(args[0], kernels._meta(args[0]), variant)
+    assert flags == (2 if variant == "tma" and D != 13 else 0, variant != "lean", True)
+    launches.clear()
+    got = kernels.attention_kl_backward(*args, split=split, variant=variant)
+    name = "bwd_tma" if flags[0] else "bwd_tma_dq" if flags[1] else "bwd_lean"
+    assert launches == [(name, True)]
+    for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape and a.is_contiguous(), name
+        assert rel(a, b) <= 1e-5, (name, variant, case, rel(a, b))
+
+
+@pytest.mark.parametrize("variant", ["lean", "tma_dq", "tma"])
+def test_tma_variants_through_attention_kl_padded_masks(variant, launches, tma_reduce, monkeypatch):
+    """The module switches BWD_VARIANT and FWD_VARIANT (what the bench sweeps) route attention_kl through the
+    variants (forward with TMA key tiles for "tma"); padded rows (left, right, holes, a fully masked batch row)
+    match the torch reference."""
+    monkeypatch.setattr(kernels, "BWD_VARIANT", variant)
+    monkeypatch.setattr(kernels, "FWD_VARIANT", "tma" if variant == "tma" else "ptr")
+    leaves, mask = make_case(41, 3, 6, 2, 27, 16)
+    mask[1] = False
+    launches.clear()
+    got = loss_and_grads(leaves, mask, "triton", scale=0.4)
+    assert launches == [("fwd_tma" if variant == "tma" else "fwd", None), (f"bwd_{variant}", True)]
+    ref = loss_and_grads(leaves, mask, "torch", scale=0.4)
+    assert_matches(got, ref, 1e-4)
+    assert float(got[1][0][1].abs().max()) == 0.0
+
+
+def test_tma_variants_step_aside_where_tma_cannot_run(monkeypatch):
+    """On the GPU the TMA variants run only for half-precision products with D a power of two; the fp32 'ieee'
+    path and other D keep the pointer kernel."""
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    q = torch.zeros(1, 2, 8, 128)
+    half = dict(IEEE=False, D=128, BLOCK_D=128)
+    assert kernels.bwd_variant_flags(q, half, "tma") == (2, True, True)
+    assert kernels.bwd_variant_flags(q, dict(half, IEEE=True), "tma") == (0, False, False)
+    assert kernels.bwd_variant_flags(q, dict(half, IEEE=True), "lean") == (0, False, False)
+    assert kernels.bwd_variant_flags(q, dict(half, D=96), "tma_dq") == (0, False, True)
+    assert kernels.bwd_variant_flags(q[..., ::2], dict(half, D=64, BLOCK_D=64), "tma") == (0, True, True)
+    assert kernels.bwd_variant_flags(q.transpose(1, 2), half, "tma") == (1, True, True)
+    assert kernels.bwd_variant_flags(q, half, "lean") == (0, False, True)
+    assert kernels.bwd_variant_flags(q, half, "ptr") == (0, False, False)
+
+
+def test_tma_variant_reads_a_permuted_q_through_a_4d_descriptor(launches, tma_reduce):
+    """q stored [B, T, H, D] and viewed [B, H, T, D] is TMA-ready but its rows do not collapse to one stride: the
+    "tma" variant reads it through the 4-D descriptor (Q_TMA = 1); gradients equal float64's."""
+    args, ref = _weighted_rows_case(51, 2, 4, 2, 27, 16, 0.3)
+    q = args[0].permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert torch.equal(q, args[0]) and not q.is_contiguous()
+    assert kernels.bwd_variant_flags(q, kernels._meta(q), "tma") == (1, True, True)
+    launches.clear()
+    got = kernels.attention_kl_backward(q, *args[1:], split=2, variant="tma")
+    assert launches == [("bwd_tma", True)]
+    for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
+        assert rel(a, b) <= 1e-5, (name, rel(a, b))
+
+
+def test_bench_sweeps_every_backward_variant_on_cpu(tmp_path, monkeypatch, tma_reduce):
+    """bench_attention_kl's logic on the CPU (interpreter; CUDA calls, timing and the GPU-only checks stubbed):
+    the variant checks run and pass, and the CSV holds a numeric row per (variant, T, mode) with its config."""
+    import csv
+    import functools
+
+    import triton.testing
+
+    from bench import bench_attention_kl as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    for name, value in (("synchronize", lambda: None), ("memory_allocated", lambda: 0),
+                        ("reset_peak_memory_stats", lambda: None), ("max_memory_allocated", lambda: 0),
+                        ("empty_cache", lambda: None), ("get_device_name", lambda: "cpu smoke")):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "matmul_peak", lambda: 1e15)
+    monkeypatch.setattr(bench, "make_inputs", functools.partial(bench.make_inputs, H=4, H_kv=2, D=16))
+    monkeypatch.setattr(bench, "check", lambda log: 0.0)
+    monkeypatch.setattr(bench, "check_compiled", lambda log: True)
+    checked = []
+    small = (dict(T=21, B=2, H=4, H_kv=2, D=16),)
+
+    def check_variants(log, variants):
+        checked.extend(variants)
+        return functools.partial(bench.check_variants.__wrapped__, shapes=small)(log, variants)
+
+    check_variants.__wrapped__ = bench.check_variants
+    monkeypatch.setattr(bench, "check_variants", check_variants)
+    assert bench.run(tmp_path, [24], ["triton"], [], ("lean", "tma_dq", "tma", "det"))
+    assert checked == ["lean", "tma_dq", "tma", "det"]
+    rows = list(csv.DictReader(open(tmp_path / "attention_kl_cpu_smoke.csv")))
+    assert sorted((r["variant"], r["mode"]) for r in rows) == sorted(
+        (v, m) for v in ("triton", "triton-lean", "triton-tma_dq", "triton-tma", "triton-det")
+        for m in ("fwd", "full"))
+    assert all(float(r["ms"]) == 1.0 and r["T"] == "24" for r in rows)
+    assert kernels.BWD_VARIANT == "ptr" and not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16), (16, 32)])
+def test_tma_forward_vs_float64(permuted, block_m, block_n, launches, monkeypatch):
+    """The forward with TMA key tiles (rows descriptor for contiguous keys, 4-D for keys stored [B, T, H, D]):
+    row KL and statistics equal the pointer forward's, and KL equals float64's, at odd T with padded rows."""
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_M", block_m)
+    monkeypatch.setitem(kernels.INTERP_BLOCKS, "BLOCK_N", block_n)
+    leaves, mask = make_case(61, 2, 6, 2, 37, 16)
+    q, k_s, k_f = (x.detach() for x in leaves)
+    if permuted:
+        k_s, k_f = (k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for k in (k_s, k_f))
+    mask8 = mask.to(torch.int8)
+    assert kernels.fwd_k_tma(k_s, k_f, kernels._meta(q), "tma") == (1 if permuted else 2)
+    launches.clear()
+    kl, stats = kernels.attention_kl_forward(q, k_s, k_f, mask8, 0.3)
+    monkeypatch.setattr(kernels, "FWD_VARIANT", "tma")
+    kl_t, stats_t = kernels.attention_kl_forward(q, k_s, k_f, mask8, 0.3)
+    assert launches == [("fwd", None), ("fwd_tma", None)]
+    assert torch.allclose(kl_t, kl, atol=1e-6, rtol=1e-5) and torch.allclose(stats_t, stats, atol=1e-5, rtol=1e-5)
+    ref = _rows_reference64(q.double(), k_s.double(), k_f.double(), mask, 0.3)
+    assert rel(kl_t, ref) <= 1e-5
+
+
+def test_tma_forward_steps_aside_where_tma_cannot_run(monkeypatch):
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    k = torch.zeros(1, 2, 8, 128)
+    half = dict(IEEE=False, D=128, BLOCK_D=128)
+    assert kernels.fwd_k_tma(k, k, half, "tma") == 2
+    assert kernels.fwd_k_tma(k, k.transpose(1, 2), half, "tma") == 1
+    assert kernels.fwd_k_tma(k, k[..., ::2], dict(half, D=64, BLOCK_D=64), "tma") == 0
+    assert kernels.fwd_k_tma(k, k, dict(half, IEEE=True), "tma") == 0
+    assert kernels.fwd_k_tma(k, k, half, "ptr") == 0
+
+
+def test_bench_leaves_out_a_variant_that_fails_its_check(monkeypatch, tma_reduce):
+    """A variant that raises (e.g. does not compile on the GPU) or misses the tolerance is logged and left out;
+    the others are still checked and returned for timing."""
+    from bench import bench_attention_kl as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    flags = kernels.bwd_variant_flags
+
+    def broken(q, meta, variant=None):
+        if (variant or kernels.BWD_VARIANT) == "tma":
+            raise RuntimeError("no TMA here")
+        return flags(q, meta, variant)
+
+    monkeypatch.setattr(kernels, "bwd_variant_flags", broken)
+    logged = []
+    passed = bench.check_variants(logged.append, ["tma", "lean"], shapes=(dict(T=19, B=1, H=4, H_kv=2, D=16),))
+    assert passed == ["lean"]
+    assert any("variant tma" in m and "FAILED" in m for m in logged)
+    assert any("variant lean" in m and "passed" in m for m in logged)

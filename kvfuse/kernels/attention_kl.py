@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from kvfuse.kernels.utils import autotune_configs, define_op, dot_dtype, interpreting
 
 _NEG = tl.constexpr(-1.0e30)
@@ -59,16 +61,27 @@ def _key_bias(mask_row, offs_n, T):
 
 @triton.jit
 def _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
-                        BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+                        kv_b, kv_g, kv_row0, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                        CAUSAL: tl.constexpr, K_TMA: tl.constexpr = 0, BLOCK_D: tl.constexpr = 16):
     """Base-2 logits s, f [BLOCK_M, BLOCK_N] of query rows offs_m against key tile n0 (padded keys, and later keys
-    when CAUSAL, biased by −1e30), and the key tiles k_s, k_f [BLOCK_N, BLOCK_D]."""
+    when CAUSAL, biased by −1e30), and the key tiles k_s, k_f [BLOCK_N, BLOCK_D].  K_TMA: the key tiles come from
+    TMA descriptors (ks_base, kf_base: 2 = rows [B·H_kv·T, D] from row kv_row0 = (b·H_kv + g)·T on, 1 = 4-D
+    [B, H_kv, T, D] at (kv_b, kv_g)) instead of pointers."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     bias = _key_bias(mask_row, offs_n, T)[None, :]
     if CAUSAL:
         bias = tl.where(offs_n[None, :] <= offs_m[:, None], bias, _NEG)
-    kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
-    k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
-    k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
+    if K_TMA == 2:
+        # Rows [B·H_kv·T, D]: rows past T are the next head's keys (finite, biased by −1e30) or zeros past the end.
+        k_s = ks_base.load([kv_row0 + n0, 0]).to(DOT_DTYPE)
+        k_f = kf_base.load([kv_row0 + n0, 0]).to(DOT_DTYPE)
+    elif K_TMA == 1:
+        k_s = ks_base.load([kv_b, kv_g, n0, 0]).reshape(BLOCK_N, BLOCK_D).to(DOT_DTYPE)
+        k_f = kf_base.load([kv_b, kv_g, n0, 0]).reshape(BLOCK_N, BLOCK_D).to(DOT_DTYPE)
+    else:
+        kd_ok = (offs_n < T)[:, None] & d_ok[None, :]
+        k_s = tl.load(ks_base + offs_n[:, None] * skst + offs_d[None, :] * sksd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
+        k_f = tl.load(kf_base + offs_n[:, None] * skft + offs_d[None, :] * skfd, mask=kd_ok, other=0.0).to(DOT_DTYPE)
     s = _dot(q, tl.trans(k_s), IEEE) * scale2 + bias
     f = _dot(q, tl.trans(k_f), IEEE) * scale2 + bias
     return s, f, k_s, k_f
@@ -76,14 +89,16 @@ def _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n
 
 @triton.jit
 def _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok, T, scale2,
-              m_s, m_f, l_s, l_f, acc,
-              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+              m_s, m_f, l_s, l_f, acc, kv_b, kv_g, kv_row0,
+              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr,
+              K_TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     # Online update over one key tile, in base-2 units (s, f, m ← log2(e)·logits; exp2 spares the multiply
     # that exp costs per element):  m ← max(m, max_j s_ij),  c = 2^{m_old − m},
     #   l_s ← c·l_s + Σ_j 2^{s_ij − m_s},   acc ← c·acc + Σ_j 2^{s_ij − m_s} (s_ij − f_ij);  m_f, l_f likewise.
     # A padded key's bias cancels in s − f and its weight is 0 once the row has seen a valid key (c = 0 then).
     s, f, _, _ = _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d, d_ok,
-                                     T, scale2, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
+                                     T, scale2, kv_b, kv_g, kv_row0, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL, K_TMA,
+                                     BLOCK_D)
 
     ms_new = tl.maximum(m_s, tl.max(s, axis=1))
     c_s = tl.exp2(m_s - ms_new)
@@ -126,7 +141,7 @@ def _attention_kl_fwd_kernel(
     mask_ptr, kl_ptr, stats_ptr,
     H, T, GROUP, N_ROWS, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_TMA: tl.constexpr = 0,
 ):
     # One program: query tile [BLOCK_M] of (b, h).  Key tiles wholly below the diagonal first (no causal mask),
     # then the ones that straddle it.  At the end: lse = ln 2 · (m + log2 l), E = ln 2 · acc / l_s,
@@ -141,18 +156,25 @@ def _attention_kl_fwd_kernel(
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_f = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)
-    ks_base = ks_ptr + b * sksb + g * sksh
-    kf_base = kf_ptr + b * skfb + g * skfh
+    if K_TMA:
+        ks_base = ks_ptr
+        kf_base = kf_ptr
+    else:
+        ks_base = ks_ptr + b * sksb + g * sksh
+        kf_base = kf_ptr + b * skfb + g * skfh
+    kv_b = b.to(tl.int32)
+    kv_g = g.to(tl.int32)
+    kv_row0 = (kv_b * (H // GROUP) + kv_g) * T
     scale2 = scale * _LOG2E
     full_end = start_m // BLOCK_N * BLOCK_N          # keys j < full_end ≤ start_m ≤ i: all causal-allowed
     for n0 in range(0, full_end, BLOCK_N):
         m_s, m_f, l_s, l_f, acc = _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
-                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc,
-                                            BLOCK_N, DOT_DTYPE, IEEE, False)
+                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc, kv_b, kv_g, kv_row0,
+                                            BLOCK_N, DOT_DTYPE, IEEE, False, K_TMA, BLOCK_D)
     for n0 in range(full_end, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         m_s, m_f, l_s, l_f, acc = _fwd_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m,
-                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc,
-                                            BLOCK_N, DOT_DTYPE, IEEE, True)
+                                            offs_d, d_ok, T, scale2, m_s, m_f, l_s, l_f, acc, kv_b, kv_g, kv_row0,
+                                            BLOCK_N, DOT_DTYPE, IEEE, True, K_TMA, BLOCK_D)
 
     # A valid query always sees itself, so l_s ≥ 1 on valid rows; padded rows are zeroed here.
     l_s = tl.where(q_valid, l_s, 1.0)
@@ -181,10 +203,11 @@ def _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T):
 
 
 @triton.jit
-def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats_ptr, n_rows, row0, dq_ptr,
-              m0, offs_d, d_ok, T, scale, dks, dkf,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-              ATOMIC_DQ: tl.constexpr):
+def _bwd_step(k_s, k_f, bias, offs_n, q_ptr, b, h, bh, sqb, sqh, sqt, sqd, mask_row, dkl_ptr, stats_ptr, n_rows, row0,
+              dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, Q_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+              LEAN: tl.constexpr):
     # Transposed tiles of one (key tile, query tile) pair, [BLOCK_N, BLOCK_M], logits and row statistics in
     # base-2 units (ln 2 · (s − f − E) = natural units, hence w·ln 2 in dS):
     #   sᵀ, fᵀ;  Pᵀ = 2^{sᵀ − lse_s},  Qᵀ = 2^{fᵀ − lse_f};  dSᵀ = Pᵀ (sᵀ − fᵀ − E) w ln 2,  dFᵀ = (Qᵀ − Pᵀ) w
@@ -192,22 +215,49 @@ def _bwd_step(k_s, k_f, bias, offs_n, q_base, sqt, sqd, mask_row, dkl_ptr, stats
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_in = offs_m < T
     w, w_ln2, lse_s, lse_f, e = _row_stats(mask_row, dkl_ptr, stats_ptr, n_rows, row0, offs_m, T)
-    q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=m_in[:, None] & d_ok[None, :],
-                other=0.0).to(DOT_DTYPE)
-    bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
-    s_t = _dot(k_s, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
-    f_t = _dot(k_f, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
-    p_t = tl.exp2(s_t - lse_s[None, :])
-    ds_t = (p_t * (s_t - f_t - e[None, :]) * w_ln2[None, :]).to(DOT_DTYPE)
-    df_t = ((tl.exp2(f_t - lse_f[None, :]) - p_t) * w[None, :]).to(DOT_DTYPE)
+    if Q_TMA == 2:
+        # q viewed as [B·H·T, D] rows through a TMA descriptor (box [BLOCK_M, D]): one bulk copy per tile and no
+        # per-element 64-bit addresses in registers.  Rows past T are the next head's (or zeros past the end):
+        # finite, and their P = Q = 0 (lse = +1e30), so they add nothing.
+        q = q_ptr.load([bh.to(tl.int32) * T + m0, 0]).to(DOT_DTYPE)
+    elif Q_TMA == 1:
+        # q [B, H, T, D] through a TMA descriptor (box [1, 1, BLOCK_M, D]; rows past T read as zeros).
+        q = q_ptr.load([b.to(tl.int32), h.to(tl.int32), m0, 0]).reshape(BLOCK_M, BLOCK_D).to(DOT_DTYPE)
+    else:
+        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                    mask=m_in[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    if LEAN:
+        # No bias tile: the raw products a_s, a_f enter one FMA each (2^{c·a − lse}), the mask (causal and padded
+        # keys) selects 0 afterwards (an exponential that overflows on a masked pair is discarded, never
+        # multiplied), and s − f = c (a_s − a_f) needs no bias.  One [BLOCK_N, BLOCK_M] fp32 tile fewer live.
+        c = scale * _LOG2E
+        ok = (offs_n[:, None] <= offs_m[None, :]) & (bias == 0.0)
+        a_s = _dot(k_s, tl.trans(q), IEEE)
+        a_f = _dot(k_f, tl.trans(q), IEEE)
+        p_t = tl.where(ok, tl.exp2(a_s * c - lse_s[None, :]), 0.0)
+        ds_t = (p_t * ((a_s - a_f) * c - e[None, :]) * w_ln2[None, :]).to(DOT_DTYPE)
+        df_t = ((tl.where(ok, tl.exp2(a_f * c - lse_f[None, :]), 0.0) - p_t) * w[None, :]).to(DOT_DTYPE)
+    else:
+        bias = tl.where(offs_n[:, None] <= offs_m[None, :], bias, _NEG)
+        s_t = _dot(k_s, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
+        f_t = _dot(k_f, tl.trans(q), IEEE) * (scale * _LOG2E) + bias
+        p_t = tl.exp2(s_t - lse_s[None, :])
+        ds_t = (p_t * (s_t - f_t - e[None, :]) * w_ln2[None, :]).to(DOT_DTYPE)
+        df_t = ((tl.exp2(f_t - lse_f[None, :]) - p_t) * w[None, :]).to(DOT_DTYPE)
     dks += _dot(ds_t, q, IEEE)
     dkf += _dot(df_t, q, IEEE)
     if ATOMIC_DQ:
         # ∂qᵀ = k_sᵀ dSᵀ + k_fᵀ dFᵀ [BLOCK_D, BLOCK_M]: M = D ≥ 64 keeps the product on wgmma (∂q = dS k_s has
         # M = BLOCK_M, and BLOCK_M < 64 compiled to mma.sync).
         dq_t = _dot(tl.trans(k_s), ds_t, IEEE) + _dot(tl.trans(k_f), df_t, IEEE)
-        tl.atomic_add(dq_ptr + (row0 + offs_m[None, :]) * D + offs_d[:, None], dq_t * scale,
-                      mask=m_in[None, :] & d_ok[:, None], sem="relaxed")
+        if DQ_TMA:
+            # One bulk reduction (cp.reduce.async.bulk .add.f32) of the [D, BLOCK_M] tile into ∂qᵀ [B·H, D, T_pad]
+            # fp32 (box [1, D, BLOCK_M]; columns past T are clipped by the copy engine, and are zero anyway).
+            dq_ptr.atomic_add([bh.to(tl.int32), 0, m0],
+                              (dq_t * scale).reshape(1, BLOCK_D, BLOCK_M))
+        else:
+            tl.atomic_add(dq_ptr + (row0 + offs_m[None, :]) * D + offs_d[:, None], dq_t * scale,
+                          mask=m_in[None, :] & d_ok[:, None], sem="relaxed")
     return dks, dkf
 
 
@@ -220,6 +270,7 @@ def _attention_kl_bwd_kernel(
     H, H_KV, T, GROUP, SPLIT, N_ROWS, scale, T_BUCKET,
     D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_TMA: tl.constexpr = 0, DQ_TMA: tl.constexpr = False, LEAN: tl.constexpr = False,
 ):
     # One program: key tile [BLOCK_N] of KV head g in batch row b, over GROUP / SPLIT of g's query heads (share
     # `part` of SPLIT) and every query tile that can see the tile.  Writes its fp32 ∂k_s, ∂k_f shares to
@@ -256,9 +307,10 @@ def _attention_kl_bwd_kernel(
         hh = it // n_m
         m0 = lo + (it - hh * n_m) * BLOCK_M
         h = (g * GROUP + part * heads + hh).to(tl.int64)
-        dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_ptr + b * sqb + h * sqh, sqt, sqd, mask_row, dkl_ptr,
-                             stats_ptr, N_ROWS, (b * H + h) * T, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
-                             D, BLOCK_M, DOT_DTYPE, IEEE, ATOMIC_DQ)
+        bh = b * H + h
+        dks, dkf = _bwd_step(k_s, k_f, bias, offs_n, q_ptr, b, h, bh, sqb, sqh, sqt, sqd, mask_row, dkl_ptr,
+                             stats_ptr, N_ROWS, bh * T, dq_ptr, m0, offs_d, d_ok, T, scale, dks, dkf,
+                             D, BLOCK_D, BLOCK_M, DOT_DTYPE, IEEE, ATOMIC_DQ, Q_TMA, DQ_TMA, LEAN)
 
     out = ((b * H_KV + g64) * SPLIT + part) * T * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(dks_ptr + out, dks * scale, mask=kd_ok)
@@ -272,7 +324,7 @@ def _dq_step(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, 
     # Base-2 units as in _bwd_step:  dS = P (s − f − E) w ln 2,  dF = (Q − P) w,  ∂q += dS K_s + dF K_f
     # (scaled at the end).
     s, f, k_s, k_f = _logits_query_major(q, ks_base, skst, sksd, kf_base, skft, skfd, mask_row, n0, offs_m, offs_d,
-                                         d_ok, T, scale2, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
+                                         d_ok, T, scale2, 0, 0, 0, BLOCK_N, DOT_DTYPE, IEEE, CAUSAL)
     p = tl.exp2(s - lse_s[:, None])
     ds = p * (s - f - e[:, None]) * w_ln2[:, None]
     df = (tl.exp2(f - lse_f[:, None]) - p) * w[:, None]
@@ -343,12 +395,73 @@ _TUNED = {
     "dq": (triton.autotune(_configs([(128, 64, 8, 2), (64, 64, 8, 3)]), key=_KEY)(_attention_kl_bwd_dq_kernel),
            triton.autotune(_configs(_FP32), key=_KEY)(_attention_kl_bwd_dq_kernel)),
 }
-_KERNELS = {"fwd": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel, "dq": _attention_kl_bwd_dq_kernel}
+
+# One-pass backward variants (a private switch the bench sweeps; the default stays "ptr" until a GPU run proves
+# another), (q through TMA, ∂q by TMA reduction, lean elementwise):  "ptr" = pointer loads of q, per-element fp32
+# atomics for ∂q, a −1e30 bias tile (the measured kernel);  "lean" = the same with the lean elementwise form
+# (no bias tile; _bwd_step);  "tma_dq" = lean, and ∂q added per pair by one TMA bulk reduction (tensor descriptor
+# atomic_add) into a transposed fp32 buffer;  "tma" = that plus q tiles loaded through a TMA descriptor.  The TMA
+# parts run only for half-precision inputs (q TMA-aligned for the q loads); otherwise the pointer forms run.
+BWD_VARIANTS = {"ptr": (False, False, False), "lean": (False, False, True), "tma_dq": (False, True, True),
+                "tma": (True, True, True)}
+BWD_VARIANT = "ptr"
+# Forward variants: "ptr" = pointer loads of the key tiles (the measured kernel); "tma" = key tiles through TMA
+# descriptors (bulk copies, no per-element addresses in registers), for the same inputs as the backward's.
+FWD_VARIANTS = ("ptr", "tma")
+FWD_VARIANT = "ptr"
+
+
+def _bwd_tma_pre_hook(nargs):
+    """Before each autotuning trial and the launch: the descriptors' boxes for the config about to run, and the
+    ∂qᵀ buffer zeroed (every trial adds into it)."""
+    m, d = nargs["BLOCK_M"], nargs["BLOCK_D"]
+    if isinstance(nargs["q_ptr"], TensorDescriptor):
+        nargs["q_ptr"].block_shape = [m, d] if nargs["Q_TMA"] == 2 else [1, 1, m, d]
+    if isinstance(nargs["dq_ptr"], TensorDescriptor):
+        nargs["dq_ptr"].block_shape = [1, d, m]
+        nargs["dq_ptr"].base.zero_()
+
+
+def _fwd_tma_pre_hook(nargs):
+    """The key descriptors' boxes for the config about to run."""
+    box = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+    for name in ("ks_ptr", "kf_ptr"):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = box if nargs["K_TMA"] == 2 else [1, 1, *box]
+
+
+# Variant tiles (ptxas for sm_90a through triton 3.6's compiler, D = 128 bf16, bench/ptx_attention_kl.py; the
+# table is in bench/NOTES.md): tiles that fit in 255 registers without spilling.  64-query tiles spill 160–880 B in
+# every variant and 16 warps cap registers at 128 (0.5–2.5 KB of spill), so none of those is listed.  With q
+# through TMA, 32 × 128 spills ~350 B at 2 or 3 stages and none at 1 (the pipeliner keeps a second q tile and its
+# row statistics live), hence 1 stage there; 16-query tiles fit with 3 stages except with q through TMA.
+_VARIANT_BWD = {"bwd_lean": [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 2)],
+                "bwd_tma_dq": [(32, 128, 8, 2), (32, 128, 8, 1), (16, 128, 8, 3), (32, 64, 8, 2)],
+                "bwd_tma": [(32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 8, 1)]}
+_VARIANT_KEY = _KEY + ["ATOMIC_DQ", "SPLIT", "Q_TMA", "DQ_TMA", "LEAN"]
+for _name, _tiles in _VARIANT_BWD.items():
+    _options = [({"BLOCK_M": m, "BLOCK_N": n}, w, st) for m, n, w, st in _tiles]
+    if _name == "bwd_lean":   # pointer atomics: the autotuner zeroes the ∂q buffer before each trial and the launch
+        _tuner = triton.autotune(autotune_configs(_options), key=_VARIANT_KEY, reset_to_zero=["dq_ptr"])
+    else:
+        _tuner = triton.autotune(autotune_configs(_options, _bwd_tma_pre_hook), key=_VARIANT_KEY)
+    _TUNED[_name] = (_tuner(_attention_kl_bwd_kernel), None)
+# Forward with TMA key tiles: 128 registers at 64 × 64 / 4 and 128 × 64 / 8 (pointer loads: 167, 172), no spill;
+# 2 stages halve the shared memory so that two programs fit on an SM.
+_TMA_FWD = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)]
+_TUNED["fwd_tma"] = (triton.autotune(autotune_configs([({"BLOCK_M": m, "BLOCK_N": n}, w, st)
+                                                       for m, n, w, st in _TMA_FWD], _fwd_tma_pre_hook),
+                                     key=_KEY + ["K_TMA"])(_attention_kl_fwd_kernel), None)
+_KERNELS = {"fwd": _attention_kl_fwd_kernel, "fwd_tma": _attention_kl_fwd_kernel, "bwd": _attention_kl_bwd_kernel,
+            "dq": _attention_kl_bwd_dq_kernel, **{name: _attention_kl_bwd_kernel for name in _VARIANT_BWD}}
 INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _launch(name, grid_of, args, meta):
     if interpreting():
+        if name in ("bwd_tma", "bwd_tma_dq", "fwd_tma"):
+            nargs = {**dict(zip(_KERNELS[name].arg_names, args)), **meta, **INTERP_BLOCKS}
+            (_fwd_tma_pre_hook if name == "fwd_tma" else _bwd_tma_pre_hook)(nargs)
         _KERNELS[name][grid_of(INTERP_BLOCKS)](*args, **meta, **INTERP_BLOCKS)
     else:
         _TUNED[name][1 if meta["IEEE"] else 0][grid_of](*args, **meta)
@@ -396,9 +509,17 @@ def attention_kl_forward(q, k_s, k_f, mask, scale: float):
     B, H, T, _ = q.shape
     kl = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     stats = torch.empty(3, B, H, T, device=q.device, dtype=torch.float32)
-    args = (q, *q.stride(), k_s, *k_s.stride(), k_f, *k_f.stride(), mask, kl, stats,
+    meta = _meta(q)
+    k_tma = fwd_k_tma(k_s, k_f, meta)
+    ks_arg, kf_arg = (_rows_descriptor(k) if k_tma == 2 else TensorDescriptor.from_tensor(k, [1, 1, 16, 16])
+                      if k_tma else k for k in (k_s, k_f))
+    args = (q, *q.stride(), ks_arg, *k_s.stride(), kf_arg, *k_f.stride(), mask, kl, stats,
             H, T, H // k_s.shape[1], B * H * T, float(scale), triton.next_power_of_2(T))
-    _launch("fwd", lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"])), args, _meta(q))
+    grid = lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))  # noqa: E731
+    if k_tma:
+        _launch("fwd_tma", grid, args, dict(meta, K_TMA=k_tma))
+    else:
+        _launch("fwd", grid, args, meta)
     return kl, stats
 
 
@@ -417,8 +538,54 @@ def group_split(B: int, H_kv: int, group: int, T: int, sms: int, block_n: int = 
     return group
 
 
+def _tma_ready(x: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base, 16-byte aligned strides and a unit last stride."""
+    size = x.element_size()
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
+
+
+def _tma_mode(x: torch.Tensor) -> int:
+    """How a TMA descriptor can read x [B, H, T, D]: 2 = as rows [B·H·T, D] ((b, h, t) collapse to one stride),
+    1 = as itself (4-D), 0 = not at all (alignment)."""
+    if not _tma_ready(x):
+        return 0
+    B, H, T, _ = x.shape
+    rows = (B == 1 or x.stride(0) == H * x.stride(1)) and (H == 1 or x.stride(1) == T * x.stride(2))
+    return 2 if rows else 1
+
+
+def _rows_descriptor(x: torch.Tensor) -> TensorDescriptor:
+    """x [B, H, T, D] as rows [B·H·T, D] (box a placeholder; the pre-hooks fit it to each config)."""
+    B, H, T, D = x.shape
+    return TensorDescriptor(x, [B * H * T, D], [x.stride(2), 1], [16, 16])
+
+
+def fwd_k_tma(k_s: torch.Tensor, k_f: torch.Tensor, meta: dict, variant: str | None = None) -> int:
+    """K_TMA the forward runs with for `variant` (default FWD_VARIANT): 0 = pointer loads; else both key tensors
+    through descriptors of one kind (2 = rows, 1 = 4-D), for half products with D = BLOCK_D on the GPU (any dtype
+    under the interpreter, so the tests cover it)."""
+    if (FWD_VARIANT if variant is None else variant) != "tma":
+        return 0
+    if not interpreting() and (meta["IEEE"] or meta["D"] != meta["BLOCK_D"]):
+        return 0
+    modes = {_tma_mode(k_s), _tma_mode(k_f)}
+    return 0 if 0 in modes else min(modes)
+
+
+def bwd_variant_flags(q: torch.Tensor, meta: dict, variant: str | None = None) -> tuple[int, bool, bool]:
+    """(Q_TMA, DQ_TMA, LEAN) the one-pass backward runs with for `variant` (default BWD_VARIANT).  TMA only for
+    half products (not the fp32 'ieee' path; under the interpreter any dtype, so the tests cover it) and
+    D = BLOCK_D on the GPU.  Q_TMA: 0 = pointer loads (q not TMA-ready), 2 = a 2-D descriptor over q's rows
+    [B·H·T, D] when (b, h, t) collapse to one stride (contiguous q), 1 = a 4-D descriptor otherwise.  LEAN applies
+    to half products only on the GPU (the fp32 path keeps its one tuned tile)."""
+    q_tma, dq_tma, lean = BWD_VARIANTS[BWD_VARIANT if variant is None else variant]
+    if not interpreting() and (meta["IEEE"] or meta["D"] != meta["BLOCK_D"]):
+        return 0, False, lean and not meta["IEEE"]
+    return (_tma_mode(q) if q_tma else 0), dq_tma, lean
+
+
 def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=True, need_k=True,
-                          split: int | None = None):
+                          split: int | None = None, variant: str | None = None):
     """Gradients of Σ dkl·KL: (dq [B, H, T, D], dk_s, dk_f [B, H_kv, T, D]) contiguous in the inputs' dtypes
     (None where not needed).  dkl [B, H, T], stats [3, B, H, T]: fp32 contiguous.  `split` (a divisor of the GQA
     group; default group_split) sets how many programs share a KV head's query heads.  Under
@@ -439,16 +606,36 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
         split = group_split(B, H_kv, group, T, _sm_count(q.device)) if split is None else split
         if split < 1 or group % split:
             raise ValueError(f"split ({split}) must divide the GQA group ({group})")
-        dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if one_pass else None
+        q_tma, dq_tma, lean = bwd_variant_flags(q, meta, variant) if one_pass else (0, False, False)
         dks, dkf = (torch.empty(B, H_kv, split, T, D, device=q.device, dtype=torch.float32) for _ in range(2))
-        # Without atomics the ∂q pointer is never used: any fp32 tensor stands in (the autotuner zeroes it).
-        _launch("bwd", lambda c: (B * H_kv * split, triton.cdiv(T, c["BLOCK_N"])),
-                (*common, dks if dq32 is None else dq32, dks, dkf, H, H_kv, T, group, split, B * H * T,
-                 float(scale), triton.next_power_of_2(T)), dict(meta, ATOMIC_DQ=one_pass))
+        grid = lambda c: (B * H_kv * split, triton.cdiv(T, c["BLOCK_N"]))  # noqa: E731
+        tail = (H, H_kv, T, group, split, B * H * T, float(scale), triton.next_power_of_2(T))
+        if q_tma or dq_tma:
+            # ∂qᵀ [B·H, D, T_pad] fp32, T_pad a multiple of 4 (16-byte rows); the pre-hook zeroes it.  Block
+            # shapes here are placeholders: the pre-hook fits them to each config.
+            t_pad = (T + 3) // 4 * 4
+            dqt = torch.empty(B * H, D, t_pad, device=q.device, dtype=torch.float32)
+            dq_desc = TensorDescriptor(dqt, [B * H, D, T], [D * t_pad, t_pad, 1], [1, 16, 16])
+            if q_tma == 2:
+                q_arg = _rows_descriptor(q)
+            else:
+                q_arg = TensorDescriptor.from_tensor(q, [1, 1, 16, 16]) if q_tma else q
+            _launch("bwd_tma" if q_tma else "bwd_tma_dq", grid, (q_arg, *common[1:], dq_desc, dks, dkf, *tail),
+                    dict(meta, ATOMIC_DQ=True, Q_TMA=q_tma, DQ_TMA=dq_tma, LEAN=lean))
+            dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+            dq.copy_(dqt.view(B, H, D, t_pad)[..., :T].transpose(2, 3))
+        else:
+            dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if one_pass else None
+            # Without atomics the ∂q pointer is never used: any fp32 tensor stands in (the autotuner zeroes it).
+            args = (*common, dks if dq32 is None else dq32, dks, dkf, *tail)
+            if lean:
+                _launch("bwd_lean", grid, args, dict(meta, ATOMIC_DQ=True, LEAN=True))
+            else:
+                _launch("bwd", grid, args, dict(meta, ATOMIC_DQ=one_pass))
+            if one_pass:
+                dq = dq32.to(q.dtype)
         dks, dkf = (x.sum(2) if split > 1 else x.squeeze(2) for x in (dks, dkf))
         dks, dkf = dks.to(k_s.dtype), dkf.to(k_f.dtype)
-        if one_pass:
-            dq = dq32.to(q.dtype)
     return dq, dks, dkf
 
 
