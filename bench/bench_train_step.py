@@ -30,6 +30,7 @@ carry `codec`, the store's bytes per valid token (whole shard: ids, masks, KV, s
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                      "kv_bytes_per_token": round(kv_bytes_per_token(store), 1) if store else "",
                      "prefetched_equals_inline": same[c] if store else ""})
     append_csv(args.csv, rows)
+    shutil.rmtree(tmp)
     return 0 if all(same.values()) else 1
 
 
