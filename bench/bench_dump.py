@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{name}; shards in {tmp.parent}")
     print(f"{'stage':18s} {'seconds':>9s} {'tokens/s':>11s} {'vs bare':>9s}")
     print(f"{'bare forward':18s} {t_bare:9.3f} {teacher_tokens / t_bare:11.0f} {0:+8.1f}%")
-    summary = []
-    all_same = True
-    for codec in codecs:
+
+    def run_codec(codec):
+        """Every stage but the bare forward with `codec`: prints them, adds their CSV rows to `out`."""
         # as `python -m kvfuse dump --codec` sets its builder up: fp32 KV for a codec, encoded on the device
         builder.storage_dtype = torch.bfloat16 if codec.kind == "bf16" else torch.float32
         builder.encode = None
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             serial_parts()
         serial_writer = writer(tmp / f"{tag}-serial")
         start = time.perf_counter()
-        meta = serial_writer.write_shard(0, serial_built)
+        serial_writer.write_shard(0, serial_built)
         t_write = time.perf_counter() - start
         shutil.rmtree(tmp / f"{tag}-serial")
         t_dump = best(dump)
@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
             all(len(parts(store.get(sid)[k])) == len(parts(v)) and
                 all(torch.equal(a, b) for a, b in zip(parts(store.get(sid)[k]), parts(v))) for k, v in t.items())
             for sid, t in held)
-        all_same &= same
         student_tokens = sum(int(t["mask"].sum()) for _, t in serial_built)
         bytes_per_token = store.bytes / max(student_tokens, 1)
 
@@ -252,18 +251,20 @@ def main(argv: list[str] | None = None) -> int:
                         "tokens_per_s": round(tokens / seconds, 1), "vs_bare": round(seconds / t_bare - 1, 4),
                         "bytes_per_token": round(bytes_per_token, 1),
                         "read_MB_per_s": round(store.bytes / 1e6 / t_read, 1), "dump_equals_serial": same})
-        summary.append((str(codec), bytes_per_token, t_dump, statistics.median(last_built[1:])))
-        del store, held, serial_built
         shutil.rmtree(dumps[-1])
+        return same, (str(codec), bytes_per_token, t_dump)
+
+    results = [run_codec(codec) for codec in codecs]
+    summary = [s for _, s in results]
     if len(summary) > 1:
-        ref = dict((c, d) for c, _, d, _ in summary).get("bf16")
+        ref = {c: d for c, _, d in summary}.get("bf16")
         print(f"\n{'codec':18s} {'bytes/token':>11s} {'dump s':>8s} {'vs bare':>9s}" + (" vs bf16" if ref else ""))
-        for c, bpt, d, _ in summary:
+        for c, bpt, d in summary:
             print(f"{c:18s} {bpt:11.0f} {d:8.3f} {100 * (d / t_bare - 1):+8.1f}%"
                   + (f" {d / ref:6.2f}x" if ref else ""))
     append_csv(args.csv, out)
     shutil.rmtree(tmp)
-    return 0 if all_same else 1
+    return 0 if all(same for same, _ in results) else 1
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ Teacher KV is random data of the teachers' real shapes, written once as a real s
 train on batches already on the device; the store read (one thread) is timed on its own, and the last variant puts
 the reader on the timed path. Prints a table and appends CSV rows (device, commit) to bench/results/train_step.csv.
 
---codecs (issue 16; default bf16 alone): the same random teacher KV written once per store codec (kvfuse.codecs:
-bf16, fp8, int4, lowrank:...), encoded on the device as `python -m kvfuse dump --codec` does
+--codecs (issue 16; default bf16 alone): the same random teacher KV (bf16 values) written once per store codec
+(kvfuse.codecs: bf16, fp8, int4, lowrank:...), encoded from fp32 on the device as `python -m kvfuse dump --codec` does
 (kvfuse.teacher.compress.encode_sample, the codec in the store's settings), and kv_fused / kv_fused+store(P) timed
 on each store in the same run as ce_only. The loss gets the compressed entries as training passes them
 (kvfuse.distill: QuantizedKV / LowRankKV as they come from the loader, decoded in the Triton kernels; the torch
@@ -54,34 +54,42 @@ from kvfuse.teacher.loader import batch_to, store_batches
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore
 
 
-def make_store(root: Path, n: int, seq: int, n_layers: int, teachers: list[tuple[int, int]], seed: int = 0,
-               codec: Codec | str = "bf16", device: str | torch.device = "cpu") -> None:
-    """n random samples of the teachers' shapes as a one-shard store under `codec`; the same random values for
-    every codec (one seed). Codec bf16 stores them as bf16 (the store this bench always wrote); the others encode
-    the fp32 values on `device` as the dump does (its builder keeps fp32 for a codec, then encode_sample), low-rank
-    codecs on bases fitted on these samples and claimed as the store's."""
-    codec = parse_codec(str(codec))
+def make_samples(n: int, seq: int, n_layers: int, teachers: list[tuple[int, int]], seed: int = 0
+                 ) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """n random samples of the teachers' shapes, teacher KV in bf16 (what a bf16 teacher produces)."""
     gen = torch.Generator().manual_seed(seed)
-    settings = {"bench": "train_step", "seq": seq, "teachers": teachers}
-    if codec.kind != "bf16":
-        settings["codec"] = str(codec)
-    writer = StoreWriter(root, settings, 1)
     samples = []
     for i in range(n):
         tensors = {"input_ids": torch.randint(0, 500, (seq,), generator=gen), "positions": torch.arange(seq),
                    "mask": torch.ones(seq, dtype=torch.bool), "labels_mask": torch.ones(seq, dtype=torch.bool)}
         for t, (h, d) in enumerate(teachers):
             for kind in ("k", "v"):
-                x = torch.randn(n_layers, h, seq, d, generator=gen)
-                tensors[f"teacher{t}/{kind}"] = x.to(torch.bfloat16) if codec.kind == "bf16" else x
+                tensors[f"teacher{t}/{kind}"] = torch.randn(n_layers, h, seq, d, generator=gen).to(torch.bfloat16)
         samples.append((f"s{i}", tensors))
-    if codec.kind != "bf16":
-        bases = writer.claim_bases(fit_bases([t for _, t in samples], codec)) if codec.lowrank else None
-        on_device = None if bases is None else {k: replace(b, basis=b.basis.to(device)) for k, b in bases.items()}
-        samples = [(sid, {k: v.cpu() for k, v in encode_sample({k: v.to(device) for k, v in t.items()}, codec,
-                                                               on_device).items()})
-                   for sid, t in samples]
-    writer.write_shard(0, samples)
+    return samples
+
+
+def make_store(root: Path, samples: list[tuple[str, dict[str, torch.Tensor]]], settings: dict,
+               codec: Codec | str = "bf16", device: str | torch.device = "cpu") -> None:
+    """`samples` as a one-shard store under `codec`. Codec bf16 stores them as they are (the store this bench always
+    wrote); the others encode each sample's KV, as fp32, on `device` as the dump does (its builder keeps fp32 for a
+    codec, then kvfuse.teacher.compress.encode_sample), low-rank codecs on bases fitted on these samples and
+    claimed as the store's; the codec is recorded in the store's settings."""
+    codec = parse_codec(str(codec))
+    if codec.kind == "bf16":
+        StoreWriter(root, settings, 1).write_shard(0, samples)
+        return
+    writer = StoreWriter(root, {**settings, "codec": str(codec)}, 1)
+
+    def fp32(tensors):
+        return {k: v.float() if k.startswith("teacher") else v for k, v in tensors.items()}
+    bases = writer.claim_bases(fit_bases([fp32(t) for _, t in samples], codec)) if codec.lowrank else None
+    on_device = None if bases is None else {k: replace(b, basis=b.basis.to(device)) for k, b in bases.items()}
+    encoded = []
+    for sid, tensors in samples:
+        on = fp32({k: v.to(device) for k, v in tensors.items()})
+        encoded.append((sid, {k: v.cpu() for k, v in encode_sample(on, codec, on_device).items()}))
+    writer.write_shard(0, encoded)
 
 
 def teacher_parts(batch: dict) -> list[torch.Tensor]:
@@ -193,14 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     L, (H_s, D_s) = cfg.num_hidden_layers, kv_heads(cfg)
     teachers = [tuple(int(x) for x in spec.split("x")) for spec in args.teachers.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-store-"))
+    samples = make_samples(args.batch * 2, args.seq, L, teachers)
     stores = {}
     for codec in codecs:
         root = tmp / str(codec).replace(":", "-").replace("+", "-")
         start = time.perf_counter()
-        make_store(root, args.batch * 2, args.seq, L, teachers, codec=codec, device=device)
+        make_store(root, samples, {"bench": "train_step", "seq": args.seq, "teachers": teachers}, codec, device)
         stores[str(codec)] = TeacherKVStore(root)
         print(f"store {codec}: written in {time.perf_counter() - start:.1f} s, "
               f"{stores[str(codec)].bytes_per_token:.0f} bytes/token", flush=True)
+    del samples
     alpha = [1.0 / len(teachers)] * len(teachers)
     losses = {b: KVDistillLoss(teachers, (H_s, D_s), L, alpha=alpha, backend=b, check_finite=False,
                                dtype=dtype).to(device) for b in ("triton" if device.type == "cuda" else "torch",
@@ -270,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("ce_only", "", base)]           # (variant, codec, seconds)
     fused_backend = "triton" if device.type == "cuda" else "torch"
     same = {}
-    for c, store in stores.items():
+
+    def run_codec(c, store):
+        """kv_fused (and, on bf16, kv_eager) on resident batches of `store`, then kv_fused fed live from it."""
         resident = cycling([reader(store)() for _ in range(2)])
         variants.append((f"kv_fused({fused_backend})", c, timed(with_kv(fused_backend, resident), args.steps, device)))
         if c == "bf16":
@@ -293,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         fed.close()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    for c, store in stores.items():
+        run_codec(c, store)
     if args.compile:
         variants += [(v, first_codec if v != "compiled:ce_only" else "", t) for v, t in
                      compiled_variants(student, losses[fused_backend], next_batch, opt, args.steps, device)]
