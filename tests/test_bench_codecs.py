@@ -79,3 +79,13 @@ def test_dump_bench_codecs(tmp_path):
         assert float(dump["seconds"]) > 0 and float(dump["tokens_per_s"]) > 0
     assert 0 < bytes_per_token["int4"] < bytes_per_token["fp8"] < bytes_per_token["bf16"]
     assert not list(tmp_path.glob("kvfuse-bench-dump-*"))   # the shards are removed
+
+
+def test_append_csv_widens_an_older_header(tmp_path):
+    from bench.common import append_csv
+
+    path = tmp_path / "rows.csv"
+    append_csv(path, [{"a": 1, "b": 2}])
+    append_csv(path, [{"a": 3, "b": 4, "codec": "fp8"}])
+    append_csv(path, [{"a": 5, "b": 6, "codec": "int4"}])
+    assert path.read_text().splitlines() == ["a,b,codec", "1,2,", "3,4,fp8", "5,6,int4"]
