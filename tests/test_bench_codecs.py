@@ -6,8 +6,21 @@ from __future__ import annotations
 import csv
 import math
 
+import pytest
+import torch
+
 from bench import bench_dump, bench_train_step
 from kvfuse.loss import KVDistillLoss
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared machine two spinning OpenMP threads made these toy steps 10× slower
+    (and the test's time erratic); the benchmarks' code paths are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _rows(path):
