@@ -15,16 +15,27 @@ Teacher KV is random data of the teachers' real shapes, written once as a real s
 train on batches already on the device; the store read (one thread) is timed on its own, and the last variant puts
 the reader on the timed path. Prints a table and appends CSV rows (device, commit) to bench/results/train_step.csv.
 
+--codecs (issue 16; default bf16 alone): the same random teacher KV (bf16 values) written once per store codec
+(kvfuse.codecs: bf16, fp8, int4, lowrank:...), encoded from fp32 on the device as `python -m kvfuse dump --codec` does
+(kvfuse.teacher.compress.encode_sample, the codec in the store's settings), and kv_fused / kv_fused+store(P) timed
+on each store in the same run as ce_only. The loss gets the compressed entries as training passes them
+(kvfuse.distill: QuantizedKV / LowRankKV as they come from the loader, decoded in the Triton kernels; the torch
+backend on the CPU decodes them explicitly, as it does in training). kv_eager runs on the bf16 store only. CSV rows
+carry `codec`, the store's bytes per valid token (whole shard: ids, masks, KV, scales) and the teacher KV's alone.
+
     python -m bench.bench_train_step --student random:qwen2.5-1.5b --batch 4 --seq 2048    # GPU
     python -m bench.bench_train_step --student tiny-llama --batch 2 --seq 64 --steps 3    # CPU smoke run
+    python -m bench.bench_train_step --student tiny-llama --batch 2 --seq 64 --steps 2 --codecs bf16 fp8 int4
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,17 +44,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from bench.common import append_csv, commit, device_name
 from kvfuse.align.rope import rotate
+from kvfuse.codecs import Codec, is_encoded, parse_codec
 from kvfuse.loss import KVDistillLoss
 from kvfuse.models import kv_heads, load
 from kvfuse.models.capture import capture_kv
 from kvfuse.teacher.builder import collate
+from kvfuse.teacher.compress import encode_sample, fit_bases
 from kvfuse.teacher.loader import batch_to, store_batches
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore
 
 
-def make_store(root: Path, n: int, seq: int, n_layers: int, teachers: list[tuple[int, int]], seed: int = 0) -> None:
+def make_samples(n: int, seq: int, n_layers: int, teachers: list[tuple[int, int]], seed: int = 0
+                 ) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """n random samples of the teachers' shapes, teacher KV in bf16 (what a bf16 teacher produces)."""
     gen = torch.Generator().manual_seed(seed)
-    writer = StoreWriter(root, {"bench": "train_step", "seq": seq, "teachers": teachers}, 1)
     samples = []
     for i in range(n):
         tensors = {"input_ids": torch.randint(0, 500, (seq,), generator=gen), "positions": torch.arange(seq),
@@ -52,7 +66,45 @@ def make_store(root: Path, n: int, seq: int, n_layers: int, teachers: list[tuple
             for kind in ("k", "v"):
                 tensors[f"teacher{t}/{kind}"] = torch.randn(n_layers, h, seq, d, generator=gen).to(torch.bfloat16)
         samples.append((f"s{i}", tensors))
-    writer.write_shard(0, samples)
+    return samples
+
+
+def make_store(root: Path, samples: list[tuple[str, dict[str, torch.Tensor]]], settings: dict,
+               codec: Codec | str = "bf16", device: str | torch.device = "cpu") -> None:
+    """`samples` as a one-shard store under `codec`. Codec bf16 stores them as they are (the store this bench always
+    wrote); the others encode each sample's KV, as fp32, on `device` as the dump does (its builder keeps fp32 for a
+    codec, then kvfuse.teacher.compress.encode_sample), low-rank codecs on bases fitted on these samples and
+    claimed as the store's; the codec is recorded in the store's settings."""
+    codec = parse_codec(str(codec))
+    if codec.kind == "bf16":
+        StoreWriter(root, settings, 1).write_shard(0, samples)
+        return
+    writer = StoreWriter(root, {**settings, "codec": str(codec)}, 1)
+
+    def fp32(tensors):
+        return {k: v.float() if k.startswith("teacher") else v for k, v in tensors.items()}
+    bases = writer.claim_bases(fit_bases([fp32(t) for _, t in samples], codec)) if codec.lowrank else None
+    on_device = None if bases is None else {k: replace(b, basis=b.basis.to(device)) for k, b in bases.items()}
+    encoded = []
+    for sid, tensors in samples:
+        on = fp32({k: v.to(device) for k, v in tensors.items()})
+        encoded.append((sid, {k: v.cpu() for k, v in encode_sample(on, codec, on_device).items()}))
+    writer.write_shard(0, encoded)
+
+
+def teacher_parts(batch: dict) -> list[torch.Tensor]:
+    """Every tensor of a batch's teacher entries (a compressed entry's data, scales, offsets, basis)."""
+    return [p for kind in ("teacher_k", "teacher_v") for t in batch[kind]
+            for p in (t.tensors() if is_encoded(t) else [t])]
+
+
+def kv_bytes_per_token(store: TeacherKVStore) -> float:
+    """The teacher KV's stored bytes (data, scales, offsets, low-rank coefficients) per valid token of the first
+    sample; the bases of a low-rank store are per store, not counted."""
+    item = store[0]
+    stored = sum(v.nbytes if is_encoded(v) else v.numel() * v.element_size()
+                 for k, v in item.items() if k.startswith("teacher"))
+    return stored / max(int(item["mask"].sum()), 1)
 
 
 def timed(fn, steps: int, device: torch.device) -> float:
@@ -124,7 +176,7 @@ def compiled_variants(student, kv_loss, next_batch, opt, steps: int, device) -> 
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="random:qwen2.5-1.5b")
     parser.add_argument("--teachers", default="4x128,8x128", help="teacher KV heads x head dim, comma separated")
@@ -132,9 +184,15 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--store_prefetch", type=int, default=2, help="batches read ahead in the store-fed variant")
+    parser.add_argument("--codecs", nargs="+", default=["bf16"],
+                        help="store codecs to time the KV variants on, one store each (bf16, fp8, int4, "
+                             "lowrank:<r or e<energy>>[+fp8|+int4]; default bf16)")
     parser.add_argument("--csv", default=str(ROOT / "bench/results/train_step.csv"))
     parser.add_argument("--compile", action="store_true", help="also time the compiled-trainer variants")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    codecs = [parse_codec(c) for c in args.codecs]
+    if len({str(c) for c in codecs}) != len(codecs):
+        parser.error(f"--codecs repeats a codec: {args.codecs}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     student, _ = load(args.student, dtype=dtype, device=device)
@@ -143,28 +201,44 @@ def main() -> int:
     L, (H_s, D_s) = cfg.num_hidden_layers, kv_heads(cfg)
     teachers = [tuple(int(x) for x in spec.split("x")) for spec in args.teachers.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-store-"))
-    make_store(tmp, args.batch * 2, args.seq, L, teachers)
-    store = TeacherKVStore(tmp)
+    samples = make_samples(args.batch * 2, args.seq, L, teachers)
+    stores = {}
+    for codec in codecs:
+        root = tmp / str(codec).replace(":", "-").replace("+", "-")
+        start = time.perf_counter()
+        make_store(root, samples, {"bench": "train_step", "seq": args.seq, "teachers": teachers}, codec, device)
+        stores[str(codec)] = TeacherKVStore(root)
+        print(f"store {codec}: written in {time.perf_counter() - start:.1f} s, "
+              f"{stores[str(codec)].bytes_per_token:.0f} bytes/token", flush=True)
+    del samples
     alpha = [1.0 / len(teachers)] * len(teachers)
     losses = {b: KVDistillLoss(teachers, (H_s, D_s), L, alpha=alpha, backend=b, check_finite=False,
                                dtype=dtype).to(device) for b in ("triton" if device.type == "cuda" else "torch",
                                                                  "torch")}
     params = list(student.parameters()) + [p for m in losses.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-6)
-    state = {"i": 0}
 
-    def read_batch():
-        ids = [(state["i"] + b) % len(store) for b in range(args.batch)]
-        state["i"] += args.batch
-        return batch_to(collate([store[i] for i in ids], len(teachers)), device)
+    def reader(store):
+        state = {"i": 0}
+
+        def read_batch():
+            ids = [(state["i"] + b) % len(store) for b in range(args.batch)]
+            state["i"] += args.batch
+            return batch_to(collate([store[i] for i in ids], len(teachers)), device)
+        return read_batch
 
     # The steps are timed on batches already on the device (a DataLoader prefetches them in real training);
     # the store read is timed on its own, so the table shows whether the reader can keep up.
-    resident = [read_batch() for _ in range(2)]
+    def cycling(batches):
+        state = {"j": 0}
 
-    def next_batch():
-        state["j"] = state.get("j", 0) + 1
-        return resident[state["j"] % len(resident)]
+        def next_resident():
+            state["j"] += 1
+            return batches[state["j"] % len(batches)]
+        return next_resident
+
+    first_codec = str(codecs[0])
+    next_batch = cycling([reader(stores[first_codec])() for _ in range(2)])
 
     def ce_only():
         batch = next_batch()
@@ -173,9 +247,9 @@ def main() -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def with_kv(backend, batches=None):
+    def with_kv(backend, batches):
         def step():
-            batch = next_batch() if batches is None else batches()
+            batch = batches()
             cap = capture_kv(student, batch["input_ids"], requires_grad=True, return_hidden=True)
             logits = student.lm_head(cap.hidden)
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
@@ -184,57 +258,86 @@ def main() -> int:
             pos = batch["positions"][:, None]
             student_k = torch.stack([rotate(k, pos, inv_freq[l], cap.rope[l][1]) for l, k in enumerate(cap.keys)])
             student_v = torch.stack(cap.values)
-            kv, _ = losses[backend](student_k, student_v, [t.to(dtype) for t in batch["teacher_k"]],
-                                    [t.to(dtype) for t in batch["teacher_v"]], batch["mask"], batch["positions"],
+            # as kvfuse.distill does: compressed store entries go to the KV loss as they are (it decodes them)
+            teacher_k = [t if is_encoded(t) else t.to(dtype) for t in batch["teacher_k"]]
+            teacher_v = [t if is_encoded(t) else t.to(dtype) for t in batch["teacher_v"]]
+            kv, _ = losses[backend](student_k, student_v, teacher_k, teacher_v, batch["mask"], batch["positions"],
                                     inv_freq, cap.rope[0][1])
             (ce + kv).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
-    def read_only():
-        read_batch()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def read_only(read_batch):
+        def run():
+            read_batch()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
 
-    rows = []
-    read = timed(read_only, args.steps, device)
+    reads = {c: timed(read_only(reader(store)), args.steps, device) for c, store in stores.items()}
     base = timed(ce_only, args.steps, device)
-    variants = [("ce_only", base)]
+    variants = [("ce_only", "", base)]           # (variant, codec, seconds)
     fused_backend = "triton" if device.type == "cuda" else "torch"
-    variants.append((f"kv_fused({fused_backend})", timed(with_kv(fused_backend), args.steps, device)))
-    variants.append(("kv_eager(torch)", timed(with_kv("torch"), args.steps, device)))
-    n_batches = args.steps + 2                              # timed() runs two warm-up steps
-    id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
-                  for j in range(n_batches)]
-    fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch)
-    first = next(fed)
-    inline = batch_to(collate([store.get(i) for i in id_batches[0]], len(teachers)), device)
-    same = all(torch.equal(a, b) for kind in ("teacher_k", "teacher_v") for a, b in zip(first[kind], inline[kind]))
-    batches_fed = iter([first])
+    same = {}
 
-    def from_store():
-        return next(batches_fed, None) or next(fed)
-    variants.append((f"kv_fused+store({args.store_prefetch})",
-                     timed(with_kv(fused_backend, from_store), args.steps, device)))
+    def run_codec(c, store):
+        """kv_fused (and, on bf16, kv_eager) on resident batches of `store`, then kv_fused fed live from it."""
+        resident = cycling([reader(store)() for _ in range(2)])
+        variants.append((f"kv_fused({fused_backend})", c, timed(with_kv(fused_backend, resident), args.steps, device)))
+        if c == "bf16":
+            variants.append(("kv_eager(torch)", c, timed(with_kv("torch", resident), args.steps, device)))
+        del resident
+        n_batches = args.steps + 2                              # timed() runs two warm-up steps
+        id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
+                      for j in range(n_batches)]
+        fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch)
+        first = next(fed)
+        inline = batch_to(collate([store.get(i) for i in id_batches[0]], len(teachers)), device)
+        same[c] = all(torch.equal(a, b) for a, b in zip(teacher_parts(first), teacher_parts(inline)))
+        batches_fed = iter([first])
+        del first, inline
+
+        def from_store():
+            return next(batches_fed, None) or next(fed)
+        variants.append((f"kv_fused+store({args.store_prefetch})", c,
+                         timed(with_kv(fused_backend, from_store), args.steps, device)))
+        fed.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for c, store in stores.items():
+        run_codec(c, store)
     if args.compile:
-        variants += compiled_variants(student, losses[fused_backend], next_batch, opt, args.steps, device)
+        variants += [(v, first_codec if v != "compiled:ce_only" else "", t) for v, t in
+                     compiled_variants(student, losses[fused_backend], next_batch, opt, args.steps, device)]
     tokens = args.batch * args.seq
     name = device_name(device)
     print(f"\nstudent {args.student} ({L} layers, {H_s}x{D_s} KV), teachers {teachers}, batch {args.batch} x "
-          f"{args.seq} tokens, {name}; store read + host-to-device copy of one batch (one thread): {read * 1e3:.1f} ms; "
-          f"prefetched batch == inline read: {same}")
-    print(f"{'variant':24s} {'step ms':>9s} {'tokens/s':>10s} {'vs ce_only':>11s}")
-    bases = {False: base, True: dict(variants).get("compiled:ce_only", base)}
-    for variant, seconds in variants:
+          f"{args.seq} tokens, {name}")
+    print(f"{'codec':18s} {'store B/token':>13s} {'KV B/token':>11s} {'read ms':>8s}  prefetched == inline")
+    for c, store in stores.items():
+        print(f"{c:18s} {store.bytes_per_token:13.0f} {kv_bytes_per_token(store):11.0f} {reads[c] * 1e3:8.1f}  "
+              f"{same[c]}")
+    print("(read ms: store read + host-to-device copy of one batch, one thread)")
+    print(f"{'variant':24s} {'codec':18s} {'step ms':>9s} {'tokens/s':>10s} {'vs ce_only':>11s}")
+    bases = {False: base, True: next((t for v, _, t in variants if v == "compiled:ce_only"), base)}
+    rows = []
+    for variant, c, seconds in variants:
         overhead = seconds / bases[variant.startswith("compiled:")] - 1
-        print(f"{variant:24s} {seconds * 1e3:9.1f} {tokens / seconds:10.0f} {100 * overhead:+10.1f}%")
+        print(f"{variant:24s} {c:18s} {seconds * 1e3:9.1f} {tokens / seconds:10.0f} {100 * overhead:+10.1f}%")
+        store = stores.get(c)
         rows.append({"device": name, "commit": commit(), "student": args.student, "teachers": args.teachers,
                      "batch": args.batch, "seq": args.seq, "variant": variant, "step_ms": round(seconds * 1e3, 3),
                      "tokens_per_s": round(tokens / seconds, 1), "overhead_vs_ce": round(overhead, 4),
-                     "store_read_ms": round(read * 1e3, 3), "store_prefetch": args.store_prefetch})
+                     "store_read_ms": round(reads[c] * 1e3, 3) if store else "",
+                     "store_prefetch": args.store_prefetch, "codec": c,
+                     "store_bytes_per_token": round(store.bytes_per_token, 1) if store else "",
+                     "kv_bytes_per_token": round(kv_bytes_per_token(store), 1) if store else "",
+                     "prefetched_equals_inline": same[c] if store else ""})
     append_csv(args.csv, rows)
-    return 0 if same else 1
+    shutil.rmtree(tmp)
+    return 0 if all(same.values()) else 1
 
 
 if __name__ == "__main__":

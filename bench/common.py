@@ -30,12 +30,27 @@ def device_name(device: torch.device) -> str:
 
 
 def append_csv(path: str | Path, rows: list[dict]) -> Path:
-    """Append rows (a header first when the file is new)."""
+    """Append rows (a header first when the file is new). A file whose header lacks some of the rows' columns (a
+    benchmark that gained columns) is rewritten once with the union of both, its old rows left empty there, so
+    that columns never shift under a header."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    if path.exists():
+        with open(path, newline="") as fh:
+            old_rows = list(csv.DictReader(fh))
+            fh.seek(0)
+            old_fields = next(csv.reader(fh), [])
+        merged = old_fields + [k for k in fields if k not in old_fields]
+        if merged != old_fields:
+            with open(path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=merged, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
+        fields = merged
     new = not path.exists()
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -4,6 +4,8 @@
 #     dump   bench_dump.py         serial vs pipelined dump vs bare forward, random Qwen2.5-7B teacher, T = 2048
 #     dump_shm                     the same with the shards on tmpfs (the pipeline without the disk)
 #     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed live from the store) student step
+#     step_codecs                  the same with the store in bf16, fp8 and int4 (issue 16: overhead vs bf16's)
+#     dump_codecs                  bench_dump.py per store codec bf16, fp8, int4 (issue 16: throughput vs bf16's)
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
 #   bash bench/gpu_session.sh store_train      Phase 1 trained from a fresh offline store and online, same seed
 #   bash bench/gpu_session.sh zero3             ZeRO-3 Phase 1 on 1 and 2 GPUs (same global batch: equal loss
@@ -54,6 +56,10 @@ for what in "$@"; do
             --batch 4 --repeats 2 --store_dir "${SHM_DIR:-/dev/shm}" --csv "$OUT/dump.csv" ;;
     step) part step python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 --steps 8 \
             --store_prefetch 2 --csv "$OUT/train_step.csv" ;;
+    step_codecs) TAIL=24 part step_codecs python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 \
+            --steps 8 --store_prefetch 2 --codecs bf16 fp8 int4 --csv "$OUT/train_step_codecs.csv" ;;
+    dump_codecs) TAIL=40 part dump_codecs python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" \
+            --seq 2048 --n 16 --batch 4 --repeats 2 --codecs bf16 fp8 int4 --csv "$OUT/dump_codecs.csv" ;;
     kl)   TAIL=30 part kl python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 32768 1024 16384 \
             --triton-only-seqs 65536 ;;
     store_train)   # Phase 1 from an offline store (prefetch thread, side stream) vs online teachers, same seed
@@ -71,7 +77,7 @@ print(sys.argv[2], [round(e['kv_loss'], 6) for e in ev], [round(e['tokens_per_s'
       train 1 4 zero3_g1
       [ "$n_gpus" -ge 2 ] && train 2 4 zero3_g2
       [ "$n_gpus" -ge 4 ] && train 4 8 zero3_g4 ;;
-    *) echo "unknown part $what (dump|dump_shm|step|kl|store_train|zero3)"; exit 2 ;;
+    *) echo "unknown part $what (dump|dump_shm|step|step_codecs|dump_codecs|kl|store_train|zero3)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date +%T))"
