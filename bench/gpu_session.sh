@@ -7,6 +7,11 @@
 #     step_codecs                  the same with the store in bf16, fp8 and int4 (issue 16: overhead vs bf16's)
 #     dump_codecs                  bench_dump.py per store codec bf16, fp8, int4 (issue 16: throughput vs bf16's)
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
+#     kl_variants                  the same at 4k and 16k (32k Triton only) with every kernel variant's rows
+#     fused  bench_fused_loss.py   the fused KV loss at 4k and 16k tokens, two teachers, eager / compile / Triton
+#     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
+#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / low-rank teachers at 16k
+#     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
 #   bash bench/gpu_session.sh store_train      Phase 1 trained from a fresh offline store and online, same seed
 #   bash bench/gpu_session.sh zero3             ZeRO-3 Phase 1 on 1 and 2 GPUs (same global batch: equal loss
 #                                               curves), 4 GPUs (weak scaling) where present
@@ -16,9 +21,14 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD" KVFUSE_COMMIT=${KVFUSE_COMMIT:-}
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site .whl/* \
-  > /tmp/install.log 2>&1 || { echo "wheel install failed"; tail -20 /tmp/install.log; exit 1; }
-python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { echo "C++ build failed"; tail -20 /tmp/build.log; exit 1; }
+# Set-up that is already done on this machine (the GPU-scale session's, say) is skipped.
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site .whl/* \
+    > /tmp/install.log 2>&1 || { echo "wheel install failed"; tail -20 /tmp/install.log; exit 1; }
+fi
+if [ ! -f "kvfuse/_C$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" ]; then
+  python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { echo "C++ build failed"; tail -20 /tmp/build.log; exit 1; }
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 n_gpus=$(nvidia-smi -L | grep -c '^GPU')
 STUDENT=${STUDENT:-random:qwen2.5-1.5b}
@@ -60,6 +70,11 @@ for what in "$@"; do
             --steps 8 --store_prefetch 2 --codecs bf16 fp8 int4 --csv "$OUT/train_step_codecs.csv" ;;
     dump_codecs) TAIL=40 part dump_codecs python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" \
             --seq 2048 --n 16 --batch 4 --repeats 2 --codecs bf16 fp8 int4 --csv "$OUT/dump_codecs.csv" ;;
+    fused) TAIL=30 part fused python3 -m bench.bench_fused_loss --out "$OUT" --tokens 4096 16384 --tokens3 ;;
+    profile) TAIL=4 part profile python3 -m bench.profile_fused_loss --out "$OUT" --tokens 4096 ;;
+    codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 ;;
+    kl_variants) TAIL=40 part kl_variants python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 16384 \
+            --triton-only-seqs 32768 ;;
     kl)   TAIL=30 part kl python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 32768 1024 16384 \
             --triton-only-seqs 65536 ;;
     store_train)   # Phase 1 from an offline store (prefetch thread, side stream) vs online teachers, same seed
@@ -77,7 +92,7 @@ print(sys.argv[2], [round(e['kv_loss'], 6) for e in ev], [round(e['tokens_per_s'
       train 1 4 zero3_g1
       [ "$n_gpus" -ge 2 ] && train 2 4 zero3_g2
       [ "$n_gpus" -ge 4 ] && train 4 8 zero3_g4 ;;
-    *) echo "unknown part $what (dump|dump_shm|step|step_codecs|dump_codecs|kl|store_train|zero3)"; exit 2 ;;
+    *) echo "unknown part $what (dump|dump_shm|step|step_codecs|dump_codecs|kl|kl_variants|fused|profile|codecs|store_train|zero3)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date +%T))"
