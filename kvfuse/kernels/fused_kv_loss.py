@@ -377,6 +377,30 @@ def _fused_kv_dw_kernel(
     dw_ptr, dalpha_ptr,
     B, T, N_FBLK, N_CBLK, H_I,
     D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    USE_DESC: tl.constexpr, PATHS: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, DW_T: tl.constexpr,
+):
+    # DW_T = 0 (plain teachers, and the fallback for compressed ones): the formulation below, Xᵀ G. DW_T ≥ 1
+    # (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the DW_T values the autotuner may try, a bit mask) only
+    # keys the autotuner's cache.
+    if DW_T > 0:
+        _dw_gx(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
+               dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 2, BLOCK_F,
+               BLOCK_C, BLOCK_T)
+    else:
+        _dw_xg(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
+               dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C,
+               BLOCK_T)
+
+
+@triton.jit
+def _dw_xg(
+    x, sc, of, sx0, sx1, sx2, sx3,
+    w_ptr, sw0, sw1,
+    g, alpha_ptr, stride_ab, stride_al, gout_ptr,
+    dw_ptr, dalpha_ptr,
+    B, T, N_FBLK, N_CBLK, H_I,
+    D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     USE_DESC: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -440,6 +464,112 @@ def _fused_kv_dw_kernel(
     tl.store(dw_ptr + w_off, (dw * g_out).to(dw_ptr.dtype.element_ty), mask=fc_ok)
 
 
+@triton.jit
+def _dw_gx(
+    x, sc, of, sx0, sx1, sx2, sx3,
+    w_ptr, sw0, sw1,
+    g, alpha_ptr, stride_ab, stride_al, gout_ptr,
+    dw_ptr, dalpha_ptr,
+    B, T, N_FBLK, N_CBLK, H_I,
+    D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    USE_DESC: tl.constexpr, POST: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # The weight gradient of a compressed teacher as its transpose, per batch row b:
+    #   M(b)ᵀ = Σ_t G(b, t)[c]ᵀ X(b, t)[f]      [BLOCK_C, BLOCK_F], fp32 accumulation
+    # A = Gᵀ is G's tile read transposed (a 16-bit operand, the MMA takes it from shared memory as it lies), B = the
+    # decoded teacher tile [tokens × dims] in its natural order: no register transpose of the decoded tile; the
+    # result tile is written transposed into ∂W. The decode:
+    #   per-token scales (values): x = s_t q + o_t in fp32 right after the load, as `_decode` (one scale per row);
+    #   per-channel scales (keys), POST: only q → DOT_DTYPE in the loop (exact: int4 codes and fp8 e4m3 are bf16
+    #     values), then Mᵀ[c, f] = s_f (Qᵀ G)ᵀ[c, f] + o_f Σ_t G[t, c] once per b (the scales are per (l, b, head));
+    #   per-channel, not POST: x = s_f q + o_f in fp32 in the loop, s and o loaded once per b.
+    pid_c = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    l32 = tl.program_id(2)
+    l = l32.to(tl.int64)
+    CHUNKS: tl.constexpr = (D_I + BLOCK_F - 1) // BLOCK_F
+    INT4: tl.constexpr = CODEC >= CODEC_INT4_CHANNEL
+    CHANNEL: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL
+    PACK: tl.constexpr = 2 if INT4 else 1
+    WB: tl.constexpr = BLOCK_F // PACK
+    hi = pid_f // CHUNKS
+    d0 = (pid_f % CHUNKS) * BLOCK_F
+    d = d0 + tl.arange(0, BLOCK_F)
+    f = hi * D_I + d
+    e = d0 // PACK + tl.arange(0, WB)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    d_ok = d < D_I
+    c_ok = c < C2
+    cf_ok = c_ok[:, None] & d_ok[None, :]
+    g_out = tl.load(gout_ptr).to(tl.float32)
+    w_off = l * sw0 + f[None, :] * sw1 + c[:, None]  # [BLOCK_C, BLOCK_F]: W's tile transposed
+
+    dw = tl.zeros([BLOCK_C, BLOCK_F], dtype=tl.float32)
+    for bb in range(0, B):
+        grp = (l * B + bb) * H_I + hi
+        if CHANNEL:
+            sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
+            if INT4:
+                ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
+        if POST and INT4:
+            gsum = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        mb = tl.zeros([BLOCK_C, BLOCK_F], dtype=tl.float32)
+        if not USE_DESC:
+            x_base = x + l * sx0 + bb * sx1 + hi * sx2 + e[None, :]
+            g_base = g + (l * B + bb) * T * C2 + c[None, :]
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < T
+            if USE_DESC:
+                raw = x.load([l32, bb, hi, t0, d0 // PACK]).reshape(BLOCK_T, WB)
+                gt = g.load([l32, bb, t0, pid_c * BLOCK_C]).reshape(BLOCK_T, BLOCK_C)
+            else:
+                raw = tl.load(x_base + t[:, None] * sx3, mask=t_ok[:, None] & (e < D_I // PACK)[None, :])
+                if C2 % BLOCK_C == 0:
+                    gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None], other=0.0)
+                else:
+                    gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+            if INT4:
+                q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_F)
+            else:
+                q = raw
+            if CHANNEL and POST:
+                xq = q.to(DOT_DTYPE)
+            elif CHANNEL:
+                if INT4:
+                    xq = (q.to(tl.float32) * sv[None, :] + ov[None, :]).to(DOT_DTYPE)
+                else:
+                    xq = (q.to(tl.float32) * sv[None, :]).to(DOT_DTYPE)
+            else:
+                st = tl.load(sc + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+                if INT4:
+                    ot = tl.load(of + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+                    xq = (q.to(tl.float32) * st + ot).to(DOT_DTYPE)
+                else:
+                    xq = (q.to(tl.float32) * st).to(DOT_DTYPE)
+            if not USE_DESC:
+                # masked lanes of the code load are undefined (no `other`: fp8 has no integer zero to cast)
+                xq = tl.where(t_ok[:, None] & d_ok[None, :], xq, 0.0)
+            if IEEE:
+                mb = tl.dot(tl.trans(gt.to(DOT_DTYPE)), xq, mb, input_precision="ieee")
+            else:
+                mb = tl.dot(tl.trans(gt.to(DOT_DTYPE)), xq, mb)
+            if POST and INT4:
+                gsum += gt.to(tl.float32)
+        if CHANNEL and POST:
+            mb = mb * sv[None, :]
+            if INT4:
+                mb += tl.sum(gsum, axis=0)[:, None] * ov[None, :]
+        a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
+        w = tl.load(w_ptr + w_off, mask=cf_ok, other=0.0).to(tl.float32)
+        part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
+        tl.store(dalpha_ptr + ((l * B + bb) * N_FBLK + pid_f) * N_CBLK + pid_c, part)
+        dw += a * mb
+    tl.store(dw_ptr + w_off, (dw * g_out).to(dw_ptr.dtype.element_ty), mask=cf_ok)
+
+
+
 # Autotuning: a few tile shapes on the GPU, one small config under the interpreter (where every config would run
 # serially on the CPU). Partial-sum buffers are laid out for the smallest tiles a config list holds; a launch fills
 # the block of slots its config's grid covers (the autotuner's benchmark runs fill others with garbage), so the
@@ -497,15 +627,45 @@ _FWD_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1}, 8, 4),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2}, 4, 3),
 ], _fwd_pre_hook)
-_DW_CONFIGS_GPU = autotune_configs([
+_DW_TILES = [
     ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 4),
     ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 4),
     ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 4, 4),
     ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
-], _dw_pre_hook)
-# Under the interpreter one config runs; tests may change these.
+]
+# Every tile with each weight-gradient formulation (DW_T: 0 Xᵀ G, 1 Gᵀ X, 2 Gᵀ X with per-channel scales after the
+# GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH allow. Gᵀ X tiles are the same shapes with the
+# roles of BLOCK_F and BLOCK_C in the MMA swapped (M = BLOCK_C); 64-token tiles as for Xᵀ G.
+_DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k in (0, 1, 2) for meta, w, st in _DW_TILES],
+                                   _dw_pre_hook)
+# Under the interpreter one config runs; tests may change these (a DW_T there overrides DW_PATH).
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
 INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
+# Which weight-gradient formulation compressed teachers use (plain teachers always Xᵀ G): "auto" lets the autotuner
+# time all three on the GPU (the interpreter runs "post"); "xg" is the old path (decode, transpose in registers,
+# Xᵀ G), "gx" Gᵀ X with the decode in the loop, "post" Gᵀ X with per-channel scales applied after the GEMM
+# (per-token codecs: as "gx"). A private switch for bench_fused_loss.py --codecs, which times each.
+DW_PATH = "auto"
+_DW_PATH_CODES = {"xg": (0,), "gx": (1,), "post": (2,), "auto": (0, 1, 2)}
+
+
+def _dw_paths(codec: int) -> int:
+    """The DW_T values a teacher with this codec may run, as a bit mask (the kernel's PATHS)."""
+    if codec == CODEC_PLAIN:
+        return 1
+    allowed = set(_DW_PATH_CODES[DW_PATH])
+    if codec in (CODEC_FP8_TOKEN, CODEC_INT4_TOKEN) and 2 in allowed:  # no per-channel scale to move: 2 ≡ 1
+        allowed = (allowed - {2}) | {1}
+    return sum(1 << k for k in allowed)
+
+
+def _interp_dw_t(paths: int) -> int:
+    return max(k for k in range(3) if paths >> k & 1)
+
+
+def _prune_dw(configs, nargs, **kwargs):
+    paths = {**nargs, **kwargs}["PATHS"]
+    return [c for c in configs if paths >> c.kwargs["DW_T"] & 1]
 _MIN_BLOCK_T = 16
 _MIN_BLOCK_F = 16
 _MIN_BLOCK_C = 16
@@ -527,7 +687,8 @@ _fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["H_S", "D_S", "PH", "ROT", "
                                                     "IS_KEY", "COMPUTE_GRAD", "DOT_DTYPE", "USE_DESC", "EPI_DESC",
                                                     "NATURAL"],
                              prune_configs_by={"early_config_prune": _prune_fwd})(_fused_kv_fwd_kernel)
-_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "CODEC", "DOT_DTYPE", "USE_DESC"])(_fused_kv_dw_kernel)
+_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "CODEC", "DOT_DTYPE", "USE_DESC", "PATHS"],
+                            prune_configs_by={"early_config_prune": _prune_dw})(_fused_kv_dw_kernel)
 
 
 _TUNED: dict = {}
@@ -691,16 +852,19 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
                     g=TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
                     alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out, dw_ptr=dw,
                     dalpha_ptr=part, B=B, T=T, N_FBLK=n_f, N_CBLK=n_c, H_I=H_i,
-                    D_I=D_i, C2=C2, CODEC=codecs[i], DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
+                    D_I=D_i, C2=C2, CODEC=codecs[i], DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc,
+                    PATHS=_dw_paths(codecs[i]))
         if interpreting():
-            cfg = INTERP_DW
+            cfg = dict(INTERP_DW)
+            cfg.setdefault("DW_T", _interp_dw_t(args["PATHS"]))
             _fit_dw_descriptors(args, cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"])
             grid = (triton.cdiv(C2, cfg["BLOCK_C"]), H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
             _fused_kv_dw_kernel[grid](**args, **cfg)
         else:
             grid = lambda cfg: (triton.cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
                                 H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
-            cfg = _launch_tuned(_dw_tuned, (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype), grid, args)
+            cfg = _launch_tuned(_dw_tuned, (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype, args["PATHS"]), grid,
+                                args)
         if need_alpha:
             written = part[:, :, :H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), :triton.cdiv(C2, cfg["BLOCK_C"])]
             dalpha[:, :, i] = written.sum((2, 3)).t()
