@@ -380,17 +380,17 @@ def _fused_kv_dw_kernel(
     USE_DESC: tl.constexpr, PATHS: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, DW_T: tl.constexpr,
 ):
-    # DW_T = 0 (plain teachers, and the fallback for compressed ones): the formulation below, Xᵀ G. DW_T ≥ 1
-    # (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the DW_T values the autotuner may try, a bit mask) only
-    # keys the autotuner's cache.
-    if DW_T > 0:
+    # DW_T = 0 (plain teachers, and the fallback for compressed ones): Xᵀ G in `_dw_xg`, 3: the same with fp8
+    # per-channel scales applied after the GEMM; DW_T = 1, 2 (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the
+    # DW_T values the autotuner may try, a bit mask) only keys the autotuner's cache.
+    if DW_T == 1 or DW_T == 2:
         _dw_gx(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
                dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 2, BLOCK_F,
                BLOCK_C, BLOCK_T)
     else:
         _dw_xg(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
-               dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C,
-               BLOCK_T)
+               dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 3, BLOCK_F,
+               BLOCK_C, BLOCK_T)
 
 
 @triton.jit
@@ -401,7 +401,7 @@ def _dw_xg(
     dw_ptr, dalpha_ptr,
     B, T, N_FBLK, N_CBLK, H_I,
     D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    USE_DESC: tl.constexpr,
+    USE_DESC: tl.constexpr, POST: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program: adapter tile W_i[l][f-block, c-block] (pair layout), the f-block inside one teacher head so the
@@ -427,6 +427,9 @@ def _dw_xg(
     g_out = tl.load(gout_ptr).to(tl.float32)
     w_off = l * sw0 + f[:, None] * sw1 + c[None, :]
 
+    # POST (fp8 per-channel scales only): the loop converts the codes alone (exact in bf16), M(b) is scaled by the
+    # channel scales s_f once per b (they are per (l, b, head)).
+    FP8_POST: tl.constexpr = POST and CODEC == CODEC_FP8_CHANNEL
     dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
     for bb in range(0, B):
         mb = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
@@ -436,7 +439,17 @@ def _dw_xg(
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < T
-            if CODEC != CODEC_PLAIN:
+            if FP8_POST:
+                if USE_DESC:
+                    raw = x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F)
+                else:
+                    raw = tl.load(x + l * sx0 + bb * sx1 + hi * sx2 + t[:, None] * sx3 + d[None, :],
+                                  mask=t_ok[:, None] & d_ok[None, :])
+                xt = raw.to(DOT_DTYPE)
+                if not USE_DESC:  # masked lanes are undefined (no `other` for fp8)
+                    xt = tl.where(t_ok[:, None] & d_ok[None, :], xt, 0.0)
+                xt = tl.trans(xt)
+            elif CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
                                       H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F))
             elif USE_DESC:
@@ -456,6 +469,8 @@ def _dw_xg(
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb, input_precision="ieee")
             else:
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
+        if FP8_POST:
+            mb = mb * tl.load(sc + ((l * B + bb) * H_I + hi) * D_I + d, mask=d_ok, other=0.0)[:, None]
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
@@ -634,19 +649,20 @@ _DW_TILES = [
     ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
 ]
 # Every tile with each weight-gradient formulation (DW_T: 0 Xᵀ G, 1 Gᵀ X, 2 Gᵀ X with per-channel scales after the
-# GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH allow. Gᵀ X tiles are the same shapes with the
+# GEMM, 3 Xᵀ G with fp8 per-channel scales after the GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH allow. Gᵀ X tiles are the same shapes with the
 # roles of BLOCK_F and BLOCK_C in the MMA swapped (M = BLOCK_C); 64-token tiles as for Xᵀ G.
-_DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k in (0, 1, 2) for meta, w, st in _DW_TILES],
+_DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k in (0, 1, 2, 3) for meta, w, st in _DW_TILES],
                                    _dw_pre_hook)
 # Under the interpreter one config runs; tests may change these (a DW_T there overrides DW_PATH).
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
 INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
 # Which weight-gradient formulation compressed teachers use (plain teachers always Xᵀ G): "auto" lets the autotuner
-# time all three on the GPU (the interpreter runs "post"); "xg" is the old path (decode, transpose in registers,
-# Xᵀ G), "gx" Gᵀ X with the decode in the loop, "post" Gᵀ X with per-channel scales applied after the GEMM
-# (per-token codecs: as "gx"). A private switch for bench_fused_loss.py --codecs, which times each.
+# time them all on the GPU (the interpreter runs "post"); "xg" is the old path (decode, transpose in registers,
+# Xᵀ G), "xg_post" the same with fp8 per-channel scales after the GEMM (other codecs: as "xg"), "gx" Gᵀ X with the
+# decode in the loop, "post" Gᵀ X with per-channel scales after the GEMM (per-token codecs: as "gx"). A private
+# switch for bench_fused_loss.py --codecs, which times each.
 DW_PATH = "auto"
-_DW_PATH_CODES = {"xg": (0,), "gx": (1,), "post": (2,), "auto": (0, 1, 2)}
+_DW_PATH_CODES = {"xg": (0,), "gx": (1,), "post": (2,), "xg_post": (3,), "auto": (0, 1, 2, 3)}
 
 
 def _dw_paths(codec: int) -> int:
@@ -656,11 +672,16 @@ def _dw_paths(codec: int) -> int:
     allowed = set(_DW_PATH_CODES[DW_PATH])
     if codec in (CODEC_FP8_TOKEN, CODEC_INT4_TOKEN) and 2 in allowed:  # no per-channel scale to move: 2 ≡ 1
         allowed = (allowed - {2}) | {1}
+    if codec != CODEC_FP8_CHANNEL and 3 in allowed:  # 3 moves fp8 per-channel scales only: elsewhere 3 ≡ 0
+        allowed = (allowed - {3}) | {0}
     return sum(1 << k for k in allowed)
 
 
 def _interp_dw_t(paths: int) -> int:
-    return max(k for k in range(3) if paths >> k & 1)
+    """The interpreter's one formulation: Gᵀ X with post-GEMM scales where allowed, else the newest allowed."""
+    for k in (2, 1, 3, 0):
+        if paths >> k & 1:
+            return k
 
 
 def _prune_dw(configs, nargs, **kwargs):
