@@ -303,12 +303,18 @@ def plot(csv_path: Path) -> Path:
     return out
 
 
-def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
+DW_PATHS = ["xg", "xg_post", "gx", "post", "auto"]
+
+
+def bench_codecs(out_dir: Path, tokens: int, log=print, dw_paths=DW_PATHS) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int4 (kvfuse.codecs: keys per channel, values per token)
     and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per
-    token, and the loss's relative difference from bf16 — one CSV."""
+    token, and the loss's relative difference from bf16 — one CSV. fp8 and int4 run once per weight-gradient
+    formulation in dw_paths (fused_kv_loss.DW_PATH: "xg" the old path, "auto" the autotuner's pick among all; the
+    `variant` column), the others once ("plain")."""
     from triton.testing import do_bench
 
+    import kvfuse.kernels.fused_kv_loss as K
     from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4
     x = make_inputs(tokens)
     m = x["mask"][:, None, :]
@@ -328,7 +334,10 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
                 "lowrank256": ([low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]])}
     params = _params(x)
     rows, ref = [], None
-    for name, (tk, tv) in variants.items():
+    runs = [(name, path) for name in variants for path in (dw_paths if name in ("fp8", "int4") else ["plain"])]
+    for name, path in runs:
+        tk, tv = variants[name]
+        K.DW_PATH = "xg" if path == "plain" else path
         args = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
 
         def fwd():
@@ -341,12 +350,16 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
         loss = float(fwd())
         ref = loss if ref is None else ref
         nbytes = sum(t.nbytes for t in tk + tv)  # a compressed entry counts its codes and scales
-        rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
+        rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name, variant=path,
                          fwd_ms=round(do_bench(fwd, return_mode="median"), 4),
                          full_ms=round(do_bench(full, return_mode="median"), 4),
                          teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
                          loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref)))
         log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
+    K.DW_PATH = "auto"
+    for key, cfg in K._TUNED.items():
+        if key[0] == id(K._dw_tuned):
+            log(f"  dw tuned (D_i, C', codec, dot, desc, dtype, paths) {key[1]}: {cfg}")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"fused_loss_codecs_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
     with open(path, "w", newline="") as f:
@@ -367,6 +380,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     p.add_argument("--codecs", type=int, metavar="TOKENS",
                    help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
+    p.add_argument("--dw-paths", nargs="+", default=DW_PATHS, choices=DW_PATHS,
+                   help="with --codecs: the weight-gradient formulations to time on fp8 / int4 teachers")
     args = p.parse_args(argv)
     if args.plot:
         print(plot(args.plot))
@@ -374,7 +389,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_fused_loss needs a CUDA GPU (run it through the device tool)")
     if args.codecs:
-        print(bench_codecs(args.out, args.codecs))
+        print(bench_codecs(args.out, args.codecs, dw_paths=args.dw_paths))
         return 0
     run(args.out, args.tokens, args.variants, args.tokens3)
     return 0

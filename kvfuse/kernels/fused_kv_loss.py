@@ -497,7 +497,7 @@ def _dw_gx(
     # result tile is written transposed into ∂W. The decode:
     #   per-token scales (values): x = s_t q + o_t in fp32 right after the load, as `_decode` (one scale per row);
     #   per-channel scales (keys), POST: only q → DOT_DTYPE in the loop (exact: int4 codes and fp8 e4m3 are bf16
-    #     values), then Mᵀ[c, f] = s_f (Qᵀ G)ᵀ[c, f] + o_f Σ_t G[t, c] once per b (the scales are per (l, b, head));
+    #     values), then Mᵀ[c, f] = s_f (Gᵀ Q)[c, f] + o_f Σ_t G[t, c] once per b (the scales are per (l, b, head));
     #   per-channel, not POST: x = s_f q + o_f in fp32 in the loop, s and o loaded once per b.
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -649,8 +649,8 @@ _DW_TILES = [
     ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
 ]
 # Every tile with each weight-gradient formulation (DW_T: 0 Xᵀ G, 1 Gᵀ X, 2 Gᵀ X with per-channel scales after the
-# GEMM, 3 Xᵀ G with fp8 per-channel scales after the GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH allow. Gᵀ X tiles are the same shapes with the
-# roles of BLOCK_F and BLOCK_C in the MMA swapped (M = BLOCK_C); 64-token tiles as for Xᵀ G.
+# GEMM, 3 Xᵀ G with fp8 per-channel scales after the GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH
+# allow. Gᵀ X tiles are the same shapes with the roles of BLOCK_F and BLOCK_C in the MMA swapped (M = BLOCK_C).
 _DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k in (0, 1, 2, 3) for meta, w, st in _DW_TILES],
                                    _dw_pre_hook)
 # Under the interpreter one config runs; tests may change these (a DW_T there overrides DW_PATH).
