@@ -167,10 +167,11 @@ def test_weight_gradient_paths_equal_decoded_reference(path, kind, layout, monke
                                         codecs=[CODEC_CODES[x.kind, x.axis] for x in enc],
                                         scales=[x.scale for x in enc],
                                         offsets=[getattr(x, "offset", None) for x in enc])
-    want = {"xg": (0, 0), "xg_post": (3 if kind == "fp8" else 0, 0), "gx": (1, 1), "post": (2, 1)}[path]
+    want = {"xg": (0, 0), "xg_post": (3, 0), "gx": (1, 1), "post": (2, 1)}[path]
     assert [t for t, _, _ in launched] == list(want)
     assert {u for _, u, _ in launched} == {layout == "descriptors"}
     ref_w, ref_a = _dw_reference([x.decode() for x in enc], ws, G, alpha, 0.7)
-    for got, ref in zip(dws, ref_w):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dal.double(), ref_a, rtol=1e-5, atol=1e-5)
+    # fp32 accumulation, tolerance relative to each gradient's largest entry (the int4 post-GEMM offset term of
+    # "xg_post" subtracts two sums about as large as the result: about one bit of fp32 more than the others)
+    for got, ref in zip([*dws, dal], [*ref_w, ref_a]):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

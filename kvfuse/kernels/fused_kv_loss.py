@@ -371,7 +371,7 @@ def _fused_kv_fwd_kernel(
 
 @triton.jit
 def _fused_kv_dw_kernel(
-    x, sc, of, sx0, sx1, sx2, sx3,
+    x, sc, of, gs, sx0, sx1, sx2, sx3,
     w_ptr, sw0, sw1,
     g, alpha_ptr, stride_ab, stride_al, gout_ptr,
     dw_ptr, dalpha_ptr,
@@ -380,22 +380,22 @@ def _fused_kv_dw_kernel(
     USE_DESC: tl.constexpr, PATHS: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, DW_T: tl.constexpr,
 ):
-    # DW_T = 0 (plain teachers, and the fallback for compressed ones): Xᵀ G in `_dw_xg`, 3: the same with fp8
-    # per-channel scales applied after the GEMM; DW_T = 1, 2 (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the
+    # DW_T = 0 (plain teachers, and the fallback for compressed ones): Xᵀ G in `_dw_xg`, 3: the same with
+    # per-channel scales (and int4 offsets, through gs = Σ_t G[l, b, t, c], fp32 [L, B, C']) applied after the GEMM; DW_T = 1, 2 (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the
     # DW_T values the autotuner may try, a bit mask) only keys the autotuner's cache.
     if DW_T == 1 or DW_T == 2:
         _dw_gx(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
                dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 2, BLOCK_F,
                BLOCK_C, BLOCK_T)
     else:
-        _dw_xg(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
+        _dw_xg(x, sc, of, gs, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
                dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 3, BLOCK_F,
                BLOCK_C, BLOCK_T)
 
 
 @triton.jit
 def _dw_xg(
-    x, sc, of, sx0, sx1, sx2, sx3,
+    x, sc, of, gs, sx0, sx1, sx2, sx3,
     w_ptr, sw0, sw1,
     g, alpha_ptr, stride_ab, stride_al, gout_ptr,
     dw_ptr, dalpha_ptr,
@@ -427,9 +427,16 @@ def _dw_xg(
     g_out = tl.load(gout_ptr).to(tl.float32)
     w_off = l * sw0 + f[:, None] * sw1 + c[None, :]
 
-    # POST (fp8 per-channel scales only): the loop converts the codes alone (exact in bf16), M(b) is scaled by the
-    # channel scales s_f once per b (they are per (l, b, head)).
+    # POST (per-channel scales only): the loop converts the codes alone, exact in bf16, and M(b) gets the channel
+    # scales once per b (they are per (l, b, head)): fp8 M = diag(s) Qᵀ G. int4: the bf16 bit pattern
+    # 0x3F80 | q << 3 is V = 1 + q/16 exactly, so a byte becomes two bf16 codes with logic ops alone (no int→float
+    # conversion), and with x = s q + o = 16 s V + (o − 16 s)
+    #   M[f, c] = 16 s_f (Vᵀ G)[f, c] + (o_f − 16 s_f) gs[c],    gs[c] = Σ_t G[t, c]   (computed by the launcher)
+    # (V's constant part 1 is no larger than its code part, so the subtraction costs about one bit of fp32, where
+    # 128 + q, the other bit pattern, would cost seven.)
     FP8_POST: tl.constexpr = POST and CODEC == CODEC_FP8_CHANNEL
+    INT4_POST: tl.constexpr = POST and CODEC == CODEC_INT4_CHANNEL
+    PACK: tl.constexpr = 2 if INT4_POST else 1
     dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
     for bb in range(0, B):
         mb = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
@@ -439,13 +446,21 @@ def _dw_xg(
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < T
-            if FP8_POST:
+            if FP8_POST or INT4_POST:
                 if USE_DESC:
-                    raw = x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F)
+                    raw = x.load([l32, bb, hi, t0, d0 // PACK]).reshape(BLOCK_T, BLOCK_F // PACK)
                 else:
-                    raw = tl.load(x + l * sx0 + bb * sx1 + hi * sx2 + t[:, None] * sx3 + d[None, :],
-                                  mask=t_ok[:, None] & d_ok[None, :])
-                xt = raw.to(DOT_DTYPE)
+                    e = d0 // PACK + tl.arange(0, BLOCK_F // PACK)
+                    raw = tl.load(x + l * sx0 + bb * sx1 + hi * sx2 + t[:, None] * sx3 + e[None, :],
+                                  mask=t_ok[:, None] & (e < D_I // PACK)[None, :])
+                if FP8_POST:
+                    xt = raw.to(DOT_DTYPE)
+                elif DOT_DTYPE == tl.bfloat16:
+                    v = tl.join(((raw & 0xF).to(tl.uint16) << 3) | 0x3F80, ((raw >> 4).to(tl.uint16) << 3) | 0x3F80)
+                    xt = v.reshape(BLOCK_T, BLOCK_F).to(tl.bfloat16, bitcast=True)
+                else:  # other operand dtypes (fp32 under the interpreter): the same codes V = 1 + q/16, computed
+                    q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_F).to(tl.float32)
+                    xt = (q * 0.0625 + 1.0).to(DOT_DTYPE)
                 if not USE_DESC:  # masked lanes are undefined (no `other` for fp8)
                     xt = tl.where(t_ok[:, None] & d_ok[None, :], xt, 0.0)
                 xt = tl.trans(xt)
@@ -471,6 +486,11 @@ def _dw_xg(
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
         if FP8_POST:
             mb = mb * tl.load(sc + ((l * B + bb) * H_I + hi) * D_I + d, mask=d_ok, other=0.0)[:, None]
+        elif INT4_POST:
+            sv = tl.load(sc + ((l * B + bb) * H_I + hi) * D_I + d, mask=d_ok, other=0.0)
+            ov = tl.load(of + ((l * B + bb) * H_I + hi) * D_I + d, mask=d_ok, other=0.0)
+            gsv = tl.load(gs + (l * B + bb) * C2 + c, mask=c_ok, other=0.0)
+            mb = mb * (16.0 * sv)[:, None] + (ov - 16.0 * sv)[:, None] * gsv[None, :]
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
@@ -649,7 +669,7 @@ _DW_TILES = [
     ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
 ]
 # Every tile with each weight-gradient formulation (DW_T: 0 Xᵀ G, 1 Gᵀ X, 2 Gᵀ X with per-channel scales after the
-# GEMM, 3 Xᵀ G with fp8 per-channel scales after the GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH
+# GEMM, 3 Xᵀ G with per-channel scales after the GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH
 # allow. Gᵀ X tiles are the same shapes with the roles of BLOCK_F and BLOCK_C in the MMA swapped (M = BLOCK_C).
 _DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k in (0, 1, 2, 3) for meta, w, st in _DW_TILES],
                                    _dw_pre_hook)
@@ -658,7 +678,7 @@ INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
 INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
 # Which weight-gradient formulation compressed teachers use (plain teachers always Xᵀ G): "auto" lets the autotuner
 # time them all on the GPU (the interpreter runs "post"); "xg" is the old path (decode, transpose in registers,
-# Xᵀ G), "xg_post" the same with fp8 per-channel scales after the GEMM (other codecs: as "xg"), "gx" Gᵀ X with the
+# Xᵀ G), "xg_post" the same with per-channel scales after the GEMM (per-token: as "xg"), "gx" Gᵀ X with the
 # decode in the loop, "post" Gᵀ X with per-channel scales after the GEMM (per-token codecs: as "gx"). A private
 # switch for bench_fused_loss.py --codecs, which times each.
 DW_PATH = "auto"
@@ -672,7 +692,7 @@ def _dw_paths(codec: int) -> int:
     allowed = set(_DW_PATH_CODES[DW_PATH])
     if codec in (CODEC_FP8_TOKEN, CODEC_INT4_TOKEN) and 2 in allowed:  # no per-channel scale to move: 2 ≡ 1
         allowed = (allowed - {2}) | {1}
-    if codec != CODEC_FP8_CHANNEL and 3 in allowed:  # 3 moves fp8 per-channel scales only: elsewhere 3 ≡ 0
+    if codec in (CODEC_FP8_TOKEN, CODEC_INT4_TOKEN) and 3 in allowed:  # 3 moves per-channel scales: 3 ≡ 0
         allowed = (allowed - {3}) | {0}
     return sum(1 << k for k in allowed)
 
@@ -865,27 +885,35 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         dw = torch.empty_like(w)
         use_desc = (_tma_ready(x) and _tma_ready(G)
                     and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
+        paths = _dw_paths(codecs[i])
+        tuned_key = (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype, paths)
+        if interpreting():
+            cfg = dict(INTERP_DW)
+            cfg.setdefault("DW_T", _interp_dw_t(paths))
+            col_sums = cfg["DW_T"] == 3
+        else:
+            tuned = _TUNED.get((id(_dw_tuned), tuned_key))
+            col_sums = paths >> 3 & 1 and (tuned is None or tuned.kwargs["DW_T"] == 3)
+        # Σ_t G per (l, b, column): the int4 per-channel offsets' term when the offsets move after the GEMM
+        gs = G.sum(2, dtype=torch.float32) if col_sums and codecs[i] == CODEC_INT4_CHANNEL else part
         # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.
         args = dict(x=TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
-                    sc=G if scales[i] is None else scales[i], of=G if offsets[i] is None else offsets[i],
+                    sc=G if scales[i] is None else scales[i], of=G if offsets[i] is None else offsets[i], gs=gs,
                     sx0=x.stride(0), sx1=x.stride(1), sx2=x.stride(2), sx3=x.stride(3),
                     w_ptr=w, sw0=w.stride(0), sw1=w.stride(1),
                     g=TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
                     alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out, dw_ptr=dw,
                     dalpha_ptr=part, B=B, T=T, N_FBLK=n_f, N_CBLK=n_c, H_I=H_i,
                     D_I=D_i, C2=C2, CODEC=codecs[i], DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc,
-                    PATHS=_dw_paths(codecs[i]))
+                    PATHS=paths)
         if interpreting():
-            cfg = dict(INTERP_DW)
-            cfg.setdefault("DW_T", _interp_dw_t(args["PATHS"]))
             _fit_dw_descriptors(args, cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"])
             grid = (triton.cdiv(C2, cfg["BLOCK_C"]), H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
             _fused_kv_dw_kernel[grid](**args, **cfg)
         else:
             grid = lambda cfg: (triton.cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
                                 H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), L)
-            cfg = _launch_tuned(_dw_tuned, (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype, args["PATHS"]), grid,
-                                args)
+            cfg = _launch_tuned(_dw_tuned, tuned_key, grid, args)
         if need_alpha:
             written = part[:, :, :H_i * triton.cdiv(D_i, cfg["BLOCK_F"]), :triton.cdiv(C2, cfg["BLOCK_C"])]
             dalpha[:, :, i] = written.sum((2, 3)).t()
