@@ -384,7 +384,7 @@ def _fused_kv_dw_kernel(
     # per-channel scales (and int4 offsets, through gs = Σ_t G[l, b, t, c], fp32 [L, B, C']) applied after the GEMM; DW_T = 1, 2 (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the
     # DW_T values the autotuner may try, a bit mask) only keys the autotuner's cache.
     if DW_T == 1 or DW_T == 2:
-        _dw_gx(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
+        _dw_gx(x, sc, of, gs, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
                dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 2, BLOCK_F,
                BLOCK_C, BLOCK_T)
     else:
@@ -501,7 +501,7 @@ def _dw_xg(
 
 @triton.jit
 def _dw_gx(
-    x, sc, of, sx0, sx1, sx2, sx3,
+    x, sc, of, gs, sx0, sx1, sx2, sx3,
     w_ptr, sw0, sw1,
     g, alpha_ptr, stride_ab, stride_al, gout_ptr,
     dw_ptr, dalpha_ptr,
@@ -516,8 +516,9 @@ def _dw_gx(
     # decoded teacher tile [tokens × dims] in its natural order: no register transpose of the decoded tile; the
     # result tile is written transposed into ∂W. The decode:
     #   per-token scales (values): x = s_t q + o_t in fp32 right after the load, as `_decode` (one scale per row);
-    #   per-channel scales (keys), POST: only q → DOT_DTYPE in the loop (exact: int4 codes and fp8 e4m3 are bf16
-    #     values), then Mᵀ[c, f] = s_f (Gᵀ Q)[c, f] + o_f Σ_t G[t, c] once per b (the scales are per (l, b, head));
+    #   per-channel scales (keys), POST: only the codes in the loop (fp8 → DOT_DTYPE, exact; int4 as the bf16 codes
+    #     V = 1 + q/16 of `_dw_xg`), then once per b (the scales are per (l, b, head)) Mᵀ[c, f] = s_f (Gᵀ Q)[c, f],
+    #     or for int4 16 s_f (Gᵀ V)[c, f] + (o_f − 16 s_f) gs[c] with gs[c] = Σ_t G[t, c] from the launcher;
     #   per-channel, not POST: x = s_f q + o_f in fp32 in the loop, s and o loaded once per b.
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -547,8 +548,6 @@ def _dw_gx(
             sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
             if INT4:
                 ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
-        if POST and INT4:
-            gsum = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         mb = tl.zeros([BLOCK_C, BLOCK_F], dtype=tl.float32)
         if not USE_DESC:
             x_base = x + l * sx0 + bb * sx1 + hi * sx2 + e[None, :]
@@ -569,7 +568,13 @@ def _dw_gx(
                 q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_F)
             else:
                 q = raw
-            if CHANNEL and POST:
+            if CHANNEL and POST and INT4:
+                if DOT_DTYPE == tl.bfloat16:
+                    v = tl.join(((raw & 0xF).to(tl.uint16) << 3) | 0x3F80, ((raw >> 4).to(tl.uint16) << 3) | 0x3F80)
+                    xq = v.reshape(BLOCK_T, BLOCK_F).to(tl.bfloat16, bitcast=True)
+                else:
+                    xq = (q.to(tl.float32) * 0.0625 + 1.0).to(DOT_DTYPE)
+            elif CHANNEL and POST:
                 xq = q.to(DOT_DTYPE)
             elif CHANNEL:
                 if INT4:
@@ -590,12 +595,12 @@ def _dw_gx(
                 mb = tl.dot(tl.trans(gt.to(DOT_DTYPE)), xq, mb, input_precision="ieee")
             else:
                 mb = tl.dot(tl.trans(gt.to(DOT_DTYPE)), xq, mb)
-            if POST and INT4:
-                gsum += gt.to(tl.float32)
         if CHANNEL and POST:
-            mb = mb * sv[None, :]
             if INT4:
-                mb += tl.sum(gsum, axis=0)[:, None] * ov[None, :]
+                gsv = tl.load(gs + (l * B + bb) * C2 + c, mask=c_ok, other=0.0)
+                mb = mb * (16.0 * sv)[None, :] + gsv[:, None] * (ov - 16.0 * sv)[None, :]
+            else:
+                mb = mb * sv[None, :]
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=cf_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
@@ -671,18 +676,24 @@ _DW_TILES = [
 # Every tile with each weight-gradient formulation (DW_T: 0 Xᵀ G, 1 Gᵀ X, 2 Gᵀ X with per-channel scales after the
 # GEMM, 3 Xᵀ G with per-channel scales after the GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH
 # allow. Gᵀ X tiles are the same shapes with the roles of BLOCK_F and BLOCK_C in the MMA swapped (M = BLOCK_C).
-_DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k in (0, 1, 2, 3) for meta, w, st in _DW_TILES],
-                                   _dw_pre_hook)
+# Tiles per formulation, fewer for the new ones so one autotuning stays short: Xᵀ G with post-GEMM scales keeps the
+# two 8-warp tiles (64 × 256 decodes each teacher tile once for all 256 columns); Gᵀ X adds one 4-warp tile, two
+# programs per SM (255 registers × 128 threads, < 114 KB shared each), so one program's decode can run under the
+# other's MMA (Gᵀ X waits for each MMA before the next decode: its B operand is stored from registers).
+_DW_TILES_BY_PATH = {0: _DW_TILES, 1: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]],
+                     2: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]], 3: _DW_TILES[:2]}
+_DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k, tiles in _DW_TILES_BY_PATH.items()
+                                    for meta, w, st in tiles], _dw_pre_hook)
 # Under the interpreter one config runs; tests may change these (a DW_T there overrides DW_PATH).
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
 INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
 # Which weight-gradient formulation compressed teachers use (plain teachers always Xᵀ G): "auto" lets the autotuner
-# time them all on the GPU (the interpreter runs "post"); "xg" is the old path (decode, transpose in registers,
+# time "xg", "post" and "xg_post" on the GPU (the interpreter runs "post"); "xg" is the old path (decode, transpose in registers,
 # Xᵀ G), "xg_post" the same with per-channel scales after the GEMM (per-token: as "xg"), "gx" Gᵀ X with the
 # decode in the loop, "post" Gᵀ X with per-channel scales after the GEMM (per-token codecs: as "gx"). A private
 # switch for bench_fused_loss.py --codecs, which times each.
 DW_PATH = "auto"
-_DW_PATH_CODES = {"xg": (0,), "gx": (1,), "post": (2,), "xg_post": (3,), "auto": (0, 1, 2, 3)}
+_DW_PATH_CODES = {"xg": (0,), "gx": (1,), "post": (2,), "xg_post": (3,), "auto": (0, 2, 3)}
 
 
 def _dw_paths(codec: int) -> int:
@@ -890,10 +901,10 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         if interpreting():
             cfg = dict(INTERP_DW)
             cfg.setdefault("DW_T", _interp_dw_t(paths))
-            col_sums = cfg["DW_T"] == 3
+            col_sums = cfg["DW_T"] in (2, 3)
         else:
             tuned = _TUNED.get((id(_dw_tuned), tuned_key))
-            col_sums = paths >> 3 & 1 and (tuned is None or tuned.kwargs["DW_T"] == 3)
+            col_sums = paths & 0b1100 and (tuned is None or tuned.kwargs["DW_T"] in (2, 3))
         # Σ_t G per (l, b, column): the int4 per-channel offsets' term when the offsets move after the GEMM
         gs = G.sum(2, dtype=torch.float32) if col_sums and codecs[i] == CODEC_INT4_CHANNEL else part
         # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.
