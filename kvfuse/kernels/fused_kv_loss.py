@@ -369,7 +369,7 @@ def _fused_kv_fwd_kernel(
             tl.store(ds_base + d2[None, :], f2, mask=tc_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PATHS"])
 def _fused_kv_dw_kernel(
     x, sc, of, gs, sx0, sx1, sx2, sx3,
     w_ptr, sw0, sw1,
@@ -377,12 +377,14 @@ def _fused_kv_dw_kernel(
     dw_ptr, dalpha_ptr,
     B, T, N_FBLK, N_CBLK, H_I,
     D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    USE_DESC: tl.constexpr, PATHS: tl.constexpr,
+    USE_DESC: tl.constexpr, PATHS,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, DW_T: tl.constexpr,
 ):
-    # DW_T = 0 (plain teachers, and the fallback for compressed ones): Xᵀ G in `_dw_xg`, 3: the same with
-    # per-channel scales (and int4 offsets, through gs = Σ_t G[l, b, t, c], fp32 [L, B, C']) applied after the GEMM; DW_T = 1, 2 (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the
-    # DW_T values the autotuner may try, a bit mask) only keys the autotuner's cache.
+    # DW_T = 0 (plain teachers, and the fallback for compressed ones): Xᵀ G in `_dw_xg`; 3: the same with the
+    # per-channel scales (and int4 offsets, through gs = Σ_t G[l, b, t, c], fp32 [L, B, C']) applied after the
+    # GEMM; 1, 2 (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the DW_T values the autotuner may try, a
+    # bit mask) only keys the autotuner's cache: a runtime argument the kernel never reads, unspecialised, so
+    # switching DW_PATH recompiles nothing.
     if DW_T == 1 or DW_T == 2:
         _dw_gx(x, sc, of, gs, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
                dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 2, BLOCK_F,
@@ -687,11 +689,11 @@ _DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k, tiles in 
 # Under the interpreter one config runs; tests may change these (a DW_T there overrides DW_PATH).
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1}
 INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
-# Which weight-gradient formulation compressed teachers use (plain teachers always Xᵀ G): "auto" lets the autotuner
-# time "xg", "post" and "xg_post" on the GPU (the interpreter runs "post"); "xg" is the old path (decode, transpose in registers,
-# Xᵀ G), "xg_post" the same with per-channel scales after the GEMM (per-token: as "xg"), "gx" Gᵀ X with the
-# decode in the loop, "post" Gᵀ X with per-channel scales after the GEMM (per-token codecs: as "gx"). A private
-# switch for bench_fused_loss.py --codecs, which times each.
+# Which weight-gradient formulation compressed teachers use (plain teachers always Xᵀ G): "xg" the old path (decode,
+# transpose in registers, Xᵀ G), "xg_post" the same with per-channel scales after the GEMM (per-token codecs: as
+# "xg"), "gx" Gᵀ X with the decode in the loop, "post" Gᵀ X with per-channel scales after the GEMM (per-token
+# codecs: as "gx"); "auto" lets the autotuner time "xg", "post" and "xg_post" on the GPU (the interpreter runs
+# "post"). A private switch for bench_fused_loss.py --codecs, which times each.
 DW_PATH = "auto"
 _DW_PATH_CODES = {"xg": (0,), "gx": (1,), "post": (2,), "xg_post": (3,), "auto": (0, 2, 3)}
 
