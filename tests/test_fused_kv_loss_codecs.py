@@ -43,9 +43,12 @@ def _loss(args, backend):
                                        ([(2, 16), (3, 8)], 16)],   # pointer loads, masked int4 byte columns
                          ids=["descriptors", "pointers"])
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
-def test_quantised_teachers_equal_their_decode(kind, heads, D_s, monkeypatch):
+@pytest.mark.parametrize("dw_path", ["post", "xg_post", "xg"])
+def test_quantised_teachers_equal_their_decode(kind, heads, D_s, dw_path, monkeypatch):
+    """The whole loss and its gradients with each weight-gradient formulation (fused_kv_loss.DW_PATH)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import kvfuse.kernels.fused_kv_loss as k
+    monkeypatch.setattr(k, "DW_PATH", dw_path)
     if D_s == 32:  # int4 TMA boxes need ≥ 16 bytes: 32 dims per K-chunk (the GPU configs use 64 or more)
         monkeypatch.setattr(k, "INTERP_FWD", dict(k.INTERP_FWD, BLOCK_K=32))
         monkeypatch.setattr(k, "INTERP_DW", dict(k.INTERP_DW, BLOCK_F=32))
