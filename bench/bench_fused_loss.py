@@ -310,9 +310,10 @@ DEFAULT_DW_PATHS = ["xg", "xg_post", "post", "auto"]
 def bench_codecs(out_dir: Path, tokens: int, log=print, dw_paths=DEFAULT_DW_PATHS) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int4 (kvfuse.codecs: keys per channel, values per token)
     and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per
-    token, and the loss's relative difference from bf16 — one CSV. fp8 and int4 run once per weight-gradient
+    token, the loss's relative difference from bf16 — one CSV. fp8 and int4 run once per weight-gradient
     formulation in dw_paths (fused_kv_loss.DW_PATH: "xg" the old path, "auto" the autotuner's pick among all; the
-    `variant` column), the others once ("plain")."""
+    `variant` column; the first one listed is the reference of grad_rel_diff_vs_first_variant, the largest relative
+    norm difference of a parameter gradient), the others once ("plain")."""
     from triton.testing import do_bench
 
     import kvfuse.kernels.fused_kv_loss as K
@@ -334,7 +335,7 @@ def bench_codecs(out_dir: Path, tokens: int, log=print, dw_paths=DEFAULT_DW_PATH
                          [encode_int4(t, "token", m) for t in x["teacher_v"]]),
                 "lowrank256": ([low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]])}
     params = _params(x)
-    rows, ref, fwd_ms = [], None, {}
+    rows, ref, fwd_ms, grads_xg = [], None, {}, {}
     runs = [(name, path) for name in variants for path in (dw_paths if name in ("fp8", "int4") else ["plain"])]
     for name, path in runs:
         tk, tv = variants[name]
@@ -347,7 +348,11 @@ def bench_codecs(out_dir: Path, tokens: int, log=print, dw_paths=DEFAULT_DW_PATH
         def full():
             return torch.autograd.grad(fwd(), params)
 
-        full()
+        grads = [t.float() for t in full()]
+        # the gradients against the old formulation's on the same teachers (a wrong path shows as O(1))
+        first = grads_xg.setdefault(name, grads)
+        grad_diff = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(grads, first))
+        del grads
         loss = float(fwd())
         ref = loss if ref is None else ref
         if name not in fwd_ms:  # the forward does not depend on the weight-gradient formulation: timed once
@@ -357,7 +362,7 @@ def bench_codecs(out_dir: Path, tokens: int, log=print, dw_paths=DEFAULT_DW_PATH
                          fwd_ms=fwd_ms[name],
                          full_ms=round(do_bench(full, return_mode="median"), 4),
                          teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
-                         loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref)))
+                         loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref), grad_rel_diff_vs_first_variant=grad_diff))
         log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
     K.DW_PATH = "auto"
     for key, cfg in K._TUNED.items():
