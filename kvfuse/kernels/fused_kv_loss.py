@@ -678,12 +678,12 @@ _DW_TILES = [
 # Every tile with each weight-gradient formulation (DW_T: 0 Xᵀ G, 1 Gᵀ X, 2 Gᵀ X with per-channel scales after the
 # GEMM, 3 Xᵀ G with per-channel scales after the GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH
 # allow. Gᵀ X tiles are the same shapes with the roles of BLOCK_F and BLOCK_C in the MMA swapped (M = BLOCK_C).
-# Tiles per formulation, fewer for the new ones so one autotuning stays short: Xᵀ G with post-GEMM scales keeps the
-# two 8-warp tiles (64 × 256 decodes each teacher tile once for all 256 columns); Gᵀ X adds one 4-warp tile, two
-# programs per SM (255 registers × 128 threads, < 114 KB shared each), so one program's decode can run under the
-# other's MMA (Gᵀ X waits for each MMA before the next decode: its B operand is stored from registers).
+# Tiles per formulation, fewer for the new ones so one autotuning stays short: the two 8-warp tiles (64 × 256
+# decodes each teacher tile once for all 256 columns) and one 4-warp tile, two programs per SM (255 registers × 128
+# threads, < 114 KB shared each), so one program's decode can run under the other's MMA (Gᵀ X waits for each MMA
+# before the next decode: its B operand is stored from registers, which triton 3.6 does not pipeline).
 _DW_TILES_BY_PATH = {0: _DW_TILES, 1: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]],
-                     2: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]], 3: _DW_TILES[:2]}
+                     2: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]], 3: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]]}
 _DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k, tiles in _DW_TILES_BY_PATH.items()
                                     for meta, w, st in tiles], _dw_pre_hook)
 # Under the interpreter one config runs; tests may change these (a DW_T there overrides DW_PATH).
