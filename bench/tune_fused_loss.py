@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     _, _, G, _ = K.fused_kv_loss_forward(sk, x["teacher_k"], wk, alpha, mask, pos, rot, invf, ones, D_s, coef, coef,
                                          True, True)
     g_out = torch.ones(1, device=dev)
-    for cfg in list(K._DW_CONFIGS_GPU):
+    for cfg in [c for c in K._DW_CONFIGS_GPU if c.kwargs["DW_T"] == 0]:  # plain teachers: Xᵀ G only
         K._dw_tuned.configs = [cfg]
         K._dw_tuned.cache.clear()
         try:

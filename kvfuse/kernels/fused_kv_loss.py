@@ -719,7 +719,10 @@ def _interp_dw_t(paths: int) -> int:
 
 def _prune_dw(configs, nargs, **kwargs):
     paths = {**nargs, **kwargs}["PATHS"]
-    return [c for c in configs if paths >> c.kwargs["DW_T"] & 1]
+    keep = [c for c in configs if paths >> c.kwargs["DW_T"] & 1]
+    # nothing allowed left (a tuning script's single config): its tile as Xᵀ G, which runs every teacher
+    return keep or [triton.Config({**configs[0].kwargs, "DW_T": 0}, num_warps=configs[0].num_warps,
+                                  num_stages=configs[0].num_stages, pre_hook=_dw_pre_hook)]
 _MIN_BLOCK_T = 16
 _MIN_BLOCK_F = 16
 _MIN_BLOCK_C = 16
