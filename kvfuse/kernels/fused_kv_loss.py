@@ -21,7 +21,10 @@ h·D_s + η·D_s/2 + j) and write G in it: no permuted copy of W, and ∂W comes
 Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes or packed int4 bytes with scales
 (and int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each [tokens × dims] tile in
 registers right after its load, so no decoded copy of the teacher exists in memory. The forward kernel finds every
-teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets `codec_offs`).
+teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets `codec_offs`). The weight-gradient
+kernel has several formulations for them (`DW_PATH`, autotuned by default): Xᵀ G with the decoded tile transposed
+into the MMA's register operand, the same with per-channel scales applied after the GEMM, and Gᵀ X with the decoded
+tile stored untransposed as the MMA's shared-memory operand (bench/NOTES.md, "Compressed teachers").
 
 α.  α_i is one scalar per program (one b, one l), so it is applied to the accumulator, not to the operands:
     acc ← acc · (α_prev / α_i) + X_i W_i  for each teacher with α_i ≠ 0, and finally acc ← acc · α_last,
