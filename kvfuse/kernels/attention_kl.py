@@ -36,7 +36,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kvfuse.kernels.utils import autotune_configs, define_op, dot_dtype, interpreting
+from kvfuse.kernels.utils import autotune_configs, cdiv, define_op, dot_dtype, interpreting, next_power_of_2
 
 _NEG = tl.constexpr(-1.0e30)
 _POS = tl.constexpr(1.0e30)
@@ -469,7 +469,7 @@ def _launch(name, grid_of, args, meta):
 
 def _meta(q):
     dot_tl, _, ieee = dot_dtype([q.dtype])
-    return dict(D=q.shape[3], BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])), DOT_DTYPE=dot_tl, IEEE=ieee)
+    return dict(D=q.shape[3], BLOCK_D=max(16, next_power_of_2(q.shape[3])), DOT_DTYPE=dot_tl, IEEE=ieee)
 
 
 def _check_device(q):
@@ -514,8 +514,8 @@ def attention_kl_forward(q, k_s, k_f, mask, scale: float):
     ks_arg, kf_arg = (_rows_descriptor(k) if k_tma == 2 else TensorDescriptor.from_tensor(k, [1, 1, 16, 16])
                       if k_tma else k for k in (k_s, k_f))
     args = (q, *q.stride(), ks_arg, *k_s.stride(), kf_arg, *k_f.stride(), mask, kl, stats,
-            H, T, H // k_s.shape[1], B * H * T, float(scale), triton.next_power_of_2(T))
-    grid = lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"]))  # noqa: E731
+            H, T, H // k_s.shape[1], B * H * T, float(scale), next_power_of_2(T))
+    grid = lambda c: (B * H, cdiv(T, c["BLOCK_M"]))  # noqa: E731
     if k_tma:
         _launch("fwd_tma", grid, args, dict(meta, K_TMA=k_tma))
     else:
@@ -531,7 +531,7 @@ def group_split(B: int, H_kv: int, group: int, T: int, sms: int, block_n: int = 
     """How many programs share one KV head's query heads in the one-pass backward: the smallest divisor of the
     group giving ≥ 4 programs per SM at a nominal 64-key tile (small B·H_kv·T would otherwise leave SMs idle
     and the load imbalanced: key tile 0 carries T queries, the last one a tile), else the whole group."""
-    tiles = B * H_kv * triton.cdiv(T, block_n)
+    tiles = B * H_kv * cdiv(T, block_n)
     for split in range(1, group + 1):
         if group % split == 0 and tiles * split >= 4 * sms:
             return split
@@ -600,16 +600,16 @@ def attention_kl_backward(q, k_s, k_f, mask, scale: float, dkl, stats, need_q=Tr
     dq = dks = dkf = None
     if need_q and not one_pass:
         dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-        _launch("dq", lambda c: (B * H, triton.cdiv(T, c["BLOCK_M"])),
-                (*common, dq, H, T, group, B * H * T, float(scale), triton.next_power_of_2(T)), meta)
+        _launch("dq", lambda c: (B * H, cdiv(T, c["BLOCK_M"])),
+                (*common, dq, H, T, group, B * H * T, float(scale), next_power_of_2(T)), meta)
     if need_k:
         split = group_split(B, H_kv, group, T, _sm_count(q.device)) if split is None else split
         if split < 1 or group % split:
             raise ValueError(f"split ({split}) must divide the GQA group ({group})")
         q_tma, dq_tma, lean = bwd_variant_flags(q, meta, variant) if one_pass else (0, False, False)
         dks, dkf = (torch.empty(B, H_kv, split, T, D, device=q.device, dtype=torch.float32) for _ in range(2))
-        grid = lambda c: (B * H_kv * split, triton.cdiv(T, c["BLOCK_N"]))  # noqa: E731
-        tail = (H, H_kv, T, group, split, B * H * T, float(scale), triton.next_power_of_2(T))
+        grid = lambda c: (B * H_kv * split, cdiv(T, c["BLOCK_N"]))  # noqa: E731
+        tail = (H, H_kv, T, group, split, B * H * T, float(scale), next_power_of_2(T))
         if q_tma or dq_tma:
             # ∂qᵀ [B·H, D, T_pad] fp32, T_pad a multiple of 4 (16-byte rows); the pre-hook zeroes it.  Block
             # shapes here are placeholders: the pre-hook fits them to each config.

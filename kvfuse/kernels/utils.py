@@ -35,6 +35,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (n ≥ 1), for host code, for the reason `cdiv` gives."""
+    return 1 << (n - 1).bit_length()
+
+
 def autotune_configs(options, pre_hook=None) -> list[triton.Config]:
     """[(meta dict, num_warps, num_stages)] -> triton.Configs sharing one pre-hook."""
     return [triton.Config(dict(meta), num_warps=w, num_stages=s, pre_hook=pre_hook) for meta, w, s in options]
