@@ -166,10 +166,12 @@ def test_weight_gradient_paths_equal_decoded_reference(path, kind, layout, monke
             return launch
     monkeypatch.setattr(k, "_fused_kv_dw_kernel", Spy())
     g_out = torch.tensor([0.7])
-    dws, dal = k.fused_kv_loss_backward([x.data for x in enc], ws, alpha, G, g_out, True, True,
-                                        codecs=[CODEC_CODES[x.kind, x.axis] for x in enc],
-                                        scales=[x.scale for x in enc],
-                                        offsets=[getattr(x, "offset", None) for x in enc])
+    L, B, _, _ = G.shape
+    part = torch.zeros(len(enc), L, B, *k.alpha_slots([(x.shape[2], x.shape[4]) for x in enc], C2))
+    dws = k.fused_kv_loss_backward([x.data for x in enc], ws, alpha, G, g_out, True, part,
+                                   codecs=[CODEC_CODES[x.kind, x.axis] for x in enc], scales=[x.scale for x in enc],
+                                   offsets=[getattr(x, "offset", None) for x in enc])
+    dal = part.sum((3, 4)).permute(2, 1, 0)  # [B, L, N]
     want = {"xg": (0, 0), "xg_post": (3, 0), "gx": (1, 1), "post": (2, 1)}[path]
     assert [t for t, _, _ in launched] == list(want)
     assert {u for _, u, _ in launched} == {layout == "descriptors"}
