@@ -46,6 +46,20 @@ def test_learnable_router_shapes_and_gradient_reaches_it():
     assert LearnableRouter(12, 2)(feats).shape == (5, 2)
 
 
+@pytest.mark.parametrize("features_dtype", [torch.float32, torch.bfloat16])
+def test_learnable_router_in_bf16_as_a_bf16_engine_casts_it(features_dtype):
+    # A DeepSpeed bf16 engine holds the router in bf16 (the GPU-scale Phase 4 runs failed on fp32 features then):
+    # it routes features of any float dtype, returns fp32 α, and agrees with its fp32 copy to bf16 precision.
+    torch.manual_seed(0)
+    router = LearnableRouter(feature_dim=12, n_teachers=3)
+    torch.nn.init.normal_(router.out.weight)
+    feats = torch.randn(5, 12)
+    alpha16 = router.to(torch.bfloat16)(feats.to(features_dtype))
+    alpha32 = router.float()(feats)
+    assert alpha16.dtype == torch.float32 and _is_distribution(alpha16)
+    assert torch.allclose(alpha16, alpha32, atol=3e-2) and not torch.allclose(alpha32, torch.full_like(alpha32, 1 / 3))
+
+
 def test_entropy_regulariser_moves_alpha_the_intended_way():
     logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * 2
     for target, direction in (("diversity", +1), ("specialise", -1)):

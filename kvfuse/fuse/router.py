@@ -182,7 +182,8 @@ class LearnableRouter(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        logits = self.out(F.gelu(self.hidden(self.norm(features.float()))))
+        # In the router's own dtype (a bf16 DeepSpeed engine casts it to bf16), the softmax in fp32.
+        logits = self.out(F.gelu(self.hidden(self.norm(features.to(self.out.weight.dtype))))).float()
         if self.groups is None:
             return torch.softmax(logits, dim=-1)
         logits = logits.view(-1, self.n_groups, self.n_teachers)
