@@ -229,7 +229,9 @@ def child_env(port: int, threads: int, site: Path | None, gpu: int | None = None
     on several GPUs its own one. NVLink multicast stays off (the lending machines' rule)."""
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+               HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+               # batches of varying length fragment the caching allocator; expandable segments return the gaps
+               PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     paths = [str(site)] if site else []
@@ -259,13 +261,26 @@ def launch(run: Run, port: int, threads: int, site: Path | None, gpu: int | None
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
-def run_all(runs: list[Run], parallel: int, site: Path | None, poll_s: float = 5.0) -> int:
-    """Train and evaluate every unfinished run, `parallel` children at a time; a child that fails is reported and
-    its run is not tried again in this call (the next call retries it). Returns the number of failed runs."""
+def pick_gpu(busy: list[int | None], n_gpus: int, per_gpu: int) -> tuple[bool, int | None]:
+    """(may a run start now, on which GPU) given the GPUs of the active runs: on several GPUs the one running the
+    fewest, on one GPU or none the environment's (None); at most `per_gpu` runs on a GPU, since one run's peak
+    was 33–55 GB on a 140 GB H200 and six on one GPU ran out of memory (bench/NOTES.md). No cap without a GPU."""
+    if n_gpus == 0:
+        return True, None
+    if n_gpus == 1:
+        return len(busy) < per_gpu, None
+    gpu = min(range(n_gpus), key=busy.count)
+    return busy.count(gpu) < per_gpu, gpu
+
+
+def run_all(runs: list[Run], parallel: int, site: Path | None, poll_s: float = 5.0, per_gpu: int = 2) -> int:
+    """Train and evaluate every unfinished run, `parallel` children at a time and at most `per_gpu` on a GPU; a
+    child that fails is reported and its run is not tried again in this call (the next call retries it). Returns
+    the number of failed runs."""
     threads = max(1, (os.cpu_count() or 2) // max(1, parallel))
     active: dict[str, tuple[Run, subprocess.Popen, int | None]] = {}
     try:
-        return _schedule(runs, parallel, site, poll_s, threads, active, _gpu_count())
+        return _schedule(runs, parallel, site, poll_s, threads, active, _gpu_count(), per_gpu)
     finally:
         # a runner that stops (SIGTERM, an error) takes its children with it: a later runner must not find a run
         # still being trained by an orphan
@@ -281,7 +296,7 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def _schedule(runs, parallel, site, poll_s, threads, active, n_gpus: int) -> int:
+def _schedule(runs, parallel, site, poll_s, threads, active, n_gpus: int, per_gpu: int) -> int:
     failed: set[str] = set()
     ports: set[int] = set()
     while True:
@@ -312,15 +327,15 @@ def _schedule(runs, parallel, site, poll_s, threads, active, n_gpus: int) -> int
                 break
             if not models_ready(run.models):
                 continue
+            room, gpu = pick_gpu([g for _, _, g in active.values()], n_gpus, per_gpu)
+            if not room:
+                break
             port = free_port()
             while port in ports:
                 port = free_port()
             ports.add(port)
             print(f"{time.strftime('%T')} {run.name}: {'evaluating' if run.state() == 'trained' else 'training'}",
                   flush=True)
-            # several GPUs: each run on the one running the fewest (one GPU, or none: as the environment says)
-            busy = [g for _, _, g in active.values()]
-            gpu = min(range(n_gpus), key=busy.count) if n_gpus > 1 else None
             active[run.name] = (run, launch(run, port, threads, site, gpu), gpu)
         time.sleep(poll_s)
 
@@ -435,7 +450,8 @@ def main(argv=None) -> int:
                         help="where runs live (default $KVFUSE_GPU_SCALE or ~/gpu_scale)")
     parser.add_argument("--only", nargs="+", default=None, help="these setups only (default: the whole matrix)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="default 0 1 2")
-    parser.add_argument("--parallel", type=int, default=6, help="runs at once on the GPU (default 6)")
+    parser.add_argument("--parallel", type=int, default=6, help="runs at once (default 6)")
+    parser.add_argument("--per_gpu", type=int, default=2, help="runs at once on one GPU (default 2: memory)")
     parser.add_argument("--site", type=Path, default=None, help="folder of installed wheels to put on PYTHONPATH")
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="override a trainer key for every run (tests: --set n_samples 4)")
@@ -472,7 +488,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"a seed trains on fewer than 1 M tokens ({tokens}): raise n_samples")
         (args.root / "runs").mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        failed = run_all(runs, args.parallel, args.site)
+        failed = run_all(runs, args.parallel, args.site, per_gpu=args.per_gpu)
         print(f"{time.strftime('%T')} finished: {progress(runs)}; {failed} failed", flush=True)
         return 1 if failed else 0
     if args.action == "start":

@@ -117,3 +117,13 @@ def test_every_setup_of_the_matrix_is_a_valid_trainer_config(setup, tmp_path):
     assert config.delta_final == {"ce_only": 1.0, "kv_only": 0.0}.get(setup.name, 0.1)
     assert len(config.teachers or config.teacher_prompts) == (1 if setup.name == "kv_single" else 2)
     assert config.router_type == ("learnable" if setup.name == "cross_learnable" else "fixed")
+
+
+def test_runs_are_spread_over_gpus_and_capped_per_gpu():
+    # six runs on one H200 ran out of memory (33–55 GB each): at most per_gpu on a GPU, the least busy one first
+    assert gpu_scale.pick_gpu([], 2, 2) == (True, 0)
+    assert gpu_scale.pick_gpu([0], 2, 2) == (True, 1)
+    assert gpu_scale.pick_gpu([0, 1, 1], 2, 2) == (True, 0)
+    assert gpu_scale.pick_gpu([0, 1, 0, 1], 2, 2)[0] is False
+    assert gpu_scale.pick_gpu([None], 1, 2) == (True, None) and gpu_scale.pick_gpu([None, None], 1, 2)[0] is False
+    assert gpu_scale.pick_gpu([None] * 5, 0, 2) == (True, None)  # no GPU (the CPU toy runs): no cap
