@@ -783,9 +783,10 @@ def _launch_tuned(tuned, key: tuple, grid, args: dict, partials: tuple[torch.Ten
     if fresh:
         tuned[grid](**args)
         cfg = _TUNED[(id(tuned), key)] = tuned.best_config
-    if not fresh or partials:
+    if fresh and partials:
         for t in partials:
             t.zero_()
+    if not fresh or partials:
         meta = cfg.all_kwargs()
         if cfg.pre_hook is not None:
             cfg.pre_hook({**args, **meta})
