@@ -303,20 +303,12 @@ def plot(csv_path: Path) -> Path:
     return out
 
 
-DW_PATHS = ["xg", "xg_post", "post", "auto", "gx"]
-DEFAULT_DW_PATHS = ["xg", "xg_post", "post", "auto"]
-
-
-def bench_codecs(out_dir: Path, tokens: int, log=print, dw_paths=DEFAULT_DW_PATHS) -> Path:
+def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int4 (kvfuse.codecs: keys per channel, values per token)
     and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per
-    token, the loss's relative difference from bf16 — one CSV. fp8 and int4 run once per weight-gradient
-    formulation in dw_paths (fused_kv_loss.DW_PATH: "xg" the old path, "auto" the autotuner's pick among all; the
-    `variant` column; the first one listed is the reference of grad_rel_diff_vs_first_variant, the largest relative
-    norm difference of a parameter gradient), the others once ("plain")."""
+    token, and the loss's relative difference from bf16 — one CSV."""
     from triton.testing import do_bench
 
-    import kvfuse.kernels.fused_kv_loss as K
     from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4
     x = make_inputs(tokens)
     m = x["mask"][:, None, :]
@@ -335,49 +327,30 @@ def bench_codecs(out_dir: Path, tokens: int, log=print, dw_paths=DEFAULT_DW_PATH
                          [encode_int4(t, "token", m) for t in x["teacher_v"]]),
                 "lowrank256": ([low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]])}
     params = _params(x)
-    rows, ref, fwd_ms, grads_xg = [], None, {}, {}
-    runs = [(name, path) for name in variants for path in (dw_paths if name in ("fp8", "int4") else ["plain"])]
-    for name, path in runs:
-        try:
-            tk, tv = variants[name]
-            K.DW_PATH = "xg" if path == "plain" else path
-            args = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
+    rows, ref = [], None
+    for name, (tk, tv) in variants.items():
+        args = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
 
-            def fwd():
-                return kv_distill_loss(**args, backend="triton", check_finite=False)[0]
+        def fwd():
+            return kv_distill_loss(**args, backend="triton", check_finite=False)[0]
 
-            def full():
-                return torch.autograd.grad(fwd(), params)
+        def full():
+            return torch.autograd.grad(fwd(), params)
 
-            grads = [t.float() for t in full()]
-            # the gradients against the first variant's on the same teachers (a wrong path shows as O(1))
-            first = grads_xg.setdefault(name, grads)
-            grad_diff = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(grads, first))
-            del grads
-            loss = float(fwd())
-            ref = loss if ref is None else ref
-            if name not in fwd_ms:  # the forward does not depend on the weight-gradient formulation: timed once
-                fwd_ms[name] = round(do_bench(fwd, return_mode="median"), 4)
-            nbytes = sum(t.nbytes for t in tk + tv)  # a compressed entry counts its codes and scales
-            rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
-                             variant=path, fwd_ms=fwd_ms[name],
-                             full_ms=round(do_bench(full, return_mode="median"), 4),
-                             teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
-                             loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref),
-                             grad_rel_diff_vs_first_variant=grad_diff))
-            log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
-        except Exception as err:  # one formulation failing must not cost the other rows of a single GPU call
-            rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
-                             variant=path, fwd_ms=f"error: {type(err).__name__}: {str(err)[:300]}"))
-            log(f"  {name} {path}: {rows[-1]['fwd_ms']}")
-    K.DW_PATH = "auto"
-    for key, cfg in K._TUNED.items():
-        if key[0] == id(K._dw_tuned):
-            log(f"  dw tuned (D_i, C', codec, dot, desc, dtype, paths) {key[1]}: {cfg}")
+        full()
+        loss = float(fwd())
+        ref = loss if ref is None else ref
+        nbytes = sum(t.nbytes for t in tk + tv)  # a compressed entry counts its codes and scales
+        rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
+                         fwd_ms=round(do_bench(fwd, return_mode="median"), 4),
+                         full_ms=round(do_bench(full, return_mode="median"), 4),
+                         teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
+                         loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref)))
+        log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"fused_loss_codecs_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(max(rows, key=len)))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     return path
@@ -394,8 +367,6 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     p.add_argument("--codecs", type=int, metavar="TOKENS",
                    help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
-    p.add_argument("--dw-paths", nargs="+", default=DEFAULT_DW_PATHS, choices=DW_PATHS,
-                   help="with --codecs: the weight-gradient formulations to time on fp8 / int4 teachers")
     args = p.parse_args(argv)
     if args.plot:
         print(plot(args.plot))
@@ -403,7 +374,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_fused_loss needs a CUDA GPU (run it through the device tool)")
     if args.codecs:
-        print(bench_codecs(args.out, args.codecs, dw_paths=args.dw_paths))
+        print(bench_codecs(args.out, args.codecs))
         return 0
     run(args.out, args.tokens, args.variants, args.tokens3)
     return 0

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     part = torch.zeros(len(wk), L, B, *K.alpha_slots([(t.shape[2], t.shape[4]) for t in x["teacher_k"]],
                                                      G.shape[3]), device=dev)
     g_out = torch.ones(1, device=dev)
-    for cfg in [c for c in K._DW_CONFIGS_GPU if c.kwargs["DW_T"] == 0]:  # plain teachers: Xᵀ G only
+    for cfg in list(K._DW_CONFIGS_GPU):
         K._dw_tuned.configs = [cfg]
         K._dw_tuned.cache.clear()
         K._TUNED.clear()

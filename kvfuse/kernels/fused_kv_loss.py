@@ -21,10 +21,7 @@ h·D_s + η·D_s/2 + j) and write G in it: no permuted copy of W, and ∂W comes
 Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes or packed int4 bytes with scales
 (and int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each [tokens × dims] tile in
 registers right after its load, so no decoded copy of the teacher exists in memory. The forward kernel finds every
-teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets `codec_offs`). The weight-gradient
-kernel has several formulations for them (`DW_PATH`, autotuned by default): Xᵀ G with the decoded tile transposed
-into the MMA's register operand, the same with per-channel scales applied after the GEMM, and Gᵀ X with the decoded
-tile stored untransposed as the MMA's shared-memory operand (bench/NOTES.md, "Compressed teachers").
+teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets `codec_offs`).
 
 α.  α_i is one scalar per program (one b, one l), so it is applied to the accumulator, not to the operands:
     acc ← acc · (α_prev / α_i) + X_i W_i  for each teacher with α_i ≠ 0, and finally acc ← acc · α_last,
@@ -384,41 +381,15 @@ def _fused_kv_fwd_kernel(
             tl.store(ds_base + d2[None, :], f2, mask=tc_ok)
 
 
-@triton.jit(do_not_specialize=["PATHS"])
-def _fused_kv_dw_kernel(
-    x, sc, of, gs, sx0, sx1, sx2, sx3,
-    w_ptr, sw0, sw1,
-    g, alpha_ptr, stride_ab, stride_al, gout_ptr,
-    dw_ptr, dalpha_ptr,
-    B, T, N_FBLK, N_CBLK, H_I,
-    D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    USE_DESC: tl.constexpr, PATHS,
-    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, DW_T: tl.constexpr,
-):
-    # DW_T = 0 (plain teachers, and the fallback for compressed ones): Xᵀ G in `_dw_xg`; 3: the same with the
-    # per-channel scales (and int4 offsets, through gs = Σ_t G[l, b, t, c], fp32 [L, B, C']) applied after the
-    # GEMM; 1, 2 (compressed teachers only): Gᵀ X in `_dw_gx`. PATHS (the DW_T values the autotuner may try, a
-    # bit mask) only keys the autotuner's cache: a runtime argument the kernel never reads, unspecialised, so
-    # switching DW_PATH recompiles nothing.
-    if DW_T == 1 or DW_T == 2:
-        _dw_gx(x, sc, of, gs, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
-               dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 2, BLOCK_F,
-               BLOCK_C, BLOCK_T)
-    else:
-        _dw_xg(x, sc, of, gs, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, alpha_ptr, stride_ab, stride_al, gout_ptr, dw_ptr,
-               dalpha_ptr, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC, DW_T == 3, BLOCK_F,
-               BLOCK_C, BLOCK_T)
-
-
 @triton.jit
-def _dw_xg(
-    x, sc, of, gs, sx0, sx1, sx2, sx3,
+def _fused_kv_dw_kernel(
+    x, sc, of, sx0, sx1, sx2, sx3,
     w_ptr, sw0, sw1,
     g, alpha_ptr, stride_ab, stride_al, gout_ptr,
     dw_ptr, dalpha_ptr,
     B, T, N_FBLK, N_CBLK, H_I,
     D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    USE_DESC: tl.constexpr, POST: tl.constexpr,
+    USE_DESC: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program: adapter tile W_i[l][f-block, c-block] (pair layout), the f-block inside one teacher head so the
@@ -444,16 +415,6 @@ def _dw_xg(
     g_out = tl.load(gout_ptr).to(tl.float32)
     w_off = l * sw0 + f[:, None] * sw1 + c[None, :]
 
-    # POST (per-channel scales only): the loop converts the codes alone, exact in bf16, and M(b) gets the channel
-    # scales once per b (they are per (l, b, head)): fp8 M = diag(s) Qᵀ G. int4: the bf16 bit pattern
-    # 0x3F80 | q << 3 is V = 1 + q/16 exactly, so a byte becomes two bf16 codes with logic ops alone (no int→float
-    # conversion), and with x = s q + o = 16 s V + (o − 16 s)
-    #   M[f, c] = 16 s_f (Vᵀ G)[f, c] + (o_f − 16 s_f) gs[c],    gs[c] = Σ_t G[t, c]   (computed by the launcher)
-    # (V's constant part 1 is no larger than its code part, so the subtraction costs about one bit of fp32, where
-    # 128 + q, the other bit pattern, would cost seven.)
-    FP8_POST: tl.constexpr = POST and CODEC == CODEC_FP8_CHANNEL
-    INT4_POST: tl.constexpr = POST and CODEC == CODEC_INT4_CHANNEL
-    PACK: tl.constexpr = 2 if INT4_POST else 1
     dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
     for bb in range(0, B):
         mb = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
@@ -463,25 +424,7 @@ def _dw_xg(
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < T
-            if FP8_POST or INT4_POST:
-                if USE_DESC:
-                    raw = x.load([l32, bb, hi, t0, d0 // PACK]).reshape(BLOCK_T, BLOCK_F // PACK)
-                else:
-                    e = d0 // PACK + tl.arange(0, BLOCK_F // PACK)
-                    raw = tl.load(x + l * sx0 + bb * sx1 + hi * sx2 + t[:, None] * sx3 + e[None, :],
-                                  mask=t_ok[:, None] & (e < D_I // PACK)[None, :])
-                if FP8_POST:
-                    xt = raw.to(DOT_DTYPE)
-                elif DOT_DTYPE == tl.bfloat16:
-                    v = tl.join(((raw & 0xF).to(tl.uint16) << 3) | 0x3F80, ((raw >> 4).to(tl.uint16) << 3) | 0x3F80)
-                    xt = v.reshape(BLOCK_T, BLOCK_F).to(tl.bfloat16, bitcast=True)
-                else:  # other operand dtypes (fp32 under the interpreter): the same codes V = 1 + q/16, computed
-                    q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_F).to(tl.float32)
-                    xt = (q * 0.0625 + 1.0).to(DOT_DTYPE)
-                if not USE_DESC:  # masked lanes are undefined (no `other` for fp8)
-                    xt = tl.where(t_ok[:, None] & d_ok[None, :], xt, 0.0)
-                xt = tl.trans(xt)
-            elif CODEC != CODEC_PLAIN:
+            if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
                                       H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F))
             elif USE_DESC:
@@ -501,130 +444,12 @@ def _dw_xg(
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb, input_precision="ieee")
             else:
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
-        if FP8_POST:
-            mb = mb * tl.load(sc + ((l * B + bb) * H_I + hi) * D_I + d, mask=d_ok, other=0.0)[:, None]
-        elif INT4_POST:
-            sv = tl.load(sc + ((l * B + bb) * H_I + hi) * D_I + d, mask=d_ok, other=0.0)
-            ov = tl.load(of + ((l * B + bb) * H_I + hi) * D_I + d, mask=d_ok, other=0.0)
-            gsv = tl.load(gs + (l * B + bb) * C2 + c, mask=c_ok, other=0.0)
-            mb = mb * (16.0 * sv)[:, None] + (ov - 16.0 * sv)[:, None] * gsv[None, :]
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
         tl.store(dalpha_ptr + ((l * B + bb) * N_FBLK + pid_f) * N_CBLK + pid_c, part)
         dw += a * mb
     tl.store(dw_ptr + w_off, (dw * g_out).to(dw_ptr.dtype.element_ty), mask=fc_ok)
-
-
-@triton.jit
-def _dw_gx(
-    x, sc, of, gs, sx0, sx1, sx2, sx3,
-    w_ptr, sw0, sw1,
-    g, alpha_ptr, stride_ab, stride_al, gout_ptr,
-    dw_ptr, dalpha_ptr,
-    B, T, N_FBLK, N_CBLK, H_I,
-    D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    USE_DESC: tl.constexpr, POST: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    # The weight gradient of a compressed teacher as its transpose, per batch row b:
-    #   M(b)ᵀ = Σ_t G(b, t)[c]ᵀ X(b, t)[f]      [BLOCK_C, BLOCK_F], fp32 accumulation
-    # A = Gᵀ is G's tile read transposed (a 16-bit operand, the MMA takes it from shared memory as it lies), B = the
-    # decoded teacher tile [tokens × dims] in its natural order: no register transpose of the decoded tile; the
-    # result tile is written transposed into ∂W. The decode:
-    #   per-token scales (values): x = s_t q + o_t in fp32 right after the load, as `_decode` (one scale per row);
-    #   per-channel scales (keys), POST: only the codes in the loop (fp8 → DOT_DTYPE, exact; int4 as the bf16 codes
-    #     V = 1 + q/16 of `_dw_xg`), then once per b (the scales are per (l, b, head)) Mᵀ[c, f] = s_f (Gᵀ Q)[c, f],
-    #     or for int4 16 s_f (Gᵀ V)[c, f] + (o_f − 16 s_f) gs[c] with gs[c] = Σ_t G[t, c] from the launcher;
-    #   per-channel, not POST: x = s_f q + o_f in fp32 in the loop, s and o loaded once per b.
-    pid_c = tl.program_id(0)
-    pid_f = tl.program_id(1)
-    l32 = tl.program_id(2)
-    l = l32.to(tl.int64)
-    CHUNKS: tl.constexpr = (D_I + BLOCK_F - 1) // BLOCK_F
-    INT4: tl.constexpr = CODEC >= CODEC_INT4_CHANNEL
-    CHANNEL: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL
-    PACK: tl.constexpr = 2 if INT4 else 1
-    WB: tl.constexpr = BLOCK_F // PACK
-    hi = pid_f // CHUNKS
-    d0 = (pid_f % CHUNKS) * BLOCK_F
-    d = d0 + tl.arange(0, BLOCK_F)
-    f = hi * D_I + d
-    e = d0 // PACK + tl.arange(0, WB)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    d_ok = d < D_I
-    c_ok = c < C2
-    cf_ok = c_ok[:, None] & d_ok[None, :]
-    g_out = tl.load(gout_ptr).to(tl.float32)
-    w_off = l * sw0 + f[None, :] * sw1 + c[:, None]  # [BLOCK_C, BLOCK_F]: W's tile transposed
-
-    dw = tl.zeros([BLOCK_C, BLOCK_F], dtype=tl.float32)
-    for bb in range(0, B):
-        grp = (l * B + bb) * H_I + hi
-        if CHANNEL:
-            sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
-            if INT4:
-                ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
-        mb = tl.zeros([BLOCK_C, BLOCK_F], dtype=tl.float32)
-        if not USE_DESC:
-            x_base = x + l * sx0 + bb * sx1 + hi * sx2 + e[None, :]
-            g_base = g + (l * B + bb) * T * C2 + c[None, :]
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < T
-            if USE_DESC:
-                raw = x.load([l32, bb, hi, t0, d0 // PACK]).reshape(BLOCK_T, WB)
-                gt = g.load([l32, bb, t0, pid_c * BLOCK_C]).reshape(BLOCK_T, BLOCK_C)
-            else:
-                raw = tl.load(x_base + t[:, None] * sx3, mask=t_ok[:, None] & (e < D_I // PACK)[None, :])
-                if C2 % BLOCK_C == 0:
-                    gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None], other=0.0)
-                else:
-                    gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
-            if INT4:
-                q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_F)
-            else:
-                q = raw
-            if CHANNEL and POST and INT4:
-                if DOT_DTYPE == tl.bfloat16:
-                    v = tl.join(((raw & 0xF).to(tl.uint16) << 3) | 0x3F80, ((raw >> 4).to(tl.uint16) << 3) | 0x3F80)
-                    xq = v.reshape(BLOCK_T, BLOCK_F).to(tl.bfloat16, bitcast=True)
-                else:
-                    xq = (q.to(tl.float32) * 0.0625 + 1.0).to(DOT_DTYPE)
-            elif CHANNEL and POST:
-                xq = q.to(DOT_DTYPE)
-            elif CHANNEL:
-                if INT4:
-                    xq = (q.to(tl.float32) * sv[None, :] + ov[None, :]).to(DOT_DTYPE)
-                else:
-                    xq = (q.to(tl.float32) * sv[None, :]).to(DOT_DTYPE)
-            else:
-                st = tl.load(sc + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
-                if INT4:
-                    ot = tl.load(of + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
-                    xq = (q.to(tl.float32) * st + ot).to(DOT_DTYPE)
-                else:
-                    xq = (q.to(tl.float32) * st).to(DOT_DTYPE)
-            if not USE_DESC:
-                # masked lanes of the code load are undefined (no `other`: fp8 has no integer zero to cast)
-                xq = tl.where(t_ok[:, None] & d_ok[None, :], xq, 0.0)
-            if IEEE:
-                mb = tl.dot(tl.trans(gt.to(DOT_DTYPE)), xq, mb, input_precision="ieee")
-            else:
-                mb = tl.dot(tl.trans(gt.to(DOT_DTYPE)), xq, mb)
-        if CHANNEL and POST:
-            if INT4:
-                gsv = tl.load(gs + (l * B + bb) * C2 + c, mask=c_ok, other=0.0)
-                mb = mb * (16.0 * sv)[None, :] + gsv[:, None] * (ov - 16.0 * sv)[None, :]
-            else:
-                mb = mb * sv[None, :]
-        a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
-        w = tl.load(w_ptr + w_off, mask=cf_ok, other=0.0).to(tl.float32)
-        part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
-        tl.store(dalpha_ptr + ((l * B + bb) * N_FBLK + pid_f) * N_CBLK + pid_c, part)
-        dw += a * mb
-    tl.store(dw_ptr + w_off, (dw * g_out).to(dw_ptr.dtype.element_ty), mask=cf_ok)
-
 
 
 # Autotuning: a few tile shapes on the GPU, one small config under the interpreter (where every config would run
@@ -688,60 +513,15 @@ _FWD_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 8, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 32, "HPP": 1, "WIDE": True}, 8, 4),
 ], _fwd_pre_hook)
-_DW_TILES = [
+_DW_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 4),
     ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 4),
     ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 4, 4),
     ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
-]
-# Every tile with each weight-gradient formulation (DW_T: 0 Xᵀ G, 1 Gᵀ X, 2 Gᵀ X with per-channel scales after the
-# GEMM, 3 Xᵀ G with per-channel scales after the GEMM); `_prune_dw` keeps those the teacher's codec and DW_PATH
-# allow. Gᵀ X tiles are the same shapes with the roles of BLOCK_F and BLOCK_C in the MMA swapped (M = BLOCK_C).
-# Tiles per formulation, fewer for the new ones so one autotuning stays short: the two 8-warp tiles (64 × 256
-# decodes each teacher tile once for all 256 columns) and one 4-warp tile, two programs per SM (255 registers × 128
-# threads, < 114 KB shared each), so one program's decode can run under the other's MMA (Gᵀ X waits for each MMA
-# before the next decode: its B operand is stored from registers, which triton 3.6 does not pipeline).
-_DW_TILES_BY_PATH = {0: _DW_TILES, 1: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]],
-                     2: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]], 3: [_DW_TILES[0], _DW_TILES[1], _DW_TILES[3]]}
-_DW_CONFIGS_GPU = autotune_configs([(dict(meta, DW_T=k), w, st) for k, tiles in _DW_TILES_BY_PATH.items()
-                                    for meta, w, st in tiles], _dw_pre_hook)
-# Under the interpreter one config runs; tests may change these (a DW_T there overrides DW_PATH).
+], _dw_pre_hook)
+# Under the interpreter one config runs; tests may change these.
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1, "WIDE": False}
 INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
-# Which weight-gradient formulation compressed teachers use (plain teachers always Xᵀ G): "xg" the old path (decode,
-# transpose in registers, Xᵀ G), "xg_post" the same with per-channel scales after the GEMM (per-token codecs: as
-# "xg"), "gx" Gᵀ X with the decode in the loop, "post" Gᵀ X with per-channel scales after the GEMM (per-token
-# codecs: as "gx"); "auto" lets the autotuner time "xg", "post" and "xg_post" on the GPU (the interpreter runs
-# "post"). A private switch for bench_fused_loss.py --codecs, which times each.
-DW_PATH = "auto"
-_DW_PATH_CODES = {"xg": (0,), "gx": (1,), "post": (2,), "xg_post": (3,), "auto": (0, 2, 3)}
-
-
-def _dw_paths(codec: int) -> int:
-    """The DW_T values a teacher with this codec may run, as a bit mask (the kernel's PATHS)."""
-    if codec == CODEC_PLAIN:
-        return 1
-    allowed = set(_DW_PATH_CODES[DW_PATH])
-    if codec in (CODEC_FP8_TOKEN, CODEC_INT4_TOKEN) and 2 in allowed:  # no per-channel scale to move: 2 ≡ 1
-        allowed = (allowed - {2}) | {1}
-    if codec in (CODEC_FP8_TOKEN, CODEC_INT4_TOKEN) and 3 in allowed:  # 3 moves per-channel scales: 3 ≡ 0
-        allowed = (allowed - {3}) | {0}
-    return sum(1 << k for k in allowed)
-
-
-def _interp_dw_t(paths: int) -> int:
-    """The interpreter's one formulation: Gᵀ X with post-GEMM scales where allowed, else the newest allowed."""
-    for k in (2, 1, 3, 0):
-        if paths >> k & 1:
-            return k
-
-
-def _prune_dw(configs, nargs, **kwargs):
-    paths = {**nargs, **kwargs}["PATHS"]
-    keep = [c for c in configs if paths >> c.kwargs["DW_T"] & 1]
-    # nothing allowed left (a tuning script's single config): its tile as Xᵀ G, which runs every teacher
-    return keep or [triton.Config({**configs[0].kwargs, "DW_T": 0}, num_warps=configs[0].num_warps,
-                                  num_stages=configs[0].num_stages, pre_hook=_dw_pre_hook)]
 _MIN_BLOCK_T = 16
 _MIN_BLOCK_F = 16
 _MIN_BLOCK_C = 16
@@ -765,8 +545,7 @@ _fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["H_S", "D_S", "PH", "ROT", "
                                                     "IS_KEY", "COMPUTE_GRAD", "DOT_DTYPE", "USE_DESC", "EPI_DESC",
                                                     "NATURAL"],
                              prune_configs_by={"early_config_prune": _prune_fwd})(_fused_kv_fwd_kernel)
-_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "CODEC", "DOT_DTYPE", "USE_DESC", "PATHS"],
-                            prune_configs_by={"early_config_prune": _prune_dw})(_fused_kv_dw_kernel)
+_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "CODEC", "DOT_DTYPE", "USE_DESC"])(_fused_kv_dw_kernel)
 
 
 _TUNED: dict = {}
@@ -945,35 +724,24 @@ def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, 
         dw = torch.empty_like(w)
         use_desc = (_tma_ready(x) and _tma_ready(G)
                     and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
-        paths = _dw_paths(codecs[i])
-        tuned_key = (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype, paths)
-        if interpreting():
-            cfg = dict(INTERP_DW)
-            cfg.setdefault("DW_T", _interp_dw_t(paths))
-            col_sums = cfg["DW_T"] in (2, 3)
-        else:
-            tuned = _TUNED.get((id(_dw_tuned), tuned_key))
-            col_sums = paths & 0b1100 and (tuned is None or tuned.kwargs["DW_T"] in (2, 3))
-        # Σ_t G per (l, b, column): the int4 per-channel offsets' term when the offsets move after the GEMM
-        gs = G.sum(2, dtype=torch.float32) if col_sums and codecs[i] == CODEC_INT4_CHANNEL else part
         # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.
         args = dict(x=TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
-                    sc=G if scales[i] is None else scales[i], of=G if offsets[i] is None else offsets[i], gs=gs,
+                    sc=G if scales[i] is None else scales[i], of=G if offsets[i] is None else offsets[i],
                     sx0=x.stride(0), sx1=x.stride(1), sx2=x.stride(2), sx3=x.stride(3),
                     w_ptr=w, sw0=w.stride(0), sw1=w.stride(1),
                     g=TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
                     alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out, dw_ptr=dw,
                     dalpha_ptr=part, B=B, T=T, N_FBLK=n_f, N_CBLK=n_c, H_I=H_i,
-                    D_I=D_i, C2=C2, CODEC=codecs[i], DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc,
-                    PATHS=paths)
+                    D_I=D_i, C2=C2, CODEC=codecs[i], DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
         if interpreting():
+            cfg = INTERP_DW
             _fit_dw_descriptors(args, cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"])
             grid = (cdiv(C2, cfg["BLOCK_C"]), H_i * cdiv(D_i, cfg["BLOCK_F"]), L)
             _fused_kv_dw_kernel[grid](**args, **cfg)
         else:
             grid = lambda cfg: (cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
                                 H_i * cdiv(D_i, cfg["BLOCK_F"]), L)
-            _launch_tuned(_dw_tuned, tuned_key, grid, args,
+            _launch_tuned(_dw_tuned, (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype), grid, args,
                           partials=(part,) if need_alpha else ())
         dws.append(dw if need_w else None)
     return dws
