@@ -32,10 +32,10 @@ HEADS, KV_HEADS, DIM = 12, 2, 128
 SEQS = [1024, 4096, 16384, 32768]
 TRITON_ONLY_SEQS = [65536]
 VARIANTS = ("eager", "compile", "triton")
-# One-pass backward variants timed next to the default kernel ("triton" = kernels.BWD_VARIANT's default, "ptr"):
+# One-pass backward variants timed next to the default kernel ("triton" = kernels.BWD_VARIANT's default, "lean"):
 # rows named triton-<variant>; "det" = the deterministic two-kernel backward (∂q from the query-major kernel, no
 # atomics), which splits the atomics' cost from the rest in one run.
-TRITON_VARIANTS = ("lean", "tma_dq", "tma", "det")
+TRITON_VARIANTS = ("ptr", "lean", "tma_dq", "tma", "det")
 DEVICE = "cuda"  # a CPU smoke test of this script's logic may set "cpu" (with TRITON_INTERPRET=1)
 
 
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", type=int, nargs="+", default=SEQS)
     p.add_argument("--triton-only-seqs", type=int, nargs="*", default=TRITON_ONLY_SEQS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--triton-variants", nargs="*", default=["lean", "tma_dq", "tma"], choices=TRITON_VARIANTS,
+    p.add_argument("--triton-variants", nargs="*", default=["ptr", "tma_dq", "tma"], choices=TRITON_VARIANTS,
                    help="backward variants timed as extra rows triton-<variant> (checked first); det = the "
                         "deterministic two-kernel backward (compiles 6 more kernels, ~40 s)")
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")

@@ -200,7 +200,7 @@ def test_one_pass_backward_every_group_split_vs_float64(split, launches):
     args, ref = _weighted_rows_case(21, 1, 6, 1, 35, 16, 0.3)
     launches.clear()
     got = kernels.attention_kl_backward(*args, split=split)
-    assert launches == [("bwd", True)]
+    assert launches == [("bwd_lean", True)]  # the default one-pass variant
     for name, a, b in zip(("q", "k_s", "k_f"), got, ref):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         assert rel(a, b) <= 1e-5, (name, split, rel(a, b))
@@ -430,14 +430,14 @@ def test_bench_sweeps_every_backward_variant_on_cpu(tmp_path, monkeypatch, tma_r
 
     check_variants.__wrapped__ = bench.check_variants
     monkeypatch.setattr(bench, "check_variants", check_variants)
-    assert bench.run(tmp_path, [24], ["triton"], [], ("lean", "tma_dq", "tma", "det"))
-    assert checked == ["lean", "tma_dq", "tma", "det"]
+    assert bench.run(tmp_path, [24], ["triton"], [], ("ptr", "tma_dq", "tma", "det"))
+    assert checked == ["ptr", "tma_dq", "tma", "det"]
     rows = list(csv.DictReader(open(tmp_path / "attention_kl_cpu_smoke.csv")))
     assert sorted((r["variant"], r["mode"]) for r in rows) == sorted(
-        (v, m) for v in ("triton", "triton-lean", "triton-tma_dq", "triton-tma", "triton-det")
+        (v, m) for v in ("triton", "triton-ptr", "triton-tma_dq", "triton-tma", "triton-det")
         for m in ("fwd", "full"))
     assert all(float(r["ms"]) == 1.0 and r["T"] == "24" for r in rows)
-    assert kernels.BWD_VARIANT == "ptr" and not torch.are_deterministic_algorithms_enabled()
+    assert kernels.BWD_VARIANT == "lean" and not torch.are_deterministic_algorithms_enabled()
 
 
 @pytest.mark.parametrize("permuted", [False, True])
