@@ -161,8 +161,9 @@ def section(root: Path | None, img: Path, link_prefix: str = "img") -> str:
     if not results:
         return NOT_RUN
     base = _base_accuracy(root)
-    parts = ["Every number below comes from `python -m bench.gpu_scale run` on one H200 (bf16, fused Triton KV loss, "
-             "ZeRO-3 through the trainer's single-process path); each row is mean ± std over the seeds it names. "
+    parts = ["Every number below comes from `python -m bench.gpu_scale run` on one H200 GPU per run (bf16, fused "
+             "Triton KV loss, ZeRO-3 through the trainer's single-process path); each row is mean ± std over the "
+             "seeds it names. "
              "GSM8K accuracy: greedy, final number extracted as the trainer does, all 1319 test items and the "
              "\"clean\" ones no gsm_symbolic template was written from."
              + (f" The untrained student scores {base:.3f} on all 1319." if base is not None else "")]
@@ -172,8 +173,8 @@ def section(root: Path | None, img: Path, link_prefix: str = "img") -> str:
         if png is not None:
             parts.append(f"![{title}]({link_prefix}/{png.name})")
     parts.append("### PLAN §7 at this scale: do train and val fall together?\n\n" + train_val_table(results))
-    parts.append("Reading: (to be written from the tables above once the runs exist; \"no difference\" where the "
-                 "seed bands overlap.)")
+    parts.append("The reading of these tables is written by hand below this generated part (\"no difference\" "
+                 "where the seed bands overlap).")
     return "\n\n".join(parts)
 
 
