@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from bench.common import append_csv, commit, device_name
 from kvfuse.codecs import is_encoded, parse_codec
-from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, shakespeare
+from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, load_gsm_symbolic
 from kvfuse.models import load
 from kvfuse.teacher.builder import Teacher, TeacherKVBuilder, render_tokens
 from kvfuse.teacher.compress import assemble, encode_sample, fit_bases
@@ -51,15 +51,16 @@ from kvfuse.teacher.store import StoreWriter, TeacherKVStore
 
 
 def long_examples(tokenizer, n: int, seq: int) -> list[Example]:
-    """n examples whose student rendering is about `seq` tokens: Shakespeare passages as 'rationales'."""
-    text = " ".join(shakespeare().split())
+    """n examples whose student rendering is about `seq` tokens: runs of the shipped gsm_symbolic rationales (in the
+    repository, so a bare GPU machine needs no data package) as 'rationales'."""
+    text = " ".join(" ".join(e.rationale for e in load_gsm_symbolic()).split())
     probe = text[:20000]
     chars_per_token = len(probe) / len(tokenizer(probe).input_ids)
     size = int(seq * chars_per_token * 0.95)
     examples = []
     for i in range(n):
         start = (i * size) % max(1, len(text) - size - 200)
-        examples.append(Example(id=f"play-{i}", question=text[start:start + 200],
+        examples.append(Example(id=f"long-{i}", question=text[start:start + 200],
                                 rationale=text[start + 200:start + 200 + size], answer="0"))
     return examples
 
