@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     K._TUNED.clear()
     G, _ = K.fused_kv_loss_forward(sk, x["teacher_k"], wk, alpha, mask, pos, rot, invf, ones, D_s, coef, coef,
                                    True, True, sums)
-    part = torch.zeros(len(wk), L, B, *K.alpha_slots([(t.shape[2], t.shape[4]) for t in x["teacher_k"]],
+    part = torch.zeros(1, len(wk), L, B, *K.alpha_slots([(t.shape[2], t.shape[4]) for t in x["teacher_k"]],
                                                      G.shape[3]), device=dev)
     g_out = torch.ones(1, device=dev)
     for cfg in list(K._DW_CONFIGS_GPU):
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         K._TUNED.clear()
         try:
             def dw():
-                return K.fused_kv_loss_backward(x["teacher_k"], wk, alpha, G, g_out, True, part)
+                return K.fused_kv_loss_backward(K.KindGrad(x["teacher_k"], wk, G), None, alpha, g_out, True, part)
             dw()
             ms = do_bench(dw, return_mode="median")
         except Exception as err:

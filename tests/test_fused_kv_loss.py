@@ -419,6 +419,26 @@ def test_wide_product_equals_two_products(teacher_dim, block_k, monkeypatch):
     assert {c["WIDE"] for c in fwd.launches} == {False}
 
 
+@pytest.mark.parametrize("misaligned_values", [False, True], ids=["one-launch", "two-launches"])
+def test_keys_and_values_share_a_weight_gradient_launch(misaligned_values, monkeypatch):
+    """A teacher's keys and values go through one weight-gradient launch (grid over 2·L layers) when their load
+    paths match, through two when they do not (values not 16-byte aligned: pointer loads, keys: TMA); both equal
+    the reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import kvfuse.kernels.fused_kv_loss as k
+    dw = _LaunchSpy(k._fused_kv_dw_kernel)
+    monkeypatch.setattr(k, "_fused_kv_dw_kernel", dw)
+    heads = [(2, 16), (1, 32)]
+    args, leaves = make_case(400, heads, D_s=32, T=19, alpha_per_layer=True)
+    if misaligned_values:  # one element past an aligned base: the data pointer is no longer 16-byte aligned
+        def shifted(x):
+            return torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
+        args = dict(args, teacher_v=[shifted(x) for x in args["teacher_v"]])
+    assert_close(run(args, leaves, "triton"), run(args, leaves, "torch"), 1e-4, len(heads))
+    got = [(c["KINDS"], c["USE_DESC"]) for c in dw.launches]
+    assert got == ([(1, True), (1, False)] * 2 if misaligned_values else [(2, True)] * 2)
+
+
 def test_tuned_launch_zeroes_the_partial_sums_the_tuning_runs_left():
     # The autotuner's benchmark runs of other configs store partial sums in slots the chosen config never writes;
     # the callers reduce the whole slot buffer, so those slots must be zero again before the chosen config runs.

@@ -36,6 +36,8 @@ so no projected teacher tensor is ever stored and no GEMM is recomputed.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -382,26 +384,19 @@ def _fused_kv_fwd_kernel(
 
 
 @triton.jit
-def _fused_kv_dw_kernel(
-    x, sc, of, sx0, sx1, sx2, sx3,
-    w_ptr, sw0, sw1,
-    g, alpha_ptr, stride_ab, stride_al, gout_ptr,
-    dw_ptr, dalpha_ptr,
-    B, T, N_FBLK, N_CBLK, H_I,
-    D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    USE_DESC: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    # One program: adapter tile W_i[l][f-block, c-block] (pair layout), the f-block inside one teacher head so the
-    # X tile is a box of that head's [T, D_i] block. For each batch row b:
+def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab, stride_al,
+             g_out, l32, B, T, N_FBLK, N_CBLK, H_I, D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr,
+             DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_F: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Adapter tile W_i[l][f-block, c-block] (pair layout), the f-block inside one teacher head so the X tile is a
+    # box of that head's [T, D_i] block. For each batch row b:
     #   M(b)    = Σ_t X_i(b, t)[f]ᵀ G(b, t)[c]            (fp32 accumulation over the T axis)
-    #   ∂α_i(b) += g Σ_{f,c} W[f, c] M(b)[f, c]           (partial over this tile; summed by the launcher)
+    #   ∂α_i(b) += g Σ_{f,c} W[f, c] M(b)[f, c]           (partial over this tile, stored in its own slot)
     #   ∂W[f, c] = g Σ_b α_i(b) M(b)[f, c]
     # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing; with
     # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
-    l32 = tl.program_id(2)
     l = l32.to(tl.int64)
     CHUNKS: tl.constexpr = (D_I + BLOCK_F - 1) // BLOCK_F
     hi = pid_f // CHUNKS
@@ -412,7 +407,6 @@ def _fused_kv_dw_kernel(
     d_ok = d < D_I
     c_ok = c < C2
     fc_ok = d_ok[:, None] & c_ok[None, :]
-    g_out = tl.load(gout_ptr).to(tl.float32)
     w_off = l * sw0 + f[:, None] * sw1 + c[None, :]
 
     dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
@@ -452,10 +446,40 @@ def _fused_kv_dw_kernel(
     tl.store(dw_ptr + w_off, (dw * g_out).to(dw_ptr.dtype.element_ty), mask=fc_ok)
 
 
+@triton.jit
+def _fused_kv_dw_kernel(
+    x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr,
+    x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
+    alpha_ptr, stride_ab, stride_al, gout_ptr,
+    B, T, L, N_FBLK, N_CBLK, H_I,
+    D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, CODEC_V: tl.constexpr, KINDS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # One program: one adapter tile (_dw_tile) of teacher i's keys, or with KINDS = 2 of its values too: grid axis 2
+    # runs over L layers of keys, then L of values (same shapes: one launch instead of two; host time counts at
+    # small batches). With KINDS = 1 the *_v arguments are stand-ins, never read.
+    g_out = tl.load(gout_ptr).to(tl.float32)
+    pid2 = tl.program_id(2)
+    if KINDS == 2:
+        if pid2 >= L:
+            _dw_tile(x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
+                     alpha_ptr, stride_ab, stride_al, g_out, pid2 - L, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC_V,
+                     DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T)
+        else:
+            _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
+                     stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
+                     BLOCK_F, BLOCK_C, BLOCK_T)
+    else:
+        _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
+                 stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
+                 BLOCK_F, BLOCK_C, BLOCK_T)
+
+
 # Autotuning: a few tile shapes on the GPU, one small config under the interpreter (where every config would run
-# serially on the CPU). Partial-sum buffers are laid out for the smallest tiles a config list holds; a launch fills
-# the block of slots its config's grid covers (the autotuner's benchmark runs fill others with garbage), so the
-# launcher sums exactly the block of the config it launched, and no buffer needs zeroing.
+# serially on the CPU). Partial-sum buffers are laid out for the smallest tiles a config list holds and zero-filled;
+# a launch stores into the block of slots its config's grid covers, so the callers reduce whole buffers
+# (`_launch_tuned` zeroes them again after the autotuner's benchmark runs of other configs).
 def _fwd_pre_hook(nargs):
     _fit_descriptors(nargs, nargs["BLOCK_T"], nargs["BLOCK_K"], nargs["HPP"] * nargs["PH"], nargs["WIDE"])
 
@@ -493,9 +517,10 @@ def _dw_pre_hook(nargs):
 
 
 def _fit_dw_descriptors(args: dict, block_f: int, block_c: int, block_t: int) -> None:
-    if isinstance(args["x"], TensorDescriptor):
-        args["x"].block_shape = [1, 1, 1, block_t, block_f // 2 if args["CODEC"] >= CODEC_INT4_CHANNEL else block_f]
-        args["g"].block_shape = [1, 1, block_t, block_c]
+    for x, g, codec in (("x", "g", "CODEC"), ("x_v", "g_v", "CODEC_V")):
+        if isinstance(args[x], TensorDescriptor):
+            args[x].block_shape = [1, 1, 1, block_t, block_f // 2 if args[codec] >= CODEC_INT4_CHANNEL else block_f]
+            args[g].block_shape = [1, 1, block_t, block_c]
 
 
 # Tile lists: candidates from the sm_90a register report (ptxas through triton's compiler, no GPU needed: 256-token
@@ -545,7 +570,8 @@ _fwd_tuned = triton.autotune(_FWD_CONFIGS_GPU, key=["H_S", "D_S", "PH", "ROT", "
                                                     "IS_KEY", "COMPUTE_GRAD", "DOT_DTYPE", "USE_DESC", "EPI_DESC",
                                                     "NATURAL"],
                              prune_configs_by={"early_config_prune": _prune_fwd})(_fused_kv_fwd_kernel)
-_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "CODEC", "DOT_DTYPE", "USE_DESC"])(_fused_kv_dw_kernel)
+_dw_tuned = triton.autotune(_DW_CONFIGS_GPU, key=["D_I", "C2", "CODEC", "CODEC_V", "KINDS", "DOT_DTYPE",
+                                                  "USE_DESC"])(_fused_kv_dw_kernel)
 
 
 _TUNED: dict = {}
@@ -692,59 +718,91 @@ def alpha_slots(heads_dims, C2: int) -> tuple[int, int]:
     return max(h * cdiv(d, _MIN_BLOCK_F) for h, d in heads_dims), cdiv(C2, _MIN_BLOCK_C)
 
 
-def fused_kv_loss_backward(teachers, weights, alpha, G, grad_out, need_w: bool, dalpha_part: torch.Tensor | None,
-                           codecs=None, scales=None, offsets=None):
-    """Adapter gradients (in the adapters' layout) from G = ∂L/∂P (see the module docstring), and the router
-    gradient's partial sums; teachers as for fused_kv_loss_forward.
+class KindGrad(NamedTuple):
+    """One kind's (keys' or values') inputs to the weight gradient: teachers as for fused_kv_loss_forward, their
+    adapters, that kind's G = ∂L/∂P [L, B, T, C'], and codecs, scales, offsets (one entry per teacher, None where
+    a teacher has none; empty lists when every teacher is plain)."""
+    teachers: list
+    weights: list
+    G: torch.Tensor
+    codecs: tuple = ()
+    scales: tuple | list = ()
+    offsets: tuple | list = ()
 
-    dalpha_part [N, L, B, *alpha_slots(...)] fp32, zero-filled, or None when α needs no gradient: each program
-    stores g·<W_i, M_i(b)> over its tile in its own slot, so ∂α_i(b) is the sum over teacher i's slots (the caller
-    reduces keys and values together when their buffers are one).
-    Returns the dW list (None where not needed)."""
-    L, B, T, C2 = G.shape
-    N = len(teachers)
-    codecs = tuple(codecs or (0,) * N)
-    heads, dims = _codec_dims(teachers, codecs)
-    scales, offsets = scales or [None] * N, offsets or [None] * N
-    dot_tl, _, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
+
+_DW_ARGS = ("x", "sc", "of", "sx0", "sx1", "sx2", "sx3", "w_ptr", "sw0", "sw1", "g", "dw_ptr", "dalpha_ptr")
+_DW_ARGS_V = ("x_v", "sc_v", "of_v", "sxv0", "sxv1", "sxv2", "sxv3", "w_v_ptr", "swv0", "swv1", "g_v", "dw_v_ptr",
+              "dalpha_v_ptr")
+
+
+def _dw_side(kind: KindGrad, i: int, dw: torch.Tensor, part: torch.Tensor) -> tuple[tuple, dict]:
+    """(what must match to share a launch, the kernel arguments) of teacher i of one kind."""
+    N = len(kind.teachers)
+    codecs = tuple(kind.codecs or (0,) * N)
+    x, w, G = kind.teachers[i], kind.weights[i], kind.G
+    heads, dims = _codec_dims([x], codecs[i:i + 1])
+    scale, offset = (kind.scales or [None] * N)[i], (kind.offsets or [None] * N)[i]
+    use_desc = (_tma_ready(x) and _tma_ready(G)
+                and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
+    dot = dot_dtype(_operand_dtypes(kind.teachers, kind.weights, codecs))
+    values = (TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
+              G if scale is None else scale, G if offset is None else offset, *x.stride()[:4],
+              w, w.stride(0), w.stride(1), TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
+              dw, part)
+    return (heads[0], dims[0], use_desc, dot[0], dot[2], codecs[i], x.dtype), dict(zip(_DW_ARGS, values))
+
+
+def fused_kv_loss_backward(keys: KindGrad, values: KindGrad | None, alpha, grad_out, need_w: bool,
+                           dalpha_part: torch.Tensor | None):
+    """Adapter gradients (in the adapters' layout) from G = ∂L/∂P (see the module docstring) of keys and values
+    (or keys alone), and the router gradient's partial sums. A teacher's keys and values share one launch when
+    their shapes, codecs' load paths and operand dtypes allow (they normally do).
+
+    dalpha_part [kinds, N, L, B, *alpha_slots(...)] fp32, zero-filled, or None when α needs no gradient: each
+    program stores g·<W_i, M_i(b)> over its tile in its own slot, so ∂α_i(b) is the sum over teacher i's slots
+    of both kinds (the caller reduces the buffer in one op).
+    Returns (keys' dW list, values' dW list or None), None where not needed."""
+    kinds = [keys] if values is None else [keys, values]
+    L, B, T, C2 = keys.G.shape
+    N = len(keys.teachers)
     sab, sal, _ = _alpha_strides(alpha)
     need_alpha = dalpha_part is not None
     if need_alpha:
-        n_f, n_c = dalpha_part.shape[3], dalpha_part.shape[4]
+        n_f, n_c = dalpha_part.shape[-2], dalpha_part.shape[-1]
     else:  # the kernel stores its partial sums anyway: a small scratch buffer takes them
-        n_f, n_c = alpha_slots(zip(heads, dims), C2)
-        scratch = torch.empty(L, B, n_f, n_c, device=G.device, dtype=torch.float32)
-    dws = []
-    for i, (x, w) in enumerate(zip(teachers, weights)):
-        if not (need_w or need_alpha):
-            dws.append(None)
-            continue
-        H_i, D_i = heads[i], dims[i]
-        part = dalpha_part[i] if need_alpha else scratch
-        dw = torch.empty_like(w)
-        use_desc = (_tma_ready(x) and _tma_ready(G)
-                    and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
-        # alpha[..., i] is a view: its data pointer already points at teacher i, the (b, l) strides stay.
-        args = dict(x=TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
-                    sc=G if scales[i] is None else scales[i], of=G if offsets[i] is None else offsets[i],
-                    sx0=x.stride(0), sx1=x.stride(1), sx2=x.stride(2), sx3=x.stride(3),
-                    w_ptr=w, sw0=w.stride(0), sw1=w.stride(1),
-                    g=TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
-                    alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out, dw_ptr=dw,
-                    dalpha_ptr=part, B=B, T=T, N_FBLK=n_f, N_CBLK=n_c, H_I=H_i,
-                    D_I=D_i, C2=C2, CODEC=codecs[i], DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
-        if interpreting():
-            cfg = INTERP_DW
-            _fit_dw_descriptors(args, cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"])
-            grid = (cdiv(C2, cfg["BLOCK_C"]), H_i * cdiv(D_i, cfg["BLOCK_F"]), L)
-            _fused_kv_dw_kernel[grid](**args, **cfg)
-        else:
-            grid = lambda cfg: (cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
-                                H_i * cdiv(D_i, cfg["BLOCK_F"]), L)
-            _launch_tuned(_dw_tuned, (D_i, C2, codecs[i], dot_tl, use_desc, x.dtype), grid, args,
-                          partials=(part,) if need_alpha else ())
-        dws.append(dw if need_w else None)
-    return dws
+        shapes = [(h, d) for k in kinds for h, d in zip(*_codec_dims(k.teachers, k.codecs or (0,) * N))]
+        n_f, n_c = alpha_slots(shapes, C2)
+        scratch = torch.empty(L, B, n_f, n_c, device=keys.G.device, dtype=torch.float32)
+    dws = [[None] * N for _ in kinds]
+    if not (need_w or need_alpha):
+        return dws[0], (dws[1] if values is not None else None)
+    for i in range(N):
+        sides = []
+        for k, kind in enumerate(kinds):
+            dw = torch.empty_like(kind.weights[i])
+            dws[k][i] = dw if need_w else None
+            sides.append(_dw_side(kind, i, dw, dalpha_part[k, i] if need_alpha else scratch))
+        # keys and values in one launch when everything but the codec's scale layout matches
+        groups = [sides] if len(sides) == 2 and sides[0][0][:5] == sides[1][0][:5] else [[side] for side in sides]
+        for group in groups:
+            (H_i, D_i, use_desc, dot_tl, ieee, codec, x_dtype), first = group[0]
+            last = group[-1]
+            args = dict(first, **dict(zip(_DW_ARGS_V, last[1].values())),
+                        alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out,
+                        B=B, T=T, L=L, N_FBLK=n_f, N_CBLK=n_c, H_I=H_i, D_I=D_i, C2=C2, CODEC=codec,
+                        CODEC_V=last[0][5], KINDS=len(group), DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
+            partials = tuple(side[1]["dalpha_ptr"] for side in group) if need_alpha else ()
+            if interpreting():
+                cfg = INTERP_DW
+                _fit_dw_descriptors(args, cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"])
+                grid = (cdiv(C2, cfg["BLOCK_C"]), H_i * cdiv(D_i, cfg["BLOCK_F"]), L * len(group))
+                _fused_kv_dw_kernel[grid](**args, **cfg)
+            else:
+                grid = lambda cfg: (cdiv(C2, cfg["BLOCK_C"]),  # noqa: E731
+                                    H_i * cdiv(D_i, cfg["BLOCK_F"]), L * len(group))
+                key = (D_i, C2, codec, last[0][5], len(group), dot_tl, use_desc, x_dtype, last[0][6])
+                _launch_tuned(_dw_tuned, key, grid, args, partials=partials)
+    return dws[0], (dws[1] if values is not None else None)
 
 
 @triton.jit

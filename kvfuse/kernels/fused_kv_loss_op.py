@@ -123,10 +123,10 @@ def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: T
                   for x, c in [*zip(teacher_k, k_codecs), *zip(teacher_v, v_codecs)]]
         part = torch.zeros(2, len(w_k), L, B, *kern.alpha_slots(shapes, c2), device=g_k.device,
                            dtype=torch.float32)
-    dwk = kern.fused_kv_loss_backward(teacher_k, w_k, alpha, g_k, g, need_w, None if part is None else part[0],
-                                      k_codecs, _present(k_scale, len(w_k)), _present(k_offset, len(w_k)))
-    dwv = kern.fused_kv_loss_backward(teacher_v, w_v, alpha, g_v, g, need_w, None if part is None else part[1],
-                                      v_codecs, _present(v_scale, len(w_v)), _present(v_offset, len(w_v)))
+    dwk, dwv = kern.fused_kv_loss_backward(
+        kern.KindGrad(teacher_k, w_k, g_k, tuple(k_codecs), _present(k_scale, len(w_k)), _present(k_offset, len(w_k))),
+        kern.KindGrad(teacher_v, w_v, g_v, tuple(v_codecs), _present(v_scale, len(w_v)), _present(v_offset, len(w_v))),
+        alpha, g, need_w, part)
     d_alpha = alpha.new_empty(0)
     if need_alpha:
         if alpha.dim() == 2:  # [B, N]: one α for every layer
