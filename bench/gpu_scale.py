@@ -80,6 +80,10 @@ MATRIX = (
           "CE + KV, SmolLM2 + Gemma3 teachers, fixed α = [0.5, 0.5]"),
     Setup("cross_learnable", 4, {**CROSS, **CE_KV}, (STUDENT, GEMMA),
           "CE + KV, SmolLM2 + Gemma3 teachers, learnable router"),
+    # The first GPU session's reading: the plan's warm-in (δ 0 → 0.1) displaces SFT, so the KV term is also judged
+    # on top of CE at full weight.
+    Setup("sft_plus_kv", 1, {**PHASE1, "delta": 1.0, "delta_final": 1.0}, (STUDENT,),
+          "CE at full weight (δ = 1) + KV, two teachers fused"),
 )
 SEEDS = (0, 1, 2)
 # the untrained student scored alone (runs/base/eval.json): the table's reference point

@@ -24,11 +24,11 @@ BEGIN, END = "<!-- gpu-scale:begin -->", "<!-- gpu-scale:end -->"
 # (title, file stem, setups in row order): the plan's questions (docs/PLAN.md §4, §7; issue 17)
 QUESTIONS = (
     ("Does KV distillation beat plain fine-tuning at equal tokens?", "baseline",
-     ("ce_only", "kv_fused", "kv_only")),
+     ("ce_only", "sft_plus_kv", "kv_fused", "kv_only")),
     ("Single teacher vs two fused (Phase 1 teachers, CE + KV)", "single_vs_multi", ("kv_single", "kv_fused")),
     ("Cross pair SmolLM2 + Gemma3-270M → SmolLM2: fixed vs learnable router (CE + KV)", "router",
      ("cross_fixed", "cross_learnable")),
-    ("Separating the signals: CE only, KV only, both", "signals", ("ce_only", "kv_only", "kv_fused")),
+    ("Separating the signals: CE only, KV only, both", "signals", ("ce_only", "kv_only", "kv_fused", "sft_plus_kv")),
 )
 NOT_RUN = ("No GPU-scale run has been made yet: this section holds no results. It is filled by "
            "`python -m bench.gpu_scale_report ROOT --results docs/RESULTS.md` from the runs of "

@@ -114,7 +114,8 @@ def test_every_setup_of_the_matrix_is_a_valid_trainer_config(setup, tmp_path):
     assert config.export_student and config.student_layers == "all" and config.n_generate == 0
     kv = config.lambda_k > 0 and config.lambda_v > 0
     assert kv == (setup.name != "ce_only")
-    assert config.delta_final == {"ce_only": 1.0, "kv_only": 0.0}.get(setup.name, 0.1)
+    assert config.delta_final == {"ce_only": 1.0, "sft_plus_kv": 1.0, "kv_only": 0.0}.get(setup.name, 0.1)
+    assert config.delta == (1.0 if setup.name in ("ce_only", "sft_plus_kv") else 0.0)
     assert len(config.teachers or config.teacher_prompts) == (1 if setup.name == "kv_single" else 2)
     assert config.router_type == ("learnable" if setup.name == "cross_learnable" else "fixed")
 
