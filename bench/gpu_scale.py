@@ -221,6 +221,23 @@ def predict(runs: list[Run], parallel: int, tokens: dict[int, int]) -> tuple[flo
     return float(t), lines
 
 
+def adopt_finished(source: Path, root: Path) -> list[str]:
+    """Copy the eval.json (and config.yaml) of every run finished under source/runs into root/runs where that run
+    has none, so a fresh machine continues a matrix an earlier session began (the repository keeps these files,
+    bench/NOTES.md). Returns the names adopted."""
+    adopted = []
+    for done in sorted((source / "runs").glob("*/eval.json")):
+        target = root / "runs" / done.parent.name
+        if (target / "eval.json").is_file():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "eval.json"):  # eval.json last: it is what marks the run done
+            if (done.parent / name).is_file():
+                shutil.copy2(done.parent / name, target / name)
+        adopted.append(done.parent.name)
+    return adopted
+
+
 def n_steps(run: Run) -> int:
     values = run.values
     return -(-int(values["n_samples"]) // int(values["effective_batch"]))
@@ -463,6 +480,9 @@ def main(argv=None) -> int:
                                                                      "default all 1319)")
     parser.add_argument("--eval_max_new_tokens", type=int, default=None, help="cap on generated tokens (default: "
                                                                               "bench/gpu_scale_eval.py's)")
+    parser.add_argument("--done_from", type=Path, default=None,
+                        help="run: a folder holding runs/<name>/eval.json of runs finished elsewhere (e.g. "
+                             "bench/results/gpu_scale): they count as done here and are not run again")
     parser.add_argument("--seconds", type=float, default=540, help="wait: how long at most (default 540)")
     parser.add_argument("--out", type=Path, default=None, help="collect (and wait, after waiting): where the tar "
                                                                "files go")
@@ -470,6 +490,8 @@ def main(argv=None) -> int:
     extra = {k: v for k, v in args.set}
     eval_args = (() if args.eval_limit is None else ("--limit", str(args.eval_limit))) + (
         () if args.eval_max_new_tokens is None else ("--max_new_tokens", str(args.eval_max_new_tokens)))
+    if args.done_from is not None and args.action == "run":
+        adopt_finished(args.done_from, args.root)
     runs = all_runs(args.root, args.only, args.seeds, extra, eval_args)
     if args.action == "plan" or args.action == "run":
         student = runs[0].values["model_name"]

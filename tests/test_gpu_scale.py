@@ -128,3 +128,17 @@ def test_runs_are_spread_over_gpus_and_capped_per_gpu():
     assert gpu_scale.pick_gpu([0, 1, 0, 1], 2, 2)[0] is False
     assert gpu_scale.pick_gpu([None], 1, 2) == (True, None) and gpu_scale.pick_gpu([None, None], 1, 2)[0] is False
     assert gpu_scale.pick_gpu([None] * 5, 0, 2) == (True, None)  # no GPU (the CPU toy runs): no cap
+
+
+def test_runs_finished_in_an_earlier_session_count_as_done(tmp_path):
+    # the repository keeps each finished run's eval.json (bench/results/gpu_scale); a fresh machine adopts them
+    source, root = tmp_path / "kept", tmp_path / "root"
+    (source / "runs" / "ce_only-seed0").mkdir(parents=True)
+    (source / "runs" / "ce_only-seed0" / "eval.json").write_text("{}")
+    (source / "runs" / "cross_fixed-seed1").mkdir(parents=True)  # failed there: config only, not adopted
+    (source / "runs" / "cross_fixed-seed1" / "config.yaml").write_text("seed: 1\n")
+    assert gpu_scale.adopt_finished(source, root) == ["ce_only-seed0"]
+    runs = {r.name: r.state() for r in gpu_scale.all_runs(root, ["ce_only", "cross_fixed"], [0, 1], {})}
+    assert runs["ce_only-seed0"] == "done" and runs["cross_fixed-seed1"] == "pending"
+    assert runs["ce_only-seed1"] == "pending"
+    assert gpu_scale.adopt_finished(source, root) == []  # already there: nothing copied again
