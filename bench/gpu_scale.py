@@ -481,7 +481,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_max_new_tokens", type=int, default=None, help="cap on generated tokens (default: "
                                                                               "bench/gpu_scale_eval.py's)")
     parser.add_argument("--done_from", type=Path, default=None,
-                        help="run: a folder holding runs/<name>/eval.json of runs finished elsewhere (e.g. "
+                        help="run, start: a folder holding runs/<name>/eval.json of runs finished elsewhere (e.g. "
                              "bench/results/gpu_scale): they count as done here and are not run again")
     parser.add_argument("--seconds", type=float, default=540, help="wait: how long at most (default 540)")
     parser.add_argument("--out", type=Path, default=None, help="collect (and wait, after waiting): where the tar "
@@ -490,8 +490,8 @@ def main(argv=None) -> int:
     extra = {k: v for k, v in args.set}
     eval_args = (() if args.eval_limit is None else ("--limit", str(args.eval_limit))) + (
         () if args.eval_max_new_tokens is None else ("--max_new_tokens", str(args.eval_max_new_tokens)))
-    if args.done_from is not None and args.action == "run":
-        adopt_finished(args.done_from, args.root)
+    if args.done_from is not None and args.action in ("run", "start"):  # `start` runs from a copy without runs/
+        print(f"adopted as done: {adopt_finished(args.done_from, args.root)}", flush=True)
     runs = all_runs(args.root, args.only, args.seeds, extra, eval_args)
     if args.action == "plan" or args.action == "run":
         student = runs[0].values["model_name"]
