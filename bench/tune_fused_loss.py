@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     import kvfuse.kernels.fused_kv_loss as K
-    from kvfuse.kernels.fused_kv_loss_op import natural_layout
+    from kvfuse.kernels.fused_kv_loss_op import TeacherStorage, natural_layout
     from kvfuse.loss import pair_layout_adapter
     x = make_inputs(args.tokens)
     sk = x["student_k"].detach()
@@ -67,8 +67,6 @@ def main(argv=None) -> int:
     K._TUNED.clear()
     G, _ = K.fused_kv_loss_forward(sk, x["teacher_k"], wk, alpha, mask, pos, rot, invf, ones, D_s, coef, coef,
                                    True, True, sums)
-    part = torch.zeros(1, len(wk), L, B, *K.alpha_slots([(t.shape[2], t.shape[4]) for t in x["teacher_k"]],
-                                                     G.shape[3]), device=dev)
     g_out = torch.ones(1, device=dev)
     for cfg in list(K._DW_CONFIGS_GPU):
         K._dw_tuned.configs = [cfg]
@@ -76,7 +74,8 @@ def main(argv=None) -> int:
         K._TUNED.clear()
         try:
             def dw():
-                return K.fused_kv_loss_backward(K.KindGrad(x["teacher_k"], wk, G), None, alpha, g_out, True, part)
+                return K.fused_kv_loss_backward(K.KindGrad(TeacherStorage.plain(x["teacher_k"]), wk, G), None,
+                                                alpha, g_out, True, True)
             dw()
             ms = do_bench(dw, return_mode="median")
         except Exception as err:

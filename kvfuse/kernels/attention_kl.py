@@ -399,9 +399,10 @@ _TUNED = {
 # One-pass backward variants (a private switch the bench sweeps), (q through TMA, ∂q by TMA reduction, lean
 # elementwise):  "ptr" = pointer loads of q, per-element fp32 atomics for ∂q, a −1e30 bias tile;  "lean" = the same
 # with the lean elementwise form (no bias tile; _bwd_step), the default: fastest at every T on the H200 (16k full
-# 12.65 ms against 13.66 for "ptr", 13.86 "tma_dq", 14.38 "tma"; bench/NOTES.md);  "tma_dq" = lean, and ∂q added per pair by one TMA bulk reduction (tensor descriptor
-# atomic_add) into a transposed fp32 buffer;  "tma" = that plus q tiles loaded through a TMA descriptor.  The TMA
-# parts run only for half-precision inputs (q TMA-aligned for the q loads); otherwise the pointer forms run.
+# 12.65 ms against 13.66 for "ptr", 13.86 "tma_dq", 14.38 "tma"; bench/NOTES.md);  "tma_dq" = lean, and ∂q added
+# per pair by one TMA bulk reduction (tensor descriptor atomic_add) into a transposed fp32 buffer;  "tma" = that
+# plus q tiles loaded through a TMA descriptor.  The TMA parts run only for half-precision inputs (q TMA-aligned
+# for the q loads); otherwise the pointer forms run.
 BWD_VARIANTS = {"ptr": (False, False, False), "lean": (False, False, True), "tma_dq": (False, True, True),
                 "tma": (True, True, True)}
 BWD_VARIANT = "lean"

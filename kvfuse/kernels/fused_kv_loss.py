@@ -44,7 +44,8 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES, MAX_TEACHERS, natural_layout, pair_width
+from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherStorage, natural_layout,
+                                             pair_width)
 from kvfuse.kernels.utils import autotune_configs, cdiv, dot_dtype, interpreting
 
 # Teacher storage, one code per teacher (fused_kv_loss_op.CODEC_CODES, kvfuse.codecs): plain tensor, fp8 or int4
@@ -584,18 +585,17 @@ def _launch_tuned(tuned, key: tuple, grid, args: dict, partials: tuple[torch.Ten
     caller reduces whole; the tuning runs of other configs leave values in slots the chosen one does not write, so
     after tuning they are zeroed again and the chosen config runs once more. Returns the config's meta-parameters."""
     cfg = _TUNED.get((id(tuned), key))
-    fresh = cfg is None
-    if fresh:
+    if cfg is None:
         tuned[grid](**args)
         cfg = _TUNED[(id(tuned), key)] = tuned.best_config
-    if fresh and partials:
+        if not partials:
+            return cfg.kwargs
         for t in partials:
             t.zero_()
-    if not fresh or partials:
-        meta = cfg.all_kwargs()
-        if cfg.pre_hook is not None:
-            cfg.pre_hook({**args, **meta})
-        tuned.fn[grid(cfg.kwargs)](**args, **meta)
+    meta = cfg.all_kwargs()
+    if cfg.pre_hook is not None:
+        cfg.pre_hook({**args, **meta})
+    tuned.fn[grid(cfg.kwargs)](**args, **meta)
     return cfg.kwargs
 
 
@@ -719,15 +719,11 @@ def alpha_slots(heads_dims, C2: int) -> tuple[int, int]:
 
 
 class KindGrad(NamedTuple):
-    """One kind's (keys' or values') inputs to the weight gradient: teachers as for fused_kv_loss_forward, their
-    adapters, that kind's G = ∂L/∂P [L, B, T, C'], and codecs, scales, offsets (one entry per teacher, None where
-    a teacher has none; empty lists when every teacher is plain)."""
-    teachers: list
+    """One kind's (keys' or values') inputs to the weight gradient: its teachers as the kernels read them, their
+    adapters, and that kind's G = ∂L/∂P [L, B, T, C']."""
+    storage: TeacherStorage
     weights: list
     G: torch.Tensor
-    codecs: tuple = ()
-    scales: tuple | list = ()
-    offsets: tuple | list = ()
 
 
 _DW_ARGS = ("x", "sc", "of", "sx0", "sx1", "sx2", "sx3", "w_ptr", "sw0", "sw1", "g", "dw_ptr", "dalpha_ptr")
@@ -735,61 +731,59 @@ _DW_ARGS_V = ("x_v", "sc_v", "of_v", "sxv0", "sxv1", "sxv2", "sxv3", "w_v_ptr", 
               "dalpha_v_ptr")
 
 
-def _dw_side(kind: KindGrad, i: int, dw: torch.Tensor, part: torch.Tensor) -> tuple[tuple, dict]:
-    """(what must match to share a launch, the kernel arguments) of teacher i of one kind."""
-    N = len(kind.teachers)
-    codecs = tuple(kind.codecs or (0,) * N)
-    x, w, G = kind.teachers[i], kind.weights[i], kind.G
-    heads, dims = _codec_dims([x], codecs[i:i + 1])
-    scale, offset = (kind.scales or [None] * N)[i], (kind.offsets or [None] * N)[i]
-    use_desc = (_tma_ready(x) and _tma_ready(G)
-                and _packed_boxes_ok(codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
-    dot = dot_dtype(_operand_dtypes(kind.teachers, kind.weights, codecs))
-    values = (TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
-              G if scale is None else scale, G if offset is None else offset, *x.stride()[:4],
-              w, w.stride(0), w.stride(1), TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
-              dw, part)
-    return (heads[0], dims[0], use_desc, dot[0], dot[2], codecs[i], x.dtype), dict(zip(_DW_ARGS, values))
+def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]]:
+    """Per teacher of one kind: (what must match to share a launch, the kernel arguments)."""
+    st, G = kind.storage, kind.G
+    N = len(st.data)
+    heads, dims = _codec_dims(st.data, st.codecs)
+    scales, offsets = st.scale or [None] * N, st.offset or [None] * N
+    dot_tl, _, ieee = dot_dtype(_operand_dtypes(st.data, kind.weights, st.codecs))
+    sides = []
+    for i, (x, w) in enumerate(zip(st.data, kind.weights)):
+        use_desc = (_tma_ready(x) and _tma_ready(G)
+                    and _packed_boxes_ok(st.codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
+        values = (TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
+                  G if scales[i] is None else scales[i], G if offsets[i] is None else offsets[i], *x.stride()[:4],
+                  w, w.stride(0), w.stride(1), TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
+                  dws[i], parts[i])
+        sides.append(((heads[i], dims[i], use_desc, dot_tl, ieee, st.codecs[i], x.dtype),
+                      dict(zip(_DW_ARGS, values))))
+    return sides
 
 
 def fused_kv_loss_backward(keys: KindGrad, values: KindGrad | None, alpha, grad_out, need_w: bool,
-                           dalpha_part: torch.Tensor | None):
+                           need_alpha: bool):
     """Adapter gradients (in the adapters' layout) from G = ∂L/∂P (see the module docstring) of keys and values
     (or keys alone), and the router gradient's partial sums. A teacher's keys and values share one launch when
     their shapes, codecs' load paths and operand dtypes allow (they normally do).
 
-    dalpha_part [kinds, N, L, B, *alpha_slots(...)] fp32, zero-filled, or None when α needs no gradient: each
-    program stores g·<W_i, M_i(b)> over its tile in its own slot, so ∂α_i(b) is the sum over teacher i's slots
-    of both kinds (the caller reduces the buffer in one op).
-    Returns (keys' dW list, values' dW list or None), None where not needed."""
+    Returns (keys' dW list, values' dW list or None, None where not needed; the ∂α partial sums [kinds, N, L, B,
+    F slots, C slots] fp32 or None): each program stores g·<W_i, M_i(b)> over its tile in its own slot of a
+    zero-filled buffer, so ∂α_i(b) is the sum over teacher i's slots of every kind (one op for the caller)."""
     kinds = [keys] if values is None else [keys, values]
     L, B, T, C2 = keys.G.shape
-    N = len(keys.teachers)
-    sab, sal, _ = _alpha_strides(alpha)
-    need_alpha = dalpha_part is not None
-    if need_alpha:
-        n_f, n_c = dalpha_part.shape[-2], dalpha_part.shape[-1]
-    else:  # the kernel stores its partial sums anyway: a small scratch buffer takes them
-        shapes = [(h, d) for k in kinds for h, d in zip(*_codec_dims(k.teachers, k.codecs or (0,) * N))]
-        n_f, n_c = alpha_slots(shapes, C2)
-        scratch = torch.empty(L, B, n_f, n_c, device=keys.G.device, dtype=torch.float32)
-    dws = [[None] * N for _ in kinds]
+    N = len(keys.storage.data)
     if not (need_w or need_alpha):
-        return dws[0], (dws[1] if values is not None else None)
+        return [None] * N, (None if values is None else [None] * N), None
+    sab, sal, _ = _alpha_strides(alpha)
+    slots = alpha_slots([(h, d) for k in kinds for h, d in zip(*_codec_dims(k.storage.data, k.storage.codecs))], C2)
+    if need_alpha:
+        part = torch.zeros(len(kinds), N, L, B, *slots, device=keys.G.device, dtype=torch.float32)
+    else:  # the kernel stores its partial sums anyway: one scratch slab takes them
+        part = torch.empty(1, 1, L, B, *slots, device=keys.G.device, dtype=torch.float32)
+    dws = [[torch.empty_like(w) for w in kind.weights] for kind in kinds]  # written either way
+    sides = [_dw_sides(kind, dws[k], [part[k, i] if need_alpha else part[0, 0] for i in range(N)])
+             for k, kind in enumerate(kinds)]
     for i in range(N):
-        sides = []
-        for k, kind in enumerate(kinds):
-            dw = torch.empty_like(kind.weights[i])
-            dws[k][i] = dw if need_w else None
-            sides.append(_dw_side(kind, i, dw, dalpha_part[k, i] if need_alpha else scratch))
+        mine = [kind_sides[i] for kind_sides in sides]
         # keys and values in one launch when everything but the codec's scale layout matches
-        groups = [sides] if len(sides) == 2 and sides[0][0][:5] == sides[1][0][:5] else [[side] for side in sides]
+        groups = [mine] if len(mine) == 2 and mine[0][0][:5] == mine[1][0][:5] else [[side] for side in mine]
         for group in groups:
             (H_i, D_i, use_desc, dot_tl, ieee, codec, x_dtype), first = group[0]
             last = group[-1]
             args = dict(first, **dict(zip(_DW_ARGS_V, last[1].values())),
                         alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out,
-                        B=B, T=T, L=L, N_FBLK=n_f, N_CBLK=n_c, H_I=H_i, D_I=D_i, C2=C2, CODEC=codec,
+                        B=B, T=T, L=L, N_FBLK=slots[0], N_CBLK=slots[1], H_I=H_i, D_I=D_i, C2=C2, CODEC=codec,
                         CODEC_V=last[0][5], KINDS=len(group), DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
             partials = tuple(side[1]["dalpha_ptr"] for side in group) if need_alpha else ()
             if interpreting():
@@ -802,7 +796,8 @@ def fused_kv_loss_backward(keys: KindGrad, values: KindGrad | None, alpha, grad_
                                     H_i * cdiv(D_i, cfg["BLOCK_F"]), L * len(group))
                 key = (D_i, C2, codec, last[0][5], len(group), dot_tl, use_desc, x_dtype, last[0][6])
                 _launch_tuned(_dw_tuned, key, grid, args, partials=partials)
-    return dws[0], (dws[1] if values is not None else None)
+    dws = [[dw if need_w else None for dw in kind_dws] for kind_dws in dws]
+    return dws[0], (None if values is None else dws[1]), (part if need_alpha else None)
 
 
 @triton.jit

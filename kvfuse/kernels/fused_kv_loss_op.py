@@ -115,20 +115,13 @@ def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: T
     for comes back empty."""
     kern = _kernels()
     g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
-    part = None
-    if need_alpha:
-        # ∂α's partial sums of both kinds and every teacher in one zero-filled buffer, reduced by one op.
-        L, B, _, c2 = g_k.shape
-        shapes = [(x.shape[2], x.shape[4] * (2 if c >= CODEC_CODES["int4", "channel"] else 1))
-                  for x, c in [*zip(teacher_k, k_codecs), *zip(teacher_v, v_codecs)]]
-        part = torch.zeros(2, len(w_k), L, B, *kern.alpha_slots(shapes, c2), device=g_k.device,
-                           dtype=torch.float32)
-    dwk, dwv = kern.fused_kv_loss_backward(
-        kern.KindGrad(teacher_k, w_k, g_k, tuple(k_codecs), _present(k_scale, len(w_k)), _present(k_offset, len(w_k))),
-        kern.KindGrad(teacher_v, w_v, g_v, tuple(v_codecs), _present(v_scale, len(w_v)), _present(v_offset, len(w_v))),
-        alpha, g, need_w, part)
+    dwk, dwv, part = kern.fused_kv_loss_backward(
+        kern.KindGrad(TeacherStorage(teacher_k, tuple(k_codecs), k_scale, k_offset), w_k, g_k),
+        kern.KindGrad(TeacherStorage(teacher_v, tuple(v_codecs), v_scale, v_offset), w_v, g_v),
+        alpha, g, need_w, need_alpha)
     d_alpha = alpha.new_empty(0)
     if need_alpha:
+        # part [kinds, N, L, B, slots…]: every kind's and teacher's partial sums, reduced by one op
         if alpha.dim() == 2:  # [B, N]: one α for every layer
             d_alpha = part.sum((0, 2, 4, 5)).t().contiguous().to(alpha.dtype)
         else:
