@@ -45,7 +45,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherStorage, natural_layout,
-                                             pair_width)
+                                             operand_dtypes, pair_width)
 from kvfuse.kernels.utils import autotune_configs, cdiv, dot_dtype, interpreting
 
 # Teacher storage, one code per teacher (fused_kv_loss_op.CODEC_CODES, kvfuse.codecs): plain tensor, fp8 or int4
@@ -628,12 +628,6 @@ def _codec_dims(teachers, codecs) -> tuple[tuple[int, ...], tuple[int, ...]]:
             tuple(int(x.shape[4]) * (2 if c >= CODEC_INT4_CHANNEL else 1) for x, c in zip(teachers, codecs)))
 
 
-def _operand_dtypes(teachers, weights, codecs) -> list[torch.dtype]:
-    """What the GEMMs multiply: a compressed teacher is decoded to its adapter's dtype."""
-    return [w.dtype if c != CODEC_PLAIN else x.dtype for x, w, c in zip(teachers, weights, codecs)] + \
-        [w.dtype for w in weights]
-
-
 def stat_slots(T: int, H_s: int) -> tuple[int, int]:
     """(token slots, head slots) of the forward's per-program partial sums: one slot per program of the smallest
     tile, so any config's programs find theirs."""
@@ -661,7 +655,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     N = len(teachers)
     codecs = tuple(codecs or (0,) * N)
     heads, dims = _codec_dims(teachers, codecs)
-    dot_tl, g_dtype, ieee = dot_dtype(_operand_dtypes(teachers, weights, codecs))
+    dot_tl, g_dtype, ieee = dot_dtype(operand_dtypes(teachers, weights, codecs))
     n_t_slots, n_h_slots = stat_slots(T, H_s)
     dev = student.device
     sq, cs = sums[0], sums[1]
@@ -737,7 +731,7 @@ def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]
     N = len(st.data)
     heads, dims = _codec_dims(st.data, st.codecs)
     scales, offsets = st.scale or [None] * N, st.offset or [None] * N
-    dot_tl, _, ieee = dot_dtype(_operand_dtypes(st.data, kind.weights, st.codecs))
+    dot_tl, _, ieee = dot_dtype(operand_dtypes(st.data, kind.weights, st.codecs))
     sides = []
     for i, (x, w) in enumerate(zip(st.data, kind.weights)):
         use_desc = (_tma_ready(x) and _tma_ready(G)

@@ -51,10 +51,14 @@ def natural_layout(d_s: int, rotary_dim: int) -> bool:
     return rotary_dim == d_s and pair_width(d_s) == d_s // 2
 
 
+def operand_dtypes(teachers: list[Tensor], weights: list[Tensor], codecs) -> list[torch.dtype]:
+    """What the kernels' GEMMs multiply: a compressed teacher (codec ≠ 0) is decoded to its adapter's dtype."""
+    return [w.dtype if c else t.dtype for t, w, c in zip(teachers, weights, codecs)] + [w.dtype for w in weights]
+
+
 def _grad_dtype(teachers: list[Tensor], weights: list[Tensor], codecs: list[int]) -> torch.dtype:
     from kvfuse.kernels.utils import dot_dtype
-    operands = [w.dtype if c else t.dtype for t, w, c in zip(teachers, weights, codecs)]
-    return dot_dtype(operands + [w.dtype for w in weights])[1]
+    return dot_dtype(operand_dtypes(teachers, weights, codecs))[1]
 
 
 def _present(tensors: list[Tensor | None], n: int) -> list[Tensor | None]:
