@@ -225,6 +225,8 @@ def adopt_finished(source: Path, root: Path) -> list[str]:
     """Copy the eval.json (and config.yaml) of every run finished under source/runs into root/runs where that run
     has none, so a fresh machine continues a matrix an earlier session began (the repository keeps these files,
     bench/NOTES.md). Returns the names adopted."""
+    if not (source / "runs").is_dir():
+        raise SystemExit(f"--done_from {source}: there is no runs/ folder there to take finished runs from")
     adopted = []
     for done in sorted((source / "runs").glob("*/eval.json")):
         target = root / "runs" / done.parent.name
@@ -285,7 +287,7 @@ def launch(run: Run, port: int, threads: int, site: Path | None, gpu: int | None
 def pick_gpu(busy: list[int | None], n_gpus: int, per_gpu: int) -> tuple[bool, int | None]:
     """(may a run start now, on which GPU) given the GPUs of the active runs: on several GPUs the one running the
     fewest, on one GPU or none the environment's (None); at most `per_gpu` runs on a GPU, since one run's peak
-    was 33–55 GB on a 140 GB H200 and six on one GPU ran out of memory (bench/NOTES.md). No cap without a GPU."""
+    was 32–55 GB on a 140 GB H200 and six on one GPU ran out of memory (bench/NOTES.md). No cap without a GPU."""
     if n_gpus == 0:
         return True, None
     if n_gpus == 1:
@@ -487,6 +489,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="collect (and wait, after waiting): where the tar "
                                                                "files go")
     args = parser.parse_args(argv)
+    if args.parallel < 1 or args.per_gpu < 1:
+        parser.error(f"--parallel and --per_gpu must be at least 1 (got {args.parallel}, {args.per_gpu})")
     extra = {k: v for k, v in args.set}
     eval_args = (() if args.eval_limit is None else ("--limit", str(args.eval_limit))) + (
         () if args.eval_max_new_tokens is None else ("--max_new_tokens", str(args.eval_max_new_tokens)))

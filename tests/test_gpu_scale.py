@@ -121,7 +121,7 @@ def test_every_setup_of_the_matrix_is_a_valid_trainer_config(setup, tmp_path):
 
 
 def test_runs_are_spread_over_gpus_and_capped_per_gpu():
-    # six runs on one H200 ran out of memory (33–55 GB each): at most per_gpu on a GPU, the least busy one first
+    # six runs on one H200 ran out of memory (32–55 GB each): at most per_gpu on a GPU, the least busy one first
     assert gpu_scale.pick_gpu([], 2, 2) == (True, 0)
     assert gpu_scale.pick_gpu([0], 2, 2) == (True, 1)
     assert gpu_scale.pick_gpu([0, 1, 1], 2, 2) == (True, 0)
@@ -142,3 +142,7 @@ def test_runs_finished_in_an_earlier_session_count_as_done(tmp_path):
     assert runs["ce_only-seed0"] == "done" and runs["cross_fixed-seed1"] == "pending"
     assert runs["ce_only-seed1"] == "pending"
     assert gpu_scale.adopt_finished(source, root) == []  # already there: nothing copied again
+    with pytest.raises(SystemExit, match="no runs/ folder"):
+        gpu_scale.adopt_finished(tmp_path / "nowhere", root)
+    with pytest.raises(SystemExit):
+        gpu_scale.main(["plan", "--per_gpu", "0"])
