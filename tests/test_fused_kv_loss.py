@@ -4,7 +4,10 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from kvfuse.kernels.fused_kv_loss import _reduce_angle, _rope_cos_sin
 from kvfuse.loss import kv_distill_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -474,3 +477,44 @@ def test_tuned_launch_zeroes_the_partial_sums_the_tuning_runs_left():
         assert buf.tolist() == [1.0, 1.0] + [-1.0] * 6 and len(launched) == 2
     finally:
         K._TUNED.pop((id(tuned), key), None)
+
+
+def test_rope_angle_reduction_is_accurate_far_from_zero(monkeypatch):
+    """The key pass reduces RoPE angles to [−π, π] before the SFU's sine and cosine (which are accurate only
+    there): the reduced angle against the float64 remainder of the same fp32 angles, up to 2^20 rad — positions of
+    a 1M-token context at frequency 1 — and cos/sin through it (numpy's here, the SFU's on a GPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    @triton.jit
+    def reduce_kernel(ang_ptr, r_ptr, cos_ptr, sin_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        ang = tl.load(ang_ptr + i)
+        tl.store(r_ptr + i, _reduce_angle(ang))
+        c, s = _rope_cos_sin(ang)
+        tl.store(cos_ptr + i, c)
+        tl.store(sin_ptr + i, s)
+
+    g = torch.Generator().manual_seed(0)
+    ang = torch.cat([torch.rand(1024, generator=g) * 2 ** e for e in range(0, 21, 4)])
+    ang = torch.cat([ang, -ang[:256], torch.tensor([0.0, math.pi, -math.pi, 2 * math.pi, 1e5 * math.pi])])
+    ang = torch.nn.functional.pad(ang, (0, 8192 - len(ang)))
+    r, c, s = torch.empty_like(ang), torch.empty_like(ang), torch.empty_like(ang)
+    reduce_kernel[(1,)](ang, r, c, s, BLOCK=8192)
+    exact = ang.double()
+    rem = torch.remainder(exact + math.pi, 2 * math.pi) - math.pi
+    # k = ⌊ang/2π + ½⌋ is rounded in fp32, so |r| may pass π by 2π·ulp(ang/2π)
+    assert bool((r.abs() <= math.pi + 2 * 2 ** -23 * ang.abs() + 1e-6).all())
+    # the remainder is only defined up to 2π at ±π
+    assert float(torch.minimum((r.double() - rem).abs(), 2 * math.pi - (r.double() - rem).abs()).max()) < 1e-6
+    err = max(float((c.double() - exact.cos()).abs().max()), float((s.double() - exact.sin()).abs().max()))
+    assert err < 2e-6, err
+
+
+def test_large_positions_match_the_reference(monkeypatch):
+    """Positions deep into a long context (angles up to ~1e5 rad at the fastest frequency) on both backends."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args, leaves = make_case(21, [(2, 16), (1, 32)], D_s=32, T=19)
+    args["positions"] = args["positions"] + 100_000
+    ref = run(args, leaves, "torch", attention_scaling=1.1)
+    got = run(args, leaves, "triton", attention_scaling=1.1)
+    assert_close(got, ref, 1e-4, 2)

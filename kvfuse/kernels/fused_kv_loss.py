@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherStorage, natural_layout,
@@ -55,6 +56,13 @@ CODEC_FP8_CHANNEL = tl.constexpr(CODEC_CODES["fp8", "channel"])
 CODEC_FP8_TOKEN = tl.constexpr(CODEC_CODES["fp8", "token"])
 CODEC_INT4_CHANNEL = tl.constexpr(CODEC_CODES["int4", "channel"])  # int4 codes are the two largest (packed data)
 CODEC_INT4_TOKEN = tl.constexpr(CODEC_CODES["int4", "token"])
+
+# RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
+# approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
+FAST_TRIG = tl.constexpr(not interpreting())
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
+TWO_PI_HI = tl.constexpr(6.2831854820251465)  # float32(2π)
+TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)  # 2π − TWO_PI_HI
 
 
 @triton.jit
@@ -103,6 +111,28 @@ def _pair_dims(l, j, rot_ptr, invf_ptr, stride_il, scaling_ptr, D_S: tl.constexp
         freq = j * 0.0
         scale = tl.where(valid, 1.0, 0.0)
     return d1, d2, freq, scale
+
+
+@triton.jit
+def _reduce_angle(ang):
+    """ang − 2πk in [−π, π] (k the nearest integer to ang/2π). Each fma rounds once, so the result is within
+    ≈ 2e-7 of the exact remainder of the fp32 angle for |ang| < 2^24·π."""
+    k = tl.floor(ang * INV_TWO_PI + 0.5)
+    r = tl.fma(-k, TWO_PI_HI, ang)
+    return tl.fma(-k, TWO_PI_LO, r)
+
+
+@triton.jit
+def _rope_cos_sin(ang):
+    """(cos, sin) of fp32 angles: the SFU's sin.approx/cos.approx (≈ 2^-21 absolute error on [−π, π]) of the
+    reduced angle, far below the bf16 rounding the student applies to its own cos/sin tables. libdevice's
+    sinf/cosf carry a Payne–Hanek slow path that made the key pass four times the code of the value pass, with a
+    stack frame (bench/NOTES.md)."""
+    r = _reduce_angle(ang)
+    if FAST_TRIG:
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+    else:
+        return tl.cos(r), tl.sin(r)
 
 
 @triton.jit
@@ -310,8 +340,9 @@ def _fused_kv_fwd_kernel(
     if IS_KEY:
         pos = tl.load(pos_ptr + b * T + t, mask=t_ok, other=0).to(tl.float32)
         ang = pos[:, None] * freq[None, :]
-        cos_a = tl.cos(ang) * scale[None, :]
-        sin_a = tl.sin(ang) * scale[None, :]
+        cos_a, sin_a = _rope_cos_sin(ang)
+        cos_a = cos_a * scale[None, :]
+        sin_a = sin_a * scale[None, :]
         k1 = p1 * cos_a - p2 * sin_a
         k2 = p2 * cos_a + p1 * sin_a
     else:
