@@ -261,3 +261,25 @@ def test_render_segments_with_packaged_tokenizers(which, request):
     else:
         assert chat.text.startswith(DEFAULT_PROMPT)
         assert tok(chat.text)["input_ids"][0] == tok.bos_token_id
+
+
+def test_gguf_load_parses_the_file_once(smollm2, monkeypatch):
+    """transformers reads config, tokenizer and weights from the GGUF in three calls; load_gguf makes them share
+    one parse (Gemma3's vocabulary metadata takes ~18 s a parse). Fails if transformers stops finding
+    gguf.GGUFReader at call time, which would make the sharing silently ineffective."""
+    import gguf as gguf_lib
+
+    from kvfuse.models.gguf import load_gguf
+
+    parsed = []
+
+    class Counting(gguf_lib.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf_lib, "GGUFReader", Counting)
+    plain, tok, _ = load_gguf(smollm2["gguf"])
+    assert len(parsed) == 1, parsed
+    assert gguf_lib.GGUFReader is Counting  # restored after the load
+    assert fingerprint(plain) == fingerprint(smollm2["model"])
