@@ -3,9 +3,9 @@
 #   bash bench/gpu_scale_session.sh [.stage/callNN] [--wait SECONDS] [--parallel K] [-- RUNNER OPTIONS]
 # (RUNNER OPTIONS go to `python -m bench.gpu_scale start`, e.g. `--only ce_only kv_fused --seeds 0`.)
 # Idempotent steps, each skipped once done on this machine: take the call's staged pieces (bench/stage_models.py:
-# assemble, check, install the wheels, start converting the models in the background), build the C++ extension, start the detached runner
-# (bench/gpu_scale.py, which starts each run as soon as its models are converted), wait while it works, and always
-# put the results so far into $OUT (tar files), so every call brings back what exists.
+# assemble, check, install the wheels, start converting the models in the background), build the C++ extension,
+# start the detached runner (bench/gpu_scale.py, which starts each run as soon as its models are converted), wait
+# while it works, and always put the results so far into $OUT (tar files), so every call brings back what exists.
 set -uo pipefail
 CALL_DIR="" WAIT=0 PARALLEL=${PARALLEL:-6} RUNNER_ARGS=()
 while [ $# -gt 0 ]; do
