@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import gguf
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -20,6 +19,8 @@ def _parsed_once() -> Iterator[None]:
     vocabulary's metadata is ~18 s a time on 2 cores (Gemma3, two thirds of its conversion). Inside this block
     `gguf.GGUFReader` (which transformers imports at call time) returns one reader per file; readers are read-only
     views of a memory map, so sharing one changes nothing but the time."""
+    import gguf  # only conversions need it (the GPU image has no gguf until the staging installs it)
+
     readers: dict = {}
     reader_cls = gguf.GGUFReader
 
