@@ -374,6 +374,19 @@ def _pid_alive(pid_file: Path) -> int | None:
         return None
 
 
+def _drop_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` and `name=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def start_detached(root: Path, argv: list[str]) -> None:
     """`run` in a new session (setsid), logging to <root>/runner.log, from a copy of this tree (the `run` call's
     next copy of the repository must not change files under a training run)."""
@@ -522,7 +535,10 @@ def main(argv=None) -> int:
         print(f"{time.strftime('%T')} finished: {progress(runs)}; {failed} failed", flush=True)
         return 1 if failed else 0
     if args.action == "start":
-        start_detached(args.root, [a for a in argv if a != "start"] + ["--root", str(args.root)])
+        # the runs were adopted above, into the same root; the detached runner's copy of the tree has no runs/
+        # folders, so it must not look for them again
+        start_detached(args.root, _drop_option([a for a in argv if a != "start"], "--done_from")
+                       + ["--root", str(args.root)])
     elif args.action == "wait":
         from bench.stage_models import home_stage, status
 

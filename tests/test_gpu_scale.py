@@ -146,3 +146,19 @@ def test_runs_finished_in_an_earlier_session_count_as_done(tmp_path):
         gpu_scale.adopt_finished(tmp_path / "nowhere", root)
     with pytest.raises(SystemExit):
         gpu_scale.main(["plan", "--per_gpu", "0"])
+
+
+def test_start_adopts_and_the_detached_runner_does_not_look_again(tmp_path, monkeypatch):
+    # the detached runner runs from a copy of the tree without runs/ folders: given --done_from it stopped at once
+    # ("no runs/ folder there"), so `start` adopts into the root and passes everything else on
+    source, root = tmp_path / "kept", tmp_path / "root"
+    (source / "runs" / "ce_only-seed0").mkdir(parents=True)
+    (source / "runs" / "ce_only-seed0" / "eval.json").write_text("{}")
+    started = []
+    monkeypatch.setattr(gpu_scale, "start_detached", lambda r, argv: started.append((r, argv)))
+    argv = ["start", "--done_from", str(source), "--only", "ce_only", "--per_gpu", "2", f"--done_from={source}"]
+    assert gpu_scale.main(argv + ["--root", str(root)]) == 0
+    assert (root / "runs" / "ce_only-seed0" / "eval.json").is_file()
+    (runner_root, runner_argv), = started
+    assert runner_root == root and "--done_from" not in " ".join(runner_argv)
+    assert runner_argv[:4] == ["--only", "ce_only", "--per_gpu", "2"] and runner_argv[-2:] == ["--root", str(root)]
