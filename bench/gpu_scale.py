@@ -89,17 +89,17 @@ SEEDS = (0, 1, 2)
 # the untrained student scored alone (runs/base/eval.json): the table's reference point
 BASE = Setup("base", 0, {}, (STUDENT,), "the untrained student")
 
-# The prediction `plan` and `run` print (bench/NOTES.md, "GPU-scale session"; replace with the first runs' measured
-# rates). One process, per micro-batch of 32 items (6.2k input tokens, ~11k padded): the host renders, tokenizes and
-# aligns 3.5 ms per item (measured on the 2-core CPU machine: 0.11 s); the student's step at the measured CE-only
-# 140k tokens/s over the padded tokens plus kvfuse's checkpoint recompute (0.10 s); the teachers' forwards (0.06 s;
-# Gemma3's twice SmolLM2's); and ~0.35 s of ZeRO-3 hooks, per-item alignment launches and logging (the H100 ZeRO-3
-# Phase 1 run spent most of its 0.6-1 s steps on such overhead): ≈ 0.6 s per 6.2k tokens.
-PREDICTED_TOKENS_PER_S = {1: 10_000, 3: 8_000, 4: 8_000}    # one process alone, by phase
+# The prediction `plan` and `run` print: one process's training tokens per second by phase, the median of its runs'
+# per-step rates on the H200 with two or three runs sharing a GPU (bench/results/gpu_scale, 2026-11-30: Phase 1
+# 7.2-9.0k, the cross pair 6.2-7.5k).
+PREDICTED_TOKENS_PER_S = {1: 8_500, 3: 7_000, 4: 6_500}
 GPU_TOKENS_PER_S = 40_000   # assumed ceiling of K processes together (the low end of 40-80k: kernels time-sliced)
 STARTUP_S = 90              # imports, model loads, ridge calibration, DeepSpeed, the first Triton compiles
-EVAL_S = 5                  # one in-training evaluation (200 + 200 items, CKA on the GPU)
-GSM8K_S = 45                # a process that scores 1319 questions: start, 3 batches of 512 × ≤ 256 decode steps
+# One in-training evaluation (200 + 200 items, CKA on the GPU) and the scoring process (1319 GSM8K questions in 3
+# batches of 512 × ≤ 256 decode steps), from the 2026-11-30 runs: start to `trained` 350 s for 155 s of steps, the
+# scoring 76 s.
+EVAL_S = 15
+GSM8K_S = 75
 
 
 @dataclass
@@ -190,20 +190,25 @@ def training_tokens(runs: list[Run]) -> dict[int, int]:
     return out
 
 
-def predict(runs: list[Run], parallel: int, tokens: dict[int, int]) -> tuple[float, list[str]]:
-    """(predicted wall seconds, one line per run), by simulating the runner second by second: up to `parallel` runs
-    at once, each starting (STARTUP_S), training at its own rate or an equal share of the GPU's among the runs
-    training at that moment (whichever is lower), then evaluating (EVAL_S each, GSM8K_S)."""
+def predict(runs: list[Run], parallel: int, tokens: dict[int, int],
+            done_elsewhere: frozenset[str] = frozenset()) -> tuple[float, list[str]]:
+    """(predicted wall seconds, one line per run), by simulating the runner second by second over the runs still to
+    do (not done here nor in `done_elsewhere`): up to `parallel` runs at once, each starting (STARTUP_S), training
+    at its own rate or an equal share of the GPU's among the runs training at that moment (whichever is lower), then
+    evaluating (EVAL_S each, GSM8K_S)."""
     lines, jobs = [], []
     for run in runs:
         n, steps = tokens[run.seed], n_steps(run)
+        state = "done elsewhere" if run.name in done_elsewhere and run.state() != "done" else run.state()
+        lines.append(f"{run.name:<24} {n / 1e6:.3f} M tokens, {steps} steps  [{state}]")
+        if state.startswith("done"):
+            continue
         if run.setup is BASE:
             job = [STARTUP_S / 3, 0.0, GSM8K_S, 0.0]
         else:
             job = [STARTUP_S, float(n), EVAL_S * (steps // int(run.values["eval_every"]) + 2) + GSM8K_S,
                    float(PREDICTED_TOKENS_PER_S[run.setup.phase])]
         jobs.append(job)
-        lines.append(f"{run.name:<24} {n / 1e6:.3f} M tokens, {steps} steps  [{run.state()}]")
     pending, active, t = list(jobs), [], 0
     while pending or active:
         while pending and len(active) < parallel:
@@ -221,15 +226,21 @@ def predict(runs: list[Run], parallel: int, tokens: dict[int, int]) -> tuple[flo
     return float(t), lines
 
 
+def finished_in(source: Path) -> frozenset[str]:
+    """Names of the runs finished under source/runs (those with an eval.json)."""
+    if not (source / "runs").is_dir():
+        raise SystemExit(f"--done_from {source}: there is no runs/ folder there to take finished runs from")
+    return frozenset(p.parent.name for p in (source / "runs").glob("*/eval.json"))
+
+
 def adopt_finished(source: Path, root: Path) -> list[str]:
     """Copy the eval.json (and config.yaml) of every run finished under source/runs into root/runs where that run
     has none, so a fresh machine continues a matrix an earlier session began (the repository keeps these files,
     bench/NOTES.md). Returns the names adopted."""
-    if not (source / "runs").is_dir():
-        raise SystemExit(f"--done_from {source}: there is no runs/ folder there to take finished runs from")
     adopted = []
-    for done in sorted((source / "runs").glob("*/eval.json")):
-        target = root / "runs" / done.parent.name
+    for name in sorted(finished_in(source)):
+        done = source / "runs" / name / "eval.json"
+        target = root / "runs" / name
         if (target / "eval.json").is_file():
             continue
         target.mkdir(parents=True, exist_ok=True)
@@ -496,8 +507,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_max_new_tokens", type=int, default=None, help="cap on generated tokens (default: "
                                                                               "bench/gpu_scale_eval.py's)")
     parser.add_argument("--done_from", type=Path, default=None,
-                        help="run, start: a folder holding runs/<name>/eval.json of runs finished elsewhere (e.g. "
-                             "bench/results/gpu_scale): they count as done here and are not run again")
+                        help="run, start, plan: a folder holding runs/<name>/eval.json of runs finished elsewhere "
+                             "(e.g. bench/results/gpu_scale): they count as done here and are not run again (plan "
+                             "only leaves them out of its prediction)")
     parser.add_argument("--seconds", type=float, default=540, help="wait: how long at most (default 540)")
     parser.add_argument("--out", type=Path, default=None, help="collect (and wait, after waiting): where the tar "
                                                                "files go")
@@ -518,9 +530,11 @@ def main(argv=None) -> int:
             while not models_ready({student}):
                 time.sleep(5)
         tokens = training_tokens(runs)
-        seconds, lines = predict(runs, args.parallel, tokens)
+        elsewhere = frozenset() if args.done_from is None else finished_in(args.done_from)
+        seconds, lines = predict(runs, args.parallel, tokens, elsewhere)
         print("\n".join(lines))
-        print(f"predicted: {seconds / 60:.1f} min for {len(runs)} runs, {args.parallel} at a time (assumed: "
+        todo = sum(r.state() != "done" and r.name not in elsewhere for r in runs)
+        print(f"predicted: {seconds / 60:.1f} min for the {todo} runs to do, {args.parallel} at a time (assumed: "
               f"{PREDICTED_TOKENS_PER_S} tokens/s for one process by phase, {GPU_TOKENS_PER_S} for all together)",
               flush=True)
         if args.action == "plan":

@@ -162,3 +162,22 @@ def test_start_adopts_and_the_detached_runner_does_not_look_again(tmp_path, monk
     (runner_root, runner_argv), = started
     assert runner_root == root and "--done_from" not in " ".join(runner_argv)
     assert runner_argv[:4] == ["--only", "ce_only", "--per_gpu", "2"] and runner_argv[-2:] == ["--root", str(root)]
+
+
+def test_plan_predicts_only_the_runs_left(tmp_path, capsys):
+    # runs finished here or in --done_from are listed as done and left out of the predicted time
+    kept = tmp_path / "kept"
+    for name in ("base", "ce_only-seed0", "ce_only-seed1"):
+        (kept / "runs" / name).mkdir(parents=True)
+        (kept / "runs" / name / "eval.json").write_text("{}")
+    root = tmp_path / "root"
+    assert gpu_scale.main(["plan", "--root", str(root), "--only", "ce_only", "--parallel", "1"]) == 0
+    every = capsys.readouterr().out
+    assert gpu_scale.main(["plan", "--root", str(root), "--only", "ce_only", "--parallel", "1",
+                           "--done_from", str(kept)]) == 0
+    left = capsys.readouterr().out
+    assert "for the 4 runs to do" in every and "for the 1 runs to do" in left
+    assert left.count("[done elsewhere]") == 3 and "ce_only-seed2" in left
+    minutes = [float(out.split("predicted: ")[1].split(" min")[0]) for out in (every, left)]
+    assert minutes[1] < minutes[0] / 2
+    assert not root.exists()  # plan writes nothing
