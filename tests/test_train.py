@@ -295,3 +295,18 @@ def test_the_recipe_steps_in_process(tmp_path, monkeypatch):
         session.cleanup()
         dist.destroy_process_group()
     assert session.tb is None
+
+
+@pytest.mark.parametrize("extra", [
+    ["--phase", "4", "--teachers", "tiny-llama", "tiny-gemma3", "--teacher_prompts", "cot", "--router_groups", "2"],
+    ["--phase", "5", "--teachers", "tiny-llama", "tiny-gemma3", "--teacher_prompts", "cot", "--z_dim", "16",
+     "--z_loss", "barlow"],
+], ids=["phase4-learnable-router", "phase5-zspace"])
+def test_bf16_engine_trains_and_evaluates_the_learned_modules(tmp_path, extra):
+    # A bf16 DeepSpeed engine casts every module it holds (router, Z maps, adapters) to bf16 while KV may arrive in
+    # fp32: the GPU-scale Phase 4 runs failed on that at their first evaluation (router), and Phase 5 did the same
+    # (Z maps) until each module computed in its own parameter dtype.
+    _train(tmp_path, *extra, "--student_layers", "every_other", "--dtype", "bf16", "--save_every", "0")
+    train, val = _events(tmp_path, "train"), _events(tmp_path, "val")
+    assert train and val and all(math.isfinite(e["loss"]) for e in train)
+    assert all(math.isfinite(e["kv_loss"]) for e in val)

@@ -80,3 +80,24 @@ def test_zspace_errors():
         z(torch.randn(1, 3, 4), [torch.randn(1, 3, 4)], torch.ones(1, 2), torch.ones(1, 3))
     with pytest.raises(ValueError, match="z loss must be"):
         ZSpace([4], 4, loss="l1")
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["mse", "barlow"])
+def test_zspace_in_bf16_as_a_bf16_engine_casts_it(kv_dtype, loss):
+    # A DeepSpeed bf16 engine holds the Z maps in bf16; fp32 KV then failed Phase 5's first evaluation ("expected
+    # m1 and m2 to have the same dtype"). Any float KV goes in, an fp32 loss comes out, equal to the fp32 copy's to
+    # bf16 precision, and the gradient reaches the bf16 maps.
+    torch.manual_seed(0)
+    z = ZSpace([24, 16], 20, z_dim=8, loss=loss)
+    s, t = torch.randn(2, 7, 20), [torch.randn(2, 7, 24), torch.randn(2, 7, 16)]
+    alpha, mask = torch.tensor([[0.3, 0.7], [0.5, 0.5]]), torch.ones(2, 7, dtype=torch.bool)
+    ref = z(s, t, alpha, mask)
+    z16 = z.to(torch.bfloat16)
+    got = z16(s.to(kv_dtype), [x.to(kv_dtype) for x in t], alpha, mask)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert abs(float(got) - float(ref)) <= 0.05 * abs(float(ref)) + 1e-3, (float(got), float(ref))
+    got.backward()
+    assert z16.student_map.weight.grad is not None and z16.student_map.weight.grad.dtype == torch.bfloat16
+    zs, zt = z16.embed(s, t)
+    assert zs.dtype == torch.float32 and all(x.dtype == torch.float32 for x in zt)
