@@ -6,33 +6,15 @@ triton for sm_90 (no GPU needed), run ptxas -v on the PTX, print registers, spil
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
-import subprocess
-import tempfile
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
+from bench.ptx_report import compile_sm90
 from kvfuse.kernels import attention_kl as K
 
 D = 128
-
-
-def _ptxas(ptx: str, ptxas: str, arch: str) -> tuple[int, int, int]:
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(ptx)
-        res = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True, check=True)
-    text = res.stderr + res.stdout
-    regs = int(re.search(r"Used (\d+) registers", text).group(1))
-    stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", text))
-    loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", text))
-    return regs, stores, loads
 
 
 def _strides(prefix, names):
@@ -68,25 +50,12 @@ def fwd_signature(k_tma: int = 0, block_n: int = 64) -> dict:
 
 # Arguments the launch specialises as multiples of 16 at the bench shape (T = 4k..64k, 12/2 heads, D = 128):
 # every pointer, the strides but the unit ones, T, N_ROWS, T_BUCKET (H, H_KV, GROUP, SPLIT are not).
-_DIV16 = {"sqb", "sqh", "sqt", "sksb", "sksh", "skst", "skfb", "skfh", "skft", "T", "N_ROWS", "T_BUCKET"}
-
-
-def _attrs(fn, sig: dict) -> dict:
-    names = fn.arg_names
-    return {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-            if v != "constexpr" and (v.startswith("*") or k in _DIV16)}
+_DIV16 = frozenset({"sqb", "sqh", "sqt", "sksb", "sksh", "skst", "skfb", "skfh", "skft", "T", "N_ROWS",
+                    "T_BUCKET"})
 
 
 def compile_one(fn, sig, consts, warps, stages, ptxas, arch):
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_attrs(fn, sig)),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    ptx = k.asm["ptx"]
-    regs, st, ld = _ptxas(ptx, ptxas, arch)
-    info = dict(regs=regs, spill_st=st, spill_ld=ld, shared=k.metadata.shared,
-                wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
-                red=len(re.findall(r"\bred\.global|\batom\.global", ptx)),
-                bulk_reduce=ptx.count("cp.reduce.async.bulk"), tma_load=ptx.count("cp.async.bulk.tensor"))
-    return info
+    return compile_sm90(fn, sig, consts, warps, stages, ptxas, arch, _DIV16)
 
 
 def main(argv=None):
