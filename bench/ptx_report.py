@@ -28,18 +28,19 @@ def ptxas_report(ptx: str, ptxas: str, arch: str) -> dict:
                 stack=sum(int(x) for x in re.findall(r"(\d+) bytes stack frame", text)))
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, warps: int, stages: int, ptxas: str, arch: str = "sm_90a",
-                 divisible: frozenset[str] = frozenset()) -> dict:
+def compile_sm90(fn, signature: dict, constexprs: dict, warps: int, stages: int, ptxas: str | None,
+                 arch: str = "sm_90a", divisible: frozenset[str] = frozenset()) -> dict:
     """Compile `fn` for sm_90 with `signature` (every argument: a type or "constexpr"), the launch's divisibility
-    specialisation for pointers and the `divisible` integer arguments, and report registers, spills, stack,
-    shared memory and instruction counts of the PTX."""
+    specialisation for pointers and the `divisible` integer arguments, and report shared memory and instruction
+    counts of the PTX, and with a `ptxas` (one that reads the PTX version this triton writes) registers, spills and
+    stack."""
     names = fn.arg_names
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
              if isinstance(v, str) and v != "constexpr" and (v.startswith("*") or k in divisible)}
     k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     ptx = k.asm["ptx"]
-    return dict(ptxas_report(ptx, ptxas, arch), shared=k.metadata.shared, ptx_lines=ptx.count("\n"),
+    return dict(ptxas_report(ptx, ptxas, arch) if ptxas else {}, shared=k.metadata.shared, ptx_lines=ptx.count("\n"),
                 wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
                 wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
                 local=len(re.findall(r"\b(?:ld|st)\.local", ptx)),

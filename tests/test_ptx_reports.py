@@ -1,0 +1,40 @@
+"""The offline sm_90a report (bench/ptx_report.py) on the fused loss's key pass, compiled by the installed triton
+(no GPU): RoPE's sine and cosine go to the SFU, so the key pass's PTX has no local memory and is not much longer
+than the value pass's — libdevice's sinf/cosf put a Payne–Hanek slow path with a local array there (bench/NOTES.md).
+Registers and spills depend on the ptxas version, so they are left to the report itself."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROBE = """
+import json
+from bench import ptx_fused_loss as P
+from bench.ptx_report import compile_sm90
+from kvfuse.kernels import fused_kv_loss as K
+config = K._FWD_CONFIGS_GPU[0]
+cfg = dict(config.kwargs)
+out = {}
+for is_key in (True, False):
+    out["keys" if is_key else "values"] = compile_sm90(
+        K._fused_kv_fwd_kernel, P.fwd_signature(cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["WIDE"], (0, 0)),
+        P.fwd_constexprs(cfg, is_key, (0, 0)), config.num_warps, config.num_stages, None)
+print(json.dumps(out))
+"""
+
+
+def test_key_pass_trig_runs_on_the_sfu_without_local_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    keys, values = report["keys"], report["values"]
+    assert keys["sfu_trig"] > 0 and values["sfu_trig"] == 0
+    assert keys["local"] == 0 and values["local"] == 0, keys
+    assert keys["wgmma"] > 0 and values["wgmma"] > 0  # the products run on Hopper's tensor cores
+    # RoPE costs the key pass a modest amount of code, not the fourfold it did with libdevice
+    assert keys["ptx_lines"] < 1.6 * values["ptx_lines"], (keys["ptx_lines"], values["ptx_lines"])
