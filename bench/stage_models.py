@@ -331,9 +331,10 @@ def wait_converted(home: Path, timeout_s: float, poll_s: float = 1.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         now = status(home)
-        failed = [a for a in now["models"] if _conversion_failure(home, a) is not None]
-        if failed:
-            raise _conversion_failure(home, failed[0])
+        for alias in now["models"]:
+            failure = _conversion_failure(home, alias)
+            if failure is not None:
+                raise failure
         if "converting" not in now["models"].values() or time.monotonic() > deadline:
             return now
         time.sleep(poll_s)

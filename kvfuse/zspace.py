@@ -95,7 +95,7 @@ class ZSpace(nn.Module):
         if alpha.shape != (student_kv.shape[0], len(teacher_kv)):
             raise ValueError(f"alpha must be [B, N] = {(student_kv.shape[0], len(teacher_kv))}, "
                              f"got {tuple(alpha.shape)}")
-        z_s, z_t = self.embed_with_grad(student_kv, teacher_kv)
+        z_s, z_t = self._project(student_kv, teacher_kv)
         z_f = sum(alpha[:, i, None, None] * z for i, z in enumerate(z_t))
         zs, zf = _valid_rows(z_s, mask), _valid_rows(z_f, mask)
         if zs.shape[0] == 0:
@@ -108,16 +108,16 @@ class ZSpace(nn.Module):
             return barlow_twins_loss(zs, zf)
         return cca_loss(zs, zf)
 
-    def embed_with_grad(self, student_kv: torch.Tensor, teacher_kv: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+    def _project(self, student_kv: torch.Tensor, teacher_kv: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
         """Z of the student and of each teacher, fp32. Each projection runs in its own parameter dtype (a bf16
         DeepSpeed engine casts the maps to bf16, and KV arrives in fp32 or bf16); the losses, whose covariances and
         inverse square roots want fp32, get fp32."""
-        def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        def one(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             return layer(x.to(layer.weight.dtype)).float()
 
-        return project(self.student_map, student_kv), [project(g, t) for g, t in zip(self.teacher_maps, teacher_kv)]
+        return one(self.student_map, student_kv), [one(g, t) for g, t in zip(self.teacher_maps, teacher_kv)]
 
     @torch.no_grad()
     def embed(self, student_kv: torch.Tensor, teacher_kv: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
         """Z of the student and of each teacher (for t-SNE pictures)."""
-        return self.embed_with_grad(student_kv, teacher_kv)
+        return self._project(student_kv, teacher_kv)
