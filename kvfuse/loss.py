@@ -18,7 +18,6 @@ through it) and must agree with it.
 """
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -29,6 +28,7 @@ from kvfuse.align.heads import structured_adapter
 from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
 from kvfuse.codecs import LowRankKV, QuantizedKV, decode_teachers, fold_lowrank_adapter, is_encoded
+from kvfuse.kernels.utils import host_constant
 from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherStorage, fused_kv_loss_function,
                                              natural_layout, pair_width)
 
@@ -82,20 +82,6 @@ def rotary_dims(rotary_dim, n_layers: int, head_dim: int, n_freq: int) -> tuple[
             raise ValueError(f"rotary_dim of layer {l} is {r!r}: it must be an even int in [0, {head_dim}] "
                              f"(the head dim) and at most {2 * n_freq} (twice inv_freq's last dim)")
     return dims
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def host_constant(values, dtype: torch.dtype, device) -> torch.Tensor:
-    """A small tensor of Python values on `device`, without a host sync per call: a copy from host memory waits for
-    the stream, which would stall every step, so eager calls reuse one cached copy (never written to); under
-    torch.compile the values are graph constants."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(tuple(values), dtype=dtype, device=device)
-    return _cached_constant(tuple(values), dtype, torch.device(device))
 
 
 def _layer_scalings(attention_scaling, n_layers: int, device) -> torch.Tensor:

@@ -614,19 +614,22 @@ def _launch_tuned(tuned, key: tuple, grid, args: dict, partials: tuple[torch.Ten
     autotuner's per-call dispatch — its key, argument dicts, pre-hook — costs host time that small batches cannot
     hide, bench/NOTES.md). `key` must determine the autotuner's own key. `partials`: zero-filled slot buffers the
     caller reduces whole; the tuning runs of other configs leave values in slots the chosen one does not write, so
-    after tuning they are zeroed again and the chosen config runs once more. Returns the config's meta-parameters."""
-    cfg = _TUNED.get((id(tuned), key))
-    if cfg is None:
+    after tuning they are zeroed again and the chosen config runs once more. `args` (built per call) receives the
+    config's meta-parameters. Returns them."""
+    chosen = _TUNED.get((id(tuned), key))
+    if chosen is None:
         tuned[grid](**args)
-        cfg = _TUNED[(id(tuned), key)] = tuned.best_config
+        cfg = tuned.best_config
+        chosen = _TUNED[(id(tuned), key)] = cfg, cfg.all_kwargs()
         if not partials:
             return cfg.kwargs
         for t in partials:
             t.zero_()
-    meta = cfg.all_kwargs()
+    cfg, meta = chosen
+    args.update(meta)
     if cfg.pre_hook is not None:
-        cfg.pre_hook({**args, **meta})
-    tuned.fn[grid(cfg.kwargs)](**args, **meta)
+        cfg.pre_hook(args)
+    tuned.fn[grid(cfg.kwargs)](**args)
     return cfg.kwargs
 
 
@@ -763,14 +766,16 @@ def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]
     heads, dims = _codec_dims(st.data, st.codecs)
     scales, offsets = st.scale or [None] * N, st.offset or [None] * N
     dot_tl, _, ieee = dot_dtype(operand_dtypes(st.data, kind.weights, st.codecs))
+    # One descriptor of G for every teacher's launch: a launch encodes its box when issued, so the next launch's
+    # pre-hook may re-box the same object.
+    g_desc = TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if _tma_ready(G) else None
     sides = []
     for i, (x, w) in enumerate(zip(st.data, kind.weights)):
-        use_desc = (_tma_ready(x) and _tma_ready(G)
+        use_desc = (g_desc is not None and _tma_ready(x)
                     and _packed_boxes_ok(st.codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
         values = (TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
                   G if scales[i] is None else scales[i], G if offsets[i] is None else offsets[i], *x.stride()[:4],
-                  w, w.stride(0), w.stride(1), TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if use_desc else G,
-                  dws[i], parts[i])
+                  w, w.stride(0), w.stride(1), g_desc if use_desc else G, dws[i], parts[i])
         sides.append(((heads[i], dims[i], use_desc, dot_tl, ieee, st.codecs[i], x.dtype),
                       dict(zip(_DW_ARGS, values))))
     return sides

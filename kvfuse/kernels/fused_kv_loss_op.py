@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kvfuse.kernels.utils import define_op
+from kvfuse.kernels.utils import define_op, host_constant
 
 
 def _kernels():
@@ -147,22 +147,28 @@ fused_kv_loss_op = define_op(fused_kv_loss, _fused_kv_loss_fake)
 fused_kv_loss_backward_op = define_op(fused_kv_loss_backward, _fused_kv_loss_backward_fake)
 
 
-def _statistics(sums: Tensor, layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k: float,
-                lambda_v: float, beta: float):
-    """(loss, k_mse, v_mse, cos, terms) from the kernels' per-layer sums [2, 2, L] (formula in kvfuse.loss)."""
-    mean = sums / n
-    k_mse, v_mse = mean[:, 0].unbind(0)
-    k_mse, v_mse = k_mse / (H_s * D_s), v_mse / (H_s * D_s)
-    cos = mean[:, 1].sum(0) / (2.0 * H_s)
-    terms = lambda_k * k_mse + lambda_v * v_mse + beta * (1.0 - cos)
-    return (layer_weights * terms).sum() / layer_weights.sum(), k_mse, v_mse, cos, terms
+def _statistics(sums: Tensor, layer_weights: Tensor, lw_sum: Tensor, n: Tensor, H_s: int, D_s: int,
+                lambda_k: float, lambda_v: float, beta: float):
+    """(loss, k_mse, v_mse, cos, terms) from the kernels' per-layer sums [2 (keys, values), 2 (Σ squared error,
+    Σ cosine), L] (formula in kvfuse.loss). Written as few tensor ops as the formula allows: each costs host time
+    that a small batch's kernels do not hide (bench/NOTES.md)."""
+    dev = sums.device
+    # [kind, stat, L]: k_mse, cos_k / v_mse, cos_v, with cos = cos_k + cos_v
+    scaled = sums * (host_constant(((1.0 / (H_s * D_s),), (0.5 / H_s,)), torch.float32, dev) / n)
+    weights = host_constant((((lambda_k,), (-beta,)), ((lambda_v,), (-beta,))), torch.float32, dev)
+    terms = (scaled * weights).sum((0, 1)) + beta
+    k_mse, v_mse = scaled[:, 0].unbind(0)
+    return torch.dot(layer_weights, terms) / lw_sum, k_mse, v_mse, scaled[:, 1].sum(0), terms
 
 
 def _coefficients(layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k: float, lambda_v: float,
-                  beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """∂loss/∂(squared error) per layer for keys and values, and ∂loss/∂(Σ cosine) up to its sign."""
-    c_n = layer_weights / (layer_weights.sum() * n)
-    return c_n * (2.0 * lambda_k / (H_s * D_s)), c_n * (2.0 * lambda_v / (H_s * D_s)), c_n * (beta / (2.0 * H_s))
+                  beta: float) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """(∂loss/∂(squared error) per layer for keys and for values, and ∂loss/∂(Σ cosine) up to its sign: three [L]
+    rows of one tensor), and Σ_l w_l."""
+    lw_sum = layer_weights.sum()
+    per_term = host_constant(((2.0 * lambda_k / (H_s * D_s),), (2.0 * lambda_v / (H_s * D_s),), (beta / (2.0 * H_s),)),
+                             torch.float32, layer_weights.device)
+    return (per_term * (layer_weights / (lw_sum * n))).unbind(0), lw_sum
 
 
 class TeacherStorage(NamedTuple):
@@ -198,14 +204,15 @@ class FusedKVLoss(torch.autograd.Function):
         w_k, w_v = list(tensors[:N]), list(tensors[N:2 * N])
         L, B, H_s, T, D_s = student_k.shape
         n = mask.sum(dtype=torch.float32)
-        coef_k, coef_v, coef_cos = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
+        (coef_k, coef_v, coef_cos), lw_sum = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
         out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
                                coef_cos, w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale, keys.offset,
                                list(values.codecs), values.scale, values.offset, rotary_dim, True)
-        loss, k_mse, v_mse, cos, terms = _statistics(out[0], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
+        loss, k_mse, v_mse, cos, terms = _statistics(out[0], layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v,
+                                                     beta)
         ctx.mark_non_differentiable(k_mse, v_mse, cos)
         ctx.layout = layout
-        ctx.save_for_backward(alpha, layer_weights, terms, loss, *out[1:], *tensors)
+        ctx.save_for_backward(alpha, lw_sum, terms, loss, *out[1:], *tensors)
         return loss, k_mse, v_mse, cos
 
     @staticmethod
@@ -223,7 +230,7 @@ class FusedKVLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_stats):
-        alpha, layer_weights, terms, loss, g_k, g_v, ds_k, ds_v, *tensors = ctx.saved_tensors
+        alpha, lw_sum, terms, loss, g_k, g_v, ds_k, ds_v, *tensors = ctx.saved_tensors
         keys, values = FusedKVLoss._unpack(ctx.layout, tensors)
         N = len(keys.codecs)
         w_k, w_v = tensors[:N], tensors[N:2 * N]
@@ -233,7 +240,7 @@ class FusedKVLoss(torch.autograd.Function):
         d_alpha, d_sk, d_sv, dwk, dwv = fused_kv_loss_backward_op(
             grad_loss, alpha, g_k, g_v, ds_k, ds_v, w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale,
             keys.offset, list(values.codecs), values.scale, values.offset, need_w, need[2], need[0] or need[1])
-        d_lw = grad_loss.to(torch.float32) * (terms - loss) / layer_weights.sum() if need[3] else None
+        d_lw = grad_loss.to(torch.float32) * (terms - loss) / lw_sum if need[3] else None
         return (d_sk if need[0] else None, d_sv if need[1] else None, d_alpha if need[2] else None, d_lw,
                 *[None] * (first_w - 4), *[d if need[first_w + i] else None for i, d in enumerate(dwk)],
                 *[d if need[first_w + N + i] else None for i, d in enumerate(dwv)],
@@ -258,8 +265,8 @@ def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, pos
                                  *keys.data, *values.data, *keys.side_tensors(), *values.side_tensors())
     L, B, H_s, T, D_s = student_k.shape
     n = mask.sum(dtype=torch.float32)
-    coefs = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
+    coefs, lw_sum = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
     out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, *coefs, w_k, w_v,
                            keys.data, values.data, list(keys.codecs), keys.scale, keys.offset, list(values.codecs),
                            values.scale, values.offset, rotary_dim, False)
-    return _statistics(out[0], layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)[:4]
+    return _statistics(out[0], layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v, beta)[:4]

@@ -1,6 +1,8 @@
-"""What every Triton op here shares: interpreter detection, the tensor-core operand dtype, autotune configs."""
+"""What every Triton op here shares: interpreter detection, the tensor-core operand dtype, autotune configs, small
+device constants."""
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 
@@ -58,3 +60,17 @@ def define_op(fn, fake):
     torch.library.impl(name, ("cpu", "cuda"), fn)
     torch.library.register_fake(name, fake)
     return getattr(torch.ops.kvfuse, fn.__name__)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def host_constant(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small tensor of Python values (nested tuples for more than one dim) on `device`, without a host sync per
+    call: a copy from host memory waits for the stream, which would stall every step, so eager calls reuse one
+    cached copy (never written to); under torch.compile the values are graph constants."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(tuple(values), dtype=dtype, device=device)
+    return _cached_constant(tuple(values), dtype, torch.device(device))
