@@ -149,16 +149,17 @@ fused_kv_loss_backward_op = define_op(fused_kv_loss_backward, _fused_kv_loss_bac
 
 def _statistics(sums: Tensor, layer_weights: Tensor, lw_sum: Tensor, n: Tensor, H_s: int, D_s: int,
                 lambda_k: float, lambda_v: float, beta: float):
-    """(loss, k_mse, v_mse, cos, terms) from the kernels' per-layer sums [2 (keys, values), 2 (Σ squared error,
-    Σ cosine), L] (formula in kvfuse.loss). Written as few tensor ops as the formula allows: each costs host time
+    """(loss, stats [3, L]: k_mse, v_mse, cos, terms) from the kernels' per-layer sums [2 (keys, values), 2 (Σ
+    squared error, Σ cosine), L] (formula in kvfuse.loss). stats is a tensor of its own, not views of one that the
+    loss depends on: AOTAutograd (torch 2.11) lost mark_non_differentiable on such views. Written as few tensor ops as the formula allows: each costs host time
     that a small batch's kernels do not hide (bench/NOTES.md)."""
     dev = sums.device
     # [kind, stat, L]: k_mse, cos_k / v_mse, cos_v, with cos = cos_k + cos_v
     scaled = sums * (host_constant(((1.0 / (H_s * D_s),), (0.5 / H_s,)), torch.float32, dev) / n)
     weights = host_constant((((lambda_k,), (-beta,)), ((lambda_v,), (-beta,))), torch.float32, dev)
     terms = (scaled * weights).sum((0, 1)) + beta
-    k_mse, v_mse = scaled[:, 0].unbind(0)
-    return torch.dot(layer_weights, terms) / lw_sum, k_mse, v_mse, scaled[:, 1].sum(0), terms
+    stats = torch.cat((scaled[:, 0], scaled[:, 1].sum(0, keepdim=True)))
+    return torch.dot(layer_weights, terms) / lw_sum, stats, terms
 
 
 def _coefficients(layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k: float, lambda_v: float,
@@ -190,7 +191,7 @@ class TeacherStorage(NamedTuple):
 
 
 class FusedKVLoss(torch.autograd.Function):
-    """loss, k_mse, v_mse, cos [L] of the fused kernels, differentiable in the student tensors, α, the layer weights
+    """loss and stats [3, L] (k_mse, v_mse, cos) of the fused kernels, differentiable in the student tensors, α, the layer weights
     and the adapters (teachers get no gradient). Adapters and teacher tensors travel as trailing positional arguments
     (w_k, w_v, keys' and values' data, N each, then the scales and offsets present), since autograd tracks tensors
     only as direct arguments; `layout` (keys and values with their data and side tensors taken out) says how to
@@ -208,12 +209,11 @@ class FusedKVLoss(torch.autograd.Function):
         out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
                                coef_cos, w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale, keys.offset,
                                list(values.codecs), values.scale, values.offset, rotary_dim, True)
-        loss, k_mse, v_mse, cos, terms = _statistics(out[0], layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v,
-                                                     beta)
-        ctx.mark_non_differentiable(k_mse, v_mse, cos)
+        loss, stats, terms = _statistics(out[0], layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v, beta)
+        ctx.mark_non_differentiable(stats)
         ctx.layout = layout
         ctx.save_for_backward(alpha, lw_sum, terms, loss, *out[1:], *tensors)
-        return loss, k_mse, v_mse, cos
+        return loss, stats
 
     @staticmethod
     def _unpack(layout, tensors) -> tuple[TeacherStorage, TeacherStorage]:
@@ -229,7 +229,7 @@ class FusedKVLoss(torch.autograd.Function):
         return keys, values
 
     @staticmethod
-    def backward(ctx, grad_loss, *_stats):
+    def backward(ctx, grad_loss, _grad_stats):
         alpha, lw_sum, terms, loss, g_k, g_v, ds_k, ds_v, *tensors = ctx.saved_tensors
         keys, values = FusedKVLoss._unpack(ctx.layout, tensors)
         N = len(keys.codecs)
@@ -260,13 +260,16 @@ def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, pos
                            lambda_v: float, beta: float, compute_grad: bool):
     """(loss, k_mse, v_mse, cos) through FusedKVLoss, or the forward op alone when no gradient is wanted."""
     if compute_grad:
-        return FusedKVLoss.apply(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq,
-                                 scaling, rotary_dim, lambda_k, lambda_v, beta, _layout(keys, values), *w_k, *w_v,
-                                 *keys.data, *values.data, *keys.side_tensors(), *values.side_tensors())
-    L, B, H_s, T, D_s = student_k.shape
-    n = mask.sum(dtype=torch.float32)
-    coefs, lw_sum = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
-    out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, *coefs, w_k, w_v,
-                           keys.data, values.data, list(keys.codecs), keys.scale, keys.offset, list(values.codecs),
-                           values.scale, values.offset, rotary_dim, False)
-    return _statistics(out[0], layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v, beta)[:4]
+        loss, stats = FusedKVLoss.apply(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq,
+                                        scaling, rotary_dim, lambda_k, lambda_v, beta, _layout(keys, values), *w_k,
+                                        *w_v, *keys.data, *values.data, *keys.side_tensors(),
+                                        *values.side_tensors())
+    else:
+        L, B, H_s, T, D_s = student_k.shape
+        n = mask.sum(dtype=torch.float32)
+        coefs, lw_sum = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
+        out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, *coefs, w_k, w_v,
+                               keys.data, values.data, list(keys.codecs), keys.scale, keys.offset,
+                               list(values.codecs), values.scale, values.offset, rotary_dim, False)
+        loss, stats, _ = _statistics(out[0], layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v, beta)
+    return (loss, *stats.unbind(0))
