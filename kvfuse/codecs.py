@@ -465,6 +465,35 @@ def _stack_plain(xs: Sequence[Tensor], T: int, pin_memory: bool, fill: Sequence[
     return out
 
 
+# ------------------------------------------------------------------------------------------------ finiteness
+def finite_parts(x, name: str = "") -> list[tuple[str, Tensor]]:
+    """The tensors whose finiteness makes a teacher entry's decode finite, named `name` + "." + part: a plain tensor
+    is itself (named `name`); a QuantizedKV its scale, offset and, fp8 only, data (int4 codes are integers); a
+    LowRankKV its basis and coeffs (".coeffs" or ".coeffs.scale", ...). The fp8 codes are read because the encoders
+    do not carry a NaN input into the scale (`_group_reduce` zeroes a non-finite group statistic): it is stored as
+    a NaN code (and an Inf as ±448; int4 stores either as an ordinary code)."""
+    def sub(part: str) -> str:
+        return f"{name}.{part}" if name else part
+    if isinstance(x, LowRankKV):
+        return [(sub("basis"), x.basis), *finite_parts(x.coeffs, sub("coeffs"))]
+    if isinstance(x, QuantizedKV):
+        parts = (("scale", x.scale), ("offset", x.offset), ("data", x.data if x.kind == "fp8" else None))
+        return [(sub(part), t) for part, t in parts if t is not None]
+    return [(name, x)]
+
+
+def finite_flag(t: Tensor) -> Tensor:
+    """A 0-dim bool on t's device, True when t holds no NaN/Inf: one read pass (fp8: two of its bytes), no full-size
+    temporary and no host sync, so that a caller stacks the flags of all its tensors and reads them once."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    if t.dtype == torch.float8_e4m3fn:
+        # no Inf in e4m3fn; NaN is the byte 0x7F or 0xFF, the largest value of the int8 or of the uint8 view
+        return (t.view(torch.int8).amax() != 127) & (t.view(torch.uint8).amax() != 255)
+    # min and max propagate NaN and expose ±Inf
+    return torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()
+
+
 # ------------------------------------------------------------------------------------------------ codec names
 @dataclass(frozen=True)
 class Codec:

@@ -27,10 +27,11 @@ from torch import nn
 from kvfuse.align.heads import structured_adapter
 from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
-from kvfuse.codecs import LowRankKV, QuantizedKV, decode_teachers, fold_lowrank_adapter, is_encoded
-from kvfuse.kernels.utils import host_constant
+from kvfuse.codecs import (LowRankKV, QuantizedKV, decode_teachers, finite_flag, finite_parts, fold_lowrank_adapter,
+                           is_encoded)
 from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherStorage, fused_kv_loss_function,
                                              natural_layout, pair_width)
+from kvfuse.kernels.utils import host_constant
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -159,16 +160,6 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
         _expect("layer_weights", layer_weights, (L,), dev)
 
 
-def _finite_parts(name: str, x) -> list[tuple[str, torch.Tensor]]:
-    """The tensors of a teacher entry whose values the finite check reads: a compressed entry's scales, offsets
-    and low-rank basis (fp8 / int4 codes are finite by construction)."""
-    if isinstance(x, LowRankKV):
-        return [(f"{name}.basis", x.basis), *_finite_parts(f"{name}.coeffs", x.coeffs)]
-    if isinstance(x, QuantizedKV):
-        return [(f"{name}.{part}", t) for part, t in (("scale", x.scale), ("offset", x.offset)) if t is not None]
-    return [(name, x)]
-
-
 def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, layer_weights, check_finite: bool):
     # One host sync for all checks; the slow per-tensor pass runs only to name the culprit. kv_distill_loss runs
     # this in eager mode only: under torch.compile a sync would break the graph and stall the stream.
@@ -176,9 +167,7 @@ def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, l
     if layer_weights is not None:
         flags.append(layer_weights.sum().ne(0))
     if check_finite:
-        # min and max propagate NaN and expose ±Inf: one read pass, no full-size boolean temporary.
-        flags += [torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all() if x.is_floating_point()
-                  else torch.ones((), dtype=torch.bool, device=x.device) for _, x in named]
+        flags += [finite_flag(x) for _, x in named]
     ok = torch.stack(flags).tolist()
     if not ok[0]:
         raise ValueError("mask selects no token (all zeros): the masked means would divide by zero")
@@ -369,8 +358,8 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
         named = [("student_k", student_k), ("student_v", student_v), ("alpha", alpha), ("positions", positions),
                  ("inv_freq", inv_freq), ("attention_scaling", scaling)]
         for i in range(len(teacher_k)):
-            named += [*_finite_parts(f"teacher_k[{i}]", teacher_k[i]),
-                      *_finite_parts(f"teacher_v[{i}]", teacher_v[i]), (f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])]
+            named += [*finite_parts(teacher_k[i], f"teacher_k[{i}]"),
+                      *finite_parts(teacher_v[i], f"teacher_v[{i}]"), (f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])]
         _check_contents(named, mask, layer_weights, check_finite)
     impl = _torch_loss if backend == "torch" else _triton_loss
     loss, k_mse, v_mse, cos = impl(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions,

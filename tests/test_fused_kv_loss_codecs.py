@@ -1,6 +1,8 @@
 """The fused loss on compressed teachers (kvfuse.codecs): the Triton kernels decode fp8 / int4 in registers (TMA and
 pointer paths, per-channel and per-token scales) and run a low-rank teacher as its coefficients with the folded
 adapter; each must equal the torch loss on the explicitly decoded teachers to fp32 tolerance, also compiled."""
+import re
+
 import pytest
 import torch
 
@@ -103,3 +105,28 @@ def test_compressed_teachers_trace_with_no_graph_break(monkeypatch):
     for a, b in zip(torch.autograd.grad(compiled, leaves), torch.autograd.grad(eager, leaves)):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("where", ["teacher_k[0].scale", "teacher_v[1].data", "teacher_v[0].offset",
+                                   "teacher_k[1].coeffs.scale", "teacher_k[1].basis"])
+def test_a_non_finite_part_of_a_compressed_teacher_is_named(where, monkeypatch):
+    """The check reads what `finite_parts` names (fp8 codes as bytes) and raises before the kernel runs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    heads = [(2, 16), (1, 32)]
+    args = _case(4, heads, 16)
+    mask = args["mask"]
+    kind = "int4" if "offset" in where else "fp8"
+    enc = dict(args, teacher_k=[_encode(x, kind, "channel", mask) for x in args["teacher_k"]],
+               teacher_v=[_encode(x, kind, "token", mask) for x in args["teacher_v"]])
+    if "coeffs" in where or "basis" in where:
+        L, B, _, T, _ = args["teacher_k"][1].shape
+        z = torch.randn(L, B, 1, T, 16) * mask[None, :, None, :, None]
+        enc["teacher_k"][1] = LowRankKV(encode_fp8(z, "token", mask[:, None, :]), torch.randn(L, 16, 32), 1, 32)
+    entry, part = where.split(".", 1)
+    t = enc[entry[:9]][int(entry[10])]
+    for name in part.split("."):
+        t = getattr(t, name)
+    (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t).view(-1)[t.numel() // 2] = \
+        0xFF if t.dtype == torch.float8_e4m3fn else float("nan")
+    with pytest.raises(ValueError, match=rf"non-finite values \(NaN/Inf\) in {re.escape(where)};"):
+        kv_distill_loss(**enc, backend="triton")

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from kvfuse.codecs import finite_parts
 from kvfuse.teacher.builder import collate
 from kvfuse.teacher.loader import store_batches
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore
@@ -97,3 +98,81 @@ def test_codec_store_batches_stay_compressed_and_decode_like_their_samples(tmp_p
                 for b, (sid, n) in enumerate(zip(batch_ids, lengths)):
                     one = decode(store.get(sid)[f"teacher{i}/{kind[-1]}"])
                     torch.testing.assert_close(x[:, b, :, :n], one, rtol=1e-6, atol=1e-6)
+
+
+def _codec_store(root, codec, poison=None):
+    """Five samples s0..s4 stored under `codec`; poison = (sample id, stored tensor name, value) written into one
+    element of that tensor before it is stored (a NaN fp8 code: the byte 0x7F)."""
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import encode_sample, fit_bases
+
+    gen = torch.Generator().manual_seed(13)
+    samples = [(f"s{j}", {n: (t.float() if n.startswith("teacher") else t) for n, t in
+                          _sample(gen, int(torch.randint(4, 30, (1,), generator=gen))).items()}) for j in range(5)]
+    writer = StoreWriter(root, {"test": "loader", "codec": codec}, 1)
+    bases = writer.claim_bases(fit_bases([t for _, t in samples], parse_codec(codec))) if "lowrank" in codec else None
+    encoded = [(sid, encode_sample(t, parse_codec(codec), bases)) for sid, t in samples]
+    if poison is not None:
+        sid, name, value = poison
+        t = dict(encoded)[sid][name]
+        (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t).view(-1)[t.numel() // 2] = value
+    writer.write_shard(0, encoded)
+    return TeacherKVStore(root)
+
+
+@pytest.mark.parametrize("codec,stored,value,named", [
+    ("fp8", "teacher0/k.scale", float("nan"), r"teacher_k\[0\]\.scale"),
+    ("fp8", "teacher1/v.scale", float("inf"), r"teacher_v\[1\]\.scale"),
+    ("fp8", "teacher0/v", 0x7F, r"teacher_v\[0\]\.data"),
+    ("int4", "teacher1/k.offset", float("nan"), r"teacher_k\[1\]\.offset"),
+    ("lowrank:16+fp8", "teacher1/k.scale", float("nan"), r"teacher_k\[1\]\.coeffs\.scale"),
+    ("bf16", "teacher1/v", float("nan"), r"teacher_v\[1\]"),
+    ("bf16", "teacher0/k", float("inf"), r"teacher_k\[0\]"),
+    ("bf16", "teacher0/k", -float("inf"), r"teacher_k\[0\]"),
+])
+def test_a_non_finite_part_of_a_stored_entry_is_named_with_its_samples(tmp_path, codec, stored, value, named):
+    store = _codec_store(tmp_path, codec, ("s2", stored, value))
+    batches = store_batches(store, [["s0", "s1"], ["s3", "s2"]], n_teachers=2, prefetch=1)
+    assert next(batches)["ids"] == ["s0", "s1"]
+    with pytest.raises(ValueError, match=rf"^{named} of samples \['s3', 's2'\] has NaN/Inf values$"):
+        next(batches)
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
+def test_a_clean_batch_passes_with_one_host_sync_and_no_full_size_temporary(tmp_path, monkeypatch, codec):
+    """Every host read of a device value (item, bool, int, float: aten._local_scalar_dense; tolist, which on the CPU
+    bypasses the dispatcher) is counted, and every tensor an op creates (views aside) measured."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kvfuse.teacher.loader import check_finite_teachers
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncs, self.created = 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.syncs += func is torch.ops.aten._local_scalar_dense.default
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                    self.created.append(o.numel())
+            return out
+
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        watch.syncs += 1
+        return tolist(t)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    batch = collate([dict(_codec_store(tmp_path, codec).get(f"s{j}")) for j in (3, 0, 4)], 2)
+    with Watch() as watch:                     # the counter sees a per-part check
+        bool(torch.ones(3).all())
+    assert watch.syncs == 1
+    with Watch() as watch:
+        assert check_finite_teachers(batch) is batch
+    n_parts = sum(len(finite_parts(t)) for kind in ("teacher_k", "teacher_v") for t in batch[kind])
+    smallest = min(t.numel() for kind in ("teacher_k", "teacher_v") for e in batch[kind] for _, t in finite_parts(e))
+    assert watch.syncs == 1 and max(watch.created) <= n_parts < smallest, (watch.syncs, max(watch.created))

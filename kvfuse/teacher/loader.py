@@ -16,26 +16,23 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from kvfuse.codecs import is_encoded
+from kvfuse.codecs import finite_flag, finite_parts, is_encoded
 from kvfuse.teacher.builder import collate
 from kvfuse.teacher.store import TeacherKVStore
 
 
-def _finite_parts(t) -> list[torch.Tensor]:
-    """The floating tensors whose finiteness makes the (decoded) teacher entry finite: a compressed entry's scales,
-    offsets, basis and fp8 codes (int4 codes are integers), or the tensor itself."""
-    if not is_encoded(t):
-        return [t]
-    parts = [p for p in t.tensors() if p.dtype != torch.uint8]
-    return [p.to(torch.float16) if p.dtype == torch.float8_e4m3fn else p for p in parts]
-
-
 def check_finite_teachers(batch: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a batch whose teacher KV holds NaN/Inf, naming the samples (a corrupt teacher poisons every step)."""
-    for kind in ("teacher_k", "teacher_v"):
-        for i, t in enumerate(batch[kind]):
-            if not all(torch.isfinite(p).all() for p in _finite_parts(t)):
-                raise ValueError(f"{kind}[{i}] of samples {batch['ids']} has NaN/Inf values")
+    """Refuse a batch whose teacher KV holds NaN/Inf, naming the entries, their parts and the samples (a corrupt
+    teacher poisons every step). One flag per part (`finite_flag`: no copy, no full-size temporary) and one host
+    sync per batch, because on the GPU this runs on the loader's stream while the training step runs."""
+    named = [(name, t) for kind in ("teacher_k", "teacher_v") for i, entry in enumerate(batch[kind])
+             for name, t in finite_parts(entry, f"{kind}[{i}]")]
+    if named:
+        ok = torch.stack([finite_flag(t) for _, t in named]).tolist()
+        bad = [name for (name, _), good in zip(named, ok) if not good]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} of samples {batch['ids']} {'has' if len(bad) == 1 else 'have'} "
+                             "NaN/Inf values")
     return batch
 
 
