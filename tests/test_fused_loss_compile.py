@@ -44,24 +44,23 @@ def test_opcheck_forward_and_backward_ops():
     L, _, H_s, _, D_s = x["student_k"].shape
     wk = [pair_layout_adapter(w, (H_s, D_s), D_s).detach() for w in x["w_k"]]
     wv = [pair_layout_adapter(w, (H_s, D_s), D_s).detach() for w in x["w_v"]]
-    coefs = [torch.rand(L) for _ in range(3)]
     # keys of teacher 1 in int4 with per-token scales and offsets (decoded in the kernel); opcheck's schema check
     # cannot read fp8 tensors on the CPU (tests/test_fused_kv_loss_codecs.py covers fp8 through the loss)
     int4 = encode_int4(x["teacher_k"][1], "token")
     x["teacher_k"][1] = int4.data
     codec_args = ([0, 4], [None, int4.scale], [None, int4.offset], [0, 0], [], [])
-    args = (x["student_k"].detach(), x["student_v"].detach(), x["alpha"].detach(), x["mask"], x["positions"],
-            torch.tensor([D_s, 0], dtype=torch.int32), x["inv_freq"].expand(L, -1), torch.tensor([1.0, 1.2]),
-            *coefs, wk, wv, x["teacher_k"], x["teacher_v"], *codec_args, D_s, True)
+    args = (x["student_k"].detach(), x["student_v"].detach(), x["alpha"].detach(), torch.rand(L), x["mask"],
+            x["positions"], torch.tensor([D_s, 0], dtype=torch.int32), x["inv_freq"].expand(L, -1),
+            torch.tensor([1.0, 1.2]), wk, wv, x["teacher_k"], x["teacher_v"], *codec_args, D_s, 1.0, 0.5, 0.1, True)
     torch.library.opcheck(torch.ops.kvfuse.fused_kv_loss.default, args)
     out = torch.ops.kvfuse.fused_kv_loss(*args)
-    assert out[0].shape == (2, 2, L)
-    assert out[1].shape == (L, 2, 9, wk[0].shape[2]) and out[3].shape == x["student_k"].shape
-    bwd_args = (torch.tensor(0.7), x["alpha"].detach(), *out[1:], wk, wv, x["teacher_k"], x["teacher_v"],
+    assert out[0].shape == () and out[1].shape == (3, L) and out[2].shape == (L,) and out[3].shape == ()
+    assert out[4].shape == (L, 2, 9, wk[0].shape[2]) and out[6].shape == x["student_k"].shape
+    bwd_args = (torch.tensor(0.7), x["alpha"].detach(), *out[4:], wk, wv, x["teacher_k"], x["teacher_v"],
                 *codec_args, True, True, True)
     torch.library.opcheck(torch.ops.kvfuse.fused_kv_loss_backward.default, bwd_args)
     d_alpha, d_sk, d_sv, dwk, dwv = torch.ops.kvfuse.fused_kv_loss_backward(*bwd_args)
-    assert torch.allclose(d_sk, 0.7 * out[3]) and torch.allclose(d_sv, 0.7 * out[4])
+    assert torch.allclose(d_sk, 0.7 * out[6]) and torch.allclose(d_sv, 0.7 * out[7])
     assert d_alpha.shape == x["alpha"].shape and [d.shape for d in dwk] == [w.shape for w in wk]
 
 

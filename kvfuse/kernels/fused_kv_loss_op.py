@@ -13,7 +13,7 @@ Shapes (all tensors on one device):
     rot                    [L] int32               each layer's rotary dim: `rotary_dim` or 0 (NoPE layer)
     inv_freq               [L, ≥ rotary_dim/2] fp32 (stride 0 on L allowed)
     scaling                [L] fp32                RoPE attention_scaling per layer
-    coef_k, coef_v, coef_cos [L] fp32              the loss's per-layer coefficients (FusedKVLoss.forward)
+    lambda_k, lambda_v, beta float                  the loss's weights (formula in kvfuse.loss)
     w_k[i], w_v[i]         [L, H_i·D_i, 2·H_s·PH]  adapters in the pair layout (kvfuse.kernels.fused_kv_loss), or
                                                    as given when natural_layout(D_s, rotary_dim)
     teacher_k[i], _v[i]    [L, B, H_i, T, D_i]     aligned pre-RoPE teacher KV, last stride 1
@@ -67,19 +67,25 @@ def _present(tensors: list[Tensor | None], n: int) -> list[Tensor | None]:
     return list(tensors) if tensors else [None] * n
 
 
-def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, mask: Tensor, positions: Tensor, rot: Tensor,
-                  inv_freq: Tensor, scaling: Tensor, coef_k: Tensor, coef_v: Tensor, coef_cos: Tensor,
-                  w_k: list[Tensor], w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor],
-                  k_codecs: list[int], k_scale: list[Tensor | None], k_offset: list[Tensor | None],
-                  v_codecs: list[int], v_scale: list[Tensor | None], v_offset: list[Tensor | None], rotary_dim: int,
-                  compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The per-layer sums [2 (keys, values), 2 (Σ squared error, Σ cosine), L], then the saved gradient buffers G_k,
-    G_v (∂L/∂P in the pair layout) and ∂L/∂S_k, ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is
-    false). A teacher with codec c ≠ 0 (kernels.fused_kv_loss.CODEC_*) holds fp8 or packed int4 data, decoded in
-    the kernels' registers with its scale (and offset: None for fp8; both None for a plain teacher, and the lists
-    may be empty when every teacher is plain)."""
+def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, layer_weights: Tensor, mask: Tensor,
+                  positions: Tensor, rot: Tensor, inv_freq: Tensor, scaling: Tensor, w_k: list[Tensor],
+                  w_v: list[Tensor], teacher_k: list[Tensor], teacher_v: list[Tensor], k_codecs: list[int],
+                  k_scale: list[Tensor | None], k_offset: list[Tensor | None], v_codecs: list[int],
+                  v_scale: list[Tensor | None], v_offset: list[Tensor | None], rotary_dim: int, lambda_k: float,
+                  lambda_v: float, beta: float, compute_grad: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The loss, its statistics [3, L] (k_mse, v_mse, cos), the per-layer terms [L] and Σ_l w_l (which the layer
+    weights' gradient needs), then the saved gradient buffers G_k, G_v (∂L/∂P in the pair layout) and ∂L/∂S_k,
+    ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is false). A teacher with codec c ≠ 0
+    (kernels.fused_kv_loss.CODEC_*) holds fp8 or packed int4 data, decoded in the kernels' registers with its scale
+    (and offset: None for fp8; both None for a plain teacher, and the lists may be empty when every teacher is
+    plain). The loss's coefficients and statistics are small tensor ops computed here, inside the operator: under
+    torch.compile they then run as in eager mode, with cached device constants, instead of being traced with
+    constants that a compiled graph copies from host memory on every call."""
     kern = _kernels()
-    L, B, H_s, T, _ = student_k.shape
+    L, B, H_s, T, D_s = student_k.shape
+    n = mask.sum(dtype=torch.float32)
+    (coef_k, coef_v, coef_cos), lw_sum = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
     # One zero-filled slot buffer for both kinds, reduced by one op (host time counts at small batches).
     sums = torch.zeros(2, 2, L, B, *kern.stat_slots(T, H_s), device=student_k.device, dtype=torch.float32)
     g_k, ds_k = kern.fused_kv_loss_forward(student_k, teacher_k, w_k, alpha, mask, positions, rot, inv_freq,
@@ -90,14 +96,18 @@ def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, mask: Ten
                                            v_codecs, _present(v_scale, len(w_v)), _present(v_offset, len(w_v)))
     if not compute_grad:
         g_k, g_v, ds_k, ds_v = (student_k.new_empty(0) for _ in range(4))
-    return sums.sum((3, 4, 5)), g_k, g_v, ds_k, ds_v
+    loss, stats, terms = _statistics(sums.sum((3, 4, 5)), layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v,
+                                     beta)
+    return loss, stats, terms, lw_sum, g_k, g_v, ds_k, ds_v
 
 
-def _fused_kv_loss_fake(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
-                        coef_cos, w_k, w_v, teacher_k, teacher_v, k_codecs, k_scale, k_offset, v_codecs, v_scale,
-                        v_offset, rotary_dim, compute_grad):
+def _fused_kv_loss_fake(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling, w_k,
+                        w_v, teacher_k, teacher_v, k_codecs, k_scale, k_offset, v_codecs, v_scale, v_offset,
+                        rotary_dim, lambda_k, lambda_v, beta, compute_grad):
     L, B, H_s, T, D_s = student_k.shape
-    stats = student_k.new_empty((2, 2, L), dtype=torch.float32)
+    scalars = [student_k.new_empty((), dtype=torch.float32) for _ in range(2)]  # loss, Σ w_l
+    stats = student_k.new_empty((3, L), dtype=torch.float32)
+    terms = student_k.new_empty((L,), dtype=torch.float32)
     if compute_grad:
         c2 = w_k[0].shape[2]
         bufs = [student_k.new_empty((L, B, T, c2), dtype=_grad_dtype(teacher_k, w_k, k_codecs)),
@@ -106,7 +116,7 @@ def _fused_kv_loss_fake(student_k, student_v, alpha, mask, positions, rot, inv_f
                 torch.empty_like(student_v, memory_format=torch.contiguous_format)]
     else:
         bufs = [student_k.new_empty(0) for _ in range(4)]
-    return (stats, *bufs)
+    return (scalars[0], stats, terms, scalars[1], *bufs)
 
 
 def fused_kv_loss_backward(grad_loss: Tensor, alpha: Tensor, g_k: Tensor, g_v: Tensor, ds_k: Tensor, ds_v: Tensor,
@@ -191,8 +201,8 @@ class TeacherStorage(NamedTuple):
 
 
 class FusedKVLoss(torch.autograd.Function):
-    """loss and stats [3, L] (k_mse, v_mse, cos) of the fused kernels, differentiable in the student tensors, α, the layer weights
-    and the adapters (teachers get no gradient). Adapters and teacher tensors travel as trailing positional arguments
+    """loss and stats [3, L] (k_mse, v_mse, cos) of the fused kernels, differentiable in the student tensors, α, the
+    layer weights and the adapters (teachers get no gradient). Adapters and teacher tensors travel as trailing positional arguments
     (w_k, w_v, keys' and values' data, N each, then the scales and offsets present), since autograd tracks tensors
     only as direct arguments; `layout` (keys and values with their data and side tensors taken out) says how to
     put them back."""
@@ -203,16 +213,14 @@ class FusedKVLoss(torch.autograd.Function):
         keys, values = FusedKVLoss._unpack(layout, tensors)
         N = len(keys.codecs)
         w_k, w_v = list(tensors[:N]), list(tensors[N:2 * N])
-        L, B, H_s, T, D_s = student_k.shape
-        n = mask.sum(dtype=torch.float32)
-        (coef_k, coef_v, coef_cos), lw_sum = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
-        out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, coef_k, coef_v,
-                               coef_cos, w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale, keys.offset,
-                               list(values.codecs), values.scale, values.offset, rotary_dim, True)
-        loss, stats, terms = _statistics(out[0], layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v, beta)
+        out = fused_kv_loss_op(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling,
+                               w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale, keys.offset,
+                               list(values.codecs), values.scale, values.offset, rotary_dim, lambda_k, lambda_v, beta,
+                               True)
+        loss, stats, terms, lw_sum = out[:4]
         ctx.mark_non_differentiable(stats)
         ctx.layout = layout
-        ctx.save_for_backward(alpha, lw_sum, terms, loss, *out[1:], *tensors)
+        ctx.save_for_backward(alpha, lw_sum, terms, loss, *out[4:], *tensors)
         return loss, stats
 
     @staticmethod
@@ -265,11 +273,8 @@ def fused_kv_loss_function(student_k, student_v, alpha, layer_weights, mask, pos
                                         *w_v, *keys.data, *values.data, *keys.side_tensors(),
                                         *values.side_tensors())
     else:
-        L, B, H_s, T, D_s = student_k.shape
-        n = mask.sum(dtype=torch.float32)
-        coefs, lw_sum = _coefficients(layer_weights, n, H_s, D_s, lambda_k, lambda_v, beta)
-        out = fused_kv_loss_op(student_k, student_v, alpha, mask, positions, rot, inv_freq, scaling, *coefs, w_k, w_v,
-                               keys.data, values.data, list(keys.codecs), keys.scale, keys.offset,
-                               list(values.codecs), values.scale, values.offset, rotary_dim, False)
-        loss, stats, _ = _statistics(out[0], layer_weights, lw_sum, n, H_s, D_s, lambda_k, lambda_v, beta)
+        loss, stats = fused_kv_loss_op(student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq,
+                                       scaling, w_k, w_v, keys.data, values.data, list(keys.codecs), keys.scale,
+                                       keys.offset, list(values.codecs), values.scale, values.offset, rotary_dim,
+                                       lambda_k, lambda_v, beta, False)[:2]
     return (loss, *stats.unbind(0))
