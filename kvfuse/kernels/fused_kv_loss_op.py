@@ -2,8 +2,8 @@
 
 Registered with torch.library's define/impl and fake (meta) implementations (kernels.utils.define_op), the Triton
 kernels are opaque nodes to torch.compile: a compiled training step traces through them with no graph break, and
-AOTAutograd traces `FusedKVLoss.backward`, so the backward op lands in the backward graph. This module imports no
-Triton at import time (the op bodies do), so `import kvfuse` stays cheap and works where Triton is absent.
+AOTAutograd traces `FusedKVLoss.backward`, so the backward op lands in the backward graph. The kernels' module
+(kvfuse.kernels.fused_kv_loss) is imported when an op first runs.
 
 Shapes (all tensors on one device):
     student_k, student_v   [L, B, H_s, T, D_s]     fp16 | bf16 | fp32, last stride 1 (keys post-RoPE)
