@@ -161,8 +161,8 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
 
 
 def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, layer_weights, check_finite: bool):
-    # One host sync for all checks; the slow per-tensor pass runs only to name the culprit. kv_distill_loss runs
-    # this in eager mode only: under torch.compile a sync would break the graph and stall the stream.
+    # One flag per check and one host sync for all; the flags name the culprits. kv_distill_loss runs this in eager
+    # mode only: under torch.compile a sync would break the graph and stall the stream.
     flags = [mask.ne(0).any()]
     if layer_weights is not None:
         flags.append(layer_weights.sum().ne(0))
