@@ -17,8 +17,10 @@ every token: it keeps int4 under 0.28× of bf16).
 
 Masked tokens (mask 0: padding, prompt tokens, unaligned tokens) take no part in the statistics and decode to 0
 (int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's range, else
-the channel's min or max — since a channel's offset is shared with the valid tokens): finite either way, and the
-loss, CKA and router all ignore them. Bounds of one decoded value x̂ against x on a valid token (tested):
+the channel's min or max — since a channel's offset is shared with the valid tokens): finite either way, whatever
+they held (NaN and Inf included), and the loss, CKA and router all ignore them. A NaN or Inf in a valid token is
+refused, a ValueError naming it and its position (`FiniteCheck`): no codec could store it faithfully, and each
+would store it as something else. Bounds of one decoded value x̂ against x on a valid token (tested):
 fp8 |x̂ − x| ≤ max(2⁻⁴|x|, 2⁻¹⁰·scale) (3 mantissa bits; subnormals below 2⁻⁶·scale) plus the rounding of the
 scale; int4 |x̂ − x| ≤ scale/2 plus the fp16 rounding of scale and offset on the token axis.
 
@@ -232,72 +234,152 @@ def _token_mask(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _group_reduce(x: Tensor, m: Tensor, axis: str, op: str) -> Tensor:
-    """max / min / amax of x over the group (tokens for "channel", channels for "token"), valid tokens only."""
+    """max / min / amax of x over the group (tokens for "channel", channels for "token"), valid tokens only; 0 for
+    a group without a valid token. A NaN or Inf among the valid tokens stays in the statistic, so that the scale
+    computed from it is not finite and the encoder's finite check, which reads only the scale, sees it."""
     dim = -2 if axis == "channel" else -1
+    valid = m.bool()
     fill = {"max": -math.inf, "min": math.inf, "amax": 0.0}[op]
     src = x.abs() if op == "amax" else x
-    src = torch.where(m.bool(), src, torch.full_like(src, fill))
-    out = src.amax(dim) if op in ("max", "amax") else src.amin(dim)
-    # a group with no valid token (a masked token's row, or a channel of a sample without valid tokens)
-    return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+    out = torch.where(valid, src, fill)
+    out = out.amax(dim) if op in ("max", "amax") else out.amin(dim)
+    if op == "amax":
+        return out
+    # a group with no valid token (a masked token's row, or a channel of a sample without valid tokens) is ±inf
+    return torch.where(valid.any(dim), out, 0.0)
 
 
 def _expand(t: Tensor, axis: str) -> Tensor:
     return t.unsqueeze(-2) if axis == "channel" else t.unsqueeze(-1)
 
 
-def _finite_scale(scale: Tensor, what: str) -> Tensor:
-    if not torch.isfinite(scale).all():
-        raise ValueError(f"{what}: a scale overflows {scale.dtype} (|x| too large to quantise; store bf16 instead)")
-    return scale
+def _scale_overflow(scale: Tensor) -> str:
+    return f"a scale overflows {scale.dtype} (|x| too large to quantise; store bf16 instead)"
 
 
-def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None) -> QuantizedKV:
-    """fp8 e4m3 with scale = amax/448 per group (valid tokens only); masked tokens and all-zero groups decode to 0."""
+def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
+               checks: list[FiniteCheck] | None = None) -> QuantizedKV:
+    """fp8 e4m3 with scale = amax/448 per group (valid tokens only); masked tokens and all-zero groups decode to 0.
+    name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""
     _check_axis(x, axis)
-    x = x.to(torch.float32)
+    source, x = x, x.to(torch.float32)
     m = _token_mask(x, mask)
     amax = _group_reduce(x, m, axis, "amax")
-    scale = _finite_scale((amax / FP8_MAX).to(SCALE_DTYPES[axis]), "fp8")
+    scale = (amax / FP8_MAX).to(SCALE_DTYPES[axis])
+    _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what("fp8 encoding", name),
+                                      _scale_overflow(scale)))
     # all-zero group, or an amax so small that amax/448 underflows: scale 1, the data alone carries the values
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (x * m / _expand(scale.to(torch.float32), axis)).clamp(-FP8_MAX, FP8_MAX)
+    # where, not a product with the mask: a masked token may hold NaN or Inf, and 0·NaN is NaN
+    q = (torch.where(m.bool(), x, 0.0) / _expand(scale.to(torch.float32), axis)).clamp(-FP8_MAX, FP8_MAX)
     return QuantizedKV("fp8", axis, q.to(torch.float8_e4m3fn), scale, None)
 
 
-def encode_int4(x: Tensor, axis: str, mask: Tensor | None = None) -> QuantizedKV:
+def encode_int4(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
+                checks: list[FiniteCheck] | None = None) -> QuantizedKV:
     """Asymmetric int4: scale = (max − min)/15, offset = min per group (valid tokens only), q = round((x − offset)
     / scale) clamped to 0..15, packed two per byte. A constant group has scale 1 (q = 0 decodes to the constant);
-    masked tokens decode to 0 (token axis: scale and offset 0) or to the code nearest 0 (channel axis)."""
+    masked tokens decode to 0 (token axis: scale and offset 0) or to the code nearest 0 (channel axis).
+    name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""
     _check_axis(x, axis)
     if x.shape[-1] % 2:
         raise ValueError(f"int4 needs an even head dim (two codes per byte), got D={x.shape[-1]}")
-    x = x.to(torch.float32)
+    source, x = x, x.to(torch.float32)
     m = _token_mask(x, mask)
     hi, lo = _group_reduce(x, m, axis, "max"), _group_reduce(x, m, axis, "min")
     dtype = SCALE_DTYPES[axis]
     offset = lo.to(dtype)
-    scale = _finite_scale(((hi - offset.to(torch.float32)) / INT4_LEVELS).to(dtype), "int4")
+    scale = ((hi - offset.to(torch.float32)) / INT4_LEVELS).to(dtype)
+    # the scale answers for the offset too: an offset that is not finite makes hi − offset not finite
+    _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what("int4 encoding", name),
+                                      _scale_overflow(scale)))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     s, o = _expand(scale.to(torch.float32), axis), _expand(offset.to(torch.float32), axis)
     q = torch.round((x - o) / s)
+    valid = m.bool()
     if axis == "token":
         # a masked token's group is its own row: make it exactly 0 (scale 0, offset 0, codes 0)
-        valid = m.squeeze(-1).bool().expand(scale.shape)
-        scale = torch.where(valid, scale, torch.zeros_like(scale))
-        offset = torch.where(valid, offset, torch.zeros_like(offset))
-        q = q * m
+        rows = valid.squeeze(-1).expand(scale.shape)
+        scale = torch.where(rows, scale, torch.zeros_like(scale))
+        offset = torch.where(rows, offset, torch.zeros_like(offset))
+        q = torch.where(valid, q, 0.0)
     else:
-        q = torch.where(m.bool(), q, torch.round(-o / s))
+        q = torch.where(valid, q, torch.round(-o / s))
     return QuantizedKV("int4", axis, pack_int4(q.clamp(0, INT4_LEVELS)), scale, offset)
 
 
-def encode(x: Tensor, kind: str, axis: str, mask: Tensor | None = None) -> QuantizedKV:
+def encode(x: Tensor, kind: str, axis: str, mask: Tensor | None = None, name: str = "",
+           checks: list[FiniteCheck] | None = None) -> QuantizedKV:
     if kind == "fp8":
-        return encode_fp8(x, axis, mask)
+        return encode_fp8(x, axis, mask, name, checks)
     if kind == "int4":
-        return encode_int4(x, axis, mask)
+        return encode_int4(x, axis, mask, name, checks)
     raise ValueError(f"quantisation kind must be one of {KINDS}, got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------ finite input
+@dataclass(frozen=True)
+class FiniteCheck:
+    """An encoder's verdict on its input, not yet read: `bad` (a 0-dim bool on x's device) is True when a valid
+    token of x holds NaN or Inf, or when something the encoder derived from the valid tokens (`derived` says what:
+    a scale that overflows, ...) is not finite. It is one small reduction of what the encoder computes anyway, and
+    reading it is a host sync: an encoder given `checks` (a list) appends its verdict there instead of reading it,
+    so that a caller encoding many tensors of one sample reads them all at once (`raise_if_not_finite`)."""
+
+    bad: Tensor
+    x: Tensor             # the encoder's input as given
+    mask: Tensor          # float [..., T, 1], 1 on x's valid tokens (`_token_mask`)
+    what: str             # "fp8 encoding of teacher0/k (keys)"
+    derived: str          # the error when x's valid tokens are finite and `bad` is still True
+
+
+def raise_if_not_finite(checks: Sequence[FiniteCheck]) -> None:
+    """Read every verdict with one host sync; a ValueError for the first bad one, saying what (NaN, +Inf, -Inf) is
+    where (layer, head, token, channel of x), or what else is not finite. The search for the position runs only
+    then."""
+    if not checks:
+        return
+    device = checks[0].bad.device
+    bad = torch.stack([c.bad.to(device) for c in checks]).tolist()
+    for check, is_bad in zip(checks, bad):
+        if is_bad:
+            raise ValueError(_not_finite_message(check))
+
+
+def _finite_check(checks: list[FiniteCheck] | None, check: FiniteCheck) -> None:
+    if checks is None:
+        raise_if_not_finite([check])
+    else:
+        checks.append(check)
+
+
+def _what(step: str, name: str) -> str:
+    return f"{step} of {name}" if name else step
+
+
+def _position(index: Sequence[int]) -> str:
+    lead = {2: (), 4: ("layer", "head"), 5: ("layer", "sample", "head")}.get(len(index))
+    if lead is None:
+        return f"index {tuple(index)} (token {index[-2]}, channel {index[-1]})"
+    return ", ".join(f"{n} {i}" for n, i in zip((*lead, "token", "channel"), index))
+
+
+def _not_finite_message(check: FiniteCheck) -> str:
+    x = check.x.detach()
+    bad = ~torch.isfinite(x) & check.mask.bool()
+    where = torch.nonzero(bad)
+    if len(where) == 0:
+        return f"{check.what}: {check.derived}"
+    first = where[0].tolist()
+    values = x.expand(bad.shape)[bad].float()
+    nan, pos = int(values.isnan().sum()), int((values == math.inf).sum())
+    tally = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (pos, "+Inf"), (len(values) - nan - pos, "-Inf"))
+                      if n)
+    value = float(x.expand(bad.shape)[tuple(first)])
+    kind = "NaN" if math.isnan(value) else "+Inf" if value > 0 else "-Inf"
+    return (f"{check.what}: {kind} at {_position(first)} of shape {tuple(x.shape)}, a valid (mask 1) token "
+            f"({tally} among the valid tokens in all); teacher KV must be finite on its valid tokens (masked tokens "
+            "may hold anything)")
 
 
 # ------------------------------------------------------------------------------------------------ low rank
@@ -306,13 +388,19 @@ def features(x: Tensor) -> Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
-def gram(x: Tensor, mask: Tensor | None = None) -> Tensor:
+def gram(x: Tensor, mask: Tensor | None = None, name: str = "") -> Tensor:
     """Σ over valid tokens of fᵀf per layer, float64 [L, F, F], for one sample x [L, H, T, D] (mask [T]): summed over
-    calibration samples, its eigenvectors are the SVD basis of all their tokens without holding them."""
+    calibration samples, its eigenvectors are the SVD basis of all their tokens without holding them. A NaN or Inf
+    in a valid token is a ValueError (it would make every stored coefficient of the store wrong; `name` says what
+    x is); masked tokens may hold anything."""
     f = features(x.to(torch.float64))
+    m = _token_mask(x, mask)
     if mask is not None:
-        f = f * mask.to(device=f.device, dtype=f.dtype)[:, None]
-    return f.transpose(-1, -2) @ f
+        f = torch.where(m.bool(), f, 0.0)
+    g = f.transpose(-1, -2) @ f
+    _finite_check(None, FiniteCheck(~finite_flag(g), x, m, _what("low-rank basis fit", name),
+                                    "the Gram matrix overflows float64"))
+    return g
 
 
 def fit_lowrank_basis(gram_sum: Tensor, rank: int | None = None, energy: float | None = None
@@ -358,21 +446,34 @@ def lowrank_coefficients(x: Tensor, basis: Tensor) -> Tensor:
     return f @ (analysis if f.dim() == 3 else analysis.unsqueeze(1))
 
 
-def encode_lowrank(x: Tensor, basis: Tensor, quant: str | None = None, mask: Tensor | None = None) -> LowRankKV:
+def encode_lowrank(x: Tensor, basis: Tensor, quant: str | None = None, mask: Tensor | None = None, name: str = "",
+                   checks: list[FiniteCheck] | None = None) -> LowRankKV:
     """One sample x [L, H, T, D] as coefficients Z [L, 1, T, R] on `basis` [L, R, F] (orthogonal rows, see
-    `lowrank_coefficients`), optionally quantised per token ("fp8" | "int4"); masked tokens get Z = 0."""
+    `lowrank_coefficients`), optionally quantised per token ("fp8" | "int4"); masked tokens get Z = 0.
+    name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""
     if x.dim() != 4:
         raise ValueError(f"encode_lowrank takes one sample [L, H, T, D], got {tuple(x.shape)}")
     L, H, T, D = x.shape
     if basis.shape[0] != L or basis.shape[2] != H * D:
         raise ValueError(f"basis {tuple(basis.shape)} does not fit a teacher of {L} layers × {H}·{D} features")
     z = lowrank_coefficients(x, basis)                                       # [L, T, R]
+    m = _token_mask(x, mask)                                                 # [T, 1]
     if mask is not None:
-        z = z * mask.to(device=z.device, dtype=z.dtype)[:, None]
+        # where, not a product: a masked token's NaN or Inf reaches its own row of Z (and only it), and 0·NaN is NaN
+        z = torch.where(m.bool(), z, 0.0)
     z = z.unsqueeze(1)                                                              # [L, 1, T, R]
-    coeffs = z if quant is None else encode(z, quant, "token", mask)
+    what = _what(f"lowrank:{basis.shape[1]}{'+' + quant if quant else ''} encoding", name)
+    # a NaN/Inf in a valid token of x spoils its whole row of Z (0·Inf is NaN), so Z's finiteness stands for x's;
+    # the position is then looked up in x
     if quant is None:
-        coeffs = coeffs.to(torch.bfloat16)
+        coeffs = z.to(torch.bfloat16)
+        _finite_check(checks, FiniteCheck(~finite_flag(coeffs), x, m, what, "its coefficients are not finite "
+                      "although its valid tokens are (a NaN/Inf in the basis, or a coefficient beyond bfloat16)"))
+    else:
+        inner: list[FiniteCheck] = []
+        coeffs = encode(z, quant, "token", mask, checks=inner)
+        _finite_check(checks, FiniteCheck(inner[0].bad, x, m, what, "its coefficients' scales are not finite "
+                      f"although its valid tokens are (a NaN/Inf in the basis, or {_scale_overflow(coeffs.scale)})"))
     return LowRankKV(coeffs, basis.to(torch.float32), H, D)
 
 
@@ -469,9 +570,9 @@ def _stack_plain(xs: Sequence[Tensor], T: int, pin_memory: bool, fill: Sequence[
 def finite_parts(x, name: str = "") -> list[tuple[str, Tensor]]:
     """The tensors whose finiteness makes a teacher entry's decode finite, named `name` + "." + part: a plain tensor
     is itself (named `name`); a QuantizedKV its scale, offset and, fp8 only, data (int4 codes are integers); a
-    LowRankKV its basis and coeffs (".coeffs" or ".coeffs.scale", ...). The fp8 codes are read because the encoders
-    do not carry a NaN input into the scale (`_group_reduce` zeroes a non-finite group statistic): it is stored as
-    a NaN code (and an Inf as ±448; int4 stores either as an ordinary code)."""
+    LowRankKV its basis and coeffs (".coeffs" or ".coeffs.scale", ...). The fp8 codes are read although today's
+    encoders refuse a NaN/Inf input: a store dumped before they did holds such an input as a NaN code with a finite
+    scale (and then an Inf as ±448 and int4 either as an ordinary code, which no check of the entry can see)."""
     def sub(part: str) -> str:
         return f"{name}.{part}" if name else part
     if isinstance(x, LowRankKV):

@@ -121,21 +121,150 @@ def test_finite_parts_name_what_carries_an_entrys_finiteness():
     assert names(encode_lowrank(x, basis, "fp8", mask)) == ["basis", "coeffs.scale", "coeffs.data"]
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf"])
-@pytest.mark.parametrize("kind,axis", [("fp8", "channel"), ("fp8", "token"), ("int4", "channel"), ("int4", "token")])
-def test_an_entry_encoded_from_non_finite_input_fails_the_finite_check(kind, axis, bad, request):
-    """The encoders do not carry a non-finite input into the scale (`_group_reduce` zeroes a non-finite group
-    statistic, then the zero guard makes the scale 1): fp8 stores a NaN as a NaN code, which is why `finite_parts`
-    reads fp8 codes. An Inf (fp8: clamped to 448) and anything int4 stores leave no trace in the entry."""
-    if kind == "int4" or bad == "inf":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="stored as an ordinary code, scale finite"))
+def _same(a, b):
+    """torch.equal, fp8 tensors compared byte for byte."""
+    def raw(t):
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    return torch.equal(raw(a), raw(b))
+
+
+BAD = {"nan": (float("nan"), "NaN"), "inf": (float("inf"), r"\+Inf"), "-inf": (-float("inf"), "-Inf")}
+
+
+def _poisoned(bad, where):
+    """_kv(2) with `bad` at layer 1, head 0, channel 5 of token 4 (mask 1) or token 5 and 6 (mask 0, and token 6
+    wholly non-finite), plus the clean copy."""
     x, mask = _kv(2)
-    x[1, 0, 4, 5] = float(bad)
-    mask[4] = True
-    q = encode(x, kind, axis, mask)
-    flags = {name: bool(finite_flag(t)) for name, t in finite_parts(q)}
-    assert flags["scale"] and flags.get("offset", True)           # the scale does not see it ...
-    assert not all(flags.values())                                  # ... the fp8 codes do
+    mask[4], mask[5], mask[6] = True, False, False
+    dirty = x.clone()
+    if where == "valid":
+        dirty[1, 0, 4, 5] = BAD[bad][0]
+    else:
+        dirty[1, 0, 5, 5] = BAD[bad][0]
+        dirty[:, :, 6] = BAD[bad][0]
+    return dirty, x, mask
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("kind,axis", [("fp8", "channel"), ("fp8", "token"), ("int4", "channel"), ("int4", "token")])
+def test_an_encoder_refuses_nan_or_inf_in_a_valid_token_naming_it_and_where(kind, axis, bad):
+    """Neither codec can store it (fp8 stored a NaN as a NaN code and an Inf as ±448; int4 either as an ordinary
+    code, the rest of its group at scale 1), so the encoder says what is where instead."""
+    x, _, mask = _poisoned(bad, "valid")
+    with pytest.raises(ValueError, match=rf"^{kind} encoding of t0/k \(keys\): {BAD[bad][1]} at layer 1, head 0, "
+                                         r"token 4, channel 5 of shape \(3, 2, 19, 8\), a valid \(mask 1\) token"):
+        encode(x, kind, axis, mask, name="t0/k (keys)")
+    with pytest.raises(ValueError, match=rf"^{kind} encoding: {BAD[bad][1]} at layer 1, head 0, token 4, channel 5"):
+        (encode_fp8 if kind == "fp8" else encode_int4)(x, axis, mask)
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("quant", [None, "fp8", "int4"])
+def test_low_rank_encoding_refuses_nan_or_inf_in_a_valid_token_naming_it_and_where(quant, bad):
+    x, clean, mask = _poisoned(bad, "valid")
+    basis, _ = fit_lowrank_basis(gram(clean, mask), rank=16)
+    codec = "lowrank:16" + (f"\\+{quant}" if quant else "")
+    with pytest.raises(ValueError, match=rf"^{codec} encoding of v: {BAD[bad][1]} at layer 1, head 0, token 4, "
+                                         r"channel 5 of shape \(3, 2, 19, 8\), a valid \(mask 1\) token"):
+        encode_lowrank(x, basis, quant, mask, name="v")
+    with pytest.raises(ValueError, match=rf"^low-rank basis fit of c: {BAD[bad][1]} at layer 1, head 0, token 4"):
+        gram(x, mask, "c")
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("codec", ["fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
+def test_nan_or_inf_on_masked_tokens_only_is_ignored(codec, bad):
+    """Padding may hold anything: it takes no part in the statistics and decodes as a clean input's padding, every
+    stored byte the same (keys per channel, values per token, as the store lays them out)."""
+    dirty, clean, mask = _poisoned(bad, "masked")
+    if codec.startswith("lowrank"):
+        quant = parse_codec(codec).quant
+        basis, _ = fit_lowrank_basis(gram(dirty, mask), rank=16)
+        assert torch.equal(basis, fit_lowrank_basis(gram(clean, mask), rank=16)[0])
+        pairs = [(encode_lowrank(dirty, basis, quant, mask), encode_lowrank(clean, basis, quant, mask))]
+    else:
+        pairs = [(encode(dirty, codec, axis, mask), encode(clean, codec, axis, mask)) for axis in ("channel", "token")]
+    for got, want in pairs:
+        assert all(_same(a, b) for a, b in zip(got.tensors(), want.tensors()))
+        decoded = got.decode()
+        assert torch.isfinite(decoded).all()
+        assert torch.equal(decoded[..., mask, :], want.decode()[..., mask, :])
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_groups_without_a_valid_token_still_encode_to_zero(kind, axis):
+    x, _ = _kv(4, shape=(2, 1, 5, 4))
+    x[0, 0, 2] = float("nan")
+    q = encode(x, kind, axis, torch.zeros(5, dtype=torch.bool))
+    assert torch.equal(q.decode(), torch.zeros(2, 1, 5, 4))
+    zero_scale = kind == "int4" and axis == "token"           # int4 zeroes a masked token's own row
+    assert torch.equal(q.scale, torch.zeros_like(q.scale) if zero_scale else torch.ones_like(q.scale))
+
+
+def test_a_scale_that_overflows_is_still_named_as_such():
+    with pytest.raises(ValueError, match=r"^fp8 encoding: a scale overflows torch.float16 \(\|x\| too large"):
+        encode_fp8(torch.full((2, 3, 4), 1e9), "token")
+    with pytest.raises(ValueError, match=r"^int4 encoding of k: a scale overflows torch.float16"):
+        encode_int4(torch.tensor([[-1e6, 1e6]]), "token", name="k")
+
+
+def _sample(seed, T=9, teachers=((2, 8), (1, 16))):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(T, generator=gen) > 0.3
+    mask[0], mask[-1] = True, False
+    out = {"input_ids": torch.arange(T), "positions": torch.arange(T), "mask": mask, "labels_mask": mask.clone()}
+    for i, (H, D) in enumerate(teachers):
+        for kind in "kv":
+            out[f"teacher{i}/{kind}"] = torch.randn(3, H, T, D, generator=gen)
+    return out
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
+def test_a_sample_is_encoded_with_one_host_read_and_its_bad_entry_named(codec, monkeypatch):
+    """encode_sample reads the verdicts of all its entries at once (on the GPU a host read waits for the dump's
+    kernels: one per sample, not one per entry or layer), and names the entry, keys or values, and where."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kvfuse.teacher.compress import encode_sample, fit_bases
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    parsed = parse_codec(codec)
+    sample = _sample(0)
+    bases = fit_bases([sample, _sample(1)], parsed) if parsed.lowrank else None
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        reads.n += 1
+        return tolist(t)
+    with monkeypatch.context() as patch, Reads() as reads:
+        patch.setattr(torch.Tensor, "tolist", counted_tolist)
+        clean = encode_sample(sample, parsed, bases)
+    assert reads.n == 1
+    bad = dict(sample)
+    bad["teacher1/v"] = sample["teacher1/v"].clone()
+    bad["teacher1/v"][2, 0, 0, 11] = float("inf")
+    bad["teacher0/k"] = sample["teacher0/k"].clone()
+    bad["teacher0/k"][:, :, ~sample["mask"]] = float("nan")                      # padding: ignored
+    with pytest.raises(ValueError, match=r"encoding of teacher1/v \(values\): \+Inf at layer 2, head 0, token 0, "
+                                         r"channel 11 of shape \(3, 1, 9, 16\)"):
+        encode_sample(bad, parsed, bases)
+    bad["teacher1/v"] = sample["teacher1/v"]
+    assert all(_same(a, b) for a, b in zip(encode_sample(bad, parsed, bases).values(), clean.values()))
+    if parsed.lowrank:
+        calib = dict(sample, **{"teacher0/v": sample["teacher0/v"].clone()})
+        calib["teacher0/v"][1, 1, 0, 3] = float("nan")
+        with pytest.raises(ValueError, match=r"^low-rank basis fit of teacher0/v of calibration sample 1: NaN at "
+                                             r"layer 1, head 1, token 0, channel 3"):
+            fit_bases([sample, calib], parsed)
 
 
 def test_containers_refuse_a_wrong_layout():

@@ -1,4 +1,5 @@
 """`python -m kvfuse dump` end to end on tiny models: store == online builder, kill + resume, refusals."""
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,26 @@ def test_unalignable_example_fails_before_any_teacher_runs():
     with pytest.raises(ValueError, match=f"example {good[1].id}, teacher 0 \\(tiny-llama\\): shared segments differ"):
         list(build_pipelined(builder, good, 2))
     assert calls == []
+
+
+@pytest.mark.parametrize("codec", ["fp8", "lowrank:16+int4"])
+def test_a_teacher_that_produces_nan_is_refused_at_encoding_naming_the_example_entry_and_position(codec):
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import encode_sample, fit_bases
+
+    teacher_model, teacher_tok = load("tiny-llama")
+    _, student_tok = load("tiny-qwen2")
+    builder = TeacherKVBuilder([Teacher("tiny-llama", "", teacher_model, teacher_tok)], student_tok, "", 3,
+                               AlignmentSettings(), max_length=4096)
+    examples, _ = load_examples("gsm8k", 2, 0, seed=4)
+    parsed = parse_codec(codec)
+    bases = fit_bases([t for _, t in builder.build(examples)], parsed) if parsed.lowrank else None
+    builder.encode = lambda tensors: encode_sample(tensors, parsed, bases)
+    assert len(builder.build(examples)) == 2
+    teacher_model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, out: out * float("nan"))
+    with pytest.raises(ValueError, match=rf"^example {examples[0].id}: {re.escape(codec)} encoding of teacher0/k "
+                                         r"\(keys\): NaN at layer 0, head 0, token \d+, channel 0 "):
+        builder.build(examples)
 
 
 # SIGKILL at the worst spot: the shard's data file is in place but its JSON record is not. Deterministic, unlike

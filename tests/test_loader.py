@@ -160,14 +160,14 @@ def test_a_clean_batch_passes_with_one_host_sync_and_no_full_size_temporary(tmp_
                     self.created.append(o.numel())
             return out
 
+    # built before tolist is counted: encoding the store reads its finite checks with tolist too
+    batch = collate([dict(_codec_store(tmp_path, codec).get(f"s{j}")) for j in (3, 0, 4)], 2)
     tolist = torch.Tensor.tolist
 
     def counted_tolist(t):
         watch.syncs += 1
         return tolist(t)
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-
-    batch = collate([dict(_codec_store(tmp_path, codec).get(f"s{j}")) for j in (3, 0, 4)], 2)
     with Watch() as watch:                     # the counter sees a per-part check
         bool(torch.ones(3).all())
     assert watch.syncs == 1

@@ -193,7 +193,12 @@ class TeacherKVBuilder:
             tensors["positions"] = torch.arange(T_s, dtype=torch.long)
             tensors["mask"] = prepared.masks[b]
             tensors["labels_mask"] = student.rationale_mask
-            out.append((str(example.id), tensors if self.encode is None else self.encode(tensors)))
+            if self.encode is not None:
+                try:
+                    tensors = self.encode(tensors)
+                except ValueError as err:
+                    raise ValueError(f"example {example.id}: {err}") from err
+            out.append((str(example.id), tensors))
         return out
 
     def build(self, examples: Sequence[Example], to_host: bool = True) -> list[tuple[str, dict[str, torch.Tensor]]]:

@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from kvfuse.codecs import (AXIS_OF, Codec, LowRankKV, QuantizedKV, encode, encode_lowrank, fit_lowrank_basis, gram,
-                           parse_codec)
+from kvfuse.codecs import (AXIS_OF, Codec, FiniteCheck, LowRankKV, QuantizedKV, encode, encode_lowrank,
+                           fit_lowrank_basis, gram, parse_codec, raise_if_not_finite)
 
 SIDE = (".scale", ".offset")
 
@@ -56,27 +56,37 @@ def stored_names(n_teachers: int, codec: Codec | str) -> list[str]:
 def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapping[str, Basis] | None = None
                   ) -> dict[str, torch.Tensor]:
     """One built sample ({input_ids, positions, mask, labels_mask, teacher{i}/{k|v}}) → its stored tensors under
-    `codec`; codec bf16 returns the sample as it is. Statistics over the sample's valid (mask) tokens only."""
+    `codec`; codec bf16 returns the sample as it is. Statistics over the sample's valid (mask) tokens only. A NaN or
+    Inf in a valid token of a teacher entry is a ValueError naming the entry, NaN or ±Inf and its position; the
+    verdicts of all entries are read with one host sync per sample."""
     if codec.kind == "bf16":
         return dict(tensors)
     out = {}
-    mask = tensors["mask"]
+    checks: list[FiniteCheck] = []
+    masks: dict[torch.device, torch.Tensor] = {}
     for name, t in tensors.items():
         if not name.startswith("teacher"):
             out[name] = t
             continue
+        if t.device not in masks:
+            # once per sample and without waiting: the dump's mask is on the host, and a blocking copy would wait
+            # for the teacher forward (once per entry, each encoder moving it again)
+            masks[t.device] = tensors["mask"].to(t.device, non_blocking=True)
+        mask = masks[t.device]
         kind = name.rsplit("/", 1)[1]
+        label = f"{name} ({'keys' if kind == 'k' else 'values'})"
         if codec.lowrank:
             if bases is None or name not in bases:
                 raise ValueError(f"codec {codec}: no low-rank basis for {name}")
-            encoded = encode_lowrank(t, bases[name].basis.to(t.device), codec.quant, mask)
+            encoded = encode_lowrank(t, bases[name].basis.to(t.device), codec.quant, mask, label, checks)
             coeffs = encoded.coeffs
             if isinstance(coeffs, QuantizedKV):
                 out.update(_quantized_tensors(name, coeffs))
             else:
                 out[name] = coeffs
         else:
-            out.update(_quantized_tensors(name, encode(t, codec.kind, AXIS_OF[kind], mask)))
+            out.update(_quantized_tensors(name, encode(t, codec.kind, AXIS_OF[kind], mask, label, checks)))
+    raise_if_not_finite(checks)
     return out
 
 
@@ -118,8 +128,8 @@ def fit_bases(samples: Sequence[Mapping[str, torch.Tensor]], codec: Codec) -> di
     bases = {}
     for name in [n for n in samples[0] if n.startswith("teacher")]:
         total = None
-        for s in samples:
-            g = gram(s[name].float().cpu(), s["mask"].cpu())
+        for j, s in enumerate(samples):
+            g = gram(s[name].float().cpu(), s["mask"].cpu(), f"{name} of calibration sample {j}")
             total = g if total is None else total + g
         L, H, _, D = samples[0][name].shape
         rank = None if codec.rank is None else min(codec.rank, H * D)
