@@ -154,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         bases = None
         if codec.lowrank:
             bases = fit_bases([t for _, t in builder.build(chunks[0])], codec)
-        if codec.kind != "bf16":
-            on_device = None if bases is None else {n: replace(b, basis=b.basis.to(device)) for n, b in bases.items()}
-            builder.encode = lambda tensors, codec=codec, on_device=on_device: encode_sample(tensors, codec, on_device)
+        on_device = None if bases is None else {n: replace(b, basis=b.basis.to(device)) for n, b in bases.items()}
+        builder.encode = lambda tensors, codec=codec, on_device=on_device: encode_sample(tensors, codec, on_device)
         settings = {"bench": "dump"} if codec.kind == "bf16" else {"bench": "dump", "codec": str(codec)}
 
         def writer(root):

@@ -3,9 +3,9 @@ packed int4 layout byte for byte, low-rank bases and the folded adapter, and the
 import pytest
 import torch
 
-from kvfuse.codecs import (LowRankKV, QuantizedKV, decode_teachers, encode, encode_fp8, encode_int4, encode_lowrank,
-                           finite_flag, finite_parts, fit_lowrank_basis, fold_lowrank_adapter, gram, pack_int4,
-                           parse_codec, stack_samples, unpack_int4)
+from kvfuse.codecs import (LowRankKV, QuantizedKV, check_plain, decode_teachers, encode, encode_fp8, encode_int4,
+                           encode_lowrank, finite_flag, finite_parts, fit_lowrank_basis, fold_lowrank_adapter, gram,
+                           pack_int4, parse_codec, raise_if_not_finite, stack_samples, unpack_int4)
 from kvfuse.loss import kv_distill_loss
 from kvfuse.models.capture import capture_kv
 
@@ -172,6 +172,26 @@ def test_low_rank_encoding_refuses_nan_or_inf_in_a_valid_token_naming_it_and_whe
 
 
 @pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_plain_check_refuses_nan_or_inf_in_a_valid_token_only(dtype, bad):
+    """What the bf16 store runs instead of an encoder: the same verdict and message, padding not looked at."""
+    x, _, mask = _poisoned(bad, "valid")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"^plain {name} storage of t0/k \(keys\): {BAD[bad][1]} at layer 1, head 0, "
+                                         r"token 4, channel 5 of shape \(3, 2, 19, 8\), a valid \(mask 1\) token"):
+        check_plain(x.to(dtype), mask, name="t0/k (keys)")
+    checks = []
+    check_plain(x.to(dtype), mask, checks=checks)                   # deferred: nothing read until raise_if_not_finite
+    with pytest.raises(ValueError, match=rf"^plain {name} storage: {BAD[bad][1]} at layer 1, head 0, token 4"):
+        raise_if_not_finite(checks)
+    dirty, _, mask = _poisoned(bad, "masked")
+    check_plain(dirty.to(dtype), mask)
+    # without a mask every token counts
+    with pytest.raises(ValueError, match=r": \S+ at layer 0, head 0, token 6, channel 0 of shape"):
+        check_plain(dirty.to(dtype))
+
+
+@pytest.mark.parametrize("bad", list(BAD))
 @pytest.mark.parametrize("codec", ["fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
 def test_nan_or_inf_on_masked_tokens_only_is_ignored(codec, bad):
     """Padding may hold anything: it takes no part in the statistics and decodes as a clean input's padding, every
@@ -220,10 +240,11 @@ def _sample(seed, T=9, teachers=((2, 8), (1, 16))):
     return out
 
 
-@pytest.mark.parametrize("codec", ["fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
+@pytest.mark.parametrize("codec", ["bf16", "fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
 def test_a_sample_is_encoded_with_one_host_read_and_its_bad_entry_named(codec, monkeypatch):
     """encode_sample reads the verdicts of all its entries at once (on the GPU a host read waits for the dump's
-    kernels: one per sample, not one per entry or layer), and names the entry, keys or values, and where."""
+    kernels: one per sample, not one per entry or layer), and names the entry, keys or values, and where; bf16,
+    which encodes nothing, too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kvfuse.teacher.compress import encode_sample, fit_bases
@@ -254,10 +275,14 @@ def test_a_sample_is_encoded_with_one_host_read_and_its_bad_entry_named(codec, m
     bad["teacher1/v"][2, 0, 0, 11] = float("inf")
     bad["teacher0/k"] = sample["teacher0/k"].clone()
     bad["teacher0/k"][:, :, ~sample["mask"]] = float("nan")                      # padding: ignored
-    with pytest.raises(ValueError, match=r"encoding of teacher1/v \(values\): \+Inf at layer 2, head 0, token 0, "
+    step = "plain float32 storage" if codec == "bf16" else "encoding"
+    with pytest.raises(ValueError, match=rf"{step} of teacher1/v \(values\): \+Inf at layer 2, head 0, token 0, "
                                          r"channel 11 of shape \(3, 1, 9, 16\)"):
         encode_sample(bad, parsed, bases)
     bad["teacher1/v"] = sample["teacher1/v"]
+    if codec == "bf16":                                   # stored as given, the padding's NaN included
+        assert all(a is b for a, b in zip(encode_sample(bad, parsed, bases).values(), bad.values()))
+        return
     assert all(_same(a, b) for a, b in zip(encode_sample(bad, parsed, bases).values(), clean.values()))
     if parsed.lowrank:
         calib = dict(sample, **{"teacher0/v": sample["teacher0/v"].clone()})

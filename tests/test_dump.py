@@ -85,24 +85,116 @@ def test_unalignable_example_fails_before_any_teacher_runs():
     assert calls == []
 
 
-@pytest.mark.parametrize("codec", ["fp8", "lowrank:16+int4"])
-def test_a_teacher_that_produces_nan_is_refused_at_encoding_naming_the_example_entry_and_position(codec):
-    from kvfuse.codecs import parse_codec
-    from kvfuse.teacher.compress import encode_sample, fit_bases
-
+def _one_teacher_builder(**kwargs):
     teacher_model, teacher_tok = load("tiny-llama")
     _, student_tok = load("tiny-qwen2")
     builder = TeacherKVBuilder([Teacher("tiny-llama", "", teacher_model, teacher_tok)], student_tok, "", 3,
-                               AlignmentSettings(), max_length=4096)
+                               AlignmentSettings(), max_length=4096, **kwargs)
+    return builder, teacher_model
+
+
+@pytest.mark.parametrize("codec,step", [("bf16", "plain bfloat16 storage"), ("fp8", "fp8 encoding"),
+                                        ("lowrank:16+int4", "lowrank:16+int4 encoding")])
+def test_a_teacher_that_produces_nan_is_refused_at_encoding_naming_the_example_entry_and_position(codec, step):
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import encode_sample, fit_bases
+
+    builder, teacher_model = _one_teacher_builder()
     examples, _ = load_examples("gsm8k", 2, 0, seed=4)
     parsed = parse_codec(codec)
     bases = fit_bases([t for _, t in builder.build(examples)], parsed) if parsed.lowrank else None
     builder.encode = lambda tensors: encode_sample(tensors, parsed, bases)
     assert len(builder.build(examples)) == 2
     teacher_model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, out: out * float("nan"))
-    with pytest.raises(ValueError, match=rf"^example {examples[0].id}: {re.escape(codec)} encoding of teacher0/k "
+    with pytest.raises(ValueError, match=rf"^example {examples[0].id}: {re.escape(step)} of teacher0/k "
                                          r"\(keys\): NaN at layer 0, head 0, token \d+, channel 0 "):
         builder.build(examples)
+
+
+def test_plain_storage_refuses_values_that_overflow_float16_naming_the_example_and_position():
+    """--dtype fp16 under codec bf16: a value the fp32 teacher KV holds but fp16 cannot is +Inf once cast."""
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import encode_sample
+
+    builder, teacher_model = _one_teacher_builder(storage_dtype=torch.float16)
+    builder.encode = lambda tensors: encode_sample(tensors, parse_codec("bf16"))
+    examples, _ = load_examples("gsm8k", 2, 0, seed=4)
+
+    def huge(module, inputs, out):
+        out[..., 3] = 1e6
+        return out
+    # the teacher's last layer, which the layer map sends to the student's last (2) alone
+    teacher_model.model.layers[-1].self_attn.v_proj.register_forward_hook(huge)
+    with pytest.raises(ValueError, match=rf"^example {examples[0].id}: plain float16 storage of teacher0/v "
+                                         r"\(values\): \+Inf at layer 2, head 0, token \d+, channel 3 of shape "
+                                         r"\(3, 2, \d+, 16\), a valid \(mask 1\) token"):
+        builder.build(examples)
+
+
+def test_nan_only_in_masked_tokens_is_dumped_as_it_is(tmp_path):
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import encode_sample
+    from kvfuse.teacher.dump import dump_shard
+    from kvfuse.teacher.store import StoreWriter
+
+    builder, _ = _one_teacher_builder()
+    examples, _ = load_examples("gsm8k", 3, 0, seed=4)
+    prepare = builder.prepare
+
+    def last_token_masked(batch):
+        prepared = prepare(batch)
+        for mask in prepared.masks:
+            mask[-1] = False
+        return prepared
+
+    def nan_in_masked_tokens(tensors):
+        for name in ("teacher0/k", "teacher0/v"):
+            tensors[name][:, :, ~tensors["mask"]] = float("nan")
+        return encode_sample(tensors, parse_codec("bf16"))
+    builder.prepare, builder.encode = last_token_masked, nan_in_masked_tokens
+    dump_shard(builder, examples, 2, StoreWriter(tmp_path, {"test": "dump-nan"}, 1), 0)
+    store = TeacherKVStore(tmp_path)
+    for example in examples:
+        stored = store.get(str(example.id))
+        assert not stored["mask"][-1] and stored["mask"].any()
+        for name in ("teacher0/k", "teacher0/v"):
+            assert stored[name][:, :, -1].isnan().all() and torch.isfinite(stored[name][:, :, stored["mask"]]).all()
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp8"])
+def test_the_dump_check_adds_one_host_read_per_sample(codec, monkeypatch):
+    """On the GPU a host read waits for the teacher forward: the finite check may cost one per sample, and the
+    plain store no more than the encoded ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import encode_sample
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    builder, _ = _one_teacher_builder()
+    examples, _ = load_examples("gsm8k", 3, 0, seed=4)
+    prepared = builder.prepare(examples)
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        reads.n += 1
+        return tolist(t)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    counts = []
+    for encode in (None, lambda tensors: encode_sample(tensors, parse_codec(codec))):
+        builder.encode = encode
+        with Reads() as reads:
+            builder.launch(prepared)
+        counts.append(reads.n)
+    assert counts[1] - counts[0] == len(examples), counts
 
 
 # SIGKILL at the worst spot: the shard's data file is in place but its JSON record is not. Deterministic, unlike

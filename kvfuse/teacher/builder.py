@@ -81,7 +81,8 @@ class TeacherKVBuilder:
                  student_max_positions: int | None = None, allow_long_sequences: bool = False,
                  encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         """encode: applied to each built sample on the builder's device (a store codec,
-        kvfuse.teacher.compress.encode_sample), so that only the compressed bytes travel to the host."""
+        kvfuse.teacher.compress.encode_sample, which also refuses non-finite teacher KV), so that only the
+        compressed bytes travel to the host; a ValueError it raises is prefixed with the example id."""
         if not teachers:
             raise ValueError("TeacherKVBuilder needs at least one teacher")
         self.teachers = list(teachers)

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from kvfuse.codecs import (AXIS_OF, Codec, FiniteCheck, LowRankKV, QuantizedKV, encode, encode_lowrank,
+from kvfuse.codecs import (AXIS_OF, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode, encode_lowrank,
                            fit_lowrank_basis, gram, parse_codec, raise_if_not_finite)
 
 SIDE = (".scale", ".offset")
@@ -57,10 +57,9 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
                   ) -> dict[str, torch.Tensor]:
     """One built sample ({input_ids, positions, mask, labels_mask, teacher{i}/{k|v}}) → its stored tensors under
     `codec`; codec bf16 returns the sample as it is. Statistics over the sample's valid (mask) tokens only. A NaN or
-    Inf in a valid token of a teacher entry is a ValueError naming the entry, NaN or ±Inf and its position; the
-    verdicts of all entries are read with one host sync per sample."""
-    if codec.kind == "bf16":
-        return dict(tensors)
+    Inf in a valid token of a teacher entry is a ValueError naming the entry, NaN or ±Inf and its position, under
+    every codec (bf16 too: the dump stores nothing unchecked); the verdicts of all entries are read with one host
+    sync per sample. Masked tokens may hold anything: bf16 stores them as they are."""
     out = {}
     checks: list[FiniteCheck] = []
     masks: dict[torch.device, torch.Tensor] = {}
@@ -75,7 +74,11 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
         mask = masks[t.device]
         kind = name.rsplit("/", 1)[1]
         label = f"{name} ({'keys' if kind == 'k' else 'values'})"
-        if codec.lowrank:
+        if codec.kind == "bf16":
+            # no encoder derives a verdict here, so the stored tensor is checked itself
+            check_plain(t, mask, label, checks)
+            out[name] = t
+        elif codec.lowrank:
             if bases is None or name not in bases:
                 raise ValueError(f"codec {codec}: no low-rank basis for {name}")
             encoded = encode_lowrank(t, bases[name].basis.to(t.device), codec.quant, mask, label, checks)
@@ -85,6 +88,8 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
             else:
                 out[name] = coeffs
         else:
+            # the encoder's verdict (its scale's finiteness) covers a NaN/Inf input as well as an overflowing scale,
+            # at no extra pass over the entry: a separate check of the input would only repeat it
             out.update(_quantized_tensors(name, encode(t, codec.kind, AXIS_OF[kind], mask, label, checks)))
     raise_if_not_finite(checks)
     return out

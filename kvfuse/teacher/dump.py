@@ -145,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
         bases = writer.claim_bases(fit_bases(calibration, codec))
         print(f"low-rank bases ({codec}) fitted on {args.calib} examples: ranks per layer "
               + "; ".join(f"{name} {list(b.ranks)} (stored width {b.basis.shape[1]})" for name, b in bases.items()))
-    if codec.kind != "bf16":
-        # bases on the teachers' device once, not copied there for every sample
-        on_device = None if bases is None else {n: replace(b, basis=b.basis.to(device)) for n, b in bases.items()}
-        builder.encode = lambda tensors: encode_sample(tensors, codec, on_device)
+    # bases on the teachers' device once, not copied there for every sample
+    on_device = None if bases is None else {n: replace(b, basis=b.basis.to(device)) for n, b in bases.items()}
+    # under every codec, bf16 too: encode_sample refuses a NaN/Inf in a valid token (one host read per sample) here,
+    # naming the example, rather than the loader once the whole dump is done
+    builder.encode = lambda tensors: encode_sample(tensors, codec, on_device)
     mine = [examples[i] for i in iter_shard_indices(len(examples), index, n_shards)]
     start = time.perf_counter()
     tokens = 0
