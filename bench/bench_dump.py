@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 from bench.common import append_csv, commit, device_name
-from kvfuse.codecs import is_encoded, parse_codec
+from kvfuse.codecs import is_encoded, parse_codec, raise_if_not_finite
 from kvfuse.data import COT_PROMPT, DEFAULT_PROMPT, Example, load_gsm_symbolic
 from kvfuse.models import load
 from kvfuse.teacher.builder import Teacher, TeacherKVBuilder, render_tokens
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if codec.lowrank:
             bases = fit_bases([t for _, t in builder.build(chunks[0])], codec)
         on_device = None if bases is None else {n: replace(b, basis=b.basis.to(device)) for n, b in bases.items()}
-        builder.encode = lambda tensors, codec=codec, on_device=on_device: encode_sample(tensors, codec, on_device)
+        builder.encode = lambda tensors, checks, codec=codec, on_device=on_device: encode_sample(
+            tensors, codec, on_device, checks)
         settings = {"bench": "dump"} if codec.kind == "bf16" else {"bench": "dump", "codec": str(codec)}
 
         def writer(root):
@@ -179,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 prepared = builder.prepare(chunk)
                 t1 = time.perf_counter()
-                on_device = builder.launch(prepared)
+                on_device, checks = builder.launch(prepared)
                 sync(device)
+                raise_if_not_finite(checks)     # as `build` does; the kernels are done, so it waits for nothing
                 t2 = time.perf_counter()
                 [{k: v.cpu() for k, v in t.items()} for _, t in on_device]
                 t3 = time.perf_counter()

@@ -34,3 +34,43 @@ def smollm2_model():
 def gemma3_model():
     """(model, tokenizer) of the packaged Gemma 3 270M, fp32 on the CPU."""
     return _load_packaged("gemma3-270m")
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """`with count_host_reads() as reads: ...` counts in `reads.n` the reads of device values by the host (on the
+    GPU each waits for every kernel queued before it): aten._local_scalar_dense (item, bool(), int() of a tensor)
+    on this thread, where the dispatch mode is active, and Tensor.tolist on any thread (a worker's reads too)."""
+    from contextlib import contextmanager
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    active: list[Reads] = []
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        for reads in active:
+            reads.n += 1
+        return tolist(t)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    @contextmanager
+    def count():
+        reads = Reads()
+        active.append(reads)
+        try:
+            with reads:
+                yield reads
+        finally:
+            active.remove(reads)
+    return count

@@ -241,44 +241,36 @@ def _sample(seed, T=9, teachers=((2, 8), (1, 16))):
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
-def test_a_sample_is_encoded_with_one_host_read_and_its_bad_entry_named(codec, monkeypatch):
+def test_a_sample_is_encoded_with_one_host_read_and_its_bad_entry_named(codec, count_host_reads):
     """encode_sample reads the verdicts of all its entries at once (on the GPU a host read waits for the dump's
     kernels: one per sample, not one per entry or layer), and names the entry, keys or values, and where; bf16,
-    which encodes nothing, too."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    which encodes nothing, too. Given a list it reads nothing: the verdicts wait there (the dump's builder)."""
     from kvfuse.teacher.compress import encode_sample, fit_bases
-
-    class Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
 
     parsed = parse_codec(codec)
     sample = _sample(0)
     bases = fit_bases([sample, _sample(1)], parsed) if parsed.lowrank else None
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(t):
-        reads.n += 1
-        return tolist(t)
-    with monkeypatch.context() as patch, Reads() as reads:
-        patch.setattr(torch.Tensor, "tolist", counted_tolist)
+    with count_host_reads() as reads:
         clean = encode_sample(sample, parsed, bases)
     assert reads.n == 1
+    checks = []
+    with count_host_reads() as reads:
+        deferred = encode_sample(sample, parsed, bases, checks)
+    assert reads.n == 0 and len(checks) == 4 and all(_same(a, b) for a, b in zip(deferred.values(), clean.values()))
     bad = dict(sample)
     bad["teacher1/v"] = sample["teacher1/v"].clone()
     bad["teacher1/v"][2, 0, 0, 11] = float("inf")
     bad["teacher0/k"] = sample["teacher0/k"].clone()
     bad["teacher0/k"][:, :, ~sample["mask"]] = float("nan")                      # padding: ignored
     step = "plain float32 storage" if codec == "bf16" else "encoding"
-    with pytest.raises(ValueError, match=rf"{step} of teacher1/v \(values\): \+Inf at layer 2, head 0, token 0, "
-                                         r"channel 11 of shape \(3, 1, 9, 16\)"):
+    message = (rf"{step} of teacher1/v \(values\): \+Inf at layer 2, head 0, token 0, channel 11 of shape "
+               r"\(3, 1, 9, 16\)")
+    with pytest.raises(ValueError, match=message):
         encode_sample(bad, parsed, bases)
+    checks = []
+    encode_sample(bad, parsed, bases, checks)
+    with pytest.raises(ValueError, match=message):
+        raise_if_not_finite(checks)
     bad["teacher1/v"] = sample["teacher1/v"]
     if codec == "bf16":                                   # stored as given, the padding's NaN included
         assert all(a is b for a, b in zip(encode_sample(bad, parsed, bases).values(), bad.values()))

@@ -103,12 +103,15 @@ def test_a_teacher_that_produces_nan_is_refused_at_encoding_naming_the_example_e
     examples, _ = load_examples("gsm8k", 2, 0, seed=4)
     parsed = parse_codec(codec)
     bases = fit_bases([t for _, t in builder.build(examples)], parsed) if parsed.lowrank else None
-    builder.encode = lambda tensors: encode_sample(tensors, parsed, bases)
+    builder.encode = lambda tensors, checks: encode_sample(tensors, parsed, bases, checks)
     assert len(builder.build(examples)) == 2
     teacher_model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, out: out * float("nan"))
-    with pytest.raises(ValueError, match=rf"^example {examples[0].id}: {re.escape(step)} of teacher0/k "
-                                         r"\(keys\): NaN at layer 0, head 0, token \d+, channel 0 "):
+    message = (rf"^example {examples[0].id}: {re.escape(step)} of teacher0/k \(keys\): NaN at layer 0, head 0, "
+               r"token \d+, channel 0 ")
+    with pytest.raises(ValueError, match=message):
         builder.build(examples)
+    with pytest.raises(ValueError, match=message):     # read by the copier thread
+        list(build_pipelined(builder, examples, 2))
 
 
 def test_plain_storage_refuses_values_that_overflow_float16_naming_the_example_and_position():
@@ -117,7 +120,7 @@ def test_plain_storage_refuses_values_that_overflow_float16_naming_the_example_a
     from kvfuse.teacher.compress import encode_sample
 
     builder, teacher_model = _one_teacher_builder(storage_dtype=torch.float16)
-    builder.encode = lambda tensors: encode_sample(tensors, parse_codec("bf16"))
+    builder.encode = lambda tensors, checks: encode_sample(tensors, parse_codec("bf16"), checks=checks)
     examples, _ = load_examples("gsm8k", 2, 0, seed=4)
 
     def huge(module, inputs, out):
@@ -125,10 +128,12 @@ def test_plain_storage_refuses_values_that_overflow_float16_naming_the_example_a
         return out
     # the teacher's last layer, which the layer map sends to the student's last (2) alone
     teacher_model.model.layers[-1].self_attn.v_proj.register_forward_hook(huge)
-    with pytest.raises(ValueError, match=rf"^example {examples[0].id}: plain float16 storage of teacher0/v "
-                                         r"\(values\): \+Inf at layer 2, head 0, token \d+, channel 3 of shape "
-                                         r"\(3, 2, \d+, 16\), a valid \(mask 1\) token"):
+    message = (rf"^example {examples[0].id}: plain float16 storage of teacher0/v \(values\): \+Inf at layer 2, "
+               r"head 0, token \d+, channel 3 of shape \(3, 2, \d+, 16\), a valid \(mask 1\) token")
+    with pytest.raises(ValueError, match=message):
         builder.build(examples)
+    with pytest.raises(ValueError, match=message):
+        list(build_pipelined(builder, examples, 1))
 
 
 def test_nan_only_in_masked_tokens_is_dumped_as_it_is(tmp_path):
@@ -147,11 +152,12 @@ def test_nan_only_in_masked_tokens_is_dumped_as_it_is(tmp_path):
             mask[-1] = False
         return prepared
 
-    def nan_in_masked_tokens(tensors):
+    def nan_in_masked_tokens(tensors, checks):
         for name in ("teacher0/k", "teacher0/v"):
             tensors[name][:, :, ~tensors["mask"]] = float("nan")
-        return encode_sample(tensors, parse_codec("bf16"))
+        return encode_sample(tensors, parse_codec("bf16"), checks=checks)
     builder.prepare, builder.encode = last_token_masked, nan_in_masked_tokens
+    assert all(t["teacher0/k"][:, :, -1].isnan().all() for _, t in builder.build(examples))
     dump_shard(builder, examples, 2, StoreWriter(tmp_path, {"test": "dump-nan"}, 1), 0)
     store = TeacherKVStore(tmp_path)
     for example in examples:
@@ -162,39 +168,65 @@ def test_nan_only_in_masked_tokens_is_dumped_as_it_is(tmp_path):
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp8"])
-def test_the_dump_check_adds_one_host_read_per_sample(codec, monkeypatch):
-    """On the GPU a host read waits for the teacher forward: the finite check may cost one per sample, and the
-    plain store no more than the encoded ones."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+def test_encoding_adds_no_host_read_to_launch_and_one_per_batch_to_build_and_the_copier(codec, count_host_reads):
+    """On the GPU a host read waits for the teacher forward: launch leaves the verdicts unread (the caller prepares
+    the next batch meanwhile), build reads them with one host read per batch, build_pipelined in its copier thread
+    (counted through Tensor.tolist, which the verdicts are read with), also one per batch."""
     from kvfuse.codecs import parse_codec
     from kvfuse.teacher.compress import encode_sample
-
-    class Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
 
     builder, _ = _one_teacher_builder()
     examples, _ = load_examples("gsm8k", 3, 0, seed=4)
     prepared = builder.prepare(examples)
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(t):
-        reads.n += 1
-        return tolist(t)
-    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    builder.launch(prepared)                  # first-call set-up reads out of the counts
     counts = []
-    for encode in (None, lambda tensors: encode_sample(tensors, parse_codec(codec))):
+    for encode in (None, lambda tensors, checks: encode_sample(tensors, parse_codec(codec), checks=checks)):
         builder.encode = encode
-        with Reads() as reads:
-            builder.launch(prepared)
-        counts.append(reads.n)
-    assert counts[1] - counts[0] == len(examples), counts
+        with count_host_reads() as launch:
+            launched = builder.launch(prepared)
+        with count_host_reads() as build:
+            builder.build(examples)
+        with count_host_reads() as piped:
+            assert sum(len(batch) for batch in build_pipelined(builder, examples, 2)) == 3
+        counts.append((launch.n, build.n, piped.n))
+    assert len(launched.checks) == 2 * len(examples)          # keys and values of one teacher, per example
+    (launch_plain, build_plain, piped_plain), (launch_enc, build_enc, piped_enc) = counts
+    assert (launch_enc - launch_plain, build_enc - build_plain, piped_enc - piped_plain) == (0, 1, 2), counts
+
+
+def test_a_nan_example_stops_the_dump_before_its_shard_is_finished_and_a_rerun_redoes_it(tmp_path):
+    """The verdicts are read in the copier, a batch after launch: the batches before the bad example are already
+    being written when it is refused, and the shard must still not be finished (nor hold it)."""
+    from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.compress import encode_sample
+    from kvfuse.teacher.dump import dump_shard
+    from kvfuse.teacher.store import StoreWriter
+
+    builder, _ = _one_teacher_builder()
+    examples, _ = load_examples("gsm8k", 5, 0, seed=4)
+    bad_id = examples[3].id                   # the second of three batches
+
+    def nan_in(tensors, checks):
+        if torch.equal(tensors["input_ids"], builder.student_view(examples[3]).input_ids):
+            tensors["teacher0/v"][1, 0, tensors["mask"].nonzero()[0, 0], 2] = float("nan")
+        return encode_sample(tensors, parse_codec("bf16"), checks=checks)
+    builder.encode = nan_in
+    settings = {"test": "dump-nan-stops"}
+    written = []
+    with pytest.raises(ValueError, match=rf"^example {bad_id}: plain bfloat16 storage of teacher0/v \(values\): "
+                                         r"NaN at layer 1, head 0, token \d+, channel 2 "):
+        dump_shard(builder, examples, 2, StoreWriter(tmp_path, settings, 1), 0,
+                   lambda built: written.extend(sid for sid, _ in built))
+    assert written == [str(e.id) for e in examples[:2]]       # the batch before was built (and sent to be written)
+    assert not list(tmp_path.glob("shard-*"))                 # nothing finished: no data file, no record
+    with pytest.raises(StoreError, match="shard 0 of 1"):
+        TeacherKVStore(tmp_path)
+    builder.encode = lambda tensors, checks: encode_sample(tensors, parse_codec("bf16"), checks=checks)
+    writer = StoreWriter(tmp_path, settings, 1)
+    assert writer.unfinished_reason(0) is not None
+    dump_shard(builder, examples, 2, writer, 0)
+    assert TeacherKVStore(tmp_path).sample_ids == [str(e.id) for e in examples]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no leftover tmp file
 
 
 # SIGKILL at the worst spot: the shard's data file is in place but its JSON record is not. Deterministic, unlike

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import torch
 from kvfuse.align.layers import layer_map
 from kvfuse.align.time import apply_alignment, time_alignment
 from kvfuse.align.tokens import token_spans
-from kvfuse.codecs import is_encoded, stack_samples
+from kvfuse.codecs import FiniteCheck, is_encoded, raise_if_not_finite, stack_samples
 from kvfuse.data import Example, render
 from kvfuse.models.capture import capture_kv
 
@@ -72,6 +72,14 @@ class PreparedBatch:
     masks: list[torch.Tensor]              # [example] student tokens aligned with every teacher [T_s] bool
 
 
+class Launched(NamedTuple):
+    """What `TeacherKVBuilder.launch` queued: the samples, on the builder's device, and the encoder's verdicts on
+    them, not yet read (kvfuse.codecs.FiniteCheck, each naming its example); `raise_if_not_finite(checks)` reads
+    them all with one host sync."""
+    samples: list[tuple[str, dict[str, torch.Tensor]]]
+    checks: list[FiniteCheck]
+
+
 class TeacherKVBuilder:
     """Builds {input_ids, positions, mask, labels_mask, teacher{i}/k, teacher{i}/v} per example."""
 
@@ -79,10 +87,11 @@ class TeacherKVBuilder:
                  settings: AlignmentSettings = AlignmentSettings(), max_length: int = 512,
                  storage_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                  student_max_positions: int | None = None, allow_long_sequences: bool = False,
-                 encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
-        """encode: applied to each built sample on the builder's device (a store codec,
-        kvfuse.teacher.compress.encode_sample, which also refuses non-finite teacher KV), so that only the
-        compressed bytes travel to the host; a ValueError it raises is prefixed with the example id."""
+                 encode: Callable[[dict[str, torch.Tensor], list[FiniteCheck]], dict[str, torch.Tensor]] | None = None):
+        """encode(tensors, checks): applied to each built sample on the builder's device (a store codec,
+        kvfuse.teacher.compress.encode_sample), so that only the compressed bytes travel to the host; it appends its
+        verdicts on the teacher KV's finiteness to `checks` unread (see `launch`). A ValueError it raises, or a
+        verdict's, is prefixed with the example id."""
         if not teachers:
             raise ValueError("TeacherKVBuilder needs at least one teacher")
         self.teachers = list(teachers)
@@ -171,12 +180,16 @@ class TeacherKVBuilder:
             masks.append(mask)
         return PreparedBatch(list(examples), students, views, alignments, masks)
 
-    def launch(self, prepared: PreparedBatch) -> list[tuple[str, dict[str, torch.Tensor]]]:
-        """The device half of `build`: teacher forwards, K' = A·K, the layer mix and the cast to the storage dtype.
-        Teacher tensors stay on the builder's device and nothing waits for the GPU, so the caller can prepare the
-        next batch while these kernels run."""
+    def launch(self, prepared: PreparedBatch) -> Launched:
+        """The device half of `build`: teacher forwards, K' = A·K, the layer mix, the cast to the storage dtype and
+        `encode`, left on the builder's device so that the caller can prepare the next batch while these kernels
+        run. The encoder's verdicts come back unread, for the caller to read where it waits for the batch anyway
+        (`build` right away, build_pipelined's copier after its copy); until then they hold the encoder's inputs
+        (the teacher KV before encoding) for the error message. Encoding adds no host read here; the one launch
+        still has is capture_kv's check of each teacher's RoPE (kvfuse.models.capture), once per teacher forward."""
         per_teacher = [self._teacher_kv(teacher, prepared.teacher_views[i]) for i, teacher in enumerate(self.teachers)]
         out = []
+        checks: list[FiniteCheck] = []
         for b, (example, student) in enumerate(zip(prepared.examples, prepared.students)):
             tensors: dict[str, torch.Tensor] = {}
             for i, kvs in enumerate(per_teacher):
@@ -195,17 +208,21 @@ class TeacherKVBuilder:
             tensors["mask"] = prepared.masks[b]
             tensors["labels_mask"] = student.rationale_mask
             if self.encode is not None:
+                mine: list[FiniteCheck] = []
                 try:
-                    tensors = self.encode(tensors)
+                    tensors = self.encode(tensors, mine)
                 except ValueError as err:
                     raise ValueError(f"example {example.id}: {err}") from err
+                # read later and for the whole batch at once, so the verdict must say which example it is about
+                checks += [replace(check, what=f"example {example.id}: {check.what}") for check in mine]
             out.append((str(example.id), tensors))
-        return out
+        return Launched(out, checks)
 
     def build(self, examples: Sequence[Example], to_host: bool = True) -> list[tuple[str, dict[str, torch.Tensor]]]:
         """{input_ids, positions, mask, labels_mask, teacher{i}/k, teacher{i}/v} per example; teacher tensors on the
         host (the store) or left on the builder's device (online teachers, `to_host=False`)."""
-        built = self.launch(self.prepare(examples))
+        built, checks = self.launch(self.prepare(examples))
+        raise_if_not_finite(checks)
         return [(sid, _to_host(t)) for sid, t in built] if to_host else built
 
 
@@ -231,27 +248,33 @@ def build_pipelined(builder: TeacherKVBuilder, examples: Sequence[Example], batc
     while the GPU runs batch n's teachers, the CPU renders and aligns batch n + 1, and a copier thread brings
     batch n − 1 to the host on its own CUDA stream (the copy engine runs beside the forward), into pinned memory
     (fresh pageable memory is page-faulted in at a few GB/s; torch's pinned cache reuses the blocks of batches
-    already written). Same tensors as calling `build` batch by batch."""
+    already written). Same tensors as calling `build` batch by batch, and the same errors: the copier reads each
+    batch's verdicts (`launch`) once its copies are done, so a bad example raises here when its batch is due, after
+    the batches before it and before any of its own."""
     chunks = [list(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
     if not chunks:
         return
     cuda = builder.device.type == "cuda"
     side = torch.cuda.Stream(builder.device) if cuda else None
 
-    def copy(built, ready):
+    def copy(launched: Launched, ready):
+        built, checks = launched
         if not cuda:
+            raise_if_not_finite(checks)
             return built
         with torch.cuda.stream(side):
             side.wait_event(ready)
             host = [(sid, {name: _pinned_copy(t) for name, t in tensors.items()}) for sid, tensors in built]
-        side.synchronize()   # `built` (device memory of the main stream) stays referenced until the copies end
+            side.synchronize()   # `built` (device memory of the main stream) stays referenced until the copies end
+            # on the side stream, idle now: on the main one the read would wait for the next batch's forward too
+            raise_if_not_finite(checks)
         return host
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-d2h") as copier:
         pending: Future | None = None
         prepared = builder.prepare(chunks[0])
         for n in range(len(chunks)):
-            built = builder.launch(prepared)
+            launched = builder.launch(prepared)
             ready = torch.cuda.Event() if cuda else None
             if cuda:
                 ready.record()
@@ -259,7 +282,7 @@ def build_pipelined(builder: TeacherKVBuilder, examples: Sequence[Example], batc
                 prepared = builder.prepare(chunks[n + 1])
             if pending is not None:
                 yield pending.result()
-            pending = copier.submit(copy, built, ready)
+            pending = copier.submit(copy, launched, ready)
         yield pending.result()
 
 

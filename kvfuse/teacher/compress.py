@@ -53,15 +53,18 @@ def stored_names(n_teachers: int, codec: Codec | str) -> list[str]:
     return names
 
 
-def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapping[str, Basis] | None = None
-                  ) -> dict[str, torch.Tensor]:
+def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapping[str, Basis] | None = None,
+                  checks: list[FiniteCheck] | None = None) -> dict[str, torch.Tensor]:
     """One built sample ({input_ids, positions, mask, labels_mask, teacher{i}/{k|v}}) → its stored tensors under
     `codec`; codec bf16 returns the sample as it is. Statistics over the sample's valid (mask) tokens only. A NaN or
     Inf in a valid token of a teacher entry is a ValueError naming the entry, NaN or ±Inf and its position, under
     every codec (bf16 too: the dump stores nothing unchecked); the verdicts of all entries are read with one host
-    sync per sample. Masked tokens may hold anything: bf16 stores them as they are."""
+    sync per sample, or, given `checks` (a list), appended there unread (`FiniteCheck`, as the encoders do): the
+    builder defers them so that encoding does not wait for the teacher forward. Masked tokens may hold anything:
+    bf16 stores them as they are."""
     out = {}
-    checks: list[FiniteCheck] = []
+    read_now = checks is None
+    checks = [] if read_now else checks
     masks: dict[torch.device, torch.Tensor] = {}
     for name, t in tensors.items():
         if not name.startswith("teacher"):
@@ -91,7 +94,8 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
             # the encoder's verdict (its scale's finiteness) covers a NaN/Inf input as well as an overflowing scale,
             # at no extra pass over the entry: a separate check of the input would only repeat it
             out.update(_quantized_tensors(name, encode(t, codec.kind, AXIS_OF[kind], mask, label, checks)))
-    raise_if_not_finite(checks)
+    if read_now:
+        raise_if_not_finite(checks)
     return out
 
 

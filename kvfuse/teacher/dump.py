@@ -147,9 +147,10 @@ def run(args: argparse.Namespace) -> int:
               + "; ".join(f"{name} {list(b.ranks)} (stored width {b.basis.shape[1]})" for name, b in bases.items()))
     # bases on the teachers' device once, not copied there for every sample
     on_device = None if bases is None else {n: replace(b, basis=b.basis.to(device)) for n, b in bases.items()}
-    # under every codec, bf16 too: encode_sample refuses a NaN/Inf in a valid token (one host read per sample) here,
-    # naming the example, rather than the loader once the whole dump is done
-    builder.encode = lambda tensors: encode_sample(tensors, codec, on_device)
+    # under every codec, bf16 too: encode_sample refuses a NaN/Inf in a valid token, naming the example, here rather
+    # than in the loader once the whole dump is done; its verdicts are read by build_pipelined's copier (one host read
+    # per batch, after the copy waited for the batch anyway), so a bad example stops the dump before its shard is done
+    builder.encode = lambda tensors, checks: encode_sample(tensors, codec, on_device, checks)
     mine = [examples[i] for i in iter_shard_indices(len(examples), index, n_shards)]
     start = time.perf_counter()
     tokens = 0
