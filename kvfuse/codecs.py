@@ -349,14 +349,14 @@ def raise_if_not_finite(checks: Sequence[FiniteCheck]) -> None:
 def check_plain(x: Tensor, mask: Tensor | None = None, name: str = "",
                 checks: list[FiniteCheck] | None = None) -> None:
     """The verdict on a tensor [..., T, D] stored as it is (no encoder, so no scale to read it from): bad when a
-    valid token holds NaN/Inf; masked tokens are not looked at. Per-token max and min (NaN propagates through both,
-    ±Inf shows in one): two read passes, temporaries of 1/D of x, no host sync. name, checks: as for the encoders."""
+    valid token holds NaN/Inf; masked tokens are not looked at. Per-token min and max (NaN propagates through both,
+    ±Inf shows in one): one read pass, temporaries of 1/D of x, no host sync. name, checks: as for the encoders."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"expected a floating tensor [..., T, D], got {getattr(x, 'dtype', type(x))} "
                          f"{tuple(getattr(x, 'shape', ()))}")
     m = _token_mask(x, mask)
     x = x.detach()
-    extremes = torch.stack((x.amax(-1), x.amin(-1)))                                 # [2, ..., T]
+    extremes = torch.stack(torch.aminmax(x, dim=-1))                                 # [2, ..., T]
     bad = (~torch.isfinite(extremes) & m.squeeze(-1).bool()).any()
     what = _what(f"plain {str(x.dtype).removeprefix('torch.')} storage", name)
     _finite_check(checks, FiniteCheck(bad, x, m, what, "not finite on its valid tokens"))

@@ -80,8 +80,8 @@ def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, layer_wei
     (kernels.fused_kv_loss.CODEC_*) holds fp8 or packed int4 data, decoded in the kernels' registers with its scale
     (and offset: None for fp8; both None for a plain teacher, and the lists may be empty when every teacher is
     plain). The loss's coefficients and statistics are small tensor ops computed here, inside the operator: under
-    torch.compile they then run as in eager mode, with cached device constants, instead of being traced with
-    constants that a compiled graph copies from host memory on every call."""
+    torch.compile they then run as in eager mode, with cached device constants, instead of being traced into the
+    graph with their constants (which slowed the compiled step at 4k tokens, bench/NOTES.md)."""
     kern = _kernels()
     L, B, H_s, T, D_s = student_k.shape
     n = mask.sum(dtype=torch.float32)
@@ -160,9 +160,9 @@ fused_kv_loss_backward_op = define_op(fused_kv_loss_backward, _fused_kv_loss_bac
 def _statistics(sums: Tensor, layer_weights: Tensor, lw_sum: Tensor, n: Tensor, H_s: int, D_s: int,
                 lambda_k: float, lambda_v: float, beta: float):
     """(loss, stats [3, L]: k_mse, v_mse, cos, terms) from the kernels' per-layer sums [2 (keys, values), 2 (Σ
-    squared error, Σ cosine), L] (formula in kvfuse.loss). stats is a tensor of its own, not views of one that the
-    loss depends on: AOTAutograd (torch 2.11) lost mark_non_differentiable on such views. Written as few tensor ops as the formula allows: each costs host time
-    that a small batch's kernels do not hide (bench/NOTES.md)."""
+    squared error, Σ cosine), L] (formula in kvfuse.loss). stats is a tensor of its own, not views of one the loss
+    depends on (AOTAutograd, torch 2.11, lost mark_non_differentiable on such views). As few tensor ops as the
+    formula allows: each costs host time that a small batch's kernels do not hide (bench/NOTES.md)."""
     dev = sums.device
     # [kind, stat, L]: k_mse, cos_k / v_mse, cos_v, with cos = cos_k + cos_v
     scaled = sums * (host_constant(((1.0 / (H_s * D_s),), (0.5 / H_s,)), torch.float32, dev) / n)
@@ -202,10 +202,10 @@ class TeacherStorage(NamedTuple):
 
 class FusedKVLoss(torch.autograd.Function):
     """loss and stats [3, L] (k_mse, v_mse, cos) of the fused kernels, differentiable in the student tensors, α, the
-    layer weights and the adapters (teachers get no gradient). Adapters and teacher tensors travel as trailing positional arguments
-    (w_k, w_v, keys' and values' data, N each, then the scales and offsets present), since autograd tracks tensors
-    only as direct arguments; `layout` (keys and values with their data and side tensors taken out) says how to
-    put them back."""
+    layer weights and the adapters (teachers get no gradient). Adapters and teacher tensors travel as trailing
+    positional arguments (w_k, w_v, keys' and values' data, N each, then the scales and offsets present), since
+    autograd tracks tensors only as direct arguments; `layout` (keys and values with their data and side tensors
+    taken out) says how to put them back."""
 
     @staticmethod
     def forward(ctx, student_k, student_v, alpha, layer_weights, mask, positions, rot, inv_freq, scaling,
