@@ -136,10 +136,12 @@ def test_plain_storage_refuses_values_that_overflow_float16_naming_the_example_a
         list(build_pipelined(builder, examples, 1))
 
 
-def test_nan_only_in_masked_tokens_is_dumped_as_it_is(tmp_path):
+def test_nan_only_in_masked_tokens_is_stored_as_zero_padding_that_the_loader_accepts(tmp_path):
     from kvfuse.codecs import parse_codec
+    from kvfuse.teacher.builder import collate
     from kvfuse.teacher.compress import encode_sample
     from kvfuse.teacher.dump import dump_shard
+    from kvfuse.teacher.loader import check_finite_teachers
     from kvfuse.teacher.store import StoreWriter
 
     builder, _ = _one_teacher_builder()
@@ -157,14 +159,18 @@ def test_nan_only_in_masked_tokens_is_dumped_as_it_is(tmp_path):
             tensors[name][:, :, ~tensors["mask"]] = float("nan")
         return encode_sample(tensors, parse_codec("bf16"), checks=checks)
     builder.prepare, builder.encode = last_token_masked, nan_in_masked_tokens
-    assert all(t["teacher0/k"][:, :, -1].isnan().all() for _, t in builder.build(examples))
+    built = builder.build(examples)
+    assert all((t["teacher0/k"][:, :, -1] == 0).all() and (t["teacher0/v"][:, :, -1] == 0).all() for _, t in built)
     dump_shard(builder, examples, 2, StoreWriter(tmp_path, {"test": "dump-nan"}, 1), 0)
     store = TeacherKVStore(tmp_path)
-    for example in examples:
-        stored = store.get(str(example.id))
+    samples = [store.get(str(example.id)) for example in examples]
+    for stored in samples:
         assert not stored["mask"][-1] and stored["mask"].any()
         for name in ("teacher0/k", "teacher0/v"):
-            assert stored[name][:, :, -1].isnan().all() and torch.isfinite(stored[name][:, :, stored["mask"]]).all()
+            assert (stored[name][:, :, -1] == 0).all() and torch.isfinite(stored[name][:, :, stored["mask"]]).all()
+            assert stored[name][:, :, stored["mask"]].abs().sum() > 0
+    batch = collate(samples, n_teachers=1)
+    assert check_finite_teachers(batch) is batch
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp8"])

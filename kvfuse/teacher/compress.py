@@ -60,8 +60,8 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
     Inf in a valid token of a teacher entry is a ValueError naming the entry, NaN or ±Inf and its position, under
     every codec (bf16 too: the dump stores nothing unchecked); the verdicts of all entries are read with one host
     sync per sample, or, given `checks` (a list), appended there unread (`FiniteCheck`, as the encoders do): the
-    builder defers them so that encoding does not wait for the teacher forward. Masked tokens may hold anything:
-    bf16 stores them as they are."""
+    builder defers them so that encoding does not wait for the teacher forward. Masked tokens may hold anything and
+    are stored as padding (zeros; int4 keys: the grid value nearest 0)."""
     out = {}
     read_now = checks is None
     checks = [] if read_now else checks
@@ -80,7 +80,9 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
         if codec.kind == "bf16":
             # no encoder derives a verdict here, so the stored tensor is checked itself
             check_plain(t, mask, label, checks)
-            out[name] = t
+            # padding stored as zeros, as every encoder decodes it: a masked token's NaN (a padded row whose
+            # attention saw no key, say) would otherwise be refused by the loader's check of the whole tensor
+            out[name] = t.masked_fill(mask.unsqueeze(-1) == 0, 0)
         elif codec.lowrank:
             if bases is None or name not in bases:
                 raise ValueError(f"codec {codec}: no low-rank basis for {name}")
