@@ -5,10 +5,9 @@ Student step (forward, backward, AdamW) on one device, three ways, same inputs:
   kv_fused      LM loss + the KV loss of N teachers read from an offline store (memory-mapped safetensors),
                 fused Triton kernel (torch reference on CPU)
   kv_eager      the same with the eager per-teacher PyTorch loop
-  kv_fused+store(P)   kv_fused fed live by kvfuse.teacher.loader.store_batches, P batches read ahead by
-                background threads into pinned memory and moved on a side stream, as train/ does: equal to kv_fused
-                when the readers keep up (the first batch is checked equal to an inline read); with
-                --store_readers R1 R2 ..., one row per reader count, named kv_fused+store(P, R readers)
+  kv_fused+store(P)   kv_fused fed live by kvfuse.teacher.loader.store_batches, P batches read ahead by a
+                background thread into pinned memory and moved on a side stream, as train/ does: equal to kv_fused
+                when the reader keeps up (the first batch is checked equal to an inline read)
   compiled:ce_only, compiled:kv_fused   (--compile) a compiled trainer: the step's loss under torch.compile —
                 the student alone, or the student, its K/V (hooks on k_proj / v_proj, RoPE) and KVDistillLoss,
                 whose Triton kernels are torch.library custom ops; the backward is AOTAutograd's
@@ -185,9 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--store_prefetch", type=int, default=2, help="batches read ahead in the store-fed variant")
-    parser.add_argument("--store_readers", type=int, nargs="+", default=[None],
-                        help="reader threads of the store-fed variant, one row each (default: the loader's, one "
-                             "per prefetched batch)")
     parser.add_argument("--codecs", nargs="+", default=["bf16"],
                         help="store codecs to time the KV variants on, one store each (bf16, fp8, int4, "
                              "lowrank:<r or e<energy>>[+fp8|+int4]; default bf16)")
@@ -295,23 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         n_batches = args.steps + 2                              # timed() runs two warm-up steps
         id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
                       for j in range(n_batches)]
-        for readers in args.store_readers:
-            fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch,
-                                readers=readers)
-            first = next(fed)
-            inline = batch_to(collate([store.get(i) for i in id_batches[0]], len(teachers)), device)
-            same[c] = same.get(c, True) and all(torch.equal(a, b)
-                                                for a, b in zip(teacher_parts(first), teacher_parts(inline)))
-            batches_fed = iter([first])
-            del first, inline
+        fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch)
+        first = next(fed)
+        inline = batch_to(collate([store.get(i) for i in id_batches[0]], len(teachers)), device)
+        same[c] = all(torch.equal(a, b) for a, b in zip(teacher_parts(first), teacher_parts(inline)))
+        batches_fed = iter([first])
+        del first, inline
 
-            def from_store():
-                return next(batches_fed, None) or next(fed)
-            variant = f"kv_fused+store({args.store_prefetch}{'' if readers is None else f', {readers} reader' + 's' * (readers > 1)})"
-            variants.append((variant, c, timed(with_kv(fused_backend, from_store), args.steps, device)))
-            fed.close()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        def from_store():
+            return next(batches_fed, None) or next(fed)
+        variants.append((f"kv_fused+store({args.store_prefetch})", c,
+                         timed(with_kv(fused_backend, from_store), args.steps, device)))
+        fed.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     for c, store in stores.items():
         run_codec(c, store)

@@ -70,18 +70,6 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("kvfuse-bench-store-*"))  # the stores are removed
 
 
-def test_train_step_bench_times_one_store_fed_row_per_reader_count(tmp_path, monkeypatch):
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    out = tmp_path / "train_step.csv"
-    rc = bench_train_step.main(["--student", "tiny-llama", "--teachers", "2x32", "--batch", "2", "--seq", "16",
-                                "--steps", "1", "--store_prefetch", "2", "--store_readers", "1", "2",
-                                "--csv", str(out)])
-    assert rc == 0
-    fed = [r for r in _rows(out) if r["variant"].startswith("kv_fused+store")]
-    assert [r["variant"] for r in fed] == ["kv_fused+store(2, 1 reader)", "kv_fused+store(2, 2 readers)"]
-    assert all(r["prefetched_equals_inline"] == "True" and float(r["step_ms"]) > 0 for r in fed)
-
-
 def test_dump_bench_codecs(tmp_path):
     out = tmp_path / "dump.csv"
     rc = bench_dump.main(["--teacher", "tiny-llama", "--student", "tiny-llama", "--seq", "24", "--n", "2",

@@ -58,17 +58,11 @@ def _tensors(batch: dict[str, Any]) -> Iterator[torch.Tensor]:
 
 
 def store_batches(store: TeacherKVStore, id_batches: Sequence[Sequence[str]], n_teachers: int, pad_id: int = 0,
-                  device: str | torch.device = "cpu", prefetch: int = 2, readers: int | None = None
-                  ) -> Iterator[dict[str, Any]]:
+                  device: str | torch.device = "cpu", prefetch: int = 2) -> Iterator[dict[str, Any]]:
     """The collated micro-batches of `id_batches`, in order, on `device`, with `prefetch` of them prepared ahead by
-    `readers` background threads (default: one per prefetched batch; prefetch 0: read on the calling thread).
-    Several readers because one thread's collate, a copy out of the store's memory map into pinned memory, can
-    take longer than a training step at bf16 (1.4 GB a batch, ≈ 0.3 s on the H200 host)."""
+    a background thread (0: read on the calling thread)."""
     if prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-    readers = max(prefetch, 1) if readers is None else readers
-    if readers < 1:
-        raise ValueError(f"readers must be >= 1, got {readers}")
     device = torch.device(device)
     cuda = device.type == "cuda"
     side = torch.cuda.Stream(device) if cuda else None
@@ -97,7 +91,7 @@ def store_batches(store: TeacherKVStore, id_batches: Sequence[Sequence[str]], n_
         for ids in id_batches:
             yield hand_over(load(ids))
         return
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="kvfuse-store") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfuse-store") as pool:
         pending: deque[Future] = deque()
         try:
             for ids in id_batches:
