@@ -3,7 +3,9 @@
   bare      the teacher's decoder forward alone (no hooks), batched and padded as the dump does it
   serial    TeacherKVBuilder.build batch by batch: render + tokenise + forward with capture hooks + IoU alignment
             (K' = A·K) + layer map + cast to the storage dtype + copy to host; split into its parts (prepare on the
-            CPU, launch on the device, copy to the host) in a separate pass with a sync after each
+            CPU, launch on the device, copy to the host) in a separate pass with a sync after each; "until it
+            returns": the host's time in `launch` alone (far below the launch's when it queues and does not wait,
+            which is what lets the dump prepare the next batch meanwhile)
   write     StoreWriter.write_shard of the serial build's samples held in memory (the dump before streaming)
   dump      dump_shard, what `python -m kvfuse dump` runs, end to end into a finished (fsynced) shard: the
             pipelined build (next batch's CPU half and last batch's copy into pinned memory overlapped with the
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 serial_built.extend(builder.build(chunk))
             sync(device)
 
-        parts_s = {"prepare": 0.0, "launch": 0.0, "copy": 0.0}
+        parts_s = {"prepare": 0.0, "launch": 0.0, "copy": 0.0, "returns": 0.0}
 
         def serial_parts():
             for chunk in chunks:
@@ -181,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                 prepared = builder.prepare(chunk)
                 t1 = time.perf_counter()
                 on_device, checks = builder.launch(prepared)
+                returned = time.perf_counter()
                 sync(device)
                 raise_if_not_finite(checks)     # as `build` does; the kernels are done, so it waits for nothing
                 t2 = time.perf_counter()
                 [{k: v.cpu() for k, v in t.items()} for _, t in on_device]
                 t3 = time.perf_counter()
-                for part, seconds in zip(parts_s, (t1 - t0, t2 - t1, t3 - t2)):
+                for part, seconds in zip(parts_s, (t1 - t0, t2 - t1, t3 - t2, returned - t1)):
                     parts_s[part] += seconds / args.repeats
 
         tag = str(codec).replace(":", "-").replace("+", "-")
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("serial build", t_serial, teacher_tokens),
                 ("  prepare (CPU)", parts_s["prepare"], teacher_tokens),
                 ("  launch (device)", parts_s["launch"], teacher_tokens),
+                ("    until it returns", parts_s["returns"], teacher_tokens),
                 ("  copy to host", parts_s["copy"], teacher_tokens), ("write_shard (held)", t_write, student_tokens),
                 ("dump (streamed)", t_dump, teacher_tokens),
                 ("  last batch built", statistics.median(last_built[1:]), teacher_tokens),

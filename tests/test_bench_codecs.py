@@ -78,8 +78,8 @@ def test_dump_bench_codecs(tmp_path):
     assert rc == 0                                   # every codec's streamed shard equals its serial build
     rows = _rows(out)
     assert [r["stage"] for r in rows if r["codec"] == "-"] == ["bare forward"]
-    stages = ["serial build", "  prepare (CPU)", "  launch (device)", "  copy to host", "write_shard (held)",
-              "dump (streamed)", "  last batch built", "store read"]
+    stages = ["serial build", "  prepare (CPU)", "  launch (device)", "    until it returns", "  copy to host",
+              "write_shard (held)", "dump (streamed)", "  last batch built", "store read"]
     per_codec = {c: [r for r in rows if r["codec"] == c] for c in ("bf16", "fp8", "int4")}
     assert len(rows) == 1 + 3 * len(stages)
     bytes_per_token = {}
@@ -90,6 +90,8 @@ def test_dump_bench_codecs(tmp_path):
         bytes_per_token[c] = float(group[0]["bytes_per_token"])
         dump = next(r for r in group if r["stage"] == "dump (streamed)")
         assert float(dump["seconds"]) > 0 and float(dump["tokens_per_s"]) > 0
+        launch, returns = (float(next(r for r in group if r["stage"] == s)["seconds"]) for s in stages[2:4])
+        assert 0 < returns <= launch
     assert 0 < bytes_per_token["int4"] < bytes_per_token["fp8"] < bytes_per_token["bf16"]
     assert not list(tmp_path.glob("kvfuse-bench-dump-*"))   # the shards are removed
 

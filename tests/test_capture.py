@@ -222,3 +222,30 @@ def test_captures_in_two_threads_and_the_helpers_put_back():
         capture_kv(models[0], torch.full((1, 4), 10_000))       # fails inside the forward (no such token)
     assert (modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.ALL_ATTENTION_FUNCTIONS) == originals
     assert "forward" not in vars(models[0].model.layers[0])
+
+
+def test_a_rotary_module_whose_cos_rotate_does_not_reproduce_is_refused():
+    model = tiny_model("tiny-llama", seed=2)
+    rotary = model.model.rotary_emb
+    forward = rotary.forward
+    rotary.forward = lambda *args, **kwargs: tuple(t * 1.01 for t in forward(*args, **kwargs))
+    ids, mask = _batch(seed=3, batch=2, length=9, left_pad=2)
+    with pytest.raises(ValueError, match="layer 0's RoPE cos differs from rotate's"):
+        capture_kv(model, ids, mask)
+
+
+def test_the_rope_check_reads_the_device_on_a_models_first_capture_and_when_its_inv_freq_changes(count_host_reads):
+    model = tiny_model("tiny-llama", seed=4)
+    ids, mask = _batch(seed=6, batch=2, length=9, left_pad=2)
+
+    def reads() -> int:
+        with count_host_reads() as counted:
+            capture_kv(model, ids, mask)
+        return counted.n
+    first, again = reads(), reads()
+    assert first == again + 1          # one rotary table, checked once; the model's own reads stay in both counts
+    with torch.no_grad():
+        model.model.rotary_emb.inv_freq.mul_(1.0)       # an in-place edit: same values, a new version
+    assert reads() == first
+    model.model.rotary_emb.register_buffer("inv_freq", model.model.rotary_emb.inv_freq.clone(), persistent=False)
+    assert reads() == first and reads() == again   # a new tensor is checked once, then trusted again

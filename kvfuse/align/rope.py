@@ -126,10 +126,15 @@ def rephase(
     return rotate(pre, student_positions, *student_rope)
 
 
+def inv_freq_buffer(rotary: torch.nn.Module, layer_type: str | None = None) -> torch.Tensor | None:
+    """The inv_freq tensor an HF rotary module holds now for `layer_type` (None where it keeps one for all)."""
+    return getattr(rotary, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq", None)
+
+
 def rope_from_rotary(rotary: torch.nn.Module, layer_type: str | None = None) -> Rope:
     """The `Rope` an HF rotary module holds now (per layer type where it keeps several)."""
     prefix = "" if layer_type is None else f"{layer_type}_"
-    inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
+    inv_freq = inv_freq_buffer(rotary, layer_type)
     scaling = getattr(rotary, f"{prefix}attention_scaling", None)
     if inv_freq is None or scaling is None:
         raise ValueError(

@@ -148,7 +148,7 @@ def apply_alignment(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     lead = x.shape[:-2]
     flat = x.to(compute).movedim(-2, 0).reshape(t_t, -1)
-    mat = A.to(device=x.device, dtype=compute)
+    mat = A.to(device=x.device, dtype=compute, non_blocking=True)    # from the host: no wait for x's producers
     out = (mat @ flat) if mat.layout == torch.strided else torch.sparse.mm(mat, flat)
     return out.reshape(t_s, *lead, x.shape[-1]).movedim(0, -2).to(x.dtype)
 

@@ -14,7 +14,8 @@ slice of each head (Phi and StableLM pass the first `rotary_dim` dims, the rest 
 A layer whose attention never rotated is a NoPE layer (SmolLM3; its attention says `use_rope = 0`, or another
 layer of the same model did rotate). The cos/sin are matched to the call of the model's own rotary module that
 produced them, which gives the layer's `Rope` (per layer type where the model has several, e.g. Gemma3's local
-and global bases; dynamic types as updated by this forward), and they are checked against `rotate`'s own.
+and global bases; dynamic types as updated by this forward), and they are checked against `rotate`'s own: on a
+model's first capture, and again whenever its inv_freq changes (the check waits for the device).
 
 Interleaved-pair RoPE (Cohere: pairs (2i, 2i+1) instead of (i, i + r/2)) is brought to the rotate-half layout by
 one permutation of each head's dims, found by probing the model's own `apply_rotary_pos_emb`; keys and queries
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.checkpoint
 
-from kvfuse.align.rope import NOPE, Rope, cos_sin, rope_from_rotary, rotate
+from kvfuse.align.rope import NOPE, Rope, cos_sin, inv_freq_buffer, rope_from_rotary, rotate
 
 # Families whose keys are not per-head RoPE'd projections of the hidden state: capturing "the key" of a layer
 # would not give something rotate/re-phasing/the adapters can treat as such.
@@ -292,6 +293,14 @@ class _LayerKV:
     rope: _LayerRope
 
 
+# Rotary tables already compared with `rotate`'s, per rotary module: (layer type, dims order, cos dtype and device,
+# scaling) → (weak reference to the inv_freq tensor checked, its version). The comparison reads a device value (on
+# the GPU a wait for the forward, once per capture), and what it checks, the module's cos formula for that inv_freq,
+# holds until the inv_freq changes: dynamic RoPE types install a new tensor, in-place edits bump the version, and
+# either makes the next capture check again.
+_ROPE_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class _Recorder:
     """Records one forward of a decoder: per layer, the pre-RoPE key/query, the value, and the rotary call whose
     cos/sin the layer used. `run_layer` is the unit of recording (and of activation checkpointing)."""
@@ -312,7 +321,8 @@ class _Recorder:
         self.kv: list[tuple[torch.Tensor, ...] | None] = [None] * n     # (key, value[, query]) per layer
         self.meta: list[_LayerRope | None] = [None] * n
         self.checked: set = set()       # (id, order) of the rotary outputs already compared with rotate's cos
-        self.rotary_calls: list[tuple[torch.Tensor, Rope, torch.Tensor]] = []   # (cos, rope, position_ids)
+        # (cos, rope, position_ids, rotary module, layer type) per call of a rotary module
+        self.rotary_calls: list[tuple[torch.Tensor, Rope, torch.Tensor, torch.nn.Module, str | None]] = []
 
     # ------------------------------------------------------------------------------------------ one layer
     @contextlib.contextmanager
@@ -406,7 +416,8 @@ class _Recorder:
     def _rotary_hook(self, module, args, kwargs, output):
         positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
         layer_type = kwargs.get("layer_type", args[2] if len(args) > 2 else None)
-        self.rotary_calls.append((output[0], rope_from_rotary(module, layer_type), positions.detach()))
+        self.rotary_calls.append((output[0], rope_from_rotary(module, layer_type), positions.detach(), module,
+                                  layer_type))
 
     def _rope_of(self, i: int, layer: _LayerRope) -> Rope:
         """The `Rope` of the rotary-module call whose cos layer `i` used, checked against `rotate`'s own cos."""
@@ -421,11 +432,17 @@ class _Recorder:
         if not matches:
             raise ValueError(f"capture_kv: layer {i}'s RoPE cos/sin do not come from a call of the model's rotary "
                              "embedding module; capture cannot tell which frequencies it used")
-        cos, rope, positions = matches[0]
+        cos, rope, positions, rotary, layer_type = matches[0]
         if rope.rotary_dim != cos.shape[-1]:
             raise ValueError(f"capture_kv: layer {i} rotated {cos.shape[-1]} dims but the rotary module's inv_freq "
                              f"covers {rope.rotary_dim}")
         if (id(cos), layer.order) in self.checked:
+            return rope
+        buffer = inv_freq_buffer(rotary, layer_type)
+        key = (layer_type, layer.order, cos.dtype, cos.device, rope.attention_scaling)
+        seen = _ROPE_CHECKED.get(rotary, {}).get(key)
+        if seen is not None and seen[0]() is buffer and seen[1] == buffer._version:
+            self.checked.add((id(cos), layer.order))
             return rope
         expected, _ = cos_sin(cos, positions.to(cos.device).expand(cos.shape[:-1]), rope.inv_freq,
                               rope.attention_scaling)
@@ -439,6 +456,7 @@ class _Recorder:
                              f"inv_freq/attention_scaling (max error {error:.3g}); the model applies RoPE in a way "
                              "capture does not reproduce")
         self.checked.add((id(cos), layer.order))
+        _ROPE_CHECKED.setdefault(rotary, {})[key] = (weakref.ref(buffer), buffer._version)
         return rope
 
     # ------------------------------------------------------------------------------------------ the forward

@@ -145,7 +145,10 @@ class TeacherKVBuilder:
         for b, v in enumerate(views):
             ids[b, : lengths[b]] = v.input_ids
             attn[b, : lengths[b]] = 1
-        cap = capture_kv(teacher.model, ids.to(self.device), attn.to(self.device))
+        # non-blocking: a blocking copy from pageable memory waits for everything queued before it (the previous
+        # batch's teachers), and `launch` is meant to return while the GPU still works
+        cap = capture_kv(teacher.model, ids.to(self.device, non_blocking=True),
+                         attn.to(self.device, non_blocking=True))
         return [([k[b, :, : lengths[b]] for k in cap.keys], [v[b, :, : lengths[b]] for v in cap.values])
                 for b in range(len(views))]
 
@@ -185,8 +188,9 @@ class TeacherKVBuilder:
         `encode`, left on the builder's device so that the caller can prepare the next batch while these kernels
         run. The encoder's verdicts come back unread, for the caller to read where it waits for the batch anyway
         (`build` right away, build_pipelined's copier after its copy); until then they hold the encoder's inputs
-        (the teacher KV before encoding) for the error message. Encoding adds no host read here; the one launch
-        still has is capture_kv's check of each teacher's RoPE (kvfuse.models.capture), once per teacher forward."""
+        (the teacher KV before encoding) for the error message. Encoding adds no host read here; the reads left are
+        the model's own (transformers' attention-mask handling) and capture_kv's check of each teacher's RoPE on its
+        first forward (kvfuse.models.capture)."""
         per_teacher = [self._teacher_kv(teacher, prepared.teacher_views[i]) for i, teacher in enumerate(self.teachers)]
         out = []
         checks: list[FiniteCheck] = []
