@@ -108,20 +108,16 @@ def kv_bytes_per_token(store: TeacherKVStore) -> float:
 
 
 def timed(fn, steps: int, device: torch.device) -> float:
-    """Median seconds of one step. Each step is waited for on the training stream alone, as a trainer's own reads
-    wait: a device-wide synchronize would also wait for the store reader's copies of the *next* batches on its side
-    stream and charge them to this step."""
     fn()  # warm-up: compilation, autotuning, allocator
     fn()
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     times = []
     for _ in range(steps):
-        if stream is not None:
-            stream.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
-        if stream is not None:
-            stream.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
