@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("ce_only", "", base)]           # (variant, codec, seconds)
     fused_backend = "triton" if device.type == "cuda" else "torch"
     same = {}
+    reader_waits = {}      # per codec: median host time a store-fed step spent waiting for its batch
 
     def run_codec(c, store):
         """kv_fused (and, on bf16, kv_eager) on resident batches of `store`, then kv_fused fed live from it."""
@@ -298,10 +299,18 @@ def main(argv: list[str] | None = None) -> int:
         batches_fed = iter([first])
         del first, inline
 
+        waits = []
+
         def from_store():
-            return next(batches_fed, None) or next(fed)
+            batch = next(batches_fed, None)
+            if batch is None:
+                start = time.perf_counter()
+                batch = next(fed)
+                waits.append(time.perf_counter() - start)
+            return batch
         variants.append((f"kv_fused+store({args.store_prefetch})", c,
                          timed(with_kv(fused_backend, from_store), args.steps, device)))
+        reader_waits[c] = statistics.median(waits)
         fed.close()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -315,11 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     name = device_name(device)
     print(f"\nstudent {args.student} ({L} layers, {H_s}x{D_s} KV), teachers {teachers}, batch {args.batch} x "
           f"{args.seq} tokens, {name}")
-    print(f"{'codec':18s} {'store B/token':>13s} {'KV B/token':>11s} {'read ms':>8s}  prefetched == inline")
+    print(f"{'codec':18s} {'store B/token':>13s} {'KV B/token':>11s} {'read ms':>8s} {'wait ms':>8s}  "
+          "prefetched == inline")
     for c, store in stores.items():
-        print(f"{c:18s} {store.bytes_per_token:13.0f} {kv_bytes_per_token(store):11.0f} {reads[c] * 1e3:8.1f}  "
-              f"{same[c]}")
-    print("(read ms: store read + host-to-device copy of one batch, one thread)")
+        print(f"{c:18s} {store.bytes_per_token:13.0f} {kv_bytes_per_token(store):11.0f} {reads[c] * 1e3:8.1f} "
+              f"{reader_waits[c] * 1e3:8.1f}  {same[c]}")
+    print("(read ms: store read + host-to-device copy of one batch, one thread; wait ms: median host time a "
+          "store-fed step waited for its batch)")
     print(f"{'variant':24s} {'codec':18s} {'step ms':>9s} {'tokens/s':>10s} {'vs ce_only':>11s}")
     bases = {False: base, True: next((t for v, _, t in variants if v == "compiled:ce_only"), base)}
     rows = []
@@ -334,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                      "store_prefetch": args.store_prefetch, "codec": c,
                      "store_bytes_per_token": round(store.bytes_per_token, 1) if store else "",
                      "kv_bytes_per_token": round(kv_bytes_per_token(store), 1) if store else "",
-                     "prefetched_equals_inline": same[c] if store else ""})
+                     "prefetched_equals_inline": same[c] if store else "",
+                     "reader_wait_ms": round(reader_waits[c] * 1e3, 3) if variant.startswith("kv_fused+store") else ""})
     append_csv(args.csv, rows)
     shutil.rmtree(tmp)
     return 0 if all(same.values()) else 1

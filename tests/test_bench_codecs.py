@@ -62,6 +62,8 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     assert kv["fp8"] == values + L * (2 * 32 + 4 * 16) * 4 / 16 + L * (2 + 4) * 2
     assert kv["int4"] == values / 2 + 2 * (L * (2 * 32 + 4 * 16) * 4 / 16 + L * (2 + 4) * 2)
     assert all(r["prefetched_equals_inline"] == "True" for r in fed.values())
+    assert all(float(r["reader_wait_ms"]) >= 0 for r in fed.values())
+    assert {r["reader_wait_ms"] for r in resident.values()} == {""}
     # the loss got the compressed entries as training passes them (not decoded by the bench): per codec, one warm-up
     # pair and one timed step each for kv_fused and kv_fused+store, plus kv_eager on bf16
     assert seen.count((("QuantizedKV", "fp8"),) * 2) == seen.count((("QuantizedKV", "int4"),) * 2) == 6
