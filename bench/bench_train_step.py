@@ -8,6 +8,10 @@ Student step (forward, backward, AdamW) on one device, three ways, same inputs:
   kv_fused+store(P)   kv_fused fed live by kvfuse.teacher.loader.store_batches, P batches read ahead by a
                 background thread into pinned memory and moved on a side stream, as train/ does: equal to kv_fused
                 when the reader keeps up (the first batch is checked equal to an inline read)
+  kv_fused beside <part>   (--interference) kv_fused on resident batches while a thread reads the first codec's
+                store and throws the batches away, up to <part>: collate (into pinned memory), copy (and to the device
+                on a side stream), loader (store_batches itself: copy and finite check); timed on the training
+                stream: what reading costs a step that never waits for it
   compiled:ce_only, compiled:kv_fused   (--compile) a compiled trainer: the step's loss under torch.compile —
                 the student alone, or the student, its K/V (hooks on k_proj / v_proj, RoPE) and KVDistillLoss,
                 whose Triton kernels are torch.library custom ops; the backward is AOTAutograd's
@@ -34,7 +38,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,19 +113,57 @@ def kv_bytes_per_token(store: TeacherKVStore) -> float:
     return stored / max(int(item["mask"].sum()), 1)
 
 
-def timed(fn, steps: int, device: torch.device) -> float:
+def timed(fn, steps: int, device: torch.device, stream_only: bool = False) -> float:
+    """Median seconds of one step, waited for on the whole device, or with `stream_only` on the training stream
+    alone (when another thread keeps copying on a side stream, a device-wide wait would count its copies too)."""
     fn()  # warm-up: compilation, autotuning, allocator
     fn()
+
+    def wait():
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize() if stream_only else torch.cuda.synchronize()
     times = []
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        wait()
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        wait()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@contextmanager
+def reading_beside(store: TeacherKVStore, id_batches: list[list[str]], n_teachers: int, device: torch.device,
+                   part: str):
+    """A thread that reads `store` batch after batch, as the loader does, up to `part` ("collate": into pinned
+    memory; "copy": and to the device on a side stream; "loader": kvfuse.teacher.loader.store_batches itself, copy
+    and finite check) and throws the batches away: what reading costs a step that does not wait for it."""
+    stop = threading.Event()
+    cuda = device.type == "cuda"
+
+    def run():
+        side = torch.cuda.Stream(device) if cuda else None
+        while not stop.is_set():
+            if part == "loader":
+                for _ in store_batches(store, id_batches, n_teachers, device=device, prefetch=1):
+                    if stop.is_set():
+                        return
+                continue
+            for ids in id_batches:
+                batch = collate([store.get(i) for i in ids], n_teachers, pin_memory=cuda)
+                if part == "copy" and cuda:
+                    with torch.cuda.stream(side):
+                        batch_to(batch, device)
+                    side.synchronize()
+                if stop.is_set():
+                    return
+    thread = threading.Thread(target=run, name="kvfuse-bench-reader", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def compiled_variants(student, kv_loss, next_batch, opt, steps: int, device) -> list[tuple[str, float]]:
@@ -189,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                              "lowrank:<r or e<energy>>[+fp8|+int4]; default bf16)")
     parser.add_argument("--csv", default=str(ROOT / "bench/results/train_step.csv"))
     parser.add_argument("--compile", action="store_true", help="also time the compiled-trainer variants")
+    parser.add_argument("--interference", action="store_true",
+                        help="also time kv_fused on resident batches while a thread reads the first codec's store "
+                             "up to a part of the loader (collate / copy / loader): what reading costs a step")
     args = parser.parse_args(argv)
     codecs = [parse_codec(c) for c in args.codecs]
     if len({str(c) for c in codecs}) != len(codecs):
@@ -288,10 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         variants.append((f"kv_fused({fused_backend})", c, timed(with_kv(fused_backend, resident), args.steps, device)))
         if c == "bf16":
             variants.append(("kv_eager(torch)", c, timed(with_kv("torch", resident), args.steps, device)))
-        del resident
         n_batches = args.steps + 2                              # timed() runs two warm-up steps
         id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
                       for j in range(n_batches)]
+        if args.interference and c == first_codec:
+            for part in ("collate", "copy", "loader"):
+                with reading_beside(store, id_batches, len(teachers), device, part):
+                    variants.append((f"kv_fused beside {part}", c, timed(with_kv(fused_backend, resident),
+                                                                         args.steps, device, stream_only=True)))
+        del resident
         fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch)
         first = next(fed)
         inline = batch_to(collate([store.get(i) for i in id_batches[0]], len(teachers)), device)

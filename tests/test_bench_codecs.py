@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import threading
 
 import pytest
 import torch
@@ -70,6 +71,18 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     assert seen.count((("Tensor", "torch.float32"),) * 2) == 9
     assert len(seen) == 21
     assert not list(tmp_path.glob("kvfuse-bench-store-*"))  # the stores are removed
+
+
+def test_train_step_bench_times_a_step_beside_each_part_of_the_reader(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    out = tmp_path / "train_step.csv"
+    rc = bench_train_step.main(["--student", "tiny-llama", "--teachers", "2x32", "--batch", "2", "--seq", "16",
+                                "--steps", "1", "--store_prefetch", "1", "--interference", "--csv", str(out)])
+    assert rc == 0
+    beside = [r for r in _rows(out) if " beside " in r["variant"]]
+    assert [r["variant"] for r in beside] == [f"kv_fused beside {part}" for part in ("collate", "copy", "loader")]
+    assert all(r["codec"] == "bf16" and float(r["step_ms"]) > 0 for r in beside)
+    assert not [t for t in threading.enumerate() if t.name == "kvfuse-bench-reader"]   # every reader stopped
 
 
 def test_dump_bench_codecs(tmp_path):
