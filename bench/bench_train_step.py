@@ -10,8 +10,10 @@ Student step (forward, backward, AdamW) on one device, three ways, same inputs:
                 when the reader keeps up (the first batch is checked equal to an inline read)
   kv_fused beside <part>   (--interference) kv_fused on resident batches while a thread reads the first codec's
                 store and throws the batches away, up to <part>: collate (into pinned memory), copy (and to the device
-                on a side stream), loader (store_batches itself: copy and finite check); timed on the training
-                stream: what reading costs a step that never waits for it
+                on a side stream), copy+check (and the loader's finite check), copy+record (and record_stream onto
+                the training stream, as the loader's hand-over), loader (store_batches itself); timed on the
+                training stream: what reading costs a step that never waits for it. Every row's CSV carries
+                cuda_segment_allocs, the device-memory segments the caching allocator newly allocated meanwhile
   compiled:ce_only, compiled:kv_fused   (--compile) a compiled trainer: the step's loss under torch.compile —
                 the student alone, or the student, its K/V (hooks on k_proj / v_proj, RoPE) and KVDistillLoss,
                 whose Triton kernels are torch.library custom ops; the backward is AOTAutograd's
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,7 +58,7 @@ from kvfuse.models import kv_heads, load
 from kvfuse.models.capture import capture_kv
 from kvfuse.teacher.builder import collate
 from kvfuse.teacher.compress import encode_sample, fit_bases
-from kvfuse.teacher.loader import batch_to, store_batches
+from kvfuse.teacher.loader import batch_to, check_finite_teachers, store_batches
 from kvfuse.teacher.store import StoreWriter, TeacherKVStore
 
 
@@ -136,8 +138,10 @@ def timed(fn, steps: int, device: torch.device, stream_only: bool = False) -> fl
 def reading_beside(store: TeacherKVStore, id_batches: list[list[str]], n_teachers: int, device: torch.device,
                    part: str):
     """A thread that reads `store` batch after batch, as the loader does, up to `part` ("collate": into pinned
-    memory; "copy": and to the device on a side stream; "loader": kvfuse.teacher.loader.store_batches itself, copy
-    and finite check) and throws the batches away: what reading costs a step that does not wait for it."""
+    memory; "copy": and to the device on a side stream; "copy+check": and the loader's finite check; "copy+record":
+    and `record_stream` of the teacher tensors onto the training stream, as the loader's hand-over does; "loader":
+    kvfuse.teacher.loader.store_batches itself) and throws the batches away: what reading costs a step that does
+    not wait for it."""
     stop = threading.Event()
     cuda = device.type == "cuda"
 
@@ -151,10 +155,17 @@ def reading_beside(store: TeacherKVStore, id_batches: list[list[str]], n_teacher
                 continue
             for ids in id_batches:
                 batch = collate([store.get(i) for i in ids], n_teachers, pin_memory=cuda)
-                if part == "copy" and cuda:
-                    with torch.cuda.stream(side):
-                        batch_to(batch, device)
+                if part == "collate":
+                    continue
+                with torch.cuda.stream(side) if cuda else nullcontext():
+                    moved = batch_to(batch, device)
+                    if part == "copy+check":
+                        check_finite_teachers(moved)
+                if cuda:
                     side.synchronize()
+                    if part == "copy+record":       # as the loader hands a batch over: reusable once training passes
+                        for t in teacher_parts(moved):
+                            t.record_stream(torch.cuda.current_stream(device))
                 if stop.is_set():
                     return
     thread = threading.Thread(target=run, name="kvfuse-bench-reader", daemon=True)
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the compiled-trainer variants")
     parser.add_argument("--interference", action="store_true",
                         help="also time kv_fused on resident batches while a thread reads the first codec's store "
-                             "up to a part of the loader (collate / copy / loader): what reading costs a step")
+                             "up to a part of the loader (collate / copy / copy+check / copy+record / loader)")
     args = parser.parse_args(argv)
     codecs = [parse_codec(c) for c in args.codecs]
     if len({str(c) for c in codecs}) != len(codecs):
@@ -325,6 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     reads = {c: timed(read_only(reader(store)), args.steps, device) for c, store in stores.items()}
     base = timed(ce_only, args.steps, device)
     variants = [("ce_only", "", base)]           # (variant, codec, seconds)
+    # per (variant, codec): device-memory segments the caching allocator newly allocated (cudaMalloc) while timing
+    segments: dict[tuple[str, str], int] = {}
+
+    def segment_allocs() -> int:
+        return torch.cuda.memory_stats(device).get("segment.all.allocated", 0) if device.type == "cuda" else 0
+
+    def add(variant: str, codec: str, measure) -> None:
+        before = segment_allocs()
+        seconds = measure()
+        segments[(variant, codec)] = segment_allocs() - before
+        variants.append((variant, codec, seconds))
     fused_backend = "triton" if device.type == "cuda" else "torch"
     same = {}
     reader_waits = {}      # per codec: median host time a store-fed step spent waiting for its batch
@@ -332,17 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     def run_codec(c, store):
         """kv_fused (and, on bf16, kv_eager) on resident batches of `store`, then kv_fused fed live from it."""
         resident = cycling([reader(store)() for _ in range(2)])
-        variants.append((f"kv_fused({fused_backend})", c, timed(with_kv(fused_backend, resident), args.steps, device)))
+        add(f"kv_fused({fused_backend})", c, lambda: timed(with_kv(fused_backend, resident), args.steps, device))
         if c == "bf16":
-            variants.append(("kv_eager(torch)", c, timed(with_kv("torch", resident), args.steps, device)))
+            add("kv_eager(torch)", c, lambda: timed(with_kv("torch", resident), args.steps, device))
         n_batches = args.steps + 2                              # timed() runs two warm-up steps
         id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
                       for j in range(n_batches)]
         if args.interference and c == first_codec:
-            for part in ("collate", "copy", "loader"):
+            for part in ("collate", "copy", "copy+check", "copy+record", "loader"):
                 with reading_beside(store, id_batches, len(teachers), device, part):
-                    variants.append((f"kv_fused beside {part}", c, timed(with_kv(fused_backend, resident),
-                                                                         args.steps, device, stream_only=True)))
+                    add(f"kv_fused beside {part}", c, lambda: timed(with_kv(fused_backend, resident), args.steps,
+                                                                     device, stream_only=True))
         del resident
         fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch)
         first = next(fed)
@@ -360,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch = next(fed)
                 waits.append(time.perf_counter() - start)
             return batch
-        variants.append((f"kv_fused+store({args.store_prefetch})", c,
-                         timed(with_kv(fused_backend, from_store), args.steps, device)))
+        add(f"kv_fused+store({args.store_prefetch})", c,
+            lambda: timed(with_kv(fused_backend, from_store), args.steps, device))
         reader_waits[c] = statistics.median(waits)
         fed.close()
         if device.type == "cuda":
@@ -398,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                      "store_bytes_per_token": round(store.bytes_per_token, 1) if store else "",
                      "kv_bytes_per_token": round(kv_bytes_per_token(store), 1) if store else "",
                      "prefetched_equals_inline": same[c] if store else "",
-                     "reader_wait_ms": round(reader_waits[c] * 1e3, 3) if variant.startswith("kv_fused+store") else ""})
+                     "reader_wait_ms": (round(reader_waits[c] * 1e3, 3) if variant.startswith("kv_fused+store")
+                                        else ""),
+                     "cuda_segment_allocs": segments.get((variant, c), "") if device.type == "cuda" else ""})
     append_csv(args.csv, rows)
     shutil.rmtree(tmp)
     return 0 if all(same.values()) else 1

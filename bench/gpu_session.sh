@@ -6,6 +6,7 @@
 #     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed live from the store) student step
 #     step_codecs                  the same with the store in bf16, fp8 and int4 (issue 16: overhead vs bf16's)
 #     dump_codecs                  bench_dump.py per store codec bf16, fp8, int4 (issue 16: throughput vs bf16's)
+#     step_interference            the bf16 step beside a thread reading the store up to each part of the loader
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
 #     kl_variants                  the same at 4k and 16k (32k Triton only) with every kernel variant's rows
 #     fused  bench_fused_loss.py   the fused KV loss at 4k and 16k tokens, two teachers, eager / compile / Triton
@@ -68,6 +69,8 @@ for what in "$@"; do
             --store_prefetch 2 --csv "$OUT/train_step.csv" ;;
     step_codecs) TAIL=24 part step_codecs python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 \
             --steps 8 --store_prefetch 2 --codecs bf16 fp8 int4 --csv "$OUT/train_step_codecs.csv" ;;
+    step_interference) TAIL=16 part step_interference python3 -m bench.bench_train_step --student "$STUDENT" \
+            --batch 4 --seq 2048 --steps 8 --store_prefetch 2 --interference --csv "$OUT/train_step_interference.csv" ;;
     dump_codecs) TAIL=40 part dump_codecs python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" \
             --seq 2048 --n 16 --batch 4 --repeats 2 --codecs bf16 fp8 int4 --csv "$OUT/dump_codecs.csv" ;;
     fused) TAIL=30 part fused python3 -m bench.bench_fused_loss --out "$OUT" --tokens 4096 16384 --tokens3 ;;
