@@ -10,6 +10,7 @@
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
 #     kl_variants                  the same at 4k and 16k (32k Triton only) with every kernel variant's rows
 #     fused  bench_fused_loss.py   the fused KV loss at 4k and 16k tokens, two teachers, eager / compile / Triton
+#     fused3                       the same with three teachers at 4k and 16k
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
 #     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / low-rank teachers at 16k
 #     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
@@ -74,6 +75,7 @@ for what in "$@"; do
     dump_codecs) TAIL=40 part dump_codecs python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" \
             --seq 2048 --n 16 --batch 4 --repeats 2 --codecs bf16 fp8 int4 --csv "$OUT/dump_codecs.csv" ;;
     fused) TAIL=30 part fused python3 -m bench.bench_fused_loss --out "$OUT" --tokens 4096 16384 --tokens3 ;;
+    fused3) TAIL=30 part fused3 python3 -m bench.bench_fused_loss --out "$OUT" --tokens --tokens3 4096 16384 ;;
     profile) TAIL=4 part profile python3 -m bench.profile_fused_loss --out "$OUT" --tokens 4096 ;;
     codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 ;;
     kl_variants) TAIL=40 part kl_variants python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 16384 \
