@@ -3,7 +3,7 @@
 #   bash bench/gpu_session.sh dump step kl      one GPU:
 #     dump   bench_dump.py         serial vs pipelined dump vs bare forward, random Qwen2.5-7B teacher, T = 2048
 #     dump_shm                     the same with the shards on tmpfs (the pipeline without the disk)
-#     dump_long                    one bf16 shard of 256 examples (the dump's steady state)
+#     dump_long                    one bf16 shard of 128 examples (the dump's steady state)
 #     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed live from the store) student step
 #     step_codecs                  the same with the store in bf16, fp8 and int4 (issue 16: overhead vs bf16's)
 #     dump_codecs                  bench_dump.py per store codec bf16, fp8, int4 (issue 16: throughput vs bf16's)
@@ -64,9 +64,9 @@ for what in "$@"; do
   case $what in
     dump) part dump python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 16 --batch 4 \
             --repeats 2 --csv "$OUT/dump.csv" ;;
-    dump_long)  # one bf16 shard of 256 examples: the steady state, with the shard's tail paid once
+    dump_long)  # one bf16 shard of 128 examples (15 GB): the steady state, with the shard's tail paid once
           PART_LIMIT_dump_long=${PART_LIMIT_dump_long:-400} part dump_long python3 -m bench.bench_dump \
-            --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 256 --batch 4 --repeats 1 --csv "$OUT/dump.csv" ;;
+            --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 128 --batch 4 --repeats 1 --csv "$OUT/dump.csv" ;;
     dump_shm)   # the same with the shards in memory (tmpfs): the pipeline without the disk
           part dump_shm python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" --seq 2048 --n 16 \
             --batch 4 --repeats 2 --store_dir "${SHM_DIR:-/dev/shm}" --csv "$OUT/dump.csv" ;;
