@@ -249,3 +249,24 @@ def test_the_rope_check_reads_the_device_on_a_models_first_capture_and_when_its_
     assert reads() == first
     model.model.rotary_emb.register_buffer("inv_freq", model.model.rotary_emb.inv_freq.clone(), persistent=False)
     assert reads() == first and reads() == again   # a new tensor is checked once, then trusted again
+
+
+def test_an_inference_tensor_inv_freq_is_checked_on_every_capture(count_host_reads):
+    # no version counter to see an in-place edit by: never trusted from one capture to the next
+    model = tiny_model("tiny-llama", seed=4)
+    rotary = model.model.rotary_emb
+    with torch.inference_mode():
+        frozen = rotary.inv_freq.clone()
+    rotary.register_buffer("inv_freq", frozen, persistent=False)
+    ids, mask = _batch(seed=6, batch=2, length=9, left_pad=2)
+
+    def reads() -> int:
+        with count_host_reads() as counted:
+            cap = capture_kv(model, ids, mask)
+        assert torch.equal(cap.rope[0].inv_freq, frozen)
+        return counted.n
+    assert reads() == reads()
+    plain = tiny_model("tiny-llama", seed=4)
+    with count_host_reads() as counted:
+        capture_kv(plain, ids, mask)
+    assert reads() == counted.n          # as many reads as a first capture, which checks

@@ -439,9 +439,11 @@ class _Recorder:
         if (id(cos), layer.order) in self.checked:
             return rope
         buffer = inv_freq_buffer(rotary, layer_type)
+        # an inference tensor keeps no version counter, so an in-place edit could not be seen: checked every time
+        version = None if buffer.is_inference() else buffer._version
         key = (layer_type, layer.order, cos.dtype, cos.device, rope.attention_scaling)
         seen = _ROPE_CHECKED.get(rotary, {}).get(key)
-        if seen is not None and seen[0]() is buffer and seen[1] == buffer._version:
+        if version is not None and seen is not None and seen[0]() is buffer and seen[1] == version:
             self.checked.add((id(cos), layer.order))
             return rope
         expected, _ = cos_sin(cos, positions.to(cos.device).expand(cos.shape[:-1]), rope.inv_freq,
@@ -456,7 +458,8 @@ class _Recorder:
                              f"inv_freq/attention_scaling (max error {error:.3g}); the model applies RoPE in a way "
                              "capture does not reproduce")
         self.checked.add((id(cos), layer.order))
-        _ROPE_CHECKED.setdefault(rotary, {})[key] = (weakref.ref(buffer), buffer._version)
+        if version is not None:
+            _ROPE_CHECKED.setdefault(rotary, {})[key] = (weakref.ref(buffer), version)
         return rope
 
     # ------------------------------------------------------------------------------------------ the forward
