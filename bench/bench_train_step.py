@@ -122,8 +122,12 @@ def timed(fn, steps: int, device: torch.device, stream_only: bool = False) -> fl
     fn()
 
     def wait():
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize() if stream_only else torch.cuda.synchronize()
+        if device.type != "cuda":
+            return
+        if stream_only:
+            torch.cuda.current_stream(device).synchronize()
+        else:
+            torch.cuda.synchronize()
     times = []
     for _ in range(steps):
         wait()

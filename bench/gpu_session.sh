@@ -79,7 +79,8 @@ for what in "$@"; do
     dump_codecs) TAIL=40 part dump_codecs python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" \
             --seq 2048 --n 16 --batch 4 --repeats 2 --codecs bf16 fp8 int4 --csv "$OUT/dump_codecs.csv" ;;
     fused) TAIL=30 part fused python3 -m bench.bench_fused_loss --out "$OUT" --tokens 4096 16384 --tokens3 ;;
-    fused3) PART_LIMIT_fused3=${PART_LIMIT_fused3:-420} TAIL=30 part fused3 python3 -m bench.bench_fused_loss --out "$OUT" --tokens --tokens3 4096 16384 ;;
+    fused3) PART_LIMIT_fused3=${PART_LIMIT_fused3:-420} TAIL=30 part fused3 python3 -m bench.bench_fused_loss \
+            --out "$OUT" --tokens --tokens3 4096 16384 ;;
     profile) TAIL=4 part profile python3 -m bench.profile_fused_loss --out "$OUT" --tokens 4096 ;;
     codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 ;;
     kl_variants) TAIL=40 part kl_variants python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 16384 \
