@@ -1,6 +1,6 @@
 """Where one fused-loss step spends its time on the host and on the GPU (GPU; writes text reports).
 
-    PYTHONPATH=. python -m bench.profile_fused_loss --out $OUT [--tokens 4096] [--compiled]
+    PYTHONPATH=. python -m bench.profile_fused_loss --out $OUT [--tokens 4096] [--compiled] [--teachers 3] [--fwd]
 
 Host: the wall time of a forward + backward issued without synchronising (the GPU runs behind), its cProfile
 split by function; GPU: every kernel of one step from torch.profiler, with its time. At small batches the step is
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_fused_loss import _call, _params, make_inputs
+from bench.bench_fused_loss import TEACHERS, TEACHERS_3, _call, _params, make_inputs
 from kvfuse.loss import _triton_loss
 
 
@@ -27,15 +27,17 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compiled", action="store_true", help="torch.compile the Triton-backend call first")
+    p.add_argument("--teachers", type=int, choices=(2, 3), default=2, help="the bench's two or three teachers")
+    p.add_argument("--fwd", action="store_true", help="the forward alone (inputs still require gradients)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    x = make_inputs(args.tokens)
+    x = make_inputs(args.tokens, teachers=TEACHERS if args.teachers == 2 else TEACHERS_3)
     params = _params(x)
     impl = torch.compile(_triton_loss, fullgraph=True) if args.compiled else _triton_loss
 
     def step():
         loss = _call(impl, x)[0]
-        return torch.autograd.grad(loss, params)
+        return loss if args.fwd else torch.autograd.grad(loss, params)
 
     for _ in range(3):
         step()
@@ -46,8 +48,8 @@ def main(argv=None) -> int:
     host = (time.perf_counter() - t0) / args.steps
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / args.steps
-    tag = f"{args.tokens}{'_compiled' if args.compiled else ''}"
-    lines = [f"tokens {args.tokens} compiled {args.compiled}: host issue {host * 1e3:.3f} ms/step, "
+    tag = f"{args.tokens}{'_compiled' if args.compiled else ''}_t{args.teachers}{'_fwd' if args.fwd else ''}"
+    lines = [f"tokens {args.tokens} teachers {args.teachers} compiled {args.compiled} fwd only {args.fwd}: host issue {host * 1e3:.3f} ms/step, "
              f"wall with sync {wall * 1e3:.3f} ms/step"]
 
     prof = cProfile.Profile()
