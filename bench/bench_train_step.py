@@ -10,10 +10,12 @@ Student step (forward, backward, AdamW) on one device, three ways, same inputs:
                 when the reader keeps up (the first batch is checked equal to an inline read)
   kv_fused beside <part>   (--interference) kv_fused on resident batches while a thread reads the first codec's
                 store and throws the batches away, up to <part>: collate (into pinned memory), copy (and to the device
-                on a side stream), copy+check (and the loader's finite check), copy+record (and record_stream onto
-                the training stream, as the loader's hand-over), loader (store_batches itself); timed on the
-                training stream: what reading costs a step that never waits for it. Every row's CSV carries
-                cuda_segment_allocs, the device-memory segments the caching allocator newly allocated meanwhile
+                on a side stream), copy+flags (and the finite check's kernels, never read on the host), copy+read
+                (and the flags read by `.tolist()` at once, behind the copies), copy+check (and the loader's finite
+                check, which waits for the stream before reading), copy+record (and record_stream onto the training stream, as the
+                loader's hand-over), loader (store_batches itself); timed on the training stream: what reading costs
+                a step that never waits for it. Every row's CSV carries cuda_segment_allocs, the device-memory
+                segments the caching allocator newly allocated meanwhile
   compiled:ce_only, compiled:kv_fused   (--compile) a compiled trainer: the step's loss under torch.compile —
                 the student alone, or the student, its K/V (hooks on k_proj / v_proj, RoPE) and KVDistillLoss,
                 whose Triton kernels are torch.library custom ops; the backward is AOTAutograd's
@@ -52,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from bench.common import append_csv, commit, device_name
 from kvfuse.align.rope import rotate
-from kvfuse.codecs import Codec, is_encoded, parse_codec
+from kvfuse.codecs import Codec, finite_flag, is_encoded, parse_codec
 from kvfuse.loss import KVDistillLoss
 from kvfuse.models import kv_heads, load
 from kvfuse.models.capture import capture_kv
@@ -142,10 +144,11 @@ def timed(fn, steps: int, device: torch.device, stream_only: bool = False) -> fl
 def reading_beside(store: TeacherKVStore, id_batches: list[list[str]], n_teachers: int, device: torch.device,
                    part: str):
     """A thread that reads `store` batch after batch, as the loader does, up to `part` ("collate": into pinned
-    memory; "copy": and to the device on a side stream; "copy+check": and the loader's finite check; "copy+record":
-    and `record_stream` of the teacher tensors onto the training stream, as the loader's hand-over does; "loader":
-    kvfuse.teacher.loader.store_batches itself) and throws the batches away: what reading costs a step that does
-    not wait for it."""
+    memory; "copy": and to the device on a side stream; "copy+flags": and the finite check's kernels, not read on the
+    host; "copy+read": and the flags read at once, behind the copies; "copy+check": and the loader's finite check;
+    "copy+record": and `record_stream` of the teacher tensors onto the training stream, as the loader's hand-over
+    does; "loader": kvfuse.teacher.loader.store_batches itself) and throws the batches away: what reading costs a
+    step that does not wait for it."""
     stop = threading.Event()
     cuda = device.type == "cuda"
 
@@ -163,6 +166,10 @@ def reading_beside(store: TeacherKVStore, id_batches: list[list[str]], n_teacher
                     continue
                 with torch.cuda.stream(side) if cuda else nullcontext():
                     moved = batch_to(batch, device)
+                    if part in ("copy+flags", "copy+read"):
+                        flags = torch.stack([finite_flag(t) for t in teacher_parts(moved)])
+                        if part == "copy+read":
+                            flags.tolist()
                     if part == "copy+check":
                         check_finite_teachers(moved)
                 if cuda:
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the compiled-trainer variants")
     parser.add_argument("--interference", action="store_true",
                         help="also time kv_fused on resident batches while a thread reads the first codec's store "
-                             "up to a part of the loader (collate / copy / copy+check / copy+record / loader)")
+                             "up to a part of the loader (collate / copy / copy+flags / copy+read / copy+check / copy+record / loader)")
     args = parser.parse_args(argv)
     codecs = [parse_codec(c) for c in args.codecs]
     if len({str(c) for c in codecs}) != len(codecs):
@@ -365,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
                       for j in range(n_batches)]
         if args.interference and c == first_codec:
-            for part in ("collate", "copy", "copy+check", "copy+record", "loader"):
+            for part in ("collate", "copy", "copy+flags", "copy+read", "copy+check", "copy+record", "loader"):
                 with reading_beside(store, id_batches, len(teachers), device, part):
                     add(f"kv_fused beside {part}", c, lambda: timed(with_kv(fused_backend, resident), args.steps,
                                                                      device, stream_only=True))

@@ -80,7 +80,7 @@ def test_train_step_bench_times_a_step_beside_each_part_of_the_reader(tmp_path, 
                                 "--steps", "1", "--store_prefetch", "1", "--interference", "--csv", str(out)])
     assert rc == 0
     beside = [r for r in _rows(out) if " beside " in r["variant"]]
-    parts = ("collate", "copy", "copy+check", "copy+record", "loader")
+    parts = ("collate", "copy", "copy+flags", "copy+read", "copy+check", "copy+record", "loader")
     assert [r["variant"] for r in beside] == [f"kv_fused beside {part}" for part in parts]
     assert {r["cuda_segment_allocs"] for r in _rows(out)} == {""}          # a CPU run has no device allocator
     assert all(r["codec"] == "bf16" and float(r["step_ms"]) > 0 for r in beside)
