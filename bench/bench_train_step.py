@@ -12,10 +12,10 @@ Student step (forward, backward, AdamW) on one device, three ways, same inputs:
                 store and throws the batches away, up to <part>: collate (into pinned memory), copy (and to the device
                 on a side stream), copy+flags (and the finite check's kernels, never read on the host), copy+read
                 (and the flags read by `.tolist()` at once, behind the copies), copy+check (and the loader's finite
-                check, which waits for the stream before reading), copy+record (and record_stream onto the training stream, as the
-                loader's hand-over), loader (store_batches itself); timed on the training stream: what reading costs
-                a step that never waits for it. Every row's CSV carries cuda_segment_allocs, the device-memory
-                segments the caching allocator newly allocated meanwhile
+                check, which waits for the stream before reading), copy+record (and record_stream onto the training
+                stream, as the loader's hand-over), loader (store_batches itself); timed on the training stream:
+                what reading costs a step that never waits for it. Every row's CSV carries cuda_segment_allocs, the
+                device-memory segments the caching allocator newly allocated during its timed steps
   compiled:ce_only, compiled:kv_fused   (--compile) a compiled trainer: the step's loss under torch.compile —
                 the student alone, or the student, its K/V (hooks on k_proj / v_proj, RoPE) and KVDistillLoss,
                 whose Triton kernels are torch.library custom ops; the backward is AOTAutograd's
@@ -117,9 +117,16 @@ def kv_bytes_per_token(store: TeacherKVStore) -> float:
     return stored / max(int(item["mask"].sum()), 1)
 
 
-def timed(fn, steps: int, device: torch.device, stream_only: bool = False) -> float:
+def segment_allocs(device: torch.device) -> int:
+    """Device-memory segments the caching allocator has allocated (cudaMalloc calls) so far; 0 off the GPU."""
+    return torch.cuda.memory_stats(device).get("segment.all.allocated", 0) if device.type == "cuda" else 0
+
+
+def timed(fn, steps: int, device: torch.device, stream_only: bool = False,
+          new_segments: list[int] | None = None) -> float:
     """Median seconds of one step, waited for on the whole device, or with `stream_only` on the training stream
-    alone (when another thread keeps copying on a side stream, a device-wide wait would count its copies too)."""
+    alone (when another thread keeps copying on a side stream, a device-wide wait would count its copies too).
+    `new_segments` gets the segments allocated during the timed steps (after the warm-up)."""
     fn()  # warm-up: compilation, autotuning, allocator
     fn()
 
@@ -131,12 +138,15 @@ def timed(fn, steps: int, device: torch.device, stream_only: bool = False) -> fl
         else:
             torch.cuda.synchronize()
     times = []
+    before = segment_allocs(device)
     for _ in range(steps):
         wait()
         start = time.perf_counter()
         fn()
         wait()
         times.append(time.perf_counter() - start)
+    if new_segments is not None:
+        new_segments.append(segment_allocs(device) - before)
     return statistics.median(times)
 
 
@@ -347,17 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     reads = {c: timed(read_only(reader(store)), args.steps, device) for c, store in stores.items()}
     base = timed(ce_only, args.steps, device)
     variants = [("ce_only", "", base)]           # (variant, codec, seconds)
-    # per (variant, codec): device-memory segments the caching allocator newly allocated (cudaMalloc) while timing
+    # per (variant, codec): device-memory segments the caching allocator newly allocated during the timed steps
     segments: dict[tuple[str, str], int] = {}
 
-    def segment_allocs() -> int:
-        return torch.cuda.memory_stats(device).get("segment.all.allocated", 0) if device.type == "cuda" else 0
-
-    def add(variant: str, codec: str, measure) -> None:
-        before = segment_allocs()
-        seconds = measure()
-        segments[(variant, codec)] = segment_allocs() - before
-        variants.append((variant, codec, seconds))
+    def add(variant: str, codec: str, step, stream_only: bool = False) -> None:
+        new: list[int] = []
+        variants.append((variant, codec, timed(step, args.steps, device, stream_only, new)))
+        segments[(variant, codec)] = new[0]
     fused_backend = "triton" if device.type == "cuda" else "torch"
     same = {}
     reader_waits = {}      # per codec: median host time a store-fed step spent waiting for its batch
@@ -365,17 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     def run_codec(c, store):
         """kv_fused (and, on bf16, kv_eager) on resident batches of `store`, then kv_fused fed live from it."""
         resident = cycling([reader(store)() for _ in range(2)])
-        add(f"kv_fused({fused_backend})", c, lambda: timed(with_kv(fused_backend, resident), args.steps, device))
+        add(f"kv_fused({fused_backend})", c, with_kv(fused_backend, resident))
         if c == "bf16":
-            add("kv_eager(torch)", c, lambda: timed(with_kv("torch", resident), args.steps, device))
+            add("kv_eager(torch)", c, with_kv("torch", resident))
         n_batches = args.steps + 2                              # timed() runs two warm-up steps
         id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
                       for j in range(n_batches)]
         if args.interference and c == first_codec:
             for part in ("collate", "copy", "copy+flags", "copy+read", "copy+check", "copy+record", "loader"):
                 with reading_beside(store, id_batches, len(teachers), device, part):
-                    add(f"kv_fused beside {part}", c, lambda: timed(with_kv(fused_backend, resident), args.steps,
-                                                                     device, stream_only=True))
+                    add(f"kv_fused beside {part}", c, with_kv(fused_backend, resident), stream_only=True)
         del resident
         fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch)
         first = next(fed)
@@ -393,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch = next(fed)
                 waits.append(time.perf_counter() - start)
             return batch
-        add(f"kv_fused+store({args.store_prefetch})", c,
-            lambda: timed(with_kv(fused_backend, from_store), args.steps, device))
+        add(f"kv_fused+store({args.store_prefetch})", c, with_kv(fused_backend, from_store))
         reader_waits[c] = statistics.median(waits)
         fed.close()
         if device.type == "cuda":
