@@ -13,6 +13,7 @@
 #     fused  bench_fused_loss.py   the fused KV loss at 4k and 16k tokens, two teachers, eager / compile / Triton
 #     fused3                       the same with three teachers at 4k and 16k
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
+#     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
 #     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / low-rank teachers at 16k
 #     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
 #   bash bench/gpu_session.sh store_train      Phase 1 trained from a fresh offline store and online, same seed
@@ -82,6 +83,8 @@ for what in "$@"; do
     fused3) PART_LIMIT_fused3=${PART_LIMIT_fused3:-420} TAIL=30 part fused3 python3 -m bench.bench_fused_loss \
             --out "$OUT" --tokens --tokens3 4096 16384 ;;
     profile) TAIL=4 part profile python3 -m bench.profile_fused_loss --out "$OUT" --tokens 4096 ;;
+    profile_compiled) for t in 2 3; do TAIL=1 part "profile_compiled_t$t" python3 -m bench.profile_fused_loss \
+            --out "$OUT" --tokens 4096 --compiled --fwd --teachers $t; done ;;
     codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 ;;
     kl_variants) TAIL=40 part kl_variants python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 16384 \
             --triton-only-seqs 32768 ;;
@@ -102,7 +105,7 @@ print(sys.argv[2], [round(e['kv_loss'], 6) for e in ev], [round(e['tokens_per_s'
       train 1 4 zero3_g1
       [ "$n_gpus" -ge 2 ] && train 2 4 zero3_g2
       [ "$n_gpus" -ge 4 ] && train 4 8 zero3_g4 ;;
-    *) echo "unknown part $what (dump|dump_shm|step|step_codecs|dump_codecs|kl|kl_variants|fused|profile|codecs|store_train|zero3)"; exit 2 ;;
+    *) echo "unknown part $what (dump|dump_long|dump_shm|step|step_codecs|step_interference|dump_codecs|kl|kl_variants|fused|fused3|profile|profile_compiled|codecs|store_train|zero3)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date +%T))"
