@@ -32,7 +32,8 @@ def check_finite_teachers(batch: dict[str, Any]) -> dict[str, Any]:
         if flags.is_cuda:
             # Wait here, not inside the copy to host: `.tolist()` alone is a copy to pageable memory queued behind
             # the batch's host-to-device copies, and while it waits the training thread's launches stall
-            # (bench/NOTES.md, "store-fed step": +53 ms a step beside a reader, against +4 ms for the copies alone).
+            # (bench/NOTES.md, "What stalled bf16's store-fed step": +53 ms a step beside a reader, +4 ms for the
+            # copies alone).
             torch.cuda.current_stream(flags.device).synchronize()
         ok = flags.tolist()
         bad = [name for (name, _), good in zip(named, ok) if not good]
