@@ -17,8 +17,14 @@
                compressed one), and writes bench/results/codec_distill.csv (one row per run) and a table relative to
                the bf16 run of the same seed. Runs land in runs/codecs/ (checkpoints are not kept).
 
+  halves       Phase 1 (3 seeds) from two bf16 stores in which only the keys, or only the values, are int4 round
+               trips, beside the bf16 and int4 stores: which half carries int4's gap; and the relative MSE other key
+               codes (5 bits, 32/64-token groups, MSE-best clipping) reach on the same store. Writes
+               bench/results/codec_int4_halves.csv and codec_int4_keys.csv.
+
     python -m bench.codec_quality reconstruct
     python -m bench.codec_quality distill --phases 1 2 --seeds 0 1 2 --codecs bf16 fp8 int4 lowrank:64+int4
+    python -m bench.codec_quality halves
 """
 from __future__ import annotations
 
@@ -210,37 +216,152 @@ def reencode(source: Path, target: Path, codec_name: str, calib: int) -> None:
     writer.write_shard(0, samples)
 
 
+def _prepare(out: Path, phase: int, codecs, calib: int) -> dict[str, Path]:
+    """The phase's fp32 teacher pass (dumped once) and one store per codec re-encoded from it."""
+    size = PHASE_RUNS[phase]
+    fp32 = out / f"store-p{phase}-fp32"
+    if not (fp32 / "shard-00000-of-00001.json").exists():
+        print(f"dump phase {phase} (fp32) -> {fp32}", flush=True)
+        _run([sys.executable, "-m", "kvfuse", "dump", "--teachers", STUDENT, STUDENT, "--teacher_prompts",
+              "default", "cot", "--student", STUDENT, "--n_samples", str(size["n_samples"]), "--n_val",
+              str(size["n_val"]), "--seed", "0", "--dtype", "fp32", "--out", str(fp32)],
+             out / f"dump-p{phase}-fp32.log")
+    stores = {"fp32": fp32}
+    for codec in codecs:
+        store = out / f"store-p{phase}-{_slug(codec)}"
+        stores[codec] = store
+        if not (store / "shard-00000-of-00001.json").exists():
+            print(f"encode phase {phase} {codec} -> {store}", flush=True)
+            reencode(fp32, store, codec, calib)
+    return stores
+
+
+def _train(out: Path, phase: int, seed: int, label: str, store: Path, bf16_store: Path) -> Path:
+    """One training run from `store`, validated against the bf16 store's teacher KV; skipped when it finished."""
+    run = out / f"p{phase}-{_slug(label)}-seed{seed}"
+    if not (run / "report.html").exists():
+        print(f"train phase {phase} {label} seed {seed} -> {run}", flush=True)
+        start = time.perf_counter()
+        _run([sys.executable, "train/main.py", "--phase", str(phase), "--seed", str(seed),
+              "--teacher_store", str(store), "--eval_teacher_store", str(bf16_store),
+              "--output_dir", str(run), "--save_every", "0", "--eval_every", "100", "--n_generate", "0",
+              *PHASE_RUNS[phase]["train"]], out / f"{run.name}.log")
+        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+    return run
+
+
+def _val_kv(run: Path) -> list[dict]:
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == "val"]
+
+
 def distill(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for phase in args.phases:
-        size = PHASE_RUNS[phase]
-        fp32 = out / f"store-p{phase}-fp32"
-        if not (fp32 / "shard-00000-of-00001.json").exists():
-            print(f"dump phase {phase} (fp32) -> {fp32}", flush=True)
-            _run([sys.executable, "-m", "kvfuse", "dump", "--teachers", STUDENT, STUDENT, "--teacher_prompts",
-                  "default", "cot", "--student", STUDENT, "--n_samples", str(size["n_samples"]), "--n_val",
-                  str(size["n_val"]), "--seed", "0", "--dtype", "fp32", "--out", str(fp32)],
-                 out / f"dump-p{phase}-fp32.log")
-        stores = {}
-        for codec in args.codecs:
-            store = out / f"store-p{phase}-{_slug(codec)}"
-            stores[codec] = store
-            if not (store / "shard-00000-of-00001.json").exists():
-                print(f"encode phase {phase} {codec} -> {store}", flush=True)
-                reencode(fp32, store, codec, args.calib)
+        stores = _prepare(out, phase, args.codecs, args.calib)
         for seed in args.seeds:
             for codec in args.train or args.codecs:
-                run = out / f"p{phase}-{_slug(codec)}-seed{seed}"
-                if not (run / "report.html").exists():
-                    print(f"train phase {phase} {codec} seed {seed} -> {run}", flush=True)
-                    start = time.perf_counter()
-                    _run([sys.executable, "train/main.py", "--phase", str(phase), "--seed", str(seed),
-                          "--teacher_store", str(stores[codec]), "--eval_teacher_store", str(stores["bf16"]),
-                          "--output_dir", str(run), "--save_every", "0", "--eval_every", "100", "--n_generate", "0",
-                          *size["train"]], out / f"p{phase}-{_slug(codec)}-seed{seed}.log")
-                    print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+                _train(out, phase, seed, codec, stores[codec], stores["bf16"])
     return summarise(args)
+
+
+def int4_half_store(source: Path, target: Path, kind: str) -> None:
+    """The fp32 store `source` as a bf16 store in which one half of every teacher entry, keys (kind "k") or values
+    ("v"), holds the bf16 value of its int4 round trip (as `dump --codec int4` encodes it) and the other half is
+    plain bf16: a store whose only int4 error is in that half."""
+    src = TeacherKVStore(source)
+    int4 = parse_codec("int4")
+    writer = StoreWriter(target, dict(src.settings, codec="bf16", dtype="bf16"), 1)
+    samples = []
+    for i in range(len(src)):
+        sample = {n: t for n, t in src[i].items() if n != "id"}
+        rounded = assemble(encode_sample(sample, int4), int4)
+        named = encode_sample(sample, parse_codec("bf16"))     # masked tokens as zeros, finite check
+        for name in named:
+            if name.startswith("teacher"):
+                half = rounded[name] if name.endswith("/" + kind) else named[name]
+                named[name] = decode(half).to(torch.bfloat16)
+        samples.append((src.sample_ids[i], named))
+    writer.write_shard(0, samples)
+
+
+def _int4_key_variants(store: Path) -> list[dict]:
+    """Relative MSE of per-channel asymmetric keys (valid tokens of the store's samples) under variants of the int4
+    code: what a different grouping, clipping or width would buy the keys."""
+    def rounded(x, lo, hi, bits=4):
+        levels = 2 ** bits - 1
+        s = ((hi - lo) / levels).clamp_min(1e-12)
+        return torch.round((x - lo) / s).clamp(0, levels) * s + lo
+
+    def per_channel(x, bits=4):
+        return rounded(x, x.amin(-2, keepdim=True), x.amax(-2, keepdim=True), bits)
+
+    def token_groups(x, g):
+        return torch.cat([per_channel(x[..., a:a + g, :]) for a in range(0, x.shape[-2], g)], -2)
+
+    def best_clip(x):
+        lo, hi = x.amin(-2, keepdim=True), x.amax(-2, keepdim=True)
+        mid, half = (hi + lo) / 2, (hi - lo) / 2
+        best = err = None
+        for c in [1 - 0.03 * j for j in range(16)]:
+            y = rounded(x, mid - c * half, mid + c * half)
+            e = (y - x).square().sum(-2, keepdim=True)
+            best = y if best is None else torch.where(e < err, y, best)
+            err = e if err is None else torch.minimum(e, err)
+        return best
+
+    variants = {"int4 per channel (the codec)": per_channel, "5 bits per channel": lambda x: per_channel(x, 5),
+                "int4, 64-token groups": lambda x: token_groups(x, 64),
+                "int4, 32-token groups": lambda x: token_groups(x, 32),
+                "int4, MSE-best clip of 16": best_clip}
+    src = TeacherKVStore(store)
+    err = dict.fromkeys(variants, 0.0)
+    energy = 0.0
+    for i in range(len(src)):
+        sample = src[i]
+        valid = sample["mask"].bool()
+        for name, t in sample.items():
+            if name.startswith("teacher") and name.endswith("/k"):
+                x = t.float()[:, :, valid]                         # [L, H, n, D]
+                energy += float(x.double().square().sum())
+                for label, fn in variants.items():
+                    err[label] += float((fn(x) - x).double().square().sum())
+    return [{"variant": label, "k_rel_mse": e / energy, "commit": commit()} for label, e in err.items()]
+
+
+def halves(args) -> int:
+    """Phase 1 from int4 keys with bf16 values, and from bf16 keys with int4 values, against bf16 and int4: which
+    half carries int4's gap; then what other key codes would lose on the same store."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stores = _prepare(out, 1, ["bf16", "int4"], args.calib)
+    for kind in ("k", "v"):
+        stores[f"int4-{kind}"] = out / f"store-p1-int4-{kind}-only"
+        if not (stores[f"int4-{kind}"] / "shard-00000-of-00001.json").exists():
+            print(f"build {stores[f'int4-{kind}'].name}", flush=True)
+            int4_half_store(stores["fp32"], stores[f"int4-{kind}"], kind)
+    labels = {"bf16": "bf16", "int4": "int4 (keys and values)", "int4-k": "int4 keys, bf16 values",
+              "int4-v": "bf16 keys, int4 values"}
+    rows = []
+    for seed in args.seeds:
+        for key, label in labels.items():
+            run = _train(out, 1, seed, key, stores[key], stores["bf16"])
+            rows.append({"phase": 1, "store": label, "seed": seed, "val_kv_last": _val_kv(run)[-1]["kv_loss"],
+                         "commit": commit()})
+    base = {r["seed"]: r["val_kv_last"] for r in rows if r["store"] == "bf16"}
+    for r in rows:
+        r["vs_bf16_pct"] = 100 * (r["val_kv_last"] / base[r["seed"]] - 1)
+    keys = _int4_key_variants(stores["fp32"])
+    for path, table in ((RESULTS / "codec_int4_halves.csv", rows), (RESULTS / "codec_int4_keys.csv", keys)):
+        path.unlink(missing_ok=True)
+        append_csv(path, table)
+        print(f"wrote {path}")
+    for label in labels.values():
+        gaps = [r["vs_bf16_pct"] for r in rows if r["store"] == label]
+        print(f"  {label:24s} {statistics.fmean(gaps):+6.2f} % ({', '.join(f'{g:+.2f}' for g in gaps)})")
+    for k in keys:
+        print(f"  keys, {k['variant']:30s} relative MSE {k['k_rel_mse']:.2e}")
+    return 0
 
 
 def _store_bytes_per_token(store: Path) -> float:
@@ -259,8 +380,7 @@ def summarise(args) -> int:
                 if not (run / "report.html").exists():
                     print(f"(no finished run {run.name}: left out)")
                     continue
-                val = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                       if e["split"] == "val"]
+                val = _val_kv(run)
                 store = out / f"store-p{phase}-{_slug(codec)}"
                 rows.append({"phase": phase, "codec": codec, "seed": seed, "steps": val[-1]["step"],
                              "val_kv_first": val[0]["kv_loss"], "val_kv_last": val[-1]["kv_loss"],
@@ -306,10 +426,16 @@ def main(argv=None) -> int:
                          "their runs must exist before the table is made)")
         dis.add_argument("--calib", type=int, default=8, help="items the low-rank bases are fitted on (default 8)")
         dis.add_argument("--out", default=str(ROOT / "runs" / "codecs"))
+    hal = sub.add_parser("halves", help="Phase 1 from int4 keys only and from int4 values only; other key codes' "
+                         "error on the same store")
+    hal.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    hal.add_argument("--calib", type=int, default=8, help=argparse.SUPPRESS)
+    hal.add_argument("--out", default=str(ROOT / "runs" / "codecs"))
     args = parser.parse_args(argv)
-    if args.command != "reconstruct" and "bf16" not in args.codecs:
+    if args.command in ("distill", "summarise") and "bf16" not in args.codecs:
         parser.error("--codecs must include bf16, the reference the others are compared with")
-    return {"reconstruct": reconstruct, "distill": distill, "summarise": summarise}[args.command](args)
+    return {"reconstruct": reconstruct, "distill": distill, "summarise": summarise,
+            "halves": halves}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The codec paths of the training-step and dump benchmarks (issue 16 speed targets), end to end at toy size on the
 CPU: one store per codec, a CSV row per codec and stage, the stores' bytes per token ordered bf16 > fp8 > int4, and
-the store-fed batch / streamed shard equal to the inline read / serial build."""
+the store-fed batch / streamed shard equal to the inline read / serial build; and the stores and key-code study of
+`codec_quality halves`."""
 from __future__ import annotations
 
 import csv
@@ -121,3 +122,70 @@ def test_append_csv_widens_an_older_header(tmp_path):
     append_csv(path, [{"a": 3, "b": 4, "codec": "fp8"}])
     append_csv(path, [{"a": 5, "b": 6, "codec": "int4"}])
     assert path.read_text().splitlines() == ["a,b,codec", "1,2,", "3,4,fp8", "5,6,int4"]
+
+
+def _fp32_store(root):
+    from kvfuse.teacher.store import StoreWriter
+
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for j, T in enumerate((11, 6)):
+        mask = torch.rand(T, generator=gen) > 0.3
+        mask[0] = True
+        sample = {"input_ids": torch.arange(T), "positions": torch.arange(T), "mask": mask,
+                  "labels_mask": mask.clone()}
+        for i, (H, D) in enumerate(((2, 8), (1, 16))):
+            for kind in "kv":
+                x = torch.randn(3, H, T, D, generator=gen) * (1 + 4 * torch.rand(D, generator=gen))
+                sample[f"teacher{i}/{kind}"] = x.masked_fill(~mask.unsqueeze(-1), float("nan"))
+        samples.append((f"s{j}", sample))
+    StoreWriter(root, {"teachers": ["a", "b"], "dtype": "fp32"}, 1).write_shard(0, samples)
+    return samples
+
+
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_int4_half_store_rounds_only_its_half(tmp_path, kind):
+    """codec_quality halves: the half store holds int4 round trips (as the codec encodes them) in one half and the
+    plain bf16 tensor in the other, on valid tokens; masked tokens, NaN in the source, are stored finite."""
+    from bench.codec_quality import int4_half_store
+    from kvfuse.codecs import AXIS_OF, encode_int4
+    from kvfuse.teacher.store import TeacherKVStore
+
+    samples = _fp32_store(tmp_path / "fp32")
+    int4_half_store(tmp_path / "fp32", tmp_path / "half", kind)
+    half = TeacherKVStore(tmp_path / "half")
+    assert half.settings["codec"] == "bf16"
+    for i, (_, sample) in enumerate(samples):
+        got, valid = half[i], sample["mask"]
+        for name, x in sample.items():
+            if not name.startswith("teacher"):
+                continue
+            assert got[name].dtype == torch.bfloat16 and torch.isfinite(got[name]).all()
+            plain = x[..., valid, :].to(torch.bfloat16)
+            if name.endswith("/" + kind):
+                want = encode_int4(x, AXIS_OF[kind], valid).decode(torch.float32)[..., valid, :].to(torch.bfloat16)
+                assert not torch.equal(want, plain)
+            else:
+                want = plain
+            assert torch.equal(got[name][..., valid, :], want), name
+
+
+def test_int4_key_variants_measure_the_codec_itself(tmp_path):
+    """The key-code study's reference row is the codec's own int4 error (same grid, same statistics); 5 bits and
+    finer token groups can only lower it on these inputs."""
+    from bench.codec_quality import _int4_key_variants
+    from kvfuse.codecs import encode_int4
+
+    samples = _fp32_store(tmp_path / "fp32")
+    rows = {r["variant"]: r["k_rel_mse"] for r in _int4_key_variants(tmp_path / "fp32")}
+    err = energy = 0.0
+    for _, sample in samples:
+        valid = sample["mask"]
+        for name in ("teacher0/k", "teacher1/k"):
+            x = sample[name]
+            y = encode_int4(x, "channel", valid).decode(torch.float32)
+            err += float((y - x)[..., valid, :].double().square().sum())
+            energy += float(x[..., valid, :].double().square().sum())
+    assert rows["int4 per channel (the codec)"] == pytest.approx(err / energy, rel=1e-5)
+    assert rows["5 bits per channel"] < rows["int4 per channel (the codec)"] / 3
+    assert rows["int4, MSE-best clip of 16"] <= rows["int4 per channel (the codec)"]
