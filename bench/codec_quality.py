@@ -286,8 +286,9 @@ def int4_half_store(source: Path, target: Path, kind: str) -> None:
 
 
 def _int4_key_variants(store: Path) -> list[dict]:
-    """Relative MSE of per-channel asymmetric keys (valid tokens of the store's samples) under variants of the int4
-    code: what a different grouping, clipping or width would buy the keys."""
+    """Relative and absolute (per element) MSE of per-channel asymmetric keys (valid tokens of the store's samples)
+    under variants of the int4 code: what a different grouping, clipping or width would buy the keys; and, for
+    scale, the codec's own int4 values (per token)."""
     def rounded(x, lo, hi, bits=4):
         levels = 2 ** bits - 1
         s = ((hi - lo) / levels).clamp_min(1e-12)
@@ -310,28 +311,36 @@ def _int4_key_variants(store: Path) -> list[dict]:
             err = e if err is None else torch.minimum(e, err)
         return best
 
-    variants = {"int4 per channel (the codec)": per_channel, "5 bits per channel": lambda x: per_channel(x, 5),
-                "int4, 64-token groups": lambda x: token_groups(x, 64),
-                "int4, 32-token groups": lambda x: token_groups(x, 32),
-                "int4, MSE-best clip of 16": best_clip}
+    def per_token(x):
+        return rounded(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
+
+    variants = {("k", "int4 per channel (the codec)"): per_channel, ("k", "5 bits per channel"): lambda x: per_channel(x, 5),
+                ("k", "int4, 64-token groups"): lambda x: token_groups(x, 64),
+                ("k", "int4, 32-token groups"): lambda x: token_groups(x, 32),
+                ("k", "int4, MSE-best clip of 16"): best_clip, ("v", "int4 per token (the codec)"): per_token}
     src = TeacherKVStore(store)
     err = dict.fromkeys(variants, 0.0)
-    energy = 0.0
+    energy, count = {"k": 0.0, "v": 0.0}, {"k": 0, "v": 0}
     for i in range(len(src)):
         sample = src[i]
         valid = sample["mask"].bool()
         for name, t in sample.items():
-            if name.startswith("teacher") and name.endswith("/k"):
-                x = t.float()[:, :, valid]                         # [L, H, n, D]
-                energy += float(x.double().square().sum())
-                for label, fn in variants.items():
-                    err[label] += float((fn(x) - x).double().square().sum())
-    return [{"variant": label, "k_rel_mse": e / energy, "commit": commit()} for label, e in err.items()]
+            if not name.startswith("teacher"):
+                continue
+            kind = name.rsplit("/", 1)[1]
+            x = t.float()[:, :, valid]                             # [L, H, n, D]
+            energy[kind] += float(x.double().square().sum())
+            count[kind] += x.numel()
+            for (half, label), fn in variants.items():
+                if half == kind:
+                    err[(half, label)] += float((fn(x) - x).double().square().sum())
+    return [{"half": half, "variant": label, "rel_mse": e / energy[half], "abs_mse": e / count[half],
+             "commit": commit()} for (half, label), e in err.items()]
 
 
 def halves(args) -> int:
     """Phase 1 from int4 keys with bf16 values, and from bf16 keys with int4 values, against bf16 and int4: which
-    half carries int4's gap; then what other key codes would lose on the same store."""
+    half carries int4's gap; then what other key codes would lose on the same store (int4 values beside them)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stores = _prepare(out, 1, ["bf16", "int4"], args.calib)
@@ -360,7 +369,8 @@ def halves(args) -> int:
         gaps = [r["vs_bf16_pct"] for r in rows if r["store"] == label]
         print(f"  {label:24s} {statistics.fmean(gaps):+6.2f} % ({', '.join(f'{g:+.2f}' for g in gaps)})")
     for k in keys:
-        print(f"  keys, {k['variant']:30s} relative MSE {k['k_rel_mse']:.2e}")
+        print(f"  {'keys' if k['half'] == 'k' else 'values'}, {k['variant']:30s} relative MSE {k['rel_mse']:.2e}, "
+              f"per element {k['abs_mse']:.2e}")
     return 0
 
 
