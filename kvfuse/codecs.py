@@ -7,6 +7,11 @@ as one of:
 * `QuantizedKV` kind "fp8": data float8_e4m3fn [..., T, D], x ≈ data·scale, scale = amax/448 over the group;
 * `QuantizedKV` kind "int4": data uint8 [..., T, D/2], two 4-bit codes q ∈ 0..15 per byte, the even channel in the
   low nibble (byte j = q[2j] | q[2j+1] << 4), x ≈ q·scale + offset, scale = (max − min)/15, offset = min;
+* `QuantizedKV` kind "int4d": int4's layout, subtractively dithered: x ≈ (q − u)·scale + offset with u(t, d) ∈
+  [−½, ½) a fixed function of the token index t (within the sample) and the channel d (`int4_dither`), added
+  before rounding and subtracted when decoding. Same bytes and the same bound as int4, but the error no longer
+  follows the value: with per-channel key scales, int4's rounding error is a distortion shared by every token of a
+  channel, which the student learns (bench/NOTES.md, "Store codecs": Phase 1 +5.4 % → +3.5 % over bf16);
 * `LowRankKV`: X ≈ Z·B per layer, Z [L, B, 1, T, r] (a one-head teacher of width r, plain or quantised per token),
   B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
 
@@ -24,8 +29,8 @@ would store it as something else. Bounds of one decoded value x̂ against x on a
 fp8 |x̂ − x| ≤ max(2⁻⁴|x|, 2⁻¹⁰·scale) (3 mantissa bits; subnormals below 2⁻⁶·scale) plus the rounding of the
 scale; int4 |x̂ − x| ≤ scale/2 plus the fp16 rounding of scale and offset on the token axis.
 
-This module imports only torch: the store, the loader and the loss all use it, and the fused kernel decodes the
-same layout in registers.
+This module imports only torch (and the kernels' torch-only contract, for the dither's constants): the store, the
+loader and the loss all use it, and the fused kernel decodes the same layout in registers.
 """
 from __future__ import annotations
 
@@ -37,10 +42,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from kvfuse.kernels.fused_kv_loss_op import DITHER_D, DITHER_T
+
 FP8_MAX = 448.0            # largest finite float8_e4m3fn
 INT4_LEVELS = 15           # codes 0..15
 RANK_MULTIPLE = 16         # low-rank widths are padded to this (tensor-core tiles in the kernel)
-KINDS = ("fp8", "int4")
+KINDS = ("fp8", "int4", "int4d")
+PACKED = ("int4", "int4d")  # two 4-bit codes per byte
 AXES = ("channel", "token")
 AXIS_OF = {"k": "channel", "v": "token"}     # keys per channel, values per token
 SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
@@ -66,11 +74,11 @@ class _Compressed:
 class QuantizedKV(_Compressed):
     """One teacher's keys or values, logical shape [..., T, D] ([L, H, T, D] per sample, [L, B, H, T, D] batched)."""
 
-    kind: str                  # "fp8" | "int4"
+    kind: str                  # "fp8" | "int4" | "int4d"
     axis: str                  # "channel" | "token"
     data: Tensor               # fp8: float8_e4m3fn [..., T, D]; int4: uint8 [..., T, D // 2] (low nibble = even ch.)
     scale: Tensor              # channel: float32 [..., D]; token: float16 [..., T]
-    offset: Tensor | None = None   # int4: like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
+    offset: Tensor | None = None   # int4(d): like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -81,12 +89,12 @@ class QuantizedKV(_Compressed):
         if self.data.dtype != want:
             raise ValueError(f"{self.kind} data must be {want}, got {self.data.dtype}")
         lead, T, width = tuple(self.data.shape[:-2]), self.data.shape[-2], self.data.shape[-1]
-        D = width * 2 if self.kind == "int4" else width
+        D = width * 2 if self.packed else width
         group = lead + ((D,) if self.axis == "channel" else (T,))
         for name, t in (("scale", self.scale), ("offset", self.offset)):
             if t is None:
-                if name == "offset" and self.kind == "int4":
-                    raise ValueError("int4 QuantizedKV needs an offset")
+                if name == "offset" and self.packed:
+                    raise ValueError(f"{self.kind} QuantizedKV needs an offset")
                 continue
             if name == "offset" and self.kind == "fp8":
                 raise ValueError("fp8 QuantizedKV has no offset (x ≈ data·scale)")
@@ -97,9 +105,13 @@ class QuantizedKV(_Compressed):
 
     # logical view ------------------------------------------------------------------------------------------
     @property
+    def packed(self) -> bool:
+        return self.kind in PACKED
+
+    @property
     def shape(self) -> torch.Size:
         s = self.data.shape
-        return torch.Size((*s[:-1], s[-1] * 2)) if self.kind == "int4" else s
+        return torch.Size((*s[:-1], s[-1] * 2)) if self.packed else s
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.data, self.scale, self.offset) if t is not None]
@@ -123,6 +135,8 @@ class QuantizedKV(_Compressed):
             q = self.data.to(torch.float32)
         else:
             q = unpack_int4(self.data).to(torch.float32)
+        if self.kind == "int4d":
+            q = q - int4_dither(q.shape[-2], q.shape[-1], q.device)
         scale, offset = self._expand(self.scale), None if self.offset is None else self._expand(self.offset)
         x = q * scale if offset is None else q * scale + offset
         return x.to(dtype)
@@ -202,6 +216,14 @@ def is_encoded(x) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ int4 packing
+def int4_dither(T: int, D: int, device=None) -> Tensor:
+    """int4d's dither u [T, D] in [−½, ½), fp32, exact: the top 24 bits of (t·DITHER_T + d·DITHER_D) mod 2³²."""
+    t = torch.arange(T, dtype=torch.int64, device=device)[:, None]
+    d = torch.arange(D, dtype=torch.int64, device=device)[None, :]
+    bits = ((t * DITHER_T + d * DITHER_D) & 0xFFFFFFFF) >> 8
+    return bits.to(torch.float32) * 2.0 ** -24 - 0.5
+
+
 def pack_int4(q: Tensor) -> Tensor:
     """uint8 codes 0..15 [..., D] (D even) → bytes [..., D/2], byte j = q[2j] | q[2j+1] << 4."""
     if q.shape[-1] % 2:
@@ -276,10 +298,11 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
 
 
 def encode_int4(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
-                checks: list[FiniteCheck] | None = None) -> QuantizedKV:
+                checks: list[FiniteCheck] | None = None, dither: bool = False) -> QuantizedKV:
     """Asymmetric int4: scale = (max − min)/15, offset = min per group (valid tokens only), q = round((x − offset)
-    / scale) clamped to 0..15, packed two per byte. A constant group has scale 1 (q = 0 decodes to the constant);
-    masked tokens decode to 0 (token axis: scale and offset 0) or to the code nearest 0 (channel axis).
+    / scale) clamped to 0..15, packed two per byte. A constant group has scale 1 (q = 0 decodes to the constant;
+    dithered: scale 0); masked tokens decode to 0 (token axis: scale and offset 0) or to the code nearest 0 (channel
+    axis). dither: kind "int4d", q = round((x − offset)/scale + u) (module docstring).
     name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""
     _check_axis(x, axis)
     if x.shape[-1] % 2:
@@ -291,11 +314,17 @@ def encode_int4(x: Tensor, axis: str, mask: Tensor | None = None, name: str = ""
     offset = lo.to(dtype)
     scale = ((hi - offset.to(torch.float32)) / INT4_LEVELS).to(dtype)
     # the scale answers for the offset too: an offset that is not finite makes hi − offset not finite
-    _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what("int4 encoding", name),
+    _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what("int4d encoding" if dither else
+                                                                             "int4 encoding", name),
                                       _scale_overflow(scale)))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    constant = scale <= 0
+    scale = torch.where(constant, torch.ones_like(scale), scale)
     s, o = _expand(scale.to(torch.float32), axis), _expand(offset.to(torch.float32), axis)
-    q = torch.round((x - o) / s)
+    u = int4_dither(x.shape[-2], x.shape[-1], x.device) if dither else 0.0
+    q = torch.round((x - o) / s + u)
+    if dither:
+        # q = 0 decodes to offset − u·scale: a constant group needs scale 0 to decode to its constant
+        scale = torch.where(constant, torch.zeros_like(scale), scale)
     valid = m.bool()
     if axis == "token":
         # a masked token's group is its own row: make it exactly 0 (scale 0, offset 0, codes 0)
@@ -304,16 +333,16 @@ def encode_int4(x: Tensor, axis: str, mask: Tensor | None = None, name: str = ""
         offset = torch.where(rows, offset, torch.zeros_like(offset))
         q = torch.where(valid, q, 0.0)
     else:
-        q = torch.where(valid, q, torch.round(-o / s))
-    return QuantizedKV("int4", axis, pack_int4(q.clamp(0, INT4_LEVELS)), scale, offset)
+        q = torch.where(valid, q, torch.round(-o / s + u))
+    return QuantizedKV("int4d" if dither else "int4", axis, pack_int4(q.clamp(0, INT4_LEVELS)), scale, offset)
 
 
 def encode(x: Tensor, kind: str, axis: str, mask: Tensor | None = None, name: str = "",
            checks: list[FiniteCheck] | None = None) -> QuantizedKV:
     if kind == "fp8":
         return encode_fp8(x, axis, mask, name, checks)
-    if kind == "int4":
-        return encode_int4(x, axis, mask, name, checks)
+    if kind in PACKED:
+        return encode_int4(x, axis, mask, name, checks, dither=kind == "int4d")
     raise ValueError(f"quantisation kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -465,7 +494,7 @@ def lowrank_coefficients(x: Tensor, basis: Tensor) -> Tensor:
 def encode_lowrank(x: Tensor, basis: Tensor, quant: str | None = None, mask: Tensor | None = None, name: str = "",
                    checks: list[FiniteCheck] | None = None) -> LowRankKV:
     """One sample x [L, H, T, D] as coefficients Z [L, 1, T, R] on `basis` [L, R, F] (orthogonal rows, see
-    `lowrank_coefficients`), optionally quantised per token ("fp8" | "int4"); masked tokens get Z = 0.
+    `lowrank_coefficients`), optionally quantised per token ("fp8" | "int4" | "int4d"); masked tokens get Z = 0.
     name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""
     if x.dim() != 4:
         raise ValueError(f"encode_lowrank takes one sample [L, H, T, D], got {tuple(x.shape)}")
@@ -530,7 +559,8 @@ def _pad_group(t: Tensor, T: int, fill) -> Tensor:
 
 def stack_samples(samples: Sequence[Encoded], T: int, pin_memory: bool = False) -> Encoded:
     """Per-sample encoded tensors ([L, H, T_b, D] logical) → one batch [L, B, H, T, D], right-padded to T with
-    tokens that decode to 0 (int4 keys: each channel's grid value nearest 0, see the module docstring). Low-rank
+    tokens that decode to 0 (int4 keys: each channel's grid value nearest 0, see the module docstring; right
+    padding keeps each token's index, which int4d's dither depends on). Low-rank
     samples must share one basis."""
     first = samples[0]
     if isinstance(first, LowRankKV):
@@ -560,8 +590,11 @@ def stack_samples(samples: Sequence[Encoded], T: int, pin_memory: bool = False) 
 
 
 def _zero_code_bytes(s: QuantizedKV) -> Tensor:
-    """Per channel-pair byte [..., D/2] whose codes decode nearest 0 for a channel-axis int4 sample."""
-    q = torch.round(-s.offset.float() / s.scale.float()).clamp(0, INT4_LEVELS)
+    """Per channel-pair byte [..., D/2] whose codes decode nearest 0 for a channel-axis int4 sample (int4d: within
+    a step of 0, the dither moving each padded token's value by under half a step; a scale-0 channel decodes to its
+    offset whatever its code)."""
+    scale = s.scale.float()
+    q = torch.where(scale > 0, torch.round(-s.offset.float() / scale), 0.0).clamp(0, INT4_LEVELS)
     return pack_int4(q)
 
 
@@ -614,12 +647,12 @@ def finite_flag(t: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ codec names
 @dataclass(frozen=True)
 class Codec:
-    """A parsed store codec: "bf16" | "fp8" | "int4" | "lowrank:<r | e0.99>[+fp8 | +int4]"."""
+    """A parsed store codec: "bf16" | "fp8" | "int4" | "int4d" | "lowrank:<r | e0.99>[+fp8 | +int4 | +int4d]"."""
 
-    kind: str                       # "bf16" | "fp8" | "int4" | "lowrank"
+    kind: str                       # "bf16" | "fp8" | "int4" | "int4d" | "lowrank"
     rank: int | None = None         # lowrank: a fixed r ...
     energy: float | None = None     # ... or an energy threshold
-    quant: str | None = None        # lowrank coefficients: None (bf16) | "fp8" | "int4"
+    quant: str | None = None        # lowrank coefficients: None (bf16) | "fp8" | "int4" | "int4d"
 
     def __str__(self) -> str:
         if self.kind != "lowrank":
@@ -632,18 +665,19 @@ class Codec:
         return self.kind == "lowrank"
 
 
-_LOWRANK = re.compile(r"lowrank:(?:(\d+)|e((?:0?\.\d+)|1(?:\.0*)?))(?:\+(fp8|int4))?")
+_LOWRANK = re.compile(r"lowrank:(?:(\d+)|e((?:0?\.\d+)|1(?:\.0*)?))(?:\+(fp8|int4d?))?")
 
 
 def parse_codec(text: str) -> Codec:
-    """'bf16' | 'fp8' | 'int4' | 'lowrank:<r or e0.99>[+fp8|+int4]' → Codec; anything else is a ValueError saying
-    what is accepted."""
+    """'bf16' | 'fp8' | 'int4' | 'int4d' | 'lowrank:<r or e0.99>[+fp8|+int4|+int4d]' → Codec; anything else is a
+    ValueError saying what is accepted."""
     text = str(text).strip()
-    if text in ("bf16", "fp8", "int4"):
+    if text in ("bf16", *KINDS):
         return Codec(text)
     match = _LOWRANK.fullmatch(text)
     if match is None:
-        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, int4 or lowrank:<r or e<energy>>[+fp8|+int4] "
+        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, int4, int4d or lowrank:<r or e<energy>>"
+                         "[+fp8|+int4|+int4d] "
                          "(e.g. lowrank:64+int4, lowrank:e0.99+fp8)")
     rank, energy, quant = match.groups()
     if rank is not None and int(rank) < 1:

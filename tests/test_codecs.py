@@ -43,7 +43,7 @@ def _int4_bound(x, mask, axis):
     return scale / 2 * 1.001 + slack + 1e-6
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("kind", ["fp8", "int4", "int4d"])
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_round_trip_on_random_kv_is_within_the_stated_bound(kind, axis):
     x, mask = _kv()
@@ -56,7 +56,7 @@ def test_round_trip_on_random_kv_is_within_the_stated_bound(kind, axis):
     assert (err <= bound).all(), float((err - bound).max())
     # masked tokens carry nothing: exact zeros, except int4 keys (a channel's offset is shared), which stay finite
     masked = q.decode()[..., ~mask, :]
-    if kind == "int4" and axis == "channel":
+    if kind != "fp8" and axis == "channel":
         assert torch.isfinite(masked).all()
     else:
         assert torch.equal(masked, torch.zeros_like(masked))
@@ -86,6 +86,36 @@ def test_fp8_scales_and_the_zero_guard():
     assert torch.equal(q.decode(), x)                             # 0, 448, −224, 1, 2 are fp8 values
     assert torch.equal(encode_fp8(torch.zeros(3, 4), "token").decode(), torch.zeros(3, 4))
     assert torch.equal(encode_int4(torch.zeros(3, 4), "channel").decode(), torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_int4d_is_int4_with_a_subtractive_dither(axis):
+    """int4d rounds (x − offset)/scale + u and decodes (q − u)·scale + offset with int4's scales and offsets: the
+    same bound, an error that no longer follows x (a channel's error along its tokens is uncorrelated with x),
+    and constant groups still exact."""
+    from kvfuse.codecs import int4_dither
+
+    u = int4_dither(5, 6).double()
+    t, d = torch.arange(5.0, dtype=torch.float64)[:, None], torch.arange(6.0, dtype=torch.float64)[None, :]
+    weyl = torch.frac(t * 0.7548776662466927 + d * 0.5698402909980532) - 0.5
+    assert ((u - weyl + 0.5) % 1.0 - 0.5).abs().max() < 1e-6          # the R2 sequence, to fixed-point precision
+    assert float(u.min()) >= -0.5 and float(u.max()) < 0.5
+    x, mask = _kv(7)
+    plain, dithered = encode_int4(x, axis, mask), encode_int4(x, axis, mask, dither=True)
+    assert dithered.kind == "int4d" and torch.equal(dithered.scale, plain.scale)
+    assert torch.equal(dithered.offset, plain.offset)
+    assert not torch.equal(dithered.data, plain.data)
+    # a ramp along the group (the tokens of a channel, or the channels of a token): round to nearest gives an error
+    # that is a fixed function of x (the sawtooth round(y) − y of y = (x − offset)/scale), the dither one that is not
+    ramp = torch.linspace(0, 1, 4096, dtype=torch.float64).float()
+    ramp = ramp[:, None].expand(4096, 2) if axis == "channel" else ramp[None, :].expand(2, 4096)
+    for q, dithered in ((encode_int4(ramp, axis), False), (encode_int4(ramp, axis, dither=True), True)):
+        y = ramp.double() / float(q.scale.flatten()[0])
+        err = (q.decode().double() - ramp.double()) / float(q.scale.flatten()[0])
+        c = float(torch.corrcoef(torch.stack([err.flatten(), (torch.round(y) - y).flatten()]))[0, 1])
+        assert (abs(c) < 0.05) if dithered else (c > 0.999), c
+    const = torch.full((2, 3, 4), 0.375)
+    assert torch.equal(encode_int4(const, axis, dither=True).decode(), const)
 
 
 def test_finite_flag_on_every_fp8_byte_and_on_floats():
@@ -146,7 +176,8 @@ def _poisoned(bad, where):
 
 
 @pytest.mark.parametrize("bad", list(BAD))
-@pytest.mark.parametrize("kind,axis", [("fp8", "channel"), ("fp8", "token"), ("int4", "channel"), ("int4", "token")])
+@pytest.mark.parametrize("kind,axis", [("fp8", "channel"), ("fp8", "token"), ("int4", "channel"), ("int4", "token"),
+                                       ("int4d", "channel")])
 def test_an_encoder_refuses_nan_or_inf_in_a_valid_token_naming_it_and_where(kind, axis, bad):
     """Neither codec can store it (fp8 stored a NaN as a NaN code and an Inf as ±448; int4 either as an ordinary
     code, the rest of its group at scale 1), so the encoder says what is where instead."""
@@ -155,7 +186,10 @@ def test_an_encoder_refuses_nan_or_inf_in_a_valid_token_naming_it_and_where(kind
                                          r"token 4, channel 5 of shape \(3, 2, 19, 8\), a valid \(mask 1\) token"):
         encode(x, kind, axis, mask, name="t0/k (keys)")
     with pytest.raises(ValueError, match=rf"^{kind} encoding: {BAD[bad][1]} at layer 1, head 0, token 4, channel 5"):
-        (encode_fp8 if kind == "fp8" else encode_int4)(x, axis, mask)
+        if kind == "fp8":
+            encode_fp8(x, axis, mask)
+        else:
+            encode_int4(x, axis, mask, dither=kind == "int4d")
 
 
 @pytest.mark.parametrize("bad", list(BAD))
@@ -192,7 +226,7 @@ def test_the_plain_check_refuses_nan_or_inf_in_a_valid_token_only(dtype, bad):
 
 
 @pytest.mark.parametrize("bad", list(BAD))
-@pytest.mark.parametrize("codec", ["fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
+@pytest.mark.parametrize("codec", ["fp8", "int4", "int4d", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
 def test_nan_or_inf_on_masked_tokens_only_is_ignored(codec, bad):
     """Padding may hold anything: it takes no part in the statistics and decodes as a clean input's padding, every
     stored byte the same (keys per channel, values per token, as the store lays them out)."""
@@ -211,14 +245,15 @@ def test_nan_or_inf_on_masked_tokens_only_is_ignored(codec, bad):
         assert torch.equal(decoded[..., mask, :], want.decode()[..., mask, :])
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("kind", ["fp8", "int4", "int4d"])
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_groups_without_a_valid_token_still_encode_to_zero(kind, axis):
     x, _ = _kv(4, shape=(2, 1, 5, 4))
     x[0, 0, 2] = float("nan")
     q = encode(x, kind, axis, torch.zeros(5, dtype=torch.bool))
     assert torch.equal(q.decode(), torch.zeros(2, 1, 5, 4))
-    zero_scale = kind == "int4" and axis == "token"           # int4 zeroes a masked token's own row
+    # int4 zeroes a masked token's own row; int4d gives every constant group scale 0 (q − u would move it)
+    zero_scale = kind == "int4d" or kind == "int4" and axis == "token"
     assert torch.equal(q.scale, torch.zeros_like(q.scale) if zero_scale else torch.ones_like(q.scale))
 
 
@@ -240,7 +275,7 @@ def _sample(seed, T=9, teachers=((2, 8), (1, 16))):
     return out
 
 
-@pytest.mark.parametrize("codec", ["bf16", "fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
+@pytest.mark.parametrize("codec", ["bf16", "fp8", "int4", "int4d", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
 def test_a_sample_is_encoded_with_one_host_read_and_its_bad_entry_named(codec, count_host_reads):
     """encode_sample reads the verdicts of all its entries at once (on the GPU a host read waits for the dump's
     kernels: one per sample, not one per entry or layer), and names the entry, keys or values, and where; bf16,
@@ -293,14 +328,16 @@ def test_containers_refuse_a_wrong_layout():
         encode_int4(torch.zeros(2, 3), "token")
 
 
-@pytest.mark.parametrize("text,expected", [("bf16", "bf16"), ("fp8", "fp8"), ("int4", "int4"),
+@pytest.mark.parametrize("text,expected", [("bf16", "bf16"), ("fp8", "fp8"), ("int4", "int4"), ("int4d", "int4d"),
+                                           ("lowrank:16+int4d", "lowrank:16+int4d"),
                                            ("lowrank:64", "lowrank:64"), ("lowrank:e0.99+int4", "lowrank:e0.99+int4"),
                                            ("lowrank:32+fp8", "lowrank:32+fp8")])
 def test_codec_names_round_trip(text, expected):
     assert str(parse_codec(text)) == expected
 
 
-@pytest.mark.parametrize("text", ["int8", "lowrank", "lowrank:0", "lowrank:e1.5", "lowrank:64+int8", "fp8+int4"])
+@pytest.mark.parametrize("text", ["int8", "int4dd", "lowrank", "lowrank:0", "lowrank:e1.5", "lowrank:64+int8",
+                                  "fp8+int4"])
 def test_bad_codec_names_say_what_is_accepted(text):
     with pytest.raises(ValueError, match="codec"):
         parse_codec(text)
@@ -389,14 +426,23 @@ def test_folded_lowrank_adapter_equals_the_explicit_product(backend, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_int4_keys_pad_to_each_channels_value_nearest_zero():
-    x = torch.tensor([[[[-1.0, 2.0], [1.0, 4.0]]]])        # [L=1, H=1, T=2, D=2]: channel 0 spans 0, 1 does not
-    batch = stack_samples([encode_int4(x, "channel"), encode_int4(x[:, :, :1], "channel")], 2)
-    padded = batch.decode()[0, 1, 0, 1]                     # sample 1's padded token
-    assert abs(float(padded[0])) <= (1.0 - -1.0) / 15 / 2 + 1e-6 and float(padded[1]) == 2.0
+@pytest.mark.parametrize("dither", [False, True])
+def test_int4_keys_pad_to_each_channels_value_nearest_zero(dither):
+    x = torch.tensor([[[[-1.0, 2.0], [1.0, 4.0], [0.5, 3.0]]]])   # [L=1, H=1, T=3, D=2]: channel 0 spans 0, 1 does not
+    batch = stack_samples([encode_int4(x, "channel", dither=dither), encode_int4(x[:, :, :2], "channel",
+                                                                                 dither=dither)], 3)
+    padded = batch.decode()[0, 1, 0, 2]                     # sample 1's padded token
+    # int4d: the padded token's own dither moves it by under half a step more
+    step = 2.0 / 15
+    assert abs(float(padded[0])) <= step * (1 if dither else 0.5) + 1e-6
+    assert abs(float(padded[1]) - 2.0) <= (step / 2 + 1e-6 if dither else 0.0)
+    # each sample keeps its tokens' indices (right padding), which int4d's dither depends on
+    assert torch.equal(batch.decode()[0, 0, 0], encode_int4(x, "channel", dither=dither).decode()[0, 0])
+    with pytest.raises(ValueError, match="mixes codecs"):
+        stack_samples([encode_int4(x, "channel"), encode_int4(x, "channel", dither=True)], 2)
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("kind", ["fp8", "int4", "int4d"])
 def test_round_trip_on_real_captured_kv(kind, smollm2_model):
     model, tokenizer = smollm2_model
     ids = tokenizer("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",

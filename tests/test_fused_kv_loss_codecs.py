@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4
+from kvfuse.codecs import LowRankKV, encode, encode_fp8
 from kvfuse.loss import kv_distill_loss
 
 from test_fused_kv_loss import assert_close
@@ -31,7 +31,7 @@ def _case(seed, heads, D_s, T=21, L=2, B=2, H_s=2):
 
 
 def _encode(x, kind, axis, mask):
-    return (encode_fp8 if kind == "fp8" else encode_int4)(x, axis, mask[:, None, :])
+    return encode(x, kind, axis, mask[:, None, :])
 
 
 def _loss(args, backend):
@@ -43,7 +43,7 @@ def _loss(args, backend):
 @pytest.mark.parametrize("heads,D_s", [([(2, 32), (1, 64)], 32),   # TMA boxes (int4 rows of 16 bytes)
                                        ([(2, 16), (3, 8)], 16)],   # pointer loads, masked int4 byte columns
                          ids=["descriptors", "pointers"])
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("kind", ["fp8", "int4", "int4d"])
 def test_quantised_teachers_equal_their_decode(kind, heads, D_s, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import kvfuse.kernels.fused_kv_loss as k
@@ -64,7 +64,7 @@ def test_quantised_teachers_equal_their_decode(kind, heads, D_s, monkeypatch):
     assert abs(float(got[0]) - float(_loss(args, "torch")[0])) > 1e-6
 
 
-@pytest.mark.parametrize("quant", [None, "int4"])
+@pytest.mark.parametrize("quant", [None, "int4", "int4d"])
 def test_low_rank_teacher_runs_folded(quant, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     heads = [(2, 16), (1, 32)]
@@ -75,7 +75,7 @@ def test_low_rank_teacher_runs_folded(quant, monkeypatch):
     def low_rank(h, d, r=16):
         basis = torch.linalg.qr(torch.randn(L, h * d, r, generator=g))[0].transpose(1, 2).contiguous()
         z = torch.randn(L, B, 1, T, r, generator=g) * args["mask"][None, :, None, :, None]
-        coeffs = z if quant is None else encode_int4(z, "token", args["mask"][:, None, :])
+        coeffs = z if quant is None else encode(z, quant, "token", args["mask"][:, None, :])
         return LowRankKV(coeffs, basis, h, d)
 
     enc = dict(args, teacher_k=[low_rank(h, d) for h, d in heads], teacher_v=[low_rank(h, d) for h, d in heads])

@@ -45,6 +45,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kvfuse.kernels import fused_kv_loss_op
 from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherStorage, natural_layout,
                                              operand_dtypes, pair_width)
 from kvfuse.kernels.utils import autotune_configs, cdiv, dot_dtype, interpreting
@@ -56,6 +57,10 @@ CODEC_FP8_CHANNEL = tl.constexpr(CODEC_CODES["fp8", "channel"])
 CODEC_FP8_TOKEN = tl.constexpr(CODEC_CODES["fp8", "token"])
 CODEC_INT4_CHANNEL = tl.constexpr(CODEC_CODES["int4", "channel"])  # int4 codes are the two largest (packed data)
 CODEC_INT4_TOKEN = tl.constexpr(CODEC_CODES["int4", "token"])
+CODEC_INT4D_CHANNEL = tl.constexpr(CODEC_CODES["int4d", "channel"])  # int4, dithered: the two largest codes
+CODEC_INT4D_TOKEN = tl.constexpr(CODEC_CODES["int4d", "token"])
+DITHER_T = tl.constexpr(fused_kv_loss_op.DITHER_T)
+DITHER_D = tl.constexpr(fused_kv_loss_op.DITHER_D)
 
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
@@ -145,14 +150,18 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
         q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_K).to(tl.float32)
     else:
         q = raw.to(tl.float32)
-    if CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL:
+    if CODEC >= CODEC_INT4D_CHANNEL:
+        # kvfuse.codecs.int4_dither: the top 24 bits of (t·DITHER_T + d·DITHER_D) mod 2³², exact in fp32
+        bits = (t.to(tl.uint32) * DITHER_T)[:, None] + (d.to(tl.uint32) * DITHER_D)[None, :]
+        q = q - ((bits >> 8).to(tl.float32) * (1.0 / 16777216.0) - 0.5)
+    if CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL:
         d_ok = d < D_I
         sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        if CODEC == CODEC_INT4_CHANNEL:
+        if CODEC != CODEC_FP8_CHANNEL:
             ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     else:
         sv = tl.load(sc + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
-        if CODEC == CODEC_INT4_TOKEN:
+        if CODEC != CODEC_FP8_TOKEN:
             ov = tl.load(of + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
     if CODEC >= CODEC_INT4_CHANNEL:
         return q * sv + ov

@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from kvfuse.codecs import (AXIS_OF, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode, encode_lowrank,
-                           fit_lowrank_basis, gram, parse_codec, raise_if_not_finite)
+from kvfuse.codecs import (AXIS_OF, PACKED, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode,
+                           encode_lowrank, fit_lowrank_basis, gram, parse_codec, raise_if_not_finite)
 
 SIDE = (".scale", ".offset")
 
@@ -48,7 +48,7 @@ def stored_names(n_teachers: int, codec: Codec | str) -> list[str]:
         names.append(entry)
         if quant is not None:
             names.append(entry + ".scale")
-        if quant == "int4":
+        if quant in PACKED:
             names.append(entry + ".offset")
     return names
 
