@@ -75,7 +75,7 @@ def test_a_sample_with_an_empty_alignment_mask_is_refused_by_id_at_any_micro_bat
         collate(samples, 2)
 
 
-@pytest.mark.parametrize("codec", ["int4", "lowrank:16+fp8"])
+@pytest.mark.parametrize("codec", ["int4", "int4d", "lowrank:16+fp8"])
 def test_codec_store_batches_stay_compressed_and_decode_like_their_samples(tmp_path, codec):
     from kvfuse.codecs import decode, parse_codec
     from kvfuse.teacher.compress import encode_sample, fit_bases
@@ -138,7 +138,8 @@ def test_a_non_finite_part_of_a_stored_entry_is_named_with_its_samples(tmp_path,
         next(batches)
 
 
-@pytest.mark.parametrize("codec", ["bf16", "fp8", "int4", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
+@pytest.mark.parametrize("codec", ["bf16", "fp8", "int4", "int4d", "lowrank:16", "lowrank:16+fp8",
+                                   "lowrank:16+int4"])
 def test_a_clean_batch_passes_with_one_host_sync_and_no_full_size_temporary(tmp_path, monkeypatch, codec):
     """Every host read of a device value (item, bool, int, float: aten._local_scalar_dense; tolist, which on the CPU
     bypasses the dispatcher) is counted, and every tensor an op creates (views aside) measured."""

@@ -312,7 +312,7 @@ def _tensor_span(path, key):
     return 8 + n + start, 8 + n + end
 
 
-@pytest.mark.parametrize("codec", ["fp8", "int4", "lowrank:16+int4", "lowrank:e0.9"])
+@pytest.mark.parametrize("codec", ["fp8", "int4", "int4d", "lowrank:16+int4d", "lowrank:e0.9"])
 def test_codec_store_round_trip_hands_out_compressed_entries(tmp_path, codec):
     from kvfuse.codecs import LowRankKV, QuantizedKV
 
