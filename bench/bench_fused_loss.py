@@ -304,8 +304,8 @@ def plot(csv_path: Path) -> Path:
 
 
 def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
-    """The Triton loss reading the teachers as bf16, fp8, int4 (kvfuse.codecs: keys per channel, values per token)
-    and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per
+    """The Triton loss reading the teachers as bf16, fp8, int4, int4d (kvfuse.codecs: keys per channel, values per
+    token) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per
     token, and the loss's relative difference from bf16 — one CSV."""
     from triton.testing import do_bench
 
@@ -325,6 +325,8 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
                         [encode_fp8(t, "token", m) for t in x["teacher_v"]]),
                 "int4": ([encode_int4(t, "channel", m) for t in x["teacher_k"]],
                          [encode_int4(t, "token", m) for t in x["teacher_v"]]),
+                "int4d": ([encode_int4(t, "channel", m, dither=True) for t in x["teacher_k"]],
+                          [encode_int4(t, "token", m, dither=True) for t in x["teacher_v"]]),
                 "lowrank256": ([low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]])}
     params = _params(x)
     rows, ref = [], None

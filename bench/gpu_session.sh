@@ -5,7 +5,7 @@
 #     dump_shm                     the same with the shards on tmpfs (the pipeline without the disk)
 #     dump_long                    one bf16 shard of 128 examples (the dump's steady state)
 #     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed live from the store) student step
-#     step_codecs                  the same with the store in bf16, fp8 and int4 (issue 16: overhead vs bf16's)
+#     step_codecs                  the same with the store in bf16, fp8, int4 and int4d (issue 16: overhead vs bf16's)
 #     dump_codecs                  bench_dump.py per store codec bf16, fp8, int4 (issue 16: throughput vs bf16's)
 #     step_interference            the bf16 step beside a thread reading the store up to each part of the loader
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
@@ -14,7 +14,7 @@
 #     fused3                       the same with three teachers at 4k and 16k (≈ 9 min: a call of its own)
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
 #     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
-#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / low-rank teachers at 16k
+#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / int4d / low-rank teachers at 16k
 #     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
 #   bash bench/gpu_session.sh store_train      Phase 1 trained from a fresh offline store and online, same seed
 #   bash bench/gpu_session.sh zero3             ZeRO-3 Phase 1 on 1 and 2 GPUs (same global batch: equal loss
@@ -74,7 +74,7 @@ for what in "$@"; do
     step) part step python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 --steps 8 \
             --store_prefetch 2 --csv "$OUT/train_step.csv" ;;
     step_codecs) TAIL=24 part step_codecs python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 \
-            --steps 8 --store_prefetch 2 --codecs bf16 fp8 int4 --csv "$OUT/train_step_codecs.csv" ;;
+            --steps 8 --store_prefetch 2 --codecs bf16 fp8 int4 int4d --csv "$OUT/train_step_codecs.csv" ;;
     step_interference) TAIL=16 part step_interference python3 -m bench.bench_train_step --student "$STUDENT" \
             --batch 4 --seq 2048 --steps 8 --store_prefetch 2 --interference --csv "$OUT/train_step_interference.csv" ;;
     dump_codecs) TAIL=40 part dump_codecs python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" \
