@@ -1,7 +1,7 @@
 """Offline sm_90a report of the fused KV-loss kernels at the bench shape (teachers 4 × 128 and 8 × 128, student
 2 × 128, bf16, TMA descriptors, natural layout): every forward config of the autotuner for the key and the value
-pass, and the weight-gradient configs for one kind and for keys + values in one launch, with plain, fp8 and int4
-teachers. Registers, spills, stack frame, shared memory, PTX lines, local-memory and SFU sine/cosine instructions.
+pass, and the weight-gradient configs for one kind and for keys + values in one launch, with plain, fp8, int4 and
+int4d teachers. Registers, spills, stack frame, shared memory, PTX lines, local-memory and SFU sine/cosine instructions.
 
     PYTHONPATH=<triton 3.6>:. python -m bench.ptx_fused_loss [--only fwd|dw] [--ptxas PATH]
 """
@@ -19,7 +19,7 @@ from kvfuse.kernels import fused_kv_loss as K
 HEADS, DIMS, H_S, D_S = (4, 8), (128, 128), 2, 128
 PH = D_S // 2
 # element type of a teacher's stored data per codec code (kvfuse.kernels.fused_kv_loss.CODEC_*)
-X_TYPE = {0: "bf16", 1: "fp8e4nv", 2: "fp8e4nv", 3: "u8", 4: "u8"}
+X_TYPE = {0: "bf16", 1: "fp8e4nv", 2: "fp8e4nv", 3: "u8", 4: "u8", 5: "u8", 6: "u8"}
 
 
 def _packed(width: int, codec: int) -> int:
@@ -73,7 +73,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(f"triton {triton.__version__}, {args.arch}; teachers {HEADS} × {DIMS} → student {H_S} × {D_S}, bf16")
     if args.only != "dw":
-        for codecs in ((0, 0), (1, 3)):
+        for codecs in ((0, 0), (1, 3), (3, 3), (5, 5)):
             for config in K._FWD_CONFIGS_GPU:
                 cfg = dict(config.kwargs)
                 if cfg["HPP"] != 1:     # the natural layout runs one head per program (_prune_fwd)
@@ -85,7 +85,7 @@ def main(argv=None):
                     print(f"fwd {'keys  ' if is_key else 'values'} codecs {codecs} {cfg['BLOCK_T']:3d} x "
                           f"{cfg['BLOCK_K']:3d} wide={cfg['WIDE']!s:5} / {config.num_warps} warps: {info}", flush=True)
     if args.only != "fwd":
-        for codec, codec_v, kinds in ((0, 0, 1), (0, 0, 2), (1, 2, 2), (3, 4, 2)):
+        for codec, codec_v, kinds in ((0, 0, 1), (0, 0, 2), (1, 2, 2), (3, 4, 2), (5, 6, 2)):
             for config in K._DW_CONFIGS_GPU:
                 cfg = dict(config.kwargs)
                 consts = dict(D_I=DIMS[0], C2=2 * H_S * PH, CODEC=codec, CODEC_V=codec_v, KINDS=kinds,

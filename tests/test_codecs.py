@@ -95,11 +95,31 @@ def test_int4d_is_int4_with_a_subtractive_dither(axis):
     and constant groups still exact."""
     from kvfuse.codecs import int4_dither
 
-    u = int4_dither(5, 6).double()
-    t, d = torch.arange(5.0, dtype=torch.float64)[:, None], torch.arange(6.0, dtype=torch.float64)[None, :]
-    weyl = torch.frac(t * 0.7548776662466927 + d * 0.5698402909980532) - 0.5
-    assert ((u - weyl + 0.5) % 1.0 - 0.5).abs().max() < 1e-6          # the R2 sequence, to fixed-point precision
-    assert float(u.min()) >= -0.5 and float(u.max()) < 0.5
+    def lowbias32(x):                                       # Python integers: no wrapping to get wrong
+        x ^= x >> 16
+        x = x * 0x7FEB352D % 2 ** 32
+        x ^= x >> 15
+        x = x * 0x846CA68B % 2 ** 32
+        return x ^ x >> 16
+
+    import struct
+
+    scale = torch.tensor([0.5, 1.0, 0.0123, 3.5e-5] * 16)                   # per channel: [D = 64]
+    u = int4_dither(scale, "channel", 4096, 64).double()
+    for t, d in ((0, 0), (1, 0), (0, 1), (4095, 63), (77, 5), (9, 2)):
+        bits = struct.unpack("<I", struct.pack("<f", float(scale[d])))[0]
+        assert float(u[t, d]) == (lowbias32((t * 0x9E3779B1 + d) % 2 ** 32 ^ bits) >> 8) / 2 ** 24 - 0.5
+    assert float(u.min()) >= -0.5 and float(u.max()) < 0.5 and abs(float(u.var()) - 1 / 12) < 1e-3
+    # no pattern along a channel's tokens or a token's channels (a Weyl sequence repeated within 1 % every 4 tokens)
+    for lag_t, lag_d in ((1, 0), (4, 0), (0, 1), (0, 7)):
+        a, b = u[:4096 - lag_t, :64 - lag_d], u[lag_t:, lag_d:]
+        assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.02, (lag_t, lag_d)
+    # and none between groups: each sample, layer and head draws its own (seeded by its scale)
+    other = int4_dither(scale * 1.001, "channel", 4096, 64).double()
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), other.flatten()]))[0, 1])) < 0.02
+    per_token = int4_dither(torch.tensor([0.5, 0.25], dtype=torch.float16), "token", 2, 64)
+    assert per_token.shape == (2, 64) and not torch.equal(per_token[0], int4_dither(torch.tensor([0.25, 0.5]), "token",
+                                                                                      2, 64)[0])
     x, mask = _kv(7)
     plain, dithered = encode_int4(x, axis, mask), encode_int4(x, axis, mask, dither=True)
     assert dithered.kind == "int4d" and torch.equal(dithered.scale, plain.scale)

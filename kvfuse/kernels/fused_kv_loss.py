@@ -60,7 +60,8 @@ CODEC_INT4_TOKEN = tl.constexpr(CODEC_CODES["int4", "token"])
 CODEC_INT4D_CHANNEL = tl.constexpr(CODEC_CODES["int4d", "channel"])  # int4, dithered: the two largest codes
 CODEC_INT4D_TOKEN = tl.constexpr(CODEC_CODES["int4d", "token"])
 DITHER_T = tl.constexpr(fused_kv_loss_op.DITHER_T)
-DITHER_D = tl.constexpr(fused_kv_loss_op.DITHER_D)
+DITHER_M1 = tl.constexpr(fused_kv_loss_op.DITHER_M1)
+DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
 
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
@@ -150,10 +151,6 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
         q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_K).to(tl.float32)
     else:
         q = raw.to(tl.float32)
-    if CODEC >= CODEC_INT4D_CHANNEL:
-        # kvfuse.codecs.int4_dither: the top 24 bits of (t·DITHER_T + d·DITHER_D) mod 2³², exact in fp32
-        bits = (t.to(tl.uint32) * DITHER_T)[:, None] + (d.to(tl.uint32) * DITHER_D)[None, :]
-        q = q - ((bits >> 8).to(tl.float32) * (1.0 / 16777216.0) - 0.5)
     if CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL:
         d_ok = d < D_I
         sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -163,6 +160,14 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
         sv = tl.load(sc + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
         if CODEC != CODEC_FP8_TOKEN:
             ov = tl.load(of + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+    if CODEC >= CODEC_INT4D_CHANNEL:
+        # kvfuse.codecs.int4_dither: lowbias32 of (t·DITHER_T + d) xor the scale's fp32 bits, in uint32 (wrapping
+        # products, logical shifts), its top 24 bits exact in fp32
+        h = ((t.to(tl.uint32) * DITHER_T)[:, None] + d.to(tl.uint32)[None, :]) ^ sv.to(tl.uint32, bitcast=True)
+        h = (h ^ (h >> 16)) * DITHER_M1
+        h = (h ^ (h >> 15)) * DITHER_M2
+        h = h ^ (h >> 16)
+        q = q - ((h >> 8).to(tl.float32) * (1.0 / 16777216.0) - 0.5)
     if CODEC >= CODEC_INT4_CHANNEL:
         return q * sv + ov
     else:

@@ -37,11 +37,12 @@ MAX_TEACHERS = 8  # the kernels take teachers as eight separate arguments
 # Codec code of a compressed teacher (kvfuse.codecs.QuantizedKV kind and axis); 0 is a plain tensor.
 CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("int4", "channel"): 3, ("int4", "token"): 4,
                ("int4d", "channel"): 5, ("int4d", "token"): 6}
-# int4d's dither u(t, d) = frac(t·α₁ + d·α₂) − ½ in 32-bit fixed point (kvfuse.codecs.int4_dither, decoded the same
-# way in the kernels): a two-dimensional Weyl (R2) sequence, equidistributed along every channel's tokens and every
-# token's channels; integer arithmetic, so that the torch decode and the kernels' agree exactly
-DITHER_T = 3242174889      # round(2³² · 0.75487766624669…), α₁ = 1/g with g³ = g + 1
-DITHER_D = 2447445414      # round(2³² · 0.56984029099805…), α₂ = 1/g²
+# int4d's dither (kvfuse.codecs.int4_dither, decoded the same way in the kernels): u ∈ [−½, ½) from a 32-bit integer
+# hash (lowbias32: two multiply–xorshift rounds) of t·DITHER_T + d, xor the group's scale bits; uncorrelated between
+# neighbouring tokens and channels; integer arithmetic, so the torch decode and the kernels' agree exactly
+DITHER_T = 0x9E3779B1      # 2³²/φ, odd: spreads the token index over the high bits before the hash
+DITHER_M1 = 0x7FEB352D     # lowbias32's multipliers
+DITHER_M2 = 0x846CA68B
 
 
 def pair_width(d_s: int) -> int:
