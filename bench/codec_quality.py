@@ -52,7 +52,7 @@ RESULTS = ROOT / "bench" / "results"
 STUDENT = "smollm2-135m-instruct"
 SETUPS = {"smollm2": [("smollm2-135m-instruct", "default"), ("smollm2-135m-instruct", "cot")],
           "gemma3": [("gemma3-270m", "cot")]}
-CODECS = ["fp8", "int4", "lowrank:e0.99", "lowrank:e0.99+fp8", "lowrank:e0.99+int4", "lowrank:32+int4",
+CODECS = ["fp8", "int4", "int4d", "lowrank:e0.99", "lowrank:e0.99+fp8", "lowrank:e0.99+int4", "lowrank:32+int4",
           "lowrank:48+int4", "lowrank:64+int4", "lowrank:80+int4", "lowrank:112+int4", "lowrank:144+int4"]
 # Phase 2 at a size two shared CPU cores finish in minutes: 16 train / 4 val items, effective batch 2, 1 epoch.
 PHASE_RUNS = {1: {"n_samples": 10, "n_val": 4, "train": []},
