@@ -306,10 +306,12 @@ def plot(csv_path: Path) -> Path:
 def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int4, int4d (kvfuse.codecs: keys per channel, values per
     token) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per
-    token, and the loss's relative difference from bf16 — one CSV."""
+    token, the loss's relative difference from bf16, and the gradients' largest relative difference from the same
+    kernels on the explicitly decoded teachers (bf16; ≈ 1e-3 is bf16 rounding, a wrong decode is percents) — one
+    CSV."""
     from triton.testing import do_bench
 
-    from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4
+    from kvfuse.codecs import LowRankKV, decode, encode_fp8, encode_int4
     x = make_inputs(tokens)
     m = x["mask"][:, None, :]
 
@@ -339,15 +341,22 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
         def full():
             return torch.autograd.grad(fwd(), params)
 
-        full()
+        grads = full()
         loss = float(fwd())
         ref = loss if ref is None else ref
+        decoded = dict(args, teacher_k=[decode(t, torch.bfloat16) for t in tk],
+                       teacher_v=[decode(t, torch.bfloat16) for t in tv])
+        want = torch.autograd.grad(kv_distill_loss(**decoded, backend="triton", check_finite=False)[0], params)
+        grad_diff = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, want))
+        del decoded, want
+        if grad_diff > 1e-2:
+            log(f"  WRONG: {name} gradients differ from the decoded teachers' by {grad_diff:.2e}")
         nbytes = sum(t.nbytes for t in tk + tv)  # a compressed entry counts its codes and scales
         rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
                          fwd_ms=round(do_bench(fwd, return_mode="median"), 4),
                          full_ms=round(do_bench(full, return_mode="median"), 4),
                          teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
-                         loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref)))
+                         loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref), grad_rel_diff_vs_decoded=grad_diff))
         log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"fused_loss_codecs_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
