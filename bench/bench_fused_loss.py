@@ -304,14 +304,14 @@ def plot(csv_path: Path) -> Path:
 
 
 def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
-    """The Triton loss reading the teachers as bf16, fp8, int4, int4d (kvfuse.codecs: keys per channel, values per
-    token) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher bytes per
-    token, the loss's relative difference from bf16, and the gradients' largest relative difference from the same
+    """The Triton loss reading the teachers as bf16, fp8, int4, int4d (as a store encodes them, `store_axis`: keys
+    per channel, values per channel in fp8 and per token in int4) and low rank (r = min(256, F/2) of F = 512 / 1024,
+    bf16 coefficients): fwd and full ms, teacher bytes per token, the loss's relative difference from bf16, and the gradients' largest relative difference from the same
     kernels on the explicitly decoded teachers (bf16; ≈ 1e-3 is bf16 rounding, a wrong decode is percents) — one
     CSV."""
     from triton.testing import do_bench
 
-    from kvfuse.codecs import LowRankKV, decode, encode_fp8, encode_int4
+    from kvfuse.codecs import LowRankKV, decode, encode_fp8, encode_int4, store_axis
     x = make_inputs(tokens)
     m = x["mask"][:, None, :]
 
@@ -324,7 +324,7 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
 
     variants = {"bf16": (x["teacher_k"], x["teacher_v"]),
                 "fp8": ([encode_fp8(t, "channel", m) for t in x["teacher_k"]],
-                        [encode_fp8(t, "token", m) for t in x["teacher_v"]]),
+                        [encode_fp8(t, store_axis("v", "fp8"), m) for t in x["teacher_v"]]),
                 "int4": ([encode_int4(t, "channel", m) for t in x["teacher_k"]],
                          [encode_int4(t, "token", m) for t in x["teacher_v"]]),
                 "int4d": ([encode_int4(t, "channel", m, dither=True) for t in x["teacher_k"]],

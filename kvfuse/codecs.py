@@ -16,9 +16,9 @@ as one of:
   B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
 
 Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
-float32 [..., D] (keys: their outliers sit in fixed channels, as KIVI argues); "token" — one per (layer, head,
-token), shared over the head's D channels, float16 [..., T] (values; fp16 because per-token side data is paid on
-every token: it keeps int4 under 0.28× of bf16).
+float32 [..., D] (keys: their outliers sit in fixed channels, as KIVI argues; fp8 values too); "token" — one per
+(layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16 because per-token side
+data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis` says which a store uses.
 
 Masked tokens (mask 0: padding, prompt tokens, unaligned tokens) take no part in the statistics and decode to 0
 (int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's range, else
@@ -50,8 +50,24 @@ RANK_MULTIPLE = 16         # low-rank widths are padded to this (tensor-core til
 KINDS = ("fp8", "int4", "int4d")
 PACKED = ("int4", "int4d")  # two 4-bit codes per byte
 AXES = ("channel", "token")
-AXIS_OF = {"k": "channel", "v": "token"}     # keys per channel, values per token
 SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
+
+
+def store_axis(kv: str, kind: str) -> str:
+    """The group a store encodes teacher keys ("k") or values ("v") with, for quantised kind `kind`: keys per
+    channel; int4(d) values per token; fp8 values per channel — fp8's exponent carries each token's magnitude, and
+    the fused loss's weight gradient over per-token fp8 scales must run unpipelined on triton 3.6 (a miscompile,
+    bench/NOTES.md "Compressed teachers"). Stores written before keep per-token fp8 values: `stored_axis`."""
+    return "token" if kv == "v" and kind != "fp8" else "channel"
+
+
+def stored_axis(scale: Tensor) -> str:
+    """The group of a stored quantised entry, from its scale's dtype (SCALE_DTYPES: float32 per channel, float16 per
+    token), so stores of any layout read back as written."""
+    for axis, dtype in SCALE_DTYPES.items():
+        if scale.dtype == dtype:
+            return axis
+    raise ValueError(f"a stored scale of dtype {scale.dtype} matches no codec group ({SCALE_DTYPES})")
 
 
 # ------------------------------------------------------------------------------------------------ containers

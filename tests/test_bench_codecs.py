@@ -56,12 +56,12 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     kv = {c: float(r["kv_bytes_per_token"]) for c, r in fed.items()}
     assert store["int4"] < store["fp8"] < store["bf16"]
     # teacher KV alone per token, two teachers of 64 features each, keys and values: bf16 2 B per value; fp8 1 B
-    # plus the key scales per channel (fp32, once per sample of 16 tokens) and the value scales per token (fp16);
-    # int4 half a byte plus scales and offsets
+    # plus key and value scales per channel (fp32, once per sample of 16 tokens); int4 half a byte plus scales and
+    # offsets, per channel for keys and per token (fp16) for values
     L = 4   # tiny-llama's layers
     values = L * 2 * (2 * 32 + 4 * 16)   # k and v, both teachers
     assert kv["bf16"] == 2 * values
-    assert kv["fp8"] == values + L * (2 * 32 + 4 * 16) * 4 / 16 + L * (2 + 4) * 2
+    assert kv["fp8"] == values + 2 * L * (2 * 32 + 4 * 16) * 4 / 16
     assert kv["int4"] == values / 2 + 2 * (L * (2 * 32 + 4 * 16) * 4 / 16 + L * (2 + 4) * 2)
     assert all(r["prefetched_equals_inline"] == "True" for r in fed.values())
     assert all(float(r["reader_wait_ms"]) >= 0 for r in fed.values())
@@ -148,7 +148,7 @@ def test_int4_half_store_rounds_only_its_half(tmp_path, kind):
     """codec_quality halves: the half store holds int4 round trips (as the codec encodes them) in one half and the
     plain bf16 tensor in the other, on valid tokens; masked tokens, NaN in the source, are stored finite."""
     from bench.codec_quality import int4_half_store
-    from kvfuse.codecs import AXIS_OF, encode_int4
+    from kvfuse.codecs import encode_int4, store_axis
     from kvfuse.teacher.store import TeacherKVStore
 
     samples = _fp32_store(tmp_path / "fp32")
@@ -163,7 +163,7 @@ def test_int4_half_store_rounds_only_its_half(tmp_path, kind):
             assert got[name].dtype == torch.bfloat16 and torch.isfinite(got[name]).all()
             plain = x[..., valid, :].to(torch.bfloat16)
             if name.endswith("/" + kind):
-                want = encode_int4(x, AXIS_OF[kind], valid).decode(torch.float32)[..., valid, :].to(torch.bfloat16)
+                want = encode_int4(x, store_axis(kind, "int4"), valid).decode(torch.float32)[..., valid, :].to(torch.bfloat16)
                 assert not torch.equal(want, plain)
             else:
                 want = plain

@@ -249,7 +249,7 @@ def test_the_plain_check_refuses_nan_or_inf_in_a_valid_token_only(dtype, bad):
 @pytest.mark.parametrize("codec", ["fp8", "int4", "int4d", "lowrank:16", "lowrank:16+fp8", "lowrank:16+int4"])
 def test_nan_or_inf_on_masked_tokens_only_is_ignored(codec, bad):
     """Padding may hold anything: it takes no part in the statistics and decodes as a clean input's padding, every
-    stored byte the same (keys per channel, values per token, as the store lays them out)."""
+    stored byte the same (under either group a store may use)."""
     dirty, clean, mask = _poisoned(bad, "masked")
     if codec.startswith("lowrank"):
         quant = parse_codec(codec).quant

@@ -52,7 +52,7 @@ def test_quantised_teachers_equal_their_decode(kind, heads, D_s, monkeypatch):
         monkeypatch.setattr(k, "INTERP_DW", dict(k.INTERP_DW, BLOCK_F=32))
     args = _case(3, heads, D_s)
     mask = args["mask"]
-    # keys per channel, values per token (the store's layout), and the other way round for the second teacher
+    # keys per channel, values per token (int4's store layout), and the other way round for the second teacher
     axes = [("channel", "token"), ("token", "channel")]
     enc = dict(args, teacher_k=[_encode(x, kind, axes[i][0], mask) for i, x in enumerate(args["teacher_k"])],
                teacher_v=[_encode(x, kind, axes[i][1], mask) for i, x in enumerate(args["teacher_v"])])

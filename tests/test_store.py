@@ -336,6 +336,39 @@ def test_codec_store_round_trip_hands_out_compressed_entries(tmp_path, codec):
         assert store.bases_bytes > 0
 
 
+@pytest.mark.parametrize("codec,v_axis", [("fp8", "channel"), ("int4", "token"), ("int4d", "token")])
+def test_stores_group_keys_per_channel_and_values_as_their_codec_says(tmp_path, codec, v_axis):
+    from kvfuse.codecs import SCALE_DTYPES
+
+    written, _ = _codec_store(tmp_path, codec, n_shards=1)
+    store = TeacherKVStore(tmp_path)
+    for sid, named in written.items():
+        got = store.get(sid)
+        assert got["teacher0/k"].axis == "channel" and got["teacher0/v"].axis == v_axis
+        assert named["teacher0/v.scale"].dtype == SCALE_DTYPES[v_axis]
+        T = named["mask"].shape[0]
+        assert named["teacher0/v.scale"].shape == ((3, 2, T) if v_axis == "token" else (3, 2, 8))
+
+
+def test_an_fp8_store_with_per_token_values_reads_back_as_written(tmp_path):
+    # fp8 stores written before values went per channel hold float16 per-token value scales
+    from kvfuse.codecs import decode, encode_fp8, parse_codec
+    from kvfuse.teacher.compress import encode_sample
+
+    writer = StoreWriter(tmp_path, dict(SETTINGS, codec="fp8"), 1)
+    samples = []
+    for sid, t in _samples(0, ["a", "b"]):
+        named = encode_sample(dict(t, labels_mask=t["mask"].clone()), parse_codec("fp8"))
+        old = encode_fp8(t["teacher0/v"].float(), "token", t["mask"][None, None, :])
+        named.update({"teacher0/v": old.data, "teacher0/v.scale": old.scale})
+        samples.append((sid, named, old))
+    writer.write_shard(0, [(sid, named) for sid, named, _ in samples])
+    store = TeacherKVStore(tmp_path)
+    for sid, _, old in samples:
+        got = store.get(sid)["teacher0/v"]
+        assert got.axis == "token" and torch.equal(decode(got), decode(old))
+
+
 def test_flipped_byte_in_a_scale_tensor_is_caught_by_verify_and_by_the_reader(tmp_path):
     _codec_store(tmp_path, "int4")
     victim = tmp_path / "shard-00001-of-00002.safetensors"

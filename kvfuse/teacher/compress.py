@@ -19,8 +19,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from kvfuse.codecs import (AXIS_OF, PACKED, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode,
-                           encode_lowrank, fit_lowrank_basis, gram, parse_codec, raise_if_not_finite)
+from kvfuse.codecs import (PACKED, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode,
+                           encode_lowrank, fit_lowrank_basis, gram, parse_codec, raise_if_not_finite, store_axis,
+                           stored_axis)
 
 SIDE = (".scale", ".offset")
 
@@ -95,7 +96,7 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
         else:
             # the encoder's verdict (its scale's finiteness) covers a NaN/Inf input as well as an overflowing scale,
             # at no extra pass over the entry: a separate check of the input would only repeat it
-            out.update(_quantized_tensors(name, encode(t, codec.kind, AXIS_OF[kind], mask, label, checks)))
+            out.update(_quantized_tensors(name, encode(t, codec.kind, store_axis(kind, codec.kind), mask, label, checks)))
     if read_now:
         raise_if_not_finite(checks)
     return out
@@ -120,10 +121,13 @@ def assemble(named: Mapping[str, torch.Tensor], codec: Codec, bases: Mapping[str
         if not name.startswith("teacher"):
             out[name] = t
             continue
-        kind = name.rsplit("/", 1)[1]
         quant = codec.quant if codec.lowrank else codec.kind
-        axis = "token" if codec.lowrank else AXIS_OF[kind]
-        value = t if quant is None else QuantizedKV(quant, axis, t, named[name + ".scale"], named.get(name + ".offset"))
+        if quant is None:
+            value = t
+        else:
+            scale = named[name + ".scale"]
+            axis = "token" if codec.lowrank else stored_axis(scale)
+            value = QuantizedKV(quant, axis, t, scale, named.get(name + ".offset"))
         if codec.lowrank:
             basis = bases[name]
             value = LowRankKV(value, basis.basis, basis.heads, basis.head_dim)
