@@ -304,11 +304,11 @@ def plot(csv_path: Path) -> Path:
 
 
 def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
-    """The Triton loss reading the teachers as bf16, fp8, int4, int4d (as a store encodes them, `store_axis`: keys
-    per channel, values per channel in fp8 and per token in int4) and low rank (r = min(256, F/2) of F = 512 / 1024,
-    bf16 coefficients): fwd and full ms, teacher bytes per token, the loss's relative difference from bf16, and the gradients' largest relative difference from the same
-    kernels on the explicitly decoded teachers (bf16; ≈ 1e-3 is bf16 rounding, a wrong decode is percents) — one
-    CSV."""
+    """The Triton loss reading the teachers as bf16, fp8, int4, int4d (grouped as a store encodes them,
+    `store_axis`) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher
+    bytes per token, the loss's relative difference from bf16, and the gradients' largest relative difference from
+    the same kernels on the explicitly decoded teachers (bf16; ≈ 1e-3 is bf16 rounding, a wrong decode is percents)
+    — one CSV."""
     from triton.testing import do_bench
 
     from kvfuse.codecs import LowRankKV, decode, encode_fp8, encode_int4, store_axis
@@ -322,13 +322,12 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
         z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2).unsqueeze(1)).to(t.dtype)
         return LowRankKV(z.unsqueeze(2), basis, H, D)
 
-    variants = {"bf16": (x["teacher_k"], x["teacher_v"]),
-                "fp8": ([encode_fp8(t, "channel", m) for t in x["teacher_k"]],
-                        [encode_fp8(t, store_axis("v", "fp8"), m) for t in x["teacher_v"]]),
-                "int4": ([encode_int4(t, "channel", m) for t in x["teacher_k"]],
-                         [encode_int4(t, "token", m) for t in x["teacher_v"]]),
-                "int4d": ([encode_int4(t, "channel", m, dither=True) for t in x["teacher_k"]],
-                          [encode_int4(t, "token", m, dither=True) for t in x["teacher_v"]]),
+    def stored(kind, **kw):  # keys and values as `kvfuse dump --codec kind` groups them
+        enc = encode_fp8 if kind == "fp8" else encode_int4
+        return tuple([enc(t, store_axis(kv, kind), m, **kw) for t in x["teacher_" + kv]] for kv in ("k", "v"))
+
+    variants = {"bf16": (x["teacher_k"], x["teacher_v"]), "fp8": stored("fp8"), "int4": stored("int4"),
+                "int4d": stored("int4d", dither=True),
                 "lowrank256": ([low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]])}
     params = _params(x)
     rows, ref = [], None

@@ -61,13 +61,13 @@ def store_axis(kv: str, kind: str) -> str:
     return "token" if kv == "v" and kind != "fp8" else "channel"
 
 
-def stored_axis(scale: Tensor) -> str:
-    """The group of a stored quantised entry, from its scale's dtype (SCALE_DTYPES: float32 per channel, float16 per
-    token), so stores of any layout read back as written."""
+def stored_axis(scale: Tensor, name: str = "") -> str:
+    """The group of a stored quantised entry `name`, from its scale's dtype (SCALE_DTYPES: float32 per channel,
+    float16 per token), so stores of any layout read back as written."""
     for axis, dtype in SCALE_DTYPES.items():
         if scale.dtype == dtype:
             return axis
-    raise ValueError(f"a stored scale of dtype {scale.dtype} matches no codec group ({SCALE_DTYPES})")
+    raise ValueError(f"{name}.scale is {scale.dtype}: a stored scale is float32 (per channel) or float16 (per token)")
 
 
 # ------------------------------------------------------------------------------------------------ containers

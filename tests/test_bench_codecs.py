@@ -163,7 +163,8 @@ def test_int4_half_store_rounds_only_its_half(tmp_path, kind):
             assert got[name].dtype == torch.bfloat16 and torch.isfinite(got[name]).all()
             plain = x[..., valid, :].to(torch.bfloat16)
             if name.endswith("/" + kind):
-                want = encode_int4(x, store_axis(kind, "int4"), valid).decode(torch.float32)[..., valid, :].to(torch.bfloat16)
+                want = encode_int4(x, store_axis(kind, "int4"), valid).decode(torch.float32)[..., valid, :]
+                want = want.to(torch.bfloat16)
                 assert not torch.equal(want, plain)
             else:
                 want = plain

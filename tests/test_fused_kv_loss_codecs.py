@@ -132,8 +132,10 @@ def test_a_non_finite_part_of_a_compressed_teacher_is_named(where, monkeypatch):
         kv_distill_loss(**enc, backend="triton")
 
 
-@pytest.mark.parametrize("codec,codec_v", [(("fp8", "token"), ("fp8", "token")), (("fp8", "channel"), ("fp8", "token")),
-                                           (("fp8", "channel"), ("fp8", "channel")), (("int4", "channel"), ("int4", "token"))])
+@pytest.mark.parametrize("codec,codec_v", [(("fp8", "token"), ("fp8", "token")),
+                                           (("fp8", "channel"), ("fp8", "token")),
+                                           (("fp8", "channel"), ("fp8", "channel")),
+                                           (("int4", "channel"), ("int4", "token"))])
 def test_fp8_token_weight_gradients_run_unpipelined(codec, codec_v):
     # triton 3.6 miscompiles the pipelined fp8 per-token decode of the weight gradient on sm_90a (bench/NOTES.md):
     # any launch holding such a teacher gets one-stage configs, every other launch the tuned list unchanged

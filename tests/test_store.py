@@ -369,6 +369,13 @@ def test_an_fp8_store_with_per_token_values_reads_back_as_written(tmp_path):
         assert got.axis == "token" and torch.equal(decode(got), decode(old))
 
 
+def test_a_scale_of_no_codec_dtype_is_named():
+    from kvfuse.codecs import stored_axis
+
+    with pytest.raises(ValueError, match=r"teacher1/v\.scale is torch\.bfloat16: a stored scale is float32"):
+        stored_axis(torch.ones(3, dtype=torch.bfloat16), "teacher1/v")
+
+
 def test_flipped_byte_in_a_scale_tensor_is_caught_by_verify_and_by_the_reader(tmp_path):
     _codec_store(tmp_path, "int4")
     victim = tmp_path / "shard-00001-of-00002.safetensors"

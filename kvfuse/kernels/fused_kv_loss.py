@@ -611,10 +611,10 @@ def _prune_fwd(configs, nargs, **kwargs):
 
 
 def _prune_dw(configs, nargs, **kwargs):
-    # fp8 with per-token scales (the store's values): triton 3.6's sm_90a code for its decode is wrong once the loop
-    # is software-pipelined — on the H200 ∂W of such a teacher came out 4-23 % off, at 4 and 8 warps, 2-4 stages,
-    # some configs differently on every run — and exact at one stage (bench/NOTES.md, "Compressed teachers"). So
-    # those launches run unpipelined, at a price: the fp8 full step goes from 1.10x bf16's to 1.67x.
+    # fp8 with per-token scales (values of fp8 stores written before 26a4f1e, or a caller's own encoding): triton
+    # 3.6's sm_90a code for its decode is wrong once the loop is software-pipelined — on the H200 ∂W of such a teacher
+    # came out 4-23 % off in 4- and 8-warp tiles at 2-4 stages, some differently on every run — and exact at one
+    # stage (bench/NOTES.md, "Compressed teachers"). So those launches run unpipelined (a full step 1.67x bf16's).
     meta = {**nargs, **kwargs}
     if CODEC_CODES["fp8", "token"] in (meta["CODEC"], meta["CODEC_V"]):
         return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1, pre_hook=c.pre_hook) for c in configs]

@@ -96,7 +96,8 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
         else:
             # the encoder's verdict (its scale's finiteness) covers a NaN/Inf input as well as an overflowing scale,
             # at no extra pass over the entry: a separate check of the input would only repeat it
-            out.update(_quantized_tensors(name, encode(t, codec.kind, store_axis(kind, codec.kind), mask, label, checks)))
+            axis = store_axis(kind, codec.kind)
+            out.update(_quantized_tensors(name, encode(t, codec.kind, axis, mask, label, checks)))
     if read_now:
         raise_if_not_finite(checks)
     return out
@@ -126,7 +127,7 @@ def assemble(named: Mapping[str, torch.Tensor], codec: Codec, bases: Mapping[str
             value = t
         else:
             scale = named[name + ".scale"]
-            axis = "token" if codec.lowrank else stored_axis(scale)
+            axis = "token" if codec.lowrank else stored_axis(scale, name)
             value = QuantizedKV(quant, axis, t, scale, named.get(name + ".offset"))
         if codec.lowrank:
             basis = bases[name]
