@@ -15,6 +15,8 @@
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
 #     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
 #     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / int4d / low-rank teachers at 16k
+#     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec (one process
+#                                  each, in parallel: compiling dominates), against float64: one CSV, one log
 #     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
 #   bash bench/gpu_session.sh store_train      Phase 1 trained from a fresh offline store and online, same seed
 #   bash bench/gpu_session.sh zero3             ZeRO-3 Phase 1 on 1 and 2 GPUs (same global batch: equal loss
@@ -86,6 +88,29 @@ for what in "$@"; do
     profile_compiled) for t in 2 3; do TAIL=1 part "profile_compiled_t$t" python3 -m bench.profile_fused_loss \
             --out "$OUT" --tokens 4096 --compiled --fwd --teachers $t; done ;;
     codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 ;;
+    check_configs)
+      mkdir -p /tmp/check
+      for c in bf16 fp8 fp8_token int4 int4d lowrank; do
+        timeout "${PART_LIMIT_check_configs:-420}" python3 -m bench.check_configs --codec "$c" --out /tmp/check \
+          > "/tmp/check/$c.log" 2>&1 &
+      done
+      wait
+      for c in bf16 fp8 fp8_token int4 int4d lowrank; do echo "--- $c"; cat "/tmp/check/$c.log"; done \
+        > "$OUT/check_configs.log"
+      python3 - "$OUT/check_configs.csv" /tmp/check/check_configs_*.csv <<'PY'
+import csv, sys
+rows = [r for path in sys.argv[2:] for r in csv.DictReader(open(path, newline=""))]
+with open(sys.argv[1], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+bad = [r for r in rows if r["error"] or float(r["rel_err"]) > 1e-2 or float(r["rerun_diff"]) > 0]
+print(f"{len(rows)} variants checked, {len(bad)} wrong, racing or failed:")
+for r in bad:
+    print(" ", {k: r[k] for k in ("codec", "kernel", "config", "warps", "stages", "ran_stages", "rel_err", "worst",
+                                   "rerun_diff", "error")})
+PY
+      grep -h "Traceback\|Error" /tmp/check/*.log | head -5 ;;
     kl_variants) TAIL=40 part kl_variants python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 16384 \
             --triton-only-seqs 32768 ;;
     kl)   TAIL=30 part kl python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 32768 1024 16384 \
@@ -105,7 +130,7 @@ print(sys.argv[2], [round(e['kv_loss'], 6) for e in ev], [round(e['tokens_per_s'
       train 1 4 zero3_g1
       [ "$n_gpus" -ge 2 ] && train 2 4 zero3_g2
       [ "$n_gpus" -ge 4 ] && train 4 8 zero3_g4 ;;
-    *) echo "unknown part $what (dump|dump_long|dump_shm|step|step_codecs|step_interference|dump_codecs|kl|kl_variants|fused|fused3|profile|profile_compiled|codecs|store_train|zero3)"; exit 2 ;;
+    *) echo "unknown part $what (dump|dump_long|dump_shm|step|step_codecs|step_interference|dump_codecs|kl|kl_variants|fused|fused3|profile|profile_compiled|codecs|check_configs|store_train|zero3)"; exit 2 ;;
   esac
 done
 echo "=== done ($(date +%T))"

@@ -1,0 +1,164 @@
+"""Every tile config and stage count of the fused KV loss's kernels, per teacher codec, checked on a GPU.
+
+Question answered: could the autotuner pick a config whose code is wrong for some teacher encoding? triton 3.6
+miscompiled one (the weight gradient over fp8 per-token values once software-pipelined, bench/NOTES.md "Compressed
+teachers"), and the CPU tests run the interpreter, which cannot see code generation. Each variant is forced through
+the autotuner's own prune hook (so the project's rules still apply, unless --raw), run three times, and compared
+with the torch reference in float64 on the explicitly decoded teachers (rounded to bf16 as the kernels' operands
+are): `rel_err` (largest over loss and gradients, relative norm; bf16 outputs sit near 1e-3, a wrong decode at
+percents) and `rerun_diff` (largest absolute difference between the three runs: 0 unless the code races).
+
+    PYTHONPATH=. python -m bench.check_configs --codec int4d --out bench/results      # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+from bench.bench_fused_loss import make_inputs
+from bench.common import commit
+from kvfuse.codecs import LowRankKV, decode, encode_fp8, encode_int4, store_axis
+from kvfuse.kernels import fused_kv_loss as fk
+from kvfuse.loss import kv_distill_loss
+
+CODECS = ("bf16", "fp8", "fp8_token", "int4", "int4d", "lowrank")
+WRONG = 1e-2
+
+
+def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
+    """Teacher keys and values as a store of `codec` holds them (fp8_token: values per token, as fp8 stores written
+    before 26a4f1e; lowrank: an orthonormal random basis of rank F/2, bf16 coefficients)."""
+    m = x["mask"][:, None, :]
+    if codec == "bf16":
+        return x["teacher_k"], x["teacher_v"]
+    if codec == "lowrank":
+        def low_rank(t):
+            L, B, H, T, D = t.shape
+            basis = torch.linalg.qr(torch.randn(L, H * D, H * D // 2, device=t.device))[0].transpose(1, 2)
+            z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2).unsqueeze(1)).to(t.dtype)
+            return LowRankKV(z.unsqueeze(2), basis.contiguous(), H, D)
+        return [low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]]
+    kind = codec.removesuffix("_token")
+
+    def axis(kv):
+        return "token" if codec == "fp8_token" and kv == "v" else store_axis(kv, kind)
+    enc = encode_fp8 if kind == "fp8" else encode_int4
+    extra = {"dither": True} if kind == "int4d" else {}
+    return tuple([enc(t, axis(kv), m, **extra) for t in x["teacher_" + kv]] for kv in ("k", "v"))
+
+
+# The project's own prune rules, kept before `forced` replaces the hooks.
+_PROJECT_PRUNE = {id(t): t.early_config_prune for t in (fk._fwd_tuned, fk._dw_tuned)}
+
+
+def forced(tuned, config: triton.Config, raw: bool) -> dict:
+    """Make `tuned` run `config` alone: its prune hook applies the project's rules (stage limits) unless `raw`, then
+    keeps this one config. Returns a dict whose "config" is, after the next launch, the config that ran."""
+    rule = None if raw else _PROJECT_PRUNE[id(tuned)]
+    ran = {}
+
+    def prune(configs, nargs, **kwargs):
+        kept = rule([config], nargs, **kwargs) if rule else [config]
+        ran["config"] = kept[0]
+        return kept[:1]
+    tuned.early_config_prune = prune
+    tuned.cache.clear()
+    fk._TUNED.clear()
+    return ran
+
+
+def variants(configs, stages) -> list[triton.Config]:
+    """Each config at its own stage count and, if `stages`, at each of those."""
+    out = []
+    for c in configs:
+        for s in dict.fromkeys([c.num_stages, *stages]):
+            out.append(triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=s, pre_hook=c.pre_hook))
+    return out
+
+
+def run(codec: str, tokens: int, seq: int, layers: int, dw_stages, raw: bool, out_dir: Path, log=print) -> Path:
+    torch.manual_seed(0)
+    x = make_inputs(tokens, T=seq, L=layers)
+    tk, tv = encoded_teachers(x, codec)
+    params = [x["student_k"], x["student_v"], x["alpha"], *x["w_k"], *x["w_v"]]
+    names = ["student_k", "student_v", "alpha", *[f"w_k[{i}]" for i in range(len(tk))],
+             *[f"w_v[{i}]" for i in range(len(tv))]]
+    args = {k: v for k, v in x.items() if k not in ("scaling", "rot")}
+
+    def plain(ts):
+        return [decode(t, torch.bfloat16).double() if not isinstance(t, torch.Tensor) else t.double() for t in ts]
+    ref_args = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in args.items()}
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    ref_args.update(student_k=ref_params[0], student_v=ref_params[1], alpha=ref_params[2],
+                    w_k=ref_params[3:3 + len(tk)], w_v=ref_params[3 + len(tk):], teacher_k=plain(tk),
+                    teacher_v=plain(tv))
+    ref_loss = kv_distill_loss(**ref_args, backend="torch")[0]
+    want = [ref_loss.detach(), *torch.autograd.grad(ref_loss, ref_params)]
+
+    def once():
+        loss = kv_distill_loss(**dict(args, teacher_k=tk, teacher_v=tv), backend="triton", check_finite=False)[0]
+        return [loss.detach(), *torch.autograd.grad(loss, params)]
+
+    base_dw = fk._DW_CONFIGS_GPU[0]
+    sweeps = [("fwd", c) for c in fk._FWD_CONFIGS_GPU] + [("dw", c) for c in variants(fk._DW_CONFIGS_GPU, dw_stages)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"check_configs_{codec}_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
+    fields = ["device", "commit", "tokens", "seq", "layers", "codec", "kernel", "config", "warps", "stages", "ran",
+              "rel_err", "worst", "rerun_diff", "error"]
+    with open(path, "w", newline="") as f:  # a row per variant as it finishes: a sweep cut short keeps its rows
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for kernel, cfg in sweeps:
+            ran_fwd = forced(fk._fwd_tuned, cfg if kernel == "fwd" else fk._FWD_CONFIGS_GPU[0], raw)
+            ran_dw = forced(fk._dw_tuned, cfg if kernel == "dw" else base_dw, raw)
+            row = dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, seq=seq, layers=layers,
+                       codec=codec, kernel=kernel, config=str(cfg.kwargs), warps=cfg.num_warps,
+                       stages=cfg.num_stages, ran="", rel_err="", worst="", rerun_diff="", error="")
+            try:
+                runs = [once() for _ in range(3)]
+                torch.cuda.synchronize()
+            except OutOfResources as e:  # a config too big for this GPU is a row, not the end of the sweep
+                row["error"] = f"OutOfResources: {str(e).splitlines()[0][:120]}"
+            else:
+                errs = [((g.double() - w_).norm() / w_.norm()).item() for g, w_ in zip(runs[0], want)]
+                worst = max(range(len(errs)), key=errs.__getitem__)
+                ran = (ran_fwd if kernel == "fwd" else ran_dw)["config"]
+                rerun = max((a.double() - b.double()).abs().max().item() for r in runs[1:] for a, b in zip(runs[0], r))
+                row.update(ran="as asked" if (ran.kwargs, ran.num_warps, ran.num_stages) ==
+                           (cfg.kwargs, cfg.num_warps, cfg.num_stages)
+                           else f"{ran.kwargs} warps={ran.num_warps} stages={ran.num_stages}",
+                           rel_err=f"{errs[worst]:.3e}", worst=(["loss"] + names)[worst],
+                           rerun_diff=f"{rerun:.3e}")
+            w.writerow(row)
+            f.flush()
+            bad = row["error"] or float(row["rel_err"]) > WRONG or float(row["rerun_diff"]) > 0
+            log(", ".join(f"{k}={row[k]}" for k in fields[5:] if row[k] != "") + ("  WRONG" if bad else ""))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--codec", choices=CODECS, required=True)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=1024, help="tokens per row (the miscompile showed at 1024)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dw-stages", type=int, nargs="*", default=[1, 2, 3, 4],
+                   help="stage counts tried for each weight-gradient tile besides its own")
+    p.add_argument("--raw", action="store_true", help="bypass the project's prune rules (e.g. fp8 per-token's one "
+                                                      "stage), to see whether a newer triton still needs them")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("check_configs needs a CUDA GPU: it checks the code triton generates for it")
+    print(run(args.codec, args.tokens, args.seq, args.layers, args.dw_stages, args.raw, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""bench/check_configs.py's forcing of one kernel config through the autotuner's prune hook (the GPU sweep itself
+needs a GPU: it checks triton's generated code): the forced config is the only one left, the project's stage rule
+still applies unless --raw, and the variants list every tile at its own and the asked stage counts."""
+from __future__ import annotations
+
+import pytest
+
+from bench import check_configs
+from kvfuse.kernels import fused_kv_loss as fk
+from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES
+
+
+@pytest.fixture
+def restore_hooks():
+    yield
+    for tuned in (fk._fwd_tuned, fk._dw_tuned):
+        tuned.early_config_prune = check_configs._PROJECT_PRUNE[id(tuned)]
+        tuned.cache.clear()
+    fk._TUNED.clear()
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_forced_config_keeps_the_stage_rule_unless_raw(restore_hooks, raw):
+    target = check_configs.variants(fk._DW_CONFIGS_GPU[1:2], [3])[-1]
+    assert (target.kwargs, target.num_stages) == (fk._DW_CONFIGS_GPU[1].kwargs, 3)
+    ran = check_configs.forced(fk._dw_tuned, target, raw)
+    per_token = {"CODEC": CODEC_CODES["fp8", "channel"], "CODEC_V": CODEC_CODES["fp8", "token"]}
+    kept = fk._dw_tuned.early_config_prune(fk._DW_CONFIGS_GPU, per_token)
+    assert [(c.kwargs, c.num_warps) for c in kept] == [(target.kwargs, target.num_warps)]
+    assert kept[0].num_stages == (3 if raw else 1) and ran["config"] is kept[0]
+    channel = {"CODEC": CODEC_CODES["int4", "channel"], "CODEC_V": CODEC_CODES["int4", "token"]}
+    assert [c.num_stages for c in fk._dw_tuned.early_config_prune(fk._DW_CONFIGS_GPU, channel)] == [3]
+
+
+def test_variants_cover_every_tile_and_stage():
+    got = check_configs.variants(fk._DW_CONFIGS_GPU, [1, 2, 3, 4])
+    assert {(str(c.kwargs), c.num_warps, c.num_stages) for c in got} == \
+        {(str(c.kwargs), c.num_warps, s) for c in fk._DW_CONFIGS_GPU for s in (1, 2, 3, 4)}
+    assert len(got) == 4 * len(fk._DW_CONFIGS_GPU)
