@@ -82,7 +82,8 @@ def variants(configs, stages) -> list[triton.Config]:
     return out
 
 
-def run(codec: str, tokens: int, seq: int, layers: int, dw_stages, raw: bool, out_dir: Path, log=print) -> Path:
+def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_stages, raw: bool, out_dir: Path,
+        log=print) -> Path:
     torch.manual_seed(0)
     x = make_inputs(tokens, T=seq, L=layers)
     tk, tv = encoded_teachers(x, codec)
@@ -106,7 +107,8 @@ def run(codec: str, tokens: int, seq: int, layers: int, dw_stages, raw: bool, ou
         return [loss.detach(), *torch.autograd.grad(loss, params)]
 
     base_dw = fk._DW_CONFIGS_GPU[0]
-    sweeps = [("fwd", c) for c in fk._FWD_CONFIGS_GPU] + [("dw", c) for c in variants(fk._DW_CONFIGS_GPU, dw_stages)]
+    sweeps = [("fwd", c) for c in variants(fk._FWD_CONFIGS_GPU, fwd_stages) if "fwd" in kernels] + \
+        [("dw", c) for c in variants(fk._DW_CONFIGS_GPU, dw_stages) if "dw" in kernels]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"check_configs_{codec}_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
     fields = ["device", "commit", "tokens", "seq", "layers", "codec", "kernel", "config", "warps", "stages", "ran",
@@ -148,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--seq", type=int, default=1024, help="tokens per row (the miscompile showed at 1024)")
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--kernels", nargs="+", choices=("fwd", "dw"), default=["fwd", "dw"])
+    p.add_argument("--fwd-stages", type=int, nargs="*", default=[],
+                   help="stage counts tried for each forward tile besides its own")
     p.add_argument("--dw-stages", type=int, nargs="*", default=[1, 2, 3, 4],
                    help="stage counts tried for each weight-gradient tile besides its own")
     p.add_argument("--raw", action="store_true", help="bypass the project's prune rules (e.g. fp8 per-token's one "
@@ -156,7 +161,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("check_configs needs a CUDA GPU: it checks the code triton generates for it")
-    print(run(args.codec, args.tokens, args.seq, args.layers, args.dw_stages, args.raw, args.out))
+    print(run(args.codec, args.tokens, args.seq, args.layers, args.kernels, args.fwd_stages, args.dw_stages, args.raw,
+              args.out))
     return 0
 
 
