@@ -111,8 +111,8 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
         [("dw", c) for c in variants(fk._DW_CONFIGS_GPU, dw_stages) if "dw" in kernels]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"check_configs_{codec}_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
-    fields = ["device", "commit", "tokens", "seq", "layers", "codec", "kernel", "config", "warps", "stages", "ran",
-              "rel_err", "worst", "rerun_diff", "error"]
+    fields = ["device", "commit", "tokens", "seq", "layers", "rules", "codec", "kernel", "config", "warps", "stages",
+              "ran", "rel_err", "worst", "rerun_diff", "error"]
     with open(path, "w", newline="") as f:  # a row per variant as it finishes: a sweep cut short keeps its rows
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -120,8 +120,8 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
             ran_fwd = forced(fk._fwd_tuned, cfg if kernel == "fwd" else fk._FWD_CONFIGS_GPU[0], raw)
             ran_dw = forced(fk._dw_tuned, cfg if kernel == "dw" else base_dw, raw)
             row = dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, seq=seq, layers=layers,
-                       codec=codec, kernel=kernel, config=str(cfg.kwargs), warps=cfg.num_warps,
-                       stages=cfg.num_stages, ran="", rel_err="", worst="", rerun_diff="", error="")
+                       rules="raw" if raw else "project", codec=codec, kernel=kernel, config=str(cfg.kwargs),
+                       warps=cfg.num_warps, stages=cfg.num_stages, **dict.fromkeys(fields[11:], ""))
             try:
                 runs = [once() for _ in range(3)]
                 torch.cuda.synchronize()
@@ -140,7 +140,7 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
             w.writerow(row)
             f.flush()
             bad = row["error"] or float(row["rel_err"]) > WRONG or float(row["rerun_diff"]) > 0
-            log(", ".join(f"{k}={row[k]}" for k in fields[5:] if row[k] != "") + ("  WRONG" if bad else ""))
+            log(", ".join(f"{k}={row[k]}" for k in fields[6:] if row[k] != "") + ("  WRONG" if bad else ""))
     return path
 
 
