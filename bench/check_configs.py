@@ -58,15 +58,21 @@ _PROJECT_PRUNE = {id(t): t.early_config_prune for t in (fk._fwd_tuned, fk._dw_tu
 
 
 def forced(tuned, config: triton.Config, raw: bool) -> dict:
-    """Make `tuned` run `config` alone: its prune hook applies the project's rules (stage limits) unless `raw`, then
-    keeps this one config. Returns a dict whose "config" is, after the next launch, the config that ran."""
+    """Make `tuned` run `config` alone. Unless `raw`, the project's prune rules see it beside the tuned list and
+    may change its stage count or leave it out (then another config runs, and the returned dict's "config" is None).
+    Returns a dict whose "config" is, after the next launch, the config that ran as `config`."""
     rule = None if raw else _PROJECT_PRUNE[id(tuned)]
     ran = {}
 
     def prune(configs, nargs, **kwargs):
-        kept = rule([config], nargs, **kwargs) if rule else [config]
-        ran["config"] = kept[0]
-        return kept[:1]
+        if rule is None:
+            ran["config"] = config
+            return [config]
+        kept = rule([*configs, config], nargs, **kwargs)
+        same = [c for c in kept if (c.kwargs, c.num_warps) == (config.kwargs, config.num_warps)]
+        exact = [c for c in same if c.num_stages == config.num_stages]
+        ran["config"] = (exact or same or [None])[0]
+        return [ran["config"] or kept[0]]
     tuned.early_config_prune = prune
     tuned.cache.clear()
     fk._TUNED.clear()
@@ -128,18 +134,23 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
             except OutOfResources as e:  # a config too big for this GPU is a row, not the end of the sweep
                 row["error"] = f"OutOfResources: {str(e).splitlines()[0][:120]}"
             else:
-                errs = [((g.double() - w_).norm() / w_.norm()).item() for g, w_ in zip(runs[0], want)]
-                worst = max(range(len(errs)), key=errs.__getitem__)
                 ran = (ran_fwd if kernel == "fwd" else ran_dw)["config"]
-                rerun = max((a.double() - b.double()).abs().max().item() for r in runs[1:] for a, b in zip(runs[0], r))
-                row.update(ran="as asked" if (ran.kwargs, ran.num_warps, ran.num_stages) ==
-                           (cfg.kwargs, cfg.num_warps, cfg.num_stages)
-                           else f"{ran.kwargs} warps={ran.num_warps} stages={ran.num_stages}",
-                           rel_err=f"{errs[worst]:.3e}", worst=(["loss"] + names)[worst],
-                           rerun_diff=f"{rerun:.3e}")
+                if ran is None:
+                    row["ran"] = "left out by the project's rules"
+                else:
+                    errs = [((g.double() - w_).norm() / w_.norm()).item() for g, w_ in zip(runs[0], want)]
+                    worst = max(range(len(errs)), key=errs.__getitem__)
+                    rerun = max((a.double() - b.double()).abs().max().item()
+                                for r in runs[1:] for a, b in zip(runs[0], r))
+                    row.update(ran="as asked" if (ran.kwargs, ran.num_warps, ran.num_stages) ==
+                               (cfg.kwargs, cfg.num_warps, cfg.num_stages)
+                               else f"{ran.kwargs} warps={ran.num_warps} stages={ran.num_stages}",
+                               rel_err=f"{errs[worst]:.3e}", worst=(["loss"] + names)[worst],
+                               rerun_diff=f"{rerun:.3e}")
             w.writerow(row)
             f.flush()
-            bad = row["error"] or float(row["rel_err"]) > WRONG or float(row["rerun_diff"]) > 0
+            bad = row["error"] or (row["rel_err"] != "" and (float(row["rel_err"]) > WRONG
+                                                             or float(row["rerun_diff"]) > 0))
             log(", ".join(f"{k}={row[k]}" for k in fields[6:] if row[k] != "") + ("  WRONG" if bad else ""))
     return path
 

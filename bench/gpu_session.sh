@@ -104,7 +104,7 @@ with open(sys.argv[1], "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-bad = [r for r in rows if r["error"] or float(r["rel_err"]) > 1e-2 or float(r["rerun_diff"]) > 0]
+bad = [r for r in rows if r["error"] or (r["rel_err"] and (float(r["rel_err"]) > 1e-2 or float(r["rerun_diff"]) > 0))]
 print(f"{len(rows)} variants checked, {len(bad)} wrong, racing or failed:")
 for r in bad:
     print(" ", {k: r[k] for k in ("codec", "kernel", "config", "warps", "stages", "ran", "rel_err", "worst",

@@ -32,6 +32,20 @@ def test_forced_config_keeps_the_stage_rule_unless_raw(restore_hooks, raw):
     assert [c.num_stages for c in fk._dw_tuned.early_config_prune(fk._DW_CONFIGS_GPU, channel)] == [3]
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_forced_config_left_out_by_the_rules_is_reported(restore_hooks, raw):
+    # the dithered forward's 64 x 128 / 4-warp tile is left out by the project's rule: another config runs, and
+    # the sweep learns that the asked one did not (unless raw)
+    target = next(c for c in fk._FWD_CONFIGS_GPU if (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"], c.num_warps)
+                  == (64, 128, 4))
+    ran = check_configs.forced(fk._fwd_tuned, target, raw)
+    meta = {"H_S": 2, "PH": 64, "EPI_DESC": False, "NATURAL": True, "CODECS": (CODEC_CODES["int4d", "channel"],)}
+    kept = fk._fwd_tuned.early_config_prune(fk._FWD_CONFIGS_GPU, meta)
+    assert len(kept) == 1
+    assert (ran["config"] is target and kept[0] is target) if raw else \
+        (ran["config"] is None and kept[0].kwargs != target.kwargs)
+
+
 def test_variants_cover_every_tile_and_stage():
     got = check_configs.variants(fk._DW_CONFIGS_GPU, [1, 2, 3, 4])
     assert {(str(c.kwargs), c.num_warps, c.num_stages) for c in got} == \
