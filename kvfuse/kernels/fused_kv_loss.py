@@ -143,16 +143,20 @@ def _rope_cos_sin(ang):
 
 @triton.jit
 def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.constexpr, BLOCK_T: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            BLOCK_K: tl.constexpr, INT_CVT: tl.constexpr):
     """A compressed teacher tile in registers, fp32 [BLOCK_T, BLOCK_K] (kvfuse.codecs holds the layout and the
     reference decode). raw: fp8 [BLOCK_T, BLOCK_K], or int4 bytes [BLOCK_T, BLOCK_K/2] (even channel in the low
     nibble); grp = (l·B + b)·H_i + head indexes the scales: [.., D_i] per channel or [.., T] per token."""
     if CODEC >= CODEC_INT4_CHANNEL:
-        # float(code) as (2^23 + code) - 2^23: an OR and an add on full-rate pipes, exact, where an int-to-float
-        # conversion runs at a quarter of their rate on sm_90 and set the weight gradient's pace (bench/NOTES.md)
-        r = raw.to(tl.uint32)
-        q = tl.join(r & 0xF, r >> 4).reshape(BLOCK_T, BLOCK_K)
-        q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        if INT_CVT:
+            q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_K).to(tl.float32)
+        else:
+            # float(code) as (2^23 + code) - 2^23: an OR and an add on full-rate pipes, exact, where the int-to-float
+            # conversion runs at a quarter of their rate on sm_90 (bench/NOTES.md "Compressed teachers"); a loop
+            # bound by issue slots rather than conversions (the weight gradient's) asks for the conversion instead
+            r = raw.to(tl.uint32)
+            q = tl.join(r & 0xF, r >> 4).reshape(BLOCK_T, BLOCK_K)
+            q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     else:
         q = raw.to(tl.float32)
     if CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL:
@@ -180,7 +184,8 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
 
 @triton.jit
 def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.constexpr, CODEC: tl.constexpr,
-            USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UNSCALED: tl.constexpr = False):
+            USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UNSCALED: tl.constexpr = False,
+            INT_CVT: tl.constexpr = False):
     """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
     decoded to fp32 for a compressed one. With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
     PACK: tl.constexpr = 2 if CODEC >= CODEC_INT4_CHANNEL else 1
@@ -207,7 +212,7 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
         if UNSCALED:  # per-channel fp8 codes for a caller that scales the product's rows instead (_dw_tile)
             xd = raw.to(tl.float32)
         else:
-            xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K)
+            xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K, INT_CVT)
         if not USE_DESC:
             xd = tl.where(t_ok[:, None] & (d < D_I)[None, :], xd, 0.0)
         return xd
@@ -473,7 +478,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, CODEC == CODEC_FP8_CHANNEL))
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, CODEC == CODEC_FP8_CHANNEL, True))
             elif USE_DESC:
                 xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
             elif D_I % BLOCK_F == 0:
