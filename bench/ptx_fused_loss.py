@@ -1,9 +1,11 @@
 """Offline sm_90a report of the fused KV-loss kernels at the bench shape (teachers 4 × 128 and 8 × 128, student
 2 × 128, bf16, TMA descriptors, natural layout): every forward config of the autotuner for the key and the value
 pass, and the weight-gradient configs for one kind and for keys + values in one launch, with plain, fp8, int4 and
-int4d teachers. Registers, spills, stack frame, shared memory, PTX lines, local-memory and SFU sine/cosine instructions.
+int4d teachers. Registers, spills, stack frame, shared memory, PTX lines, local-memory and SFU sine/cosine instructions,
+and the machine instructions per thread of the innermost tensor-core loop (all, and conversions, which issue at a
+quarter rate on sm_90).
 
-    PYTHONPATH=<triton 3.6>:. python -m bench.ptx_fused_loss [--only fwd|dw] [--ptxas PATH]
+    PYTHONPATH=<triton 3.6>:. python -m bench.ptx_fused_loss [--only fwd|dw] [--ptxas PATH] [--nvdisasm PATH]
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import shutil
 import triton
 import triton.language as tl
 
-from bench.ptx_report import compile_sm90
+from bench.ptx_report import bundled_tool, compile_sm90
 from kvfuse.kernels import fused_kv_loss as K
 
 HEADS, DIMS, H_S, D_S = (4, 8), (128, 128), 2, 128
@@ -65,10 +67,18 @@ def dw_signature(block_f: int, block_c: int, block_t: int, codec: int, codec_v: 
     return {name: sig.get(name, "constexpr") for name in K._fused_kv_dw_kernel.arg_names}
 
 
+def _brief(info: dict) -> dict:
+    """The report with its loop reduced to instruction and conversion counts per thread and trip."""
+    loop = info.pop("loop", None)
+    return {**info, "loop_instructions": loop.get("instructions"), "loop_conversions": loop.get("conversions")} \
+        if loop is not None else info
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--only", choices=["fwd", "dw"])
     p.add_argument("--ptxas", default=shutil.which("ptxas") or "ptxas")
+    p.add_argument("--nvdisasm", default=bundled_tool("nvdisasm"))
     p.add_argument("--arch", default="sm_90a")
     args = p.parse_args(argv)
     print(f"triton {triton.__version__}, {args.arch}; teachers {HEADS} × {DIMS} → student {H_S} × {D_S}, bf16")
@@ -81,20 +91,22 @@ def main(argv=None):
                 for is_key in (True, False):
                     sig = fwd_signature(cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["WIDE"], codecs)
                     info = compile_sm90(K._fused_kv_fwd_kernel, sig, fwd_constexprs(cfg, is_key, codecs),
-                                        config.num_warps, config.num_stages, args.ptxas, args.arch)
+                                        config.num_warps, config.num_stages, args.ptxas, args.arch,
+                                        nvdisasm=args.nvdisasm)
                     print(f"fwd {'keys  ' if is_key else 'values'} codecs {codecs} {cfg['BLOCK_T']:3d} x "
-                          f"{cfg['BLOCK_K']:3d} wide={cfg['WIDE']!s:5} / {config.num_warps} warps: {info}", flush=True)
+                          f"{cfg['BLOCK_K']:3d} wide={cfg['WIDE']!s:5} / {config.num_warps} warps: {_brief(info)}",
+                          flush=True)
     if args.only != "fwd":
-        for codec, codec_v, kinds in ((0, 0, 1), (0, 0, 2), (1, 2, 2), (3, 4, 2), (5, 6, 2)):
+        for codec, codec_v, kinds in ((0, 0, 1), (0, 0, 2), (1, 1, 2), (1, 2, 2), (3, 4, 2), (5, 6, 2)):
             for config in K._DW_CONFIGS_GPU:
                 cfg = dict(config.kwargs)
                 consts = dict(D_I=DIMS[0], C2=2 * H_S * PH, CODEC=codec, CODEC_V=codec_v, KINDS=kinds,
                               DOT_DTYPE=tl.bfloat16, IEEE=False, USE_DESC=True, **cfg)
                 sig = dw_signature(cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"], codec, codec_v)
                 info = compile_sm90(K._fused_kv_dw_kernel, sig, consts, config.num_warps, config.num_stages,
-                                    args.ptxas, args.arch)
+                                    args.ptxas, args.arch, nvdisasm=args.nvdisasm)
                 print(f"dw codecs {codec}/{codec_v} kinds {kinds} {cfg['BLOCK_F']:3d} x {cfg['BLOCK_C']:3d} / "
-                      f"{config.num_warps} warps: {info}", flush=True)
+                      f"{config.num_warps} warps: {_brief(info)}", flush=True)
 
 
 if __name__ == "__main__":

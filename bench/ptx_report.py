@@ -1,6 +1,7 @@
 """Offline sm_90a reports of Triton kernels, no GPU needed: compile for `GPUTarget("cuda", 90, 32)` with the
-installed triton (use the GPU's version, bench/NOTES.md), run `ptxas -v` on the PTX, and count what the PTX holds.
-Shared by bench/ptx_attention_kl.py and bench/ptx_fused_loss.py."""
+installed triton (use the GPU's version, bench/NOTES.md), run `ptxas -v` on the PTX, count what the PTX holds, and
+(with `nvdisasm`) the machine instructions of the innermost tensor-core loop. Shared by bench/ptx_attention_kl.py
+and bench/ptx_fused_loss.py."""
 from __future__ import annotations
 
 import os
@@ -28,12 +29,61 @@ def ptxas_report(ptx: str, ptxas: str, arch: str) -> dict:
                 stack=sum(int(x) for x in re.findall(r"(\d+) bytes stack frame", text)))
 
 
+def bundled_tool(name: str) -> str:
+    """Path of a CUDA tool (ptxas, nvdisasm) that the installed triton carries."""
+    import triton.backends.nvidia
+    return os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", name)
+
+
+# Conversions issue at 16 per clock per SM on sm_90, a quarter of the FP32 and integer pipes' rate (bench/NOTES.md,
+# "Compressed teachers"): counted apart in the loop report.
+CONVERSIONS = ("I2F", "F2I", "F2F", "F2FP", "I2I")
+
+
+def sass_tensor_core_loop(cubin: bytes, nvdisasm: str) -> dict:
+    """Per-thread machine instructions of the innermost loop (a backward branch) that holds a warpgroup MMA
+    (HGMMA), disassembled from `cubin`: {"instructions": n, "conversions": n, "ops": {opcode: count}}; empty when
+    there is no such loop."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    code, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            labels.update((name, addr) for name in pending)
+            pending = []
+            code.append((addr, ins.group(2)))
+    loops = []
+    for addr, text in code:
+        target = re.search(r"\bBRA\b.*\((\.L_x_\d+)\)", text)
+        if target and labels.get(target.group(1), addr) < addr:
+            body = [t for a, t in code if labels[target.group(1)] <= a <= addr]
+            if any("HGMMA" in t for t in body):
+                loops.append(body)
+    if not loops:
+        return {}
+    ops: dict[str, int] = {}
+    for text in min(loops, key=len):
+        op = re.sub(r"^@!?U?P[T\d]+\s+", "", text).split()[0].split(".")[0]
+        ops[op] = ops.get(op, 0) + 1
+    return dict(instructions=sum(ops.values()), conversions=sum(ops.get(op, 0) for op in CONVERSIONS),
+                ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])))
+
+
 def compile_sm90(fn, signature: dict, constexprs: dict, warps: int, stages: int, ptxas: str | None,
-                 arch: str = "sm_90a", divisible: frozenset[str] = frozenset()) -> dict:
+                 arch: str = "sm_90a", divisible: frozenset[str] = frozenset(), nvdisasm: str | None = None) -> dict:
     """Compile `fn` for sm_90 with `signature` (every argument: a type or "constexpr"), the launch's divisibility
     specialisation for pointers and the `divisible` integer arguments, and report shared memory and instruction
-    counts of the PTX, and with a `ptxas` (one that reads the PTX version this triton writes) registers, spills and
-    stack."""
+    counts of the PTX, with a `ptxas` (one that reads the PTX version this triton writes) registers, spills and
+    stack, and with an `nvdisasm` the innermost tensor-core loop's machine instructions (`sass_tensor_core_loop`)."""
     names = fn.arg_names
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
              if isinstance(v, str) and v != "constexpr" and (v.startswith("*") or k in divisible)}
@@ -46,4 +96,5 @@ def compile_sm90(fn, signature: dict, constexprs: dict, warps: int, stages: int,
                 local=len(re.findall(r"\b(?:ld|st)\.local", ptx)),
                 sfu_trig=len(re.findall(r"\b(?:sin|cos)\.approx", ptx)),
                 red=len(re.findall(r"\bred\.global|\batom\.global", ptx)),
-                bulk_reduce=ptx.count("cp.reduce.async.bulk"), tma_load=ptx.count("cp.async.bulk.tensor"))
+                bulk_reduce=ptx.count("cp.reduce.async.bulk"), tma_load=ptx.count("cp.async.bulk.tensor"),
+                **({"loop": sass_tensor_core_loop(k.asm["cubin"], nvdisasm)} if nvdisasm else {}))

@@ -38,3 +38,45 @@ def test_key_pass_trig_runs_on_the_sfu_without_local_memory():
     assert keys["wgmma"] > 0 and values["wgmma"] > 0  # the products run on Hopper's tensor cores
     # RoPE costs the key pass a modest amount of code, not the fourfold it did with libdevice
     assert keys["ptx_lines"] < 1.6 * values["ptx_lines"], (keys["ptx_lines"], values["ptx_lines"])
+
+
+LOOP_PROBE = """
+import json
+import triton.language as tl
+from bench import ptx_fused_loss as P
+from bench.ptx_report import bundled_tool, compile_sm90
+from kvfuse.kernels import fused_kv_loss as K
+from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES
+config = K._DW_CONFIGS_GPU[0]
+cfg = dict(config.kwargs)
+out = {}
+for name, codec in (("bf16", 0), ("fp8", CODEC_CODES["fp8", "channel"]), ("int4", CODEC_CODES["int4", "channel"])):
+    consts = dict(D_I=P.DIMS[0], C2=2 * P.H_S * P.PH, CODEC=codec, CODEC_V=codec, KINDS=1, DOT_DTYPE=tl.bfloat16,
+                  IEEE=False, USE_DESC=True, **cfg)
+    out["dw_" + name] = compile_sm90(K._fused_kv_dw_kernel, P.dw_signature(cfg["BLOCK_F"], cfg["BLOCK_C"],
+                                     cfg["BLOCK_T"], codec, codec), consts, config.num_warps, config.num_stages,
+                                     None, nvdisasm=bundled_tool("nvdisasm"))["loop"]
+fwd = K._FWD_CONFIGS_GPU[0]
+codecs = (CODEC_CODES["int4", "channel"],) * 2
+out["fwd_int4"] = compile_sm90(K._fused_kv_fwd_kernel, P.fwd_signature(64, 64, False, codecs),
+                               P.fwd_constexprs(dict(fwd.kwargs), True, codecs), fwd.num_warps, fwd.num_stages, None,
+                               nvdisasm=bundled_tool("nvdisasm"))["loop"]
+print(json.dumps(out))
+"""
+
+
+def test_weight_gradient_loops_decode_as_designed():
+    # the compressed weight gradient's loop, in machine code (bench/NOTES.md "Compressed teachers"): bf16 feeds the
+    # tensor cores with no conversion; per-channel fp8 applies its scale after the loop (no multiply inside); int4
+    # converts its codes in the loop; the forward's int4 decode uses no int-to-float conversion (OR and add)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", LOOP_PROBE], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loops = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(loop["ops"].get("HGMMA", 0) > 0 for loop in loops.values()), loops
+    assert loops["dw_bf16"]["conversions"] == 0 and "FMUL" not in loops["dw_bf16"]["ops"]
+    assert "FMUL" not in loops["dw_fp8"]["ops"] and loops["dw_fp8"]["conversions"] > 0
+    assert loops["dw_int4"]["ops"].get("I2F", 0) > 0
+    assert "I2F" not in loops["fwd_int4"]["ops"], loops["fwd_int4"]["ops"]
+    assert loops["dw_bf16"]["instructions"] < loops["dw_fp8"]["instructions"] < loops["dw_int4"]["instructions"]
