@@ -586,7 +586,7 @@ def _fit_dw_descriptors(args: dict, block_f: int, block_c: int, block_t: int) ->
 
 # Tile lists: candidates from the sm_90a register report (ptxas through triton's compiler, no GPU needed: 256-token
 # tiles and two 128-dim heads per program spill kilobytes; the weight-gradient tiles keep two fp32 accumulators, M(b)
-# and ∂W, so 128 × 128 over 8 warps is the largest without spills), then kept by their time alone on an H200
+# and ∂W, so 128 × 128 over 8 warps is the largest whose loop runs without spills), then kept by their time on an H200
 # (bench/tune_fused_loss.py, 16k tokens; bench/NOTES.md). Two heads per program stays for small head dims.
 _FWD_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": False}, 4, 3),
