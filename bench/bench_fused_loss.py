@@ -74,6 +74,34 @@ def _api_args(x):
     return {k: v for k, v in x.items() if k not in ("scaling", "rot")}
 
 
+CODECS = ("bf16", "fp8", "fp8_token", "int4", "int4d", "lowrank")
+
+
+def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
+    """The inputs' teacher keys and values as a store of `codec` holds them (`store_axis`); fp8_token: values per
+    token, as fp8 stores written before 26a4f1e; lowrank: an orthonormal random basis of rank min(256, F/2) of
+    F = H·D, bf16 coefficients."""
+    from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4, store_axis
+    if codec == "bf16":
+        return x["teacher_k"], x["teacher_v"]
+    if codec == "lowrank":
+        def low_rank(t):
+            L, B, H, T, D = t.shape
+            r = min(256, H * D // 2)
+            basis = torch.linalg.qr(torch.randn(L, H * D, r, device=t.device))[0].transpose(1, 2).contiguous()
+            z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2).unsqueeze(1)).to(t.dtype)
+            return LowRankKV(z.unsqueeze(2), basis, H, D)
+        return [low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]]
+    kind = codec.removesuffix("_token")
+    m = x["mask"][:, None, :]
+
+    def axis(kv):
+        return "token" if codec == "fp8_token" and kv == "v" else store_axis(kv, kind)
+    enc = encode_fp8 if kind == "fp8" else encode_int4
+    extra = {"dither": True} if kind == "int4d" else {}
+    return tuple([enc(t, axis(kv), m, **extra) for t in x["teacher_" + kv]] for kv in ("k", "v"))
+
+
 def minimal_bytes_flops(x, mode: str) -> tuple[int, int]:
     """Fewest bytes (each input read once, each output written once) and the GEMM FLOPs of one call."""
     size = lambda t: t.numel() * t.element_size()  # noqa: E731
@@ -311,24 +339,10 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
     — one CSV."""
     from triton.testing import do_bench
 
-    from kvfuse.codecs import LowRankKV, decode, encode_fp8, encode_int4, store_axis
+    from kvfuse.codecs import decode
     x = make_inputs(tokens)
-    m = x["mask"][:, None, :]
-
-    def low_rank(t):
-        L, B, H, T, D = t.shape
-        r = min(256, H * D // 2)
-        basis = torch.linalg.qr(torch.randn(L, H * D, r, device=t.device))[0].transpose(1, 2).contiguous()
-        z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2).unsqueeze(1)).to(t.dtype)
-        return LowRankKV(z.unsqueeze(2), basis, H, D)
-
-    def stored(kind, **kw):  # keys and values as `kvfuse dump --codec kind` groups them
-        enc = encode_fp8 if kind == "fp8" else encode_int4
-        return tuple([enc(t, store_axis(kv, kind), m, **kw) for t in x["teacher_" + kv]] for kv in ("k", "v"))
-
-    variants = {"bf16": (x["teacher_k"], x["teacher_v"]), "fp8": stored("fp8"), "int4": stored("int4"),
-                "int4d": stored("int4d", dither=True),
-                "lowrank256": ([low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]])}
+    variants = {("lowrank256" if c == "lowrank" else c): encoded_teachers(x, c)
+                for c in ("bf16", "fp8", "int4", "int4d", "lowrank")}
     params = _params(x)
     rows, ref = [], None
     for name, (tk, tv) in variants.items():

@@ -21,36 +21,13 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from bench.bench_fused_loss import make_inputs
+from bench.bench_fused_loss import CODECS, encoded_teachers, make_inputs
 from bench.common import commit
-from kvfuse.codecs import LowRankKV, decode, encode_fp8, encode_int4, store_axis
+from kvfuse.codecs import decode
 from kvfuse.kernels import fused_kv_loss as fk
 from kvfuse.loss import kv_distill_loss
 
-CODECS = ("bf16", "fp8", "fp8_token", "int4", "int4d", "lowrank")
 WRONG = 1e-2
-
-
-def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
-    """Teacher keys and values as a store of `codec` holds them (fp8_token: values per token, as fp8 stores written
-    before 26a4f1e; lowrank: an orthonormal random basis of rank F/2, bf16 coefficients)."""
-    m = x["mask"][:, None, :]
-    if codec == "bf16":
-        return x["teacher_k"], x["teacher_v"]
-    if codec == "lowrank":
-        def low_rank(t):
-            L, B, H, T, D = t.shape
-            basis = torch.linalg.qr(torch.randn(L, H * D, H * D // 2, device=t.device))[0].transpose(1, 2)
-            z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2).unsqueeze(1)).to(t.dtype)
-            return LowRankKV(z.unsqueeze(2), basis.contiguous(), H, D)
-        return [low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]]
-    kind = codec.removesuffix("_token")
-
-    def axis(kv):
-        return "token" if codec == "fp8_token" and kv == "v" else store_axis(kv, kind)
-    enc = encode_fp8 if kind == "fp8" else encode_int4
-    extra = {"dither": True} if kind == "int4d" else {}
-    return tuple([enc(t, axis(kv), m, **extra) for t in x["teacher_" + kv]] for kv in ("k", "v"))
 
 
 # The project's own prune rules, kept before `forced` replaces the hooks.

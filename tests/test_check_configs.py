@@ -1,6 +1,7 @@
 """bench/check_configs.py's forcing of one kernel config through the autotuner's prune hook (the GPU sweep itself
 needs a GPU: it checks triton's generated code): the forced config is the only one left, the project's stage rule
-still applies unless --raw, and the variants list every tile at its own and the asked stage counts."""
+still applies unless --raw, and the variants list every tile at its own and the asked stage counts; and the teacher
+encoder it shares with the codec bench."""
 from __future__ import annotations
 
 import pytest
@@ -51,3 +52,25 @@ def test_variants_cover_every_tile_and_stage():
     assert {(str(c.kwargs), c.num_warps, c.num_stages) for c in got} == \
         {(str(c.kwargs), c.num_warps, s) for c in fk._DW_CONFIGS_GPU for s in (1, 2, 3, 4)}
     assert len(got) == 4 * len(fk._DW_CONFIGS_GPU)
+
+
+def test_encoded_teachers_group_as_a_store_does():
+    # the one encoder the codec bench and the config check share: keys per channel; int4 values per token, fp8
+    # values per channel (per token for fp8_token, the layout of fp8 stores written before 26a4f1e)
+    import torch
+    from bench.bench_fused_loss import CODECS, encoded_teachers
+    from kvfuse.codecs import LowRankKV, QuantizedKV, stored_axis
+    g = torch.Generator().manual_seed(0)
+    x = {"teacher_k": [torch.randn(2, 2, 2, 8, 16, generator=g)],
+         "teacher_v": [torch.randn(2, 2, 2, 8, 16, generator=g)], "mask": torch.ones(2, 8, dtype=torch.bool)}
+    want = {"fp8": ("channel", "channel"), "fp8_token": ("channel", "token"), "int4": ("channel", "token"),
+            "int4d": ("channel", "token")}
+    for codec in CODECS:
+        tk, tv = encoded_teachers(x, codec)
+        if codec == "bf16":
+            assert tk is x["teacher_k"] and tv is x["teacher_v"]
+        elif codec == "lowrank":
+            assert isinstance(tk[0], LowRankKV) and tk[0].rank == 16  # min(256, F/2) of F = 32
+        else:
+            assert isinstance(tk[0], QuantizedKV) and tk[0].kind == codec.removesuffix("_token")
+            assert (stored_axis(tk[0].scale), stored_axis(tv[0].scale)) == want[codec]
