@@ -210,7 +210,10 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
         d = d0 + tl.arange(0, BLOCK_K)
         grp = (l.to(tl.int64) * B + b) * H_I + hi
         if UNSCALED:  # per-channel fp8 codes for a caller that scales the product's rows instead (_dw_tile)
-            xd = raw.to(tl.float32)
+            xd = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; prmt.b32 $0, $1, $2, 0xC480;"
+                " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z; }",
+                "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
             xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K, INT_CVT)
         if not USE_DESC:
