@@ -66,6 +66,7 @@ DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
 FAST_TRIG = tl.constexpr(not interpreting())
+ASM_DECODE = tl.constexpr(not interpreting())  # inline PTX (_fp8_bits_to_bf16) has no interpreter
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 TWO_PI_HI = tl.constexpr(6.2831854820251465)  # float32(2π)
 TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)  # 2π − TWO_PI_HI
@@ -142,6 +143,24 @@ def _rope_cos_sin(ang):
 
 
 @triton.jit
+def _fp8_bits_to_bf16(raw):
+    """e4m3 codes to bf16, exact, on full-rate integer and half-precision pipes instead of the conversion unit
+    (a quarter of their rate on sm_90, bench/NOTES.md "Compressed teachers"): the sign at bit 15 and the seven
+    exponent and mantissa bits at bits 10..4 make the bf16 of value·2^-120 (codes of exponent 0, zeros and
+    subnormals, become bf16 subnormals, which bf16 arithmetic keeps), and one multiply by 2^120 restores it."""
+    if ASM_DECODE:
+        # two codes per instance: prmt sign-extends each byte into a 16-bit half, then shift, mask, multiply
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; prmt.b32 $0, $1, $2, 0xC480;"
+            " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z; }",
+            "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:  # the same bits, spelled in Triton for the interpreter
+        b = raw.to(tl.int8, bitcast=True).to(tl.int16)
+        x = ((b << 4) & -30736).to(tl.bfloat16, bitcast=True)  # -30736 = 0x87F0 as int16
+        return (x.to(tl.float32) * 1.329227995784916e36).to(tl.bfloat16)  # 2^120
+
+
+@triton.jit
 def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.constexpr, BLOCK_T: tl.constexpr,
             BLOCK_K: tl.constexpr, INT_CVT: tl.constexpr):
     """A compressed teacher tile in registers, fp32 [BLOCK_T, BLOCK_K] (kvfuse.codecs holds the layout and the
@@ -209,11 +228,12 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
     else:
         d = d0 + tl.arange(0, BLOCK_K)
         grp = (l.to(tl.int64) * B + b) * H_I + hi
-        if UNSCALED:  # per-channel fp8 codes for a caller that scales the product's rows instead (_dw_tile)
-            xd = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; prmt.b32 $0, $1, $2, 0xC480;"
-                " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z; }",
-                "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
+        if UNSCALED:  # per-channel codes for a caller that applies scale and offset to the product (_dw_tile)
+            if CODEC >= CODEC_INT4_CHANNEL:  # 128 + code, exact: the bf16 whose bits are 0x4300 | code
+                q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_K)
+                xd = (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+            else:
+                xd = _fp8_bits_to_bf16(raw)
         else:
             xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K, INT_CVT)
         if not USE_DESC:
@@ -445,7 +465,7 @@ def _fused_kv_fwd_kernel(
 
 
 @triton.jit
-def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab, stride_al,
+def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab, stride_al,
              g_out, l32, B, T, N_FBLK, N_CBLK, H_I, D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr,
              DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_F: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -456,6 +476,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
     #   ∂W[f, c] = g Σ_b α_i(b) M(b)[f, c]
     # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing; with
     # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
+    FOLD: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     l = l32.to(tl.int64)
@@ -481,7 +502,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, CODEC == CODEC_FP8_CHANNEL, True))
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FOLD, True))
             elif USE_DESC:
                 xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
             elif D_I % BLOCK_F == 0:
@@ -499,9 +520,17 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb, input_precision="ieee")
             else:
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
-        if CODEC == CODEC_FP8_CHANNEL:  # X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G): the loop converts codes only
+        if FOLD:
+            # per-channel scales and offsets leave the token sum: fp8 X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G); int4
+            # X = (Q' − 128)·diag(s) + 1·oᵀ with Q' the loop's 128 + code, so Xᵀ G = diag(s)·(Q'ᵀ G) + (o − 128 s)
+            # ⊗ Σ_t G (gs). The loop only converts (fp8) or places bits (int4).
             grp = (l * B + bb) * H_I + hi
-            mb = mb * tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0)[:, None]
+            sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0)
+            mb = mb * sv[:, None]
+            if CODEC == CODEC_INT4_CHANNEL:
+                ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0)
+                gsum = tl.load(gs + (l * B + bb) * C2 + c, mask=c_ok, other=0.0)
+                mb += (ov - 128.0 * sv)[:, None] * gsum[None, :]
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
@@ -512,8 +541,8 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
 
 @triton.jit
 def _fused_kv_dw_kernel(
-    x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr,
-    x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
+    x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalpha_ptr,
+    x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, gs_v, dw_v_ptr, dalpha_v_ptr,
     alpha_ptr, stride_ab, stride_al, gout_ptr,
     B, T, L, N_FBLK, N_CBLK, H_I,
     D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, CODEC_V: tl.constexpr, KINDS: tl.constexpr,
@@ -527,15 +556,15 @@ def _fused_kv_dw_kernel(
     pid2 = tl.program_id(2)
     if KINDS == 2:
         if pid2 >= L:
-            _dw_tile(x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
+            _dw_tile(x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, gs_v, dw_v_ptr, dalpha_v_ptr,
                      alpha_ptr, stride_ab, stride_al, g_out, pid2 - L, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC_V,
                      DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T)
         else:
-            _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
+            _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
                      stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
                      BLOCK_F, BLOCK_C, BLOCK_T)
     else:
-        _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
+        _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
                  stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
                  BLOCK_F, BLOCK_C, BLOCK_T)
 
@@ -818,9 +847,9 @@ class KindGrad(NamedTuple):
     G: torch.Tensor
 
 
-_DW_ARGS = ("x", "sc", "of", "sx0", "sx1", "sx2", "sx3", "w_ptr", "sw0", "sw1", "g", "dw_ptr", "dalpha_ptr")
-_DW_ARGS_V = ("x_v", "sc_v", "of_v", "sxv0", "sxv1", "sxv2", "sxv3", "w_v_ptr", "swv0", "swv1", "g_v", "dw_v_ptr",
-              "dalpha_v_ptr")
+_DW_ARGS = ("x", "sc", "of", "sx0", "sx1", "sx2", "sx3", "w_ptr", "sw0", "sw1", "g", "gs", "dw_ptr", "dalpha_ptr")
+_DW_ARGS_V = ("x_v", "sc_v", "of_v", "sxv0", "sxv1", "sxv2", "sxv3", "w_v_ptr", "swv0", "swv1", "g_v", "gs_v",
+              "dw_v_ptr", "dalpha_v_ptr")
 
 
 def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]]:
@@ -833,13 +862,15 @@ def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]
     # One descriptor of G for every teacher's launch: a launch encodes its box when issued, so the next launch's
     # pre-hook may re-box the same object.
     g_desc = TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if _tma_ready(G) else None
+    # Σ_t G [L, B, C'] for teachers whose int4 offsets are per channel (_dw_tile folds them out of the loop)
+    g_sum = G.sum(2, dtype=torch.float32) if CODEC_CODES["int4", "channel"] in st.codecs else G
     sides = []
     for i, (x, w) in enumerate(zip(st.data, kind.weights)):
         use_desc = (g_desc is not None and _tma_ready(x)
                     and _packed_boxes_ok(st.codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
         values = (TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
                   G if scales[i] is None else scales[i], G if offsets[i] is None else offsets[i], *x.stride()[:4],
-                  w, w.stride(0), w.stride(1), g_desc if use_desc else G, dws[i], parts[i])
+                  w, w.stride(0), w.stride(1), g_desc if use_desc else G, g_sum, dws[i], parts[i])
         sides.append(((heads[i], dims[i], use_desc, dot_tl, ieee, st.codecs[i], x.dtype),
                       dict(zip(_DW_ARGS, values))))
     return sides
