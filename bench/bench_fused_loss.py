@@ -331,7 +331,7 @@ def plot(csv_path: Path) -> Path:
     return out
 
 
-def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
+def bench_codecs(out_dir: Path, tokens: int, names=("bf16", "fp8", "int4", "int4d", "lowrank"), log=print) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int4, int4d (grouped as a store encodes them,
     `store_axis`) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher
     bytes per token, the loss's relative difference from bf16, and the gradients' largest relative difference from
@@ -341,8 +341,7 @@ def bench_codecs(out_dir: Path, tokens: int, log=print) -> Path:
 
     from kvfuse.codecs import decode
     x = make_inputs(tokens)
-    variants = {("lowrank256" if c == "lowrank" else c): encoded_teachers(x, c)
-                for c in ("bf16", "fp8", "int4", "int4d", "lowrank")}
+    variants = {("lowrank256" if c == "lowrank" else c): encoded_teachers(x, c) for c in ("bf16", *names)}
     params = _params(x)
     rows, ref = [], None
     for name, (tk, tv) in variants.items():
@@ -391,6 +390,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     p.add_argument("--codecs", type=int, metavar="TOKENS",
                    help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
+    p.add_argument("--codec_names", nargs="+", default=["fp8", "int4", "int4d", "lowrank"],
+                   choices=["fp8", "int4", "int4d", "lowrank"], help="with --codecs: the codecs timed beside bf16")
     args = p.parse_args(argv)
     if args.plot:
         print(plot(args.plot))
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_fused_loss needs a CUDA GPU (run it through the device tool)")
     if args.codecs:
-        print(bench_codecs(args.out, args.codecs))
+        print(bench_codecs(args.out, args.codecs, args.codec_names))
         return 0
     run(args.out, args.tokens, args.variants, args.tokens3)
     return 0

@@ -14,7 +14,8 @@
 #     fused3                       the same with three teachers at 4k and 16k (≈ 9 min: a call of its own)
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
 #     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
-#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / int4d / low-rank teachers at 16k
+#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / int4d / low-rank teachers at 16k (CODEC_NAMES:
+#                                  the codecs timed beside bf16)
 #     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec (one process
 #                                  each, in parallel: compiling dominates), against float64: one CSV, one log
 #     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
@@ -87,7 +88,8 @@ for what in "$@"; do
     profile) TAIL=4 part profile python3 -m bench.profile_fused_loss --out "$OUT" --tokens 4096 ;;
     profile_compiled) for t in 2 3; do TAIL=1 part "profile_compiled_t$t" python3 -m bench.profile_fused_loss \
             --out "$OUT" --tokens 4096 --compiled --fwd --teachers $t; done ;;
-    codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 ;;
+    codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 \
+            --codec_names ${CODEC_NAMES:-fp8 int4 int4d lowrank} ;;
     check_configs)  # CHECKS="codec[:arg,arg..] ...": default the six codecs, all tiles, weight gradient at 1-4 stages
       rm -rf /tmp/check && mkdir -p /tmp/check  # a warm machine keeps /tmp: no earlier call's rows
       checks=${CHECKS:-bf16 fp8 fp8_token int4 int4d lowrank}

@@ -5,8 +5,11 @@ import re
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kvfuse.codecs import LowRankKV, encode, encode_fp8
+from kvfuse.kernels.fused_kv_loss import _fp8_bits_to_bf16
 from kvfuse.loss import kv_distill_loss
 
 from test_fused_kv_loss import assert_close
@@ -181,3 +184,24 @@ def test_dithered_forward_leaves_out_its_miscompiled_tile(codecs):
         assert (64, 128, 4) not in tile and len(kept) == len(full) - 1
     else:
         assert (64, 128, 4) in tile and [c.kwargs for c in kept] == [c.kwargs for c in full]
+
+
+@triton.jit
+def _decode_fp8_bits(src, dst, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(dst + i, _fp8_bits_to_bf16(tl.load(src + i)))
+
+
+def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code():
+    # the weight gradient's fp8 decode (_fp8_bits_to_bf16) against torch's e4m3 → bf16 on all 254 finite codes,
+    # bit for bit: zeros of both signs, the subnormals (exponent 0) and the largest normals included
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # 0x7F and 0xFF are e4m3's NaN, which the codec never writes
+    src = torch.zeros(256, dtype=torch.uint8)
+    src[:codes.numel()] = codes
+    dst = torch.empty(256, dtype=torch.bfloat16)
+    _decode_fp8_bits[(1,)](src.view(torch.float8_e4m3fn), dst, N=256)
+    want = codes.view(torch.float8_e4m3fn).to(torch.bfloat16)
+    got = dst[:codes.numel()]
+    bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
+    assert bad.numel() == 0, [(hex(int(codes[i])), float(got[i]), float(want[i])) for i in bad[:8]]

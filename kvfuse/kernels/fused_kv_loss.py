@@ -155,9 +155,9 @@ def _fp8_bits_to_bf16(raw):
             " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z; }",
             "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
     else:  # the same bits, spelled in Triton for the interpreter
-        b = raw.to(tl.int8, bitcast=True).to(tl.int16)
-        x = ((b << 4) & -30736).to(tl.bfloat16, bitcast=True)  # -30736 = 0x87F0 as int16
-        return (x.to(tl.float32) * 1.329227995784916e36).to(tl.bfloat16)  # 2^120
+        b = raw.to(tl.int8, bitcast=True).to(tl.int32)
+        x = ((b << 20) & -2014314496).to(tl.float32, bitcast=True)  # 0x87F00000 as int32: the bf16 bits, in fp32
+        return (x * 1.329227995784916e36).to(tl.bfloat16)  # 2^120
 
 
 @triton.jit
