@@ -74,14 +74,15 @@ def _api_args(x):
     return {k: v for k, v in x.items() if k not in ("scaling", "rot")}
 
 
-CODECS = ("bf16", "fp8", "fp8_token", "int4", "int4d", "lowrank")
+CODECS = ("bf16", "fp8", "fp8_f32", "fp8_token", "int4", "int4d", "lowrank")
 
 
 def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
-    """The inputs' teacher keys and values as a store of `codec` holds them (`store_axis`); fp8_token: values per
-    token, as fp8 stores written before 26a4f1e; lowrank: an orthonormal random basis of rank min(256, F/2) of
+    """The inputs' teacher keys and values as a store of `codec` holds them (`store_axis`); fp8_f32: fp8 with
+    float32 per-channel scales, as stores written before the bf16 scales; fp8_token: values per token, as fp8
+    stores written before 26a4f1e; lowrank: an orthonormal random basis of rank min(256, F/2) of
     F = H·D, bf16 coefficients."""
-    from kvfuse.codecs import LowRankKV, encode_fp8, encode_int4, store_axis
+    from kvfuse.codecs import LowRankKV, QuantizedKV, encode_fp8, encode_int4, store_axis
     if codec == "bf16":
         return x["teacher_k"], x["teacher_v"]
     if codec == "lowrank":
@@ -92,6 +93,9 @@ def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
             z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2).unsqueeze(1)).to(t.dtype)
             return LowRankKV(z.unsqueeze(2), basis, H, D)
         return [low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]]
+    if codec == "fp8_f32":  # the same codes and scale values, the scales' dtype selecting the kernels' fp32 path
+        return tuple([QuantizedKV("fp8", q.axis, q.data, q.scale.to(torch.float32), None) for q in qs]
+                     for qs in encoded_teachers(x, "fp8"))
     kind = codec.removesuffix("_token")
     m = x["mask"][:, None, :]
 
@@ -331,7 +335,7 @@ def plot(csv_path: Path) -> Path:
     return out
 
 
-def bench_codecs(out_dir: Path, tokens: int, names=("bf16", "fp8", "int4", "int4d", "lowrank"), log=print) -> Path:
+def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int4", "int4d", "lowrank"), log=print) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int4, int4d (grouped as a store encodes them,
     `store_axis`) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher
     bytes per token, the loss's relative difference from bf16, and the gradients' largest relative difference from
@@ -391,7 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--codecs", type=int, metavar="TOKENS",
                    help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
     p.add_argument("--codec_names", nargs="+", default=["fp8", "int4", "int4d", "lowrank"],
-                   choices=["fp8", "int4", "int4d", "lowrank"], help="with --codecs: the codecs timed beside bf16")
+                   choices=[c for c in CODECS if c != "bf16"], help="with --codecs: the codecs timed beside bf16")
     args = p.parse_args(argv)
     if args.plot:
         print(plot(args.plot))

@@ -4,7 +4,9 @@ A teacher's keys or values, logical shape [..., T, D] ([L, H, T, D] per sample, 
 as one of:
 
 * a plain tensor (bf16 / fp16 / fp32: the store's original format);
-* `QuantizedKV` kind "fp8": data float8_e4m3fn [..., T, D], x ≈ data·scale, scale = amax/448 over the group;
+* `QuantizedKV` kind "fp8": data float8_e4m3fn [..., T, D], x ≈ data·scale, scale = amax/448 over the group (per
+  channel: rounded up to a bfloat16 value and stored as bfloat16, so the kernels form code·scale in bf16 arithmetic
+  exactly as the fp32 product rounds; stores written before hold float32 scales and decode as written);
 * `QuantizedKV` kind "int4": data uint8 [..., T, D/2], two 4-bit codes q ∈ 0..15 per byte, the even channel in the
   low nibble (byte j = q[2j] | q[2j+1] << 4), x ≈ q·scale + offset, scale = (max − min)/15, offset = min;
 * `QuantizedKV` kind "int4d": int4's layout, subtractively dithered: x ≈ (q − u)·scale + offset with u(t, d) ∈
@@ -16,7 +18,7 @@ as one of:
   B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
 
 Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
-float32 [..., D] (keys: their outliers sit in fixed channels, as KIVI argues; fp8 values too); "token" — one per
+float32 [..., D] (bfloat16 for fp8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 values too); "token" — one per
 (layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16 because per-token side
 data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis` says which a store uses.
 
@@ -51,6 +53,14 @@ KINDS = ("fp8", "int4", "int4d")
 PACKED = ("int4", "int4d")  # two 4-bit codes per byte
 AXES = ("channel", "token")
 SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
+FP8_CHANNEL_SCALE = torch.bfloat16  # fp8 per channel (float32 in stores written before: read as written)
+
+
+def scale_dtypes(kind: str, axis: str) -> tuple[torch.dtype, ...]:
+    """The dtypes a `kind` entry's scale (and offset) may have on `axis`; the first is what encoding writes."""
+    if kind == "fp8" and axis == "channel":
+        return FP8_CHANNEL_SCALE, SCALE_DTYPES[axis]
+    return (SCALE_DTYPES[axis],)
 
 
 def store_axis(kv: str, kind: str) -> str:
@@ -62,12 +72,15 @@ def store_axis(kv: str, kind: str) -> str:
 
 
 def stored_axis(scale: Tensor, name: str = "") -> str:
-    """The group of a stored quantised entry `name`, from its scale's dtype (SCALE_DTYPES: float32 per channel,
+    """The group of a stored quantised entry `name`, from its scale's dtype (float32 or bfloat16 per channel,
     float16 per token), so stores of any layout read back as written."""
+    if scale.dtype == FP8_CHANNEL_SCALE:
+        return "channel"
     for axis, dtype in SCALE_DTYPES.items():
         if scale.dtype == dtype:
             return axis
-    raise ValueError(f"{name}.scale is {scale.dtype}: a stored scale is float32 (per channel) or float16 (per token)")
+    raise ValueError(f"{name}.scale is {scale.dtype}: a stored scale is float32 or bfloat16 (per channel) or "
+                     "float16 (per token)")
 
 
 # ------------------------------------------------------------------------------------------------ containers
@@ -93,7 +106,7 @@ class QuantizedKV(_Compressed):
     kind: str                  # "fp8" | "int4" | "int4d"
     axis: str                  # "channel" | "token"
     data: Tensor               # fp8: float8_e4m3fn [..., T, D]; int4: uint8 [..., T, D // 2] (low nibble = even ch.)
-    scale: Tensor              # channel: float32 [..., D]; token: float16 [..., T]
+    scale: Tensor              # channel: float32 [..., D] (fp8: bfloat16; float32 as written before); token: float16 [..., T]
     offset: Tensor | None = None   # int4(d): like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
 
     def __post_init__(self):
@@ -114,8 +127,9 @@ class QuantizedKV(_Compressed):
                 continue
             if name == "offset" and self.kind == "fp8":
                 raise ValueError("fp8 QuantizedKV has no offset (x ≈ data·scale)")
-            if tuple(t.shape) != group or t.dtype != SCALE_DTYPES[self.axis]:
-                raise ValueError(f"{self.kind}/{self.axis} {name} must be {SCALE_DTYPES[self.axis]} of shape "
+            dtypes = scale_dtypes(self.kind, self.axis)
+            if tuple(t.shape) != group or t.dtype not in dtypes:
+                raise ValueError(f"{self.kind}/{self.axis} {name} must be {' or '.join(map(str, dtypes))} of shape "
                                  f"{group} for data of shape {tuple(self.data.shape)}, got {t.dtype} "
                                  f"{tuple(t.shape)}")
 
@@ -304,6 +318,11 @@ def _scale_overflow(scale: Tensor) -> str:
     return f"a scale overflows {scale.dtype} (|x| too large to quantise; store bf16 instead)"
 
 
+def _next_up(x: Tensor) -> Tensor:
+    """The next representable value above each positive finite x (bit pattern + 1; bf16 / fp16)."""
+    return (x.view(torch.int16) + 1).view(x.dtype)
+
+
 def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
                checks: list[FiniteCheck] | None = None) -> QuantizedKV:
     """fp8 e4m3 with scale = amax/448 per group (valid tokens only); masked tokens and all-zero groups decode to 0.
@@ -312,7 +331,9 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
     source, x = x, x.to(torch.float32)
     m = _token_mask(x, mask)
     amax = _group_reduce(x, m, axis, "amax")
-    scale = (amax / FP8_MAX).to(SCALE_DTYPES[axis])
+    scale = (amax / FP8_MAX).to(scale_dtypes("fp8", axis)[0])
+    if scale.dtype == torch.bfloat16:  # rounded up, not to nearest: amax/scale stays within 448
+        scale = torch.where(scale.to(torch.float32) < amax / FP8_MAX, _next_up(scale), scale)
     _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what("fp8 encoding", name),
                                       _scale_overflow(scale)))
     # all-zero group, or an amax so small that amax/448 underflows: scale 1, the data alone carries the values

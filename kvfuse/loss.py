@@ -29,7 +29,7 @@ from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
 from kvfuse.codecs import (LowRankKV, QuantizedKV, decode_teachers, finite_flag, finite_parts, fold_lowrank_adapter,
                            is_encoded)
-from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherStorage, fused_kv_loss_function,
+from kvfuse.kernels.fused_kv_loss_op import (MAX_TEACHERS, TeacherStorage, codec_code, fused_kv_loss_function,
                                              natural_layout, pair_width)
 from kvfuse.kernels.utils import host_constant
 
@@ -270,7 +270,7 @@ def _kernel_storage(teachers, adapters) -> tuple[TeacherStorage, list[torch.Tens
             x, w = x.coeffs, fold_lowrank_adapter(x.basis, w)
         if isinstance(x, QuantizedKV):
             data.append(_unit_stride(x.data))
-            codecs.append(CODEC_CODES[x.kind, x.axis])
+            codecs.append(codec_code(x.kind, x.axis, x.scale.dtype))
             scales.append(x.scale.contiguous())
             offsets.append(None if x.offset is None else x.offset.contiguous())
         else:

@@ -56,12 +56,12 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     kv = {c: float(r["kv_bytes_per_token"]) for c, r in fed.items()}
     assert store["int4"] < store["fp8"] < store["bf16"]
     # teacher KV alone per token, two teachers of 64 features each, keys and values: bf16 2 B per value; fp8 1 B
-    # plus key and value scales per channel (fp32, once per sample of 16 tokens); int4 half a byte plus scales and
+    # plus key and value scales per channel (bf16, once per sample of 16 tokens); int4 half a byte plus scales and
     # offsets, per channel for keys and per token (fp16) for values
     L = 4   # tiny-llama's layers
     values = L * 2 * (2 * 32 + 4 * 16)   # k and v, both teachers
     assert kv["bf16"] == 2 * values
-    assert kv["fp8"] == values + 2 * L * (2 * 32 + 4 * 16) * 4 / 16
+    assert kv["fp8"] == values + 2 * L * (2 * 32 + 4 * 16) * 2 / 16
     assert kv["int4"] == values / 2 + 2 * (L * (2 * 32 + 4 * 16) * 4 / 16 + L * (2 + 4) * 2)
     assert all(r["prefetched_equals_inline"] == "True" for r in fed.values())
     assert all(float(r["reader_wait_ms"]) >= 0 for r in fed.values())

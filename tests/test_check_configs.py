@@ -63,8 +63,8 @@ def test_encoded_teachers_group_as_a_store_does():
     g = torch.Generator().manual_seed(0)
     x = {"teacher_k": [torch.randn(2, 2, 2, 8, 16, generator=g)],
          "teacher_v": [torch.randn(2, 2, 2, 8, 16, generator=g)], "mask": torch.ones(2, 8, dtype=torch.bool)}
-    want = {"fp8": ("channel", "channel"), "fp8_token": ("channel", "token"), "int4": ("channel", "token"),
-            "int4d": ("channel", "token")}
+    want = {"fp8": ("channel", "channel"), "fp8_f32": ("channel", "channel"), "fp8_token": ("channel", "token"),
+            "int4": ("channel", "token"), "int4d": ("channel", "token")}
     for codec in CODECS:
         tk, tv = encoded_teachers(x, codec)
         if codec == "bf16":
@@ -72,5 +72,6 @@ def test_encoded_teachers_group_as_a_store_does():
         elif codec == "lowrank":
             assert isinstance(tk[0], LowRankKV) and tk[0].rank == 16  # min(256, F/2) of F = 32
         else:
-            assert isinstance(tk[0], QuantizedKV) and tk[0].kind == codec.removesuffix("_token")
+            assert isinstance(tk[0], QuantizedKV) and tk[0].kind == codec.split("_")[0]
             assert (stored_axis(tk[0].scale), stored_axis(tv[0].scale)) == want[codec]
+            assert (tk[0].scale.dtype == torch.float32) == (codec in ("fp8_f32", "int4", "int4d"))

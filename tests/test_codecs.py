@@ -5,7 +5,8 @@ import torch
 
 from kvfuse.codecs import (LowRankKV, QuantizedKV, check_plain, decode_teachers, encode, encode_fp8, encode_int4,
                            encode_lowrank, finite_flag, finite_parts, fit_lowrank_basis, fold_lowrank_adapter, gram,
-                           pack_int4, parse_codec, raise_if_not_finite, stack_samples, unpack_int4)
+                           pack_int4, parse_codec, raise_if_not_finite, scale_dtypes, stack_samples, stored_axis,
+                           unpack_int4)
 from kvfuse.loss import kv_distill_loss
 from kvfuse.models.capture import capture_kv
 
@@ -49,7 +50,7 @@ def test_round_trip_on_random_kv_is_within_the_stated_bound(kind, axis):
     x, mask = _kv()
     q = encode(x, kind, axis, mask)
     assert q.shape == x.shape and q.kind == kind and q.axis == axis
-    assert q.scale.dtype == (torch.float32 if axis == "channel" else torch.float16)
+    assert q.scale.dtype == scale_dtypes(kind, axis)[0]  # fp8 per channel bfloat16, int4 float32, per token float16
     err = (q.decode() - x).abs()[..., mask, :]
     bound = (_fp8_bound if kind == "fp8" else _int4_bound)(x, mask, axis)
     bound = bound.expand_as(x)[..., mask, :]
@@ -76,6 +77,26 @@ def test_int4_bytes_are_the_documented_layout():
     hand = QuantizedKV("int4", "token", torch.tensor([[[0x21, 0x0F]]], dtype=torch.uint8),
                        torch.tensor([[2.0]], dtype=torch.float16), torch.tensor([[10.0]], dtype=torch.float16))
     assert hand.decode().tolist() == [[[12.0, 14.0, 40.0, 10.0]]]
+
+
+def test_fp8_channel_scales_are_bf16_values_rounded_up():
+    # per-channel fp8 scales are stored as bf16 (the kernels multiply in bf16), rounded up from amax/448 so that the
+    # largest value of each channel still fits 448 without clipping; stores with float32 scales still decode
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 40, 16, generator=g) * torch.logspace(-3, 3, 16)
+    q = encode_fp8(x, "channel")
+    amax = x.abs().amax(-2)
+    assert q.scale.dtype == torch.bfloat16 and stored_axis(q.scale) == "channel"
+    s = q.scale.to(torch.float32)
+    assert (s >= amax / 448).all() and (s < amax / 448 * (1 + 2 ** -7)).all()
+    assert ((x / s[..., None, :]).abs() <= 448).all()
+    legacy = QuantizedKV("fp8", "channel", q.data, s, None)
+    assert torch.equal(legacy.decode(), q.decode())
+    with pytest.raises(ValueError, match="must be torch.bfloat16 or torch.float32"):
+        QuantizedKV("fp8", "channel", q.data, q.scale.to(torch.float16), None)
+    with pytest.raises(ValueError, match="must be torch.float32 of shape"):
+        QuantizedKV("int4", "channel", torch.zeros(2, 4, 4, dtype=torch.uint8), torch.ones(2, 8, dtype=torch.bfloat16),
+                    torch.zeros(2, 8, dtype=torch.bfloat16))
 
 
 def test_fp8_scales_and_the_zero_guard():

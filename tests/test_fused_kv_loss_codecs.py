@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfuse.codecs import LowRankKV, encode, encode_fp8
-from kvfuse.kernels.fused_kv_loss import _fp8_bits_to_bf16
+from kvfuse.codecs import LowRankKV, QuantizedKV, encode, encode_fp8
+from kvfuse.kernels.fused_kv_loss import _fp8_to_bf16
 from kvfuse.loss import kv_distill_loss
 
 from test_fused_kv_loss import assert_close
@@ -34,6 +34,9 @@ def _case(seed, heads, D_s, T=21, L=2, B=2, H_s=2):
 
 
 def _encode(x, kind, axis, mask):
+    if kind == "fp8/f32":  # per-channel fp8 as stores written before hold it: float32 scales (the kernels' fp32 path)
+        q = encode(x, "fp8", axis, mask[:, None, :])
+        return QuantizedKV("fp8", axis, q.data, q.scale.to(torch.float32), None) if axis == "channel" else q
     return encode(x, kind, axis, mask[:, None, :])
 
 
@@ -46,7 +49,7 @@ def _loss(args, backend):
 @pytest.mark.parametrize("heads,D_s", [([(2, 32), (1, 64)], 32),   # TMA boxes (int4 rows of 16 bytes)
                                        ([(2, 16), (3, 8)], 16)],   # pointer loads, masked int4 byte columns
                          ids=["descriptors", "pointers"])
-@pytest.mark.parametrize("kind", ["fp8", "int4", "int4d"])
+@pytest.mark.parametrize("kind", ["fp8", "fp8/f32", "int4", "int4d"])
 def test_quantised_teachers_equal_their_decode(kind, heads, D_s, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import kvfuse.kernels.fused_kv_loss as k
@@ -187,21 +190,26 @@ def test_dithered_forward_leaves_out_its_miscompiled_tile(codecs):
 
 
 @triton.jit
-def _decode_fp8_bits(src, dst, N: tl.constexpr):
+def _decode_fp8_bits(src, scale, dst, N: tl.constexpr, SCALED: tl.constexpr):
     i = tl.arange(0, N)
-    tl.store(dst + i, _fp8_bits_to_bf16(tl.load(src + i)))
+    tl.store(dst + i, _fp8_to_bf16(tl.load(src + i), tl.load(scale + i) if SCALED else None, SCALED))
 
 
-def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code():
-    # the weight gradient's fp8 decode (_fp8_bits_to_bf16) against torch's e4m3 → bf16 on all 254 finite codes,
-    # bit for bit: zeros of both signs, the subnormals (exponent 0) and the largest normals included
+@pytest.mark.parametrize("scale", [None, 1.0, 2.0 ** -100, 3.3e35, 0.0123, 7.1e-3, 271.0])
+def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
+    # the kernels' fp8 decode (_fp8_to_bf16: the forward scales in bf16, the weight gradient does not) against
+    # torch's e4m3 → float32 · scale → bf16 on all 254 finite codes, bit for bit: zeros of both signs, subnormal
+    # codes (exponent 0), the largest normals, and products that land subnormal or near bf16's largest
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the inline PTX on a GPU, its spelling in the interpreter
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     codes = codes[(codes & 0x7F) != 0x7F]  # 0x7F and 0xFF are e4m3's NaN, which the codec never writes
+    s = torch.tensor(1.0 if scale is None else scale).to(torch.bfloat16)  # a stored scale is a bf16 value
     src = torch.zeros(256, dtype=torch.uint8)
     src[:codes.numel()] = codes
-    dst = torch.empty(256, dtype=torch.bfloat16)
-    _decode_fp8_bits[(1,)](src.view(torch.float8_e4m3fn), dst, N=256)
-    want = codes.view(torch.float8_e4m3fn).to(torch.bfloat16)
-    got = dst[:codes.numel()]
+    dst = torch.empty(256, dtype=torch.bfloat16, device=dev)
+    _decode_fp8_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), s.expand(256).contiguous().to(dev), dst, N=256,
+                           SCALED=scale is not None)
+    want = (codes.view(torch.float8_e4m3fn).to(torch.float32) * s.to(torch.float32)).to(torch.bfloat16)
+    got = dst[:codes.numel()].cpu()
     bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
     assert bad.numel() == 0, [(hex(int(codes[i])), float(got[i]), float(want[i])) for i in bad[:8]]

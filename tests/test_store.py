@@ -338,14 +338,14 @@ def test_codec_store_round_trip_hands_out_compressed_entries(tmp_path, codec):
 
 @pytest.mark.parametrize("codec,v_axis", [("fp8", "channel"), ("int4", "token"), ("int4d", "token")])
 def test_stores_group_keys_per_channel_and_values_as_their_codec_says(tmp_path, codec, v_axis):
-    from kvfuse.codecs import SCALE_DTYPES
+    from kvfuse.codecs import scale_dtypes
 
     written, _ = _codec_store(tmp_path, codec, n_shards=1)
     store = TeacherKVStore(tmp_path)
     for sid, named in written.items():
         got = store.get(sid)
         assert got["teacher0/k"].axis == "channel" and got["teacher0/v"].axis == v_axis
-        assert named["teacher0/v.scale"].dtype == SCALE_DTYPES[v_axis]
+        assert named["teacher0/v.scale"].dtype == scale_dtypes(codec, v_axis)[0]
         T = named["mask"].shape[0]
         assert named["teacher0/v.scale"].shape == ((3, 2, T) if v_axis == "token" else (3, 2, 8))
 
@@ -369,11 +369,35 @@ def test_an_fp8_store_with_per_token_values_reads_back_as_written(tmp_path):
         assert got.axis == "token" and torch.equal(decode(got), decode(old))
 
 
+def test_an_fp8_store_with_float32_channel_scales_reads_back_as_written(tmp_path):
+    # fp8 stores written before the bf16 scales hold float32 per-channel scales: read as written, and the fused
+    # loss takes them on its fp32 decode path (codec code "channel/f32")
+    from kvfuse.codecs import QuantizedKV, decode, parse_codec
+    from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES, codec_code
+    from kvfuse.teacher.compress import encode_sample
+
+    writer = StoreWriter(tmp_path, dict(SETTINGS, codec="fp8"), 1)
+    samples = []
+    for sid, t in _samples(0, ["a", "b"]):
+        named = encode_sample(dict(t, labels_mask=t["mask"].clone()), parse_codec("fp8"))
+        for entry in ("teacher0/k", "teacher0/v"):
+            named[entry + ".scale"] = (named[entry + ".scale"].to(torch.float32)
+                                       * (1 + 2 ** -12))  # no longer a bf16 value
+        samples.append((sid, named))
+    writer.write_shard(0, samples)
+    store = TeacherKVStore(tmp_path)
+    for sid, named in samples:
+        got = store.get(sid)["teacher0/k"]
+        old = QuantizedKV("fp8", "channel", named["teacher0/k"], named["teacher0/k.scale"], None)
+        assert got.scale.dtype == torch.float32 and torch.equal(decode(got), decode(old))
+        assert codec_code(got.kind, got.axis, got.scale.dtype) == CODEC_CODES["fp8", "channel/f32"]
+
+
 def test_a_scale_of_no_codec_dtype_is_named():
     from kvfuse.codecs import stored_axis
 
-    with pytest.raises(ValueError, match=r"teacher1/v\.scale is torch\.bfloat16: a stored scale is float32"):
-        stored_axis(torch.ones(3, dtype=torch.bfloat16), "teacher1/v")
+    with pytest.raises(ValueError, match=r"teacher1/v\.scale is torch\.float64: a stored scale is float32"):
+        stored_axis(torch.ones(3, dtype=torch.float64), "teacher1/v")
 
 
 def test_flipped_byte_in_a_scale_tensor_is_caught_by_verify_and_by_the_reader(tmp_path):

@@ -55,6 +55,7 @@ from kvfuse.kernels.utils import autotune_configs, cdiv, dot_dtype, interpreting
 CODEC_PLAIN = tl.constexpr(0)
 CODEC_FP8_CHANNEL = tl.constexpr(CODEC_CODES["fp8", "channel"])
 CODEC_FP8_TOKEN = tl.constexpr(CODEC_CODES["fp8", "token"])
+CODEC_FP8_CHANNEL_F32 = tl.constexpr(CODEC_CODES["fp8", "channel/f32"])  # float32 scales (stores written before)
 CODEC_INT4_CHANNEL = tl.constexpr(CODEC_CODES["int4", "channel"])  # int4 codes are the two largest (packed data)
 CODEC_INT4_TOKEN = tl.constexpr(CODEC_CODES["int4", "token"])
 CODEC_INT4D_CHANNEL = tl.constexpr(CODEC_CODES["int4d", "channel"])  # int4, dithered: the two largest codes
@@ -143,21 +144,35 @@ def _rope_cos_sin(ang):
 
 
 @triton.jit
-def _fp8_bits_to_bf16(raw):
-    """e4m3 codes to bf16, exact, on full-rate integer and half-precision pipes instead of the conversion unit
-    (a quarter of their rate on sm_90, bench/NOTES.md "Compressed teachers"): the sign at bit 15 and the seven
-    exponent and mantissa bits at bits 10..4 make the bf16 of value·2^-120 (codes of exponent 0, zeros and
-    subnormals, become bf16 subnormals, which bf16 arithmetic keeps), and one multiply by 2^120 restores it."""
+def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
+    """e4m3 codes to bf16 (times s, bf16, when SCALED), exact, on full-rate integer and half-precision pipes instead
+    of the conversion unit (a quarter of their rate on sm_90, bench/NOTES.md "Compressed teachers"): the sign at bit
+    15 and the seven exponent and mantissa bits at bits 10..4 make the bf16 of value·2^-120 (codes of exponent 0,
+    zeros and subnormals, become bf16 subnormals, which bf16 arithmetic keeps), one multiply by 2^120 restores the
+    value, and a second by s rounds value·s once, as the fp32 product (exact: 4 by 8 significant bits) rounds."""
     if ASM_DECODE:
         # two codes per instance: prmt sign-extends each byte into a 16-bit half, then shift, mask, multiply
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; prmt.b32 $0, $1, $2, 0xC480;"
-            " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z; }",
-            "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
+        if SCALED:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 r, t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; cvt.u32.u16 r, $1;"
+                " prmt.b32 $0, r, 0, 0x9180; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0;"
+                " fma.rn.bf16x2 $0, $0, t, z; fma.rn.bf16x2 $0, $0, $2, z; }",
+                "=r,h,r", [raw.to(tl.uint8, bitcast=True), s], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; prmt.b32 $0, $1, $2, 0xC480;"
+                " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z; }",
+                "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
     else:  # the same bits, spelled in Triton for the interpreter
         b = raw.to(tl.int8, bitcast=True).to(tl.int32)
         x = ((b << 20) & -2014314496).to(tl.float32, bitcast=True)  # 0x87F00000 as int32: the bf16 bits, in fp32
-        return (x * 1.329227995784916e36).to(tl.bfloat16)  # 2^120
+        x = x * 1.329227995784916e36  # 2^120
+        if SCALED:
+            x = x * s.to(tl.float32)
+        # to bf16 rounding to nearest even, in integers: the interpreter's float-to-bf16 cast truncates
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -178,10 +193,11 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
             q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     else:
         q = raw.to(tl.float32)
-    if CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL:
+    FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
+    if FP8_CH or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL:
         d_ok = d < D_I
         sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        if CODEC != CODEC_FP8_CHANNEL:
+        if not FP8_CH:
             ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     else:
         sv = tl.load(sc + grp * T + t, mask=t_ok, other=0.0).to(tl.float32)[:, None]
@@ -204,9 +220,10 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
 @triton.jit
 def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.constexpr, CODEC: tl.constexpr,
             USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UNSCALED: tl.constexpr = False,
-            INT_CVT: tl.constexpr = False):
+            INT_CVT: tl.constexpr = False, BF16: tl.constexpr = False):
     """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
-    decoded to fp32 for a compressed one. With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
+    decoded to fp32 for a compressed one (to bf16 for fp8 with bf16 scales when BF16: the product's operand type).
+    With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
     PACK: tl.constexpr = 2 if CODEC >= CODEC_INT4_CHANNEL else 1
     W: tl.constexpr = BLOCK_K // PACK
     t = t0 + tl.arange(0, BLOCK_T)
@@ -233,7 +250,10 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
                 q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_K)
                 xd = (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
             else:
-                xd = _fp8_bits_to_bf16(raw)
+                xd = _fp8_to_bf16(raw, None, False)
+        elif CODEC == CODEC_FP8_CHANNEL and BF16:  # code·scale rounded once to bf16, as the fp32 decode rounds
+            sv = tl.load(sc + grp * D_I + d, mask=d < D_I, other=0.0).to(tl.bfloat16)  # exact: bf16 values
+            xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True)
         else:
             xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K, INT_CVT)
         if not USE_DESC:
@@ -274,7 +294,7 @@ def _project_teacher(p1, p2, x, sc, of, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t
         hi = kk // CHUNKS
         d0 = (kk % CHUNKS) * BLOCK_K
         xt = _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I, CODEC, USE_DESC, BLOCK_T,
-                     BLOCK_K).to(DOT_DTYPE)
+                     BLOCK_K, False, False, DOT_DTYPE == tl.bfloat16).to(DOT_DTYPE)
         if WIDE:
             wt = _w_tile(w, sw0, sw1, l, hi * D_I + d0, col0, D_I, USE_DESC, BLOCK_K, 2 * CB).to(DOT_DTYPE)
             if IEEE:
@@ -476,7 +496,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalp
     #   ∂W[f, c] = g Σ_b α_i(b) M(b)[f, c]
     # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing; with
     # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
-    FOLD: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT4_CHANNEL
+    FOLD: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32 or CODEC == CODEC_INT4_CHANNEL
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     l = l32.to(tl.int64)
@@ -523,9 +543,9 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalp
         if FOLD:
             # per-channel scales and offsets leave the token sum: fp8 X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G); int4
             # X = (Q' − 128)·diag(s) + 1·oᵀ with Q' the loop's 128 + code, so Xᵀ G = diag(s)·(Q'ᵀ G) + (o − 128 s)
-            # ⊗ Σ_t G (gs). The loop only converts (fp8) or places bits (int4).
+            # ⊗ Σ_t G (gs). The loop only places bits.
             grp = (l * B + bb) * H_I + hi
-            sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0)
+            sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
             mb = mb * sv[:, None]
             if CODEC == CODEC_INT4_CHANNEL:
                 ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0)
@@ -656,7 +676,8 @@ def _miscompiled_fwd(c: triton.Config, codecs) -> bool:
 
 def _miscompiled_dw(c: triton.Config, codecs) -> bool:
     # fp8 per channel (its scale applied after the loop) at 128 x 64 over 4 warps and 4 stages: different each run
-    return CODEC_CODES["fp8", "channel"] in codecs and c.num_warps == 4 and c.num_stages == 4 \
+    return any(CODEC_CODES["fp8", k] in codecs for k in ("channel", "channel/f32")) and c.num_warps == 4 \
+        and c.num_stages == 4 \
         and (c.kwargs["BLOCK_F"], c.kwargs["BLOCK_C"]) == (128, 64)
 
 

@@ -34,9 +34,18 @@ def _kernels():
 
 
 MAX_TEACHERS = 8  # the kernels take teachers as eight separate arguments
-# Codec code of a compressed teacher (kvfuse.codecs.QuantizedKV kind and axis); 0 is a plain tensor.
-CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("int4", "channel"): 3, ("int4", "token"): 4,
-               ("int4d", "channel"): 5, ("int4d", "token"): 6}
+# Codec code of a compressed teacher (kvfuse.codecs.QuantizedKV kind and axis; `codec_code`); 0 is a plain tensor.
+# ("fp8", "channel") has bfloat16 scales, which the forward multiplies in bf16; ("fp8", "channel/f32") the float32
+# scales of stores written before, which it multiplies in fp32.
+CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("fp8", "channel/f32"): 3, ("int4", "channel"): 4,
+               ("int4", "token"): 5, ("int4d", "channel"): 6, ("int4d", "token"): 7}
+
+
+def codec_code(kind: str, axis: str, scale_dtype: torch.dtype) -> int:
+    """The kernels' code for a QuantizedKV of `kind` grouped on `axis` whose scale has `scale_dtype`."""
+    if (kind, axis) == ("fp8", "channel") and scale_dtype == torch.float32:
+        return CODEC_CODES["fp8", "channel/f32"]
+    return CODEC_CODES[kind, axis]
 # int4d's dither (kvfuse.codecs.int4_dither, decoded the same way in the kernels): u ∈ [−½, ½) from a 32-bit integer
 # hash (lowbias32: two multiply–xorshift rounds) of t·DITHER_T + d, xor the group's scale bits; uncorrelated between
 # neighbouring tokens and channels; integer arithmetic, so the torch decode and the kernels' agree exactly
