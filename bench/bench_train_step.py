@@ -122,6 +122,20 @@ def segment_allocs(device: torch.device) -> int:
     return torch.cuda.memory_stats(device).get("segment.all.allocated", 0) if device.type == "cuda" else 0
 
 
+def profile_steps(step, device: torch.device, path: Path, steps: int = 3) -> None:
+    """GPU (and host) time per operator and kernel over `steps` calls of `step`, as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+
+
 def timed(fn, steps: int, device: torch.device, stream_only: bool = False,
           new_segments: list[int] | None = None) -> float:
     """Median seconds of one step, waited for on the whole device, or with `stream_only` on the training stream
@@ -265,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                              "lowrank:<r or e<energy>>[+fp8|+int4]; default bf16)")
     parser.add_argument("--csv", default=str(ROOT / "bench/results/train_step.csv"))
     parser.add_argument("--compile", action="store_true", help="also time the compiled-trainer variants")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also write the GPU time per kernel of three resident kv_fused steps per codec "
+                             "(torch.profiler) to DIR/train_step_profile_<codec>.txt")
     parser.add_argument("--interference", action="store_true",
                         help="also time kv_fused on resident batches while a thread reads the first codec's store "
                              "up to a part of the loader (collate / copy / copy+flags / copy+read / copy+check / copy+record / loader)")
@@ -372,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         """kv_fused (and, on bf16, kv_eager) on resident batches of `store`, then kv_fused fed live from it."""
         resident = cycling([reader(store)() for _ in range(2)])
         add(f"kv_fused({fused_backend})", c, with_kv(fused_backend, resident))
+        if args.profile:
+            profile_steps(with_kv(fused_backend, resident), device, args.profile / f"train_step_profile_{c}.txt")
         if c == "bf16":
             add("kv_eager(torch)", c, with_kv("torch", resident))
         n_batches = args.steps + 2                              # timed() runs two warm-up steps

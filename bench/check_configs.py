@@ -3,7 +3,8 @@
 Question answered: could the autotuner pick a config whose code is wrong for some teacher encoding? triton 3.6
 miscompiled one (the weight gradient over fp8 per-token values once software-pipelined, bench/NOTES.md "Compressed
 teachers"), and the CPU tests run the interpreter, which cannot see code generation. Each variant is forced through
-the autotuner's own prune hook (so the project's rules still apply, unless --raw), run three times, and compared
+the autotuner's own prune hook (so the project's rules still apply; --raw drops those that avoid miscompiles, not
+those that keep a config valid for the layout), run three times, and compared
 with the torch reference in float64 on the explicitly decoded teachers (rounded to bf16 as the kernels' operands
 are): `rel_err` (largest over loss and gradients, relative norm; bf16 outputs sit near 1e-3, a wrong decode at
 percents) and `rerun_diff` (largest absolute difference between the three runs: 0 unless the code races).
@@ -35,16 +36,15 @@ _PROJECT_PRUNE = {id(t): t.early_config_prune for t in (fk._fwd_tuned, fk._dw_tu
 
 
 def forced(tuned, config: triton.Config, raw: bool) -> dict:
-    """Make `tuned` run `config` alone. Unless `raw`, the project's prune rules see it beside the tuned list and
-    may change its stage count or leave it out (then another config runs, and the returned dict's "config" is None).
-    Returns a dict whose "config" is, after the next launch, the config that ran as `config`."""
-    rule = None if raw else _PROJECT_PRUNE[id(tuned)]
+    """Make `tuned` run `config` alone. The project's prune rules see it beside the tuned list and may change its
+    stage count or leave it out (then another config runs, and the returned dict's "config" is None); with `raw`
+    only the rules that keep a config valid for the launch's layout, not those that avoid miscompiles
+    (`fk.AVOID_MISCOMPILES`). Returns a dict whose "config" is, after the next launch, the config that ran."""
+    rule = _PROJECT_PRUNE[id(tuned)]
+    fk.AVOID_MISCOMPILES = not raw
     ran = {}
 
     def prune(configs, nargs, **kwargs):
-        if rule is None:
-            ran["config"] = config
-            return [config]
         kept = rule([*configs, config], nargs, **kwargs)
         same = [c for c in kept if (c.kwargs, c.num_warps) == (config.kwargs, config.num_warps)]
         exact = [c for c in same if c.num_stages == config.num_stages]
@@ -143,8 +143,8 @@ def main(argv=None) -> int:
                    help="stage counts tried for each forward tile besides its own")
     p.add_argument("--dw-stages", type=int, nargs="*", default=[1, 2, 3, 4],
                    help="stage counts tried for each weight-gradient tile besides its own")
-    p.add_argument("--raw", action="store_true", help="bypass the project's prune rules (e.g. fp8 per-token's one "
-                                                      "stage), to see whether a newer triton still needs them")
+    p.add_argument("--raw", action="store_true", help="bypass the project's miscompile rules (e.g. fp8 per-token's "
+                                                      "one stage), to see whether a newer triton still needs them")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

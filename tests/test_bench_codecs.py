@@ -42,13 +42,15 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     out = tmp_path / "train_step.csv"
     rc = bench_train_step.main(["--student", "tiny-llama", "--teachers", "2x32,4x16", "--batch", "2", "--seq", "16",
                                 "--steps", "1", "--store_prefetch", "1", "--codecs", "bf16", "fp8", "int4",
-                                "--csv", str(out)])
+                                "--csv", str(out), "--profile", str(tmp_path / "profiles")])
     assert rc == 0                                   # every codec's prefetched batch equals its inline read
     rows = _rows(out)
     assert [r["variant"] for r in rows if r["codec"] == ""] == ["ce_only"]
     fed = {r["codec"]: r for r in rows if r["variant"] == "kv_fused+store(1)"}
     resident = {r["codec"]: r for r in rows if r["variant"] == "kv_fused(torch)"}
     assert sorted(fed) == sorted(resident) == ["bf16", "fp8", "int4"]
+    for codec in ("bf16", "fp8", "int4"):  # the per-operator table of each codec's resident step
+        assert "Self CPU" in (tmp_path / "profiles" / f"train_step_profile_{codec}.txt").read_text()
     assert [r["codec"] for r in rows if r["variant"] == "kv_eager(torch)"] == ["bf16"]
     for r in rows:
         assert float(r["step_ms"]) > 0 and math.isfinite(float(r["step_ms"]))
@@ -67,10 +69,11 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     assert all(float(r["reader_wait_ms"]) >= 0 for r in fed.values())
     assert {r["reader_wait_ms"] for r in resident.values()} == {""}
     # the loss got the compressed entries as training passes them (not decoded by the bench): per codec, one warm-up
-    # pair and one timed step each for kv_fused and kv_fused+store, plus kv_eager on bf16
-    assert seen.count((("QuantizedKV", "fp8"),) * 2) == seen.count((("QuantizedKV", "int4"),) * 2) == 6
-    assert seen.count((("Tensor", "torch.float32"),) * 2) == 9
-    assert len(seen) == 21
+    # pair and one timed step each for kv_fused and kv_fused+store, three profiled kv_fused steps, plus kv_eager on
+    # bf16
+    assert seen.count((("QuantizedKV", "fp8"),) * 2) == seen.count((("QuantizedKV", "int4"),) * 2) == 9
+    assert seen.count((("Tensor", "torch.float32"),) * 2) == 12
+    assert len(seen) == 30
     assert not list(tmp_path.glob("kvfuse-bench-store-*"))  # the stores are removed
 
 
