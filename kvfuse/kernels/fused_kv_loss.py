@@ -245,12 +245,8 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
     else:
         d = d0 + tl.arange(0, BLOCK_K)
         grp = (l.to(tl.int64) * B + b) * H_I + hi
-        if UNSCALED:  # per-channel codes for a caller that applies scale and offset to the product (_dw_tile)
-            if CODEC >= CODEC_INT4_CHANNEL:  # 128 + code, exact: the bf16 whose bits are 0x4300 | code
-                q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_K)
-                xd = (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-            else:
-                xd = _fp8_to_bf16(raw, None, False)
+        if UNSCALED:  # per-channel fp8 codes for a caller that scales the product's rows instead (_dw_tile)
+            xd = _fp8_to_bf16(raw, None, False)
         elif CODEC == CODEC_FP8_CHANNEL and BF16:  # code·scale rounded once to bf16, as the fp32 decode rounds
             sv = tl.load(sc + grp * D_I + d, mask=d < D_I, other=0.0).to(tl.bfloat16)  # exact: bf16 values
             xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True)
@@ -485,7 +481,7 @@ def _fused_kv_fwd_kernel(
 
 
 @triton.jit
-def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab, stride_al,
+def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab, stride_al,
              g_out, l32, B, T, N_FBLK, N_CBLK, H_I, D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr,
              DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_F: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -496,7 +492,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalp
     #   ∂W[f, c] = g Σ_b α_i(b) M(b)[f, c]
     # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing; with
     # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
-    FOLD: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32 or CODEC == CODEC_INT4_CHANNEL
+    FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     l = l32.to(tl.int64)
@@ -522,7 +518,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalp
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FOLD, True))
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, True))
             elif USE_DESC:
                 xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
             elif D_I % BLOCK_F == 0:
@@ -540,17 +536,9 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalp
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb, input_precision="ieee")
             else:
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
-        if FOLD:
-            # per-channel scales and offsets leave the token sum: fp8 X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G); int4
-            # X = (Q' − 128)·diag(s) + 1·oᵀ with Q' the loop's 128 + code, so Xᵀ G = diag(s)·(Q'ᵀ G) + (o − 128 s)
-            # ⊗ Σ_t G (gs). The loop only places bits.
+        if FP8_CH:  # X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G): the loop only places the codes' bits
             grp = (l * B + bb) * H_I + hi
-            sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
-            mb = mb * sv[:, None]
-            if CODEC == CODEC_INT4_CHANNEL:
-                ov = tl.load(of + grp * D_I + d, mask=d_ok, other=0.0)
-                gsum = tl.load(gs + (l * B + bb) * C2 + c, mask=c_ok, other=0.0)
-                mb += (ov - 128.0 * sv)[:, None] * gsum[None, :]
+            mb = mb * tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
@@ -561,8 +549,8 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalp
 
 @triton.jit
 def _fused_kv_dw_kernel(
-    x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalpha_ptr,
-    x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, gs_v, dw_v_ptr, dalpha_v_ptr,
+    x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr,
+    x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
     alpha_ptr, stride_ab, stride_al, gout_ptr,
     B, T, L, N_FBLK, N_CBLK, H_I,
     D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, CODEC_V: tl.constexpr, KINDS: tl.constexpr,
@@ -576,15 +564,15 @@ def _fused_kv_dw_kernel(
     pid2 = tl.program_id(2)
     if KINDS == 2:
         if pid2 >= L:
-            _dw_tile(x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, gs_v, dw_v_ptr, dalpha_v_ptr,
+            _dw_tile(x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
                      alpha_ptr, stride_ab, stride_al, g_out, pid2 - L, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC_V,
                      DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T)
         else:
-            _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
+            _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
                      stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
                      BLOCK_F, BLOCK_C, BLOCK_T)
     else:
-        _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, gs, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
+        _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
                  stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
                  BLOCK_F, BLOCK_C, BLOCK_T)
 
@@ -865,9 +853,9 @@ class KindGrad(NamedTuple):
     G: torch.Tensor
 
 
-_DW_ARGS = ("x", "sc", "of", "sx0", "sx1", "sx2", "sx3", "w_ptr", "sw0", "sw1", "g", "gs", "dw_ptr", "dalpha_ptr")
-_DW_ARGS_V = ("x_v", "sc_v", "of_v", "sxv0", "sxv1", "sxv2", "sxv3", "w_v_ptr", "swv0", "swv1", "g_v", "gs_v",
-              "dw_v_ptr", "dalpha_v_ptr")
+_DW_ARGS = ("x", "sc", "of", "sx0", "sx1", "sx2", "sx3", "w_ptr", "sw0", "sw1", "g", "dw_ptr", "dalpha_ptr")
+_DW_ARGS_V = ("x_v", "sc_v", "of_v", "sxv0", "sxv1", "sxv2", "sxv3", "w_v_ptr", "swv0", "swv1", "g_v", "dw_v_ptr",
+              "dalpha_v_ptr")
 
 
 def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]]:
@@ -880,15 +868,13 @@ def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]
     # One descriptor of G for every teacher's launch: a launch encodes its box when issued, so the next launch's
     # pre-hook may re-box the same object.
     g_desc = TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if _tma_ready(G) else None
-    # Σ_t G [L, B, C'] for teachers whose int4 offsets are per channel (_dw_tile folds them out of the loop)
-    g_sum = G.sum(2, dtype=torch.float32) if CODEC_CODES["int4", "channel"] in st.codecs else G
     sides = []
     for i, (x, w) in enumerate(zip(st.data, kind.weights)):
         use_desc = (g_desc is not None and _tma_ready(x)
                     and _packed_boxes_ok(st.codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
         values = (TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
                   G if scales[i] is None else scales[i], G if offsets[i] is None else offsets[i], *x.stride()[:4],
-                  w, w.stride(0), w.stride(1), g_desc if use_desc else G, g_sum, dws[i], parts[i])
+                  w, w.stride(0), w.stride(1), g_desc if use_desc else G, dws[i], parts[i])
         sides.append(((heads[i], dims[i], use_desc, dot_tl, ieee, st.codecs[i], x.dtype),
                       dict(zip(_DW_ARGS, values))))
     return sides
