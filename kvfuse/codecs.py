@@ -18,9 +18,10 @@ as one of:
   B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
 
 Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
-float32 [..., D] (bfloat16 for fp8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 values too); "token" — one per
-(layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16 because per-token side
-data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis` says which a store uses.
+float32 [..., D] (bfloat16 for fp8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 values too);
+"token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16
+because per-token side data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis` says which a
+store uses.
 
 Masked tokens (mask 0: padding, prompt tokens, unaligned tokens) take no part in the statistics and decode to 0
 (int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's range, else
@@ -106,7 +107,8 @@ class QuantizedKV(_Compressed):
     kind: str                  # "fp8" | "int4" | "int4d"
     axis: str                  # "channel" | "token"
     data: Tensor               # fp8: float8_e4m3fn [..., T, D]; int4: uint8 [..., T, D // 2] (low nibble = even ch.)
-    scale: Tensor              # channel: float32 [..., D] (fp8: bfloat16; float32 as written before); token: float16 [..., T]
+    scale: Tensor              # channel: float32 [..., D] (fp8: bfloat16, or float32 as written before);
+    #                            token: float16 [..., T]
     offset: Tensor | None = None   # int4(d): like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
 
     def __post_init__(self):

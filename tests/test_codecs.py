@@ -92,6 +92,9 @@ def test_fp8_channel_scales_are_bf16_values_rounded_up():
     assert ((x / s[..., None, :]).abs() <= 448).all()
     legacy = QuantizedKV("fp8", "channel", q.data, s, None)
     assert torch.equal(legacy.decode(), q.decode())
+    # a batch of samples from before and after (a store resumed across the change) stacks to float32 scales
+    batch = stack_samples([legacy, q], 40)
+    assert batch.scale.dtype == torch.float32 and torch.equal(batch.decode()[:, 1], q.decode())
     with pytest.raises(ValueError, match="must be torch.bfloat16 or torch.float32"):
         QuantizedKV("fp8", "channel", q.data, q.scale.to(torch.float16), None)
     with pytest.raises(ValueError, match="must be torch.float32 of shape"):

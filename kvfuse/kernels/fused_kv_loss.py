@@ -67,7 +67,7 @@ DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
 FAST_TRIG = tl.constexpr(not interpreting())
-ASM_DECODE = tl.constexpr(not interpreting())  # inline PTX (_fp8_bits_to_bf16) has no interpreter
+ASM_DECODE = tl.constexpr(not interpreting())  # inline PTX (_fp8_to_bf16) has no interpreter
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 TWO_PI_HI = tl.constexpr(6.2831854820251465)  # float32(2π)
 TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)  # 2π − TWO_PI_HI
