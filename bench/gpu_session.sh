@@ -90,9 +90,9 @@ for what in "$@"; do
             --out "$OUT" --tokens 4096 --compiled --fwd --teachers $t; done ;;
     codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 \
             --codec_names ${CODEC_NAMES:-fp8 int4 int4d lowrank} ;;
-    check_configs)  # CHECKS="codec[:arg,arg..] ...": default the six codecs, all tiles, weight gradient at 1-4 stages
+    check_configs)  # CHECKS="codec[:arg,arg..] ...": default the seven codecs, all tiles, weight gradient at 1-4 stages
       rm -rf /tmp/check && mkdir -p /tmp/check  # a warm machine keeps /tmp: no earlier call's rows
-      checks=${CHECKS:-bf16 fp8 fp8_token int4 int4d lowrank}
+      checks=${CHECKS:-bf16 fp8 fp8_f32 fp8_token int4 int4d lowrank}
       for c in $checks; do
         timeout "${PART_LIMIT_check_configs:-420}" python3 -m bench.check_configs --codec "${c%%:*}" --out /tmp/check \
           $([ "$c" != "${c#*:}" ] && echo "${c#*:}" | tr , ' ') > "/tmp/check/${c%%:*}.log" 2>&1 &
