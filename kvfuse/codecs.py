@@ -320,11 +320,6 @@ def _scale_overflow(scale: Tensor) -> str:
     return f"a scale overflows {scale.dtype} (|x| too large to quantise; store bf16 instead)"
 
 
-def _next_up(x: Tensor) -> Tensor:
-    """The next representable value above each positive finite x (bit pattern + 1; bf16 / fp16)."""
-    return (x.view(torch.int16) + 1).view(x.dtype)
-
-
 def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
                checks: list[FiniteCheck] | None = None) -> QuantizedKV:
     """fp8 e4m3 with scale = amax/448 per group (valid tokens only); masked tokens and all-zero groups decode to 0.
@@ -335,7 +330,8 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
     amax = _group_reduce(x, m, axis, "amax")
     scale = (amax / FP8_MAX).to(scale_dtypes("fp8", axis)[0])
     if scale.dtype == torch.bfloat16:  # rounded up, not to nearest: amax/scale stays within 448
-        scale = torch.where(scale.to(torch.float32) < amax / FP8_MAX, _next_up(scale), scale)
+        scale = torch.where(scale.to(torch.float32) < amax / FP8_MAX,
+                            torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
     _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what("fp8 encoding", name),
                                       _scale_overflow(scale)))
     # all-zero group, or an amax so small that amax/448 underflows: scale 1, the data alone carries the values
