@@ -65,6 +65,28 @@ def variants(configs, stages) -> list[triton.Config]:
     return out
 
 
+def wrong(row: dict) -> bool:
+    """A variant that failed, came out off (rel_err above WRONG) or differed between its runs."""
+    return bool(row["error"]) or (row["rel_err"] != "" and (float(row["rel_err"]) > WRONG
+                                                           or float(row["rerun_diff"]) > 0))
+
+
+def merge(out: Path, paths: list[Path], log=print) -> list[dict]:
+    """The rows of several sweeps' CSVs (one per codec, run in parallel) as one CSV `out`; logs and returns the
+    wrong ones."""
+    rows = [r for path in paths for r in csv.DictReader(open(path, newline=""))]
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    bad = [r for r in rows if wrong(r)]
+    log(f"{len(rows)} variants checked, {len(bad)} wrong, racing or failed:")
+    for r in bad:
+        log("  " + str({k: r[k] for k in ("codec", "kernel", "config", "warps", "stages", "ran", "rel_err", "worst",
+                                          "rerun_diff", "error")}))
+    return bad
+
+
 def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_stages, raw: bool, out_dir: Path,
         log=print) -> Path:
     torch.manual_seed(0)
@@ -126,15 +148,15 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
                                rerun_diff=f"{rerun:.3e}")
             w.writerow(row)
             f.flush()
-            bad = row["error"] or (row["rel_err"] != "" and (float(row["rel_err"]) > WRONG
-                                                             or float(row["rerun_diff"]) > 0))
-            log(", ".join(f"{k}={row[k]}" for k in fields[6:] if row[k] != "") + ("  WRONG" if bad else ""))
+            log(", ".join(f"{k}={row[k]}" for k in fields[6:] if row[k] != "") + ("  WRONG" if wrong(row) else ""))
     return path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--codec", choices=CODECS, required=True)
+    p.add_argument("--codec", choices=CODECS)
+    p.add_argument("--merge", type=Path, nargs="+", metavar=("OUT", "CSV"),
+                   help="no sweep: write the rows of the CSVs after OUT into OUT and list the wrong ones")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--seq", type=int, default=1024, help="tokens per row (the miscompile showed at 1024)")
     p.add_argument("--layers", type=int, default=4)
@@ -147,6 +169,11 @@ def main(argv=None) -> int:
                                                       "one stage), to see whether a newer triton still needs them")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge[0], args.merge[1:])
+        return 0
+    if args.codec is None:
+        p.error("--codec is required for a sweep")
     if not torch.cuda.is_available():
         sys.exit("check_configs needs a CUDA GPU: it checks the code triton generates for it")
     print(run(args.codec, args.tokens, args.seq, args.layers, args.kernels, args.fwd_stages, args.dw_stages, args.raw,

@@ -99,19 +99,7 @@ for what in "$@"; do
       done
       wait
       for c in $checks; do echo "--- $c"; cat "/tmp/check/${c%%:*}.log"; done > "$OUT/check_configs.log"
-      python3 - "$OUT/check_configs.csv" /tmp/check/check_configs_*.csv <<'PY'
-import csv, sys
-rows = [r for path in sys.argv[2:] for r in csv.DictReader(open(path, newline=""))]
-with open(sys.argv[1], "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-bad = [r for r in rows if r["error"] or (r["rel_err"] and (float(r["rel_err"]) > 1e-2 or float(r["rerun_diff"]) > 0))]
-print(f"{len(rows)} variants checked, {len(bad)} wrong, racing or failed:")
-for r in bad:
-    print(" ", {k: r[k] for k in ("codec", "kernel", "config", "warps", "stages", "ran", "rel_err", "worst",
-                                   "rerun_diff", "error")})
-PY
+      python3 -m bench.check_configs --merge "$OUT/check_configs.csv" /tmp/check/check_configs_*.csv
       grep -h "Traceback\|Error" /tmp/check/*.log | head -5 ;;
     kl_variants) TAIL=40 part kl_variants python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 16384 \
             --triton-only-seqs 32768 ;;

@@ -76,3 +76,31 @@ def test_encoded_teachers_group_as_a_store_does():
             assert isinstance(tk[0], QuantizedKV) and tk[0].kind == codec.split("_")[0]
             assert (stored_axis(tk[0].scale), stored_axis(tv[0].scale)) == want[codec]
             assert (tk[0].scale.dtype == torch.float32) == (codec in ("fp8_f32", "int4", "int4d"))
+
+
+def test_merge_writes_one_csv_and_names_the_wrong_variants(tmp_path):
+    # the GPU session runs one sweep per codec in parallel and merges their CSVs: every row kept, the wrong ones
+    # (off, racing or failed) listed; rows taken from the kept H200 results (d0fc34f holds the raw, two-heads row)
+    import csv
+    from pathlib import Path
+    kept = Path(__file__).resolve().parent.parent / "bench/results/check_configs_NVIDIA_H200.csv"
+    rows = list(csv.DictReader(open(kept)))
+    by_commit = {}
+    for r in rows:
+        by_commit.setdefault(r["commit"], []).append(r)
+    paths = []
+    for name in ("d0fc34f", "6c53ffe"):
+        path = tmp_path / f"{name}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(by_commit[name])
+        paths.append(path)
+    logged = []
+    bad = check_configs.merge(tmp_path / "all.csv", paths, log=logged.append)
+    n = len(by_commit["d0fc34f"]) + len(by_commit["6c53ffe"])
+    assert len(list(csv.DictReader(open(tmp_path / "all.csv")))) == n
+    assert [(r["commit"], r["rel_err"]) for r in bad] == [("d0fc34f", "1.055e+25")]
+    assert logged[0].startswith(f"{n} variants checked, 1 wrong")
+    assert check_configs.wrong({"error": "OutOfResources: x", "rel_err": "", "rerun_diff": ""})
+    assert not check_configs.wrong({"error": "", "rel_err": "", "rerun_diff": ""})  # left out by the rules
