@@ -38,6 +38,7 @@ carry `codec`, the store's bytes per valid token (whole shard: ids, masks, KV, s
 from __future__ import annotations
 
 import argparse
+import gzip
 import shutil
 import statistics
 import sys
@@ -122,8 +123,9 @@ def segment_allocs(device: torch.device) -> int:
     return torch.cuda.memory_stats(device).get("segment.all.allocated", 0) if device.type == "cuda" else 0
 
 
-def profile_steps(step, device: torch.device, path: Path, steps: int = 3) -> None:
-    """GPU (and host) time per operator and kernel over `steps` calls of `step`, as torch.profiler's table."""
+def profile_steps(step, device: torch.device, path: Path, steps: int = 3, trace: Path | None = None) -> None:
+    """GPU (and host) time per operator and kernel over `steps` calls of `step`, as torch.profiler's table; with
+    `trace`, also the timeline of every thread and stream (Chrome trace, gzipped)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -134,6 +136,12 @@ def profile_steps(step, device: torch.device, path: Path, steps: int = 3) -> Non
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=100, max_name_column_width=70))
+    if trace is not None:
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
 
 
 def timed(fn, steps: int, device: torch.device, stream_only: bool = False,
@@ -281,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the compiled-trainer variants")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="after the timings, write the GPU time per kernel of three resident kv_fused steps "
-                             "per codec (torch.profiler) to DIR/train_step_profile_<codec>.txt")
+                             "per codec (torch.profiler) to DIR/train_step_profile_<codec>.txt, and of three "
+                             "store-fed ones to DIR/train_step_profile_<codec>_store.txt with their timeline "
+                             "(every thread and stream: the loader's too) in DIR/train_step_trace_<codec>_store.json.gz")
     parser.add_argument("--interference", action="store_true",
                         help="also time kv_fused on resident batches while a thread reads the first codec's store "
                              "up to a part of the loader (collate / copy / copy+flags / copy+read / copy+check / copy+record / loader)")
@@ -385,15 +395,17 @@ def main(argv: list[str] | None = None) -> int:
     same = {}
     reader_waits = {}      # per codec: median host time a store-fed step spent waiting for its batch
 
+    def id_batches_of(store, n_batches: int) -> list[list[str]]:
+        return [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
+                for j in range(n_batches)]
+
     def run_codec(c, store):
         """kv_fused (and, on bf16, kv_eager) on resident batches of `store`, then kv_fused fed live from it."""
         resident = cycling([reader(store)() for _ in range(2)])
         add(f"kv_fused({fused_backend})", c, with_kv(fused_backend, resident))
         if c == "bf16":
             add("kv_eager(torch)", c, with_kv("torch", resident))
-        n_batches = args.steps + 2                              # timed() runs two warm-up steps
-        id_batches = [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
-                      for j in range(n_batches)]
+        id_batches = id_batches_of(store, args.steps + 2)       # timed() runs two warm-up steps
         if args.interference and c == first_codec:
             for part in ("collate", "copy", "copy+flags", "copy+read", "copy+check", "copy+record", "loader"):
                 with reading_beside(store, id_batches, len(teachers), device, part):
@@ -427,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         for c, store in stores.items():
             profile_steps(with_kv(fused_backend, cycling([reader(store)() for _ in range(2)])), device,
                           args.profile / f"train_step_profile_{c}.txt")
+            fed = store_batches(store, id_batches_of(store, 6), len(teachers), device=device,
+                                prefetch=args.store_prefetch)
+            step = with_kv(fused_backend, lambda: next(fed))
+            step(), step()                                      # the reader's first batches, outside the profile
+            profile_steps(step, device, args.profile / f"train_step_profile_{c}_store.txt",
+                          trace=args.profile / f"train_step_trace_{c}_store.json.gz")
+            fed.close()
     if args.compile:
         variants += [(v, first_codec if v != "compiled:ce_only" else "", t) for v, t in
                      compiled_variants(student, losses[fused_backend], next_batch, opt, args.steps, device)]
