@@ -188,13 +188,18 @@ def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the inline PTX on a GPU, its spelling in the interpreter
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     codes = codes[(codes & 0x7F) != 0x7F]  # 0x7F and 0xFF are e4m3's NaN, which the codec never writes
-    s = torch.tensor(1.0 if scale is None else scale).to(torch.bfloat16)  # a stored scale is a bf16 value
+    # a stored scale is a bf16 value; it differs from element to element (by powers of two, which keep the products'
+    # range), so a code paired with its neighbour's scale shows
+    s = (torch.tensor(1.0 if scale is None else scale) * 2.0 ** (torch.arange(256) % 3 - 1)).to(torch.bfloat16)
+    if scale is None:
+        s = torch.ones(256, dtype=torch.bfloat16)
     src = torch.zeros(256, dtype=torch.uint8)
     src[:codes.numel()] = codes
     dst = torch.empty(256, dtype=torch.bfloat16, device=dev)
-    _decode_fp8_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), s.expand(256).contiguous().to(dev), dst, N=256,
-                           SCALED=scale is not None)
-    want = (codes.view(torch.float8_e4m3fn).to(torch.float32) * s.to(torch.float32)).to(torch.bfloat16)
+    # one warp: eight codes per thread, as in the kernels' tiles (the weight gradient's decode takes four at once)
+    _decode_fp8_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), s.to(dev), dst, N=256, SCALED=scale is not None,
+                           num_warps=1)
+    want = (codes.view(torch.float8_e4m3fn).to(torch.float32) * s[:codes.numel()].to(torch.float32)).to(torch.bfloat16)
     got = dst[:codes.numel()].cpu()
     bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
     assert bad.numel() == 0, [(hex(int(codes[i])), float(got[i]), float(want[i])) for i in bad[:8]]
