@@ -151,9 +151,7 @@ def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
     zeros and subnormals, become bf16 subnormals, which bf16 arithmetic keeps), one multiply by 2^120 restores the
     value, and a second by s rounds value·s once, as the fp32 product (exact: 4 by 8 significant bits) rounds."""
     if ASM_DECODE:
-        # prmt sign-extends each byte into a 16-bit half, then shift, mask, multiply (two codes per instruction).
-        # The forward's operand (tokens by features, features paired in its registers) takes two codes and two
-        # scales per instance; the weight gradient's (laid out as loaded) four codes, one 32-bit register
+        # two codes per instance: prmt sign-extends each byte into a 16-bit half, then shift, mask, multiply
         if SCALED:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 r, t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; cvt.u32.u16 r, $1;"
@@ -162,11 +160,9 @@ def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
                 "=r,h,r", [raw.to(tl.uint8, bitcast=True), s], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
             return tl.inline_asm_elementwise(
-                "{ .reg .b32 t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000;"
-                " prmt.b32 $0, $2, 0, 0x9180; prmt.b32 $1, $2, 0, 0xB3A2;"
-                " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z;"
-                " shl.b32 $1, $1, 4; and.b32 $1, $1, 0x87F087F0; fma.rn.bf16x2 $1, $1, t, z; }",
-                "=r,=r,r", [raw.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=4)
+                "{ .reg .b32 t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; prmt.b32 $0, $1, $2, 0xC480;"
+                " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z; }",
+                "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
     else:  # the same bits, spelled in Triton for the interpreter
         b = raw.to(tl.int8, bitcast=True).to(tl.int32)
         x = ((b << 20) & -2014314496).to(tl.float32, bitcast=True)  # 0x87F00000 as int32: the bf16 bits, in fp32
@@ -508,54 +504,41 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     d_ok = d < D_I
     c_ok = c < C2
-    # A coded teacher's tile is decoded in registers; as the product's A operand (Xᵀ, rows f) its registers would
-    # have to pair tokens that lie a row apart in memory (byte loads and packing), so the coded path computes the
-    # transposed product (∂W)ᵀ = Gᵀ X, where the decoded X is the B operand and goes to shared memory as it lies.
-    CODED: tl.constexpr = CODEC != CODEC_PLAIN
-    if CODED:
-        w_off = l * sw0 + f[None, :] * sw1 + c[:, None]
-        fc_ok = d_ok[None, :] & c_ok[:, None]
-        dw = tl.zeros([BLOCK_C, BLOCK_F], dtype=tl.float32)
-    else:
-        w_off = l * sw0 + f[:, None] * sw1 + c[None, :]
-        fc_ok = d_ok[:, None] & c_ok[None, :]
-        dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
+    fc_ok = d_ok[:, None] & c_ok[None, :]
+    w_off = l * sw0 + f[:, None] * sw1 + c[None, :]
+
+    dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
     for bb in range(0, B):
-        if CODED:
-            mb = tl.zeros([BLOCK_C, BLOCK_F], dtype=tl.float32)
-        else:
-            mb = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
+        mb = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
         if not USE_DESC:
             x_base = x + l * sx0 + bb * sx1 + hi * sx2 + d[:, None]
             g_base = g + (l * B + bb) * T * C2 + c[None, :]
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < T
+            if CODEC != CODEC_PLAIN:
+                xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, True))
+            elif USE_DESC:
+                xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
+            elif D_I % BLOCK_F == 0:
+                xt = tl.load(x_base + t[None, :] * sx3, mask=t_ok[None, :], other=0.0)
+            else:
+                xt = tl.load(x_base + t[None, :] * sx3, mask=d_ok[:, None] & t_ok[None, :], other=0.0)
             if USE_DESC:
                 gt = g.load([l32, bb, t0, pid_c * BLOCK_C]).reshape(BLOCK_T, BLOCK_C)
-            elif C2 % BLOCK_C == 0:
-                gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None], other=0.0)
             else:
-                gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
-            if CODED:
-                xd = _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T, H_I, D_I,
-                             CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, True)
-                a_op, b_op = tl.trans(gt), xd
-            else:
-                if USE_DESC:
-                    xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
-                elif D_I % BLOCK_F == 0:
-                    xt = tl.load(x_base + t[None, :] * sx3, mask=t_ok[None, :], other=0.0)
+                if C2 % BLOCK_C == 0:
+                    gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None], other=0.0)
                 else:
-                    xt = tl.load(x_base + t[None, :] * sx3, mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-                a_op, b_op = xt, gt
+                    gt = tl.load(g_base + t[:, None] * C2, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
             if IEEE:
-                mb = tl.dot(a_op.to(DOT_DTYPE), b_op.to(DOT_DTYPE), mb, input_precision="ieee")
+                mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb, input_precision="ieee")
             else:
-                mb = tl.dot(a_op.to(DOT_DTYPE), b_op.to(DOT_DTYPE), mb)
-        if FP8_CH:  # X = Q·diag(s), so Gᵀ X = (Gᵀ Q)·diag(s): the loop only places the codes' bits
+                mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
+        if FP8_CH:  # X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G): the loop only places the codes' bits
             grp = (l * B + bb) * H_I + hi
-            mb = mb * tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+            mb = mb * tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
