@@ -30,6 +30,9 @@ on each store in the same run as ce_only. The loss gets the compressed entries a
 (kvfuse.distill: QuantizedKV / LowRankKV as they come from the loader, decoded in the Triton kernels; the torch
 backend on the CPU decodes them explicitly, as it does in training). kv_eager runs on the bf16 store only. CSV rows
 carry `codec`, the store's bytes per valid token (whole shard: ids, masks, KV, scales) and the teacher KV's alone.
+--rounds R times CE only and every codec's variants R times, interleaved (the codecs' order rotated each round): an
+A/B of codecs whose difference is near the spread between runs (rows carry `round`; the overheads are against the
+round's own CE-only step, and their medians and ranges are printed).
 
     python -m bench.bench_train_step --student random:qwen2.5-1.5b --batch 4 --seq 2048    # GPU
     python -m bench.bench_train_step --student tiny-llama --batch 2 --seq 64 --steps 3    # CPU smoke run
@@ -282,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--store_prefetch", type=int, default=2, help="batches read ahead in the store-fed variant")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time CE only and every codec's variants this many times, interleaved (the codecs' order "
+                             "rotated each round), and print each overhead's median and range")
     parser.add_argument("--codecs", nargs="+", default=["bf16"],
                         help="store codecs to time the KV variants on, one store each (bf16, fp8, int4, "
                              "lowrank:<r or e<energy>>[+fp8|+int4]; default bf16)")
@@ -296,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time kv_fused on resident batches while a thread reads the first codec's store "
                              "up to a part of the loader (collate / copy / copy+flags / copy+read / copy+check / copy+record / loader)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     codecs = [parse_codec(c) for c in args.codecs]
     if len({str(c) for c in codecs}) != len(codecs):
         parser.error(f"--codecs repeats a codec: {args.codecs}")
@@ -382,18 +390,18 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     reads = {c: timed(read_only(reader(store)), args.steps, device) for c, store in stores.items()}
-    base = timed(ce_only, args.steps, device)
-    variants = [("ce_only", "", base)]           # (variant, codec, seconds)
-    # per (variant, codec): device-memory segments the caching allocator newly allocated during the timed steps
-    segments: dict[tuple[str, str], int] = {}
+    variants = []           # (variant, codec, seconds, round)
+    # per (variant, codec, round): device-memory segments the caching allocator newly allocated during the timed steps
+    segments: dict[tuple[str, str, int], int] = {}
+    this_round = [0]
 
     def add(variant: str, codec: str, step, stream_only: bool = False) -> None:
         new: list[int] = []
-        variants.append((variant, codec, timed(step, args.steps, device, stream_only, new)))
-        segments[(variant, codec)] = new[0]
+        variants.append((variant, codec, timed(step, args.steps, device, stream_only, new), this_round[0]))
+        segments[(variant, codec, this_round[0])] = new[0]
     fused_backend = "triton" if device.type == "cuda" else "torch"
     same = {}
-    reader_waits = {}      # per codec: median host time a store-fed step spent waiting for its batch
+    reader_waits = {}      # per (codec, round): median host time a store-fed step spent waiting for its batch
 
     def id_batches_of(store, n_batches: int) -> list[list[str]]:
         return [[store.sample_ids[(j * args.batch + b) % len(store)] for b in range(args.batch)]
@@ -406,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         if c == "bf16":
             add("kv_eager(torch)", c, with_kv("torch", resident))
         id_batches = id_batches_of(store, args.steps + 2)       # timed() runs two warm-up steps
-        if args.interference and c == first_codec:
+        if args.interference and c == first_codec and this_round[0] == 0:
             for part in ("collate", "copy", "copy+flags", "copy+read", "copy+check", "copy+record", "loader"):
                 with reading_beside(store, id_batches, len(teachers), device, part):
                     add(f"kv_fused beside {part}", c, with_kv(fused_backend, resident), stream_only=True)
@@ -414,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         fed = store_batches(store, id_batches, len(teachers), device=device, prefetch=args.store_prefetch)
         first = next(fed)
         inline = batch_to(collate([store.get(i) for i in id_batches[0]], len(teachers)), device)
-        same[c] = all(torch.equal(a, b) for a, b in zip(teacher_parts(first), teacher_parts(inline)))
+        same[c] = same.get(c, True) and all(torch.equal(a, b) for a, b in zip(teacher_parts(first),
+                                                                              teacher_parts(inline)))
         batches_fed = iter([first])
         del first, inline
 
@@ -428,13 +437,20 @@ def main(argv: list[str] | None = None) -> int:
                 waits.append(time.perf_counter() - start)
             return batch
         add(f"kv_fused+store({args.store_prefetch})", c, with_kv(fused_backend, from_store))
-        reader_waits[c] = statistics.median(waits)
+        reader_waits[c, this_round[0]] = statistics.median(waits)
         fed.close()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    for c, store in stores.items():
-        run_codec(c, store)
+    # Rounds interleave the variants (each round times CE only, then every codec in an order rotated by one), so
+    # that drift over the run and the position in it fall on every codec alike; each round's overheads are
+    # against its own CE-only step.
+    names = list(stores)
+    for r in range(args.rounds):
+        this_round[0] = r
+        add("ce_only", "", ce_only)
+        for c in names[r % len(names):] + names[:r % len(names)]:
+            run_codec(c, stores[c])
     if args.profile:  # after every timing: a profiler session can slow the launches that follow it
         for c, store in stores.items():
             profile_steps(with_kv(fused_backend, cycling([reader(store)() for _ in range(2)])), device,
@@ -447,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                           trace=args.profile / f"train_step_trace_{c}_store.json.gz")
             fed.close()
     if args.compile:
-        variants += [(v, first_codec if v != "compiled:ce_only" else "", t) for v, t in
+        variants += [(v, first_codec if v != "compiled:ce_only" else "", t, this_round[0]) for v, t in
                      compiled_variants(student, losses[fused_backend], next_batch, opt, args.steps, device)]
     tokens = args.batch * args.seq
     name = device_name(device)
@@ -456,28 +472,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'codec':18s} {'store B/token':>13s} {'KV B/token':>11s} {'read ms':>8s} {'wait ms':>8s}  "
           "prefetched == inline")
     for c, store in stores.items():
+        wait = statistics.median(reader_waits[c, r] for r in range(args.rounds))
         print(f"{c:18s} {store.bytes_per_token:13.0f} {kv_bytes_per_token(store):11.0f} {reads[c] * 1e3:8.1f} "
-              f"{reader_waits[c] * 1e3:8.1f}  {same[c]}")
+              f"{wait * 1e3:8.1f}  {same[c]}")
     print("(read ms: store read + host-to-device copy of one batch, one thread; wait ms: median host time a "
           "store-fed step waited for its batch)")
-    print(f"{'variant':24s} {'codec':18s} {'step ms':>9s} {'tokens/s':>10s} {'vs ce_only':>11s}")
-    bases = {False: base, True: next((t for v, _, t in variants if v == "compiled:ce_only"), base)}
+    print(f"{'variant':24s} {'codec':18s} {'round':>5s} {'step ms':>9s} {'tokens/s':>10s} {'vs ce_only':>11s}")
+    bases = {r: t for v, _, t, r in variants if v == "ce_only"}
+    compiled_base = next((t for v, _, t, _ in variants if v == "compiled:ce_only"), None)
     rows = []
-    for variant, c, seconds in variants:
-        overhead = seconds / bases[variant.startswith("compiled:")] - 1
-        print(f"{variant:24s} {c:18s} {seconds * 1e3:9.1f} {tokens / seconds:10.0f} {100 * overhead:+10.1f}%")
+    overheads: dict[tuple[str, str], list[float]] = {}
+    for variant, c, seconds, r in variants:
+        overhead = seconds / (compiled_base if variant.startswith("compiled:") else bases[r]) - 1
+        overheads.setdefault((variant, c), []).append(overhead)
+        print(f"{variant:24s} {c:18s} {r:5d} {seconds * 1e3:9.1f} {tokens / seconds:10.0f} {100 * overhead:+10.1f}%")
         store = stores.get(c)
         rows.append({"device": name, "commit": commit(), "student": args.student, "teachers": args.teachers,
-                     "batch": args.batch, "seq": args.seq, "variant": variant, "step_ms": round(seconds * 1e3, 3),
+                     "batch": args.batch, "seq": args.seq, "variant": variant, "round": r,
+                     "step_ms": round(seconds * 1e3, 3),
                      "tokens_per_s": round(tokens / seconds, 1), "overhead_vs_ce": round(overhead, 4),
                      "store_read_ms": round(reads[c] * 1e3, 3) if store else "",
                      "store_prefetch": args.store_prefetch, "codec": c,
                      "store_bytes_per_token": round(store.bytes_per_token, 1) if store else "",
                      "kv_bytes_per_token": round(kv_bytes_per_token(store), 1) if store else "",
                      "prefetched_equals_inline": same[c] if store else "",
-                     "reader_wait_ms": (round(reader_waits[c] * 1e3, 3) if variant.startswith("kv_fused+store")
+                     "reader_wait_ms": (round(reader_waits[c, r] * 1e3, 3) if variant.startswith("kv_fused+store")
                                         else ""),
-                     "cuda_segment_allocs": segments.get((variant, c), "") if device.type == "cuda" else ""})
+                     "cuda_segment_allocs": segments.get((variant, c, r), "") if device.type == "cuda" else ""})
+    if args.rounds > 1:
+        print(f"over {args.rounds} rounds: median overhead vs the round's CE only [min, max]")
+        for (variant, c), values in overheads.items():
+            if variant != "ce_only":
+                print(f"{variant:24s} {c:18s} {100 * statistics.median(values):+6.1f}%  "
+                      f"[{100 * min(values):+.1f}, {100 * max(values):+.1f}]")
     append_csv(args.csv, rows)
     shutil.rmtree(tmp)
     return 0 if all(same.values()) else 1

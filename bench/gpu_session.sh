@@ -5,7 +5,7 @@
 #     dump_shm                     the same with the shards on tmpfs (the pipeline without the disk)
 #     dump_long                    one bf16 shard of 128 examples (the dump's steady state)
 #     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed live from the store) student step
-#     step_codecs                  the same with the store in bf16, fp8, int4 and int4d (issue 16: overhead vs bf16's)
+#     step_codecs                  the same with the store in bf16, fp8 and int4, ROUNDS (5) interleaved rounds (issue 16)
 #     dump_codecs                  bench_dump.py per store codec bf16, fp8, int4 (issue 16: throughput vs bf16's)
 #     step_interference            the bf16 step beside a thread reading the store up to each part of the loader
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
@@ -76,8 +76,8 @@ for what in "$@"; do
             --batch 4 --repeats 2 --store_dir "${SHM_DIR:-/dev/shm}" --csv "$OUT/dump.csv" ;;
     step) part step python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 --steps 8 \
             --store_prefetch 2 --csv "$OUT/train_step.csv" ;;
-    step_codecs) TAIL=24 part step_codecs python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 \
-            --steps 8 --store_prefetch 2 --codecs bf16 fp8 int4 int4d --csv "$OUT/train_step_codecs.csv" ;;
+    step_codecs) TAIL=40 part step_codecs python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 \
+            --steps 8 --store_prefetch 2 --codecs bf16 fp8 int4 --rounds ${ROUNDS:-5} --csv "$OUT/train_step_codecs.csv" ;;
     step_interference) TAIL=16 part step_interference python3 -m bench.bench_train_step --student "$STUDENT" \
             --batch 4 --seq 2048 --steps 8 --store_prefetch 2 --interference --csv "$OUT/train_step_interference.csv" ;;
     dump_codecs) TAIL=40 part dump_codecs python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" \

@@ -5,6 +5,8 @@ the store-fed batch / streamed shard equal to the inline read / serial build; an
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import math
 import threading
 
@@ -49,8 +51,13 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     fed = {r["codec"]: r for r in rows if r["variant"] == "kv_fused+store(1)"}
     resident = {r["codec"]: r for r in rows if r["variant"] == "kv_fused(torch)"}
     assert sorted(fed) == sorted(resident) == ["bf16", "fp8", "int4"]
-    for codec in ("bf16", "fp8", "int4"):  # the per-operator table of each codec's resident step
+    for codec in ("bf16", "fp8", "int4"):  # the per-operator tables of each codec's resident and store-fed steps
         assert "Self CPU" in (tmp_path / "profiles" / f"train_step_profile_{codec}.txt").read_text()
+        assert "Self CPU" in (tmp_path / "profiles" / f"train_step_profile_{codec}_store.txt").read_text()
+        # the store-fed steps' timeline: the loader's thread beside the training thread
+        with gzip.open(tmp_path / "profiles" / f"train_step_trace_{codec}_store.json.gz") as fh:
+            events = json.load(fh)["traceEvents"]
+        assert len({e["tid"] for e in events if e.get("ph") == "X"}) >= 2
     assert [r["codec"] for r in rows if r["variant"] == "kv_eager(torch)"] == ["bf16"]
     for r in rows:
         assert float(r["step_ms"]) > 0 and math.isfinite(float(r["step_ms"]))
@@ -69,12 +76,35 @@ def test_train_step_bench_codecs(tmp_path, monkeypatch):
     assert all(float(r["reader_wait_ms"]) >= 0 for r in fed.values())
     assert {r["reader_wait_ms"] for r in resident.values()} == {""}
     # the loss got the compressed entries as training passes them (not decoded by the bench): per codec, one warm-up
-    # pair and one timed step each for kv_fused and kv_fused+store, three profiled kv_fused steps, plus kv_eager on
-    # bf16
-    assert seen.count((("QuantizedKV", "fp8"),) * 2) == seen.count((("QuantizedKV", "int4"),) * 2) == 9
-    assert seen.count((("Tensor", "torch.float32"),) * 2) == 12
-    assert len(seen) == 30
+    # pair and one timed step each for kv_fused and kv_fused+store, three profiled kv_fused steps and five store-fed
+    # ones (two before the profile), plus kv_eager on bf16
+    assert seen.count((("QuantizedKV", "fp8"),) * 2) == seen.count((("QuantizedKV", "int4"),) * 2) == 14
+    assert seen.count((("Tensor", "torch.float32"),) * 2) == 17
+    assert len(seen) == 45
     assert not list(tmp_path.glob("kvfuse-bench-store-*"))  # the stores are removed
+
+
+def test_train_step_bench_interleaves_rounds(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    out = tmp_path / "train_step.csv"
+    rc = bench_train_step.main(["--student", "tiny-llama", "--teachers", "2x32", "--batch", "2", "--seq", "16",
+                                "--steps", "1", "--store_prefetch", "1", "--codecs", "bf16", "fp8", "--rounds", "2",
+                                "--csv", str(out)])
+    assert rc == 0
+    rows = _rows(out)
+    # each round: CE only, then the codecs in an order rotated by one; overheads against the round's own CE only
+    order = [(r["round"], r["variant"], r["codec"]) for r in rows]
+    assert order == [("0", "ce_only", ""), ("0", "kv_fused(torch)", "bf16"), ("0", "kv_eager(torch)", "bf16"),
+                     ("0", "kv_fused+store(1)", "bf16"), ("0", "kv_fused(torch)", "fp8"),
+                     ("0", "kv_fused+store(1)", "fp8"),
+                     ("1", "ce_only", ""), ("1", "kv_fused(torch)", "fp8"), ("1", "kv_fused+store(1)", "fp8"),
+                     ("1", "kv_fused(torch)", "bf16"), ("1", "kv_eager(torch)", "bf16"),
+                     ("1", "kv_fused+store(1)", "bf16")]
+    base = {r["round"]: float(r["step_ms"]) for r in rows if r["variant"] == "ce_only"}
+    for r in rows:
+        assert float(r["overhead_vs_ce"]) == pytest.approx(float(r["step_ms"]) / base[r["round"]] - 1, abs=1e-3)
+    with pytest.raises(SystemExit):
+        bench_train_step.main(["--rounds", "0"])
 
 
 def test_train_step_bench_times_a_step_beside_each_part_of_the_reader(tmp_path, monkeypatch):
