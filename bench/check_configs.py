@@ -112,6 +112,7 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
         return [loss.detach(), *torch.autograd.grad(loss, params)]
 
     base_dw = fk._DW_CONFIGS_GPU[0]
+    listed = {(str(c.kwargs), c.num_warps, c.num_stages) for c in (*fk._FWD_CONFIGS_GPU, *fk._DW_CONFIGS_GPU)}
     sweeps = [("fwd", c) for c in variants(fk._FWD_CONFIGS_GPU, fwd_stages) if "fwd" in kernels] + \
         [("dw", c) for c in variants(fk._DW_CONFIGS_GPU, dw_stages) if "dw" in kernels]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,11 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
                 runs = [once() for _ in range(3)]
                 torch.cuda.synchronize()
             except OutOfResources as e:  # a config too big for this GPU is a row, not the end of the sweep
-                row["error"] = f"OutOfResources: {str(e).splitlines()[0][:120]}"
+                message = f"OutOfResources: {str(e).splitlines()[0][:120]}"
+                if (str(cfg.kwargs), cfg.num_warps, cfg.num_stages) in listed:
+                    row["error"] = message               # the autotuner would try it: a failure of the list
+                else:                                    # a swept stage count the kernels never launch
+                    row["ran"] = f"does not fit at this stage count ({message})"
             else:
                 ran = (ran_fwd if kernel == "fwd" else ran_dw)["config"]
                 if ran is None:
