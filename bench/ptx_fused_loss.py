@@ -111,8 +111,8 @@ def main(argv=None):
                 sig = dw_signature(cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"], codec, codec_v)
                 info = compile_sm90(K._fused_kv_dw_kernel, sig, consts, config.num_warps, config.num_stages,
                                     args.ptxas, args.arch, nvdisasm=args.nvdisasm)
-                print(f"dw codecs {codec}/{codec_v} kinds {kinds} {cfg['BLOCK_F']:3d} x {cfg['BLOCK_C']:3d} / "
-                      f"{config.num_warps} warps: {_brief(info)}", flush=True)
+                print(f"dw codecs {codec}/{codec_v} kinds {kinds} {cfg['BLOCK_F']:3d} x {cfg['BLOCK_C']:3d} x "
+                      f"{cfg['BLOCK_T']:3d} tokens / {config.num_warps} warps: {_brief(info)}", flush=True)
 
 
 if __name__ == "__main__":
