@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 
-from bench.common import commit
+from bench.common import append_csv, commit
 from kvfuse.loss import _torch_loss, _triton_loss, kv_distill_loss
 
 TEACHERS = [(4, 128), (8, 128)]
@@ -374,13 +374,9 @@ def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int4", "int4d", "low
                          teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
                          loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref), grad_rel_diff_vs_decoded=grad_diff))
         log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"fused_loss_codecs_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    # appended: runs repeated in one call (an A/B, the spread between runs) all keep their rows, told apart by commit
+    # and order
+    return append_csv(out_dir / f"fused_loss_codecs_{torch.cuda.get_device_name().replace(' ', '_')}.csv", rows)
 
 
 def main(argv=None) -> int:
