@@ -75,6 +75,8 @@ def merge(out: Path, paths: list[Path], log=print) -> list[dict]:
     """The rows of several sweeps' CSVs (one per codec, run in parallel) as one CSV `out`; logs and returns the
     wrong ones."""
     rows = [r for path in paths for r in csv.DictReader(open(path, newline=""))]
+    if not rows:
+        raise ValueError(f"no variant rows in {', '.join(map(str, paths)) or 'no CSV'}: nothing to merge into {out}")
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
     if args.merge:
+        if len(args.merge) < 2:
+            p.error("--merge takes OUT and at least one sweep CSV")
         merge(args.merge[0], args.merge[1:])
         return 0
     if args.codec is None:

@@ -115,3 +115,10 @@ def test_merge_writes_one_csv_and_names_the_wrong_variants(tmp_path):
     assert logged[0].startswith(f"{n} variants checked, 1 wrong")
     assert check_configs.wrong({"error": "OutOfResources: x", "rel_err": "", "rerun_diff": ""})
     assert not check_configs.wrong({"error": "", "rel_err": "", "rerun_diff": ""})  # left out by the rules
+    # sweeps that wrote no row, or no sweep CSV at all: said, not an index error
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="no variant rows in .*empty.csv"):
+        check_configs.merge(tmp_path / "none.csv", [empty])
+    with pytest.raises(SystemExit):
+        check_configs.main(["--merge", str(tmp_path / "none.csv")])
