@@ -335,47 +335,112 @@ def plot(csv_path: Path) -> Path:
     return out
 
 
-def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int4", "int4d", "lowrank"), log=print) -> Path:
+def rotated(names: list, r: int) -> list:
+    """Round r's order: the names rotated by r, so that each takes every position over len(names) rounds (drift
+    over a run, or a warm cache left by the one before, falls on every codec alike)."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def kernel_family(name: str) -> str:
+    """fwd (both passes of the forward kernel), dw (the weight-gradient kernel) or other (reductions, copies)."""
+    return "fwd" if "_fused_kv_fwd" in name else "dw" if "_fused_kv_dw" in name else "other"
+
+
+def kernel_ms(step, steps: int = 10) -> dict[str, float]:
+    """GPU time of one step by kernel family, from torch.profiler's device events (ms per step): what each kernel
+    takes without the host's issue time or do_bench's cache flush between steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    parts = dict(fwd=0.0, dw=0.0, other=0.0)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            parts[kernel_family(e.name)] += e.time_range.elapsed_us() / 1e3 / steps
+    if not parts["fwd"] or not parts["dw"]:
+        raise RuntimeError(f"the profile holds no fused-loss kernel: {sorted({e.name for e in prof.events()})[:20]}")
+    return parts
+
+
+def paired_ratios(rows: list[dict], column: str, base: str = "bf16") -> dict[str, list[float]]:
+    """Per codec, column / the same round's base value, one ratio per round."""
+    base_of = {r["round"]: r[column] for r in rows if r["codec"] == base}
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["codec"] != base:
+            out.setdefault(r["codec"], []).append(r[column] / base_of[r["round"]])
+    return out
+
+
+def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int4", "int4d", "lowrank"), rounds: int = 1,
+                 log=print) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int4, int4d (grouped as a store encodes them,
-    `store_axis`) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, teacher
-    bytes per token, the loss's relative difference from bf16, and the gradients' largest relative difference from
-    the same kernels on the explicitly decoded teachers (bf16; ≈ 1e-3 is bf16 rounding, a wrong decode is percents)
-    — one CSV."""
+    `store_axis`) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, each
+    kernel family's GPU time (`kernel_ms`), teacher bytes per token, the loss's relative difference from bf16,
+    and the gradients' largest relative difference from the same kernels on the explicitly decoded teachers
+    (bf16; ≈ 1e-3 is bf16 rounding, a wrong decode is percents) — one CSV, a row per codec and round. Rounds time
+    every codec in an order rotated each round (`rotated`); each codec is compared with bf16 of its own round."""
+    import statistics
+
     from triton.testing import do_bench
 
     from kvfuse.codecs import decode
+    import kvfuse.kernels.fused_kv_loss as ops
     x = make_inputs(tokens)
     variants = {("lowrank256" if c == "lowrank" else c): encoded_teachers(x, c) for c in ("bf16", *names)}
     params = _params(x)
-    rows, ref = [], None
-    for name, (tk, tv) in variants.items():
+    steps, checks = {}, {}
+    ref = None
+    for name, (tk, tv) in variants.items():  # checks, compilation and autotuning, before any timing
         args = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
 
-        def fwd():
+        def fwd(args=args):
             return kv_distill_loss(**args, backend="triton", check_finite=False)[0]
 
-        def full():
+        def full(fwd=fwd):
             return torch.autograd.grad(fwd(), params)
 
+        tuned_before = {t: set(tuner.cache) for t, tuner in (("fwd", ops._fwd_tuned), ("dw", ops._dw_tuned))}
         grads = full()
         loss = float(fwd())
         ref = loss if ref is None else ref
+        for t, tuner in (("fwd", ops._fwd_tuned), ("dw", ops._dw_tuned)):
+            for key in set(tuner.cache) - tuned_before[t]:
+                log(f"  {name}: autotuned {t} -> {tuner.cache[key]}")
         decoded = dict(args, teacher_k=[decode(t, torch.bfloat16) for t in tk],
                        teacher_v=[decode(t, torch.bfloat16) for t in tv])
         want = torch.autograd.grad(kv_distill_loss(**decoded, backend="triton", check_finite=False)[0], params)
         grad_diff = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, want))
-        del decoded, want
+        del decoded, want, grads
         if grad_diff > 1e-2:
             log(f"  WRONG: {name} gradients differ from the decoded teachers' by {grad_diff:.2e}")
         nbytes = sum(t.nbytes for t in tk + tv)  # a compressed entry counts its codes and scales
-        rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
-                         fwd_ms=round(do_bench(fwd, return_mode="median"), 4),
-                         full_ms=round(do_bench(full, return_mode="median"), 4),
-                         teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
-                         loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref), grad_rel_diff_vs_decoded=grad_diff))
-        log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
+        steps[name] = fwd, full
+        checks[name] = dict(teacher_bytes_per_token=round(nbytes / tokens / LAYERS, 1), loss=loss,
+                            loss_rel_diff_vs_bf16=abs(loss - ref) / abs(ref), grad_rel_diff_vs_decoded=grad_diff)
+    rows = []
+    for r in range(rounds):
+        for name in rotated(list(variants), r):
+            fwd, full = steps[name]
+            gpu = kernel_ms(full)
+            rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, codec=name,
+                             round=r, fwd_ms=round(do_bench(fwd, return_mode="median"), 4),
+                             full_ms=round(do_bench(full, return_mode="median"), 4),
+                             **{f"gpu_{k}_ms": round(v, 4) for k, v in gpu.items()}, **checks[name]))
+            log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
+    if rounds > 1:
+        log(f"over {rounds} rounds, against the same round's bf16: median [min, max]")
+        for column in ("full_ms", "fwd_ms", "gpu_fwd_ms", "gpu_dw_ms", "gpu_other_ms"):
+            for name, ratios in paired_ratios(rows, column).items():
+                log(f"  {column:13s} {name:11s} {statistics.median(ratios):.3f}x [{min(ratios):.3f}, "
+                    f"{max(ratios):.3f}]")
     # appended: runs repeated in one call (an A/B, the spread between runs) all keep their rows, told apart by commit
-    # and order
+    # and round
     return append_csv(out_dir / f"fused_loss_codecs_{torch.cuda.get_device_name().replace(' ', '_')}.csv", rows)
 
 
@@ -392,14 +457,18 @@ def main(argv=None) -> int:
                    help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
     p.add_argument("--codec_names", nargs="+", default=["fp8", "int4", "int4d", "lowrank"],
                    choices=[c for c in CODECS if c != "bf16"], help="with --codecs: the codecs timed beside bf16")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --codecs: time every codec this many times, interleaved (order rotated each round)")
     args = p.parse_args(argv)
     if args.plot:
         print(plot(args.plot))
         return 0
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_fused_loss needs a CUDA GPU (run it through the device tool)")
     if args.codecs:
-        print(bench_codecs(args.out, args.codecs, args.codec_names))
+        print(bench_codecs(args.out, args.codecs, args.codec_names, args.rounds))
         return 0
     run(args.out, args.tokens, args.variants, args.tokens3)
     return 0

@@ -15,7 +15,8 @@
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
 #     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
 #     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / int4d / low-rank teachers at 16k (CODEC_NAMES:
-#                                  the codecs timed beside bf16)
+#                                  the codecs timed beside bf16; CODEC_ROUNDS interleaved rounds, default 1)
+#     tune_codecs tune_fused_loss.py  every tile and stage count timed per codec at 16k (TUNE_CODECS: bf16 fp8 int4)
 #     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec (one process
 #                                  each, in parallel: compiling dominates), against float64: one CSV, one log
 #     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
@@ -88,8 +89,20 @@ for what in "$@"; do
     profile) TAIL=4 part profile python3 -m bench.profile_fused_loss --out "$OUT" --tokens 4096 ;;
     profile_compiled) for t in 2 3; do TAIL=1 part "profile_compiled_t$t" python3 -m bench.profile_fused_loss \
             --out "$OUT" --tokens 4096 --compiled --fwd --teachers $t; done ;;
-    codecs) TAIL=30 part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 \
-            --codec_names ${CODEC_NAMES:-fp8 int4 int4d lowrank} ;;
+    codecs) TAIL=${TAIL:-40} part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 \
+            --codec_names ${CODEC_NAMES:-fp8 int4 int4d lowrank} --rounds ${CODEC_ROUNDS:-1} ;;
+    tune_codecs)  # TUNE_CODECS (bf16 fp8 int4): every tile at its listed and FWD_STAGES / DW_STAGES stage counts,
+      # compiled in parallel processes (compiling dominates), then timed one codec after another from triton's cache
+      codecs=${TUNE_CODECS:-bf16 fp8 int4}
+      stages=(--fwd_stages ${FWD_STAGES:-4} --dw_stages ${DW_STAGES:-4})
+      for c in $codecs; do
+        timeout "${PART_LIMIT_tune_warm:-300}" python3 -m bench.tune_fused_loss --codec "$c" --out /tmp/tune_warm \
+          "${stages[@]}" --warm > "/tmp/tune_warm_$c.log" 2>&1 &
+      done
+      wait
+      for c in $codecs; do
+        TAIL=${TAIL:-3} part "tune_$c" python3 -m bench.tune_fused_loss --codec "$c" --out "$OUT" "${stages[@]}"
+      done ;;
     check_configs)  # CHECKS="codec[:arg,arg..] ...": default the seven codecs, all tiles, weight gradient at 1-4 stages
       rm -rf /tmp/check && mkdir -p /tmp/check  # a warm machine keeps /tmp: no earlier call's rows
       checks=${CHECKS:-bf16 fp8 fp8_f32 fp8_token int4 int4d lowrank}

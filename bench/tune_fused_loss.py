@@ -1,97 +1,90 @@
-"""Time every tile config of the fused-loss kernels one by one at a bench shape (GPU), to choose the autotune lists.
+"""Time every tile config and stage count of the fused-loss kernels per teacher codec at a bench shape (GPU), to
+choose the autotune lists.
 
-    PYTHONPATH=. python -m bench.tune_fused_loss --out $OUT [--tokens 16384]
+    PYTHONPATH=. python -m bench.tune_fused_loss --out $OUT --codec fp8 [--tokens 16384] [--dw_stages 3 4]
 
-Writes tune_fused_loss_<device>.csv: kernel, pass (key/value, teacher), config, median ms, and the GEMM TFLOP/s.
+The step first runs autotuned as usual (its picks are logged). Then each variant of one kernel is forced through the
+autotuner's prune hook (`bench.check_configs.forced`: the project's rules still apply, and a variant they change or
+leave out says so in `ran`), the other kernel keeping its autotuned picks, and the full step (both forward passes
+and the weight gradient) is timed on the GPU by kernel family (`bench.bench_fused_loss.kernel_ms`): `gpu_ms` is the
+variant's own family, both teachers and both kinds. `--warm` only compiles each variant (rows without times), so
+that several codecs can compile in parallel processes and then be timed one after another from triton's cache.
+Appends to tune_fused_loss_<device>.csv.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import torch
+from triton.runtime.errors import OutOfResources
 
-from bench.bench_fused_loss import TEACHERS, make_inputs
-from bench.common import commit
+from bench.bench_fused_loss import CODECS, _api_args, _params, encoded_teachers, kernel_ms, make_inputs
+from bench.check_configs import _PROJECT_PRUNE, forced, variants
+from bench.common import append_csv, commit
+from kvfuse.kernels import fused_kv_loss as fk
+from kvfuse.loss import kv_distill_loss
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--codec", choices=CODECS, default="bf16", help="the teachers' storage (bench_fused_loss)")
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--kernels", nargs="+", choices=["fwd", "dw"], default=["fwd", "dw"])
+    p.add_argument("--fwd_stages", type=int, nargs="*", default=[], help="stage counts to try beside each listed")
+    p.add_argument("--dw_stages", type=int, nargs="*", default=[], help="stage counts to try beside each listed")
+    p.add_argument("--warm", action="store_true", help="compile every variant, time nothing")
     args = p.parse_args(argv)
-    from triton.testing import do_bench
-
-    import kvfuse.kernels.fused_kv_loss as K
-    from kvfuse.kernels.fused_kv_loss_op import TeacherStorage, natural_layout
-    from kvfuse.loss import pair_layout_adapter
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_fused_loss needs a CUDA GPU (run it through the device tool)")
     x = make_inputs(args.tokens)
-    sk = x["student_k"].detach()
-    L, B, H_s, T, D_s = sk.shape
-    dev = sk.device
-    natural = natural_layout(D_s, D_s)
-    wk = [w.detach() if natural else pair_layout_adapter(w.detach(), (H_s, D_s), D_s) for w in x["w_k"]]
-    mask = x["mask"].float().contiguous()
-    pos = x["positions"].float().contiguous()
-    rot = torch.full((L,), D_s, dtype=torch.int32, device=dev)
-    invf = x["inv_freq"].expand(L, -1)
-    ones = torch.ones(L, device=dev)
-    coef = torch.full((L,), 1e-6, device=dev)
-    alpha = x["alpha"].detach()
-    sums = torch.zeros(2, L, B, *K.stat_slots(T, H_s), device=dev)
-    rows = []
-    dev_name = torch.cuda.get_device_name()
-    flops_fwd = sum(2 * B * T * w.shape[0] * w.shape[1] * H_s * D_s for w in x["w_k"])
+    tk, tv = encoded_teachers(x, args.codec)
+    params = _params(x)
+    api = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
 
-    for is_key in (True, False):
-        for cfg in list(K._FWD_CONFIGS_GPU):
-            K._fwd_tuned.configs = [cfg]
-            K._fwd_tuned.cache.clear()
-            K._TUNED.clear()
+    def full():
+        return torch.autograd.grad(kv_distill_loss(**api, backend="triton", check_finite=False)[0], params)
+
+    dev = torch.cuda.get_device_name()
+    base = dict(device=dev, commit=commit(), tokens=args.tokens, codec=args.codec)
+    tuned = {"fwd": fk._fwd_tuned, "dw": fk._dw_tuned}
+    picks = {}
+    if args.warm:
+        full()
+    gpu = {} if args.warm else kernel_ms(full)
+    rows = [dict(base, kernel="autotuned", config="", **{f"gpu_{k}_ms": round(v, 4) for k, v in gpu.items()})]
+    for kernel, t in tuned.items():
+        picks[kernel] = dict(t.cache)
+        for key, cfg in t.cache.items():
+            print(f"{args.codec}: autotuned {kernel} -> {cfg}", flush=True)
+    for kernel in args.kernels:
+        stages = args.fwd_stages if kernel == "fwd" else args.dw_stages
+        configs = fk._FWD_CONFIGS_GPU if kernel == "fwd" else fk._DW_CONFIGS_GPU
+        for cfg in variants(configs, stages):
+            ran = forced(tuned[kernel], cfg, raw=False)
+            row = dict(base, kernel=kernel, config=str(cfg.kwargs), warps=cfg.num_warps, stages=cfg.num_stages)
             try:
-                def fwd():
-                    return K.fused_kv_loss_forward(sk, x["teacher_k"], wk, alpha, mask, pos, rot, invf, ones, D_s,
-                                                   coef, coef, is_key, True, sums)
-                fwd()
-                ms = do_bench(fwd, return_mode="median")
-            except Exception as err:  # a config that does not compile here is reported, not fatal
-                ms = float("nan")
-                print(f"fwd {cfg}: {type(err).__name__}: {str(err)[:200]}", flush=True)
-            rows.append(dict(kernel="fwd", part="key" if is_key else "value", config=str(cfg), ms=round(ms, 4),
-                             tflops=round(flops_fwd / (ms * 1e-3) / 1e12, 1)))
-            print(rows[-1], flush=True)
-    K._fwd_tuned.configs = list(K._FWD_CONFIGS_GPU)
-    K._fwd_tuned.cache.clear()
-    K._TUNED.clear()
-    G, _ = K.fused_kv_loss_forward(sk, x["teacher_k"], wk, alpha, mask, pos, rot, invf, ones, D_s, coef, coef,
-                                   True, True, sums)
-    g_out = torch.ones(1, device=dev)
-    for cfg in list(K._DW_CONFIGS_GPU):
-        K._dw_tuned.configs = [cfg]
-        K._dw_tuned.cache.clear()
-        K._TUNED.clear()
-        try:
-            def dw():
-                return K.fused_kv_loss_backward(K.KindGrad(TeacherStorage.plain(x["teacher_k"]), wk, G), None,
-                                                alpha, g_out, True, True)
-            dw()
-            ms = do_bench(dw, return_mode="median")
-        except Exception as err:
-            ms = float("nan")
-            print(f"dw {cfg}: {type(err).__name__}: {str(err)[:200]}", flush=True)
-        rows.append(dict(kernel="dw", part="key, both teachers", config=str(cfg), ms=round(ms, 4),
-                         tflops=round(flops_fwd / (ms * 1e-3) / 1e12, 1)))
-        print(rows[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tune_fused_loss_{dev_name.replace(' ', '_')}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["device", "commit", "tokens", "teachers", "kernel", "part", "config", "ms",
-                                          "tflops"])
-        w.writeheader()
-        for r in rows:
-            w.writerow(dict(device=dev_name, commit=commit(), tokens=args.tokens, teachers=str(TEACHERS), **r))
+                if args.warm:
+                    full()
+                    torch.cuda.synchronize()
+                else:
+                    gpu = kernel_ms(full)
+                    row.update(gpu_ms=round(gpu[kernel], 4), **{f"gpu_{k}_ms": round(v, 4) for k, v in gpu.items()})
+            except OutOfResources as e:  # a stage count too deep for this GPU is a row, not the end of the sweep
+                row["error"] = f"OutOfResources: {str(e).splitlines()[0][:120]}"
+            c = ran.get("config")
+            row["ran"] = ("pruned" if c is None else "as asked" if c.num_stages == cfg.num_stages
+                          else f"{c.num_stages} stages")
+            rows.append(row)
+            print(row, flush=True)
+        # back to the project's rule and the autotuned picks before the other kernel's sweep
+        tuned[kernel].early_config_prune = _PROJECT_PRUNE[id(tuned[kernel])]
+        tuned[kernel].cache.clear()
+        tuned[kernel].cache.update(picks[kernel])
+        fk._TUNED.clear()
+    path = append_csv(args.out / f"tune_fused_loss_{dev.replace(' ', '_')}.csv", rows)
     print(path)
     return 0
 

@@ -226,3 +226,21 @@ def test_int4_key_variants_measure_the_codec_itself(tmp_path):
         assert rows[label] == pytest.approx(err / energy, rel=1e-5 if kind == "k" else 3e-3), label
     assert rows["5 bits per channel"] < rows["int4 per channel (the codec)"] / 3
     assert rows["int4, MSE-best clip of 16"] <= rows["int4 per channel (the codec)"]
+
+
+def test_fused_loss_codec_rounds_rotate_and_pair():
+    """The fused-loss codec bench's rounds: every codec takes every position over len(names) rounds, and each is
+    compared with bf16 of its own round (a slow round for all must not read as a slow codec)."""
+    from bench.bench_fused_loss import kernel_family, paired_ratios, rotated
+    names = ["bf16", "fp8", "int4"]
+    orders = [rotated(names, r) for r in range(3)]
+    assert orders == [["bf16", "fp8", "int4"], ["fp8", "int4", "bf16"], ["int4", "bf16", "fp8"]]
+    assert all(sorted(o.index(n) for o in orders) == [0, 1, 2] for n in names)
+    assert rotated(names, 4) == orders[1]
+    rows = [dict(codec="bf16", round=0, full_ms=4.0), dict(codec="fp8", round=0, full_ms=4.4),
+            dict(codec="bf16", round=1, full_ms=5.0), dict(codec="fp8", round=1, full_ms=5.0),
+            dict(codec="int4", round=1, full_ms=6.0)]
+    ratios = paired_ratios(rows, "full_ms")
+    assert ratios == {"fp8": [pytest.approx(1.1), 1.0], "int4": [1.2]}
+    assert [kernel_family(n) for n in ("_fused_kv_fwd_kernel", "_fused_kv_dw_kernel_0d1d", "void at::reduce_kernel")] \
+        == ["fwd", "dw", "other"]
