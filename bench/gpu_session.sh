@@ -17,6 +17,7 @@
 #     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / int4d / low-rank teachers at 16k (CODEC_NAMES:
 #                                  the codecs timed beside bf16; CODEC_ROUNDS interleaved rounds, default 1)
 #     tune_codecs tune_fused_loss.py  every tile and stage count timed per codec at 16k (TUNE_CODECS: bf16 fp8 int4)
+#     ncu    ncu_fused_loss.py     Nsight Compute on one step per codec: details and the weight gradient's SASS (CSV)
 #     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec (one process
 #                                  each, in parallel: compiling dominates), against float64: one CSV, one log
 #     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
@@ -102,6 +103,25 @@ for what in "$@"; do
       wait
       for c in $codecs; do
         TAIL=${TAIL:-3} part "tune_$c" python3 -m bench.tune_fused_loss --codec "$c" --out "$OUT" "${stages[@]}"
+      done ;;
+    ncu)  # NCU_CODECS (bf16 fp8 int4): Nsight Compute's full set on one step's fused-loss kernels (clocks left alone);
+      # one details CSV for all, and per codec the SASS page (per-instruction counters) of the key pass and of the
+      # first weight-gradient launch: seven files, under the eight that come back
+      for c in ${NCU_CODECS:-bf16 fp8 int4}; do  # compile and autotune in parallel first: the profiled runs then hit
+        python3 -m bench.ncu_fused_loss --codec "$c" > "/tmp/ncu_warm_$c.log" 2>&1 &   # triton's cache
+      done
+      wait
+      for c in ${NCU_CODECS:-bf16 fp8 int4}; do
+        echo "=== ncu $c ($(date +%T))"
+        timeout "${PART_LIMIT_ncu:-240}" ncu --clock-control none --profile-from-start off --set full \
+          --import-source yes -k regex:_fused_kv -f -o "/tmp/ncu_$c" python3 -m bench.ncu_fused_loss --codec "$c" \
+          > "/tmp/ncu_$c.log" 2>&1 || echo "ncu $c exited with $?"
+        tail -3 "/tmp/ncu_$c.log"
+        { echo "# codec $c"; ncu -i "/tmp/ncu_$c.ncu-rep" --page details --csv; } >> "$OUT/ncu_details.csv" 2>&1
+        for k in fwd dw; do
+          ncu -i "/tmp/ncu_$c.ncu-rep" --page source --print-source sass --csv -k "regex:_fused_kv_$k" -c 1 \
+            > "$OUT/ncu_sass_${k}_$c.csv" 2>&1 || echo "ncu source page of $k for $c failed"
+        done
       done ;;
     check_configs)  # CHECKS="codec[:arg,arg..] ...": default the seven codecs, all tiles, weight gradient at 1-4 stages
       rm -rf /tmp/check && mkdir -p /tmp/check  # a warm machine keeps /tmp: no earlier call's rows
