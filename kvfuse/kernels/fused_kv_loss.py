@@ -68,6 +68,7 @@ DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
 FAST_TRIG = tl.constexpr(not interpreting())
 ASM_DECODE = tl.constexpr(not interpreting())  # inline PTX (_fp8_to_bf16) has no interpreter
+DW_INT_CVT = tl.constexpr(True)  # int4 codes to fp32 in the weight gradient by I2F, not OR-and-add (`_decode`)
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 TWO_PI_HI = tl.constexpr(6.2831854820251465)  # float32(2π)
 TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)  # 2π − TWO_PI_HI
@@ -518,7 +519,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, True))
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, DW_INT_CVT))
             elif USE_DESC:
                 xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
             elif D_I % BLOCK_F == 0:
@@ -629,13 +630,13 @@ def _fit_dw_descriptors(args: dict, block_f: int, block_c: int, block_t: int) ->
 # and ∂W, so 128 × 128 over 8 warps is the largest whose loop runs without spills), then kept by their time on an H200
 # (bench/tune_fused_loss.py, 16k tokens; bench/NOTES.md). Two heads per program stays for small head dims.
 _FWD_CONFIGS_GPU = autotune_configs([
-    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": False}, 4, 3),
+    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": False}, 4, 4),
     ({"BLOCK_T": 64, "BLOCK_K": 128, "HPP": 1, "WIDE": False}, 4, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 128, "HPP": 1, "WIDE": False}, 8, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1, "WIDE": False}, 8, 4),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2, "WIDE": False}, 4, 3),
-    # one N = 2·PH product per X tile (natural layout only); not yet timed on a GPU
-    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 4, 3),
+    # one N = 2·PH product per X tile (natural layout only)
+    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 4, 4),
     ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 8, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 32, "HPP": 1, "WIDE": True}, 8, 4),
 ], _fwd_pre_hook)
