@@ -68,7 +68,6 @@ DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
 FAST_TRIG = tl.constexpr(not interpreting())
 ASM_DECODE = tl.constexpr(not interpreting())  # inline PTX (_fp8_to_bf16) has no interpreter
-DW_INT_CVT = tl.constexpr(True)  # int4 codes to fp32 in the weight gradient by I2F, not OR-and-add (`_decode`)
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 TWO_PI_HI = tl.constexpr(6.2831854820251465)  # float32(2π)
 TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)  # 2π − TWO_PI_HI
@@ -178,20 +177,17 @@ def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
 
 @triton.jit
 def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.constexpr, BLOCK_T: tl.constexpr,
-            BLOCK_K: tl.constexpr, INT_CVT: tl.constexpr):
+            BLOCK_K: tl.constexpr):
     """A compressed teacher tile in registers, fp32 [BLOCK_T, BLOCK_K] (kvfuse.codecs holds the layout and the
     reference decode). raw: fp8 [BLOCK_T, BLOCK_K], or int4 bytes [BLOCK_T, BLOCK_K/2] (even channel in the low
     nibble); grp = (l·B + b)·H_i + head indexes the scales: [.., D_i] per channel or [.., T] per token."""
     if CODEC >= CODEC_INT4_CHANNEL:
-        if INT_CVT:
-            q = tl.join(raw & 0xF, raw >> 4).reshape(BLOCK_T, BLOCK_K).to(tl.float32)
-        else:
-            # float(code) as (2^23 + code) - 2^23: an OR and an add on full-rate pipes, exact, where the int-to-float
-            # conversion runs at a quarter of their rate on sm_90 (bench/NOTES.md "Compressed teachers"); a loop
-            # bound by issue slots rather than conversions (the weight gradient's) asks for the conversion instead
-            r = raw.to(tl.uint32)
-            q = tl.join(r & 0xF, r >> 4).reshape(BLOCK_T, BLOCK_K)
-            q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        # float(code) as (2^23 + code) - 2^23: an OR and an add on full-rate pipes, exact, where the int-to-float
+        # conversion runs at a quarter of their rate on sm_90 and its results wait on a scoreboard (the weight
+        # gradient's loop stalled on them: bench/NOTES.md "Compressed teachers")
+        r = raw.to(tl.uint32)
+        q = tl.join(r & 0xF, r >> 4).reshape(BLOCK_T, BLOCK_K)
+        q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     else:
         q = raw.to(tl.float32)
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
@@ -221,7 +217,7 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
 @triton.jit
 def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.constexpr, CODEC: tl.constexpr,
             USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UNSCALED: tl.constexpr = False,
-            INT_CVT: tl.constexpr = False, BF16: tl.constexpr = False):
+            BF16: tl.constexpr = False):
     """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
     decoded to fp32 for a compressed one (to bf16 for fp8 with bf16 scales when BF16: the product's operand type).
     With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
@@ -252,7 +248,7 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
             sv = tl.load(sc + grp * D_I + d, mask=d < D_I, other=0.0).to(tl.bfloat16)  # exact: bf16 values
             xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True)
         else:
-            xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K, INT_CVT)
+            xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K)
         if not USE_DESC:
             xd = tl.where(t_ok[:, None] & (d < D_I)[None, :], xd, 0.0)
         return xd
@@ -291,7 +287,7 @@ def _project_teacher(p1, p2, x, sc, of, sx0, sx1, sx2, sx3, w, sw0, sw1, l, b, t
         hi = kk // CHUNKS
         d0 = (kk % CHUNKS) * BLOCK_K
         xt = _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I, CODEC, USE_DESC, BLOCK_T,
-                     BLOCK_K, False, False, DOT_DTYPE == tl.bfloat16).to(DOT_DTYPE)
+                     BLOCK_K, False, DOT_DTYPE == tl.bfloat16).to(DOT_DTYPE)
         if WIDE:
             wt = _w_tile(w, sw0, sw1, l, hi * D_I + d0, col0, D_I, USE_DESC, BLOCK_K, 2 * CB).to(DOT_DTYPE)
             if IEEE:
@@ -519,7 +515,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, DW_INT_CVT))
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH))
             elif USE_DESC:
                 xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
             elif D_I % BLOCK_F == 0:
