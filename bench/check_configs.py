@@ -29,6 +29,11 @@ from kvfuse.kernels import fused_kv_loss as fk
 from kvfuse.loss import kv_distill_loss
 
 WRONG = 1e-2
+# Teacher and student (heads, head dim) per shape: the bench's 7B-like teachers and 1.5B-like student, and the
+# packaged SmolLM2's own (two prompts of one 3 x 64 model, rows of 173 tokens), where head dim 64, a ragged last
+# token tile and C' = 192 showed miscompiles the bench shape did not (bench/NOTES.md "Compressed teachers").
+SHAPES = {"bench": dict(teachers=[(4, 128), (8, 128)], student=(2, 128), seq=1024, tokens=4096),
+          "packaged": dict(teachers=[(3, 64), (3, 64)], student=(3, 64), seq=173, tokens=4 * 173)}
 
 
 # The project's own prune rules, kept before `forced` replaces the hooks.
@@ -89,10 +94,12 @@ def merge(out: Path, paths: list[Path], log=print) -> list[dict]:
     return bad
 
 
-def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_stages, raw: bool, out_dir: Path,
+def run(codec: str, shape: str, layers: int, kernels, fwd_stages, dw_stages, raw: bool, out_dir: Path,
         log=print) -> Path:
     torch.manual_seed(0)
-    x = make_inputs(tokens, T=seq, L=layers)
+    dims = SHAPES[shape]
+    tokens, seq = dims["tokens"], dims["seq"]
+    x = make_inputs(tokens, T=seq, L=layers, teachers=dims["teachers"], student=dims["student"])
     tk, tv = encoded_teachers(x, codec)
     params = [x["student_k"], x["student_v"], x["alpha"], *x["w_k"], *x["w_v"]]
     names = ["student_k", "student_v", "alpha", *[f"w_k[{i}]" for i in range(len(tk))],
@@ -118,18 +125,19 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
     sweeps = [("fwd", c) for c in variants(fk._FWD_CONFIGS_GPU, fwd_stages) if "fwd" in kernels] + \
         [("dw", c) for c in variants(fk._DW_CONFIGS_GPU, dw_stages) if "dw" in kernels]
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"check_configs_{codec}_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
-    fields = ["device", "commit", "tokens", "seq", "layers", "rules", "codec", "kernel", "config", "warps", "stages",
-              "ran", "rel_err", "worst", "rerun_diff", "error"]
+    path = out_dir / f"check_configs_{codec}_{shape}_{torch.cuda.get_device_name().replace(' ', '_')}.csv"
+    fields = ["device", "commit", "shape", "tokens", "seq", "layers", "rules", "codec", "kernel", "config", "warps",
+              "stages", "ran", "rel_err", "worst", "rerun_diff", "error"]
     with open(path, "w", newline="") as f:  # a row per variant as it finishes: a sweep cut short keeps its rows
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for kernel, cfg in sweeps:
             ran_fwd = forced(fk._fwd_tuned, cfg if kernel == "fwd" else fk._FWD_CONFIGS_GPU[0], raw)
             ran_dw = forced(fk._dw_tuned, cfg if kernel == "dw" else base_dw, raw)
-            row = dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=tokens, seq=seq, layers=layers,
-                       rules="raw" if raw else "project", codec=codec, kernel=kernel, config=str(cfg.kwargs),
-                       warps=cfg.num_warps, stages=cfg.num_stages, **dict.fromkeys(fields[11:], ""))
+            row = dict(device=torch.cuda.get_device_name(), commit=commit(), shape=shape, tokens=tokens, seq=seq,
+                       layers=layers, rules="raw" if raw else "project", codec=codec, kernel=kernel,
+                       config=str(cfg.kwargs), warps=cfg.num_warps, stages=cfg.num_stages,
+                       **dict.fromkeys(fields[12:], ""))
             try:
                 runs = [once() for _ in range(3)]
                 torch.cuda.synchronize()
@@ -155,7 +163,7 @@ def run(codec: str, tokens: int, seq: int, layers: int, kernels, fwd_stages, dw_
                                rerun_diff=f"{rerun:.3e}")
             w.writerow(row)
             f.flush()
-            log(", ".join(f"{k}={row[k]}" for k in fields[6:] if row[k] != "") + ("  WRONG" if wrong(row) else ""))
+            log(", ".join(f"{k}={row[k]}" for k in fields[7:] if row[k] != "") + ("  WRONG" if wrong(row) else ""))
     return path
 
 
@@ -164,8 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--codec", choices=CODECS)
     p.add_argument("--merge", type=Path, nargs="+", metavar=("OUT", "CSV"),
                    help="no sweep: write the rows of the CSVs after OUT into OUT and list the wrong ones")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--seq", type=int, default=1024, help="tokens per row (the miscompile showed at 1024)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="bench",
+                   help="teacher, student and row shapes (SHAPES): the bench's, or the packaged model's")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--kernels", nargs="+", choices=("fwd", "dw"), default=["fwd", "dw"])
     p.add_argument("--fwd-stages", type=int, nargs="*", default=[],
@@ -185,8 +193,7 @@ def main(argv=None) -> int:
         p.error("--codec is required for a sweep")
     if not torch.cuda.is_available():
         sys.exit("check_configs needs a CUDA GPU: it checks the code triton generates for it")
-    print(run(args.codec, args.tokens, args.seq, args.layers, args.kernels, args.fwd_stages, args.dw_stages, args.raw,
-              args.out))
+    print(run(args.codec, args.shape, args.layers, args.kernels, args.fwd_stages, args.dw_stages, args.raw, args.out))
     return 0
 
 

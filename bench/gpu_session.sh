@@ -123,15 +123,16 @@ for what in "$@"; do
             > "$OUT/ncu_sass_${k}_$c.csv" 2>&1 || echo "ncu source page of $k for $c failed"
         done
       done ;;
-    check_configs)  # CHECKS="codec[:arg,arg..] ...": default the seven codecs, all tiles, weight gradient at 1-4 stages
+    check_configs)  # CHECKS="codec[:arg,arg..] ...": default the seven codecs, all tiles, weight gradient at 1-4 stages,
+      # at the bench's shapes; "fp8:--shape,packaged" checks a codec at the packaged model's (head dim 64, ragged rows)
       rm -rf /tmp/check && mkdir -p /tmp/check  # a warm machine keeps /tmp: no earlier call's rows
       checks=${CHECKS:-bf16 fp8 fp8_f32 fp8_token int4 int4d lowrank}
       for c in $checks; do
         timeout "${PART_LIMIT_check_configs:-420}" python3 -m bench.check_configs --codec "${c%%:*}" --out /tmp/check \
-          $([ "$c" != "${c#*:}" ] && echo "${c#*:}" | tr , ' ') > "/tmp/check/${c%%:*}.log" 2>&1 &
+          $([ "$c" != "${c#*:}" ] && echo "${c#*:}" | tr , ' ') > "/tmp/check/${c//[:,]/_}.log" 2>&1 &
       done
       wait
-      for c in $checks; do echo "--- $c"; cat "/tmp/check/${c%%:*}.log"; done > "$OUT/check_configs.log"
+      for c in $checks; do echo "--- $c"; cat "/tmp/check/${c//[:,]/_}.log"; done > "$OUT/check_configs.log"
       python3 -m bench.check_configs --merge "$OUT/check_configs.csv" /tmp/check/check_configs_*.csv
       grep -h "Traceback\|Error" /tmp/check/*.log | head -5 ;;
     kl_variants) TAIL=40 part kl_variants python3 -m bench.bench_attention_kl --out "$OUT" --seqs 4096 16384 \

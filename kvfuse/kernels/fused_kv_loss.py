@@ -631,8 +631,9 @@ _FWD_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_T": 128, "BLOCK_K": 128, "HPP": 1, "WIDE": False}, 8, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1, "WIDE": False}, 8, 4),
     ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 2, "WIDE": False}, 4, 3),
-    # one N = 2·PH product per X tile (natural layout only)
-    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 4, 4),
+    # one N = 2·PH product per X tile (natural layout only); 3 stages: at 4 the fp8 float32-scale forward came out
+    # wrong on the packaged SmolLM2's store (bench/NOTES.md), and bf16 gains the same from the tile above at 4
+    ({"BLOCK_T": 64, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 4, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 64, "HPP": 1, "WIDE": True}, 8, 3),
     ({"BLOCK_T": 128, "BLOCK_K": 32, "HPP": 1, "WIDE": True}, 8, 4),
 ], _fwd_pre_hook)
@@ -685,6 +686,16 @@ def _prune_fwd(configs, nargs, **kwargs):
                           num_stages=base.num_stages, pre_hook=_fwd_pre_hook)]
 
 
+def _miscompiled_dw(c: triton.Config, codecs) -> bool:
+    # 4-warp tiles 128 x 64 x 64 and 64 x 128 x 128 over fp8 teachers of head dim 64 (the packaged SmolLM2's store,
+    # T = 173, C' = 192): ∂α NaN or off by percents, different each run; exact with plain teachers there and at the
+    # bench's shapes. Left out for every compressed teacher (its decode takes the same register-operand path) until
+    # check_configs --shape packaged says otherwise for int4
+    tile = (c.kwargs["BLOCK_F"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_T"])
+    return AVOID_MISCOMPILES and any(code != CODEC_PLAIN for code in codecs) and c.num_warps == 4 \
+        and tile in ((128, 64, 64), (64, 128, 128))
+
+
 def _prune_dw(configs, nargs, **kwargs):
     # fp8 with per-token scales (values of fp8 stores written before 26a4f1e, or a caller's own encoding): triton
     # 3.6's sm_90a code for its decode is wrong once the loop is software-pipelined — on the H200 ∂W of such a
@@ -695,6 +706,7 @@ def _prune_dw(configs, nargs, **kwargs):
     codecs = (meta["CODEC"], meta["CODEC_V"])
     if CODEC_PLAIN in codecs:  # a bf16 X tile of 128 tokens by 64 beside a 128 x 256 G tile: too much shared memory
         configs = [c for c in configs if (c.kwargs["BLOCK_C"], c.kwargs["BLOCK_T"]) != (256, 128)]
+    configs = [c for c in configs if not _miscompiled_dw(c, codecs)]
     if AVOID_MISCOMPILES and CODEC_CODES["fp8", "token"] in codecs:
         return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1, pre_hook=c.pre_hook) for c in configs]
     return configs
