@@ -106,6 +106,20 @@ def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
     return tuple([enc(t, axis(kv), m, **extra) for t in x["teacher_" + kv]] for kv in ("k", "v"))
 
 
+def triton_steps(x: dict, teacher_k: list, teacher_v: list):
+    """(fwd, full) of the Triton loss on the inputs with these teachers (plain or as `encoded_teachers` stores them),
+    without validation: fwd returns the loss, full the gradients of every parameter (`_params`)."""
+    args = dict(_api_args(x), teacher_k=teacher_k, teacher_v=teacher_v)
+    params = _params(x)
+
+    def fwd():
+        return kv_distill_loss(**args, backend="triton", check_finite=False)[0]
+
+    def full():
+        return torch.autograd.grad(fwd(), params)
+    return fwd, full
+
+
 def minimal_bytes_flops(x, mode: str) -> tuple[int, int]:
     """Fewest bytes (each input read once, each output written once) and the GEMM FLOPs of one call."""
     size = lambda t: t.numel() * t.element_size()  # noqa: E731
@@ -393,30 +407,20 @@ def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int4", "int4d", "low
     import kvfuse.kernels.fused_kv_loss as ops
     x = make_inputs(tokens)
     variants = {("lowrank256" if c == "lowrank" else c): encoded_teachers(x, c) for c in ("bf16", *names)}
-    params = _params(x)
     steps, checks = {}, {}
     ref = None
     for name, (tk, tv) in variants.items():  # checks, compilation and autotuning, before any timing
-        args = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
-
-        def fwd(args=args):
-            return kv_distill_loss(**args, backend="triton", check_finite=False)[0]
-
-        def full(fwd=fwd):
-            return torch.autograd.grad(fwd(), params)
-
+        fwd, full = triton_steps(x, tk, tv)
         tuned_before = {t: set(tuner.cache) for t, tuner in (("fwd", ops._fwd_tuned), ("dw", ops._dw_tuned))}
         grads = full()
-        loss = float(fwd())
+        loss = fwd().item()
         ref = loss if ref is None else ref
         for t, tuner in (("fwd", ops._fwd_tuned), ("dw", ops._dw_tuned)):
             for key in set(tuner.cache) - tuned_before[t]:
                 log(f"  {name}: autotuned {t} -> {tuner.cache[key]}")
-        decoded = dict(args, teacher_k=[decode(t, torch.bfloat16) for t in tk],
-                       teacher_v=[decode(t, torch.bfloat16) for t in tv])
-        want = torch.autograd.grad(kv_distill_loss(**decoded, backend="triton", check_finite=False)[0], params)
+        want = triton_steps(x, [decode(t, torch.bfloat16) for t in tk], [decode(t, torch.bfloat16) for t in tv])[1]()
         grad_diff = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, want))
-        del decoded, want, grads
+        del want, grads
         if grad_diff > 1e-2:
             log(f"  WRONG: {name} gradients differ from the decoded teachers' by {grad_diff:.2e}")
         nbytes = sum(t.nbytes for t in tk + tv)  # a compressed entry counts its codes and scales

@@ -17,8 +17,7 @@ import sys
 
 import torch
 
-from bench.bench_fused_loss import CODECS, _api_args, _params, encoded_teachers, make_inputs
-from kvfuse.loss import kv_distill_loss
+from bench.bench_fused_loss import CODECS, encoded_teachers, make_inputs, triton_steps
 
 
 def main(argv=None) -> int:
@@ -29,12 +28,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("ncu_fused_loss needs a CUDA GPU (run it through the device tool)")
     x = make_inputs(args.tokens)
-    tk, tv = encoded_teachers(x, args.codec)
-    params = _params(x)
-    api = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
-
-    def step():
-        return torch.autograd.grad(kv_distill_loss(**api, backend="triton", check_finite=False)[0], params)
+    step = triton_steps(x, *encoded_teachers(x, args.codec))[1]
 
     for _ in range(3):
         step()

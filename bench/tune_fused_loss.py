@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from triton.runtime.errors import OutOfResources
 
-from bench.bench_fused_loss import CODECS, _api_args, _params, encoded_teachers, kernel_ms, make_inputs
+from bench.bench_fused_loss import CODECS, encoded_teachers, kernel_ms, make_inputs, triton_steps
 from bench.check_configs import _PROJECT_PRUNE, forced, variants
 from bench.common import append_csv, commit
 from kvfuse.kernels import fused_kv_loss as fk
-from kvfuse.loss import kv_distill_loss
 
 
 def main(argv=None) -> int:
@@ -40,12 +39,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("tune_fused_loss needs a CUDA GPU (run it through the device tool)")
     x = make_inputs(args.tokens)
-    tk, tv = encoded_teachers(x, args.codec)
-    params = _params(x)
-    api = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
-
-    def full():
-        return torch.autograd.grad(kv_distill_loss(**api, backend="triton", check_finite=False)[0], params)
+    full = triton_steps(x, *encoded_teachers(x, args.codec))[1]
 
     dev = torch.cuda.get_device_name()
     base = dict(device=dev, commit=commit(), tokens=args.tokens, codec=args.codec)
