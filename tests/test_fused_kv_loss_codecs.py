@@ -144,16 +144,21 @@ def test_a_non_finite_part_of_a_compressed_teacher_is_named(where, monkeypatch):
                                            (("int4", "channel"), ("int4", "token"))])
 def test_fp8_token_weight_gradients_run_unpipelined(codec, codec_v):
     # triton 3.6 miscompiles the pipelined fp8 per-token decode of the weight gradient on sm_90a (bench/NOTES.md):
-    # any launch holding such a teacher gets one-stage configs, every other launch the tuned list unchanged
+    # any launch holding such a teacher gets one-stage configs, every other coded launch the tuned list at its own
+    # stage counts — both less the two 4-warp tiles left out for every compressed teacher (seen wrong at the
+    # packaged model's shapes)
     import kvfuse.kernels.fused_kv_loss as k
     from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES
     kept = k._prune_dw(k._DW_CONFIGS_GPU, {"CODEC": CODEC_CODES[codec], "CODEC_V": CODEC_CODES[codec_v]})
+    listed = [c for c in k._DW_CONFIGS_GPU if (c.kwargs["BLOCK_F"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_T"],
+                                               c.num_warps) not in ((128, 64, 64, 4), (64, 128, 128, 4))]
+    assert len(listed) == len(k._DW_CONFIGS_GPU) - 2
     if ("fp8", "token") in (codec, codec_v):
-        assert [(c.kwargs, c.num_warps) for c in kept] == [(c.kwargs, c.num_warps) for c in k._DW_CONFIGS_GPU]
+        assert [(c.kwargs, c.num_warps) for c in kept] == [(c.kwargs, c.num_warps) for c in listed]
         assert {c.num_stages for c in kept} == {1}
         return
     assert [(c.kwargs, c.num_warps, c.num_stages) for c in kept] == \
-        [(c.kwargs, c.num_warps, c.num_stages) for c in k._DW_CONFIGS_GPU] and 1 not in {c.num_stages for c in kept}
+        [(c.kwargs, c.num_warps, c.num_stages) for c in listed] and 1 not in {c.num_stages for c in kept}
 
 
 @pytest.mark.parametrize("codecs", [(("int4d", "channel"), ("int4", "channel")), (("int4d", "token"),),
