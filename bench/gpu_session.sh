@@ -18,8 +18,9 @@
 #                                  the codecs timed beside bf16; CODEC_ROUNDS interleaved rounds, default 1)
 #     tune_codecs tune_fused_loss.py  every tile and stage count timed per codec at 16k (TUNE_CODECS: bf16 fp8 int4)
 #     ncu    ncu_fused_loss.py     Nsight Compute on one step per codec: details and the weight gradient's SASS (CSV)
-#     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec (one process
-#                                  each, in parallel: compiling dominates), against float64: one CSV, one log
+#     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec and shape (the
+#                                  bench's, the packaged model's; one process each, in parallel: compiling
+#                                  dominates), against float64: one CSV, one log
 #     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int4 stores
 #   bash bench/gpu_session.sh store_train      Phase 1 trained from a fresh offline store and online, same seed
 #   bash bench/gpu_session.sh zero3             ZeRO-3 Phase 1 on 1 and 2 GPUs (same global batch: equal loss
@@ -124,9 +125,10 @@ for what in "$@"; do
         done
       done ;;
     check_configs)  # CHECKS="codec[:arg,arg..] ...": default the seven codecs, all tiles, weight gradient at 1-4 stages,
-      # at the bench's shapes; "fp8:--shape,packaged" checks a codec at the packaged model's (head dim 64, ragged rows)
+      # each at the bench's shapes and at the packaged model's ("fp8:--shape,packaged": head dim 64, ragged rows)
       rm -rf /tmp/check && mkdir -p /tmp/check  # a warm machine keeps /tmp: no earlier call's rows
-      checks=${CHECKS:-bf16 fp8 fp8_f32 fp8_token int4 int4d lowrank}
+      codecs="bf16 fp8 fp8_f32 fp8_token int4 int4d lowrank"
+      checks=${CHECKS:-$codecs $(for c in $codecs; do echo "$c:--shape,packaged"; done)}
       for c in $checks; do
         timeout "${PART_LIMIT_check_configs:-420}" python3 -m bench.check_configs --codec "${c%%:*}" --out /tmp/check \
           $([ "$c" != "${c#*:}" ] && echo "${c#*:}" | tr , ' ') > "/tmp/check/${c//[:,]/_}.log" 2>&1 &
