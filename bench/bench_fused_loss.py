@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 
-from bench.common import append_csv, commit
+from bench.common import append_csv, commit, rotated
 from kvfuse.loss import _torch_loss, _triton_loss, kv_distill_loss
 
 TEACHERS = [(4, 128), (8, 128)]
@@ -347,13 +347,6 @@ def plot(csv_path: Path) -> Path:
     out = csv_path.with_suffix(".png")
     fig.savefig(out, dpi=110)
     return out
-
-
-def rotated(names: list, r: int) -> list:
-    """Round r's order: the names rotated by r, so that each takes every position over len(names) rounds (drift
-    over a run, or a warm cache left by the one before, falls on every codec alike)."""
-    k = r % len(names)
-    return names[k:] + names[:k]
 
 
 def kernel_family(name: str) -> str:

@@ -56,7 +56,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from bench.common import append_csv, commit, device_name
+from bench.common import append_csv, commit, device_name, rotated
 from kvfuse.align.rope import rotate
 from kvfuse.codecs import Codec, finite_flag, is_encoded, parse_codec
 from kvfuse.loss import KVDistillLoss
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         this_round[0] = r
         add("ce_only", "", ce_only)
-        for c in names[r % len(names):] + names[:r % len(names)]:
+        for c in rotated(names, r):
             run_codec(c, stores[c])
     if args.profile:  # after every timing: a profiler session can slow the launches that follow it
         for c, store in stores.items():

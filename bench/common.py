@@ -1,4 +1,5 @@
-"""What every benchmark records beside its numbers: the commit, the device, and CSV rows appended to a file."""
+"""What every benchmark records beside its numbers (the commit, the device, CSV rows appended to a file), and the
+rotated order of interleaved rounds."""
 from __future__ import annotations
 
 import csv
@@ -55,3 +56,10 @@ def append_csv(path: str | Path, rows: list[dict]) -> Path:
             writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def rotated(names: list, r: int) -> list:
+    """Round r's order: the names rotated by r, so that each takes every position over len(names) rounds (drift
+    over a run, or a warm cache left by the one before, falls on every variant alike)."""
+    k = r % len(names)
+    return names[k:] + names[:k]

@@ -231,7 +231,8 @@ def test_int4_key_variants_measure_the_codec_itself(tmp_path):
 def test_fused_loss_codec_rounds_rotate_and_pair():
     """The fused-loss codec bench's rounds: every codec takes every position over len(names) rounds, and each is
     compared with bf16 of its own round (a slow round for all must not read as a slow codec)."""
-    from bench.bench_fused_loss import kernel_family, paired_ratios, rotated
+    from bench.bench_fused_loss import kernel_family, paired_ratios
+    from bench.common import rotated
     names = ["bf16", "fp8", "int4"]
     orders = [rotated(names, r) for r in range(3)]
     assert orders == [["bf16", "fp8", "int4"], ["fp8", "int4", "bf16"], ["int4", "bf16", "fp8"]]
