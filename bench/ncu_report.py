@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     args = p.parse_args(argv)
+    if not (args.folder / "ncu_details.csv").is_file():
+        p.error(f"no ncu_details.csv in {args.folder} (bash bench/gpu_session.sh ncu writes it to $OUT)")
     print(report(args.folder))
     return 0
 

@@ -2,6 +2,8 @@
 the stall reasons summed over instructions, and the loop body found as the instructions executed most often."""
 from __future__ import annotations
 
+import pytest
+
 from bench import ncu_report
 
 DETAILS = '''# codec bf16
@@ -34,3 +36,9 @@ def test_report_groups_launches_and_finds_the_loop(tmp_path):
     # the loop: the 21 instructions executed 229,376 times, not the branch executed 7,168 times
     assert "loop body: 21 instructions executed 229,376 times" in text and "LDS 20 HGMMA 1" in text
     assert text.index("most stalled: @!P6 BRA") > 0
+
+
+def test_report_names_the_missing_export(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ncu_report.main([str(tmp_path)])
+    assert f"no ncu_details.csv in {tmp_path}" in capsys.readouterr().err
