@@ -45,7 +45,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kvfuse.kernels.fused_kv_loss_op import DITHER_M1, DITHER_M2, DITHER_T
+from kvfuse.kernels.fused_kv_loss_op import DITHER_M1, DITHER_M2, DITHER_T, FP8_SCALE_LIMIT
 
 FP8_MAX = 448.0            # largest finite float8_e4m3fn
 INT4_LEVELS = 15           # codes 0..15
@@ -332,8 +332,12 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
     if scale.dtype == torch.bfloat16:  # rounded up, not to nearest: amax/scale stays within 448
         scale = torch.where(scale.to(torch.float32) < amax / FP8_MAX,
                             torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
-    _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what("fp8 encoding", name),
-                                      _scale_overflow(scale)))
+    bad, derived = ~finite_flag(scale), _scale_overflow(scale)
+    if scale.dtype == torch.bfloat16:  # the fused kernels' one-multiply decode (fused_kv_loss_op.FP8_FOLD_EXP)
+        bad = bad | (scale >= FP8_SCALE_LIMIT).any()
+        derived = (f"a scale overflows or reaches {FP8_SCALE_LIMIT:g} (|x| ≥ {FP8_MAX * FP8_SCALE_LIMIT:.3g}), "
+                   "beyond what the fused loss's fp8 decode takes; store bf16 instead")
+    _finite_check(checks, FiniteCheck(bad, source, m, _what("fp8 encoding", name), derived))
     # all-zero group, or an amax so small that amax/448 underflows: scale 1, the data alone carries the values
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     # where, not a product with the mask: a masked token may hold NaN or Inf, and 0·NaN is NaN

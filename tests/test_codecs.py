@@ -8,6 +8,7 @@ from kvfuse.codecs import (LowRankKV, QuantizedKV, check_plain, decode_teachers,
                            pack_int4, parse_codec, raise_if_not_finite, scale_dtypes, stack_samples, stored_axis,
                            unpack_int4)
 from kvfuse.loss import kv_distill_loss
+from kvfuse.kernels.fused_kv_loss_op import FP8_SCALE_LIMIT
 from kvfuse.models.capture import capture_kv
 
 
@@ -299,6 +300,18 @@ def test_groups_without_a_valid_token_still_encode_to_zero(kind, axis):
     # int4 zeroes a masked token's own row; int4d gives every constant group scale 0 (q − u would move it)
     zero_scale = kind == "int4d" or kind == "int4" and axis == "token"
     assert torch.equal(q.scale, torch.zeros_like(q.scale) if zero_scale else torch.ones_like(q.scale))
+
+
+def test_a_per_channel_fp8_scale_beyond_the_kernels_decode_is_refused():
+    # the fused loss decodes per-channel fp8 with one bf16 multiply by scale·2^112 (fused_kv_loss_op.FP8_FOLD_EXP)
+    x = torch.ones(2, 3, 4)
+    x[1, 2, 3] = 448.0 * FP8_SCALE_LIMIT * 1.01
+    with pytest.raises(ValueError, match=r"^fp8 encoding of k: a scale overflows or reaches 65536 \(\|x\| ≥ 2\.94e\+07\)"):
+        encode_fp8(x, "channel", name="k")
+    x[1, 2, 3] = 448.0 * FP8_SCALE_LIMIT * 0.99  # just below: stored, and decodes within fp8's bound
+    q = encode_fp8(x, "channel")
+    assert q.scale.float().max() < FP8_SCALE_LIMIT
+    assert abs(float(q.decode()[1, 2, 3]) / float(x[1, 2, 3]) - 1) < 2 ** -4
 
 
 def test_a_scale_that_overflows_is_still_named_as_such():

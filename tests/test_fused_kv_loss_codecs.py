@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from kvfuse.codecs import LowRankKV, QuantizedKV, encode, encode_fp8
-from kvfuse.kernels.fused_kv_loss import _fp8_to_bf16
+from kvfuse.kernels.fused_kv_loss import _fold_fp8_scale, _fp8_to_bf16
+from kvfuse.kernels.fused_kv_loss_op import FP8_SCALE_LIMIT
 from kvfuse.loss import kv_distill_loss
 
 from test_fused_kv_loss import assert_close
@@ -185,11 +186,12 @@ def _decode_fp8_bits(src, scale, dst, N: tl.constexpr, SCALED: tl.constexpr):
     tl.store(dst + i, _fp8_to_bf16(tl.load(src + i), tl.load(scale + i) if SCALED else None, SCALED))
 
 
-@pytest.mark.parametrize("scale", [None, 1.0, 2.0 ** -100, 3.3e35, 0.0123, 7.1e-3, 271.0])
+@pytest.mark.parametrize("scale", [None, 1.0, 2.0 ** -100, 3.2e4, 0.0123, 7.1e-3, 271.0])
 def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
-    # the kernels' fp8 decode (_fp8_to_bf16: the forward scales in bf16, the weight gradient does not) against
-    # torch's e4m3 → float32 · scale → bf16 on all 254 finite codes, bit for bit: zeros of both signs, subnormal
-    # codes (exponent 0), the largest normals, and products that land subnormal or near bf16's largest
+    # the kernels' fp8 decode (_fp8_to_bf16: the forward by its folded bf16 scale, the weight gradient unscaled)
+    # against torch's e4m3 → float32 · scale → bf16 on all 254 finite codes, bit for bit: zeros of both signs,
+    # subnormal codes (exponent 0), the largest normals, products near bf16's smallest normal (2^-100 · 2^-9
+    # · 2^-8) and scales up to just below FP8_SCALE_LIMIT; the folded decode gives value·scale·2^-8
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the inline PTX on a GPU, its spelling in the interpreter
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     codes = codes[(codes & 0x7F) != 0x7F]  # 0x7F and 0xFF are e4m3's NaN, which the codec never writes
@@ -198,13 +200,17 @@ def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
     s = (torch.tensor(1.0 if scale is None else scale) * 2.0 ** (torch.arange(256) % 3 - 1)).to(torch.bfloat16)
     if scale is None:
         s = torch.ones(256, dtype=torch.bfloat16)
+    assert s.float().max() < FP8_SCALE_LIMIT
     src = torch.zeros(256, dtype=torch.uint8)
     src[:codes.numel()] = codes
     dst = torch.empty(256, dtype=torch.bfloat16, device=dev)
     # one warp: eight codes per thread, as in the kernels' tiles (the weight gradient's decode takes four at once)
-    _decode_fp8_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), s.to(dev), dst, N=256, SCALED=scale is not None,
-                           num_warps=1)
+    folded = _fold_fp8_scale(s).view(torch.bfloat16)
+    _decode_fp8_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), folded.to(dev), dst, N=256,
+                           SCALED=scale is not None, num_warps=1)
     want = (codes.view(torch.float8_e4m3fn).to(torch.float32) * s[:codes.numel()].to(torch.float32)).to(torch.bfloat16)
+    if scale is not None:
+        want = want * 2.0 ** -8  # exact: a power of two, and every product here stays a normal bf16
     got = dst[:codes.numel()].cpu()
     bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
     assert bad.numel() == 0, [(hex(int(codes[i])), float(got[i]), float(want[i])) for i in bad[:8]]

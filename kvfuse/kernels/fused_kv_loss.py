@@ -21,7 +21,8 @@ h·D_s + η·D_s/2 + j) and write G in it: no permuted copy of W, and ∂W comes
 Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes or packed int4 bytes with scales
 (and int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each [tokens × dims] tile in
 registers right after its load, so no decoded copy of the teacher exists in memory. The forward kernel finds every
-teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets `codec_offs`).
+teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets `codec_offs`); per-channel fp8
+scales enter it folded for a one-multiply decode (`_fold_fp8_scale`).
 
 α.  α_i is one scalar per program (one b, one l), so it is applied to the accumulator, not to the operands:
     acc ← acc · (α_prev / α_i) + X_i W_i  for each teacher with α_i ≠ 0, and finally acc ← acc · α_last,
@@ -63,6 +64,7 @@ CODEC_INT4D_TOKEN = tl.constexpr(CODEC_CODES["int4d", "token"])
 DITHER_T = tl.constexpr(fused_kv_loss_op.DITHER_T)
 DITHER_M1 = tl.constexpr(fused_kv_loss_op.DITHER_M1)
 DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
+FP8_FOLD_GAIN = tl.constexpr(2.0 ** (120 - fused_kv_loss_op.FP8_FOLD_EXP))
 
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
@@ -145,18 +147,20 @@ def _rope_cos_sin(ang):
 
 @triton.jit
 def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
-    """e4m3 codes to bf16 (times s, bf16, when SCALED), exact, on full-rate integer and half-precision pipes instead
-    of the conversion unit (a quarter of their rate on sm_90, bench/NOTES.md "Compressed teachers"): the sign at bit
-    15 and the seven exponent and mantissa bits at bits 10..4 make the bf16 of value·2^-120 (codes of exponent 0,
-    zeros and subnormals, become bf16 subnormals, which bf16 arithmetic keeps), one multiply by 2^120 restores the
-    value, and a second by s rounds value·s once, as the fp32 product (exact: 4 by 8 significant bits) rounds."""
+    """e4m3 codes to bf16, exact, on full-rate integer and half-precision pipes instead of the conversion unit (a
+    quarter of their rate on sm_90, bench/NOTES.md "Compressed teachers"): the sign at bit 15 and the seven exponent
+    and mantissa bits at bits 10..4 make the bf16 of value·2^-120 (codes of exponent 0, zeros and subnormals, become
+    bf16 subnormals, which bf16 arithmetic keeps). Unscaled, one multiply by 2^120 restores the value. SCALED, one
+    multiply by s (bf16 scale·2^FP8_FOLD_EXP) makes value·scale·2^(FP8_FOLD_EXP − 120), rounded once as the fp32
+    product value·scale (exact: 4 by 8 significant bits) rounds to bf16, while that stays a normal bf16
+    (|value·scale| ≥ 2^-118)."""
     if ASM_DECODE:
         # two codes per instance: prmt sign-extends each byte into a 16-bit half, then shift, mask, multiply
         if SCALED:
             return tl.inline_asm_elementwise(
-                "{ .reg .b32 r, t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; cvt.u32.u16 r, $1;"
+                "{ .reg .b32 r, z; mov.b32 z, 0x80008000; cvt.u32.u16 r, $1;"
                 " prmt.b32 $0, r, 0, 0x9180; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0;"
-                " fma.rn.bf16x2 $0, $0, t, z; fma.rn.bf16x2 $0, $0, $2, z; }",
+                " fma.rn.bf16x2 $0, $0, $2, z; }",
                 "=r,h,r", [raw.to(tl.uint8, bitcast=True), s], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
             return tl.inline_asm_elementwise(
@@ -166,9 +170,10 @@ def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
     else:  # the same bits, spelled in Triton for the interpreter
         b = raw.to(tl.int8, bitcast=True).to(tl.int32)
         x = ((b << 20) & -2014314496).to(tl.float32, bitcast=True)  # 0x87F00000 as int32: the bf16 bits, in fp32
-        x = x * 1.329227995784916e36  # 2^120
         if SCALED:
             x = x * s.to(tl.float32)
+        else:
+            x = x * 1.329227995784916e36  # 2^120
         # to bf16 rounding to nearest even, in integers: the interpreter's float-to-bf16 cast truncates
         u = x.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
@@ -219,7 +224,8 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
             USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UNSCALED: tl.constexpr = False,
             BF16: tl.constexpr = False):
     """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
-    decoded to fp32 for a compressed one (to bf16 for fp8 with bf16 scales when BF16: the product's operand type).
+    decoded to fp32 for a compressed one — for per-channel fp8 with bf16 scales when BF16 (the product's operand
+    type) to bf16 times 2^-8, with sc holding the forward's folded scales (`_codec_buffer`).
     With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
     PACK: tl.constexpr = 2 if CODEC >= CODEC_INT4_CHANNEL else 1
     W: tl.constexpr = BLOCK_K // PACK
@@ -244,8 +250,10 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
         grp = (l.to(tl.int64) * B + b) * H_I + hi
         if UNSCALED:  # per-channel fp8 codes for a caller that scales the product's rows instead (_dw_tile)
             xd = _fp8_to_bf16(raw, None, False)
-        elif CODEC == CODEC_FP8_CHANNEL and BF16:  # code·scale rounded once to bf16, as the fp32 decode rounds
-            sv = tl.load(sc + grp * D_I + d, mask=d < D_I, other=0.0).to(tl.bfloat16)  # exact: bf16 values
+        elif CODEC == CODEC_FP8_CHANNEL and BF16:
+            # code·scale·2^-8 rounded once to bf16, as the fp32 decode rounds code·scale: sc holds bf16 values
+            # scale·2^FP8_FOLD_EXP (`_codec_buffer`), and the caller's α carries the 2^8 back
+            sv = tl.load(sc.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
             xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True)
         else:
             xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K)
@@ -380,6 +388,8 @@ def _fused_kv_fwd_kernel(
     a_prev = tl.load(a_base).to(tl.float32) * 0.0 + 1.0
     for i in tl.static_range(N):
         a_i = tl.load(a_base + i * stride_an).to(tl.float32)
+        if CODECS[i] == CODEC_FP8_CHANNEL and DOT_DTYPE == tl.bfloat16:
+            a_i = a_i * FP8_FOLD_GAIN  # its tiles decode to value·scale·2^-8 (`_x_tile`)
         if a_i != 0.0:
             r = a_prev / a_i
             p1 = p1 * r
@@ -756,10 +766,21 @@ def _alpha_strides(alpha: torch.Tensor) -> tuple[int, int, int]:
     return alpha.stride(0), alpha.stride(1), alpha.stride(2)
 
 
-def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor):
+def _fold_fp8_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Per-channel fp8 scales (bf16 values) for the forward's one-multiply decode (`_x_tile`): scale·2^FP8_FOLD_EXP
+    as bf16 (exact: a power of two; the encoder keeps scales below FP8_SCALE_LIMIT), padded to an even count and
+    viewed as fp32 pairs, so they travel in the fp32 buffer and are loaded as bf16."""
+    folded = (scale.reshape(-1).to(torch.float32) * 2.0 ** fused_kv_loss_op.FP8_FOLD_EXP).to(torch.bfloat16)
+    return torch.nn.functional.pad(folded, (0, folded.numel() % 2)).view(torch.float32)
+
+
+def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor, fold_fp8: tuple[bool, ...] = ()):
     """The compressed teachers' scales and offsets as one flat fp32 buffer and each teacher's (scale, offset)
     element offsets into it: two kernel arguments instead of sixteen, and none to build for plain teachers (their
-    offsets point at a stand-in the kernels never read)."""
+    offsets point at a stand-in the kernels never read). fold_fp8[i]: teacher i's scales go in as
+    `_fold_fp8_scale` makes them."""
+    if scales is not None and any(fold_fp8):
+        scales = [_fold_fp8_scale(t) if fold else t for t, fold in zip(scales, fold_fp8)]
     parts = [t for t in (*(scales or ()), *(offsets or ())) if t is not None]
     if not parts:
         return stand_in, ((0, 0),) * N
@@ -810,7 +831,8 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     n_t_slots, n_h_slots = stat_slots(T, H_s)
     dev = student.device
     sq, cs = sums[0], sums[1]
-    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sums)
+    fold = tuple(c == CODEC_CODES["fp8", "channel"] and dot_tl == tl.bfloat16 for c in codecs)
+    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sums, fold)
     if compute_grad:
         g = torch.empty(L, B, T, 2 * H_s * PH, device=dev, dtype=g_dtype)
         ds = torch.empty(L, B, H_s, T, D_s, device=dev, dtype=student.dtype)
