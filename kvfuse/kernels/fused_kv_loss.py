@@ -770,8 +770,10 @@ def _fold_fp8_scale(scale: torch.Tensor) -> torch.Tensor:
     """Per-channel fp8 scales (bf16 values) for the forward's one-multiply decode (`_x_tile`): scale·2^FP8_FOLD_EXP
     as bf16 (exact: a power of two; the encoder keeps scales below FP8_SCALE_LIMIT), padded to an even count and
     viewed as fp32 pairs, so they travel in the fp32 buffer and are loaded as bf16."""
-    folded = (scale.reshape(-1).to(torch.float32) * 2.0 ** fused_kv_loss_op.FP8_FOLD_EXP).to(torch.bfloat16)
-    return torch.nn.functional.pad(folded, (0, folded.numel() % 2)).view(torch.float32)
+    folded = scale.reshape(-1) * 2.0 ** fused_kv_loss_op.FP8_FOLD_EXP  # one kernel: a bf16 times a power of two
+    if folded.numel() % 2:
+        folded = torch.nn.functional.pad(folded, (0, 1))
+    return folded.view(torch.float32)
 
 
 def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor, fold_fp8: tuple[bool, ...] = ()):
