@@ -47,16 +47,19 @@ def _loss(args, backend):
     return loss.detach(), stats, torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.parametrize("heads,D_s", [([(2, 32), (1, 64)], 32),   # TMA boxes (int4 rows of 16 bytes)
-                                       ([(2, 16), (3, 8)], 16)],   # pointer loads, masked int4 byte columns
-                         ids=["descriptors", "pointers"])
+@pytest.mark.parametrize("heads,D_s,block", [([(2, 32), (1, 64)], 32, 32),   # TMA boxes (int4 rows of 16 bytes)
+                                             ([(2, 16), (3, 8)], 16, None),  # pointer loads, masked int4 bytes
+                                             # TMA boxes of 64 dims over heads of 32 and 96: chunks overhang a head
+                                             # (the GPU's 128-dim chunks over the packaged model's heads of 64)
+                                             ([(2, 32), (1, 96)], 32, 64)],
+                         ids=["descriptors", "pointers", "overhang"])
 @pytest.mark.parametrize("kind", ["fp8", "fp8/f32", "int4", "int4d"])
-def test_quantised_teachers_equal_their_decode(kind, heads, D_s, monkeypatch):
+def test_quantised_teachers_equal_their_decode(kind, heads, D_s, block, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import kvfuse.kernels.fused_kv_loss as k
-    if D_s == 32:  # int4 TMA boxes need ≥ 16 bytes: 32 dims per K-chunk (the GPU configs use 64 or more)
-        monkeypatch.setattr(k, "INTERP_FWD", dict(k.INTERP_FWD, BLOCK_K=32))
-        monkeypatch.setattr(k, "INTERP_DW", dict(k.INTERP_DW, BLOCK_F=32))
+    if block:  # int4 TMA boxes need ≥ 16 bytes: 32 dims per K-chunk (the GPU configs use 64 or more)
+        monkeypatch.setattr(k, "INTERP_FWD", dict(k.INTERP_FWD, BLOCK_K=block))
+        monkeypatch.setattr(k, "INTERP_DW", dict(k.INTERP_DW, BLOCK_F=block))
     args = _case(3, heads, D_s)
     mask = args["mask"]
     # keys per channel, values per token (int4's store layout), and the other way round for the second teacher

@@ -259,6 +259,10 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
             xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K)
         if not USE_DESC:
             xd = tl.where(t_ok[:, None] & (d < D_I)[None, :], xd, 0.0)
+        elif D_I % BLOCK_K != 0:
+            # a chunk that overhangs the head: the box's zero-filled dims past D_i must decode to 0, as the product
+            # pairs them with the next head's adapter rows, and a per-token offset would make them its value
+            xd = tl.where((d < D_I)[None, :], xd, 0.0)
         return xd
 
 
