@@ -6,7 +6,8 @@ as one of:
 * a plain tensor (bf16 / fp16 / fp32: the store's original format);
 * `QuantizedKV` kind "fp8": data float8_e4m3fn [..., T, D], x ≈ data·scale, scale = amax/448 over the group (per
   channel: rounded up to a bfloat16 value and stored as bfloat16, so the kernels form code·scale in bf16 arithmetic
-  exactly as the fp32 product rounds; stores written before hold float32 scales and decode as written);
+  exactly as the fp32 product rounds, and below FP8_SCALE_LIMIT = 2¹⁶, whose fold the fused loss's decode takes;
+  stores written before hold float32 scales and decode as written);
 * `QuantizedKV` kind "int4": data uint8 [..., T, D/2], two 4-bit codes q ∈ 0..15 per byte, the even channel in the
   low nibble (byte j = q[2j] | q[2j+1] << 4), x ≈ q·scale + offset, scale = (max − min)/15, offset = min;
 * `QuantizedKV` kind "int4d": int4's layout, subtractively dithered: x ≈ (q − u)·scale + offset with u(t, d) ∈

@@ -41,25 +41,26 @@ CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("fp8", "channel/f32"
                ("int4", "token"): 5, ("int4d", "channel"): 6, ("int4d", "token"): 7}
 
 
-# The forward decodes an ("fp8", "channel") code with one bf16 multiply by its scale times 2^FP8_FOLD_EXP (the
-# code's bits make the bf16 of value·2^-120, kernels.fused_kv_loss._fp8_to_bf16): the product is value·scale·2^-8,
-# rounded once, and the teacher's α carries the 2^8 back. Exact while scale·2^112 stays finite in bf16, so the
-# encoder refuses scales from FP8_SCALE_LIMIT up (|x| ≥ 448·2^16 ≈ 2.9e7).
-FP8_FOLD_EXP = 112
-FP8_SCALE_LIMIT = 2.0 ** (128 - FP8_FOLD_EXP)
-
-
 def codec_code(kind: str, axis: str, scale_dtype: torch.dtype) -> int:
     """The kernels' code for a QuantizedKV of `kind` grouped on `axis` whose scale has `scale_dtype`."""
     if (kind, axis) == ("fp8", "channel") and scale_dtype == torch.float32:
         return CODEC_CODES["fp8", "channel/f32"]
     return CODEC_CODES[kind, axis]
+
+
 # int4d's dither (kvfuse.codecs.int4_dither, decoded the same way in the kernels): u ∈ [−½, ½) from a 32-bit integer
 # hash (lowbias32: two multiply–xorshift rounds) of t·DITHER_T + d, xor the group's scale bits; uncorrelated between
 # neighbouring tokens and channels; integer arithmetic, so the torch decode and the kernels' agree exactly
 DITHER_T = 0x9E3779B1      # 2³²/φ, odd: spreads the token index over the high bits before the hash
 DITHER_M1 = 0x7FEB352D     # lowbias32's multipliers
 DITHER_M2 = 0x846CA68B
+
+# The forward decodes an ("fp8", "channel") code with one bf16 multiply by its scale times 2^FP8_FOLD_EXP (the
+# code's bits make the bf16 of value·2^-120, kernels.fused_kv_loss._fp8_to_bf16): the product is value·scale·2^-8,
+# rounded once, and the teacher's α carries the 2^8 back. Exact while scale·2^112 stays finite in bf16, so the
+# encoder refuses scales from FP8_SCALE_LIMIT up (|x| ≥ 448·2^16 ≈ 2.9e7).
+FP8_FOLD_EXP = 112
+FP8_SCALE_LIMIT = 2.0 ** (128 - FP8_FOLD_EXP)
 
 
 def pair_width(d_s: int) -> int:
