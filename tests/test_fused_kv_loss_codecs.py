@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from kvfuse.codecs import LowRankKV, QuantizedKV, encode, encode_fp8
-from kvfuse.kernels.fused_kv_loss import _fold_fp8_scale, _fp8_to_bf16
+from kvfuse.kernels.fused_kv_loss import (CODEC_FP8_CHANNEL, _codec_buffer, _fold_fp8_scale, _fp8_to_bf16,
+                                         _x_tile)
 from kvfuse.kernels.fused_kv_loss_op import FP8_SCALE_LIMIT
 from kvfuse.loss import kv_distill_loss
 
@@ -217,3 +218,37 @@ def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
     got = dst[:codes.numel()].cpu()
     bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
     assert bad.numel() == 0, [(hex(int(codes[i])), float(got[i]), float(want[i])) for i in bad[:8]]
+
+
+@triton.jit
+def _folded_fp8_tile(x, sc, out, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    xt = _x_tile(x, sc, sc, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I, CODEC_FP8_CHANNEL, False, BLOCK_T,
+                 BLOCK_K, False, True)
+    i = tl.arange(0, BLOCK_T)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(out + i, xt)
+
+
+def test_the_forwards_folded_fp8_scales_decode_each_tile_to_value_times_scale_over_256(monkeypatch):
+    # the forward's bf16 decode of per-channel fp8 (the fold of scale·2^112 into the codec buffer, `_fold_fp8_scale`,
+    # read back as bf16 at the teacher's offset behind another teacher's float32 scales): each tile, ragged rows and
+    # chunks past the head included, is the torch decode rounded to bf16 times 2^-8, bit for bit. (The product with
+    # it runs on bf16 tensor cores only, which the interpreter's tl.dot cannot run: the GPU checks it, check_configs.)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    L, B, H, T, D = 2, 2, 3, 21, 32
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    x = torch.randn(L, B, H, T, D, generator=g) * torch.logspace(-3, 2, D)
+    q = encode_fp8(x, "channel", mask[None, :, None, :])
+    assert q.scale.dtype == torch.bfloat16
+    other = torch.rand(L, B, H, D, generator=g)                   # a float32-scale teacher ahead of it in the buffer
+    buf, offs = _codec_buffer([other, q.scale], None, 2, torch.empty(1), (False, True))
+    want = (q.decode().to(torch.bfloat16).float() * 2.0 ** -8).to(torch.bfloat16)
+    data = q.data.contiguous()
+    for l, b, hi, t0, d0 in [(0, 0, 0, 0, 0), (1, 1, 2, 16, 16), (1, 0, 1, 8, 0), (0, 1, 2, 16, 24)]:
+        out = torch.empty(16, 16, dtype=torch.bfloat16)
+        _folded_fp8_tile[(1,)](data, buf[offs[1][0]:], out, *data.stride()[:4], l, b, hi, t0, d0, B, T, H, D, 16, 16)
+        ref = torch.zeros(16, 16, dtype=torch.bfloat16)
+        rows, cols = want[l, b, hi, t0:t0 + 16, d0:d0 + 16].shape
+        ref[:rows, :cols] = want[l, b, hi, t0:t0 + 16, d0:d0 + 16]
+        assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (l, b, hi, t0, d0)
