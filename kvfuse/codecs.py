@@ -460,8 +460,14 @@ def _not_finite_message(check: FiniteCheck) -> str:
     x = check.x.detach()
     bad = ~torch.isfinite(x) & check.mask.bool()
     where = torch.nonzero(bad)
-    if len(where) == 0:
-        return f"{check.what}: {check.derived}"
+    if len(where) == 0:  # finite, so something derived went wrong: a scale from too large an |x|
+        valid = check.mask.bool().expand(x.shape)
+        magnitude = torch.where(valid, x.float().abs(), -1.0)
+        if magnitude.numel() == 0 or float(magnitude.max()) < 0:
+            return f"{check.what}: {check.derived}"
+        at = torch.unravel_index(magnitude.argmax(), magnitude.shape)
+        return (f"{check.what}: {check.derived}; the largest |x| on a valid token is {float(magnitude.max()):.4g}, "
+                f"at {_position([int(i) for i in at])} of shape {tuple(x.shape)}")
     first = where[0].tolist()
     values = x.expand(bad.shape)[bad].float()
     nan, pos = int(values.isnan().sum()), int((values == math.inf).sum())
