@@ -201,16 +201,10 @@ def check_small_fp32(log) -> float:
 def bench_one(variant: str, tokens: int, bw: float, peak: float, teachers=TEACHERS):
     from triton.testing import do_bench
     x = make_inputs(tokens, teachers=teachers)
-    impl = {"eager": _torch_loss, "compile": COMPILED, "triton": _triton_loss,
-            "triton_compile": TRITON_COMPILED}[variant]
+    impl = {"eager": _torch_loss, "compile": COMPILED, "triton": _triton_loss, "triton_compile": TRITON_COMPILED,
+            "compile_graphs": COMPILED_GRAPHS, "triton_graphs": TRITON_GRAPHS}[variant]
     params = _params(x)
-
-    def fwd():
-        return _call(impl, x)[0]
-
-    def full():
-        loss = _call(impl, x)[0]
-        return torch.autograd.grad(loss, params)
+    fwd, full = _steps(impl, x, params, variant in GRAPHED)
 
     rows = []
     torch.cuda.synchronize()
@@ -243,10 +237,61 @@ def bench_one(variant: str, tokens: int, bw: float, peak: float, teachers=TEACHE
 
 COMPILED = None
 TRITON_COMPILED = None  # the Triton backend inside torch.compile, as a compiled trainer runs it
+# Both under torch.compile(mode="reduce-overhead"), as a trainer that replays its step as CUDA graphs runs them:
+# the host's launch work leaves the step (the teachers and other non-static inputs are copied into the graph's
+# buffers on every replay, in both).
+COMPILED_GRAPHS = None
+TRITON_GRAPHS = None
+GRAPHED = ("compile_graphs", "triton_graphs")
+
+
+def _steps(impl, x, params, graphed: bool, with_loss: bool = False):
+    """(forward, forward + backward) of one variant; a graphed variant marks each call as a new step, as a training
+    loop does, so every call replays the recorded graphs. with_loss: the full step returns (loss, gradients)."""
+    begin = torch.compiler.cudagraph_mark_step_begin if graphed else (lambda: None)
+
+    def fwd():
+        begin()
+        return _call(impl, x)[0]
+
+    def full():
+        begin()
+        loss = _call(impl, x)[0]
+        grads = torch.autograd.grad(loss, params)
+        return (loss, grads) if with_loss else grads
+    return fwd, full
+
+
+def check_graphs(tokens: int, log) -> float:
+    """The Triton loss replayed from CUDA graphs (torch.compile, mode="reduce-overhead") against eager Triton:
+    loss and gradients of a replay after warm-up and recording, on inputs changed in place since the recording (so
+    the replay must read them afresh). Raises if inductor skipped the graphs (then nothing would be replayed)."""
+    from torch._dynamo.utils import counters
+    x = make_inputs(tokens, seed=99)
+    params = _params(x)
+
+    def loss_and_grads(full):
+        loss, grads = full()
+        return [t.detach().clone() for t in (loss, *grads)]
+    skips = counters["inductor"]["cudagraph_skips"]
+    replay = _steps(TRITON_GRAPHS, x, params, True, with_loss=True)[1]
+    for _ in range(2):  # warm-up, recording
+        loss_and_grads(replay)
+    with torch.no_grad():
+        x["student_k"].mul_(0.5)
+        x["teacher_v"][1].mul_(-1.0)
+    want = loss_and_grads(_steps(_triton_loss, x, params, False, with_loss=True)[1])
+    got = loss_and_grads(replay)
+    if counters["inductor"]["cudagraph_skips"] != skips:
+        raise RuntimeError("inductor skipped the CUDA graphs of the Triton loss (see its log): nothing to replay")
+    worst = max(rel(a, b) for a, b in zip(got, want))
+    log(f"check CUDA graphs tokens={tokens}: replayed Triton loss and gradients vs eager Triton, worst rel err "
+        f"{worst:.2e}")
+    return worst
 
 
 def run(out_dir: Path, tokens_list, variants, three_teacher_tokens) -> None:
-    global COMPILED, TRITON_COMPILED
+    global COMPILED, TRITON_COMPILED, COMPILED_GRAPHS, TRITON_GRAPHS
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()
     tag = dev.replace(" ", "_").replace("/", "_")
@@ -280,6 +325,11 @@ def run(out_dir: Path, tokens_list, variants, three_teacher_tokens) -> None:
     log(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     COMPILED = torch.compile(_torch_loss, dynamic=False)
     TRITON_COMPILED = torch.compile(_triton_loss, dynamic=False, fullgraph=True)
+    COMPILED_GRAPHS = torch.compile(_torch_loss, dynamic=False, mode="reduce-overhead")
+    TRITON_GRAPHS = torch.compile(_triton_loss, dynamic=False, fullgraph=True, mode="reduce-overhead")
+    if any(v in GRAPHED for v in variants) and check_graphs(4096, log) > 1e-5:
+        log("CUDA GRAPHS FAILED: the replayed Triton loss differs from eager Triton; not timing")
+        sys.exit(1)
     rows = []
     cases = [(t, TEACHERS) for t in tokens_list] + [(t, TEACHERS_3) for t in three_teacher_tokens]
     for tokens, teachers in cases:
@@ -317,6 +367,17 @@ def run(out_dir: Path, tokens_list, variants, three_teacher_tokens) -> None:
             xtc = f"{ms[1] / tc:.2f}" if num(ms[1]) and num(tc) else "-"
             log(f"{len(teachers):>8} {tokens:>6} {mode:>5} {ms[0]!s:>9} {ms[1]!s:>10} {ms[2]!s:>9} {xe:>8} {xc:>9} "
                 f"{t.get('pct_roofline', '-')!s:>6}  {mem}  {tc!s:>9} {xtc:>6}")
+    if any(v in GRAPHED for v in variants):
+        log("\nCUDA graphs (reduce-overhead): teachers tokens mode  compile_graphs_ms triton_graphs_ms  x  "
+            "(x against plain compile)")
+        for tokens, teachers in cases:
+            for mode in ("fwd", "bwd", "full"):
+                c, cg, tg = (by.get((v, tokens, len(teachers), mode), {}).get("ms", "-")
+                             for v in ("compile", "compile_graphs", "triton_graphs"))
+                num = lambda v: isinstance(v, float)  # noqa: E731
+                xg = f"{cg / tg:.2f}" if num(cg) and num(tg) else "-"
+                xc = f"{c / tg:.2f}" if num(c) and num(tg) else "-"
+                log(f"{len(teachers):>8} {tokens:>6} {mode:>5} {cg!s:>17} {tg!s:>16} {xg:>5}  ({xc})")
     logf.close()
 
 
@@ -327,7 +388,8 @@ def plot(csv_path: Path) -> Path:
     rows = [r for r in csv.DictReader(open(csv_path)) if r["ms"] != "oom" and r.get("teachers", "2") == "2"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, mode in zip(axes, ("fwd", "bwd", "full")):
-        for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^"), ("triton_compile", "v")):
+        for variant, marker in (("eager", "o"), ("compile", "s"), ("triton", "^"), ("triton_compile", "v"),
+                                ("compile_graphs", "D"), ("triton_graphs", "x")):
             pts = sorted((int(r["tokens"]), float(r["ms"])) for r in rows
                          if r["variant"] == variant and r["mode"] == mode)
             if pts:
@@ -448,7 +510,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens3", type=int, nargs="*", default=TOKENS,
                    help="token counts for the three-teacher case (none: skip it)")
     p.add_argument("--variants", nargs="+", default=["eager", "compile", "triton", "triton_compile"],
-                   choices=["eager", "compile", "triton", "triton_compile"])
+                   choices=["eager", "compile", "triton", "triton_compile", *GRAPHED])
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     p.add_argument("--codecs", type=int, metavar="TOKENS",
                    help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
