@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from concurrent_runs import concurrently, world_of_one_envs
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--phase", "1", "--model_name", "tiny-llama", "--n_samples", "4", "--n_val", "2", "--max_length", "4096",
@@ -19,9 +20,10 @@ TINY = ["--phase", "1", "--model_name", "tiny-llama", "--n_samples", "4", "--n_v
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
 
 
-def _train(out, *extra, launcher=None, check=True, timeout=600):
+def _train(out, *extra, launcher=None, check=True, timeout=600, env=None):
+    """`env`: entries added to ENV (world_of_one_envs, for runs that go side by side)."""
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train/main.py"), *TINY, "--output_dir", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -50,11 +52,13 @@ def test_one_process_run_writes_every_output(tmp_path):
     assert list((tmp_path / "tb").iterdir())
 
 
-def test_two_zero3_ranks_match_one_process(tmp_path, free_port):
+def test_two_zero3_ranks_match_one_process(tmp_path):
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    _train(tmp_path / "one", "--effective_batch", "2", "--micro_batch", "1")
-    _train(tmp_path / "two", "--effective_batch", "2", "--micro_batch", "1",
-           launcher=[deepspeed, "--num_gpus", "2", "--master_port", str(free_port)])
+    one_env, two_env = world_of_one_envs(2)     # the two-rank run's launcher gets its rendezvous port as an argument
+    concurrently(
+        lambda: _train(tmp_path / "one", "--effective_batch", "2", "--micro_batch", "1", env=one_env),
+        lambda: _train(tmp_path / "two", "--effective_batch", "2", "--micro_batch", "1",
+                       launcher=[deepspeed, "--num_gpus", "2", "--master_port", two_env["MASTER_PORT"]]))
     one, two = _events(tmp_path / "one", "train"), _events(tmp_path / "two", "train")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
@@ -79,12 +83,18 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+def _killed_before_saving_step_4(out, *extra, env=None):
+    """A real process, SIGKILLed by itself at the spot above."""
+    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, *TINY, "--output_dir", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**ENV, **(env or {})}, cwd=ROOT)
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     extra = ["--epochs", "2", "--save_every", "1", "--eval_every", "100"]
-    _train(tmp_path / "full", *extra)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, *TINY, "--output_dir", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    full_env, killed_env = world_of_one_envs(2)
+    _, proc = concurrently(lambda: _train(tmp_path / "full", *extra, env=full_env),
+                           lambda: _killed_before_saving_step_4(out, *extra, env=killed_env))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000003"
     assert [e["step"] for e in _events(out, "train")] == [1, 2, 3, 4]    # step 4 logged, never saved
@@ -104,20 +114,22 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 def test_a_codec_store_trains_identically_after_a_resume(tmp_path):
     """From a low-rank + int4 store (bases, quantised coefficients): killed before saving step 4, resumed, the
     losses equal an uninterrupted run's; validation reads a second (bf16) store of the same examples."""
-    stores = {}
-    for codec in ("lowrank:16+int4", "bf16"):
-        stores[codec] = tmp_path / f"store-{codec.replace(':', '_').replace('+', '_')}"
-        dump = [sys.executable, "-m", "kvfuse", "dump", "--teachers", "tiny-llama", "tiny-llama", "--teacher_prompts",
-                "default", "cot", "--student", "tiny-llama", "--n_samples", "4", "--n_val", "2", "--codec", codec,
-                "--calib", "2", "--max_length", "4096", "--out", str(stores[codec])]
-        subprocess.run(dump, check=True, capture_output=True, timeout=300, cwd=ROOT)
+    stores = {codec: tmp_path / f"store-{codec.replace(':', '_').replace('+', '_')}"
+              for codec in ("lowrank:16+int4", "bf16")}
+
+    def dump(codec):
+        cmd = [sys.executable, "-m", "kvfuse", "dump", "--teachers", "tiny-llama", "tiny-llama", "--teacher_prompts",
+               "default", "cot", "--student", "tiny-llama", "--n_samples", "4", "--n_val", "2", "--codec", codec,
+               "--calib", "2", "--max_length", "4096", "--out", str(stores[codec])]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=ROOT)
+    concurrently(*(lambda codec=codec: dump(codec) for codec in stores))
     extra = ["--epochs", "2", "--save_every", "1", "--eval_every", "100", "--teacher_store",
              str(stores["lowrank:16+int4"]), "--eval_teacher_store", str(stores["bf16"])]
-    full = _train(tmp_path / "full", *extra)
-    assert "evaluating against the teacher KV of" in full.stdout + full.stderr
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", _KILL_BEFORE_SAVING_STEP_4, *TINY, "--output_dir", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    full_env, killed_env = world_of_one_envs(2)
+    full, proc = concurrently(lambda: _train(tmp_path / "full", *extra, env=full_env),
+                              lambda: _killed_before_saving_step_4(out, *extra, env=killed_env))
+    assert "evaluating against the teacher KV of" in full.stdout + full.stderr
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     proc = _train(out, *extra)
     assert "resumed from" in proc.stdout + proc.stderr
@@ -134,31 +146,38 @@ def test_online_and_offline_teachers_give_the_same_loss(tmp_path):
     dump = [sys.executable, "-m", "kvfuse", "dump", "--teachers", "tiny-llama", "tiny-llama", "--teacher_prompts",
             "default", "cot", "--student", "tiny-llama", "--n_samples", "4", "--n_val", "2", "--dtype", "fp32",
             "--batch_size", "1", "--max_length", "4096", "--out", str(store)]
-    subprocess.run(dump, check=True, capture_output=True, timeout=300, cwd=ROOT)
-    _train(tmp_path / "online", "--max_steps", "2")
-    _train(tmp_path / "offline", "--max_steps", "2", "--teacher_store", str(store))
+    online_env, offline_env, other_env = world_of_one_envs(3)
+    # the online run needs no store: it goes alongside the dump; the two runs that read the store, after it
+    concurrently(lambda: subprocess.run(dump, check=True, capture_output=True, timeout=300, cwd=ROOT),
+                 lambda: _train(tmp_path / "online", "--max_steps", "2", env=online_env))
+    _, other = concurrently(
+        lambda: _train(tmp_path / "offline", "--max_steps", "2", "--teacher_store", str(store), env=offline_env),
+        # a store made for other settings is refused by name (asserted below)
+        lambda: _train(tmp_path / "other", "--max_steps", "1", "--teacher_store", str(store), "--student_prompt",
+                       "cot", check=False, env=other_env))
     for split in ("train", "val"):
         for a, b in zip(_events(tmp_path / "online", split), _events(tmp_path / "offline", split)):
             key = "loss" if split == "train" else "kv_loss"
             assert b[key] == pytest.approx(a[key], rel=1e-5)
     # a store made for other settings is refused by name
-    proc = _train(tmp_path / "other", "--max_steps", "1", "--teacher_store", str(store), "--student_prompt", "cot",
-                  check=False)
-    assert proc.returncode == 2 and "made for other settings" in proc.stderr and "student_prompt" in proc.stderr
+    assert other.returncode == 2 and "made for other settings" in other.stderr and "student_prompt" in other.stderr
 
 
 def test_bad_inputs_are_named_and_nothing_is_truncated(tmp_path):
-    proc = _train(tmp_path / "long", "--max_length", "50", check=False)
-    assert proc.returncode == 2 and "more than max_length=50" in proc.stderr and "Traceback" not in proc.stderr
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    proc = _train(tmp_path / "empty", "--dataset", str(empty), check=False)
-    assert proc.returncode == 2 and "empty" in proc.stderr
-    proc = _train(tmp_path / "key", "--no_such_key", "1", check=False)
-    assert proc.returncode == 2 and "unknown command line key(s) ['no_such_key']" in proc.stderr
+    envs = world_of_one_envs(4)
+    long, empty_run, key, nan = concurrently(
+        lambda: _train(tmp_path / "long", "--max_length", "50", check=False, env=envs[0]),
+        lambda: _train(tmp_path / "empty", "--dataset", str(empty), check=False, env=envs[1]),
+        lambda: _train(tmp_path / "key", "--no_such_key", "1", check=False, env=envs[2]),
+        lambda: _train(tmp_path / "nan", "--lr_full", "1e30", "--lr_lora", "1e30", "--adapter_init", "ridge",
+                       check=False, env=envs[3]))
+    assert long.returncode == 2 and "more than max_length=50" in long.stderr and "Traceback" not in long.stderr
+    assert empty_run.returncode == 2 and "empty" in empty_run.stderr
+    assert key.returncode == 2 and "unknown command line key(s) ['no_such_key']" in key.stderr
     # A diverging run stops with a checkpoint and a message naming the step and the layer.
-    proc = _train(tmp_path / "nan", "--lr_full", "1e30", "--lr_lora", "1e30", "--adapter_init", "ridge", check=False)
-    assert proc.returncode == 2 and "non-finite" in proc.stderr and "step" in proc.stderr, proc.stderr[-2000:]
+    assert nan.returncode == 2 and "non-finite" in nan.stderr and "step" in nan.stderr, nan.stderr[-2000:]
     assert list((tmp_path / "nan" / "checkpoints").iterdir())
 
 
