@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from concurrent_runs import concurrently
 
 from kvfuse.data import load_examples, resolve_prompt
 from kvfuse.models import load
@@ -268,15 +269,17 @@ def test_killed_dump_resumes_with_every_sample_exactly_once(tmp_path):
 
 
 def test_dump_refuses_to_mix_settings_and_bad_arguments(tmp_path):
-    _dump(tmp_path, "--n_samples", "2", "--shard", "0/2")
+    # the two refusals in folders of their own go alongside the first shard (tests/concurrent_runs.py)
+    _, prompts, long = concurrently(
+        lambda: _dump(tmp_path, "--n_samples", "2", "--shard", "0/2"),
+        lambda: _dump(tmp_path / "b", "--n_samples", "2", "--teacher_prompts", "cot", check=False),
+        lambda: _dump(tmp_path / "c", "--n_samples", "3", "--max_length", "40", check=False))
     proc = _dump(tmp_path, "--n_samples", "2", "--shard", "1/2", "--layer_map", "round", check=False)
     assert proc.returncode != 0 and "refusing to mix shards" in proc.stderr
     with pytest.raises(StoreError, match="shard 1 of 2 is missing"):
         TeacherKVStore(tmp_path)
-    proc = _dump(tmp_path / "b", "--n_samples", "2", "--teacher_prompts", "cot", check=False)
-    assert proc.returncode == 2 and "one prompt per teacher" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _dump(tmp_path / "c", "--n_samples", "3", "--max_length", "40", check=False)
-    assert proc.returncode == 2 and "more than max_length=40" in proc.stderr and "never truncated" in proc.stderr
+    assert prompts.returncode == 2 and "one prompt per teacher" in prompts.stderr and "Traceback" not in prompts.stderr
+    assert long.returncode == 2 and "more than max_length=40" in long.stderr and "never truncated" in long.stderr
 
 
 def test_an_example_beyond_the_models_positions_is_refused_or_allowed_and_logged(caplog):
@@ -331,10 +334,18 @@ def test_codec_dumps_are_smaller_share_one_basis_across_shards_and_refuse_anothe
     from kvfuse.codecs import LowRankKV, QuantizedKV
 
     common = ["--n_samples", "4", "--n_val", "1", "--batch_size", "2"]
-    _dump(tmp_path / "int4", *common, "--codec", "int4")
-    for shard in ("1/2", "0/2"):
-        proc = _dump(tmp_path / "lowrank", *common, "--codec", "lowrank:e0.95+fp8", "--calib", "2", "--shard", shard)
-        assert ("low-rank bases" in proc.stdout) == (shard == "1/2")     # fitted by the first writer only
+
+    def lowrank(shard):
+        return _dump(tmp_path / "lowrank", *common, "--codec", "lowrank:e0.95+fp8", "--calib", "2", "--shard", shard)
+    # runs in different folders go side by side (tests/concurrent_runs.py); a store's shards one after the other
+    _, first, int3 = concurrently(
+        lambda: _dump(tmp_path / "int4", *common, "--codec", "int4"),
+        lambda: lowrank("1/2"),
+        lambda: _dump(tmp_path / "x", *common, "--codec", "int3", check=False))
+    # int4d has int4's layout and names, but not its decode: a shard of one cannot join a store of the other
+    second, int4d = concurrently(lambda: lowrank("0/2"),
+                                 lambda: _dump(tmp_path / "int4", *common, "--codec", "int4d", check=False))
+    assert "low-rank bases" in first.stdout and "low-rank bases" not in second.stdout  # fitted by the first writer
     int4, lowrank = TeacherKVStore(tmp_path / "int4"), TeacherKVStore(tmp_path / "lowrank")
     assert isinstance(int4[0]["teacher0/k"], QuantizedKV) and isinstance(lowrank[0]["teacher1/v"], LowRankKV)
     assert str(lowrank.codec) == "lowrank:e0.95+fp8" and lowrank.settings["calib"] == 2
@@ -342,8 +353,5 @@ def test_codec_dumps_are_smaller_share_one_basis_across_shards_and_refuse_anothe
     bf16 = sum(2 * x.shape.numel() if name.startswith("teacher") else x.numel() * x.element_size()
                for item in int4 for name, x in item.items() if name != "id")
     assert int4.bytes < 0.5 * bf16
-    # int4d has int4's layout and names, but not its decode: a shard of one cannot join a store of the other
-    proc = _dump(tmp_path / "int4", *common, "--codec", "int4d", check=False)
-    assert proc.returncode != 0 and "codec: 'int4' vs 'int4d'" in proc.stderr
-    proc = _dump(tmp_path / "x", *common, "--codec", "int3", check=False)
-    assert proc.returncode == 2 and "unknown codec 'int3'" in proc.stderr
+    assert int4d.returncode != 0 and "codec: 'int4' vs 'int4d'" in int4d.stderr
+    assert int3.returncode == 2 and "unknown codec 'int3'" in int3.stderr

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from concurrent_runs import concurrently, world_of_one_envs
 from test_train import ROOT, _events, _train
 
 TEACHERS = ["--teachers", "tiny-qwen3", "tiny-phi3", "--teacher_prompts", "cot", "cot"]
@@ -32,10 +33,12 @@ def _check_learns(out):
 
 
 def test_phase3_mixed_families_online_equals_offline(tmp_path, store):
-    _train(tmp_path / "online", "--phase", "3", *TEACHERS, *STUDENT)
+    online_env, offline_env = world_of_one_envs(2)          # side by side (tests/concurrent_runs.py)
+    concurrently(lambda: _train(tmp_path / "online", "--phase", "3", *TEACHERS, *STUDENT, env=online_env),
+                 lambda: _train(tmp_path / "offline", "--phase", "3", *TEACHERS, *STUDENT, "--teacher_store",
+                                str(store), env=offline_env))
     online = _check_learns(tmp_path / "online")
     assert all(len(e["k_mse"]) == 2 and e["k_mse"][1] > 0 for e in online)     # the NoPE layer is trained too
-    _train(tmp_path / "offline", "--phase", "3", *TEACHERS, *STUDENT, "--teacher_store", str(store))
     offline = _check_learns(tmp_path / "offline")
     for a, b in zip(online, offline):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
