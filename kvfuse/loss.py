@@ -29,8 +29,8 @@ from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
 from kvfuse.codecs import (LowRankKV, QuantizedKV, decode_teachers, finite_flag, finite_parts, fold_lowrank_adapter,
                            is_encoded)
-from kvfuse.kernels.fused_kv_loss_op import (MAX_TEACHERS, TeacherStorage, codec_code, fused_kv_loss_function,
-                                             natural_layout, pair_width)
+from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, FP8_SCALE_LIMIT, MAX_TEACHERS, TeacherStorage, codec_code,
+                                             fused_kv_loss_function, natural_layout, pair_width)
 from kvfuse.kernels.utils import host_constant
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -160,7 +160,18 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
         _expect("layer_weights", layer_weights, (L,), dev)
 
 
-def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, layer_weights, check_finite: bool):
+def _folded_scales(x, name: str) -> list[tuple[str, torch.Tensor]]:
+    """The scales of a teacher entry that the Triton forward folds for its one-multiply fp8 decode with bf16
+    operands (per-channel fp8 with bf16 scales; low-rank coefficients are grouped per token), named as `finite_parts`
+    names them. The fold (scale·2^FP8_FOLD_EXP in bf16) needs them below FP8_SCALE_LIMIT, which kvfuse.codecs'
+    encoders keep."""
+    if isinstance(x, QuantizedKV) and codec_code(x.kind, x.axis, x.scale.dtype) == CODEC_CODES["fp8", "channel"]:
+        return [(f"{name}.scale", x.scale)]
+    return []
+
+
+def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, layer_weights, check_finite: bool,
+                    folded: Sequence[tuple[str, torch.Tensor]] = ()):
     # One flag per check and one host sync for all; the flags name the culprits. kv_distill_loss runs this in eager
     # mode only: under torch.compile a sync would break the graph and stall the stream.
     flags = [mask.ne(0).any()]
@@ -168,17 +179,25 @@ def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, l
         flags.append(layer_weights.sum().ne(0))
     if check_finite:
         flags += [finite_flag(x) for _, x in named]
+    flags += [scale.detach().abs().amax() < FP8_SCALE_LIMIT for _, scale in folded]
     ok = torch.stack(flags).tolist()
     if not ok[0]:
         raise ValueError("mask selects no token (all zeros): the masked means would divide by zero")
     if layer_weights is not None and not ok[1]:
         raise ValueError("layer_weights sum to zero")
+    at = 2 if layer_weights is not None else 1
     if check_finite:
-        off = 2 if layer_weights is not None else 1
-        bad = [name for (name, _), good in zip(named, ok[off:]) if not good]
+        bad = [name for (name, _), good in zip(named, ok[at:]) if not good]
         if bad:
             raise ValueError(f"non-finite values (NaN/Inf) in {', '.join(bad)}; "
                              "pass check_finite=False to skip this check")
+        at += len(named)
+    big = [name for (name, _), good in zip(folded, ok[at:]) if not good]
+    if big:
+        raise ValueError(f"{', '.join(big)}: a scale reaches {FP8_SCALE_LIMIT:g} (or is not finite); the Triton backend "
+                         "with a bf16 student decodes per-channel fp8 codes with bf16 scales through a fold that needs "
+                         f"them below {FP8_SCALE_LIMIT:g}, as kvfuse.codecs' encoders keep them; give those teachers "
+                         "float32 scales, or use backend='torch'")
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -337,8 +356,10 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
     (ones); rotary_dim None (every layer rotates R = 2·inv_freq.shape[-1] dims), an int, or one int per layer
     (0 = NoPE layer). backend: "torch" (reference) or "triton" (CUDA, or TRITON_INTERPRET=1).
     check_finite: raise on NaN/Inf in any input (one extra pass over the inputs; turn off for speed). The content
-    checks (finite inputs, a non-empty mask, non-zero layer weights) need the host to read device values, so they
-    run in eager mode only; under torch.compile they are skipped (an all-zero mask then gives a NaN loss).
+    checks (finite inputs, a non-empty mask, non-zero layer weights; for backend="triton" with a bf16 student, per-
+    channel fp8 scales in bf16 below FP8_SCALE_LIMIT = 2^16, which the forward's fold needs) read device values on the
+    host, so they run in eager mode only; under torch.compile they are skipped (an all-zero mask then gives a NaN
+    loss).
 
     Returns (loss, stats) with stats = {"k_mse": [L], "v_mse": [L], "cos": [L]} detached. Gradients reach
     student_k/v, w_k, w_v, alpha and layer_weights on both backends; teachers and attention_scaling get none.
@@ -360,7 +381,12 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
         for i in range(len(teacher_k)):
             named += [*finite_parts(teacher_k[i], f"teacher_k[{i}]"),
                       *finite_parts(teacher_v[i], f"teacher_v[{i}]"), (f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])]
-        _check_contents(named, mask, layer_weights, check_finite)
+        folded = []
+        if backend == "triton" and student_k.dtype == torch.bfloat16:
+            for i in range(len(teacher_k)):
+                folded += [*_folded_scales(teacher_k[i], f"teacher_k[{i}]"),
+                           *_folded_scales(teacher_v[i], f"teacher_v[{i}]")]
+        _check_contents(named, mask, layer_weights, check_finite, folded)
     impl = _torch_loss if backend == "torch" else _triton_loss
     loss, k_mse, v_mse, cos = impl(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask, positions,
                                    inv_freq, scaling, rot, lambda_k, lambda_v, beta, layer_weights)

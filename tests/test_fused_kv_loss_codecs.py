@@ -143,6 +143,28 @@ def test_a_non_finite_part_of_a_compressed_teacher_is_named(where, monkeypatch):
         kv_distill_loss(**enc, backend="triton")
 
 
+@pytest.mark.parametrize("where", ["teacher_k[0].scale", "teacher_v[1].scale"])
+def test_a_bf16_fp8_scale_past_the_forwards_fold_is_named_before_the_kernel(where, monkeypatch):
+    """A caller's own per-channel fp8 entry (the encoders refuse such scales) with a bf16 scale of 2^16 would decode
+    to Inf in the Triton forward's fold with a bf16 student: it is named instead; the torch backend, which decodes
+    explicitly, takes it, and so does Triton with a float32 student (no fold)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = _case(5, [(2, 16), (1, 32)], 16)
+    mask = args["mask"]
+    enc = dict(args, teacher_k=[_encode(x, "fp8", "channel", mask) for x in args["teacher_k"]],
+               teacher_v=[_encode(x, "fp8", "channel", mask) for x in args["teacher_v"]])
+    entry = enc[where[:9]][int(where[10])]
+    t = entry.scale
+    assert t.dtype == torch.bfloat16
+    t.view(-1)[t.numel() // 2] = FP8_SCALE_LIMIT
+    bf16 = dict(enc, student_k=args["student_k"].detach().bfloat16(), student_v=args["student_v"].detach().bfloat16())
+    with pytest.raises(ValueError, match=rf"{re.escape(where)}: a scale reaches 65536 .*float32 scales, or use "
+                                         r"backend='torch'"):
+        kv_distill_loss(**bf16, backend="triton")
+    assert torch.isfinite(kv_distill_loss(**bf16, backend="torch")[0])
+    assert torch.isfinite(kv_distill_loss(**enc, backend="triton")[0])
+
+
 @pytest.mark.parametrize("codec,codec_v", [(("fp8", "token"), ("fp8", "token")),
                                            (("fp8", "channel"), ("fp8", "token")),
                                            (("fp8", "channel"), ("fp8", "channel")),
