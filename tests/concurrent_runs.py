@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
-def concurrently(*calls: Callable[[], Any]) -> list[Any]:
-    """Runs each call in a thread of its own (each typically waits on a subprocess) and returns their results in
-    order; once all have ended, the first call that raised (in argument order) raises here."""
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+def concurrently(*calls: Callable[[], Any], at_once: int | None = None) -> list[Any]:
+    """Runs the calls in threads (each typically waits on a subprocess), `at_once` of them at a time (default: all),
+    and returns their results in order; once all have ended, the first call that raised (in argument order) raises
+    here."""
+    with ThreadPoolExecutor(max_workers=min(len(calls), at_once or len(calls))) as pool:
         futures = [pool.submit(call) for call in calls]
     return [future.result() for future in futures]
 

@@ -24,7 +24,11 @@ def _train(out, *extra, launcher=None, check=True, timeout=600, env=None):
     """`env`: entries added to ENV (world_of_one_envs, for runs that go side by side)."""
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train/main.py"), *TINY, "--output_dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
-    if check and proc.returncode != 0:
+    return _checked(proc) if check else proc
+
+
+def _checked(proc):
+    if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc
 
@@ -33,8 +37,44 @@ def _events(out, split):
     return [e for e in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if e["split"] == split]
 
 
-def test_one_process_run_writes_every_output(tmp_path):
-    proc = _train(tmp_path)
+def _own_run(args_of):
+    """Marks a test that checks one training run of its own, `_train(out, *args_of(**its parameters))`; the fixture
+    `own_run` hands it (out, the finished process). The runs of every such test of this module that the session
+    selected start together when the first of them needs its run (`_own_runs`), side by side
+    (tests/concurrent_runs.py); each test fails on its own run's failure, with _train's message, as before."""
+    def mark(test):
+        test.own_run_args = args_of
+        return test
+    return mark
+
+
+def _params(item):
+    return item.callspec.params if hasattr(item, "callspec") else {}
+
+
+@pytest.fixture(scope="module")
+def _own_runs(request, tmp_path_factory):
+    items = [item for item in request.session.items
+             if item.path == request.path and hasattr(getattr(item, "function", None), "own_run_args")]
+    outs = {item.nodeid: tmp_path_factory.mktemp(item.name.replace("[", "-").replace("]", "")) for item in items}
+    envs = world_of_one_envs(len(items))
+    procs = concurrently(*(lambda item=item, env=env: _train(outs[item.nodeid], *item.function.own_run_args(
+        **_params(item)), check=False, env=env) for item, env in zip(items, envs)), at_once=2)
+    return {item.nodeid: (outs[item.nodeid], proc) for item, proc in zip(items, procs)}
+
+
+@pytest.fixture
+def own_run(request, _own_runs, tmp_path):
+    """(out, process) of this test's run (see _own_run); a test the session did not list runs it here, alone."""
+    if request.node.nodeid not in _own_runs:
+        return tmp_path, _train(tmp_path, *request.function.own_run_args(**_params(request.node)))
+    out, proc = _own_runs[request.node.nodeid]
+    return out, _checked(proc)
+
+
+@_own_run(lambda: [])
+def test_one_process_run_writes_every_output(own_run):
+    tmp_path, proc = own_run
     assert "FutureWarning" not in proc.stderr  # DeepSpeed's use of deprecated torch collectives, once per step
     train = _events(tmp_path, "train")
     assert [e["step"] for e in train] == [1, 2, 3, 4]
@@ -205,8 +245,9 @@ def test_unalignable_teacher_is_a_clear_error():
     ["--phase", "5", "--teachers", "tiny-llama", "tiny-gemma3", "--teacher_prompts", "cot", "--z_dim", "16",
      "--z_loss", "barlow"],
 ], ids=["phase0", "phase4-similarity", "phase4-learnable-layers-kl-ce", "phase5-barlow"])
-def test_every_phase_preset_trains(tmp_path, extra):
-    _train(tmp_path, *extra, "--student_layers", "every_other")
+@_own_run(lambda extra: [*extra, "--student_layers", "every_other"])
+def test_every_phase_preset_trains(own_run, extra):
+    tmp_path, _ = own_run
     train = _events(tmp_path, "train")
     phase = extra[1]
     # 4 examples: Phase 0 steps one at a time for 1 epoch; Phases 4/5 take all 4 per step for 2 epochs
@@ -248,10 +289,11 @@ def test_every_phase_preset_trains(tmp_path, extra):
         assert (tmp_path / "zspace_embedding.png").exists()
 
 
-def test_lora_run_trains_only_lora_and_the_kv_adapters(tmp_path):
+@_own_run(lambda: ["--lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2"])
+def test_lora_run_trains_only_lora_and_the_kv_adapters(own_run):
     import re
 
-    proc = _train(tmp_path, "--lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2")
+    tmp_path, proc = own_run
     trainable, total = (int(x.replace(",", "")) for x in re.search(
         r"trainable parameters: student ([\d,]+) of ([\d,]+) \(LoRA\)", proc.stdout + proc.stderr).groups())
     assert 0 < trainable < total / 10
@@ -321,11 +363,12 @@ def test_the_recipe_steps_in_process(tmp_path, monkeypatch):
     ["--phase", "5", "--teachers", "tiny-llama", "tiny-gemma3", "--teacher_prompts", "cot", "--z_dim", "16",
      "--z_loss", "barlow"],
 ], ids=["phase4-learnable-router", "phase5-zspace"])
-def test_bf16_engine_trains_and_evaluates_the_learned_modules(tmp_path, extra):
+@_own_run(lambda extra: [*extra, "--student_layers", "every_other", "--dtype", "bf16", "--save_every", "0"])
+def test_bf16_engine_trains_and_evaluates_the_learned_modules(own_run, extra):
     # A bf16 DeepSpeed engine casts every module it holds (router, Z maps, adapters) to bf16 while KV may arrive in
     # fp32: the GPU-scale Phase 4 runs failed on that at their first evaluation (router), and Phase 5 did the same
     # (Z maps) until each module computed in its own parameter dtype.
-    _train(tmp_path, *extra, "--student_layers", "every_other", "--dtype", "bf16", "--save_every", "0")
+    tmp_path, _ = own_run
     train, val = _events(tmp_path, "train"), _events(tmp_path, "val")
     assert train and val and all(math.isfinite(e["loss"]) for e in train)
     assert all(math.isfinite(e["kv_loss"]) for e in val)
