@@ -12,9 +12,10 @@
 #     kl_variants                  the same at 4k and 16k (32k Triton only) with every kernel variant's rows
 #     fused  bench_fused_loss.py   the fused KV loss at 4k and 16k tokens, two teachers, eager / compile / Triton
 #     fused3                       the same with three teachers at 4k and 16k (≈ 9 min: a call of its own)
-#     fused4k                      the two-teacher rows at 4k alone, eager and replayed as CUDA graphs, then the 4k
-#                                  profile (host vs GPU time): the host-bound 4k target, with eager's baseline as the
-#                                  host's speed (≈ 1 min on a warm machine; compiling on a fresh one takes ≈ 6 more)
+#     fused4k                      the two-teacher rows at 4k alone (eager, inside torch.compile, replayed as CUDA
+#                                  graphs), then the 4k profile (host vs GPU time): the host-bound 4k target, with
+#                                  eager's baseline as the host's speed (≈ 1 min on a warm machine; compiling on a
+#                                  fresh one takes ≈ 6 more)
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
 #     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
 #     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int4 / int4d / low-rank teachers at 16k (CODEC_NAMES:
@@ -90,7 +91,8 @@ for what in "$@"; do
             --seq 2048 --n 16 --batch 4 --repeats 2 --codecs bf16 fp8 int4 --csv "$OUT/dump_codecs.csv" ;;
     fused) TAIL=30 part fused python3 -m bench.bench_fused_loss --out "$OUT" --tokens 4096 16384 --tokens3 ;;
     fused4k) PART_LIMIT_fused4k=${PART_LIMIT_fused4k:-540} TAIL=16 part fused4k python3 -m bench.bench_fused_loss \
-            --out "$OUT" --tokens 4096 --tokens3 --variants eager compile triton compile_graphs triton_graphs
+            --out "$OUT" --tokens 4096 --tokens3 --variants eager compile triton triton_compile compile_graphs \
+            triton_graphs
           TAIL=1 part profile python3 -m bench.profile_fused_loss --out "$OUT" --tokens 4096 ;;
     fused3) PART_LIMIT_fused3=${PART_LIMIT_fused3:-560} TAIL=30 part fused3 python3 -m bench.bench_fused_loss \
             --out "$OUT" --tokens --tokens3 4096 16384 ;;
