@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from bench.bench_fused_loss import rel
 from kvfuse.codecs import LowRankKV, QuantizedKV, decode
 from kvfuse.loss import kv_distill_loss
 from kvfuse.teacher.builder import collate
@@ -75,7 +76,7 @@ def check_batch(store: TeacherKVStore, items: list[int], H_s: int, D_s: int,
     want = run([decode(t, bf).double() for t in tk], [decode(t, bf).double() for t in tv], "torch", ref_ps)
     got = run(tk, tv, "triton", params)
     names = ["loss", *GRADS[:3], *(f"w_k[{i}]" for i in range(n)), *(f"w_v[{i}]" for i in range(n))]
-    errs = {name: ((a.double() - b).norm() / b.norm()).item() for name, a, b in zip(names, got, want)}
+    errs = {name: rel(a, b) for name, a, b in zip(names, got, want)}
     codecs = sorted({describe(t) for t in tk + tv})
     line = (f"items {items} (B {B}, T {T}, teachers {codecs}): loss {got[0].item():.6f} (float64 "
             f"{want[0].item():.6f}); " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
