@@ -216,9 +216,17 @@ def reencode(source: Path, target: Path, codec_name: str, calib: int) -> None:
     writer.write_shard(0, samples)
 
 
-def _prepare(out: Path, phase: int, codecs, calib: int) -> dict[str, Path]:
+def _size(phase: int, items) -> dict:
+    """The phase's run size: PHASE_RUNS, or `items` = (train, val) items in its place."""
+    size = dict(PHASE_RUNS[phase])
+    if items:
+        size.update(n_samples=items[0], n_val=items[1])
+    return size
+
+
+def _prepare(out: Path, phase: int, codecs, calib: int, items=None) -> dict[str, Path]:
     """The phase's fp32 teacher pass (dumped once) and one store per codec re-encoded from it."""
-    size = PHASE_RUNS[phase]
+    size = _size(phase, items)
     fp32 = out / f"store-p{phase}-fp32"
     if not (fp32 / "shard-00000-of-00001.json").exists():
         print(f"dump phase {phase} (fp32) -> {fp32}", flush=True)
@@ -236,7 +244,7 @@ def _prepare(out: Path, phase: int, codecs, calib: int) -> dict[str, Path]:
     return stores
 
 
-def _train(out: Path, phase: int, seed: int, label: str, store: Path, bf16_store: Path) -> Path:
+def _train(out: Path, phase: int, seed: int, label: str, store: Path, bf16_store: Path, items=None) -> Path:
     """One training run from `store`, validated against the bf16 store's teacher KV; skipped when it finished."""
     run = out / f"p{phase}-{_slug(label)}-seed{seed}"
     if not (run / "report.html").exists():
@@ -245,7 +253,7 @@ def _train(out: Path, phase: int, seed: int, label: str, store: Path, bf16_store
         _run([sys.executable, "train/main.py", "--phase", str(phase), "--seed", str(seed),
               "--teacher_store", str(store), "--eval_teacher_store", str(bf16_store),
               "--output_dir", str(run), "--save_every", "0", "--eval_every", "100", "--n_generate", "0",
-              *PHASE_RUNS[phase]["train"]], out / f"{run.name}.log")
+              *_size(phase, items)["train"]], out / f"{run.name}.log")
         print(f"  {time.perf_counter() - start:.0f} s", flush=True)
     return run
 
@@ -258,10 +266,10 @@ def distill(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for phase in args.phases:
-        stores = _prepare(out, phase, args.codecs, args.calib)
+        stores = _prepare(out, phase, args.codecs, args.calib, args.items)
         for seed in args.seeds:
             for codec in args.train or args.codecs:
-                _train(out, phase, seed, codec, stores[codec], stores["bf16"])
+                _train(out, phase, seed, codec, stores[codec], stores["bf16"], args.items)
     return summarise(args)
 
 
@@ -396,7 +404,7 @@ def summarise(args) -> int:
                              "val_kv_first": val[0]["kv_loss"], "val_kv_last": val[-1]["kv_loss"],
                              "cka_last": val[-1]["cka_mean"],
                              "store_bytes_per_token": _store_bytes_per_token(store), "commit": commit()})
-    path = RESULTS / "codec_distill.csv"
+    path = RESULTS / ("codec_distill.csv" if not args.items else "codec_distill_{}x{}.csv".format(*args.items))
     path.unlink(missing_ok=True)
     append_csv(path, rows)
     print(f"{'phase':>5s} {'codec':20s} {'val KV loss (3 seeds)':>24s} {'vs bf16, per seed':>28s} "
@@ -435,6 +443,10 @@ def main(argv=None) -> int:
         dis.add_argument("--train", nargs="+", help="train only these of --codecs (another process trains the rest; "
                          "their runs must exist before the table is made)")
         dis.add_argument("--calib", type=int, default=8, help="items the low-rank bases are fitted on (default 8)")
+        dis.add_argument("--items", nargs=2, type=int, metavar=("TRAIN", "VAL"),
+                         help="train and validation items in place of the phase's CPU-sized defaults (give its own "
+                              "--out: stores and runs of one size per folder); the table goes to "
+                              "codec_distill_<TRAIN>x<VAL>.csv")
         dis.add_argument("--out", default=str(ROOT / "runs" / "codecs"))
     hal = sub.add_parser("halves", help="Phase 1 from int4 keys only and from int4 values only; other key codes' "
                          "error on the same store")
