@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import shutil
 
-import torch
 import triton
 import triton.language as tl
 
@@ -54,8 +53,7 @@ def fwd_constexprs(cfg: dict, is_key: bool, codecs: tuple[int, ...]) -> dict:
     n = len(codecs)
     return {**{f"x{i}": None for i in range(n, K.MAX_TEACHERS)}, **{f"w{i}": None for i in range(n, K.MAX_TEACHERS)},
             "HEADS": HEADS[:n], "DIMS": DIMS[:n], "CODECS": codecs, "N": n, "H_S": H_S, "D_S": D_S, "PH": PH,
-            "ROT": D_S, "IS_KEY": is_key, "COMPUTE_GRAD": True, "G_GAIN": K.g_gain(torch.bfloat16),
-            "DOT_DTYPE": tl.bfloat16, "IEEE": False,
+            "ROT": D_S, "IS_KEY": is_key, "COMPUTE_GRAD": True, "DOT_DTYPE": tl.bfloat16, "IEEE": False,
             "USE_DESC": True, "EPI_DESC": True, "NATURAL": True, "W2_OFF": PH, **cfg}
 
 
@@ -109,7 +107,7 @@ def main(argv=None):
             for config in K._DW_CONFIGS_GPU:
                 cfg = dict(config.kwargs)
                 consts = dict(D_I=DIMS[0], C2=2 * H_S * PH, CODEC=codec, CODEC_V=codec_v, KINDS=kinds,
-                              G_GAIN=K.g_gain(torch.bfloat16), DOT_DTYPE=tl.bfloat16, IEEE=False, USE_DESC=True, **cfg)
+                              DOT_DTYPE=tl.bfloat16, IEEE=False, USE_DESC=True, **cfg)
                 sig = dw_signature(cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"], codec, codec_v)
                 info = compile_sm90(K._fused_kv_dw_kernel, sig, consts, config.num_warps, config.num_stages,
                                     args.ptxas, args.arch, nvdisasm=args.nvdisasm)

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from kvfuse.codecs import LowRankKV, QuantizedKV, encode, encode_fp8
-from kvfuse.kernels.fused_kv_loss import (CODEC_FP8_CHANNEL, FP8_BITS, FP8_SCALED, FP8_VALUE, _codec_buffer,
-                                          _fold_fp8_scale, _fp8_to_bf16, _x_tile)
+from kvfuse.kernels.fused_kv_loss import (CODEC_FP8_CHANNEL, _codec_buffer, _fold_fp8_scale, _fp8_to_bf16,
+                                         _x_tile)
 from kvfuse.kernels.fused_kv_loss_op import FP8_SCALE_LIMIT
 from kvfuse.loss import kv_distill_loss
 
@@ -207,21 +207,18 @@ def test_dithered_forward_leaves_out_its_miscompiled_tile(codecs):
 
 
 @triton.jit
-def _decode_fp8_bits(src, scale, dst, N: tl.constexpr, MODE: tl.constexpr):
+def _decode_fp8_bits(src, scale, dst, N: tl.constexpr, SCALED: tl.constexpr):
     i = tl.arange(0, N)
-    tl.store(dst + i, _fp8_to_bf16(tl.load(src + i), tl.load(scale + i) if MODE == FP8_SCALED else None, MODE))
+    tl.store(dst + i, _fp8_to_bf16(tl.load(src + i), tl.load(scale + i) if SCALED else None, SCALED))
 
 
-@pytest.mark.parametrize("scale", ["bits", None, 1.0, 2.0 ** -100, 3.2e4, 0.0123, 7.1e-3, 271.0])
+@pytest.mark.parametrize("scale", [None, 1.0, 2.0 ** -100, 3.2e4, 0.0123, 7.1e-3, 271.0])
 def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
-    # the kernels' fp8 decode (_fp8_to_bf16: the forward by its folded bf16 scale; the weight gradient the codes'
-    # bits, value·2^-120, with bf16 operands, and the value with fp32 ones) against torch's e4m3 → float32 · scale →
-    # bf16 on all 254 finite codes, bit for bit: zeros of both signs, subnormal codes (exponent 0, bf16 subnormals
-    # as bits), the largest normals, products near bf16's smallest normal (2^-100 · 2^-9 · 2^-8) and scales up to
-    # just below FP8_SCALE_LIMIT; the folded decode gives value·scale·2^-8
+    # the kernels' fp8 decode (_fp8_to_bf16: the forward by its folded bf16 scale, the weight gradient unscaled)
+    # against torch's e4m3 → float32 · scale → bf16 on all 254 finite codes, bit for bit: zeros of both signs,
+    # subnormal codes (exponent 0), the largest normals, products near bf16's smallest normal (2^-100 · 2^-9
+    # · 2^-8) and scales up to just below FP8_SCALE_LIMIT; the folded decode gives value·scale·2^-8
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the inline PTX on a GPU, its spelling in the interpreter
-    mode = FP8_BITS if scale == "bits" else FP8_VALUE if scale is None else FP8_SCALED
-    scale = None if scale == "bits" else scale
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     codes = codes[(codes & 0x7F) != 0x7F]  # 0x7F and 0xFF are e4m3's NaN, which the codec never writes
     # a stored scale is a bf16 value; it differs from element to element (by powers of two, which keep the products'
@@ -236,12 +233,10 @@ def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
     # one warp: eight codes per thread, as in the kernels' tiles (the weight gradient's decode takes four at once)
     folded = _fold_fp8_scale(s).view(torch.bfloat16)
     _decode_fp8_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), folded.to(dev), dst, N=256,
-                           MODE=mode, num_warps=1)
+                           SCALED=scale is not None, num_warps=1)
     want = (codes.view(torch.float8_e4m3fn).to(torch.float32) * s[:codes.numel()].to(torch.float32)).to(torch.bfloat16)
     if scale is not None:
         want = want * 2.0 ** -8  # exact: a power of two, and every product here stays a normal bf16
-    if mode == FP8_BITS:
-        want = (want.to(torch.float64) * 2.0 ** -120).to(torch.bfloat16)  # exact, subnormals included
     got = dst[:codes.numel()].cpu()
     bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
     assert bad.numel() == 0, [(hex(int(codes[i])), float(got[i]), float(want[i])) for i in bad[:8]]

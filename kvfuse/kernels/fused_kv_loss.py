@@ -29,8 +29,8 @@ scales enter it folded for a one-multiply decode (`_fold_fp8_scale`).
 which leaves X and W straight from memory to the tensor cores (a teacher with α_i = 0 is skipped entirely).
 
 The loss is linear in its per-(token, head) terms, so its gradient w.r.t. P and the student tensors is known in
-the forward up to the upstream scalar g: the forward writes G = ∂L/∂P (pair layout, times `g_gain`) and ∂L/∂S. The
-backward then only needs the weight-gradient GEMM
+the forward up to the upstream scalar g: the forward writes G = ∂L/∂P (pair layout) and ∂L/∂S. The backward then
+only needs the weight-gradient GEMM
     M_i(b) = Σ_t X_i(b, t)ᵀ G(b, t)        [F_i, C']
     ∂L/∂W_i = g Σ_b α_i(b) M_i(b),         ∂L/∂α_i(b) = g <W_i, M_i(b)>      (Frobenius product)
 so no projected teacher tensor is ever stored and no GEMM is recomputed.
@@ -65,10 +65,6 @@ DITHER_T = tl.constexpr(fused_kv_loss_op.DITHER_T)
 DITHER_M1 = tl.constexpr(fused_kv_loss_op.DITHER_M1)
 DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
 FP8_FOLD_GAIN = tl.constexpr(2.0 ** (120 - fused_kv_loss_op.FP8_FOLD_EXP))
-# _fp8_to_bf16's modes: the codes' bits (value·2^-120), the value, the value times a folded bf16 scale
-FP8_BITS = tl.constexpr(0)
-FP8_VALUE = tl.constexpr(1)
-FP8_SCALED = tl.constexpr(2)
 
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
@@ -150,37 +146,31 @@ def _rope_cos_sin(ang):
 
 
 @triton.jit
-def _fp8_to_bf16(raw, s, MODE: tl.constexpr):
+def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
     """e4m3 codes to bf16, exact, on full-rate integer and half-precision pipes instead of the conversion unit (a
     quarter of their rate on sm_90, bench/NOTES.md "Compressed teachers"): the sign at bit 15 and the seven exponent
     and mantissa bits at bits 10..4 make the bf16 of value·2^-120 (codes of exponent 0, zeros and subnormals, become
-    bf16 subnormals, which bf16 arithmetic and the tensor cores keep). MODE FP8_BITS returns that; FP8_VALUE one
-    multiply by 2^120 restores the value; FP8_SCALED one multiply by s (bf16 scale·2^FP8_FOLD_EXP) makes
-    value·scale·2^(FP8_FOLD_EXP − 120), rounded once as the fp32 product value·scale (exact: 4 by 8 significant
-    bits) rounds to bf16, while that stays a normal bf16 (|value·scale| ≥ 2^-118)."""
+    bf16 subnormals, which bf16 arithmetic keeps). Unscaled, one multiply by 2^120 restores the value. SCALED, one
+    multiply by s (bf16 scale·2^FP8_FOLD_EXP) makes value·scale·2^(FP8_FOLD_EXP − 120), rounded once as the fp32
+    product value·scale (exact: 4 by 8 significant bits) rounds to bf16, while that stays a normal bf16
+    (|value·scale| ≥ 2^-118)."""
     if ASM_DECODE:
-        # two codes per instance: prmt sign-extends each byte into a 16-bit half, then shift, mask (and multiply)
-        if MODE == FP8_SCALED:
+        # two codes per instance: prmt sign-extends each byte into a 16-bit half, then shift, mask, multiply
+        if SCALED:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 r, z; mov.b32 z, 0x80008000; cvt.u32.u16 r, $1;"
                 " prmt.b32 $0, r, 0, 0x9180; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0;"
                 " fma.rn.bf16x2 $0, $0, $2, z; }",
                 "=r,h,r", [raw.to(tl.uint8, bitcast=True), s], dtype=tl.bfloat16, is_pure=True, pack=2)
-        elif MODE == FP8_VALUE:
+        else:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 t, z; mov.b32 t, 0x7B807B80; mov.b32 z, 0x80008000; prmt.b32 $0, $1, $2, 0xC480;"
                 " shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; fma.rn.bf16x2 $0, $0, t, z; }",
                 "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise(
-                "{ prmt.b32 $0, $1, $2, 0xC480; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0; }",
-                "=r,r,r", [raw.to(tl.uint8, bitcast=True).to(tl.uint32)], dtype=tl.bfloat16, is_pure=True, pack=2)
     else:  # the same bits, spelled in Triton for the interpreter
         b = raw.to(tl.int8, bitcast=True).to(tl.int32)
         x = ((b << 20) & -2014314496).to(tl.float32, bitcast=True)  # 0x87F00000 as int32: the bf16 bits, in fp32
-        if MODE == FP8_BITS:
-            return (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        if MODE == FP8_SCALED:
+        if SCALED:
             x = x * s.to(tl.float32)
         else:
             x = x * 1.329227995784916e36  # 2^120
@@ -235,8 +225,7 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
             BF16: tl.constexpr = False):
     """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
     decoded to fp32 for a compressed one — for per-channel fp8 with bf16 scales when BF16 (the product's operand
-    type) to bf16 times 2^-8, with sc holding the forward's folded scales (`_codec_buffer`). UNSCALED (per-channel
-    fp8 only): the codes' values, unscaled, or with BF16 their bits (value·2^-120, `_fp8_to_bf16`).
+    type) to bf16 times 2^-8, with sc holding the forward's folded scales (`_codec_buffer`).
     With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
     PACK: tl.constexpr = 2 if CODEC >= CODEC_INT4_CHANNEL else 1
     W: tl.constexpr = BLOCK_K // PACK
@@ -260,12 +249,12 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
         d = d0 + tl.arange(0, BLOCK_K)
         grp = (l.to(tl.int64) * B + b) * H_I + hi
         if UNSCALED:  # per-channel fp8 codes for a caller that scales the product's rows instead (_dw_tile)
-            xd = _fp8_to_bf16(raw, None, FP8_BITS if BF16 else FP8_VALUE)
+            xd = _fp8_to_bf16(raw, None, False)
         elif CODEC == CODEC_FP8_CHANNEL and BF16:
             # code·scale·2^-8 rounded once to bf16, as the fp32 decode rounds code·scale: sc holds bf16 values
             # scale·2^FP8_FOLD_EXP (`_codec_buffer`), and the caller's α carries the 2^8 back
             sv = tl.load(sc.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
-            xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), FP8_SCALED)
+            xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True)
         else:
             xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K)
         if not USE_DESC:
@@ -362,8 +351,8 @@ def _fused_kv_fwd_kernel(
     sq_ptr, cos_ptr, g, ds,
     B, T, n_t_slots, n_h_slots,
     H_S: tl.constexpr, D_S: tl.constexpr, PH: tl.constexpr, ROT: tl.constexpr,
-    IS_KEY: tl.constexpr, COMPUTE_GRAD: tl.constexpr, G_GAIN: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    IEEE: tl.constexpr, USE_DESC: tl.constexpr, EPI_DESC: tl.constexpr, NATURAL: tl.constexpr, W2_OFF: tl.constexpr,
+    IS_KEY: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    USE_DESC: tl.constexpr, EPI_DESC: tl.constexpr, NATURAL: tl.constexpr, W2_OFF: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HPP: tl.constexpr, WIDE: tl.constexpr,
 ):
     # One program: token tile × HPP student heads × (layer l, batch row b). Consecutive programs share (l, b),
@@ -467,12 +456,8 @@ def _fused_kv_fwd_kernel(
         cm = tl.load(coef_mse_ptr + l)
         cc = tl.load(coef_cos_ptr + l)
         mh = m[:, None]
-        both_h = mh * (cm + cc / den)
-        both = _to_columns(both_h, BLOCK_T, HPP, PH)
-        # G leaves times G_GAIN (`g_gain`): its per-head factors carry it
-        both_g = _to_columns(both_h * G_GAIN, BLOCK_T, HPP, PH)
-        on_k = _to_columns(mh * (cm + cc * tl.where(big, cs / tl.where(big, kk, 1.0), 0.0)) * G_GAIN, BLOCK_T, HPP,
-                           PH)
+        both = _to_columns(mh * (cm + cc / den), BLOCK_T, HPP, PH)
+        on_k = _to_columns(mh * (cm + cc * tl.where(big, cs / tl.where(big, kk, 1.0), 0.0)), BLOCK_T, HPP, PH)
         on_s = _to_columns(mh * (cm + cc * tl.where(big, cs / tl.where(big, ss, 1.0), 0.0)), BLOCK_T, HPP, PH)
         if EPI_DESC:
             ds_ty: tl.constexpr = ds.dtype
@@ -482,8 +467,8 @@ def _fused_kv_fwd_kernel(
             g_ty: tl.constexpr = g.dtype.element_ty
         f1 = (on_s * s1 - both * k1).to(ds_ty)
         f2 = (on_s * s2 - both * k2).to(ds_ty)
-        g1 = on_k * k1 - both_g * s1
-        g2 = on_k * k2 - both_g * s2
+        g1 = on_k * k1 - both * s1
+        g2 = on_k * k2 - both * s2
         if IS_KEY:
             r1 = g1 * cos_a + g2 * sin_a
             r2 = g2 * cos_a - g1 * sin_a
@@ -509,8 +494,8 @@ def _fused_kv_fwd_kernel(
 @triton.jit
 def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab, stride_al,
              g_out, l32, B, T, N_FBLK, N_CBLK, H_I, D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr,
-             G_GAIN: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr,
-             BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+             DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_F: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     # Adapter tile W_i[l][f-block, c-block] (pair layout), the f-block inside one teacher head so the X tile is a
     # box of that head's [T, D_i] block. For each batch row b:
     #   M(b)    = Σ_t X_i(b, t)[f]ᵀ G(b, t)[c]            (fp32 accumulation over the T axis)
@@ -519,7 +504,6 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
     # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing; with
     # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
-    FP8_AS_BITS: tl.constexpr = FP8_CH and DOT_DTYPE == tl.bfloat16 and G_GAIN != 1.0
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     l = l32.to(tl.int64)
@@ -545,8 +529,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH,
-                                      FP8_AS_BITS).to(DOT_DTYPE))
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH))
             elif USE_DESC:
                 xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
             elif D_I % BLOCK_F == 0:
@@ -564,17 +547,9 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb, input_precision="ieee")
             else:
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
-        # G arrived times G_GAIN (`g_gain`); per-channel fp8: X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G), and
-        # FP8_AS_BITS the loop multiplied the codes' bits, Q·2^-120
-        if FP8_CH:
+        if FP8_CH:  # X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G): the loop only places the codes' bits
             grp = (l * B + bb) * H_I + hi
-            sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
-            if FP8_AS_BITS:
-                mb = mb * (sv * (1.329227995784916e36 / G_GAIN))[:, None]  # 2^120 / G_GAIN
-            else:
-                mb = mb * (sv * (1.0 / G_GAIN))[:, None]
-        else:
-            mb = mb * (1.0 / G_GAIN)
+            mb = mb * tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
@@ -590,7 +565,7 @@ def _fused_kv_dw_kernel(
     alpha_ptr, stride_ab, stride_al, gout_ptr,
     B, T, L, N_FBLK, N_CBLK, H_I,
     D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, CODEC_V: tl.constexpr, KINDS: tl.constexpr,
-    G_GAIN: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program: one adapter tile (_dw_tile) of teacher i's keys, or with KINDS = 2 of its values too: grid axis 2
@@ -602,15 +577,15 @@ def _fused_kv_dw_kernel(
         if pid2 >= L:
             _dw_tile(x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
                      alpha_ptr, stride_ab, stride_al, g_out, pid2 - L, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC_V,
-                     G_GAIN, DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T)
+                     DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T)
         else:
             _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
-                     stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, G_GAIN, DOT_DTYPE, IEEE,
-                     USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T)
+                     stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
+                     BLOCK_F, BLOCK_C, BLOCK_T)
     else:
         _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
-                 stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, G_GAIN, DOT_DTYPE, IEEE,
-                 USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T)
+                 stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
+                 BLOCK_F, BLOCK_C, BLOCK_T)
 
 
 # Autotuning: a few tile shapes on the GPU, one small config under the interpreter (where every config would run
@@ -831,14 +806,6 @@ def _codec_dims(teachers, codecs) -> tuple[tuple[int, ...], tuple[int, ...]]:
             tuple(int(x.shape[4]) * (2 if c >= CODEC_INT4_CHANNEL else 1) for x, c in zip(teachers, codecs)))
 
 
-def g_gain(dtype: torch.dtype) -> float:
-    """G_GAIN of a G in `dtype`: the forward writes G = ∂L/∂P times it, a power of two the weight gradient takes back
-    after its loop (exact), so that per-channel fp8 codes enter that loop's products as their bits, value·2^-120 in
-    bf16, with no multiply (the products value·G·2^-56 stay normal fp32 unless |value·G| < 2^-70). fp16's range
-    (65504) cannot hold G·2^64: there it is 1, and the codes are multiplied by 2^120."""
-    return 1.0 if dtype == torch.float16 else 2.0 ** 64
-
-
 def stat_slots(T: int, H_s: int) -> tuple[int, int]:
     """(token slots, head slots) of the forward's per-program partial sums: one slot per program of the smallest
     tile, so any config's programs find theirs."""
@@ -860,7 +827,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     sums [2, L, B, *stat_slots(T, H_s)] fp32, zero-filled: the programs add nothing, each stores its partial squared
     error (sums[0]) and cosine sum (sums[1]) in its own slot, the rest stays zero, so the caller reduces it in one op
     (for keys and values together when their buffers are one).
-    Returns (G·g_gain(G.dtype) [L, B, T, 2·H_s·PH] or None, dS [L, B, H_s, T, D_s] or None)."""
+    Returns (G [L, B, T, 2·H_s·PH] or None, dS [L, B, H_s, T, D_s] or None)."""
     L, B, H_s, T, D_s = student.shape
     PH = pair_width(D_s)
     N = len(teachers)
@@ -903,7 +870,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
         sq_ptr=sq, cos_ptr=cs, g=desc(g, epi_desc and compute_grad, 4), ds=desc(ds, epi_desc and compute_grad, 5),
         B=B, T=T, n_t_slots=n_t_slots, n_h_slots=n_h_slots,
         H_S=H_s, D_S=D_s, PH=PH, ROT=int(rotary_pairs), IS_KEY=is_key, COMPUTE_GRAD=compute_grad,
-        G_GAIN=g_gain(g_dtype), DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc, EPI_DESC=epi_desc, NATURAL=natural,
+        DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc, EPI_DESC=epi_desc, NATURAL=natural,
         W2_OFF=PH if natural else H_s * PH)
     if interpreting():
         cfg = interp_cfg
@@ -926,7 +893,7 @@ def alpha_slots(heads_dims, C2: int) -> tuple[int, int]:
 
 class KindGrad(NamedTuple):
     """One kind's (keys' or values') inputs to the weight gradient: its teachers as the kernels read them, their
-    adapters, and that kind's G = ∂L/∂P [L, B, T, C'] times `g_gain`, as the forward writes it."""
+    adapters, and that kind's G = ∂L/∂P [L, B, T, C']."""
     storage: TeacherStorage
     weights: list
     G: torch.Tensor
@@ -992,8 +959,7 @@ def fused_kv_loss_backward(keys: KindGrad, values: KindGrad | None, alpha, grad_
             args = dict(first, **dict(zip(_DW_ARGS_V, last[1].values())),
                         alpha_ptr=alpha[..., i], stride_ab=sab, stride_al=sal, gout_ptr=grad_out,
                         B=B, T=T, L=L, N_FBLK=slots[0], N_CBLK=slots[1], H_I=H_i, D_I=D_i, C2=C2, CODEC=codec,
-                        CODEC_V=last[0][5], KINDS=len(group), G_GAIN=g_gain(keys.G.dtype), DOT_DTYPE=dot_tl,
-                        IEEE=ieee, USE_DESC=use_desc)
+                        CODEC_V=last[0][5], KINDS=len(group), DOT_DTYPE=dot_tl, IEEE=ieee, USE_DESC=use_desc)
             partials = tuple(side[1]["dalpha_ptr"] for side in group) if need_alpha else ()
             if interpreting():
                 cfg = INTERP_DW
