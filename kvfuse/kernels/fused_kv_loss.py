@@ -491,9 +491,6 @@ def _fused_kv_fwd_kernel(
             tl.store(ds_base + d2[None, :], f2, mask=tc_ok)
 
 
-ROTATE = tl.constexpr(True)
-
-
 @triton.jit
 def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab, stride_al,
              g_out, l32, B, T, N_FBLK, N_CBLK, H_I, D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr,
@@ -527,15 +524,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
         if not USE_DESC:
             x_base = x + l * sx0 + bb * sx1 + hi * sx2 + d[:, None]
             g_base = g + (l * B + bb) * T * C2 + c[None, :]
-        if CODEC != CODEC_PLAIN and USE_DESC and ROTATE:
-            xa = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32, bb, hi, 0, d0, B, T,
-                                  H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH)).to(DOT_DTYPE)
-            for t0 in range(0, T, BLOCK_T):
-                ga = g.load([l32, bb, t0, pid_c * BLOCK_C]).reshape(BLOCK_T, BLOCK_C)
-                mb = tl.dot(xa, ga, mb)
-                xa = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32, bb, hi, t0 + BLOCK_T, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH)).to(DOT_DTYPE)
-        for t0 in range(0, T if not (CODEC != CODEC_PLAIN and USE_DESC and ROTATE) else 0, BLOCK_T):
+        for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
