@@ -228,6 +228,18 @@ def test_int4_key_variants_measure_the_codec_itself(tmp_path):
     assert rows["int4, MSE-best clip of 16"] <= rows["int4 per channel (the codec)"]
 
 
+def test_codec_distill_items_resize_a_phase_without_changing_its_defaults():
+    """`distill --items TRAIN VAL`: the dump and the runs take those item counts and keep the phase's training
+    options; the CPU-sized defaults stay as they were for the next call."""
+    from bench.codec_quality import PHASE_RUNS, _size, main
+
+    before = {k: dict(v) for k, v in PHASE_RUNS.items()}
+    assert _size(2, (48, 16)) == dict(PHASE_RUNS[2], n_samples=48, n_val=16)
+    assert _size(2, None) == PHASE_RUNS[2] and PHASE_RUNS == before
+    with pytest.raises(SystemExit):  # two numbers or none
+        main(["distill", "--codecs", "bf16", "--items", "48"])
+
+
 def test_fused_loss_codec_rounds_rotate_and_pair():
     """The fused-loss codec bench's rounds: every codec takes every position over len(names) rounds, and each is
     compared with bf16 of its own round (a slow round for all must not read as a slow codec)."""
