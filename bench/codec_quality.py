@@ -181,7 +181,7 @@ def _slug(codec: str) -> str:
 
 
 def _run(cmd: list[str], log: Path) -> None:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # train/main.py picks DeepSpeed's accelerator from its device
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if proc.returncode:
