@@ -17,6 +17,9 @@
                compressed one), and writes bench/results/codec_distill.csv (one row per run) and a table relative to
                the bf16 run of the same seed. Runs land in runs/codecs/ (checkpoints are not kept).
 
+  gaps         each codec's Phase-1 gap to the bf16 store against the run's length, from distill tables of runs
+               of several lengths (`distill --items`): bench/results/codec_gap_by_length.png.
+
   halves       Phase 1 (3 seeds) from two bf16 stores in which only the keys, or only the values, are int4 round
                trips, beside the bf16 and int4 stores: which half carries int4's gap; and the relative MSE other key
                codes (5 bits, 32/64-token groups, MSE-best clipping) reach on the same store. Writes
@@ -174,6 +177,51 @@ def plot(rows, byte_rows, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def gaps(args) -> int:
+    """Each codec's Phase-1 gap to the bf16 store against the run's length: one point per seed and run length (from
+    the distill tables given, each row a run: phase, codec, seed, steps, val_kv_last, and where not on the CPU in
+    fp32 its device and student dtype), the mean joined by a line per codec and setting."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [dict(r, setting=f"{r['device']}, {r['student_dtype']} student" if r.get("device") else "CPU, fp32 student")
+            for path in args.csv for r in csv.DictReader(open(path)) if r["phase"] == "1"]
+    base = {(r["setting"], r["steps"], r["seed"]): float(r["val_kv_last"]) for r in runs if r["codec"] == "bf16"}
+    curves: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in runs:
+        key = (r["setting"], r["steps"], r["seed"])
+        if r["codec"] in args.codecs and r["codec"] != "bf16" and key in base:
+            gap = 100 * (float(r["val_kv_last"]) / base[key] - 1)
+            curves.setdefault((r["codec"], r["setting"]), {}).setdefault(int(r["steps"]), []).append(gap)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = {codec: f"C{i}" for i, codec in enumerate(args.codecs)}
+    settings = sorted({setting for _, setting in curves})
+    for (codec, setting), per_len in sorted(curves.items()):
+        steps = sorted(per_len)
+        style = dict(color=colours[codec], ls="-" if settings.index(setting) == 0 else ":",
+                     marker="os^"[settings.index(setting) % 3])
+        ax.plot(steps, [statistics.fmean(per_len[n]) for n in steps], label=f"{codec} ({setting})", **style)
+        for n in steps:
+            ax.scatter([n] * len(per_len[n]), per_len[n], s=12, color=colours[codec], alpha=0.5)
+        print(f"  {codec:6s} {setting:28s} " + ", ".join(
+            f"{n} steps {statistics.fmean(per_len[n]):+.2f} % (seeds {len(per_len[n])})" for n in steps))
+    ax.axhline(2, ls="--", c="grey", label="target: within 2 %")
+    ax.axhline(0, c="black", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("Phase-1 training steps (= train items, batch 1)")
+    ax.set_ylabel("final val KV loss vs the bf16 store, %")
+    ax.set_title(args.title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _slug(codec: str) -> str:
@@ -448,6 +496,12 @@ def main(argv=None) -> int:
                               "--out: stores and runs of one size per folder); the table goes to "
                               "codec_distill_<TRAIN>x<VAL>.csv")
         dis.add_argument("--out", default=str(ROOT / "runs" / "codecs"))
+    gap = sub.add_parser("gaps", help="plot each codec's Phase-1 gap to the bf16 store against the run length, from "
+                         "distill tables")
+    gap.add_argument("--csv", nargs="+", required=True, help="distill tables (codec_distill*.csv)")
+    gap.add_argument("--codecs", nargs="+", default=["fp8", "int4", "int4d"])
+    gap.add_argument("--title", default="Phase 1: the codec's gap as the student converges")
+    gap.add_argument("--out", default=str(RESULTS / "codec_gap_by_length.png"))
     hal = sub.add_parser("halves", help="Phase 1 from int4 keys only and from int4 values only; other key codes' "
                          "error on the same store")
     hal.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -456,8 +510,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("distill", "summarise") and "bf16" not in args.codecs:
         parser.error("--codecs must include bf16, the reference the others are compared with")
-    return {"reconstruct": reconstruct, "distill": distill, "summarise": summarise,
-            "halves": halves}[args.command](args)
+    return {"reconstruct": reconstruct, "distill": distill, "summarise": summarise, "halves": halves,
+            "gaps": gaps}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,37 @@ def test_codec_distill_items_resize_a_phase_without_changing_its_defaults():
         main(["distill", "--codecs", "bf16", "--items", "48"])
 
 
+def test_codec_gaps_pair_each_run_with_the_bf16_run_of_its_setting_length_and_seed(tmp_path, capsys):
+    """`codec_quality gaps`: a run's gap is against the bf16 run of the same setting (CPU fp32, or a device's rows),
+    length and seed; other phases and unpaired runs stay out."""
+    import csv
+
+    from bench.codec_quality import main
+
+    def table(path, rows, extra=()):
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["phase", "codec", "seed", "steps", "val_kv_last", *extra])
+            w.writeheader()
+            w.writerows(rows)
+    cpu = [dict(phase=1, codec="bf16", seed=0, steps=10, val_kv_last=1.0),
+           dict(phase=1, codec="fp8", seed=0, steps=10, val_kv_last=1.03),
+           dict(phase=1, codec="bf16", seed=1, steps=10, val_kv_last=2.0),
+           dict(phase=1, codec="fp8", seed=1, steps=10, val_kv_last=2.02),
+           dict(phase=1, codec="fp8", seed=2, steps=10, val_kv_last=9.0),     # no bf16 run of seed 2
+           dict(phase=2, codec="bf16", seed=0, steps=8, val_kv_last=1.0),
+           dict(phase=2, codec="fp8", seed=0, steps=8, val_kv_last=5.0)]
+    gpu = [dict(phase=1, codec="bf16", seed=0, steps=10, val_kv_last=4.0, device="H200", student_dtype="bf16"),
+           dict(phase=1, codec="fp8", seed=0, steps=10, val_kv_last=4.4, device="H200", student_dtype="bf16")]
+    table(tmp_path / "cpu.csv", cpu)
+    table(tmp_path / "gpu.csv", gpu, ("device", "student_dtype"))
+    assert main(["gaps", "--csv", str(tmp_path / "cpu.csv"), str(tmp_path / "gpu.csv"), "--codecs", "fp8",
+                 "--out", str(tmp_path / "gaps.png")]) == 0
+    out = capsys.readouterr().out
+    assert "CPU, fp32 student            10 steps +2.00 % (seeds 2)" in out
+    assert "H200, bf16 student           10 steps +10.00 % (seeds 1)" in out
+    assert (tmp_path / "gaps.png").stat().st_size > 0
+
+
 def test_fused_loss_codec_rounds_rotate_and_pair():
     """The fused-loss codec bench's rounds: every codec takes every position over len(names) rounds, and each is
     compared with bf16 of its own round (a slow round for all must not read as a slow codec)."""
