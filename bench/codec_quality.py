@@ -341,17 +341,72 @@ def int4_half_store(source: Path, target: Path, kind: str) -> None:
     writer.write_shard(0, samples)
 
 
+def _rounded(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """x on the asymmetric `bits`-bit grid from lo to hi (round to nearest), decoded."""
+    levels = 2 ** bits - 1
+    s = ((hi - lo) / levels).clamp_min(1e-12)
+    return torch.round((x - lo) / s).clamp(0, levels) * s + lo
+
+
+def _per_channel(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """x [..., n tokens, D] round-tripped through a `bits`-bit code with one scale and offset per channel."""
+    return _rounded(x, x.amin(-2, keepdim=True), x.amax(-2, keepdim=True), bits)
+
+
+def int_round_trip_store(source: Path, target: Path, bits: int) -> None:
+    """The fp32 store `source` as a bf16 store whose teacher keys and values hold their round trip through a
+    `bits`-bit integer code with one scale and offset per (layer, head, channel) over the sample's valid tokens (the
+    layout of per-channel fp8 and int4 keys): what an integer codec of that width would teach, before any kernel
+    decodes it. Masked tokens stay zeros."""
+    src = TeacherKVStore(source)
+    writer = StoreWriter(target, dict(src.settings, codec="bf16", dtype="bf16"), 1)
+    samples = []
+    for i in range(len(src)):
+        sample = {n: t for n, t in src[i].items() if n != "id"}
+        named = encode_sample(sample, parse_codec("bf16"))     # masked tokens as zeros, finite check
+        valid = sample["mask"].bool()
+        for name in named:
+            if name.startswith("teacher"):
+                x = sample[name].float()
+                y = torch.zeros_like(x)
+                y[..., valid, :] = _per_channel(x[..., valid, :], bits)
+                named[name] = y.to(torch.bfloat16)
+        samples.append((src.sample_ids[i], named))
+    writer.write_shard(0, samples)
+
+
+def round_trip(args) -> int:
+    """Phase 1 from a `bits`-bit per-channel integer round-trip store beside the bf16 runs of the same folder and size
+    (`distill --items`): the gap an integer codec of that width would leave."""
+    out = Path(args.out)
+    stores = _prepare(out, 1, ["bf16"], args.calib, args.items)
+    label = f"int{args.bits}-roundtrip"
+    store = out / f"store-p1-{label}"
+    if not (store / "shard-00000-of-00001.json").exists():
+        print(f"build {store.name}", flush=True)
+        int_round_trip_store(stores["fp32"], store, args.bits)
+    rows = []
+    for seed in args.seeds:
+        for key, path in (("bf16", stores["bf16"]), (label, store)):
+            run = _train(out, 1, seed, key, path, stores["bf16"], args.items)
+            rows.append({"phase": 1, "codec": key, "seed": seed, "steps": _val_kv(run)[-1]["step"],
+                         "val_kv_last": _val_kv(run)[-1]["kv_loss"], "commit": commit()})
+    base = {r["seed"]: r["val_kv_last"] for r in rows if r["codec"] == "bf16"}
+    for r in rows:
+        r["vs_bf16_pct"] = 100 * (r["val_kv_last"] / base[r["seed"]] - 1)
+    path = RESULTS / "codec_{}_{}.csv".format(label.replace("-", "_"), "x".join(map(str, args.items or ("preset",))))
+    path.unlink(missing_ok=True)
+    append_csv(path, rows)
+    gaps_ = [r["vs_bf16_pct"] for r in rows if r["codec"] == label]
+    print(f"  {label}: {statistics.fmean(gaps_):+.2f} % ({', '.join(f'{g:+.2f}' for g in gaps_)}); wrote {path}")
+    return 0
+
+
 def _int4_key_variants(store: Path) -> list[dict]:
     """Relative and absolute (per element) MSE of per-channel asymmetric keys (valid tokens of the store's samples)
     under variants of the int4 code: what a different grouping, clipping or width would buy the keys; and, for
     scale, the codec's own int4 values (per token)."""
-    def rounded(x, lo, hi, bits=4):
-        levels = 2 ** bits - 1
-        s = ((hi - lo) / levels).clamp_min(1e-12)
-        return torch.round((x - lo) / s).clamp(0, levels) * s + lo
-
-    def per_channel(x, bits=4):
-        return rounded(x, x.amin(-2, keepdim=True), x.amax(-2, keepdim=True), bits)
+    rounded, per_channel = _rounded, _per_channel
 
     def token_groups(x, g):
         return torch.cat([per_channel(x[..., a:a + g, :]) for a in range(0, x.shape[-2], g)], -2)
@@ -502,6 +557,13 @@ def main(argv=None) -> int:
     gap.add_argument("--codecs", nargs="+", default=["fp8", "int4", "int4d"])
     gap.add_argument("--title", default="Phase 1: the codec's gap as the student converges")
     gap.add_argument("--out", default=str(RESULTS / "codec_gap_by_length.png"))
+    rt = sub.add_parser("roundtrip", help="Phase 1 from a per-channel integer round-trip store of --bits beside the "
+                        "bf16 runs")
+    rt.add_argument("--bits", type=int, default=8)
+    rt.add_argument("--items", nargs=2, type=int, metavar=("TRAIN", "VAL"))
+    rt.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    rt.add_argument("--calib", type=int, default=8, help=argparse.SUPPRESS)
+    rt.add_argument("--out", default=str(ROOT / "runs" / "codecs"))
     hal = sub.add_parser("halves", help="Phase 1 from int4 keys only and from int4 values only; other key codes' "
                          "error on the same store")
     hal.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -511,7 +573,7 @@ def main(argv=None) -> int:
     if args.command in ("distill", "summarise") and "bf16" not in args.codecs:
         parser.error("--codecs must include bf16, the reference the others are compared with")
     return {"reconstruct": reconstruct, "distill": distill, "summarise": summarise, "halves": halves,
-            "gaps": gaps}[args.command](args)
+            "gaps": gaps, "roundtrip": round_trip}[args.command](args)
 
 
 if __name__ == "__main__":

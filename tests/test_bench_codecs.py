@@ -204,6 +204,35 @@ def test_int4_half_store_rounds_only_its_half(tmp_path, kind):
             assert torch.equal(got[name][..., valid, :], want), name
 
 
+@pytest.mark.parametrize("bits", [3, 8])
+def test_int_round_trip_store_holds_each_channels_grid(tmp_path, bits):
+    """codec_quality roundtrip: every teacher entry holds, on valid tokens, values within half a step of the source
+    on a grid of 2^bits levels per (layer, head, channel) spanning that channel's valid range; masked tokens (NaN in
+    the source) are stored as zeros."""
+    from bench.codec_quality import int_round_trip_store
+    from kvfuse.teacher.store import TeacherKVStore
+
+    samples = _fp32_store(tmp_path / "fp32")
+    int_round_trip_store(tmp_path / "fp32", tmp_path / "rt", bits)
+    rt = TeacherKVStore(tmp_path / "rt")
+    assert rt.settings["codec"] == "bf16"
+    for i, (_, sample) in enumerate(samples):
+        got, valid = rt[i], sample["mask"]
+        for name, x in sample.items():
+            if not name.startswith("teacher"):
+                continue
+            y = got[name].float()
+            assert got[name].dtype == torch.bfloat16 and (y[..., ~valid, :] == 0).all()
+            xv, yv = x[..., valid, :], y[..., valid, :]
+            lo, hi = xv.amin(-2, keepdim=True), xv.amax(-2, keepdim=True)
+            half_step = (hi - lo) / (2 * (2 ** bits - 1))
+            assert ((yv - xv).abs() <= half_step + yv.abs() * 2.0 ** -8 + 1e-6).all(), name
+            if bits == 3:  # a grid bf16 resolves (at 8 bits its own rounding is of a step's size)
+                levels = ((yv - lo) / (2 * half_step)).round()             # each value's grid index
+                assert levels.min() >= 0 and levels.max() <= 2 ** bits - 1
+                assert not torch.equal(yv, xv.to(torch.bfloat16).float())
+
+
 def test_int4_key_variants_measure_the_codec_itself(tmp_path):
     """The study's reference rows are the codec's own int4 errors (same grid, same statistics); 5 bits and the
     MSE-best clip can only lower the keys' on these inputs."""
