@@ -176,32 +176,40 @@ def _fp32_store(root):
     return samples
 
 
+def _bf16_teacher_entries(store, samples):
+    """(entry name, its fp32 source, what the bf16 store `store` holds for it, the sample's mask) of every teacher
+    entry of `samples` (as _fp32_store wrote them); the store must be a bf16 one."""
+    from kvfuse.teacher.store import TeacherKVStore
+
+    written = TeacherKVStore(store)
+    assert written.settings["codec"] == "bf16"
+    for i, (_, sample) in enumerate(samples):
+        got = written[i]
+        for name, x in sample.items():
+            if name.startswith("teacher"):
+                assert got[name].dtype == torch.bfloat16
+                yield name, x, got[name], sample["mask"]
+
+
 @pytest.mark.parametrize("kind", ["k", "v"])
 def test_int4_half_store_rounds_only_its_half(tmp_path, kind):
     """codec_quality halves: the half store holds int4 round trips (as the codec encodes them) in one half and the
     plain bf16 tensor in the other, on valid tokens; masked tokens, NaN in the source, are stored finite."""
     from bench.codec_quality import int4_half_store
     from kvfuse.codecs import encode_int4, store_axis
-    from kvfuse.teacher.store import TeacherKVStore
 
     samples = _fp32_store(tmp_path / "fp32")
     int4_half_store(tmp_path / "fp32", tmp_path / "half", kind)
-    half = TeacherKVStore(tmp_path / "half")
-    assert half.settings["codec"] == "bf16"
-    for i, (_, sample) in enumerate(samples):
-        got, valid = half[i], sample["mask"]
-        for name, x in sample.items():
-            if not name.startswith("teacher"):
-                continue
-            assert got[name].dtype == torch.bfloat16 and torch.isfinite(got[name]).all()
-            plain = x[..., valid, :].to(torch.bfloat16)
-            if name.endswith("/" + kind):
-                want = encode_int4(x, store_axis(kind, "int4"), valid).decode(torch.float32)[..., valid, :]
-                want = want.to(torch.bfloat16)
-                assert not torch.equal(want, plain)
-            else:
-                want = plain
-            assert torch.equal(got[name][..., valid, :], want), name
+    for name, x, got, valid in _bf16_teacher_entries(tmp_path / "half", samples):
+        assert torch.isfinite(got).all()
+        plain = x[..., valid, :].to(torch.bfloat16)
+        if name.endswith("/" + kind):
+            want = encode_int4(x, store_axis(kind, "int4"), valid).decode(torch.float32)[..., valid, :]
+            want = want.to(torch.bfloat16)
+            assert not torch.equal(want, plain)
+        else:
+            want = plain
+        assert torch.equal(got[..., valid, :], want), name
 
 
 @pytest.mark.parametrize("bits", [3, 8])
@@ -210,27 +218,20 @@ def test_int_round_trip_store_holds_each_channels_grid(tmp_path, bits):
     on a grid of 2^bits levels per (layer, head, channel) spanning that channel's valid range; masked tokens (NaN in
     the source) are stored as zeros."""
     from bench.codec_quality import int_round_trip_store
-    from kvfuse.teacher.store import TeacherKVStore
 
     samples = _fp32_store(tmp_path / "fp32")
     int_round_trip_store(tmp_path / "fp32", tmp_path / "rt", bits)
-    rt = TeacherKVStore(tmp_path / "rt")
-    assert rt.settings["codec"] == "bf16"
-    for i, (_, sample) in enumerate(samples):
-        got, valid = rt[i], sample["mask"]
-        for name, x in sample.items():
-            if not name.startswith("teacher"):
-                continue
-            y = got[name].float()
-            assert got[name].dtype == torch.bfloat16 and (y[..., ~valid, :] == 0).all()
-            xv, yv = x[..., valid, :], y[..., valid, :]
-            lo, hi = xv.amin(-2, keepdim=True), xv.amax(-2, keepdim=True)
-            half_step = (hi - lo) / (2 * (2 ** bits - 1))
-            assert ((yv - xv).abs() <= half_step + yv.abs() * 2.0 ** -8 + 1e-6).all(), name
-            if bits == 3:  # a grid bf16 resolves (at 8 bits its own rounding is of a step's size)
-                levels = ((yv - lo) / (2 * half_step)).round()             # each value's grid index
-                assert levels.min() >= 0 and levels.max() <= 2 ** bits - 1
-                assert not torch.equal(yv, xv.to(torch.bfloat16).float())
+    for name, x, got, valid in _bf16_teacher_entries(tmp_path / "rt", samples):
+        y = got.float()
+        assert (y[..., ~valid, :] == 0).all()
+        xv, yv = x[..., valid, :], y[..., valid, :]
+        lo, hi = xv.amin(-2, keepdim=True), xv.amax(-2, keepdim=True)
+        half_step = (hi - lo) / (2 * (2 ** bits - 1))
+        assert ((yv - xv).abs() <= half_step + yv.abs() * 2.0 ** -8 + 1e-6).all(), name
+        if bits == 3:  # a grid bf16 resolves (at 8 bits its own rounding is of a step's size)
+            levels = ((yv - lo) / (2 * half_step)).round()                 # each value's grid index
+            assert levels.min() >= 0 and levels.max() <= 2 ** bits - 1
+            assert not torch.equal(yv, xv.to(torch.bfloat16).float())
 
 
 def test_int4_key_variants_measure_the_codec_itself(tmp_path):
