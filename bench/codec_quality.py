@@ -189,8 +189,11 @@ def gaps(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [dict(r, setting=f"{r['device']}, {r['student_dtype']} student" if r.get("device") else "CPU, fp32 student")
-            for path in args.csv for r in csv.DictReader(open(path)) if r["phase"] == "1"]
+    runs = []
+    for path in args.csv:
+        with open(path, newline="") as fh:
+            runs += [dict(r, setting=f"{r['device']}, {r['student_dtype']} student" if r.get("device")
+                          else "CPU, fp32 student") for r in csv.DictReader(fh) if r["phase"] == "1"]
     base = {(r["setting"], r["steps"], r["seed"]): float(r["val_kv_last"]) for r in runs if r["codec"] == "bf16"}
     curves: dict[tuple[str, str], dict[int, list[float]]] = {}
     for r in runs:
@@ -321,24 +324,32 @@ def distill(args) -> int:
     return summarise(args)
 
 
-def int4_half_store(source: Path, target: Path, kind: str) -> None:
-    """The fp32 store `source` as a bf16 store in which one half of every teacher entry, keys (kind "k") or values
-    ("v"), holds the bf16 value of its int4 round trip (as `dump --codec int4` encodes it) and the other half is
-    plain bf16: a store whose only int4 error is in that half."""
+def _rewritten_bf16_store(source: Path, target: Path, rewrite) -> None:
+    """The fp32 store `source` as a bf16 store (one shard) whose teacher entries are those of `rewrite(sample, plain)`
+    ({name: tensor}), the others `plain`, all in bf16: sample is the fp32 source sample, plain its entries as the
+    bf16 codec encodes them (masked tokens as zeros, finite check)."""
     src = TeacherKVStore(source)
-    int4 = parse_codec("int4")
     writer = StoreWriter(target, dict(src.settings, codec="bf16", dtype="bf16"), 1)
     samples = []
     for i in range(len(src)):
         sample = {n: t for n, t in src[i].items() if n != "id"}
-        rounded = assemble(encode_sample(sample, int4), int4)
-        named = encode_sample(sample, parse_codec("bf16"))     # masked tokens as zeros, finite check
-        for name in named:
-            if name.startswith("teacher"):
-                half = rounded[name] if name.endswith("/" + kind) else named[name]
-                named[name] = decode(half).to(torch.bfloat16)
-        samples.append((src.sample_ids[i], named))
+        plain = encode_sample(sample, parse_codec("bf16"))
+        named = {**plain, **rewrite(sample, plain)}
+        samples.append((src.sample_ids[i], {name: decode(t).to(torch.bfloat16) if name.startswith("teacher") else t
+                                            for name, t in named.items()}))
     writer.write_shard(0, samples)
+
+
+def int4_half_store(source: Path, target: Path, kind: str) -> None:
+    """The fp32 store `source` as a bf16 store in which one half of every teacher entry, keys (kind "k") or values
+    ("v"), holds the bf16 value of its int4 round trip (as `dump --codec int4` encodes it) and the other half is
+    plain bf16: a store whose only int4 error is in that half."""
+    int4 = parse_codec("int4")
+
+    def rewrite(sample, plain):
+        rounded = assemble(encode_sample(sample, int4), int4)
+        return {name: rounded[name] for name in plain if name.startswith("teacher") and name.endswith("/" + kind)}
+    _rewritten_bf16_store(source, target, rewrite)
 
 
 def _rounded(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -358,21 +369,16 @@ def int_round_trip_store(source: Path, target: Path, bits: int) -> None:
     `bits`-bit integer code with one scale and offset per (layer, head, channel) over the sample's valid tokens (the
     layout of per-channel fp8 and int4 keys): what an integer codec of that width would teach, before any kernel
     decodes it. Masked tokens stay zeros."""
-    src = TeacherKVStore(source)
-    writer = StoreWriter(target, dict(src.settings, codec="bf16", dtype="bf16"), 1)
-    samples = []
-    for i in range(len(src)):
-        sample = {n: t for n, t in src[i].items() if n != "id"}
-        named = encode_sample(sample, parse_codec("bf16"))     # masked tokens as zeros, finite check
+    def rewrite(sample, plain):
         valid = sample["mask"].bool()
-        for name in named:
+        out = {}
+        for name in plain:
             if name.startswith("teacher"):
                 x = sample[name].float()
-                y = torch.zeros_like(x)
-                y[..., valid, :] = _per_channel(x[..., valid, :], bits)
-                named[name] = y.to(torch.bfloat16)
-        samples.append((src.sample_ids[i], named))
-    writer.write_shard(0, samples)
+                out[name] = torch.zeros_like(x)
+                out[name][..., valid, :] = _per_channel(x[..., valid, :], bits)
+        return out
+    _rewritten_bf16_store(source, target, rewrite)
 
 
 def round_trip(args) -> int:
@@ -388,9 +394,9 @@ def round_trip(args) -> int:
     rows = []
     for seed in args.seeds:
         for key, path in (("bf16", stores["bf16"]), (label, store)):
-            run = _train(out, 1, seed, key, path, stores["bf16"], args.items)
-            rows.append({"phase": 1, "codec": key, "seed": seed, "steps": _val_kv(run)[-1]["step"],
-                         "val_kv_last": _val_kv(run)[-1]["kv_loss"], "commit": commit()})
+            last = _val_kv(_train(out, 1, seed, key, path, stores["bf16"], args.items))[-1]
+            rows.append({"phase": 1, "codec": key, "seed": seed, "steps": last["step"],
+                         "val_kv_last": last["kv_loss"], "commit": commit()})
     base = {r["seed"]: r["val_kv_last"] for r in rows if r["codec"] == "bf16"}
     for r in rows:
         r["vs_bf16_pct"] = 100 * (r["val_kv_last"] / base[r["seed"]] - 1)
@@ -406,26 +412,25 @@ def _int4_key_variants(store: Path) -> list[dict]:
     """Relative and absolute (per element) MSE of per-channel asymmetric keys (valid tokens of the store's samples)
     under variants of the int4 code: what a different grouping, clipping or width would buy the keys; and, for
     scale, the codec's own int4 values (per token)."""
-    rounded, per_channel = _rounded, _per_channel
-
     def token_groups(x, g):
-        return torch.cat([per_channel(x[..., a:a + g, :]) for a in range(0, x.shape[-2], g)], -2)
+        return torch.cat([_per_channel(x[..., a:a + g, :]) for a in range(0, x.shape[-2], g)], -2)
 
     def best_clip(x):
         lo, hi = x.amin(-2, keepdim=True), x.amax(-2, keepdim=True)
         mid, half = (hi + lo) / 2, (hi - lo) / 2
         best = err = None
         for c in [1 - 0.03 * j for j in range(16)]:
-            y = rounded(x, mid - c * half, mid + c * half)
+            y = _rounded(x, mid - c * half, mid + c * half)
             e = (y - x).square().sum(-2, keepdim=True)
             best = y if best is None else torch.where(e < err, y, best)
             err = e if err is None else torch.minimum(e, err)
         return best
 
     def per_token(x):
-        return rounded(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
+        return _rounded(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
 
-    variants = {("k", "int4 per channel (the codec)"): per_channel, ("k", "5 bits per channel"): lambda x: per_channel(x, 5),
+    variants = {("k", "int4 per channel (the codec)"): _per_channel,
+                ("k", "5 bits per channel"): lambda x: _per_channel(x, 5),
                 ("k", "int4, 64-token groups"): lambda x: token_groups(x, 64),
                 ("k", "int4, 32-token groups"): lambda x: token_groups(x, 32),
                 ("k", "int4, MSE-best clip of 16"): best_clip, ("v", "int4 per token (the codec)"): per_token}
