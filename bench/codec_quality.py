@@ -192,8 +192,12 @@ def gaps(args) -> int:
     runs = []
     for path in args.csv:
         with open(path, newline="") as fh:
+            table = csv.DictReader(fh)
+            missing = {"phase", "codec", "seed", "steps", "val_kv_last"} - set(table.fieldnames or ())
+            if missing:
+                raise SystemExit(f"{path}: not a distill table, no column {', '.join(sorted(missing))}")
             runs += [dict(r, setting=f"{r['device']}, {r['student_dtype']} student" if r.get("device")
-                          else "CPU, fp32 student") for r in csv.DictReader(fh) if r["phase"] == "1"]
+                          else "CPU, fp32 student") for r in table if r["phase"] == "1"]
     base = {(r["setting"], r["steps"], r["seed"]): float(r["val_kv_last"]) for r in runs if r["codec"] == "bf16"}
     curves: dict[tuple[str, str], dict[int, list[float]]] = {}
     for r in runs:
@@ -201,6 +205,9 @@ def gaps(args) -> int:
         if r["codec"] in args.codecs and r["codec"] != "bf16" and key in base:
             gap = 100 * (float(r["val_kv_last"]) / base[key] - 1)
             curves.setdefault((r["codec"], r["setting"]), {}).setdefault(int(r["steps"]), []).append(gap)
+    if not curves:
+        raise SystemExit(f"no Phase-1 run of {', '.join(args.codecs)} in {', '.join(args.csv)} has a bf16 run of its "
+                         "setting, length and seed to compare with")
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colours = {codec: f"C{i}" for i, codec in enumerate(args.codecs)}
     settings = sorted({setting for _, setting in curves})
@@ -575,6 +582,10 @@ def main(argv=None) -> int:
     hal.add_argument("--calib", type=int, default=8, help=argparse.SUPPRESS)
     hal.add_argument("--out", default=str(ROOT / "runs" / "codecs"))
     args = parser.parse_args(argv)
+    if getattr(args, "items", None) and min(args.items) < 1:
+        parser.error(f"--items needs at least one train and one validation item, got {args.items[0]} {args.items[1]}")
+    if args.command == "roundtrip" and not 2 <= args.bits <= 16:
+        parser.error(f"--bits must be 2..16 (a grid of 2^bits levels per channel), got {args.bits}")
     if args.command in ("distill", "summarise") and "bf16" not in args.codecs:
         parser.error("--codecs must include bf16, the reference the others are compared with")
     return {"reconstruct": reconstruct, "distill": distill, "summarise": summarise, "halves": halves,

@@ -270,6 +270,30 @@ def test_codec_distill_items_resize_a_phase_without_changing_its_defaults():
         main(["distill", "--codecs", "bf16", "--items", "48"])
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["distill", "--codecs", "bf16", "--items", "0", "16"], "--items needs at least one train"),
+    (["roundtrip", "--bits", "1"], "--bits must be 2..16"),
+    (["roundtrip", "--bits", "8", "--items", "48", "-1"], "--items needs at least one train")])
+def test_codec_quality_refuses_bad_sizes_by_name(argv, says, capsys):
+    from bench.codec_quality import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert says in capsys.readouterr().err
+
+
+def test_codec_gaps_name_a_table_that_is_not_one_and_a_missing_reference(tmp_path):
+    from bench.codec_quality import main
+
+    (tmp_path / "other.csv").write_text("device,tokens,ms\nH200,4096,1.0\n")
+    with pytest.raises(SystemExit, match=r"other.csv: not a distill table, no column codec, phase, seed, steps"):
+        main(["gaps", "--csv", str(tmp_path / "other.csv"), "--out", str(tmp_path / "g.png")])
+    (tmp_path / "alone.csv").write_text("phase,codec,seed,steps,val_kv_last\n1,fp8,0,10,1.0\n")
+    with pytest.raises(SystemExit, match="has a bf16 run of its setting, length and seed"):
+        main(["gaps", "--csv", str(tmp_path / "alone.csv"), "--out", str(tmp_path / "g.png")])
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_codec_gaps_pair_each_run_with_the_bf16_run_of_its_setting_length_and_seed(tmp_path, capsys):
     """`codec_quality gaps`: a run's gap is against the bf16 run of the same setting (CPU fp32, or a device's rows),
     length and seed; other phases and unpaired runs stay out."""
