@@ -74,7 +74,7 @@ def _api_args(x):
     return {k: v for k, v in x.items() if k not in ("scaling", "rot")}
 
 
-CODECS = ("bf16", "fp8", "fp8_f32", "fp8_token", "int4", "int4d", "lowrank")
+CODECS = ("bf16", "fp8", "fp8_f32", "fp8_token", "int8", "int4", "int4d", "lowrank")
 
 
 def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
@@ -82,7 +82,7 @@ def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
     float32 per-channel scales, as stores written before the bf16 scales; fp8_token: values per token, as fp8
     stores written before 26a4f1e; lowrank: an orthonormal random basis of rank min(256, F/2) of
     F = H·D, bf16 coefficients."""
-    from kvfuse.codecs import LowRankKV, QuantizedKV, encode_fp8, encode_int4, store_axis
+    from kvfuse.codecs import LowRankKV, QuantizedKV, encode, store_axis
     if codec == "bf16":
         return x["teacher_k"], x["teacher_v"]
     if codec == "lowrank":
@@ -101,9 +101,7 @@ def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
 
     def axis(kv):
         return "token" if codec == "fp8_token" and kv == "v" else store_axis(kv, kind)
-    enc = encode_fp8 if kind == "fp8" else encode_int4
-    extra = {"dither": True} if kind == "int4d" else {}
-    return tuple([enc(t, axis(kv), m, **extra) for t in x["teacher_" + kv]] for kv in ("k", "v"))
+    return tuple([encode(t, kind, axis(kv), m) for t in x["teacher_" + kv]] for kv in ("k", "v"))
 
 
 def triton_steps(x: dict, teacher_k: list, teacher_v: list):
@@ -446,9 +444,9 @@ def paired_ratios(rows: list[dict], column: str, base: str = "bf16") -> dict[str
     return out
 
 
-def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int4", "int4d", "lowrank"), rounds: int = 1,
+def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int8", "int4", "int4d", "lowrank"), rounds: int = 1,
                  log=print) -> Path:
-    """The Triton loss reading the teachers as bf16, fp8, int4, int4d (grouped as a store encodes them,
+    """The Triton loss reading the teachers as bf16, fp8, int8, int4, int4d (grouped as a store encodes them,
     `store_axis`) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, each
     kernel family's GPU time (`kernel_ms`), teacher bytes per token, the loss's relative difference from bf16,
     and the gradients' largest relative difference from the same kernels on the explicitly decoded teachers
@@ -514,7 +512,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     p.add_argument("--codecs", type=int, metavar="TOKENS",
                    help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
-    p.add_argument("--codec_names", nargs="+", default=["fp8", "int4", "int4d", "lowrank"],
+    p.add_argument("--codec_names", nargs="+", default=["fp8", "int8", "int4", "int4d", "lowrank"],
                    choices=[c for c in CODECS if c != "bf16"], help="with --codecs: the codecs timed beside bf16")
     p.add_argument("--rounds", type=int, default=1,
                    help="with --codecs: time every codec this many times, interleaved (order rotated each round)")

@@ -1,6 +1,6 @@
 """Offline sm_90a report of the fused KV-loss kernels at the bench shape (teachers 4 × 128 and 8 × 128, student
 2 × 128, bf16, TMA descriptors, natural layout): every forward config of the autotuner for the key and the value
-pass, and the weight-gradient configs for one kind and for keys + values in one launch, with plain, fp8, int4 and
+pass, and the weight-gradient configs for one kind and for keys + values in one launch, with plain, fp8, int8, int4 and
 int4d teachers. Registers, spills, stack frame, shared memory, PTX lines, local-memory and SFU sine/cosine instructions,
 and the machine instructions per thread of the innermost tensor-core loop (all, and conversions, which issue at a
 quarter rate on sm_90).
@@ -16,21 +16,22 @@ import triton
 import triton.language as tl
 
 from bench.ptx_report import bundled_tool, compile_sm90
-from kvfuse.codecs import PACKED
+from kvfuse.codecs import LEVELS, PACKED
 from kvfuse.kernels import fused_kv_loss as K
 from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES
 
 HEADS, DIMS, H_S, D_S = (4, 8), (128, 128), 2, 128
 PH = D_S // 2
 # element type of a teacher's stored data per codec code (kvfuse.kernels.fused_kv_loss.CODEC_*)
-X_TYPE = {0: "bf16", **{code: "u8" if kind in PACKED else "fp8e4nv" for (kind, _), code in CODEC_CODES.items()}}
-FP8, FP8_TOKEN, INT4, INT4_TOKEN, INT4D, INT4D_TOKEN = (
-    CODEC_CODES[k] for k in (("fp8", "channel"), ("fp8", "token"), ("int4", "channel"), ("int4", "token"),
-                             ("int4d", "channel"), ("int4d", "token")))
+X_TYPE = {0: "bf16", **{code: "u8" if kind in LEVELS else "fp8e4nv" for (kind, _), code in CODEC_CODES.items()}}
+PACKED_CODES = {code for (kind, _), code in CODEC_CODES.items() if kind in PACKED}
+FP8, FP8_TOKEN, INT8, INT4, INT4_TOKEN, INT4D, INT4D_TOKEN = (
+    CODEC_CODES[k] for k in (("fp8", "channel"), ("fp8", "token"), ("int8", "channel"), ("int4", "channel"),
+                             ("int4", "token"), ("int4d", "channel"), ("int4d", "token")))
 
 
 def _packed(width: int, codec: int) -> int:
-    return width // 2 if X_TYPE[codec] == "u8" else width
+    return width // 2 if codec in PACKED_CODES else width
 
 
 def fwd_signature(block_t: int, block_k: int, wide: bool, codecs: tuple[int, ...]) -> dict:
@@ -88,7 +89,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(f"triton {triton.__version__}, {args.arch}; teachers {HEADS} × {DIMS} → student {H_S} × {D_S}, bf16")
     if args.only != "dw":
-        for codecs in ((0, 0), (FP8, INT4), (INT4, INT4), (INT4D, INT4D)):
+        for codecs in ((0, 0), (FP8, INT4), (INT8, INT8), (INT4, INT4), (INT4D, INT4D)):
             for config in K._FWD_CONFIGS_GPU:
                 cfg = dict(config.kwargs)
                 if cfg["HPP"] != 1:     # the natural layout runs one head per program (_prune_fwd)
@@ -102,8 +103,8 @@ def main(argv=None):
                           f"{cfg['BLOCK_K']:3d} wide={cfg['WIDE']!s:5} / {config.num_warps} warps: {_brief(info)}",
                           flush=True)
     if args.only != "fwd":
-        for codec, codec_v, kinds in ((0, 0, 1), (0, 0, 2), (FP8, FP8, 2), (FP8, FP8_TOKEN, 2), (INT4, INT4_TOKEN, 2),
-                                      (INT4D, INT4D_TOKEN, 2)):
+        for codec, codec_v, kinds in ((0, 0, 1), (0, 0, 2), (FP8, FP8, 2), (FP8, FP8_TOKEN, 2), (INT8, INT8, 2),
+                                      (INT4, INT4_TOKEN, 2), (INT4D, INT4D_TOKEN, 2)):
             for config in K._DW_CONFIGS_GPU:
                 cfg = dict(config.kwargs)
                 consts = dict(D_I=DIMS[0], C2=2 * H_S * PH, CODEC=codec, CODEC_V=codec_v, KINDS=kinds,

@@ -8,6 +8,10 @@ as one of:
   channel: rounded up to a bfloat16 value and stored as bfloat16, so the kernels form code·scale in bf16 arithmetic
   exactly as the fp32 product rounds, and below FP8_SCALE_LIMIT = 2¹⁶, whose fold the fused loss's decode takes;
   stores written before hold float32 scales and decode as written);
+* `QuantizedKV` kind "int8": data uint8 [..., T, D], one 8-bit code q ∈ 0..255 per value, x ≈ q·scale + offset,
+  scale = (max − min)/255, offset = min (asymmetric: twice fp8's resolution near a channel's extremes, where fp8's
+  relative step is coarsest; Phase 1 from its round trip stays within 0.1 % of bf16 where fp8's store lost 4 %,
+  bench/NOTES.md "Store codecs");
 * `QuantizedKV` kind "int4": data uint8 [..., T, D/2], two 4-bit codes q ∈ 0..15 per byte, the even channel in the
   low nibble (byte j = q[2j] | q[2j+1] << 4), x ≈ q·scale + offset, scale = (max − min)/15, offset = min;
 * `QuantizedKV` kind "int4d": int4's layout, subtractively dithered: x ≈ (q − u)·scale + offset with u(t, d) ∈
@@ -19,19 +23,19 @@ as one of:
   B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
 
 Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
-float32 [..., D] (bfloat16 for fp8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 values too);
-"token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16
+float32 [..., D] (bfloat16 for fp8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 and int8 values
+too); "token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16
 because per-token side data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis` says which a
 store uses.
 
 Masked tokens (mask 0: padding, prompt tokens, unaligned tokens) take no part in the statistics and decode to 0
-(int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's range, else
-the channel's min or max — since a channel's offset is shared with the valid tokens): finite either way, whatever
-they held (NaN and Inf included), and the loss, CKA and router all ignore them. A NaN or Inf in a valid token is
-refused, a ValueError naming it and its position (`FiniteCheck`): no codec could store it faithfully, and each
-would store it as something else. Bounds of one decoded value x̂ against x on a valid token (tested):
+(int8 and int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's
+range, else the channel's min or max — since a channel's offset is shared with the valid tokens): finite either way,
+whatever they held (NaN and Inf included), and the loss, CKA and router all ignore them. A NaN or Inf in a valid
+token is refused, a ValueError naming it and its position (`FiniteCheck`): no codec could store it faithfully, and
+each would store it as something else. Bounds of one decoded value x̂ against x on a valid token (tested):
 fp8 |x̂ − x| ≤ max(2⁻⁴|x|, 2⁻¹⁰·scale) (3 mantissa bits; subnormals below 2⁻⁶·scale) plus the rounding of the
-scale; int4 |x̂ − x| ≤ scale/2 plus the fp16 rounding of scale and offset on the token axis.
+scale; int8 and int4 |x̂ − x| ≤ scale/2 plus the fp16 rounding of scale and offset on the token axis.
 
 This module imports only torch (and the kernels' torch-only contract, for the dither's constants): the store, the
 loader and the loss all use it, and the fused kernel decodes the same layout in registers.
@@ -50,8 +54,9 @@ from kvfuse.kernels.fused_kv_loss_op import DITHER_M1, DITHER_M2, DITHER_T, FP8_
 
 FP8_MAX = 448.0            # largest finite float8_e4m3fn
 INT4_LEVELS = 15           # codes 0..15
+LEVELS = {"int8": 255, "int4": INT4_LEVELS, "int4d": INT4_LEVELS}  # integer kinds: codes 0..levels, with an offset
 RANK_MULTIPLE = 16         # low-rank widths are padded to this (tensor-core tiles in the kernel)
-KINDS = ("fp8", "int4", "int4d")
+KINDS = ("fp8", "int8", "int4", "int4d")
 PACKED = ("int4", "int4d")  # two 4-bit codes per byte
 AXES = ("channel", "token")
 SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
@@ -67,10 +72,11 @@ def scale_dtypes(kind: str, axis: str) -> tuple[torch.dtype, ...]:
 
 def store_axis(kv: str, kind: str) -> str:
     """The group a store encodes teacher keys ("k") or values ("v") with, for quantised kind `kind`: keys per
-    channel; int4(d) values per token; fp8 values per channel — fp8's exponent carries each token's magnitude, and
-    the fused loss's weight gradient over per-token fp8 scales must run unpipelined on triton 3.6 (a miscompile,
-    bench/NOTES.md "Compressed teachers"). Stores written before keep per-token fp8 values: `stored_axis`."""
-    return "token" if kv == "v" and kind != "fp8" else "channel"
+    channel; int4(d) values per token (side data per channel would not fit int4's byte target); fp8 values per
+    channel — fp8's exponent carries each token's magnitude, and the fused loss's weight gradient over per-token fp8
+    scales must run unpipelined on triton 3.6 (a miscompile, bench/NOTES.md "Compressed teachers"); int8 values per
+    channel, as measured in its round trip. Stores written before keep per-token fp8 values: `stored_axis`."""
+    return "token" if kv == "v" and kind in PACKED else "channel"
 
 
 def stored_axis(scale: Tensor, name: str = "") -> str:
@@ -105,12 +111,13 @@ class _Compressed:
 class QuantizedKV(_Compressed):
     """One teacher's keys or values, logical shape [..., T, D] ([L, H, T, D] per sample, [L, B, H, T, D] batched)."""
 
-    kind: str                  # "fp8" | "int4" | "int4d"
+    kind: str                  # "fp8" | "int8" | "int4" | "int4d"
     axis: str                  # "channel" | "token"
-    data: Tensor               # fp8: float8_e4m3fn [..., T, D]; int4: uint8 [..., T, D // 2] (low nibble = even ch.)
+    data: Tensor               # fp8: float8_e4m3fn [..., T, D]; int8: uint8 [..., T, D];
+    #                            int4(d): uint8 [..., T, D // 2] (low nibble = even channel)
     scale: Tensor              # channel: float32 [..., D] (fp8: bfloat16, or float32 as written before);
     #                            token: float16 [..., T]
-    offset: Tensor | None = None   # int4(d): like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
+    offset: Tensor | None = None   # int8, int4(d): like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -125,7 +132,7 @@ class QuantizedKV(_Compressed):
         group = lead + ((D,) if self.axis == "channel" else (T,))
         for name, t in (("scale", self.scale), ("offset", self.offset)):
             if t is None:
-                if name == "offset" and self.packed:
+                if name == "offset" and self.kind != "fp8":
                     raise ValueError(f"{self.kind} QuantizedKV needs an offset")
                 continue
             if name == "offset" and self.kind == "fp8":
@@ -164,10 +171,7 @@ class QuantizedKV(_Compressed):
 
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The explicit decode, the reference the fused kernel must match: [..., T, D] in `dtype` (computed in fp32)."""
-        if self.kind == "fp8":
-            q = self.data.to(torch.float32)
-        else:
-            q = unpack_int4(self.data).to(torch.float32)
+        q = (unpack_int4(self.data) if self.packed else self.data).to(torch.float32)
         if self.kind == "int4d":
             q = q - int4_dither(self.scale, self.axis, *q.shape[-2:])
         scale, offset = self._expand(self.scale), None if self.offset is None else self._expand(self.offset)
@@ -346,29 +350,32 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
     return QuantizedKV("fp8", axis, q.to(torch.float8_e4m3fn), scale, None)
 
 
-def encode_int4(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
-                checks: list[FiniteCheck] | None = None, dither: bool = False) -> QuantizedKV:
-    """Asymmetric int4: scale = (max − min)/15, offset = min per group (valid tokens only), q = round((x − offset)
-    / scale) clamped to 0..15, packed two per byte. A constant group has scale 1 (q = 0 decodes to the constant;
-    dithered: scale 0); masked tokens decode to 0 (token axis: scale and offset 0) or to the code nearest 0 (channel
-    axis). dither: kind "int4d", q = round((x − offset)/scale + u) (module docstring).
+def encode_int(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
+               checks: list[FiniteCheck] | None = None, kind: str = "int4") -> QuantizedKV:
+    """Asymmetric integer codes of `kind` ("int8" | "int4" | "int4d", LEVELS[kind] = 255 | 15): scale = (max −
+    min)/levels, offset = min per group (valid tokens only), q = round((x − offset)/scale) clamped to 0..levels;
+    int4 packed two per byte. A constant group has scale 1 (q = 0 decodes to the constant; int4d: scale 0); masked
+    tokens decode to 0 (token axis: scale and offset 0) or to the code nearest 0 (channel axis). int4d: q =
+    round((x − offset)/scale + u) (module docstring).
     name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""
+    if kind not in LEVELS:
+        raise ValueError(f"integer codec kind must be one of {tuple(LEVELS)}, got {kind!r}")
     _check_axis(x, axis)
-    if x.shape[-1] % 2:
-        raise ValueError(f"int4 needs an even head dim (two codes per byte), got D={x.shape[-1]}")
+    packed, dither, levels = kind in PACKED, kind == "int4d", LEVELS[kind]
+    if packed and x.shape[-1] % 2:
+        raise ValueError(f"{kind} needs an even head dim (two codes per byte), got D={x.shape[-1]}")
     source, x = x, x.to(torch.float32)
     m = _token_mask(x, mask)
     hi, lo = _group_reduce(x, m, axis, "max"), _group_reduce(x, m, axis, "min")
     dtype = SCALE_DTYPES[axis]
     offset = lo.to(dtype)
-    scale = ((hi - offset.to(torch.float32)) / INT4_LEVELS).to(dtype)
+    scale = ((hi - offset.to(torch.float32)) / levels).to(dtype)
     # the scale answers for the offset too: an offset that is not finite makes hi − offset not finite
-    _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what("int4d encoding" if dither else
-                                                                             "int4 encoding", name),
+    _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what(f"{kind} encoding", name),
                                       _scale_overflow(scale)))
     constant = scale <= 0
     s, o = _expand(torch.where(constant, 1.0, scale.to(torch.float32)), axis), _expand(offset.to(torch.float32), axis)
-    # a constant group: int4 stores scale 1 (q = 0 decodes to the constant), int4d scale 0 (q − u would move it)
+    # a constant group: scale 1 (q = 0 decodes to the constant), int4d scale 0 (q − u would move it)
     scale = torch.where(constant, torch.zeros_like(scale) if dither else torch.ones_like(scale), scale)
     valid = m.bool()
     if axis == "token":
@@ -380,16 +387,16 @@ def encode_int4(x: Tensor, axis: str, mask: Tensor | None = None, name: str = ""
     if dither:
         u = int4_dither(scale, axis, *x.shape[-2:])
         y, zero = y + u, zero + u
-    q = torch.where(valid, torch.round(y), 0.0 if axis == "token" else torch.round(zero))
-    return QuantizedKV("int4d" if dither else "int4", axis, pack_int4(q.clamp(0, INT4_LEVELS)), scale, offset)
+    q = torch.where(valid, torch.round(y), 0.0 if axis == "token" else torch.round(zero)).clamp(0, levels)
+    return QuantizedKV(kind, axis, pack_int4(q) if packed else q.to(torch.uint8), scale, offset)
 
 
 def encode(x: Tensor, kind: str, axis: str, mask: Tensor | None = None, name: str = "",
            checks: list[FiniteCheck] | None = None) -> QuantizedKV:
     if kind == "fp8":
         return encode_fp8(x, axis, mask, name, checks)
-    if kind in PACKED:
-        return encode_int4(x, axis, mask, name, checks, dither=kind == "int4d")
+    if kind in LEVELS:
+        return encode_int(x, axis, mask, name, checks, kind)
     raise ValueError(f"quantisation kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -547,7 +554,7 @@ def lowrank_coefficients(x: Tensor, basis: Tensor) -> Tensor:
 def encode_lowrank(x: Tensor, basis: Tensor, quant: str | None = None, mask: Tensor | None = None, name: str = "",
                    checks: list[FiniteCheck] | None = None) -> LowRankKV:
     """One sample x [L, H, T, D] as coefficients Z [L, 1, T, R] on `basis` [L, R, F] (orthogonal rows, see
-    `lowrank_coefficients`), optionally quantised per token ("fp8" | "int4" | "int4d"); masked tokens get Z = 0.
+    `lowrank_coefficients`), optionally quantised per token (a KINDS entry); masked tokens get Z = 0.
     name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""
     if x.dim() != 4:
         raise ValueError(f"encode_lowrank takes one sample [L, H, T, D], got {tuple(x.shape)}")
@@ -612,7 +619,7 @@ def _pad_group(t: Tensor, T: int, fill) -> Tensor:
 
 def stack_samples(samples: Sequence[Encoded], T: int, pin_memory: bool = False) -> Encoded:
     """Per-sample encoded tensors ([L, H, T_b, D] logical) → one batch [L, B, H, T, D], right-padded to T with
-    tokens that decode to 0 (int4 keys: each channel's grid value nearest 0, see the module docstring; right
+    tokens that decode to 0 (integer keys: each channel's grid value nearest 0, see the module docstring; right
     padding keeps each token's index, which int4d's dither depends on). Low-rank
     samples must share one basis."""
     first = samples[0]
@@ -643,12 +650,12 @@ def stack_samples(samples: Sequence[Encoded], T: int, pin_memory: bool = False) 
 
 
 def _zero_code_bytes(s: QuantizedKV) -> Tensor:
-    """Per channel-pair byte [..., D/2] whose codes decode nearest 0 for a channel-axis int4 sample (int4d: within
-    a step of 0, the dither moving each padded token's value by under half a step; a scale-0 channel decodes to its
-    offset whatever its code)."""
+    """Per channel byte [..., D] (int4: per channel pair, [..., D/2]) whose codes decode nearest 0 for a channel-axis
+    integer sample (int4d: within a step of 0, the dither moving each padded token's value by under half a step; a
+    scale-0 channel decodes to its offset whatever its code)."""
     scale = s.scale.float()
-    q = torch.where(scale > 0, torch.round(-s.offset.float() / scale), 0.0).clamp(0, INT4_LEVELS)
-    return pack_int4(q)
+    q = torch.where(scale > 0, torch.round(-s.offset.float() / scale), 0.0).clamp(0, LEVELS[s.kind])
+    return pack_int4(q) if s.packed else q.to(torch.uint8)
 
 
 def _stack_plain(xs: Sequence[Tensor], T: int, pin_memory: bool, fill: Sequence[Tensor] | None = None) -> Tensor:
@@ -671,10 +678,10 @@ def _stack_plain(xs: Sequence[Tensor], T: int, pin_memory: bool, fill: Sequence[
 # ------------------------------------------------------------------------------------------------ finiteness
 def finite_parts(x, name: str = "") -> list[tuple[str, Tensor]]:
     """The tensors whose finiteness makes a teacher entry's decode finite, named `name` + "." + part: a plain tensor
-    is itself (named `name`); a QuantizedKV its scale, offset and, fp8 only, data (int4 codes are integers); a
+    is itself (named `name`); a QuantizedKV its scale, offset and, fp8 only, data (integer codes are integers); a
     LowRankKV its basis and coeffs (".coeffs" or ".coeffs.scale", ...). The fp8 codes are read although today's
     encoders refuse a NaN/Inf input: a store dumped before they did holds such an input as a NaN code with a finite
-    scale (and then an Inf as ±448 and int4 either as an ordinary code, which no check of the entry can see)."""
+    scale (and then an Inf as ±448 and int8 or int4 either as an ordinary code, which no check of the entry can see)."""
     def sub(part: str) -> str:
         return f"{name}.{part}" if name else part
     if isinstance(x, LowRankKV):
@@ -700,12 +707,12 @@ def finite_flag(t: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ codec names
 @dataclass(frozen=True)
 class Codec:
-    """A parsed store codec: "bf16" | "fp8" | "int4" | "int4d" | "lowrank:<r | e0.99>[+fp8 | +int4 | +int4d]"."""
+    """A parsed store codec: "bf16" | "fp8" | "int8" | "int4" | "int4d" | "lowrank:<r | e0.99>[+<one of those>]"."""
 
-    kind: str                       # "bf16" | "fp8" | "int4" | "int4d" | "lowrank"
+    kind: str                       # "bf16" | "fp8" | "int8" | "int4" | "int4d" | "lowrank"
     rank: int | None = None         # lowrank: a fixed r ...
     energy: float | None = None     # ... or an energy threshold
-    quant: str | None = None        # lowrank coefficients: None (bf16) | "fp8" | "int4" | "int4d"
+    quant: str | None = None        # lowrank coefficients: None (bf16) | "fp8" | "int8" | "int4" | "int4d"
 
     def __str__(self) -> str:
         if self.kind != "lowrank":
@@ -718,20 +725,19 @@ class Codec:
         return self.kind == "lowrank"
 
 
-_LOWRANK = re.compile(r"lowrank:(?:(\d+)|e((?:0?\.\d+)|1(?:\.0*)?))(?:\+(fp8|int4d?))?")
+_LOWRANK = re.compile(r"lowrank:(?:(\d+)|e((?:0?\.\d+)|1(?:\.0*)?))(?:\+(fp8|int8|int4d?))?")
 
 
 def parse_codec(text: str) -> Codec:
-    """'bf16' | 'fp8' | 'int4' | 'int4d' | 'lowrank:<r or e0.99>[+fp8|+int4|+int4d]' → Codec; anything else is a
-    ValueError saying what is accepted."""
+    """'bf16' | 'fp8' | 'int8' | 'int4' | 'int4d' | 'lowrank:<r or e0.99>[+fp8|+int8|+int4|+int4d]' → Codec;
+    anything else is a ValueError saying what is accepted."""
     text = str(text).strip()
     if text in ("bf16", *KINDS):
         return Codec(text)
     match = _LOWRANK.fullmatch(text)
     if match is None:
-        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, int4, int4d or lowrank:<r or e<energy>>"
-                         "[+fp8|+int4|+int4d] "
-                         "(e.g. lowrank:64+int4, lowrank:e0.99+fp8)")
+        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, int8, int4, int4d or lowrank:<r or e<energy>>"
+                         "[+fp8|+int8|+int4|+int4d] (e.g. lowrank:64+int4, lowrank:e0.99+fp8)")
     rank, energy, quant = match.groups()
     if rank is not None and int(rank) < 1:
         raise ValueError(f"codec {text!r}: the rank must be at least 1")

@@ -281,7 +281,7 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 def _kernel_storage(teachers, adapters) -> tuple[TeacherStorage, list[torch.Tensor]]:
     """Teacher entries as the kernels read them, and the adapters they pair with: a low-rank teacher becomes its
-    coefficients (one head of width r) with the folded adapter B·W; an fp8 / int4 one stays compressed (the
+    coefficients (one head of width r) with the folded adapter B·W; an fp8 / int8 / int4 one stays compressed (the
     kernels decode it in registers); a plain tensor passes as it is."""
     data, codecs, scales, offsets, ws = [], [], [], [], []
     for x, w in zip(teachers, adapters):
@@ -348,7 +348,7 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
     """Fused multi-teacher KV-distillation loss (formula in the module docstring).
 
     student_k, student_v [L, B, H_s, T, D_s] (keys post-RoPE); teacher_k, teacher_v: N lists of
-    [L, B, H_i, T, D_i] (aligned, pre-RoPE), each a tensor or compressed (kvfuse.codecs: QuantizedKV fp8 / int4,
+    [L, B, H_i, T, D_i] (aligned, pre-RoPE), each a tensor or compressed (kvfuse.codecs: QuantizedKV fp8 / int8 / int4,
     decoded in the Triton kernel's registers, or LowRankKV, run as its coefficients with the folded adapter B·W;
     the torch reference decodes them explicitly); w_k, w_v: N lists of [L, H_i·D_i, H_s·D_s]; alpha [B, N] or
     [B, L, N]; mask [B, T] (bool or 0/1); positions [B, T]; inv_freq [R/2] or [L, R/2] (R the rotary dim: D_s for

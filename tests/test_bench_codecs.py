@@ -196,7 +196,7 @@ def test_int4_half_store_rounds_only_its_half(tmp_path, kind):
     """codec_quality halves: the half store holds int4 round trips (as the codec encodes them) in one half and the
     plain bf16 tensor in the other, on valid tokens; masked tokens, NaN in the source, are stored finite."""
     from bench.codec_quality import int4_half_store
-    from kvfuse.codecs import encode_int4, store_axis
+    from kvfuse.codecs import encode_int, store_axis
 
     samples = _fp32_store(tmp_path / "fp32")
     int4_half_store(tmp_path / "fp32", tmp_path / "half", kind)
@@ -204,7 +204,7 @@ def test_int4_half_store_rounds_only_its_half(tmp_path, kind):
         assert torch.isfinite(got).all()
         plain = x[..., valid, :].to(torch.bfloat16)
         if name.endswith("/" + kind):
-            want = encode_int4(x, store_axis(kind, "int4"), valid).decode(torch.float32)[..., valid, :]
+            want = encode_int(x, store_axis(kind, "int4"), valid).decode(torch.float32)[..., valid, :]
             want = want.to(torch.bfloat16)
             assert not torch.equal(want, plain)
         else:
@@ -238,7 +238,7 @@ def test_int4_key_variants_measure_the_codec_itself(tmp_path):
     """The study's reference rows are the codec's own int4 errors (same grid, same statistics); 5 bits and the
     MSE-best clip can only lower the keys' on these inputs."""
     from bench.codec_quality import _int4_key_variants
-    from kvfuse.codecs import encode_int4
+    from kvfuse.codecs import encode_int
 
     samples = _fp32_store(tmp_path / "fp32")
     rows = {r["variant"]: r["rel_mse"] for r in _int4_key_variants(tmp_path / "fp32")}
@@ -249,7 +249,7 @@ def test_int4_key_variants_measure_the_codec_itself(tmp_path):
             valid = sample["mask"]
             for name in (f"teacher0/{kind}", f"teacher1/{kind}"):
                 x = sample[name]
-                y = encode_int4(x, axis, valid).decode(torch.float32)
+                y = encode_int(x, axis, valid).decode(torch.float32)
                 err += float((y - x)[..., valid, :].double().square().sum())
                 energy += float(x[..., valid, :].double().square().sum())
         # the codec stores its scales in fp32 (keys) or fp16 (values): same grid up to the scale's rounding

@@ -1,6 +1,6 @@
-"""The fused loss on compressed teachers (kvfuse.codecs): the Triton kernels decode fp8 / int4 in registers (TMA and
-pointer paths, per-channel and per-token scales) and run a low-rank teacher as its coefficients with the folded
-adapter; each must equal the torch loss on the explicitly decoded teachers to fp32 tolerance, also compiled."""
+"""The fused loss on compressed teachers (kvfuse.codecs): the Triton kernels decode fp8 / int8 / int4 in registers
+(TMA and pointer paths, per-channel and per-token scales) and run a low-rank teacher as its coefficients with the
+folded adapter; each must equal the torch loss on the explicitly decoded teachers to fp32 tolerance, also compiled."""
 import re
 
 import pytest
@@ -54,7 +54,7 @@ def _loss(args, backend):
                                              # (the GPU's 128-dim chunks over the packaged model's heads of 64)
                                              ([(2, 32), (1, 96)], 32, 64)],
                          ids=["descriptors", "pointers", "overhang"])
-@pytest.mark.parametrize("kind", ["fp8", "fp8/f32", "int4", "int4d"])
+@pytest.mark.parametrize("kind", ["fp8", "fp8/f32", "int8", "int4", "int4d"])
 def test_quantised_teachers_equal_their_decode(kind, heads, D_s, block, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import kvfuse.kernels.fused_kv_loss as k
@@ -75,7 +75,7 @@ def test_quantised_teachers_equal_their_decode(kind, heads, D_s, block, monkeypa
     assert abs(float(got[0]) - float(_loss(args, "torch")[0])) > 1e-6
 
 
-@pytest.mark.parametrize("quant", [None, "int4", "int4d"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "int4d"])
 def test_low_rank_teacher_runs_folded(quant, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     heads = [(2, 16), (1, 32)]
@@ -118,15 +118,15 @@ def test_compressed_teachers_trace_with_no_graph_break(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("where", ["teacher_k[0].scale", "teacher_v[1].data", "teacher_v[0].offset",
-                                   "teacher_k[1].coeffs.scale", "teacher_k[1].basis"])
-def test_a_non_finite_part_of_a_compressed_teacher_is_named(where, monkeypatch):
+@pytest.mark.parametrize("where,kind", [("teacher_k[0].scale", "fp8"), ("teacher_v[1].data", "fp8"),
+                                        ("teacher_v[0].offset", "int4"), ("teacher_k[1].offset", "int8"),
+                                        ("teacher_k[1].coeffs.scale", "fp8"), ("teacher_k[1].basis", "fp8")])
+def test_a_non_finite_part_of_a_compressed_teacher_is_named(where, kind, monkeypatch):
     """The check reads what `finite_parts` names (fp8 codes as bytes) and raises before the kernel runs."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     heads = [(2, 16), (1, 32)]
     args = _case(4, heads, 16)
     mask = args["mask"]
-    kind = "int4" if "offset" in where else "fp8"
     enc = dict(args, teacher_k=[_encode(x, kind, "channel", mask) for x in args["teacher_k"]],
                teacher_v=[_encode(x, kind, "token", mask) for x in args["teacher_v"]])
     if "coeffs" in where or "basis" in where:

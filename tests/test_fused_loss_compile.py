@@ -7,8 +7,9 @@ import torch
 import transformers
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvfuse.codecs import encode_int4
+from kvfuse.codecs import encode_int
 from kvfuse.kernels import fused_kv_loss_op  # noqa: F401  (registers torch.ops.kvfuse.*)
+from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES
 from kvfuse.loss import KVDistillLoss, kv_distill_loss, pair_layout_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -46,9 +47,9 @@ def test_opcheck_forward_and_backward_ops():
     wv = [pair_layout_adapter(w, (H_s, D_s), D_s).detach() for w in x["w_v"]]
     # keys of teacher 1 in int4 with per-token scales and offsets (decoded in the kernel); opcheck's schema check
     # cannot read fp8 tensors on the CPU (tests/test_fused_kv_loss_codecs.py covers fp8 through the loss)
-    int4 = encode_int4(x["teacher_k"][1], "token")
+    int4 = encode_int(x["teacher_k"][1], "token")
     x["teacher_k"][1] = int4.data
-    codec_args = ([0, 4], [None, int4.scale], [None, int4.offset], [0, 0], [], [])
+    codec_args = ([0, CODEC_CODES["int4", "token"]], [None, int4.scale], [None, int4.offset], [0, 0], [], [])
     args = (x["student_k"].detach(), x["student_v"].detach(), x["alpha"].detach(), torch.rand(L), x["mask"],
             x["positions"], torch.tensor([D_s, 0], dtype=torch.int32), x["inv_freq"].expand(L, -1),
             torch.tensor([1.0, 1.2]), wk, wv, x["teacher_k"], x["teacher_v"], *codec_args, D_s, 1.0, 0.5, 0.1, True)

@@ -312,7 +312,8 @@ def _tensor_span(path, key):
     return 8 + n + start, 8 + n + end
 
 
-@pytest.mark.parametrize("codec", ["fp8", "int4", "int4d", "lowrank:16+int4d", "lowrank:e0.9"])
+@pytest.mark.parametrize("codec", ["fp8", "int8", "int4", "int4d", "lowrank:16+int4d", "lowrank:16+int8",
+                                   "lowrank:e0.9"])
 def test_codec_store_round_trip_hands_out_compressed_entries(tmp_path, codec):
     from kvfuse.codecs import LowRankKV, QuantizedKV
 
@@ -330,13 +331,16 @@ def test_codec_store_round_trip_hands_out_compressed_entries(tmp_path, codec):
             assert torch.equal(data.view(torch.uint8), named[entry].view(torch.uint8))
             if isinstance(raw, QuantizedKV):
                 assert torch.equal(raw.scale, named[entry + ".scale"])
+                assert (raw.offset is None) == (raw.kind == "fp8")
+                assert raw.offset is None or torch.equal(raw.offset, named[entry + ".offset"])
             if isinstance(value, LowRankKV):
                 assert torch.equal(value.basis, bases[entry].basis)
     if codec.startswith("lowrank"):
         assert store.bases_bytes > 0
 
 
-@pytest.mark.parametrize("codec,v_axis", [("fp8", "channel"), ("int4", "token"), ("int4d", "token")])
+@pytest.mark.parametrize("codec,v_axis", [("fp8", "channel"), ("int8", "channel"), ("int4", "token"),
+                                          ("int4d", "token")])
 def test_stores_group_keys_per_channel_and_values_as_their_codec_says(tmp_path, codec, v_axis):
     from kvfuse.codecs import scale_dtypes
 

@@ -18,11 +18,11 @@ In the standard case (full rotary, D_s/2 a power of two ≥ 16: fused_kv_loss_op
 blocks (η, h) are simply the halves of head h, so the kernels read the adapters in their own column order (column
 h·D_s + η·D_s/2 + j) and write G in it: no permuted copy of W, and ∂W comes out in W's layout.
 
-Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes or packed int4 bytes with scales
-(and int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each [tokens × dims] tile in
-registers right after its load, so no decoded copy of the teacher exists in memory. The forward kernel finds every
-teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets `codec_offs`); per-channel fp8
-scales enter it folded for a one-multiply decode (`_fold_fp8_scale`).
+Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes, int8 codes or packed int4 bytes
+with scales (and int8 / int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each
+[tokens × dims] tile in registers right after its load, so no decoded copy of the teacher exists in memory. The
+forward kernel finds every teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets
+`codec_offs`); per-channel fp8 scales enter it folded for a one-multiply decode (`_fold_fp8_scale`).
 
 α.  α_i is one scalar per program (one b, one l), so it is applied to the accumulator, not to the operands:
     acc ← acc · (α_prev / α_i) + X_i W_i  for each teacher with α_i ≠ 0, and finally acc ← acc · α_last,
@@ -51,13 +51,15 @@ from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, MAX_TEACHERS, TeacherS
                                              operand_dtypes, pair_width)
 from kvfuse.kernels.utils import autotune_configs, cdiv, dot_dtype, interpreting
 
-# Teacher storage, one code per teacher (fused_kv_loss_op.CODEC_CODES, kvfuse.codecs): plain tensor, fp8 or int4
-# with per-channel or per-token scales (and offsets for int4).
+# Teacher storage, one code per teacher (fused_kv_loss_op.CODEC_CODES, kvfuse.codecs): plain tensor, fp8, int8 or
+# int4 with per-channel or per-token scales (and offsets for int8 and int4).
 CODEC_PLAIN = tl.constexpr(0)
 CODEC_FP8_CHANNEL = tl.constexpr(CODEC_CODES["fp8", "channel"])
 CODEC_FP8_TOKEN = tl.constexpr(CODEC_CODES["fp8", "token"])
 CODEC_FP8_CHANNEL_F32 = tl.constexpr(CODEC_CODES["fp8", "channel/f32"])  # float32 scales (stores written before)
-CODEC_INT4_CHANNEL = tl.constexpr(CODEC_CODES["int4", "channel"])  # int4 codes are the two largest (packed data)
+CODEC_INT8_CHANNEL = tl.constexpr(CODEC_CODES["int8", "channel"])  # from here on: integer codes with offsets
+CODEC_INT8_TOKEN = tl.constexpr(CODEC_CODES["int8", "token"])
+CODEC_INT4_CHANNEL = tl.constexpr(CODEC_CODES["int4", "channel"])  # from here on: two codes per byte
 CODEC_INT4_TOKEN = tl.constexpr(CODEC_CODES["int4", "token"])
 CODEC_INT4D_CHANNEL = tl.constexpr(CODEC_CODES["int4d", "channel"])  # int4, dithered: the two largest codes
 CODEC_INT4D_TOKEN = tl.constexpr(CODEC_CODES["int4d", "token"])
@@ -184,19 +186,22 @@ def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
 def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.constexpr, BLOCK_T: tl.constexpr,
             BLOCK_K: tl.constexpr):
     """A compressed teacher tile in registers, fp32 [BLOCK_T, BLOCK_K] (kvfuse.codecs holds the layout and the
-    reference decode). raw: fp8 [BLOCK_T, BLOCK_K], or int4 bytes [BLOCK_T, BLOCK_K/2] (even channel in the low
-    nibble); grp = (l·B + b)·H_i + head indexes the scales: [.., D_i] per channel or [.., T] per token."""
-    if CODEC >= CODEC_INT4_CHANNEL:
+    reference decode). raw: fp8 or int8 codes [BLOCK_T, BLOCK_K], or int4 bytes [BLOCK_T, BLOCK_K/2] (even channel
+    in the low nibble); grp = (l·B + b)·H_i + head indexes the scales: [.., D_i] per channel or [.., T] per token."""
+    if CODEC >= CODEC_INT8_CHANNEL:
         # float(code) as (2^23 + code) - 2^23: an OR and an add on full-rate pipes, exact, where the int-to-float
         # conversion runs at a quarter of their rate on sm_90 and its results wait on a scoreboard (the weight
         # gradient's loop stalled on them: bench/NOTES.md "Compressed teachers")
-        r = raw.to(tl.uint32)
-        q = tl.join(r & 0xF, r >> 4).reshape(BLOCK_T, BLOCK_K)
+        q = raw.to(tl.uint32)
+        if CODEC >= CODEC_INT4_CHANNEL:
+            q = tl.join(q & 0xF, q >> 4).reshape(BLOCK_T, BLOCK_K)
         q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     else:
         q = raw.to(tl.float32)
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
-    if FP8_CH or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL:
+    PER_CHANNEL: tl.constexpr = (FP8_CH or CODEC == CODEC_INT8_CHANNEL or CODEC == CODEC_INT4_CHANNEL
+                                 or CODEC == CODEC_INT4D_CHANNEL)
+    if PER_CHANNEL:
         d_ok = d < D_I
         sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         if not FP8_CH:
@@ -213,7 +218,7 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
         h = (h ^ (h >> 15)) * DITHER_M2
         h = h ^ (h >> 16)
         q = q - ((h >> 8).to(tl.float32) * (1.0 / 16777216.0) - 0.5)
-    if CODEC >= CODEC_INT4_CHANNEL:
+    if CODEC >= CODEC_INT8_CHANNEL:
         return q * sv + ov
     else:
         return q * sv

@@ -36,9 +36,12 @@ def _kernels():
 MAX_TEACHERS = 8  # the kernels take teachers as eight separate arguments
 # Codec code of a compressed teacher (kvfuse.codecs.QuantizedKV kind and axis; `codec_code`); 0 is a plain tensor.
 # ("fp8", "channel") has bfloat16 scales, which the forward multiplies in bf16; ("fp8", "channel/f32") the float32
-# scales of stores written before, which it multiplies in fp32.
-CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("fp8", "channel/f32"): 3, ("int4", "channel"): 4,
-               ("int4", "token"): 5, ("int4d", "channel"): 6, ("int4d", "token"): 7}
+# scales of stores written before, which it multiplies in fp32. The kernels test ranges: from int8 on, integer codes
+# with an offset; from int4 on, two codes per byte; from int4d on, dithered. Codes live only in a launch, never in a
+# store, so they may be renumbered.
+CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("fp8", "channel/f32"): 3, ("int8", "channel"): 4,
+               ("int8", "token"): 5, ("int4", "channel"): 6, ("int4", "token"): 7, ("int4d", "channel"): 8,
+               ("int4d", "token"): 9}
 
 
 def codec_code(kind: str, axis: str, scale_dtype: torch.dtype) -> int:
@@ -102,9 +105,9 @@ def fused_kv_loss(student_k: Tensor, student_v: Tensor, alpha: Tensor, layer_wei
     """The loss, its statistics [3, L] (k_mse, v_mse, cos), the per-layer terms [L] and Σ_l w_l (which the layer
     weights' gradient needs), then the saved gradient buffers G_k, G_v (∂L/∂P in the pair layout) and ∂L/∂S_k,
     ∂L/∂S_v for an upstream gradient of 1 (empty when compute_grad is false). A teacher with codec c ≠ 0
-    (kernels.fused_kv_loss.CODEC_*) holds fp8 or packed int4 data, decoded in the kernels' registers with its scale
-    (and offset: None for fp8; both None for a plain teacher, and the lists may be empty when every teacher is
-    plain). The loss's coefficients and statistics are small tensor ops computed here, inside the operator: under
+    (kernels.fused_kv_loss.CODEC_*) holds fp8, int8 or packed int4 data, decoded in the kernels' registers with its
+    scale (and offset: None for fp8; both None for a plain teacher, and the lists may be empty when every teacher
+    is plain). The loss's coefficients and statistics are small tensor ops computed here, inside the operator: under
     torch.compile they then run as in eager mode, with cached device constants, instead of being traced into the
     graph with their constants (which slowed the compiled step at 4k tokens, bench/NOTES.md)."""
     kern = _kernels()
@@ -208,9 +211,9 @@ def _coefficients(layer_weights: Tensor, n: Tensor, H_s: int, D_s: int, lambda_k
 
 
 class TeacherStorage(NamedTuple):
-    """One kind (keys or values) of every teacher as the kernels read it: data (a plain tensor, fp8, or packed
-    int4 bytes), the codec codes (kernels.fused_kv_loss.CODEC_*), and scales / offsets: one entry per teacher (None
-    where it has none), or empty lists when every teacher is plain."""
+    """One kind (keys or values) of every teacher as the kernels read it: data (a plain tensor, fp8, int8 or
+    packed int4 bytes), the codec codes (kernels.fused_kv_loss.CODEC_*), and scales / offsets: one entry per teacher
+    (None where it has none), or empty lists when every teacher is plain."""
     data: list[Tensor]
     codecs: tuple[int, ...]
     scale: list[Tensor | None]

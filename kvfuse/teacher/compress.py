@@ -3,9 +3,12 @@
 Stored tensor names per sample, teacher i, kind k|v:
 
     codec bf16                 teacher{i}/{k}                   bf16 (or the dump's --dtype) [L_s, H, T, D]
-    codec fp8 | int4           teacher{i}/{k}                   data (float8_e4m3fn [L_s, H, T, D] | uint8 [.., D/2])
-                               teacher{i}/{k}.scale             keys: float32 [L_s, H, D]; values: float16 [L_s, H, T]
-                               teacher{i}/{k}.offset            int4 only, like the scale
+    codec fp8 | int8 | int4    teacher{i}/{k}                   data (float8_e4m3fn [L_s, H, T, D] | uint8 [.., D] |
+                                                                uint8 [.., D/2])
+                               teacher{i}/{k}.scale             per channel [L_s, H, D]: keys, fp8 and int8 values
+                                                                (fp8 bfloat16, else float32); per token float16
+                                                                [L_s, H, T]: int4 values (codecs.store_axis)
+                               teacher{i}/{k}.offset            int8 and int4 only, like the scale
     codec lowrank:r[+q]        teacher{i}/{k}                   coefficients [L_s, 1, T, R] (bf16, or q's data)
                                teacher{i}/{k}.scale/.offset     q's per-token scale (and offset), float16 [L_s, 1, T]
 
@@ -19,7 +22,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from kvfuse.codecs import (PACKED, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode,
+from kvfuse.codecs import (LEVELS, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode,
                            encode_lowrank, fit_lowrank_basis, gram, parse_codec, raise_if_not_finite, store_axis,
                            stored_axis)
 
@@ -49,7 +52,7 @@ def stored_names(n_teachers: int, codec: Codec | str) -> list[str]:
         names.append(entry)
         if quant is not None:
             names.append(entry + ".scale")
-        if quant in PACKED:
+        if quant in LEVELS:  # integer codes carry an offset
             names.append(entry + ".offset")
     return names
 
@@ -62,7 +65,7 @@ def encode_sample(tensors: Mapping[str, torch.Tensor], codec: Codec, bases: Mapp
     every codec (bf16 too: the dump stores nothing unchecked); the verdicts of all entries are read with one host
     sync per sample, or, given `checks` (a list), appended there unread (`FiniteCheck`, as the encoders do): the
     builder defers them so that encoding does not wait for the teacher forward. Masked tokens may hold anything and
-    are stored as padding (zeros; int4 keys: the grid value nearest 0)."""
+    are stored as padding (zeros; integer keys: the grid value nearest 0)."""
     out = {}
     read_now = checks is None
     checks = [] if read_now else checks
