@@ -9,9 +9,10 @@ as one of:
   exactly as the fp32 product rounds, and below FP8_SCALE_LIMIT = 2¹⁶, whose fold the fused loss's decode takes;
   stores written before hold float32 scales and decode as written);
 * `QuantizedKV` kind "int8": data uint8 [..., T, D], one 8-bit code q ∈ 0..255 per value, x ≈ q·scale + offset,
-  scale = (max − min)/255, offset = min (asymmetric: twice fp8's resolution near a channel's extremes, where fp8's
-  relative step is coarsest; Phase 1 from its round trip stays within 0.1 % of bf16 where fp8's store lost 4 %,
-  bench/NOTES.md "Store codecs");
+  per channel offset = min rounded down and scale = (max − offset)/255 rounded up to bfloat16 values, so the grid
+  spans the channel's range (asymmetric: twice fp8's resolution near a channel's extremes, where fp8's relative step
+  is coarsest; Phase 1 from its store stays within 0.1 % of bf16's where fp8's lost 4 %, bench/NOTES.md "Store
+  codecs"); per token float16, as int4;
 * `QuantizedKV` kind "int4": data uint8 [..., T, D/2], two 4-bit codes q ∈ 0..15 per byte, the even channel in the
   low nibble (byte j = q[2j] | q[2j+1] << 4), x ≈ q·scale + offset, scale = (max − min)/15, offset = min;
 * `QuantizedKV` kind "int4d": int4's layout, subtractively dithered: x ≈ (q − u)·scale + offset with u(t, d) ∈
@@ -23,8 +24,8 @@ as one of:
   B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
 
 Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
-float32 [..., D] (bfloat16 for fp8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 and int8 values
-too); "token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16
+float32 [..., D] (bfloat16 for fp8 and int8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 and int8
+values too); "token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16
 because per-token side data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis` says which a
 store uses.
 
@@ -35,7 +36,8 @@ whatever they held (NaN and Inf included), and the loss, CKA and router all igno
 token is refused, a ValueError naming it and its position (`FiniteCheck`): no codec could store it faithfully, and
 each would store it as something else. Bounds of one decoded value x̂ against x on a valid token (tested):
 fp8 |x̂ − x| ≤ max(2⁻⁴|x|, 2⁻¹⁰·scale) (3 mantissa bits; subnormals below 2⁻⁶·scale) plus the rounding of the
-scale; int8 and int4 |x̂ − x| ≤ scale/2 plus the fp16 rounding of scale and offset on the token axis.
+scale; int8 and int4 |x̂ − x| ≤ scale/2 of the stored scale, plus the fp16 rounding of scale and offset on the token
+axis.
 
 This module imports only torch (and the kernels' torch-only contract, for the dither's constants): the store, the
 loader and the loss all use it, and the fused kernel decodes the same layout in registers.
@@ -60,13 +62,15 @@ KINDS = ("fp8", "int8", "int4", "int4d")
 PACKED = ("int4", "int4d")  # two 4-bit codes per byte
 AXES = ("channel", "token")
 SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
-FP8_CHANNEL_SCALE = torch.bfloat16  # fp8 per channel (float32 in stores written before: read as written)
+# fp8 and int8 per channel (float32 in stores written before: read as written): 2 bytes per (layer, head, channel)
+# and sample, so that a short sample's side data keeps the store near half of bf16's bytes
+CHANNEL_BF16 = torch.bfloat16
 
 
 def scale_dtypes(kind: str, axis: str) -> tuple[torch.dtype, ...]:
     """The dtypes a `kind` entry's scale (and offset) may have on `axis`; the first is what encoding writes."""
-    if kind == "fp8" and axis == "channel":
-        return FP8_CHANNEL_SCALE, SCALE_DTYPES[axis]
+    if kind in ("fp8", "int8") and axis == "channel":
+        return CHANNEL_BF16, SCALE_DTYPES[axis]
     return (SCALE_DTYPES[axis],)
 
 
@@ -82,7 +86,7 @@ def store_axis(kv: str, kind: str) -> str:
 def stored_axis(scale: Tensor, name: str = "") -> str:
     """The group of a stored quantised entry `name`, from its scale's dtype (float32 or bfloat16 per channel,
     float16 per token), so stores of any layout read back as written."""
-    if scale.dtype == FP8_CHANNEL_SCALE:
+    if scale.dtype == CHANNEL_BF16:
         return "channel"
     for axis, dtype in SCALE_DTYPES.items():
         if scale.dtype == dtype:
@@ -115,7 +119,7 @@ class QuantizedKV(_Compressed):
     axis: str                  # "channel" | "token"
     data: Tensor               # fp8: float8_e4m3fn [..., T, D]; int8: uint8 [..., T, D];
     #                            int4(d): uint8 [..., T, D // 2] (low nibble = even channel)
-    scale: Tensor              # channel: float32 [..., D] (fp8: bfloat16, or float32 as written before);
+    scale: Tensor              # channel: float32 [..., D] (fp8, int8: bfloat16, or float32 as written before);
     #                            token: float16 [..., T]
     offset: Tensor | None = None   # int8, int4(d): like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
 
@@ -321,6 +325,14 @@ def _expand(t: Tensor, axis: str) -> Tensor:
     return t.unsqueeze(-2) if axis == "channel" else t.unsqueeze(-1)
 
 
+def _bf16_directed(t: Tensor, up: bool) -> Tensor:
+    """fp32 t as bfloat16 rounded toward +inf (up) or −inf: the nearest bf16 value, moved one step where it fell on
+    the wrong side."""
+    r = t.to(torch.bfloat16)
+    wrong = r.to(torch.float32) < t if up else r.to(torch.float32) > t
+    return torch.where(wrong, torch.nextafter(r, torch.full_like(r, math.inf if up else -math.inf)), r)
+
+
 def _scale_overflow(scale: Tensor) -> str:
     return f"a scale overflows {scale.dtype} (|x| too large to quantise; store bf16 instead)"
 
@@ -333,10 +345,9 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
     source, x = x, x.to(torch.float32)
     m = _token_mask(x, mask)
     amax = _group_reduce(x, m, axis, "amax")
-    scale = (amax / FP8_MAX).to(scale_dtypes("fp8", axis)[0])
-    if scale.dtype == torch.bfloat16:  # rounded up, not to nearest: amax/scale stays within 448
-        scale = torch.where(scale.to(torch.float32) < amax / FP8_MAX,
-                            torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    dtype = scale_dtypes("fp8", axis)[0]
+    # a bf16 scale is rounded up, not to nearest: amax/scale stays within 448
+    scale = _bf16_directed(amax / FP8_MAX, up=True) if dtype == CHANNEL_BF16 else (amax / FP8_MAX).to(dtype)
     bad, derived = ~finite_flag(scale), _scale_overflow(scale)
     if scale.dtype == torch.bfloat16:  # the fused kernels' one-multiply decode (fused_kv_loss_op.FP8_FOLD_EXP)
         bad = bad | (scale >= FP8_SCALE_LIMIT).any()
@@ -367,9 +378,15 @@ def encode_int(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
     source, x = x, x.to(torch.float32)
     m = _token_mask(x, mask)
     hi, lo = _group_reduce(x, m, axis, "max"), _group_reduce(x, m, axis, "min")
-    dtype = SCALE_DTYPES[axis]
-    offset = lo.to(dtype)
-    scale = ((hi - offset.to(torch.float32)) / levels).to(dtype)
+    if scale_dtypes(kind, axis)[0] == CHANNEL_BF16:
+        # offset rounded down and scale up, so that the grid still spans [min, max] and the bound is scale/2 of the
+        # stored scale (whose step grows by under |min|·2⁻⁷ over the range: ≤ 3.4 % on SmolLM2's KV, mean 0.4 %)
+        offset = _bf16_directed(lo, up=False)
+        scale = _bf16_directed((hi - offset.to(torch.float32)) / levels, up=True)
+    else:
+        dtype = SCALE_DTYPES[axis]
+        offset = lo.to(dtype)
+        scale = ((hi - offset.to(torch.float32)) / levels).to(dtype)
     # the scale answers for the offset too: an offset that is not finite makes hi − offset not finite
     _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what(f"{kind} encoding", name),
                                       _scale_overflow(scale)))

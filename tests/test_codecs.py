@@ -41,6 +41,9 @@ def _int_bound(x, mask, axis, kind):
     hi = _group_stat(x, mask, axis, lambda t, d, keepdim: t.amax(d, keepdim=keepdim))
     lo = _group_stat(x, mask, axis, lambda t, d, keepdim: t.amin(d, keepdim=keepdim))
     scale = (hi - lo) / levels
+    if kind == "int8" and axis == "channel":
+        # bf16 offset rounded down (< 2⁻⁷|min| below min: one step of 8 significant bits) and scale rounded up (< 2⁻⁷)
+        scale = (hi - lo + lo.abs() * 2 ** -7) / levels * (1 + 2 ** -7)
     # fp16 token scales/offsets: the grid is off by their rounding (≤ 2⁻¹¹ relative each), `levels` steps at the far
     # end
     slack = 0 if axis == "channel" else 2 ** -10 * (levels * scale + lo.abs())
@@ -53,7 +56,8 @@ def test_round_trip_on_random_kv_is_within_the_stated_bound(kind, axis):
     x, mask = _kv()
     q = encode(x, kind, axis, mask)
     assert q.shape == x.shape and q.kind == kind and q.axis == axis
-    assert q.scale.dtype == scale_dtypes(kind, axis)[0]  # fp8 per channel bfloat16, int float32, per token float16
+    assert q.scale.dtype == scale_dtypes(kind, axis)[0]  # fp8, int8 per channel bfloat16, int4 float32, per token
+    #                                                        float16
     err = (q.decode() - x).abs()[..., mask, :]
     bound = _fp8_bound(x, mask, axis) if kind == "fp8" else _int_bound(x, mask, axis, kind)
     bound = bound.expand_as(x)[..., mask, :]
@@ -82,12 +86,33 @@ def test_int4_bytes_are_the_documented_layout():
     assert hand.decode().tolist() == [[[12.0, 14.0, 40.0, 10.0]]]
 
 
+def test_int8_channel_grid_spans_each_channels_range_in_bf16():
+    # offset rounded down and scale rounded up to bf16 values: min and max stay on the grid's span, and the step grows
+    # by less than |min|·2⁻⁷ over the range (plus the scale's own rounding, < 2⁻⁷)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 2, 50, 16, generator=g) * torch.logspace(-2, 2, 16) + torch.linspace(-30, 30, 16)
+    q = encode_int(x, "channel", kind="int8")
+    hi, lo = x.amax(-2), x.amin(-2)
+    s, o = q.scale.float(), q.offset.float()
+    assert q.scale.dtype == q.offset.dtype == torch.bfloat16
+    assert (o <= lo).all() and (o + 255 * s >= hi).all()
+    assert (s <= (hi - lo + lo.abs() * 2 ** -7) / 255 * (1 + 2 ** -7)).all()
+    assert ((q.decode() - x).abs() <= s[..., None, :] / 2 * (1 + 1e-5)).all()
+    # a constant channel that bf16 holds exactly decodes exactly; one it does not, within half its small step
+    const = torch.full((1, 6, 2), 1.0)
+    const[..., 1] = 1.0 + 2 ** -10
+    c = encode_int(const, "channel", kind="int8")
+    assert torch.equal(c.decode()[..., 0], const[..., 0])
+    assert ((c.decode()[..., 1] - const[..., 1]).abs() <= c.scale.float()[..., 1] / 2).all()
+
+
 def test_int8_codes_are_one_byte_per_value_on_the_documented_grid():
-    # per channel: offset = min, scale = (max − min)/255 over the valid tokens, q = round((x − offset)/scale)
+    # per channel: offset = min, scale = (max − min)/255 over the valid tokens (both bf16 values here, so exact),
+    # q = round((x − offset)/scale)
     x = torch.tensor([[[0.0, -2.0], [255.0, 0.0], [100.0, 508.0], [7.0, 9.0]]])   # [1, T=4, D=2]
     mask = torch.tensor([True, True, True, False])
     q = encode_int(x, "channel", mask, kind="int8")
-    assert q.data.dtype == torch.uint8 and q.data.shape == x.shape and q.offset.dtype == torch.float32
+    assert q.data.dtype == torch.uint8 and q.data.shape == x.shape and q.offset.dtype == torch.bfloat16
     assert q.scale.tolist() == [[1.0, 2.0]] and q.offset.tolist() == [[0.0, -2.0]]
     # the masked token: each channel's code nearest 0 (channel 0: 0 itself; channel 1: code 1, value 0)
     assert q.data.tolist() == [[[0, 0], [255, 1], [100, 255], [0, 1]]]
@@ -95,6 +120,9 @@ def test_int8_codes_are_one_byte_per_value_on_the_documented_grid():
     hand = QuantizedKV("int8", "token", torch.tensor([[[3, 200]]], dtype=torch.uint8),
                        torch.tensor([[0.5]], dtype=torch.float16), torch.tensor([[-1.0]], dtype=torch.float16))
     assert hand.decode().tolist() == [[[0.5, 99.0]]] and hand.shape == (1, 1, 2)
+    # a float32 scale and offset (int8 stores written before the bf16 side data) decode as written
+    legacy = QuantizedKV("int8", "channel", q.data, q.scale.float(), q.offset.float())
+    assert torch.equal(legacy.decode(), q.decode()) and stored_axis(legacy.scale) == "channel"
     with pytest.raises(ValueError, match="int8 QuantizedKV needs an offset"):
         QuantizedKV("int8", "channel", q.data, q.scale)
     with pytest.raises(ValueError, match="int8 data must be torch.uint8"):
