@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -312,6 +313,7 @@ def _train(out: Path, phase: int, seed: int, label: str, store: Path, bf16_store
               "--teacher_store", str(store), "--eval_teacher_store", str(bf16_store),
               "--output_dir", str(run), "--save_every", "0", "--eval_every", "100", "--n_generate", "0",
               *_size(phase, items)["train"]], out / f"{run.name}.log")
+        (run / "commit.txt").write_text(commit())  # the code the run trained with, for the table
         print(f"  {time.perf_counter() - start:.0f} s", flush=True)
     return run
 
@@ -503,23 +505,45 @@ def _store_bytes_per_token(store: Path) -> float:
     return meta["bytes"] / meta["valid_tokens"]
 
 
+def _table_rows(path: Path) -> dict[tuple, dict]:
+    """A distill table's rows by (phase, codec, seed), numbers as floats; empty when there is no table."""
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    numeric = ("phase", "seed", "steps")
+    return {(int(r["phase"]), r["codec"], int(r["seed"])):
+            {k: int(v) if k in numeric else v if k in ("codec", "commit") else float(v) for k, v in r.items()}
+            for r in rows}
+
+
 def summarise(args) -> int:
+    """The distill table from the runs in --out, merged into the table already there: a finished run's row is
+    (re)computed, with the commit it trained with (`commit.txt`; runs from before it keep their row's commit when
+    their result is unchanged, else "unknown"); every other row of the table stays as it was, so a table is never
+    narrowed to the runs that happen to be in one folder."""
     out = Path(args.out)
-    rows = []
+    path = RESULTS / ("codec_distill.csv" if not args.items else "codec_distill_{}x{}.csv".format(*args.items))
+    table = _table_rows(path)
     for phase in args.phases:
         for seed in args.seeds:
             for codec in args.codecs:
                 run = out / f"p{phase}-{_slug(codec)}-seed{seed}"
+                key = (phase, codec, seed)
                 if not (run / "report.html").exists():
-                    print(f"(no finished run {run.name}: left out)")
+                    print(f"(no finished run {run.name}: {'its row kept' if key in table else 'left out'})")
                     continue
                 val = _val_kv(run)
                 store = out / f"store-p{phase}-{_slug(codec)}"
-                rows.append({"phase": phase, "codec": codec, "seed": seed, "steps": val[-1]["step"],
-                             "val_kv_first": val[0]["kv_loss"], "val_kv_last": val[-1]["kv_loss"],
-                             "cka_last": val[-1]["cka_mean"],
-                             "store_bytes_per_token": _store_bytes_per_token(store), "commit": commit()})
-    path = RESULTS / ("codec_distill.csv" if not args.items else "codec_distill_{}x{}.csv".format(*args.items))
+                row = {"phase": phase, "codec": codec, "seed": seed, "steps": val[-1]["step"],
+                       "val_kv_first": val[0]["kv_loss"], "val_kv_last": val[-1]["kv_loss"],
+                       "cka_last": val[-1]["cka_mean"], "store_bytes_per_token": _store_bytes_per_token(store)}
+                stamp = run / "commit.txt"
+                before = table.get(key, {})
+                row["commit"] = (stamp.read_text().strip() if stamp.exists() else before["commit"]
+                                 if before.get("val_kv_last") == row["val_kv_last"] else "unknown")
+                table[key] = row
+    rows = [table[k] for k in sorted(table, key=lambda k: (k[0], k[2]))]
     path.unlink(missing_ok=True)
     append_csv(path, rows)
     print(f"{'phase':>5s} {'codec':20s} {'val KV loss (3 seeds)':>24s} {'vs bf16, per seed':>28s} "

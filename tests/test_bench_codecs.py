@@ -342,3 +342,44 @@ def test_fused_loss_codec_rounds_rotate_and_pair():
     assert ratios == {"fp8": [pytest.approx(1.1), 1.0], "int4": [1.2]}
     assert [kernel_family(n) for n in ("_fused_kv_fwd_kernel", "_fused_kv_dw_kernel_0d1d", "void at::reduce_kernel")] \
         == ["fwd", "dw", "other"]
+
+
+def test_distill_summary_merges_into_its_table_and_keeps_each_runs_commit(tmp_path, monkeypatch):
+    """`codec_quality summarise` recomputes the rows of the runs in its folder and keeps every other row of the
+    table (a folder that lost some runs must not narrow the table); a row's commit is the one its run trained with
+    (commit.txt), or the table's when a run from before it gives the same result, else "unknown"."""
+    import bench.codec_quality as cq
+
+    results, out = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    monkeypatch.setattr(cq, "RESULTS", results)
+
+    def run(codec, seed, last, stamp=None):
+        d = out / f"p1-{cq._slug(codec)}-seed{seed}"
+        d.mkdir(parents=True)
+        (d / "report.html").write_text("")
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"split": "val", "step": s, "kv_loss": v, "cka_mean": 0.9})
+                                                 + "\n" for s, v in ((0, 2.0), (10, last))))
+        if stamp:
+            (d / "commit.txt").write_text(stamp + "\n")
+        store = out / f"store-p1-{cq._slug(codec)}"
+        store.mkdir(exist_ok=True)
+        (store / "shard-00000-of-00001.json").write_text(json.dumps({"bytes": 1000, "valid_tokens": 10}))
+
+    head = "phase,codec,seed,steps,val_kv_first,val_kv_last,cka_last,store_bytes_per_token,commit\n"
+    (results / "codec_distill.csv").write_text(
+        head + "1,bf16,0,10,2.0,1.0,0.9,100.0,aaaaaaa\n"       # its run is still there, same result: commit kept
+        "1,int4,0,10,2.0,1.5,0.9,30.0,bbbbbbb\n"                 # no run in the folder: kept as it is
+        "1,int8,0,10,2.0,1.2,0.9,55.0,ccccccc\n")                # rerun with new code: replaced
+    run("bf16", 0, 1.0)
+    run("int8", 0, 1.01, stamp="ddddddd")
+    run("fp8", 0, 1.3)                                           # a run from before commit.txt, not in the table
+    assert cq.main(["summarise", "--phases", "1", "--seeds", "0", "--codecs", "bf16", "int8", "fp8", "int4",
+                    "--out", str(out)]) == 0
+    rows = {r["codec"]: r for r in _rows(results / "codec_distill.csv")}
+    assert set(rows) == {"bf16", "int4", "int8", "fp8"}
+    assert rows["bf16"]["commit"] == "aaaaaaa" and rows["int4"]["commit"] == "bbbbbbb"
+    assert rows["int4"]["val_kv_last"] == "1.5" and rows["int4"]["store_bytes_per_token"] == "30.0"
+    assert rows["int8"]["commit"] == "ddddddd" and float(rows["int8"]["val_kv_last"]) == 1.01
+    assert float(rows["int8"]["store_bytes_per_token"]) == 100.0
+    assert rows["fp8"]["commit"] == "unknown"
