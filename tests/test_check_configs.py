@@ -104,7 +104,7 @@ def test_encoded_teachers_group_as_a_store_does():
         else:
             assert isinstance(tk[0], QuantizedKV) and tk[0].kind == codec.split("_")[0]
             assert (stored_axis(tk[0].scale), stored_axis(tv[0].scale)) == want[codec]
-            assert (tk[0].scale.dtype == torch.float32) == (codec in ("fp8_f32", "int8", "int4", "int4d"))
+            assert (tk[0].scale.dtype == torch.float32) == (codec in ("fp8_f32", "int4", "int4d"))
 
 
 def test_merge_writes_one_csv_and_names_the_wrong_variants(tmp_path):
