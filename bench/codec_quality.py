@@ -150,6 +150,9 @@ def plot(rows, byte_rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     setups = list(SETUPS)
+    # one colour per codec in every panel (tab10 repeats after ten codecs; this study draws thirteen)
+    palette = plt.get_cmap("tab20").colors
+    colours = {codec: palette[i % len(palette)] for i, codec in enumerate(dict.fromkeys(row["codec"] for row in rows))}
     fig, axes = plt.subplots(len(setups), 3, figsize=(17, 4.6 * len(setups)), squeeze=False)
     for r, setup in enumerate(setups):
         for c, kind in enumerate(("k", "v")):
@@ -158,7 +161,8 @@ def plot(rows, byte_rows, path: Path) -> None:
                 mine = [row for row in rows if row["setup"] == setup and row["codec"] == codec and row["kind"] == kind
                         and row["teacher"] == "teacher0"]
                 ax.semilogy([row["layer"] for row in mine], [max(row["rel_mse"], 1e-12) for row in mine],
-                            label=codec, marker="." if codec.startswith("lowrank") else "o", ms=3)
+                            label=codec, marker="." if codec.startswith("lowrank") else "o", ms=3,
+                            color=colours[codec])
             ax.set_title(f"{setup}: {'keys (pre-RoPE)' if kind == 'k' else 'values'}, teacher 0")
             ax.set_xlabel("student layer")
             ax.set_ylabel("relative MSE (held-out items)")
@@ -167,7 +171,7 @@ def plot(rows, byte_rows, path: Path) -> None:
         for b in byte_rows:
             if b["setup"] == setup and b["codec"] != "bf16":
                 mse = (b["k_rel_mse"] + b["v_rel_mse"]) / 2
-                ax.loglog(b["ratio_vs_bf16"], mse, "o")
+                ax.loglog(b["ratio_vs_bf16"], mse, "o", color=colours.get(b["codec"]))
                 ax.annotate(b["codec"], (b["ratio_vs_bf16"], mse), fontsize=7)
         ax.axvline(0.125, ls="--", c="grey")
         ax.set_title(f"{setup}: mean relative MSE vs store size")
