@@ -144,15 +144,21 @@ def reconstruct(args) -> int:
     return 0
 
 
+def codec_colours(codecs) -> dict:
+    """One colour per codec (in first-seen order) for every panel of a figure: tab20's, since tab10 repeats after ten
+    codecs and the reconstruction study draws thirteen."""
+    from matplotlib import colormaps
+    palette = colormaps["tab20"].colors
+    return {codec: palette[i % len(palette)] for i, codec in enumerate(dict.fromkeys(codecs))}
+
+
 def plot(rows, byte_rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     setups = list(SETUPS)
-    # one colour per codec in every panel (tab10 repeats after ten codecs; this study draws thirteen)
-    palette = plt.get_cmap("tab20").colors
-    colours = {codec: palette[i % len(palette)] for i, codec in enumerate(dict.fromkeys(row["codec"] for row in rows))}
+    colours = codec_colours(row["codec"] for row in rows)
     fig, axes = plt.subplots(len(setups), 3, figsize=(17, 4.6 * len(setups)), squeeze=False)
     for r, setup in enumerate(setups):
         for c, kind in enumerate(("k", "v")):

@@ -383,3 +383,10 @@ def test_distill_summary_merges_into_its_table_and_keeps_each_runs_commit(tmp_pa
     assert rows["int8"]["commit"] == "ddddddd" and float(rows["int8"]["val_kv_last"]) == 1.01
     assert float(rows["int8"]["store_bytes_per_token"]) == 100.0
     assert rows["fp8"]["commit"] == "unknown"
+
+
+def test_every_codec_of_the_reconstruction_study_gets_its_own_colour():
+    from bench.codec_quality import CODECS, codec_colours
+
+    colours = codec_colours(["bf16", *CODECS, "fp8"])
+    assert list(colours) == ["bf16", *CODECS] and len(set(colours.values())) == len(colours) > 10
