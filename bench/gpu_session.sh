@@ -5,7 +5,8 @@
 #     dump_shm                     the same with the shards on tmpfs (the pipeline without the disk)
 #     dump_long                    one bf16 shard of 128 examples (the dump's steady state)
 #     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed live from the store) student step
-#     step_codecs                  the same with the store in bf16, fp8, int8 and int4, ROUNDS (5) interleaved rounds (issue 16)
+#     step_codecs                  the same with the store in bf16, fp8, int8 and int4, ROUNDS (5) interleaved
+#                                  rounds (issue 16)
 #     dump_codecs                  bench_dump.py per store codec bf16, fp8, int8, int4 (issue 16: throughput vs bf16's)
 #     step_interference            the bf16 step beside a thread reading the store up to each part of the loader
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
@@ -18,8 +19,9 @@
 #                                  fresh one takes ≈ 6 more)
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
 #     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
-#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int8 / int4 / int4d / low-rank teachers at 16k (CODEC_NAMES:
-#                                  the codecs timed beside bf16; CODEC_ROUNDS interleaved rounds, default 1)
+#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int8 / int4 / int4d / low-rank teachers at 16k
+#                                  (CODEC_NAMES: the codecs timed beside bf16; CODEC_ROUNDS interleaved rounds,
+#                                  default 1)
 #     tune_codecs tune_fused_loss.py  every tile and stage count timed per codec at 16k (TUNE_CODECS: bf16 fp8 int4)
 #     ncu    ncu_fused_loss.py     Nsight Compute on one step per codec: details and the weight gradient's SASS (CSV)
 #     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec and shape (the

@@ -25,9 +25,9 @@ as one of:
 
 Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
 float32 [..., D] (bfloat16 for fp8 and int8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 and int8
-values too); "token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4 values; fp16
-because per-token side data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis` says which a
-store uses.
+values too); "token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4
+values; fp16 because per-token side data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis`
+says which a store uses.
 
 Masked tokens (mask 0: padding, prompt tokens, unaligned tokens) take no part in the statistics and decode to 0
 (int8 and int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's
@@ -55,8 +55,7 @@ from torch import Tensor
 from kvfuse.kernels.fused_kv_loss_op import DITHER_M1, DITHER_M2, DITHER_T, FP8_SCALE_LIMIT
 
 FP8_MAX = 448.0            # largest finite float8_e4m3fn
-INT4_LEVELS = 15           # codes 0..15
-LEVELS = {"int8": 255, "int4": INT4_LEVELS, "int4d": INT4_LEVELS}  # integer kinds: codes 0..levels, with an offset
+LEVELS = {"int8": 255, "int4": 15, "int4d": 15}  # integer kinds: codes 0..levels, with an offset
 RANK_MULTIPLE = 16         # low-rank widths are padded to this (tensor-core tiles in the kernel)
 KINDS = ("fp8", "int8", "int4", "int4d")
 PACKED = ("int4", "int4d")  # two 4-bit codes per byte
@@ -363,9 +362,9 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
 
 def encode_int(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
                checks: list[FiniteCheck] | None = None, kind: str = "int4") -> QuantizedKV:
-    """Asymmetric integer codes of `kind` ("int8" | "int4" | "int4d", LEVELS[kind] = 255 | 15): scale = (max −
-    min)/levels, offset = min per group (valid tokens only), q = round((x − offset)/scale) clamped to 0..levels;
-    int4 packed two per byte. A constant group has scale 1 (q = 0 decodes to the constant; int4d: scale 0); masked
+    """Asymmetric integer codes of `kind` ("int8" | "int4" | "int4d", LEVELS[kind] = 255 | 15): offset = min and
+    scale = (max − offset)/levels per group (valid tokens only; int8 per channel: rounded down and up to bf16 values),
+    q = round((x − offset)/scale) clamped to 0..levels; int4 packed two per byte. A constant group has scale 1 (q = 0 decodes to the constant; int4d: scale 0); masked
     tokens decode to 0 (token axis: scale and offset 0) or to the code nearest 0 (channel axis). int4d: q =
     round((x − offset)/scale + u) (module docstring).
     name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""

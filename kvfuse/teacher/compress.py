@@ -6,8 +6,8 @@ Stored tensor names per sample, teacher i, kind k|v:
     codec fp8 | int8 | int4    teacher{i}/{k}                   data (float8_e4m3fn [L_s, H, T, D] | uint8 [.., D] |
                                                                 uint8 [.., D/2])
                                teacher{i}/{k}.scale             per channel [L_s, H, D]: keys, fp8 and int8 values
-                                                                (fp8 bfloat16, else float32); per token float16
-                                                                [L_s, H, T]: int4 values (codecs.store_axis)
+                                                                (fp8 and int8 bfloat16, int4 float32); per token
+                                                                float16 [L_s, H, T]: int4 values (codecs.store_axis)
                                teacher{i}/{k}.offset            int8 and int4 only, like the scale
     codec lowrank:r[+q]        teacher{i}/{k}                   coefficients [L_s, 1, T, R] (bf16, or q's data)
                                teacher{i}/{k}.scale/.offset     q's per-token scale (and offset), float16 [L_s, 1, T]
