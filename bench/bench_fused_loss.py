@@ -74,14 +74,14 @@ def _api_args(x):
     return {k: v for k, v in x.items() if k not in ("scaling", "rot")}
 
 
-CODECS = ("bf16", "fp8", "fp8_f32", "fp8_token", "int8", "int4", "int4d", "lowrank")
+CODECS = ("bf16", "fp8", "fp8_f32", "fp8_token", "int8", "int8_f32", "int4", "int4d", "lowrank")
 
 
 def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
-    """The inputs' teacher keys and values as a store of `codec` holds them (`store_axis`); fp8_f32: fp8 with
-    float32 per-channel scales, as stores written before the bf16 scales; fp8_token: values per token, as fp8
-    stores written before 26a4f1e; lowrank: an orthonormal random basis of rank min(256, F/2) of
-    F = H·D, bf16 coefficients."""
+    """The inputs' teacher keys and values as a store of `codec` holds them (`store_axis`); fp8_f32, int8_f32: fp8
+    and int8 with float32 per-channel side data, as stores written before the bf16 side data; fp8_token: values per
+    token, as fp8 stores written before 26a4f1e; lowrank: an orthonormal random basis of rank min(256, F/2) of F =
+    H·D, bf16 coefficients."""
     from kvfuse.codecs import LowRankKV, QuantizedKV, encode, store_axis
     if codec == "bf16":
         return x["teacher_k"], x["teacher_v"]
@@ -93,9 +93,11 @@ def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
             z = (t.float().transpose(2, 3).flatten(3) @ basis.transpose(1, 2).unsqueeze(1)).to(t.dtype)
             return LowRankKV(z.unsqueeze(2), basis, H, D)
         return [low_rank(t) for t in x["teacher_k"]], [low_rank(t) for t in x["teacher_v"]]
-    if codec == "fp8_f32":  # the same codes and scale values, the scales' dtype selecting the kernels' fp32 path
-        return tuple([QuantizedKV("fp8", q.axis, q.data, q.scale.to(torch.float32), None) for q in qs]
-                     for qs in encoded_teachers(x, "fp8"))
+    if codec in ("fp8_f32", "int8_f32"):  # the same codes and side data, whose dtype selects the kernels' fp32 path
+        def f32(t):
+            return None if t is None else t.to(torch.float32)
+        return tuple([QuantizedKV(q.kind, q.axis, q.data, f32(q.scale), f32(q.offset)) for q in qs]
+                     for qs in encoded_teachers(x, codec.removesuffix("_f32")))
     kind = codec.removesuffix("_token")
     m = x["mask"][:, None, :]
 
@@ -444,14 +446,41 @@ def paired_ratios(rows: list[dict], column: str, base: str = "bf16") -> dict[str
     return out
 
 
+def codec_baselines(x: dict, variants: dict, baseline_names, log=print) -> list[dict]:
+    """The torch reference on each named codec's teachers, eager and under torch.compile (the explicit decode in
+    the traced graph, so inductor may fuse it): fwd and full ms, a row per codec and variant."""
+    from triton.testing import do_bench
+    params = _params(x)
+    rows = []
+    for name in baseline_names:
+        tk, tv = variants[name]
+        args = dict(_api_args(x), teacher_k=tk, teacher_v=tv)
+
+        def reference():
+            return kv_distill_loss(**args, backend="torch", check_finite=False)[0]
+        for variant, fwd in (("eager", reference), ("compile", torch.compile(reference, dynamic=False))):
+            def full():
+                return torch.autograd.grad(fwd(), params)
+            full()  # compilation stays out of the numbers
+            rows.append(dict(device=torch.cuda.get_device_name(), commit=commit(), tokens=x["mask"].numel(),
+                             codec=name, variant=variant, fwd_ms=round(do_bench(fwd, return_mode="median"), 4),
+                             full_ms=round(do_bench(full, return_mode="median"), 4)))
+            log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()))
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int8", "int4", "int4d", "lowrank"), rounds: int = 1,
-                 log=print) -> Path:
+                 log=print, baselines=()) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int8, int4, int4d (grouped as a store encodes them,
     `store_axis`) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, each
     kernel family's GPU time (`kernel_ms`), teacher bytes per token, the loss's relative difference from bf16,
     and the gradients' largest relative difference from the same kernels on the explicitly decoded teachers
     (bf16; ≈ 1e-3 is bf16 rounding, a wrong decode is percents) — one CSV, a row per codec and round. Rounds time
-    every codec in an order rotated each round (`rotated`); each codec is compared with bf16 of its own round."""
+    every codec in an order rotated each round (`rotated`); each codec is compared with bf16 of its own round.
+    baselines: codecs whose torch reference is timed too, eager and compiled (`codec_baselines`), into a CSV of its
+    own, with the Triton full step's median over the rounds beside it."""
     import statistics
 
     from triton.testing import do_bench
@@ -496,9 +525,18 @@ def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int8", "int4", "int4
             for name, ratios in paired_ratios(rows, column).items():
                 log(f"  {column:13s} {name:11s} {statistics.median(ratios):.3f}x [{min(ratios):.3f}, "
                     f"{max(ratios):.3f}]")
+    tag = torch.cuda.get_device_name().replace(' ', '_')
+    if baselines:
+        base_rows = codec_baselines(x, variants, baselines, log)
+        for r in base_rows:
+            triton_full = statistics.median(t["full_ms"] for t in rows if t["codec"] == r["codec"])
+            r.update(triton_full_ms=round(triton_full, 4), triton_speedup=round(r["full_ms"] / triton_full, 2))
+            log(f"  {r['codec']:6s} {r['variant']:7s} full {r['full_ms']:8.3f} ms: Triton {triton_full:.3f} ms, "
+                f"{r['triton_speedup']:.2f}x")
+        append_csv(out_dir / f"fused_loss_codec_baselines_{tag}.csv", base_rows)
     # appended: runs repeated in one call (an A/B, the spread between runs) all keep their rows, told apart by commit
     # and round
-    return append_csv(out_dir / f"fused_loss_codecs_{torch.cuda.get_device_name().replace(' ', '_')}.csv", rows)
+    return append_csv(out_dir / f"fused_loss_codecs_{tag}.csv", rows)
 
 
 def main(argv=None) -> int:
@@ -516,6 +554,8 @@ def main(argv=None) -> int:
                    choices=[c for c in CODECS if c != "bf16"], help="with --codecs: the codecs timed beside bf16")
     p.add_argument("--rounds", type=int, default=1,
                    help="with --codecs: time every codec this many times, interleaved (order rotated each round)")
+    p.add_argument("--baselines", nargs="*", default=[], choices=[c for c in CODECS if c != "lowrank"],
+                   help="with --codecs: also time the torch reference on these codecs' teachers, eager and compiled")
     args = p.parse_args(argv)
     if args.plot:
         print(plot(args.plot))
@@ -525,7 +565,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_fused_loss needs a CUDA GPU (run it through the device tool)")
     if args.codecs:
-        print(bench_codecs(args.out, args.codecs, args.codec_names, args.rounds))
+        missing = sorted(set(args.baselines) - {"bf16", *args.codec_names})
+        if missing:
+            p.error(f"--baselines {missing} are not timed: add them to --codec_names")
+        print(bench_codecs(args.out, args.codecs, args.codec_names, args.rounds, baselines=args.baselines))
         return 0
     run(args.out, args.tokens, args.variants, args.tokens3)
     return 0

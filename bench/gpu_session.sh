@@ -21,7 +21,8 @@
 #     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
 #     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int8 / int4 / int4d / low-rank teachers at 16k
 #                                  (CODEC_NAMES: the codecs timed beside bf16; CODEC_ROUNDS interleaved rounds,
-#                                  default 1)
+#                                  default 1; CODEC_BASELINES: codecs whose torch reference is timed too, eager and
+#                                  under torch.compile)
 #     tune_codecs tune_fused_loss.py  every tile and stage count timed per codec at 16k (TUNE_CODECS: bf16 fp8 int4)
 #     ncu    ncu_fused_loss.py     Nsight Compute on one step per codec: details and the weight gradient's SASS (CSV)
 #     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec and shape (the
@@ -102,7 +103,8 @@ for what in "$@"; do
     profile_compiled) for t in 2 3; do TAIL=1 part "profile_compiled_t$t" python3 -m bench.profile_fused_loss \
             --out "$OUT" --tokens 4096 --compiled --fwd --teachers $t; done ;;
     codecs) TAIL=${TAIL:-40} part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 \
-            --codec_names ${CODEC_NAMES:-fp8 int8 int4 int4d lowrank} --rounds ${CODEC_ROUNDS:-1} ;;
+            --codec_names ${CODEC_NAMES:-fp8 int8 int4 int4d lowrank} --rounds ${CODEC_ROUNDS:-1} \
+            --baselines ${CODEC_BASELINES:-} ;;
     tune_codecs)  # TUNE_CODECS (bf16 fp8 int4): every tile at its listed and FWD_STAGES / DW_STAGES stage counts,
       # compiled in parallel processes (compiling dominates), then timed one codec after another from triton's cache
       codecs=${TUNE_CODECS:-bf16 fp8 int4}
@@ -134,10 +136,10 @@ for what in "$@"; do
             > "$OUT/ncu_sass_${k}_$c.csv" 2>&1 || echo "ncu source page of $k for $c failed"
         done
       done ;;
-    check_configs)  # CHECKS="codec[:arg,arg..] ...": default the eight codecs, all tiles, weight gradient at 1-4 stages,
+    check_configs)  # CHECKS="codec[:arg,arg..] ...": default the nine codecs, all tiles, weight gradient at 1-4 stages,
       # each at the bench's shapes and at the packaged model's ("fp8:--shape,packaged": head dim 64, ragged rows)
       rm -rf /tmp/check && mkdir -p /tmp/check  # a warm machine keeps /tmp: no earlier call's rows
-      codecs="bf16 fp8 fp8_f32 fp8_token int8 int4 int4d lowrank"
+      codecs="bf16 fp8 fp8_f32 fp8_token int8 int8_f32 int4 int4d lowrank"
       checks=${CHECKS:-$codecs $(for c in $codecs; do echo "$c:--shape,packaged"; done)}
       for c in $checks; do
         timeout "${PART_LIMIT_check_configs:-420}" python3 -m bench.check_configs --codec "${c%%:*}" --out /tmp/check \

@@ -62,7 +62,7 @@ def dw_signature(block_f: int, block_c: int, block_t: int, codec: int, codec_v: 
     sig = {}
     for suffix, c in (("", codec), ("_v", codec_v)):
         sig["x" + suffix] = f"tensordesc<{X_TYPE[c]}[1, 1, 1, {block_t}, {_packed(block_f, c)}]>"
-        sig["sc" + suffix] = sig["of" + suffix] = "*fp32"
+        sig["sc" + suffix] = sig["of" + suffix] = "*bf16" if c == INT8 else "*fp32"  # int8: folded (_dw_sides)
         sig["g" + suffix] = f"tensordesc<bf16[1, 1, {block_t}, {block_c}]>"
         sig["dalpha" + suffix + "_ptr"] = "*fp32"
     for name in ("sx0", "sx1", "sx2", "sx3", "sxv0", "sxv1", "sxv2", "sxv3", "sw0", "sw1", "swv0", "swv1",

@@ -6,13 +6,13 @@ as one of:
 * a plain tensor (bf16 / fp16 / fp32: the store's original format);
 * `QuantizedKV` kind "fp8": data float8_e4m3fn [..., T, D], x ≈ data·scale, scale = amax/448 over the group (per
   channel: rounded up to a bfloat16 value and stored as bfloat16, so the kernels form code·scale in bf16 arithmetic
-  exactly as the fp32 product rounds, and below FP8_SCALE_LIMIT = 2¹⁶, whose fold the fused loss's decode takes;
+  exactly as the fp32 product rounds, and below FOLD_SCALE_LIMIT = 2¹⁶, whose fold the fused loss's decode takes;
   stores written before hold float32 scales and decode as written);
 * `QuantizedKV` kind "int8": data uint8 [..., T, D], one 8-bit code q ∈ 0..255 per value, x ≈ q·scale + offset,
-  per channel offset = min rounded down and scale = (max − offset)/255 rounded up to bfloat16 values, so the grid
-  spans the channel's range (asymmetric: twice fp8's resolution near a channel's extremes, where fp8's relative step
-  is coarsest; Phase 1 from its store stays within 0.1 % of bf16's where fp8's lost 4 %, bench/NOTES.md "Store
-  codecs"); per token float16, as int4;
+  per channel offset = min rounded down and scale = (max − offset)/255 rounded up to bfloat16 values (the scale
+  below FOLD_SCALE_LIMIT, as fp8's), so the grid spans the channel's range (asymmetric: twice fp8's resolution near
+  a channel's extremes, where fp8's relative step is coarsest; Phase 1 from its store stays within 0.1 % of bf16's
+  where fp8's lost 4 %, bench/NOTES.md "Store codecs"); per token float16, as int4;
 * `QuantizedKV` kind "int4": data uint8 [..., T, D/2], two 4-bit codes q ∈ 0..15 per byte, the even channel in the
   low nibble (byte j = q[2j] | q[2j+1] << 4), x ≈ q·scale + offset, scale = (max − min)/15, offset = min;
 * `QuantizedKV` kind "int4d": int4's layout, subtractively dithered: x ≈ (q − u)·scale + offset with u(t, d) ∈
@@ -52,7 +52,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kvfuse.kernels.fused_kv_loss_op import DITHER_M1, DITHER_M2, DITHER_T, FP8_SCALE_LIMIT
+from kvfuse.kernels.fused_kv_loss_op import DITHER_M1, DITHER_M2, DITHER_T, FOLD_SCALE_LIMIT
 
 FP8_MAX = 448.0            # largest finite float8_e4m3fn
 LEVELS = {"int8": 255, "int4": 15, "int4d": 15}  # integer kinds: codes 0..levels, with an offset
@@ -348,9 +348,9 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
     # a bf16 scale is rounded up, not to nearest: amax/scale stays within 448
     scale = _bf16_directed(amax / FP8_MAX, up=True) if dtype == CHANNEL_BF16 else (amax / FP8_MAX).to(dtype)
     bad, derived = ~finite_flag(scale), _scale_overflow(scale)
-    if scale.dtype == torch.bfloat16:  # the fused kernels' one-multiply decode (fused_kv_loss_op.FP8_FOLD_EXP)
-        bad = bad | (scale >= FP8_SCALE_LIMIT).any()
-        derived = (f"a scale overflows or reaches {FP8_SCALE_LIMIT:g} (|x| ≥ {FP8_MAX * FP8_SCALE_LIMIT:.3g}), "
+    if scale.dtype == torch.bfloat16:  # the fused kernels' one-multiply decode (fused_kv_loss_op.FOLD_EXP)
+        bad = bad | (scale >= FOLD_SCALE_LIMIT).any()
+        derived = (f"a scale overflows or reaches {FOLD_SCALE_LIMIT:g} (|x| ≥ {FP8_MAX * FOLD_SCALE_LIMIT:.3g}), "
                    "beyond what the fused loss's fp8 decode takes; store bf16 instead")
     _finite_check(checks, FiniteCheck(bad, source, m, _what("fp8 encoding", name), derived))
     # all-zero group, or an amax so small that amax/448 underflows: scale 1, the data alone carries the values
@@ -387,8 +387,13 @@ def encode_int(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
         offset = lo.to(dtype)
         scale = ((hi - offset.to(torch.float32)) / levels).to(dtype)
     # the scale answers for the offset too: an offset that is not finite makes hi − offset not finite
-    _finite_check(checks, FiniteCheck(~finite_flag(scale), source, m, _what(f"{kind} encoding", name),
-                                      _scale_overflow(scale)))
+    bad, derived = ~finite_flag(scale), _scale_overflow(scale)
+    if scale.dtype == CHANNEL_BF16:  # the fused kernels' folded decode (fused_kv_loss_op.FOLD_EXP)
+        bad = bad | (scale >= FOLD_SCALE_LIMIT).any()
+        derived = (f"a scale overflows or reaches {FOLD_SCALE_LIMIT:g} (a channel's range ≥ "
+                   f"{levels * FOLD_SCALE_LIMIT:.3g}), beyond what the fused loss's {kind} decode takes; store bf16 "
+                   "instead")
+    _finite_check(checks, FiniteCheck(bad, source, m, _what(f"{kind} encoding", name), derived))
     constant = scale <= 0
     s, o = _expand(torch.where(constant, 1.0, scale.to(torch.float32)), axis), _expand(offset.to(torch.float32), axis)
     # a constant group: scale 1 (q = 0 decodes to the constant), int4d scale 0 (q − u would move it)

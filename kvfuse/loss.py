@@ -29,7 +29,7 @@ from kvfuse.align.rope import rotate
 from kvfuse.backend import BACKENDS, resolve_backend
 from kvfuse.codecs import (LowRankKV, QuantizedKV, decode_teachers, finite_flag, finite_parts, fold_lowrank_adapter,
                            is_encoded)
-from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, FP8_SCALE_LIMIT, MAX_TEACHERS, TeacherStorage, codec_code,
+from kvfuse.kernels.fused_kv_loss_op import (FOLD_SCALE_LIMIT, FOLDED, MAX_TEACHERS, TeacherStorage, codec_code,
                                              fused_kv_loss_function, natural_layout, pair_width)
 from kvfuse.kernels.utils import host_constant
 
@@ -161,11 +161,10 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
 
 
 def _folded_scales(x, name: str) -> list[tuple[str, torch.Tensor]]:
-    """The scales of a teacher entry that the Triton forward folds for its one-multiply fp8 decode with bf16
-    operands (per-channel fp8 with bf16 scales; low-rank coefficients are grouped per token), named as `finite_parts`
-    names them. The fold (scale·2^FP8_FOLD_EXP in bf16) needs them below FP8_SCALE_LIMIT, which kvfuse.codecs'
-    encoders keep."""
-    if isinstance(x, QuantizedKV) and codec_code(x.kind, x.axis, x.scale.dtype) == CODEC_CODES["fp8", "channel"]:
+    """The scales of a teacher entry that the Triton kernels fold into a bf16 decode with bf16 operands (per-channel
+    fp8 and int8 with bf16 scales; low-rank coefficients are grouped per token), named as `finite_parts` names them.
+    The fold (scale·2^FOLD_EXP in bf16) needs them below FOLD_SCALE_LIMIT, which kvfuse.codecs' encoders keep."""
+    if isinstance(x, QuantizedKV) and codec_code(x.kind, x.axis, x.scale.dtype) in FOLDED:
         return [(f"{name}.scale", x.scale)]
     return []
 
@@ -179,7 +178,7 @@ def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, l
         flags.append(layer_weights.sum().ne(0))
     if check_finite:
         flags += [finite_flag(x) for _, x in named]
-    flags += [scale.detach().abs().amax() < FP8_SCALE_LIMIT for _, scale in folded]
+    flags += [scale.detach().abs().amax() < FOLD_SCALE_LIMIT for _, scale in folded]
     ok = torch.stack(flags).tolist()
     if not ok[0]:
         raise ValueError("mask selects no token (all zeros): the masked means would divide by zero")
@@ -194,10 +193,10 @@ def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, l
         at += len(named)
     big = [name for (name, _), good in zip(folded, ok[at:]) if not good]
     if big:
-        raise ValueError(f"{', '.join(big)}: a scale reaches {FP8_SCALE_LIMIT:g} (or is not finite); the Triton backend "
-                         "with a bf16 student decodes per-channel fp8 codes with bf16 scales through a fold that needs "
-                         f"them below {FP8_SCALE_LIMIT:g}, as kvfuse.codecs' encoders keep them; give those teachers "
-                         "float32 scales, or use backend='torch'")
+        raise ValueError(f"{', '.join(big)}: a scale reaches {FOLD_SCALE_LIMIT:g} (or is not finite); the Triton "
+                         "backend with a bf16 student decodes per-channel fp8 and int8 codes with bf16 scales through a "
+                         f"fold that needs them below {FOLD_SCALE_LIMIT:g}, as kvfuse.codecs' encoders keep them; give "
+                         "those teachers float32 scales, or use backend='torch'")
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -357,7 +356,7 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
     (0 = NoPE layer). backend: "torch" (reference) or "triton" (CUDA, or TRITON_INTERPRET=1).
     check_finite: raise on NaN/Inf in any input (one extra pass over the inputs; turn off for speed). The content
     checks (finite inputs, a non-empty mask, non-zero layer weights; for backend="triton" with a bf16 student, per-
-    channel fp8 scales in bf16 below FP8_SCALE_LIMIT = 2^16, which the forward's fold needs) read device values on the
+    channel fp8 and int8 scales in bf16 below FOLD_SCALE_LIMIT = 2^16, which the kernels' fold needs) read device values on the
     host, so they run in eager mode only; under torch.compile they are skipped (an all-zero mask then gives a NaN
     loss).
 

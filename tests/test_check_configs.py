@@ -94,7 +94,8 @@ def test_encoded_teachers_group_as_a_store_does():
     x = {"teacher_k": [torch.randn(2, 2, 2, 8, 16, generator=g)],
          "teacher_v": [torch.randn(2, 2, 2, 8, 16, generator=g)], "mask": torch.ones(2, 8, dtype=torch.bool)}
     want = {"fp8": ("channel", "channel"), "fp8_f32": ("channel", "channel"), "fp8_token": ("channel", "token"),
-            "int8": ("channel", "channel"), "int4": ("channel", "token"), "int4d": ("channel", "token")}
+            "int8": ("channel", "channel"), "int8_f32": ("channel", "channel"), "int4": ("channel", "token"),
+            "int4d": ("channel", "token")}
     for codec in CODECS:
         tk, tv = encoded_teachers(x, codec)
         if codec == "bf16":
@@ -104,7 +105,7 @@ def test_encoded_teachers_group_as_a_store_does():
         else:
             assert isinstance(tk[0], QuantizedKV) and tk[0].kind == codec.split("_")[0]
             assert (stored_axis(tk[0].scale), stored_axis(tv[0].scale)) == want[codec]
-            assert (tk[0].scale.dtype == torch.float32) == (codec in ("fp8_f32", "int4", "int4d"))
+            assert (tk[0].scale.dtype == torch.float32) == (codec in ("fp8_f32", "int8_f32", "int4", "int4d"))
 
 
 def test_merge_writes_one_csv_and_names_the_wrong_variants(tmp_path):

@@ -8,7 +8,7 @@ from kvfuse.codecs import (LowRankKV, QuantizedKV, check_plain, decode_teachers,
                            pack_int4, parse_codec, raise_if_not_finite, scale_dtypes, stack_samples, stored_axis,
                            unpack_int4)
 from kvfuse.loss import kv_distill_loss
-from kvfuse.kernels.fused_kv_loss_op import FP8_SCALE_LIMIT
+from kvfuse.kernels.fused_kv_loss_op import FOLD_SCALE_LIMIT
 from kvfuse.models.capture import capture_kv
 
 
@@ -352,16 +352,30 @@ def test_groups_without_a_valid_token_still_encode_to_zero(kind, axis):
 
 
 def test_a_per_channel_fp8_scale_beyond_the_kernels_decode_is_refused():
-    # the fused loss decodes per-channel fp8 with one bf16 multiply by scale·2^112 (fused_kv_loss_op.FP8_FOLD_EXP)
+    # the fused loss decodes per-channel fp8 with one bf16 multiply by scale·2^112 (fused_kv_loss_op.FOLD_EXP)
     x = torch.ones(2, 3, 4)
-    x[1, 2, 3] = 448.0 * FP8_SCALE_LIMIT * 1.01
+    x[1, 2, 3] = 448.0 * FOLD_SCALE_LIMIT * 1.01
     with pytest.raises(ValueError, match=r"^fp8 encoding of k: a scale overflows or reaches 65536 \(\|x\| ≥ 2\.94e\+07\)"
                                          r".*the largest \|x\| on a valid token is 2\.965e\+07, at index \(1, 2, 3\)"):
         encode_fp8(x, "channel", name="k")
-    x[1, 2, 3] = 448.0 * FP8_SCALE_LIMIT * 0.99  # just below: stored, and decodes within fp8's bound
+    x[1, 2, 3] = 448.0 * FOLD_SCALE_LIMIT * 0.99  # just below: stored, and decodes within fp8's bound
     q = encode_fp8(x, "channel")
-    assert q.scale.float().max() < FP8_SCALE_LIMIT
+    assert q.scale.float().max() < FOLD_SCALE_LIMIT
     assert abs(float(q.decode()[1, 2, 3]) / float(x[1, 2, 3]) - 1) < 2 ** -4
+
+
+def test_a_per_channel_int8_scale_beyond_the_kernels_decode_is_refused():
+    # the fused kernels decode per-channel int8 with one bf16 FMA by scale·2^112 (fused_kv_loss_op.FOLD_EXP)
+    x = torch.zeros(2, 3, 4)
+    x[1, 2, 3] = 255.0 * FOLD_SCALE_LIMIT * 1.01
+    with pytest.raises(ValueError, match=r"^int8 encoding of v: a scale overflows or reaches 65536 \(a channel's range "
+                                         r"≥ 1\.67e\+07\).*the largest \|x\| on a valid token is 1\.688e\+07, at index "
+                                         r"\(1, 2, 3\)"):
+        encode_int(x, "channel", name="v", kind="int8")
+    x[1, 2, 3] = 255.0 * FOLD_SCALE_LIMIT * 0.99  # just below: stored, and decodes within int8's bound
+    q = encode_int(x, "channel", kind="int8")
+    assert q.scale.float().max() < FOLD_SCALE_LIMIT
+    assert abs(float(q.decode()[1, 2, 3]) - float(x[1, 2, 3])) <= float(q.scale[1, 3]) / 2
 
 
 def test_a_scale_that_overflows_is_still_named_as_such():

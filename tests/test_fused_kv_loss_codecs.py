@@ -8,10 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfuse.codecs import LowRankKV, QuantizedKV, encode, encode_fp8
-from kvfuse.kernels.fused_kv_loss import (CODEC_FP8_CHANNEL, _codec_buffer, _fold_fp8_scale, _fp8_to_bf16,
-                                         _x_tile)
-from kvfuse.kernels.fused_kv_loss_op import FP8_SCALE_LIMIT
+from kvfuse.codecs import LowRankKV, QuantizedKV, encode, encode_fp8, encode_int
+from kvfuse.kernels.fused_kv_loss import (CODEC_FP8_CHANNEL, _codec_buffer, _fold_side, _folds, _fp8_to_bf16,
+                                         _int8_to_bf16, _x_tile)
+from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES, FOLD_EXP, FOLD_SCALE_LIMIT
 from kvfuse.loss import kv_distill_loss
 
 from test_fused_kv_loss import assert_close
@@ -36,9 +36,12 @@ def _case(seed, heads, D_s, T=21, L=2, B=2, H_s=2):
 
 
 def _encode(x, kind, axis, mask):
-    if kind == "fp8/f32":  # per-channel fp8 as stores written before hold it: float32 scales (the kernels' fp32 path)
-        q = encode(x, "fp8", axis, mask[:, None, :])
-        return QuantizedKV("fp8", axis, q.data, q.scale.to(torch.float32), None) if axis == "channel" else q
+    if kind in ("fp8/f32", "int8/f32"):  # per-channel side data as stores written before hold it: float32 (the
+        kind = kind[:-4]                  # kernels' fp32 decode)
+        q = encode(x, kind, axis, mask[:, None, :])
+        if axis == "channel":
+            return QuantizedKV(kind, axis, q.data, q.scale.float(), None if q.offset is None else q.offset.float())
+        return q
     return encode(x, kind, axis, mask[:, None, :])
 
 
@@ -54,7 +57,7 @@ def _loss(args, backend):
                                              # (the GPU's 128-dim chunks over the packaged model's heads of 64)
                                              ([(2, 32), (1, 96)], 32, 64)],
                          ids=["descriptors", "pointers", "overhang"])
-@pytest.mark.parametrize("kind", ["fp8", "fp8/f32", "int8", "int4", "int4d"])
+@pytest.mark.parametrize("kind", ["fp8", "fp8/f32", "int8", "int8/f32", "int4", "int4d"])
 def test_quantised_teachers_equal_their_decode(kind, heads, D_s, block, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import kvfuse.kernels.fused_kv_loss as k
@@ -143,20 +146,21 @@ def test_a_non_finite_part_of_a_compressed_teacher_is_named(where, kind, monkeyp
         kv_distill_loss(**enc, backend="triton")
 
 
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize("where", ["teacher_k[0].scale", "teacher_v[1].scale"])
-def test_a_bf16_fp8_scale_past_the_forwards_fold_is_named_before_the_kernel(where, monkeypatch):
-    """A caller's own per-channel fp8 entry (the encoders refuse such scales) with a bf16 scale of 2^16 would decode
-    to Inf in the Triton forward's fold with a bf16 student: it is named instead; the torch backend, which decodes
-    explicitly, takes it, and so does Triton with a float32 student (no fold)."""
+def test_a_bf16_scale_past_the_kernels_fold_is_named_before_the_kernel(where, kind, monkeypatch):
+    """A caller's own per-channel fp8 or int8 entry (the encoders refuse such scales) with a bf16 scale of 2^16 would
+    decode to Inf in the Triton kernels' fold with a bf16 student: it is named instead; the torch backend, which
+    decodes explicitly, takes it, and so does Triton with a float32 student (no fold)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     args = _case(5, [(2, 16), (1, 32)], 16)
     mask = args["mask"]
-    enc = dict(args, teacher_k=[_encode(x, "fp8", "channel", mask) for x in args["teacher_k"]],
-               teacher_v=[_encode(x, "fp8", "channel", mask) for x in args["teacher_v"]])
+    enc = dict(args, teacher_k=[_encode(x, kind, "channel", mask) for x in args["teacher_k"]],
+               teacher_v=[_encode(x, kind, "channel", mask) for x in args["teacher_v"]])
     entry = enc[where[:9]][int(where[10])]
     t = entry.scale
     assert t.dtype == torch.bfloat16
-    t.view(-1)[t.numel() // 2] = FP8_SCALE_LIMIT
+    t.view(-1)[t.numel() // 2] = FOLD_SCALE_LIMIT
     bf16 = dict(enc, student_k=args["student_k"].detach().bfloat16(), student_v=args["student_v"].detach().bfloat16())
     with pytest.raises(ValueError, match=rf"{re.escape(where)}: a scale reaches 65536 .*float32 scales, or use "
                                          r"backend='torch'"):
@@ -217,7 +221,7 @@ def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
     # the kernels' fp8 decode (_fp8_to_bf16: the forward by its folded bf16 scale, the weight gradient unscaled)
     # against torch's e4m3 → float32 · scale → bf16 on all 254 finite codes, bit for bit: zeros of both signs,
     # subnormal codes (exponent 0), the largest normals, products near bf16's smallest normal (2^-100 · 2^-9
-    # · 2^-8) and scales up to just below FP8_SCALE_LIMIT; the folded decode gives value·scale·2^-8
+    # · 2^-8) and scales up to just below FOLD_SCALE_LIMIT; the folded decode gives value·scale·2^-8
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the inline PTX on a GPU, its spelling in the interpreter
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     codes = codes[(codes & 0x7F) != 0x7F]  # 0x7F and 0xFF are e4m3's NaN, which the codec never writes
@@ -226,12 +230,12 @@ def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
     s = (torch.tensor(1.0 if scale is None else scale) * 2.0 ** (torch.arange(256) % 3 - 1)).to(torch.bfloat16)
     if scale is None:
         s = torch.ones(256, dtype=torch.bfloat16)
-    assert s.float().max() < FP8_SCALE_LIMIT
+    assert s.float().max() < FOLD_SCALE_LIMIT
     src = torch.zeros(256, dtype=torch.uint8)
     src[:codes.numel()] = codes
     dst = torch.empty(256, dtype=torch.bfloat16, device=dev)
     # one warp: eight codes per thread, as in the kernels' tiles (the weight gradient's decode takes four at once)
-    folded = _fold_fp8_scale(s).view(torch.bfloat16)
+    folded = _fold_side(s, FOLD_EXP)
     _decode_fp8_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), folded.to(dev), dst, N=256,
                            SCALED=scale is not None, num_warps=1)
     want = (codes.view(torch.float8_e4m3fn).to(torch.float32) * s[:codes.numel()].to(torch.float32)).to(torch.bfloat16)
@@ -243,34 +247,91 @@ def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
 
 
 @triton.jit
-def _folded_fp8_tile(x, sc, out, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    xt = _x_tile(x, sc, sc, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I, CODEC_FP8_CHANNEL, False, BLOCK_T,
-                 BLOCK_K, False, True)
+def _folded_tile(x, sc, of, out, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.constexpr,
+                 CODEC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    xt = _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I, CODEC, False, BLOCK_T, BLOCK_K,
+                 False, True)
     i = tl.arange(0, BLOCK_T)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     tl.store(out + i, xt)
 
 
-def test_the_forwards_folded_fp8_scales_decode_each_tile_to_value_times_scale_over_256(monkeypatch):
-    # the forward's bf16 decode of per-channel fp8 (the fold of scale·2^112 into the codec buffer, `_fold_fp8_scale`,
-    # read back as bf16 at the teacher's offset behind another teacher's float32 scales): each tile, ragged rows and
-    # chunks past the head included, is the torch decode rounded to bf16 times 2^-8, bit for bit. (The product with
-    # it runs on bf16 tensor cores only, which the interpreter's tl.dot cannot run: the GPU checks it, check_configs.)
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_folded_side_data_decodes_each_tile_to_the_value_times_a_power_of_two(kind, monkeypatch):
+    # the kernels' bf16 decode of per-channel fp8 and int8 (scales times 2^112 and int8 offsets times 2^-21 folded
+    # into the codec buffer, `_fold_side`, read back as bf16 at the teacher's offsets behind another teacher's float32
+    # side data): each tile, ragged rows and chunks past the head included, is the torch decode rounded to bf16 times
+    # 2^-8 (fp8) or 2^-21 (int8), bit for bit. (The product with it runs on bf16 tensor cores only, which the
+    # interpreter's tl.dot cannot run: the GPU checks it, check_configs.)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     L, B, H, T, D = 2, 2, 3, 21, 32
     g = torch.Generator().manual_seed(7)
     mask = torch.rand(B, T, generator=g) > 0.2
-    x = torch.randn(L, B, H, T, D, generator=g) * torch.logspace(-3, 2, D)
-    q = encode_fp8(x, "channel", mask[None, :, None, :])
+    x = torch.randn(L, B, H, T, D, generator=g) * torch.logspace(-3, 2, D) + torch.linspace(-40, 3, D)
+    code = CODEC_CODES[kind, "channel"]
+    q = encode(x, kind, "channel", mask[None, :, None, :])
     assert q.scale.dtype == torch.bfloat16
-    other = torch.rand(L, B, H, D, generator=g)                   # a float32-scale teacher ahead of it in the buffer
-    buf, offs = _codec_buffer([other, q.scale], None, 2, torch.empty(1), (False, True))
-    want = (q.decode().to(torch.bfloat16).float() * 2.0 ** -8).to(torch.bfloat16)
+    other = torch.rand(L, B, H, D, generator=g)                   # a float32-side-data teacher ahead of it
+    offsets = None if kind == "fp8" else [other, q.offset]
+    buf, offs = _codec_buffer([other, q.scale], offsets, 2, torch.empty(1),
+                              _folds((CODEC_CODES[kind, "channel/f32"], code), tl.bfloat16))
+    want = (q.decode().to(torch.bfloat16).float() * 2.0 ** (-8 if kind == "fp8" else -21)).to(torch.bfloat16)
     data = q.data.contiguous()
     for l, b, hi, t0, d0 in [(0, 0, 0, 0, 0), (1, 1, 2, 16, 16), (1, 0, 1, 8, 0), (0, 1, 2, 16, 24)]:
         out = torch.empty(16, 16, dtype=torch.bfloat16)
-        _folded_fp8_tile[(1,)](data, buf[offs[1][0]:], out, *data.stride()[:4], l, b, hi, t0, d0, B, T, H, D, 16, 16)
+        _folded_tile[(1,)](data, buf[offs[1][0]:], buf[offs[1][1]:], out, *data.stride()[:4], l, b, hi, t0, d0, B, T,
+                           H, D, code, 16, 16)
         ref = torch.zeros(16, 16, dtype=torch.bfloat16)
         rows, cols = want[l, b, hi, t0:t0 + 16, d0:d0 + 16].shape
         ref[:rows, :cols] = want[l, b, hi, t0:t0 + 16, d0:d0 + 16]
         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (l, b, hi, t0, d0)
+
+
+@triton.jit
+def _decode_int8_bits(src, scale, offset, dst, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(dst + i, _int8_to_bf16(tl.load(src + i), tl.load(scale + i), tl.load(offset + i)))
+
+
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1.0, -128.0), (2.0 ** -100, -3 * 2.0 ** -95),
+                                          (0.0123, -1.57), (7.1e-3, 0.3), (255.0, -3e4), (3.2e4, 1e6),
+                                          (2.0 ** -20, 2.0 ** -10)])
+def test_int8_codes_to_bf16_by_bits_are_exact_for_every_code(scale, offset):
+    # the kernels' int8 decode (_int8_to_bf16: the code's byte as bf16 bits, one FMA by the folded scale and offset)
+    # against torch's code·scale + offset in fp32 → bf16 on all 256 codes, bit for bit, times 2^-21: the codes
+    # either side of 128 (subnormal / normal bits), products near bf16's smallest normal, scales up to just below
+    # FOLD_SCALE_LIMIT, offsets of either sign and far from the grid's span
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the inline PTX on a GPU, its spelling in the interpreter
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    # bf16 side data differing from code to code by powers of two, so a code paired with its neighbour's shows
+    s = (torch.tensor(scale) * 2.0 ** (torch.arange(256) % 3 - 1)).to(torch.bfloat16)
+    o = (torch.tensor(offset) * 2.0 ** (torch.arange(256) % 2)).to(torch.bfloat16)
+    assert s.float().max() < FOLD_SCALE_LIMIT
+    dst = torch.empty(256, dtype=torch.bfloat16, device=dev)
+    _decode_int8_bits[(1,)](codes.to(dev), _fold_side(s, FOLD_EXP).to(dev), _fold_side(o, FOLD_EXP - 133).to(dev),
+                            dst, N=256, num_warps=1)
+    want = (codes.to(torch.float32) * s.to(torch.float32) + o.to(torch.float32)).to(torch.bfloat16) * 2.0 ** -21
+    assert (want == 0).logical_or(want.float().abs() >= 2.0 ** -126).all()  # normal: ·2^-21 was exact
+    got = dst.cpu()
+    bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
+    assert bad.numel() == 0, [(int(codes[i]), float(got[i]), float(want[i])) for i in bad[:8]]
+
+
+def test_the_weight_gradient_takes_int8_side_data_folded_and_fp8_scales_as_stored(monkeypatch):
+    # with bf16 products the weight gradient decodes int8 like the forward (scale·2^112, offset·2^-21), and scales
+    # fp8's rows after its loop by the stored scale; with fp32 products both stay as stored (the GPU's selection,
+    # out of the interpreter, which runs bf16 products in fp32; nothing is launched)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from kvfuse.kernels.fused_kv_loss import KindGrad, TeacherStorage, _dw_sides
+    L, B, H, T, D, C = 2, 2, 2, 16, 32, 64
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(L, B, H, T, D, generator=g)
+    i8, f8 = encode_int(x, "channel", kind="int8"), encode_fp8(x, "channel")
+    storage = TeacherStorage([i8.data, f8.data], (CODEC_CODES["int8", "channel"], CODEC_CODES["fp8", "channel"]),
+                             [i8.scale, f8.scale], [i8.offset, None])
+    for dtype, folded in ((torch.bfloat16, True), (torch.float32, False)):
+        w = [torch.zeros(L, H * D, C, dtype=dtype) for _ in range(2)]
+        G = torch.zeros(L, B, T, C, dtype=dtype)
+        (_, int8_args), (_, fp8_args) = _dw_sides(KindGrad(storage, w, G), [None, None], [None, None])
+        assert torch.equal(int8_args["sc"], i8.scale.reshape(-1) * 2.0 ** 112 if folded else i8.scale)
+        assert torch.equal(int8_args["of"], i8.offset.reshape(-1) * 2.0 ** -21 if folded else i8.offset)
+        assert int8_args["sc"].dtype == torch.bfloat16 and fp8_args["sc"] is f8.scale

@@ -50,15 +50,16 @@ from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES
 config = K._DW_CONFIGS_GPU[0]
 cfg = dict(config.kwargs)
 out = {}
-for name, codec in (("bf16", 0), ("fp8", CODEC_CODES["fp8", "channel"]), ("int4", CODEC_CODES["int4", "channel"])):
+for name, codec in (("bf16", 0), ("fp8", CODEC_CODES["fp8", "channel"]), ("int8", CODEC_CODES["int8", "channel"]),
+                    ("int4", CODEC_CODES["int4", "channel"])):
     consts = dict(D_I=P.DIMS[0], C2=2 * P.H_S * P.PH, CODEC=codec, CODEC_V=codec, KINDS=1, DOT_DTYPE=tl.bfloat16,
                   IEEE=False, USE_DESC=True, **cfg)
     out["dw_" + name] = compile_sm90(K._fused_kv_dw_kernel, P.dw_signature(cfg["BLOCK_F"], cfg["BLOCK_C"],
                                      cfg["BLOCK_T"], codec, codec), consts, config.num_warps, config.num_stages,
                                      None, nvdisasm=bundled_tool("nvdisasm"))["loop"]
 fwd = K._FWD_CONFIGS_GPU[0]
-for name, kind in (("int4", "int4"), ("fp8", "fp8"), ("fp8_f32", "fp8")):
-    codecs = (CODEC_CODES[kind, "channel" if name != "fp8_f32" else "channel/f32"],) * 2
+for name, kind in (("int4", "int4"), ("fp8", "fp8"), ("fp8_f32", "fp8"), ("int8", "int8"), ("int8_f32", "int8")):
+    codecs = (CODEC_CODES[kind, "channel/f32" if name.endswith("_f32") else "channel"],) * 2
     out["fwd_" + name] = compile_sm90(K._fused_kv_fwd_kernel, P.fwd_signature(64, 64, False, codecs),
                                       P.fwd_constexprs(dict(fwd.kwargs), True, codecs), fwd.num_warps,
                                       fwd.num_stages, None, nvdisasm=bundled_tool("nvdisasm"))["loop"]
@@ -85,3 +86,11 @@ def test_weight_gradient_loops_decode_as_designed():
     assert loops["fwd_fp8"]["conversions"] == 0 < loops["fwd_fp8_f32"]["conversions"], (fwd_fp8, loops["fwd_fp8_f32"])
     assert 0 < fwd_fp8.get("HMUL2", 0) + fwd_fp8.get("HFMA2", 0) <= fwd_fp8["PRMT"], fwd_fp8
     assert loops["dw_bf16"]["instructions"] < loops["dw_fp8"]["instructions"] < loops["dw_int4"]["instructions"]
+    # int8 by its bits: one byte permute and one bf16 FMA per pair of codes in both kernels, nothing converted; its
+    # float32 side data takes the fp32 decode, with conversions and more instructions
+    for kernel in ("fwd", "dw"):
+        ops = loops[f"{kernel}_int8"]["ops"]
+        assert loops[f"{kernel}_int8"]["conversions"] == 0 and "I2F" not in ops, ops
+        assert 0 < ops.get("HFMA2", 0) <= ops["PRMT"], ops
+    assert loops["fwd_int8_f32"]["conversions"] > 0, loops["fwd_int8_f32"]
+    assert loops["fwd_int8"]["instructions"] < loops["fwd_int8_f32"]["instructions"], loops

@@ -373,28 +373,31 @@ def test_an_fp8_store_with_per_token_values_reads_back_as_written(tmp_path):
         assert got.axis == "token" and torch.equal(decode(got), decode(old))
 
 
-def test_an_fp8_store_with_float32_channel_scales_reads_back_as_written(tmp_path):
-    # fp8 stores written before the bf16 scales hold float32 per-channel scales: read as written, and the fused
-    # loss takes them on its fp32 decode path (codec code "channel/f32")
+@pytest.mark.parametrize("codec", ["fp8", "int8"])
+def test_a_store_with_float32_channel_side_data_reads_back_as_written(codec, tmp_path):
+    # fp8 and int8 stores written before the bf16 side data hold float32 per-channel scales (and int8 offsets): read
+    # as written, and the fused loss takes them on its fp32 decode path (codec code "channel/f32")
     from kvfuse.codecs import QuantizedKV, decode, parse_codec
     from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES, codec_code
     from kvfuse.teacher.compress import encode_sample
 
-    writer = StoreWriter(tmp_path, dict(SETTINGS, codec="fp8"), 1)
+    writer = StoreWriter(tmp_path, dict(SETTINGS, codec=codec), 1)
     samples = []
+    sides = (".scale",) if codec == "fp8" else (".scale", ".offset")
     for sid, t in _samples(0, ["a", "b"]):
-        named = encode_sample(dict(t, labels_mask=t["mask"].clone()), parse_codec("fp8"))
+        named = encode_sample(dict(t, labels_mask=t["mask"].clone()), parse_codec(codec))
         for entry in ("teacher0/k", "teacher0/v"):
-            named[entry + ".scale"] = (named[entry + ".scale"].to(torch.float32)
-                                       * (1 + 2 ** -12))  # no longer a bf16 value
+            for side in sides:
+                named[entry + side] = named[entry + side].to(torch.float32) * (1 + 2 ** -12)  # not a bf16 value
         samples.append((sid, named))
     writer.write_shard(0, samples)
     store = TeacherKVStore(tmp_path)
     for sid, named in samples:
         got = store.get(sid)["teacher0/k"]
-        old = QuantizedKV("fp8", "channel", named["teacher0/k"], named["teacher0/k.scale"], None)
+        old = QuantizedKV(codec, "channel", named["teacher0/k"], named["teacher0/k.scale"],
+                          named.get("teacher0/k.offset"))
         assert got.scale.dtype == torch.float32 and torch.equal(decode(got), decode(old))
-        assert codec_code(got.kind, got.axis, got.scale.dtype) == CODEC_CODES["fp8", "channel/f32"]
+        assert codec_code(got.kind, got.axis, got.scale.dtype) == CODEC_CODES[codec, "channel/f32"]
 
 
 def test_a_scale_of_no_codec_dtype_is_named():

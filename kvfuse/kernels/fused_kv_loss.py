@@ -22,7 +22,8 @@ Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes,
 with scales (and int8 / int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each
 [tokens × dims] tile in registers right after its load, so no decoded copy of the teacher exists in memory. The
 forward kernel finds every teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets
-`codec_offs`); per-channel fp8 scales enter it folded for a one-multiply decode (`_fold_fp8_scale`).
+`codec_offs`); with bf16 products, per-channel fp8 and int8 side data enter it folded for a decode of one bf16
+multiply or FMA per two codes (`_fold_side`).
 
 α.  α_i is one scalar per program (one b, one l), so it is applied to the accumulator, not to the operands:
     acc ← acc · (α_prev / α_i) + X_i W_i  for each teacher with α_i ≠ 0, and finally acc ← acc · α_last,
@@ -58,17 +59,21 @@ CODEC_FP8_CHANNEL = tl.constexpr(CODEC_CODES["fp8", "channel"])
 CODEC_FP8_TOKEN = tl.constexpr(CODEC_CODES["fp8", "token"])
 CODEC_FP8_CHANNEL_F32 = tl.constexpr(CODEC_CODES["fp8", "channel/f32"])  # float32 scales (stores written before)
 CODEC_INT8_CHANNEL = tl.constexpr(CODEC_CODES["int8", "channel"])  # from here on: integer codes with offsets
+CODEC_INT8_CHANNEL_F32 = tl.constexpr(CODEC_CODES["int8", "channel/f32"])  # float32 side data (stores written before)
 CODEC_INT4_CHANNEL = tl.constexpr(CODEC_CODES["int4", "channel"])  # from here on: two codes per byte
 CODEC_INT4D_CHANNEL = tl.constexpr(CODEC_CODES["int4d", "channel"])  # int4, dithered: the two largest codes
 DITHER_T = tl.constexpr(fused_kv_loss_op.DITHER_T)
 DITHER_M1 = tl.constexpr(fused_kv_loss_op.DITHER_M1)
 DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
-FP8_FOLD_GAIN = tl.constexpr(2.0 ** (120 - fused_kv_loss_op.FP8_FOLD_EXP))
+# the folded decodes' results are the value times 2^-8 (fp8) or 2^-21 (int8): fused_kv_loss_op.FOLD_EXP
+FP8_FOLD_GAIN = tl.constexpr(2.0 ** (120 - fused_kv_loss_op.FOLD_EXP))
+INT8_FOLD_GAIN = tl.constexpr(2.0 ** (133 - fused_kv_loss_op.FOLD_EXP))
+INT8_OFFSET_EXP = fused_kv_loss_op.FOLD_EXP - 133  # an int8 offset's fold: offset·2^-21
 
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
 FAST_TRIG = tl.constexpr(not interpreting())
-ASM_DECODE = tl.constexpr(not interpreting())  # inline PTX (_fp8_to_bf16) has no interpreter
+ASM_DECODE = tl.constexpr(not interpreting())  # inline PTX (_fp8_to_bf16, _int8_to_bf16) has no interpreter
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
 TWO_PI_HI = tl.constexpr(6.2831854820251465)  # float32(2π)
 TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)  # 2π − TWO_PI_HI
@@ -150,7 +155,7 @@ def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
     quarter of their rate on sm_90, bench/NOTES.md "Compressed teachers"): the sign at bit 15 and the seven exponent
     and mantissa bits at bits 10..4 make the bf16 of value·2^-120 (codes of exponent 0, zeros and subnormals, become
     bf16 subnormals, which bf16 arithmetic keeps). Unscaled, one multiply by 2^120 restores the value. SCALED, one
-    multiply by s (bf16 scale·2^FP8_FOLD_EXP) makes value·scale·2^(FP8_FOLD_EXP − 120), rounded once as the fp32
+    multiply by s (bf16 scale·2^FOLD_EXP) makes value·scale·2^(FOLD_EXP − 120), rounded once as the fp32
     product value·scale (exact: 4 by 8 significant bits) rounds to bf16, while that stays a normal bf16
     (|value·scale| ≥ 2^-118)."""
     if ASM_DECODE:
@@ -173,10 +178,32 @@ def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
             x = x * s.to(tl.float32)
         else:
             x = x * 1.329227995784916e36  # 2^120
-        # to bf16 rounding to nearest even, in integers: the interpreter's float-to-bf16 cast truncates
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return _round_to_bf16(x)
+
+
+@triton.jit
+def _round_to_bf16(x):
+    # fp32 to bf16 rounding to nearest even, in integers: the interpreter's float-to-bf16 cast truncates
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _int8_to_bf16(raw, s, o):
+    """int8 codes to bf16, exact, with no conversion: the byte q as the bf16 bits 0x00qq is q·2^-133 (a subnormal
+    below 128; from 128 on the code's top bit is the exponent's lowest, and both binades step by 2^-133), so one bf16
+    FMA by s (scale·2^FOLD_EXP) plus o (offset·2^(FOLD_EXP − 133)) makes (q·scale + offset)·2^-21, rounded once —
+    as the fp32 decode rounds q·scale + offset (q·scale is exact in fp32) while that stays a normal bf16 (|x| ≥
+    2^-105). Per two codes: one byte permute and one FMA, where the fp32 decode takes two ORs, two adds, two FMAs
+    and a conversion."""
+    if ASM_DECODE:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 r; cvt.u32.u16 r, $1; prmt.b32 r, r, 0, 0x4140; fma.rn.bf16x2 $0, r, $2, $3; }",
+            "=r,h,r,r", [raw, s, o], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:  # the same value in fp32 (2^-133 in two normal steps), rounded as the FMA rounds
+        q = (raw.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return _round_to_bf16(q * (s.to(tl.float32) * 7.52316384526264e-37 * 1.220703125e-4) + o.to(tl.float32))
 
 
 @triton.jit
@@ -196,8 +223,8 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
     else:
         q = raw.to(tl.float32)
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
-    PER_CHANNEL: tl.constexpr = (FP8_CH or CODEC == CODEC_INT8_CHANNEL or CODEC == CODEC_INT4_CHANNEL
-                                 or CODEC == CODEC_INT4D_CHANNEL)
+    PER_CHANNEL: tl.constexpr = (FP8_CH or CODEC == CODEC_INT8_CHANNEL or CODEC == CODEC_INT8_CHANNEL_F32
+                                 or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL)
     if PER_CHANNEL:
         d_ok = d < D_I
         sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -224,10 +251,10 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
 @triton.jit
 def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.constexpr, CODEC: tl.constexpr,
             USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UNSCALED: tl.constexpr = False,
-            BF16: tl.constexpr = False):
+            FOLD: tl.constexpr = False):
     """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
-    decoded to fp32 for a compressed one — for per-channel fp8 with bf16 scales when BF16 (the product's operand
-    type) to bf16 times 2^-8, with sc holding the forward's folded scales (`_codec_buffer`).
+    decoded to fp32 for a compressed one — with FOLD (bf16 products), per-channel fp8 and int8 with bf16 side data
+    to bf16 times 2^-8 (fp8) or 2^-21 (int8), with sc (and of) holding the folded side data (`_fold_side`).
     With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
     PACK: tl.constexpr = 2 if CODEC >= CODEC_INT4_CHANNEL else 1
     W: tl.constexpr = BLOCK_K // PACK
@@ -252,11 +279,17 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
         grp = (l.to(tl.int64) * B + b) * H_I + hi
         if UNSCALED:  # per-channel fp8 codes for a caller that scales the product's rows instead (_dw_tile)
             xd = _fp8_to_bf16(raw, None, False)
-        elif CODEC == CODEC_FP8_CHANNEL and BF16:
+        elif CODEC == CODEC_FP8_CHANNEL and FOLD:
             # code·scale·2^-8 rounded once to bf16, as the fp32 decode rounds code·scale: sc holds bf16 values
-            # scale·2^FP8_FOLD_EXP (`_codec_buffer`), and the caller's α carries the 2^8 back
+            # scale·2^FOLD_EXP, and the caller's α carries the 2^8 back
             sv = tl.load(sc.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
             xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True)
+        elif CODEC == CODEC_INT8_CHANNEL and FOLD:
+            # (code·scale + offset)·2^-21 rounded once to bf16; the caller's α (or accumulator) carries the 2^21 back
+            sv = tl.load(sc.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
+            ov = tl.load(of.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
+            xd = _int8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]),
+                               tl.broadcast_to(ov[None, :], [BLOCK_T, BLOCK_K]))
         else:
             xd = _decode(raw, sc, of, grp, t, t_ok, d, T, D_I, CODEC, BLOCK_T, BLOCK_K)
         if not USE_DESC:
@@ -395,7 +428,9 @@ def _fused_kv_fwd_kernel(
     for i in tl.static_range(N):
         a_i = tl.load(a_base + i * stride_an).to(tl.float32)
         if CODECS[i] == CODEC_FP8_CHANNEL and DOT_DTYPE == tl.bfloat16:
-            a_i = a_i * FP8_FOLD_GAIN  # its tiles decode to value·scale·2^-8 (`_x_tile`)
+            a_i = a_i * FP8_FOLD_GAIN  # its tiles decode to value·2^-8 (`_x_tile`)
+        if CODECS[i] == CODEC_INT8_CHANNEL and DOT_DTYPE == tl.bfloat16:
+            a_i = a_i * INT8_FOLD_GAIN  # its tiles decode to value·2^-21
         if a_i != 0.0:
             r = a_prev / a_i
             p1 = p1 * r
@@ -506,6 +541,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
     # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing; with
     # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
+    INT8_FOLD: tl.constexpr = CODEC == CODEC_INT8_CHANNEL and DOT_DTYPE == tl.bfloat16  # sc, of folded: _dw_sides
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     l = l32.to(tl.int64)
@@ -531,7 +567,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH))
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, INT8_FOLD))
             elif USE_DESC:
                 xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
             elif D_I % BLOCK_F == 0:
@@ -552,6 +588,8 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
         if FP8_CH:  # X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G): the loop only places the codes' bits
             grp = (l * B + bb) * H_I + hi
             mb = mb * tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
+        if INT8_FOLD:  # the loop's tiles were the values·2^-21
+            mb = mb * INT8_FOLD_GAIN
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
@@ -772,23 +810,34 @@ def _alpha_strides(alpha: torch.Tensor) -> tuple[int, int, int]:
     return alpha.stride(0), alpha.stride(1), alpha.stride(2)
 
 
-def _fold_fp8_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Per-channel fp8 scales (bf16 values) for the forward's one-multiply decode (`_x_tile`): scale·2^FP8_FOLD_EXP
-    as bf16 (exact: a power of two; the encoder keeps scales below FP8_SCALE_LIMIT), padded to an even count and
-    viewed as fp32 pairs, so they travel in the fp32 buffer and are loaded as bf16."""
-    folded = scale.reshape(-1) * 2.0 ** fused_kv_loss_op.FP8_FOLD_EXP  # one kernel: a bf16 times a power of two
-    if folded.numel() % 2:
+def _fold_side(side: torch.Tensor, exp: int, pairs: bool = False) -> torch.Tensor:
+    """bf16 side data (per-channel fp8 scales; int8 scales and offsets) for a folded decode (`_x_tile`): side·2^exp
+    as bf16, flat (exact: a power of two; the encoders keep scales below FOLD_SCALE_LIMIT). pairs: padded to an even
+    count and viewed as fp32 pairs, to travel in the forward's fp32 codec buffer and be loaded as bf16."""
+    folded = side.reshape(-1) * 2.0 ** exp  # one kernel: a bf16 times a power of two
+    if pairs and folded.numel() % 2:
         folded = torch.nn.functional.pad(folded, (0, 1))
-    return folded.view(torch.float32)
+    return folded.view(torch.float32) if pairs else folded
 
 
-def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor, fold_fp8: tuple[bool, ...] = ()):
+def _folds(codecs, dot_tl) -> tuple[tuple[int | None, int | None], ...]:
+    """Per teacher, the powers of two its scale and offset take for the folded decode (None: as stored): with bf16
+    products, per-channel fp8 and int8 with bf16 side data (fused_kv_loss_op.FOLDED)."""
+    if dot_tl != tl.bfloat16:
+        return ((None, None),) * len(codecs)
+    exps = {CODEC_CODES["fp8", "channel"]: (fused_kv_loss_op.FOLD_EXP, None),
+            CODEC_CODES["int8", "channel"]: (fused_kv_loss_op.FOLD_EXP, INT8_OFFSET_EXP)}
+    return tuple(exps.get(c, (None, None)) for c in codecs)
+
+
+def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor, folds=()):
     """The compressed teachers' scales and offsets as one flat fp32 buffer and each teacher's (scale, offset)
     element offsets into it: two kernel arguments instead of sixteen, and none to build for plain teachers (their
-    offsets point at a stand-in the kernels never read). fold_fp8[i]: teacher i's scales go in as
-    `_fold_fp8_scale` makes them."""
-    if scales is not None and any(fold_fp8):
-        scales = [_fold_fp8_scale(t) if fold else t for t, fold in zip(scales, fold_fp8)]
+    offsets point at a stand-in the kernels never read). folds[i] (`_folds`): teacher i's side data goes in folded
+    (`_fold_side`)."""
+    if any(e is not None for pair in folds for e in pair):
+        scales = [t if e is None else _fold_side(t, e, True) for t, (e, _) in zip(scales, folds)]
+        offsets = [t if e is None else _fold_side(t, e, True) for t, (_, e) in zip(offsets or [None] * N, folds)]
     parts = [t for t in (*(scales or ()), *(offsets or ())) if t is not None]
     if not parts:
         return stand_in, ((0, 0),) * N
@@ -839,8 +888,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     n_t_slots, n_h_slots = stat_slots(T, H_s)
     dev = student.device
     sq, cs = sums[0], sums[1]
-    fold = tuple(c == CODEC_CODES["fp8", "channel"] and dot_tl == tl.bfloat16 for c in codecs)
-    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sums, fold)
+    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sums, _folds(codecs, dot_tl))
     if compute_grad:
         g = torch.empty(L, B, T, 2 * H_s * PH, device=dev, dtype=g_dtype)
         ds = torch.empty(L, B, H_s, T, D_s, device=dev, dtype=student.dtype)
@@ -913,6 +961,10 @@ def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]
     heads, dims = _codec_dims(st.data, st.codecs)
     scales, offsets = st.scale or [None] * N, st.offset or [None] * N
     dot_tl, _, ieee = dot_dtype(operand_dtypes(st.data, kind.weights, st.codecs))
+    # the weight gradient folds int8 side data; fp8 scales multiply its rows after the loop, as stored
+    folds = [(e_s, e_o) if e_o is not None else (None, None) for e_s, e_o in _folds(st.codecs, dot_tl)]
+    scales = [t if e is None else _fold_side(t, e) for t, (e, _) in zip(scales, folds)]
+    offsets = [t if e is None else _fold_side(t, e) for t, (_, e) in zip(offsets, folds)]
     # One descriptor of G for every teacher's launch: a launch encodes its box when issued, so the next launch's
     # pre-hook may re-box the same object.
     g_desc = TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if _tma_ready(G) else None

@@ -35,19 +35,19 @@ def _kernels():
 
 MAX_TEACHERS = 8  # the kernels take teachers as eight separate arguments
 # Codec code of a compressed teacher (kvfuse.codecs.QuantizedKV kind and axis; `codec_code`); 0 is a plain tensor.
-# ("fp8", "channel") has bfloat16 scales, which the forward multiplies in bf16; ("fp8", "channel/f32") the float32
-# scales of stores written before, which it multiplies in fp32. The kernels test ranges: from int8 on, integer codes
-# with an offset; from int4 on, two codes per byte; from int4d on, dithered. Codes live only in a launch, never in a
-# store, so they may be renumbered.
+# ("fp8", "channel") and ("int8", "channel") have bfloat16 side data, which the kernels fold into a bf16 decode
+# (FOLD_EXP below); their "channel/f32" codes are the float32 side data of stores written before, decoded in fp32.
+# The kernels test ranges: from int8 on, integer codes with an offset; from int4 on, two codes per byte; from int4d
+# on, dithered. Codes live only in a launch, never in a store, so they may be renumbered.
 CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("fp8", "channel/f32"): 3, ("int8", "channel"): 4,
-               ("int8", "token"): 5, ("int4", "channel"): 6, ("int4", "token"): 7, ("int4d", "channel"): 8,
-               ("int4d", "token"): 9}
+               ("int8", "channel/f32"): 5, ("int8", "token"): 6, ("int4", "channel"): 7, ("int4", "token"): 8,
+               ("int4d", "channel"): 9, ("int4d", "token"): 10}
 
 
 def codec_code(kind: str, axis: str, scale_dtype: torch.dtype) -> int:
     """The kernels' code for a QuantizedKV of `kind` grouped on `axis` whose scale has `scale_dtype`."""
-    if (kind, axis) == ("fp8", "channel") and scale_dtype == torch.float32:
-        return CODEC_CODES["fp8", "channel/f32"]
+    if kind in ("fp8", "int8") and axis == "channel" and scale_dtype == torch.float32:
+        return CODEC_CODES[kind, "channel/f32"]
     return CODEC_CODES[kind, axis]
 
 
@@ -58,12 +58,15 @@ DITHER_T = 0x9E3779B1      # 2³²/φ, odd: spreads the token index over the hig
 DITHER_M1 = 0x7FEB352D     # lowbias32's multipliers
 DITHER_M2 = 0x846CA68B
 
-# The forward decodes an ("fp8", "channel") code with one bf16 multiply by its scale times 2^FP8_FOLD_EXP (the
-# code's bits make the bf16 of value·2^-120, kernels.fused_kv_loss._fp8_to_bf16): the product is value·scale·2^-8,
-# rounded once, and the teacher's α carries the 2^8 back. Exact while scale·2^112 stays finite in bf16, so the
-# encoder refuses scales from FP8_SCALE_LIMIT up (|x| ≥ 448·2^16 ≈ 2.9e7).
-FP8_FOLD_EXP = 112
-FP8_SCALE_LIMIT = 2.0 ** (128 - FP8_FOLD_EXP)
+# The folded decodes (kernels.fused_kv_loss._fp8_to_bf16, _int8_to_bf16): a code's bits make a bf16 of its value
+# times 2^-120 (fp8) or 2^-133 (int8: the code as bf16 bits 0x00qq, subnormal below 128), and one bf16 multiply by
+# the per-channel scale times 2^FOLD_EXP (int8: plus its offset times 2^(FOLD_EXP - 133)) gives the decoded value
+# times 2^-8 (fp8) or 2^-21 (int8), rounded once as the fp32 decode rounds; the teacher's α (the weight gradient: its
+# accumulator) carries the power of two back. Exact while scale·2^FOLD_EXP stays finite in bf16, so the encoders
+# refuse such scales from FOLD_SCALE_LIMIT up (fp8 |x| ≥ 448·2^16 ≈ 2.9e7; int8 a channel range ≥ 255·2^16 ≈ 1.7e7).
+FOLD_EXP = 112
+FOLD_SCALE_LIMIT = 2.0 ** (128 - FOLD_EXP)
+FOLDED = (CODEC_CODES["fp8", "channel"], CODEC_CODES["int8", "channel"])  # the codes a bf16 product folds
 
 
 def pair_width(d_s: int) -> int:
