@@ -30,7 +30,7 @@ from kvfuse.backend import BACKENDS, resolve_backend
 from kvfuse.codecs import (LowRankKV, QuantizedKV, decode_teachers, finite_flag, finite_parts, fold_lowrank_adapter,
                            is_encoded)
 from kvfuse.kernels.fused_kv_loss_op import (FOLD_SCALE_LIMIT, FOLDED, MAX_TEACHERS, TeacherStorage, codec_code,
-                                             fused_kv_loss_function, natural_layout, pair_width)
+                                             fold_side_data, fused_kv_loss_function, natural_layout, pair_width)
 from kvfuse.kernels.utils import host_constant
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -161,9 +161,9 @@ def _validate(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, mask,
 
 
 def _folded_scales(x, name: str) -> list[tuple[str, torch.Tensor]]:
-    """The scales of a teacher entry that the Triton kernels fold into a bf16 decode with bf16 operands (per-channel
-    fp8 and int8 with bf16 scales; low-rank coefficients are grouped per token), named as `finite_parts` names them.
-    The fold (scale·2^FOLD_EXP in bf16) needs them below FOLD_SCALE_LIMIT, which kvfuse.codecs' encoders keep."""
+    """The scales of a teacher entry that the Triton kernels take folded (per-channel fp8 and int8 with bf16 scales;
+    low-rank coefficients are grouped per token: `fold_side_data`), named as `finite_parts` names them. The fold
+    (scale·2^FOLD_EXP in bf16) needs them below FOLD_SCALE_LIMIT, which kvfuse.codecs' encoders keep."""
     if isinstance(x, QuantizedKV) and codec_code(x.kind, x.axis, x.scale.dtype) in FOLDED:
         return [(f"{name}.scale", x.scale)]
     return []
@@ -194,9 +194,9 @@ def _check_contents(named: list[tuple[str, torch.Tensor]], mask: torch.Tensor, l
     big = [name for (name, _), good in zip(folded, ok[at:]) if not good]
     if big:
         raise ValueError(f"{', '.join(big)}: a scale reaches {FOLD_SCALE_LIMIT:g} (or is not finite); the Triton "
-                         "backend with a bf16 student decodes per-channel fp8 and int8 codes with bf16 scales through a "
-                         f"fold that needs them below {FOLD_SCALE_LIMIT:g}, as kvfuse.codecs' encoders keep them; give "
-                         "those teachers float32 scales, or use backend='torch'")
+                         "backend decodes per-channel fp8 and int8 codes with bf16 scales through a fold that needs "
+                         f"them below {FOLD_SCALE_LIMIT:g}, as kvfuse.codecs' encoders keep them; give those teachers "
+                         "float32 scales, or use backend='torch'")
 
 
 # ------------------------------------------------------------------------------------------ torch reference
@@ -322,6 +322,7 @@ def _triton_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha, ma
     rot_t = host_constant(rot, torch.int32, dev)
     keys, w_k = _kernel_storage(teacher_k, w_k)
     values, w_v = _kernel_storage(teacher_v, w_v)
+    keys, values = fold_side_data(keys, values)
     # Compressed teachers decode to the student's half dtype (fp32 for an fp32 student).
     decoded = student_k.dtype if student_k.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
@@ -355,8 +356,8 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
     (ones); rotary_dim None (every layer rotates R = 2·inv_freq.shape[-1] dims), an int, or one int per layer
     (0 = NoPE layer). backend: "torch" (reference) or "triton" (CUDA, or TRITON_INTERPRET=1).
     check_finite: raise on NaN/Inf in any input (one extra pass over the inputs; turn off for speed). The content
-    checks (finite inputs, a non-empty mask, non-zero layer weights; for backend="triton" with a bf16 student, per-
-    channel fp8 and int8 scales in bf16 below FOLD_SCALE_LIMIT = 2^16, which the kernels' fold needs) read device values on the
+    checks (finite inputs, a non-empty mask, non-zero layer weights; for backend="triton", per-channel fp8 and
+    int8 scales in bf16 below FOLD_SCALE_LIMIT = 2^16, which the kernels' fold needs) read device values on the
     host, so they run in eager mode only; under torch.compile they are skipped (an all-zero mask then gives a NaN
     loss).
 
@@ -381,7 +382,7 @@ def kv_distill_loss(student_k, student_v, teacher_k, teacher_v, w_k, w_v, alpha,
             named += [*finite_parts(teacher_k[i], f"teacher_k[{i}]"),
                       *finite_parts(teacher_v[i], f"teacher_v[{i}]"), (f"w_k[{i}]", w_k[i]), (f"w_v[{i}]", w_v[i])]
         folded = []
-        if backend == "triton" and student_k.dtype == torch.bfloat16:
+        if backend == "triton":
             for i in range(len(teacher_k)):
                 folded += [*_folded_scales(teacher_k[i], f"teacher_k[{i}]"),
                            *_folded_scales(teacher_v[i], f"teacher_v[{i}]")]

@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 
 from kvfuse.codecs import LowRankKV, QuantizedKV, encode, encode_fp8, encode_int
-from kvfuse.kernels.fused_kv_loss import (CODEC_FP8_CHANNEL, _codec_buffer, _fold_side, _folds, _fp8_to_bf16,
-                                         _int8_to_bf16, _x_tile)
-from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES, FOLD_EXP, FOLD_SCALE_LIMIT
+from kvfuse.kernels.fused_kv_loss import CODEC_FP8_CHANNEL, _codec_buffer, _fp8_to_bf16, _int8_to_bf16, _x_tile
+from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, FOLD_EXP, FOLD_SCALE_LIMIT, INT8_OFFSET_EXP, TeacherStorage,
+                                             fold_side_data)
 from kvfuse.loss import kv_distill_loss
 
 from test_fused_kv_loss import assert_close
@@ -150,8 +150,8 @@ def test_a_non_finite_part_of_a_compressed_teacher_is_named(where, kind, monkeyp
 @pytest.mark.parametrize("where", ["teacher_k[0].scale", "teacher_v[1].scale"])
 def test_a_bf16_scale_past_the_kernels_fold_is_named_before_the_kernel(where, kind, monkeypatch):
     """A caller's own per-channel fp8 or int8 entry (the encoders refuse such scales) with a bf16 scale of 2^16 would
-    decode to Inf in the Triton kernels' fold with a bf16 student: it is named instead; the torch backend, which
-    decodes explicitly, takes it, and so does Triton with a float32 student (no fold)."""
+    decode to Inf through the Triton kernels' fold (`fold_side_data`), whatever the student's dtype: it is named
+    instead; the torch backend, which decodes explicitly, takes it."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     args = _case(5, [(2, 16), (1, 32)], 16)
     mask = args["mask"]
@@ -162,11 +162,11 @@ def test_a_bf16_scale_past_the_kernels_fold_is_named_before_the_kernel(where, ki
     assert t.dtype == torch.bfloat16
     t.view(-1)[t.numel() // 2] = FOLD_SCALE_LIMIT
     bf16 = dict(enc, student_k=args["student_k"].detach().bfloat16(), student_v=args["student_v"].detach().bfloat16())
-    with pytest.raises(ValueError, match=rf"{re.escape(where)}: a scale reaches 65536 .*float32 scales, or use "
-                                         r"backend='torch'"):
-        kv_distill_loss(**bf16, backend="triton")
+    for student in (bf16, enc):
+        with pytest.raises(ValueError, match=rf"{re.escape(where)}: a scale reaches 65536 .*float32 scales, or use "
+                                             r"backend='torch'"):
+            kv_distill_loss(**student, backend="triton")
     assert torch.isfinite(kv_distill_loss(**bf16, backend="torch")[0])
-    assert torch.isfinite(kv_distill_loss(**enc, backend="triton")[0])
 
 
 @pytest.mark.parametrize("codec,codec_v", [(("fp8", "token"), ("fp8", "token")),
@@ -235,7 +235,7 @@ def test_fp8_codes_to_bf16_by_bits_is_exact_for_every_code(scale):
     src[:codes.numel()] = codes
     dst = torch.empty(256, dtype=torch.bfloat16, device=dev)
     # one warp: eight codes per thread, as in the kernels' tiles (the weight gradient's decode takes four at once)
-    folded = _fold_side(s, FOLD_EXP)
+    folded = s * 2.0 ** FOLD_EXP  # as fold_side_data folds it
     _decode_fp8_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), folded.to(dev), dst, N=256,
                            SCALED=scale is not None, num_warps=1)
     want = (codes.view(torch.float8_e4m3fn).to(torch.float32) * s[:codes.numel()].to(torch.float32)).to(torch.bfloat16)
@@ -257,9 +257,9 @@ def _folded_tile(x, sc, of, out, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I
 
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 def test_folded_side_data_decodes_each_tile_to_the_value_times_a_power_of_two(kind, monkeypatch):
-    # the kernels' bf16 decode of per-channel fp8 and int8 (scales times 2^112 and int8 offsets times 2^-21 folded
-    # into the codec buffer, `_fold_side`, read back as bf16 at the teacher's offsets behind another teacher's float32
-    # side data): each tile, ragged rows and chunks past the head included, is the torch decode rounded to bf16 times
+    # the kernels' bf16 decode of per-channel fp8 and int8 (scales times 2^112 and int8 offsets times 2^-21,
+    # `fold_side_data`, in the codec buffer as bf16 pairs, read back at the teacher's offsets behind another
+    # teacher's float32 side data): each tile, ragged rows and chunks past the head included, is the torch decode rounded to bf16 times
     # 2^-8 (fp8) or 2^-21 (int8), bit for bit. (The product with it runs on bf16 tensor cores only, which the
     # interpreter's tl.dot cannot run: the GPU checks it, check_configs.)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -271,9 +271,11 @@ def test_folded_side_data_decodes_each_tile_to_the_value_times_a_power_of_two(ki
     q = encode(x, kind, "channel", mask[None, :, None, :])
     assert q.scale.dtype == torch.bfloat16
     other = torch.rand(L, B, H, D, generator=g)                   # a float32-side-data teacher ahead of it
-    offsets = None if kind == "fp8" else [other, q.offset]
-    buf, offs = _codec_buffer([other, q.scale], offsets, 2, torch.empty(1),
-                              _folds((CODEC_CODES[kind, "channel/f32"], code), tl.bfloat16))
+    keys = TeacherStorage([q.data, q.data], (CODEC_CODES[kind, "channel/f32"], code), [other, q.scale],
+                          [None if kind == "fp8" else other, q.offset])
+    keys, _ = fold_side_data(keys, TeacherStorage.plain([]))
+    assert keys.scale[0] is other and keys.scale[1].dtype == torch.bfloat16
+    buf, offs = _codec_buffer(keys.scale, keys.offset, 2, torch.empty(1))
     want = (q.decode().to(torch.bfloat16).float() * 2.0 ** (-8 if kind == "fp8" else -21)).to(torch.bfloat16)
     data = q.data.contiguous()
     for l, b, hi, t0, d0 in [(0, 0, 0, 0, 0), (1, 1, 2, 16, 16), (1, 0, 1, 8, 0), (0, 1, 2, 16, 24)]:
@@ -307,8 +309,8 @@ def test_int8_codes_to_bf16_by_bits_are_exact_for_every_code(scale, offset):
     o = (torch.tensor(offset) * 2.0 ** (torch.arange(256) % 2)).to(torch.bfloat16)
     assert s.float().max() < FOLD_SCALE_LIMIT
     dst = torch.empty(256, dtype=torch.bfloat16, device=dev)
-    _decode_int8_bits[(1,)](codes.to(dev), _fold_side(s, FOLD_EXP).to(dev), _fold_side(o, FOLD_EXP - 133).to(dev),
-                            dst, N=256, num_warps=1)
+    _decode_int8_bits[(1,)](codes.to(dev), (s * 2.0 ** FOLD_EXP).to(dev), (o * 2.0 ** INT8_OFFSET_EXP).to(dev), dst,
+                            N=256, num_warps=1)
     want = (codes.to(torch.float32) * s.to(torch.float32) + o.to(torch.float32)).to(torch.bfloat16) * 2.0 ** -21
     assert (want == 0).logical_or(want.float().abs() >= 2.0 ** -126).all()  # normal: ·2^-21 was exact
     got = dst.cpu()
@@ -316,22 +318,30 @@ def test_int8_codes_to_bf16_by_bits_are_exact_for_every_code(scale, offset):
     assert bad.numel() == 0, [(int(codes[i]), float(got[i]), float(want[i])) for i in bad[:8]]
 
 
-def test_the_weight_gradient_takes_int8_side_data_folded_and_fp8_scales_as_stored(monkeypatch):
-    # with bf16 products the weight gradient decodes int8 like the forward (scale·2^112, offset·2^-21), and scales
-    # fp8's rows after its loop by the stored scale; with fp32 products both stay as stored (the GPU's selection,
-    # out of the interpreter, which runs bf16 products in fp32; nothing is launched)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from kvfuse.kernels.fused_kv_loss import KindGrad, TeacherStorage, _dw_sides
-    L, B, H, T, D, C = 2, 2, 2, 16, 32, 64
+def test_side_data_folds_in_one_launch_for_every_teacher_of_both_kinds(monkeypatch):
+    # fold_side_data: per-channel fp8 scales and int8 scales and offsets (bf16) times 2^112 and 2^-21, exactly; float32
+    # side data, per-token groups and plain teachers untouched; one multi-tensor multiply for all of them
+    L, B, H, T, D = 2, 2, 2, 16, 32
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(L, B, H, T, D, generator=g)
-    i8, f8 = encode_int(x, "channel", kind="int8"), encode_fp8(x, "channel")
-    storage = TeacherStorage([i8.data, f8.data], (CODEC_CODES["int8", "channel"], CODEC_CODES["fp8", "channel"]),
-                             [i8.scale, f8.scale], [i8.offset, None])
-    for dtype, folded in ((torch.bfloat16, True), (torch.float32, False)):
-        w = [torch.zeros(L, H * D, C, dtype=dtype) for _ in range(2)]
-        G = torch.zeros(L, B, T, C, dtype=dtype)
-        (_, int8_args), (_, fp8_args) = _dw_sides(KindGrad(storage, w, G), [None, None], [None, None])
-        assert torch.equal(int8_args["sc"], i8.scale.reshape(-1) * 2.0 ** 112 if folded else i8.scale)
-        assert torch.equal(int8_args["of"], i8.offset.reshape(-1) * 2.0 ** -21 if folded else i8.offset)
-        assert int8_args["sc"].dtype == torch.bfloat16 and fp8_args["sc"] is f8.scale
+    x = torch.randn(L, B, H, T, D, generator=g) * 3 - 1
+    i8, f8, i4 = encode_int(x, "channel", kind="int8"), encode_fp8(x, "channel"), encode_int(x, "token")
+    f8_32 = QuantizedKV("fp8", "channel", f8.data, f8.scale.float(), None)
+    keys = TeacherStorage([i8.data, f8.data, x], (CODEC_CODES["int8", "channel"], CODEC_CODES["fp8", "channel"], 0),
+                          [i8.scale, f8.scale, None], [i8.offset, None, None])
+    values = TeacherStorage([i4.data, f8_32.data, i8.data], (CODEC_CODES["int4", "token"],
+                            CODEC_CODES["fp8", "channel/f32"], CODEC_CODES["int8", "channel"]),
+                            [i4.scale, f8_32.scale, i8.scale], [i4.offset, None, i8.offset])
+    calls = []
+    real = torch._foreach_mul
+    monkeypatch.setattr(torch, "_foreach_mul", lambda *a: calls.append(len(a[0])) or real(*a))
+    k, v = fold_side_data(keys, values)
+    assert calls == [5]
+    assert k.data is keys.data and v.data is values.data and (k.codecs, v.codecs) == (keys.codecs, values.codecs)
+    assert torch.equal(k.scale[0], i8.scale * 2.0 ** 112) and torch.equal(k.offset[0], i8.offset * 2.0 ** -21)
+    assert torch.equal(k.scale[1], f8.scale * 2.0 ** 112) and k.offset[1] is None and k.scale[2] is None
+    assert torch.equal(k.scale[0].float() * 2.0 ** -112, i8.scale.float())  # exact: powers of two
+    assert torch.equal(k.offset[0].float() * 2.0 ** 21, i8.offset.float())
+    assert v.scale[0] is i4.scale and v.offset[0] is i4.offset and v.scale[1] is f8_32.scale
+    assert torch.equal(v.scale[2], i8.scale * 2.0 ** 112) and torch.equal(v.offset[2], i8.offset * 2.0 ** -21)
+    plain = TeacherStorage.plain([x])
+    assert fold_side_data(plain, plain) == (plain, plain) and calls == [5]

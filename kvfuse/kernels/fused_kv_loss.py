@@ -22,8 +22,8 @@ Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes,
 with scales (and int8 / int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each
 [tokens × dims] tile in registers right after its load, so no decoded copy of the teacher exists in memory. The
 forward kernel finds every teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets
-`codec_offs`); with bf16 products, per-channel fp8 and int8 side data enter it folded for a decode of one bf16
-multiply or FMA per two codes (`_fold_side`).
+`codec_offs`); per-channel fp8 and int8 side data arrive folded (fused_kv_loss_op.fold_side_data) for a decode of
+one bf16 multiply or FMA per two codes with bf16 products.
 
 α.  α_i is one scalar per program (one b, one l), so it is applied to the accumulator, not to the operands:
     acc ← acc · (α_prev / α_i) + X_i W_i  for each teacher with α_i ≠ 0, and finally acc ← acc · α_last,
@@ -65,10 +65,12 @@ CODEC_INT4D_CHANNEL = tl.constexpr(CODEC_CODES["int4d", "channel"])  # int4, dit
 DITHER_T = tl.constexpr(fused_kv_loss_op.DITHER_T)
 DITHER_M1 = tl.constexpr(fused_kv_loss_op.DITHER_M1)
 DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
-# the folded decodes' results are the value times 2^-8 (fp8) or 2^-21 (int8): fused_kv_loss_op.FOLD_EXP
+# Folded side data (fused_kv_loss_op.FOLD_EXP): the bits decodes' results are the value times 2^-8 (fp8) or 2^-21
+# (int8); the fp32 decode multiplies a folded scale and offset back out
 FP8_FOLD_GAIN = tl.constexpr(2.0 ** (120 - fused_kv_loss_op.FOLD_EXP))
 INT8_FOLD_GAIN = tl.constexpr(2.0 ** (133 - fused_kv_loss_op.FOLD_EXP))
-INT8_OFFSET_EXP = fused_kv_loss_op.FOLD_EXP - 133  # an int8 offset's fold: offset·2^-21
+SCALE_UNFOLD = tl.constexpr(2.0 ** -fused_kv_loss_op.FOLD_EXP)
+OFFSET_UNFOLD = tl.constexpr(2.0 ** -fused_kv_loss_op.INT8_OFFSET_EXP)
 
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
 # approximate sine and cosine; the interpreter has no libdevice, so it takes tl.sin/tl.cos of the reduced angle.
@@ -225,7 +227,14 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
     PER_CHANNEL: tl.constexpr = (FP8_CH or CODEC == CODEC_INT8_CHANNEL or CODEC == CODEC_INT8_CHANNEL_F32
                                  or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL)
-    if PER_CHANNEL:
+    FOLDED: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT8_CHANNEL  # bf16 side data, folded
+    if FOLDED:
+        d_ok = d < D_I
+        bf16: tl.constexpr = tl.pointer_type(tl.bfloat16)
+        sv = (tl.load(sc.to(bf16) + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32) * SCALE_UNFOLD)[None, :]
+        if not FP8_CH:
+            ov = (tl.load(of.to(bf16) + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32) * OFFSET_UNFOLD)[None, :]
+    elif PER_CHANNEL:
         d_ok = d < D_I
         sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         if not FP8_CH:
@@ -254,7 +263,7 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
             FOLD: tl.constexpr = False):
     """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
     decoded to fp32 for a compressed one — with FOLD (bf16 products), per-channel fp8 and int8 with bf16 side data
-    to bf16 times 2^-8 (fp8) or 2^-21 (int8), with sc (and of) holding the folded side data (`_fold_side`).
+    to bf16 times 2^-8 (fp8) or 2^-21 (int8) from their folded side data (fused_kv_loss_op.fold_side_data).
     With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
     PACK: tl.constexpr = 2 if CODEC >= CODEC_INT4_CHANNEL else 1
     W: tl.constexpr = BLOCK_K // PACK
@@ -541,7 +550,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
     # G already carries the mask (zero on padded tokens and padding columns), so those contribute nothing; with
     # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
-    INT8_FOLD: tl.constexpr = CODEC == CODEC_INT8_CHANNEL and DOT_DTYPE == tl.bfloat16  # sc, of folded: _dw_sides
+    INT8_FOLD: tl.constexpr = CODEC == CODEC_INT8_CHANNEL and DOT_DTYPE == tl.bfloat16
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     l = l32.to(tl.int64)
@@ -587,7 +596,8 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
                 mb = tl.dot(xt.to(DOT_DTYPE), gt.to(DOT_DTYPE), mb)
         if FP8_CH:  # X = Q·diag(s), so Xᵀ G = diag(s)·(Qᵀ G): the loop only places the codes' bits
             grp = (l * B + bb) * H_I + hi
-            mb = mb * tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
+            sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)
+            mb = mb * (sv * SCALE_UNFOLD if CODEC == CODEC_FP8_CHANNEL else sv)[:, None]
         if INT8_FOLD:  # the loop's tiles were the values·2^-21
             mb = mb * INT8_FOLD_GAIN
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
@@ -810,34 +820,21 @@ def _alpha_strides(alpha: torch.Tensor) -> tuple[int, int, int]:
     return alpha.stride(0), alpha.stride(1), alpha.stride(2)
 
 
-def _fold_side(side: torch.Tensor, exp: int, pairs: bool = False) -> torch.Tensor:
-    """bf16 side data (per-channel fp8 scales; int8 scales and offsets) for a folded decode (`_x_tile`): side·2^exp
-    as bf16, flat (exact: a power of two; the encoders keep scales below FOLD_SCALE_LIMIT). pairs: padded to an even
-    count and viewed as fp32 pairs, to travel in the forward's fp32 codec buffer and be loaded as bf16."""
-    folded = side.reshape(-1) * 2.0 ** exp  # one kernel: a bf16 times a power of two
-    if pairs and folded.numel() % 2:
-        folded = torch.nn.functional.pad(folded, (0, 1))
-    return folded.view(torch.float32) if pairs else folded
+def _fp32_words(side: torch.Tensor) -> torch.Tensor:
+    """Side data as fp32 words of the codec buffer: bf16 values (the FOLDED codecs', loaded as bf16) in pairs, padded
+    to an even count, anything else converted to fp32."""
+    if side.dtype != torch.bfloat16:
+        return side.reshape(-1).to(torch.float32)
+    flat = side.reshape(-1)
+    return (flat if flat.numel() % 2 == 0 else torch.nn.functional.pad(flat, (0, 1))).view(torch.float32)
 
 
-def _folds(codecs, dot_tl) -> tuple[tuple[int | None, int | None], ...]:
-    """Per teacher, the powers of two its scale and offset take for the folded decode (None: as stored): with bf16
-    products, per-channel fp8 and int8 with bf16 side data (fused_kv_loss_op.FOLDED)."""
-    if dot_tl != tl.bfloat16:
-        return ((None, None),) * len(codecs)
-    exps = {CODEC_CODES["fp8", "channel"]: (fused_kv_loss_op.FOLD_EXP, None),
-            CODEC_CODES["int8", "channel"]: (fused_kv_loss_op.FOLD_EXP, INT8_OFFSET_EXP)}
-    return tuple(exps.get(c, (None, None)) for c in codecs)
-
-
-def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor, folds=()):
-    """The compressed teachers' scales and offsets as one flat fp32 buffer and each teacher's (scale, offset)
-    element offsets into it: two kernel arguments instead of sixteen, and none to build for plain teachers (their
-    offsets point at a stand-in the kernels never read). folds[i] (`_folds`): teacher i's side data goes in folded
-    (`_fold_side`)."""
-    if any(e is not None for pair in folds for e in pair):
-        scales = [t if e is None else _fold_side(t, e, True) for t, (e, _) in zip(scales, folds)]
-        offsets = [t if e is None else _fold_side(t, e, True) for t, (_, e) in zip(offsets or [None] * N, folds)]
+def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor):
+    """The compressed teachers' scales and offsets as one flat fp32 buffer (`_fp32_words`) and each teacher's (scale,
+    offset) element offsets into it: two kernel arguments instead of sixteen, and none to build for plain teachers
+    (their offsets point at a stand-in the kernels never read)."""
+    scales = None if scales is None else [None if t is None else _fp32_words(t) for t in scales]
+    offsets = None if offsets is None else [None if t is None else _fp32_words(t) for t in offsets]
     parts = [t for t in (*(scales or ()), *(offsets or ())) if t is not None]
     if not parts:
         return stand_in, ((0, 0),) * N
@@ -848,7 +845,7 @@ def _codec_buffer(scales, offsets, N: int, stand_in: torch.Tensor, folds=()):
     where = iter(starts)
     sc = [0 if t is None else next(where) for t in (scales or [None] * N)]
     of = [0 if t is None else next(where) for t in (offsets or [None] * N)]
-    return torch.cat([t.reshape(-1).to(torch.float32) for t in parts]), tuple(zip(sc, of))
+    return torch.cat(parts), tuple(zip(sc, of))
 
 
 def _codec_dims(teachers, codecs) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -888,7 +885,7 @@ def fused_kv_loss_forward(student, teachers, weights, alpha, mask, positions, ro
     n_t_slots, n_h_slots = stat_slots(T, H_s)
     dev = student.device
     sq, cs = sums[0], sums[1]
-    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sums, _folds(codecs, dot_tl))
+    codec_buf, codec_offs = _codec_buffer(scales, offsets, N, sums)
     if compute_grad:
         g = torch.empty(L, B, T, 2 * H_s * PH, device=dev, dtype=g_dtype)
         ds = torch.empty(L, B, H_s, T, D_s, device=dev, dtype=student.dtype)
@@ -961,10 +958,6 @@ def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]
     heads, dims = _codec_dims(st.data, st.codecs)
     scales, offsets = st.scale or [None] * N, st.offset or [None] * N
     dot_tl, _, ieee = dot_dtype(operand_dtypes(st.data, kind.weights, st.codecs))
-    # the weight gradient folds int8 side data; fp8 scales multiply its rows after the loop, as stored
-    folds = [(e_s, e_o) if e_o is not None else (None, None) for e_s, e_o in _folds(st.codecs, dot_tl)]
-    scales = [t if e is None else _fold_side(t, e) for t, (e, _) in zip(scales, folds)]
-    offsets = [t if e is None else _fold_side(t, e) for t, (_, e) in zip(offsets, folds)]
     # One descriptor of G for every teacher's launch: a launch encodes its box when issued, so the next launch's
     # pre-hook may re-box the same object.
     g_desc = TensorDescriptor.from_tensor(G, [1, 1, 16, 16]) if _tma_ready(G) else None

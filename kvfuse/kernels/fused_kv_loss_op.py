@@ -17,6 +17,8 @@ Shapes (all tensors on one device):
     w_k[i], w_v[i]         [L, H_i·D_i, 2·H_s·PH]  adapters in the pair layout (kvfuse.kernels.fused_kv_loss), or
                                                    as given when natural_layout(D_s, rotary_dim)
     teacher_k[i], _v[i]    [L, B, H_i, T, D_i]     aligned pre-RoPE teacher KV, last stride 1
+A compressed teacher's scales and offsets are laid out as kvfuse.codecs lays them out, those of FOLDED codecs
+(per-channel fp8 and int8 with bf16 side data) folded (`fold_side_data`).
 """
 from __future__ import annotations
 
@@ -58,15 +60,18 @@ DITHER_T = 0x9E3779B1      # 2³²/φ, odd: spreads the token index over the hig
 DITHER_M1 = 0x7FEB352D     # lowbias32's multipliers
 DITHER_M2 = 0x846CA68B
 
-# The folded decodes (kernels.fused_kv_loss._fp8_to_bf16, _int8_to_bf16): a code's bits make a bf16 of its value
-# times 2^-120 (fp8) or 2^-133 (int8: the code as bf16 bits 0x00qq, subnormal below 128), and one bf16 multiply by
-# the per-channel scale times 2^FOLD_EXP (int8: plus its offset times 2^(FOLD_EXP - 133)) gives the decoded value
-# times 2^-8 (fp8) or 2^-21 (int8), rounded once as the fp32 decode rounds; the teacher's α (the weight gradient: its
-# accumulator) carries the power of two back. Exact while scale·2^FOLD_EXP stays finite in bf16, so the encoders
-# refuse such scales from FOLD_SCALE_LIMIT up (fp8 |x| ≥ 448·2^16 ≈ 2.9e7; int8 a channel range ≥ 255·2^16 ≈ 1.7e7).
+# Folded side data (`fold_side_data`): the kernels take the bf16 scales of FOLDED codecs as scale·2^FOLD_EXP and
+# int8's bf16 offsets as offset·2^(FOLD_EXP − 133), so that with bf16 products one bf16 multiply (fp8) or FMA (int8)
+# decodes two codes from their bits (kernels.fused_kv_loss._fp8_to_bf16, _int8_to_bf16: a code's bits make a bf16 of
+# its value times 2^-120 (fp8) or 2^-133 (int8: the byte as bf16 bits 0x00qq, subnormal below 128)), giving the
+# decoded value times 2^-8 or 2^-21, rounded once as the fp32 decode rounds; the teacher's α (the weight gradient:
+# its accumulator) carries the power of two back, and the fp32 decode multiplies it back out, exactly. Exact while
+# scale·2^FOLD_EXP stays finite in bf16, so the encoders refuse scales from FOLD_SCALE_LIMIT up (fp8 |x| ≥ 448·2^16 ≈
+# 2.9e7; int8 a channel range ≥ 255·2^16 ≈ 1.7e7).
 FOLD_EXP = 112
 FOLD_SCALE_LIMIT = 2.0 ** (128 - FOLD_EXP)
-FOLDED = (CODEC_CODES["fp8", "channel"], CODEC_CODES["int8", "channel"])  # the codes a bf16 product folds
+FOLDED = (CODEC_CODES["fp8", "channel"], CODEC_CODES["int8", "channel"])
+INT8_OFFSET_EXP = FOLD_EXP - 133
 
 
 def pair_width(d_s: int) -> int:
@@ -226,6 +231,9 @@ class TeacherStorage(NamedTuple):
     def plain(cls, data: list[Tensor]) -> "TeacherStorage":
         return cls(list(data), (0,) * len(data), [], [])
 
+    def replace_sides(self, scale: list, offset: list) -> "TeacherStorage":
+        return TeacherStorage(self.data, self.codecs, scale, offset)
+
     def side_tensors(self) -> list[Tensor]:
         """The scale and offset tensors present, in order (what FusedKVLoss passes and saves)."""
         return [t for t in (*self.scale, *self.offset) if t is not None]
@@ -284,6 +292,27 @@ class FusedKVLoss(torch.autograd.Function):
                 *[None] * (first_w - 4), *[d if need[first_w + i] else None for i, d in enumerate(dwk)],
                 *[d if need[first_w + N + i] else None for i, d in enumerate(dwv)],
                 *[None] * (len(tensors) - 2 * N))
+
+
+def fold_side_data(keys: TeacherStorage, values: TeacherStorage) -> tuple[TeacherStorage, TeacherStorage]:
+    """Keys and values with the side data of FOLDED codecs as the kernels take it (FOLD_EXP above), computed by one
+    multi-tensor multiply for every teacher of both kinds: one launch a step, where a fold per tensor and kernel
+    launch cost a few microseconds each (bench/NOTES.md "Compressed teachers")."""
+    sides, factors, where = [], [], []
+    for k, st in enumerate((keys, values)):
+        for i, code in enumerate(st.codecs):
+            if code in FOLDED:
+                for part, t, exp in (("scale", st.scale[i], FOLD_EXP), ("offset", st.offset[i], INT8_OFFSET_EXP)):
+                    if t is not None:
+                        sides.append(t)
+                        factors.append(2.0 ** exp)
+                        where.append((k, part, i))
+    if not sides:
+        return keys, values
+    new = [{"scale": list(st.scale), "offset": list(st.offset)} for st in (keys, values)]
+    for (k, part, i), t in zip(where, torch._foreach_mul(sides, factors)):
+        new[k][part][i] = t
+    return keys.replace_sides(**new[0]), values.replace_sides(**new[1])
 
 
 def _layout(keys: TeacherStorage, values: TeacherStorage):
