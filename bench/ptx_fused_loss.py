@@ -25,6 +25,7 @@ PH = D_S // 2
 # element type of a teacher's stored data per codec code (kvfuse.kernels.fused_kv_loss.CODEC_*)
 X_TYPE = {0: "bf16", **{code: "u8" if kind in LEVELS else "fp8e4nv" for (kind, _), code in CODEC_CODES.items()}}
 PACKED_CODES = {code for (kind, _), code in CODEC_CODES.items() if kind in PACKED}
+NAMES = {0: "bf16", **{code: f"{kind}/{axis}" for (kind, axis), code in CODEC_CODES.items()}}  # codes are renumbered
 FP8, FP8_TOKEN, INT8, INT4, INT4_TOKEN, INT4D, INT4D_TOKEN = (
     CODEC_CODES[k] for k in (("fp8", "channel"), ("fp8", "token"), ("int8", "channel"), ("int4", "channel"),
                              ("int4", "token"), ("int4d", "channel"), ("int4d", "token")))
@@ -99,9 +100,9 @@ def main(argv=None):
                     info = compile_sm90(K._fused_kv_fwd_kernel, sig, fwd_constexprs(cfg, is_key, codecs),
                                         config.num_warps, config.num_stages, args.ptxas, args.arch,
                                         nvdisasm=args.nvdisasm)
-                    print(f"fwd {'keys  ' if is_key else 'values'} codecs {codecs} {cfg['BLOCK_T']:3d} x "
-                          f"{cfg['BLOCK_K']:3d} wide={cfg['WIDE']!s:5} / {config.num_warps} warps: {_brief(info)}",
-                          flush=True)
+                    print(f"fwd {'keys  ' if is_key else 'values'} {'+'.join(NAMES[c] for c in codecs):27s} "
+                          f"{cfg['BLOCK_T']:3d} x {cfg['BLOCK_K']:3d} wide={cfg['WIDE']!s:5} / {config.num_warps} "
+                          f"warps: {_brief(info)}", flush=True)
     if args.only != "fwd":
         for codec, codec_v, kinds in ((0, 0, 1), (0, 0, 2), (FP8, FP8, 2), (FP8, FP8_TOKEN, 2), (INT8, INT8, 2),
                                       (INT4, INT4_TOKEN, 2), (INT4D, INT4D_TOKEN, 2)):
@@ -112,8 +113,8 @@ def main(argv=None):
                 sig = dw_signature(cfg["BLOCK_F"], cfg["BLOCK_C"], cfg["BLOCK_T"], codec, codec_v)
                 info = compile_sm90(K._fused_kv_dw_kernel, sig, consts, config.num_warps, config.num_stages,
                                     args.ptxas, args.arch, nvdisasm=args.nvdisasm)
-                print(f"dw codecs {codec}/{codec_v} kinds {kinds} {cfg['BLOCK_F']:3d} x {cfg['BLOCK_C']:3d} x "
-                      f"{cfg['BLOCK_T']:3d} tokens / {config.num_warps} warps: {_brief(info)}", flush=True)
+                print(f"dw {NAMES[codec]}+{NAMES[codec_v]:13s} kinds {kinds} {cfg['BLOCK_F']:3d} x {cfg['BLOCK_C']:3d} "
+                      f"x {cfg['BLOCK_T']:3d} tokens / {config.num_warps} warps: {_brief(info)}", flush=True)
 
 
 if __name__ == "__main__":
