@@ -18,7 +18,7 @@ import triton.language as tl
 from bench.ptx_report import bundled_tool, compile_sm90
 from kvfuse.codecs import LEVELS, PACKED
 from kvfuse.kernels import fused_kv_loss as K
-from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES
+from kvfuse.kernels.fused_kv_loss_op import CODEC_CODES, FOLDED
 
 HEADS, DIMS, H_S, D_S = (4, 8), (128, 128), 2, 128
 PH = D_S // 2
@@ -63,7 +63,8 @@ def dw_signature(block_f: int, block_c: int, block_t: int, codec: int, codec_v: 
     sig = {}
     for suffix, c in (("", codec), ("_v", codec_v)):
         sig["x" + suffix] = f"tensordesc<{X_TYPE[c]}[1, 1, 1, {block_t}, {_packed(block_f, c)}]>"
-        sig["sc" + suffix] = sig["of" + suffix] = "*bf16" if c == INT8 else "*fp32"  # int8: folded (_dw_sides)
+        # FOLDED codecs' side data arrive as bf16 tensors (fused_kv_loss_op.fold_side_data)
+        sig["sc" + suffix] = sig["of" + suffix] = "*bf16" if c in FOLDED else "*fp32"
         sig["g" + suffix] = f"tensordesc<bf16[1, 1, {block_t}, {block_c}]>"
         sig["dalpha" + suffix + "_ptr"] = "*fp32"
     for name in ("sx0", "sx1", "sx2", "sx3", "sxv0", "sxv1", "sxv2", "sxv3", "sw0", "sw1", "swv0", "swv1",

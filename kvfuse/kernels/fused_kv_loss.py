@@ -203,9 +203,16 @@ def _int8_to_bf16(raw, s, o):
         return tl.inline_asm_elementwise(
             "{ .reg .b32 r; cvt.u32.u16 r, $1; prmt.b32 r, r, 0, 0x4140; fma.rn.bf16x2 $0, r, $2, $3; }",
             "=r,h,r,r", [raw, s, o], dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:  # the same value in fp32 (2^-133 in two normal steps), rounded as the FMA rounds
+    else:  # the same value in fp32, rounded as the FMA rounds; 2^-133 as 2^-120 · 2^-13 (fp32 constants stay normal)
         q = (raw.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         return _round_to_bf16(q * (s.to(tl.float32) * 7.52316384526264e-37 * 1.220703125e-4) + o.to(tl.float32))
+
+
+@triton.jit
+def _bf16_side(p, grp, d, D_I: tl.constexpr):
+    # per-channel bf16 side data of group grp (a FOLDED codec's), whether p points at a bf16 tensor or into the
+    # forward's fp32 codec buffer (which holds it as bf16 pairs); channels past D_i load 0
+    return tl.load(p.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
 
 
 @triton.jit
@@ -229,11 +236,9 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
                                  or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL)
     FOLDED: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT8_CHANNEL  # bf16 side data, folded
     if FOLDED:
-        d_ok = d < D_I
-        bf16: tl.constexpr = tl.pointer_type(tl.bfloat16)
-        sv = (tl.load(sc.to(bf16) + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32) * SCALE_UNFOLD)[None, :]
+        sv = (_bf16_side(sc, grp, d, D_I).to(tl.float32) * SCALE_UNFOLD)[None, :]
         if not FP8_CH:
-            ov = (tl.load(of.to(bf16) + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32) * OFFSET_UNFOLD)[None, :]
+            ov = (_bf16_side(of, grp, d, D_I).to(tl.float32) * OFFSET_UNFOLD)[None, :]
     elif PER_CHANNEL:
         d_ok = d < D_I
         sv = tl.load(sc + grp * D_I + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -291,12 +296,12 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
         elif CODEC == CODEC_FP8_CHANNEL and FOLD:
             # code·scale·2^-8 rounded once to bf16, as the fp32 decode rounds code·scale: sc holds bf16 values
             # scale·2^FOLD_EXP, and the caller's α carries the 2^8 back
-            sv = tl.load(sc.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
+            sv = _bf16_side(sc, grp, d, D_I)
             xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True)
         elif CODEC == CODEC_INT8_CHANNEL and FOLD:
             # (code·scale + offset)·2^-21 rounded once to bf16; the caller's α (or accumulator) carries the 2^21 back
-            sv = tl.load(sc.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
-            ov = tl.load(of.to(tl.pointer_type(tl.bfloat16)) + grp * D_I + d, mask=d < D_I, other=0.0)
+            sv = _bf16_side(sc, grp, d, D_I)
+            ov = _bf16_side(of, grp, d, D_I)
             xd = _int8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]),
                                tl.broadcast_to(ov[None, :], [BLOCK_T, BLOCK_K]))
         else:

@@ -231,9 +231,6 @@ class TeacherStorage(NamedTuple):
     def plain(cls, data: list[Tensor]) -> "TeacherStorage":
         return cls(list(data), (0,) * len(data), [], [])
 
-    def replace_sides(self, scale: list, offset: list) -> "TeacherStorage":
-        return TeacherStorage(self.data, self.codecs, scale, offset)
-
     def side_tensors(self) -> list[Tensor]:
         """The scale and offset tensors present, in order (what FusedKVLoss passes and saves)."""
         return [t for t in (*self.scale, *self.offset) if t is not None]
@@ -312,7 +309,7 @@ def fold_side_data(keys: TeacherStorage, values: TeacherStorage) -> tuple[Teache
     new = [{"scale": list(st.scale), "offset": list(st.offset)} for st in (keys, values)]
     for (k, part, i), t in zip(where, torch._foreach_mul(sides, factors)):
         new[k][part][i] = t
-    return keys.replace_sides(**new[0]), values.replace_sides(**new[1])
+    return keys._replace(**new[0]), values._replace(**new[1])
 
 
 def _layout(keys: TeacherStorage, values: TeacherStorage):
