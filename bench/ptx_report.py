@@ -21,7 +21,11 @@ def ptxas_report(ptx: str, ptxas: str, arch: str) -> dict:
         with open(path, "w") as f:
             f.write(ptx)
         res = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True)
+    if res.returncode != 0:
+        # e.g. "Unsupported .version 9.4": triton 3.9 writes PTX that only its bundled ptxas-blackwell reads
+        raise RuntimeError(f"{ptxas} could not assemble triton {triton.__version__}'s PTX for {arch} (pass a newer "
+                           f"one with --ptxas):\n{res.stderr.strip()[-2000:]}")
     text = res.stderr + res.stdout
     return dict(regs=int(re.search(r"Used (\d+) registers", text).group(1)),
                 spill_st=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", text)),

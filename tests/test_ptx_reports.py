@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
@@ -94,3 +96,10 @@ def test_weight_gradient_loops_decode_as_designed():
         assert 0 < ops.get("HFMA2", 0) <= ops["PRMT"], ops
     assert loops["fwd_int8_f32"]["conversions"] > 0, loops["fwd_int8_f32"]
     assert loops["fwd_int8"]["instructions"] < loops["fwd_int8_f32"]["instructions"], loops
+
+
+def test_ptxas_that_cannot_read_the_ptx_says_which_and_why():
+    from bench.ptx_report import bundled_tool, ptxas_report
+    ptx = ".version 99.9\n.target sm_90a\n.address_size 64\n"
+    with pytest.raises(RuntimeError, match=r"could not assemble(.|\n)*--ptxas(.|\n)*99\.9"):
+        ptxas_report(ptx, bundled_tool("ptxas"), "sm_90a")
