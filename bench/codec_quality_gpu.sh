@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Phase 1 trained from bf16 / fp8 / int4 / int4d stores at a size the CPU cannot reach (`codec_quality distill
-# --items`), on the packaged SmolLM2 staged by bench/stage_models.py. The same command every device call
+# Phase 1 (PHASE=2: Phase 2) trained from bf16 / fp8 / int4 / int4d stores at a size the CPU cannot reach
+# (`codec_quality distill --items`), on the packaged SmolLM2 staged by bench/stage_models.py. The same command every
+# device call
 # (idempotent, as the GPU-scale session's): take the call's pieces, then, once SmolLM2 is converted, start one
 # detached runner (stores first, then the trainers of RUNS in parallel, below), wait up to
 # --wait seconds, and always put what exists into $OUT (the table, and one tar of every run's metrics and config).
@@ -15,7 +16,7 @@ while [ $# -gt 0 ]; do
     *) CALL_DIR=$1; shift ;;
   esac
 done
-OUT=${OUT:-/tmp/out} ITEMS=${ITEMS:-128 32} CODECS=${CODECS:-bf16 fp8 int4 int4d} SEEDS=${SEEDS:-0 1 2}
+OUT=${OUT:-/tmp/out} PHASE=${PHASE:-1} ITEMS=${ITEMS:-128 32} CODECS=${CODECS:-bf16 fp8 int4 int4d} SEEDS=${SEEDS:-0 1 2}
 if [ -z "${RUNS:-}" ]; then
   RUNS=$(for c in $CODECS; do printf '%s:%s ' "$c" "${SEEDS// /,}"; done)
 else  # the stores and the table cover what the runs train; bf16's store is every run's validation reference
@@ -24,7 +25,7 @@ else  # the stores and the table cover what the runs train; bf16's store is ever
 fi
 export KVFUSE_STAGE=$HOME/kvfuse-stage KVFUSE_CACHE=$HOME/.cache/kvfuse
 export PYTHONPATH="$KVFUSE_STAGE/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-WORK=$HOME/codec_quality/items_${ITEMS// /x}
+WORK=$HOME/codec_quality/p${PHASE}_items_${ITEMS// /x}
 mkdir -p "$OUT" "$WORK"
 echo "=== $(date +%T) $(nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv,noheader)"
 if [ -n "$CALL_DIR" ]; then
@@ -42,14 +43,14 @@ elif [ ! -f "$WORK/done" ]; then
   read -r n_train n_val <<< "$ITEMS"
   setsid bash -c "
     python3 -c 'from pathlib import Path; from bench.codec_quality import _prepare; \
-_prepare(Path(\"$WORK\"), 1, \"$CODECS\".split(), 8, ($n_train, $n_val))' || exit 1
+_prepare(Path(\"$WORK\"), $PHASE, \"$CODECS\".split(), 8, ($n_train, $n_val))' || exit 1
     for run in $RUNS; do
       c=\${run%%:*} seeds=\${run#*:}
-      python3 -m bench.codec_quality distill --phases 1 --codecs bf16 \$c --train \$c --seeds \${seeds//,/ } \
+      python3 -m bench.codec_quality distill --phases $PHASE --codecs bf16 \$c --train \$c --seeds \${seeds//,/ } \
         --items $ITEMS --out $WORK > $WORK/train-\$c-\${seeds//,/_}.log 2>&1 &
     done
     wait
-    python3 -m bench.codec_quality summarise --phases 1 --codecs $CODECS --seeds $SEEDS --items $ITEMS --out $WORK \
+    python3 -m bench.codec_quality summarise --phases $PHASE --codecs $CODECS --seeds $SEEDS --items $ITEMS --out $WORK \
       && touch $WORK/done" > "$WORK/runner.log" 2>&1 < /dev/null &
   echo $! > "$WORK/runner.pid"
   echo "runner started (pid $!): $RUNS, items $ITEMS"
@@ -59,6 +60,6 @@ while [ $SECONDS -lt $deadline ] && kill -0 "$(cat "$WORK/runner.pid" 2> /dev/nu
 tail -5 "$WORK/runner.log" 2> /dev/null
 for f in "$WORK"/train-*.log; do [ -f "$f" ] && echo "--- $(basename "$f")" && grep -E "^train|^  [0-9]+ s|failed" "$f"; done
 cp bench/results/codec_distill_*.csv "$OUT/" 2> /dev/null
-(cd "$WORK" && tar czf "$OUT/codec_quality_runs.tgz" --ignore-failed-read p1-*/metrics.jsonl p1-*/config.yaml \
+(cd "$WORK" && tar czf "$OUT/codec_quality_runs.tgz" --ignore-failed-read p$PHASE-*/metrics.jsonl p$PHASE-*/config.yaml \
   ./*.log 2> /dev/null)
 echo "=== $(date +%T) done"
