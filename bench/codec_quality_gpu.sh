@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Phase 1 (PHASE=2: Phase 2) trained from bf16 / fp8 / int4 / int4d stores at a size the CPU cannot reach
 # (`codec_quality distill --items`), on the packaged SmolLM2 staged by bench/stage_models.py. The same command every
-# device call
-# (idempotent, as the GPU-scale session's): take the call's pieces, then, once SmolLM2 is converted, start one
-# detached runner (stores first, then the trainers of RUNS in parallel, below), wait up to
-# --wait seconds, and always put what exists into $OUT (the table, and one tar of every run's metrics and config).
+# device call (idempotent, as the GPU-scale session's): take the call's pieces, then, once SmolLM2 is converted, start
+# one detached runner (stores first, then the trainers of RUNS in parallel, below), wait up to --wait seconds, and
+# always put what exists into $OUT (the table, and one tar of every run's metrics and config).
 #   bash bench/codec_quality_gpu.sh [.stage/callNN] [--wait SECONDS]
 # ITEMS ("128 32": train and validation items), CODECS, SEEDS override the defaults. RUNS ("int8:0,1 fp8:2") sets
 # the trainers instead: one process per entry, its seeds one after another (default: one per codec, every seed).
