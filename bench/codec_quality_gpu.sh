@@ -15,7 +15,8 @@ while [ $# -gt 0 ]; do
     *) CALL_DIR=$1; shift ;;
   esac
 done
-OUT=${OUT:-/tmp/out} PHASE=${PHASE:-1} ITEMS=${ITEMS:-128 32} CODECS=${CODECS:-bf16 fp8 int4 int4d} SEEDS=${SEEDS:-0 1 2}
+OUT=${OUT:-/tmp/out} PHASE=${PHASE:-1} ITEMS=${ITEMS:-128 32}
+CODECS=${CODECS:-bf16 fp8 int4 int4d} SEEDS=${SEEDS:-0 1 2}
 if [ -z "${RUNS:-}" ]; then
   RUNS=$(for c in $CODECS; do printf '%s:%s ' "$c" "${SEEDS// /,}"; done)
 else  # the stores and the table cover what the runs train; bf16's store is every run's validation reference

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.ptx_report import bundled_tool, ptxas_report
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
@@ -99,7 +101,6 @@ def test_weight_gradient_loops_decode_as_designed():
 
 
 def test_ptxas_that_cannot_read_the_ptx_says_which_and_why():
-    from bench.ptx_report import bundled_tool, ptxas_report
     ptx = ".version 99.9\n.target sm_90a\n.address_size 64\n"
     with pytest.raises(RuntimeError, match=r"could not assemble(.|\n)*--ptxas(.|\n)*99\.9"):
         ptxas_report(ptx, bundled_tool("ptxas"), "sm_90a")
