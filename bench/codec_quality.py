@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import append_csv, commit
+from bench.common import commit, replace_csv
 from kvfuse.codecs import decode, parse_codec
 from kvfuse.data import load_examples, resolve_prompt
 from kvfuse.models import load
@@ -136,10 +136,8 @@ def reconstruct(args) -> int:
                   f"{b['kv_ratio_vs_bf16']:.3f}×)  rel MSE K {b['k_rel_mse']:.2e} V {b['v_rel_mse']:.2e}  cos K "
                   f"{b['k_cos']:.5f} V {b['v_cos']:.5f}")
         del teachers, builder
-    for path in (RESULTS / "codec_reconstruction.csv", RESULTS / "codec_bytes.csv"):
-        path.unlink(missing_ok=True)
-    append_csv(RESULTS / "codec_reconstruction.csv", rows)
-    append_csv(RESULTS / "codec_bytes.csv", byte_rows)
+    replace_csv(RESULTS / "codec_reconstruction.csv", rows)
+    replace_csv(RESULTS / "codec_bytes.csv", byte_rows)
     plot(rows, byte_rows, RESULTS / "codec_quality.png")
     return 0
 
@@ -420,8 +418,7 @@ def round_trip(args) -> int:
     for r in rows:
         r["vs_bf16_pct"] = 100 * (r["val_kv_last"] / base[r["seed"]] - 1)
     path = RESULTS / "codec_{}_{}.csv".format(label.replace("-", "_"), "x".join(map(str, args.items or ("preset",))))
-    path.unlink(missing_ok=True)
-    append_csv(path, rows)
+    replace_csv(path, rows)
     gaps_ = [r["vs_bf16_pct"] for r in rows if r["codec"] == label]
     print(f"  {label}: {statistics.fmean(gaps_):+.2f} % ({', '.join(f'{g:+.2f}' for g in gaps_)}); wrote {path}")
     return 0
@@ -497,8 +494,7 @@ def halves(args) -> int:
         r["vs_bf16_pct"] = 100 * (r["val_kv_last"] / base[r["seed"]] - 1)
     keys = _int4_key_variants(stores["fp32"])
     for path, table in ((RESULTS / "codec_int4_halves.csv", rows), (RESULTS / "codec_int4_keys.csv", keys)):
-        path.unlink(missing_ok=True)
-        append_csv(path, table)
+        replace_csv(path, table)
         print(f"wrote {path}")
     for label in labels.values():
         gaps = [r["vs_bf16_pct"] for r in rows if r["store"] == label]
@@ -554,8 +550,7 @@ def summarise(args) -> int:
                                  if before.get("val_kv_last") == row["val_kv_last"] else "unknown")
                 table[key] = row
     rows = [table[k] for k in sorted(table, key=lambda k: (k[0], k[2]))]
-    path.unlink(missing_ok=True)
-    append_csv(path, rows)
+    replace_csv(path, rows)
     print(f"{'phase':>5s} {'codec':20s} {'val KV loss (3 seeds)':>24s} {'vs bf16, per seed':>28s} "
           f"{'KV CKA':>16s} {'store B/token':>14s}")
     for phase in args.phases:

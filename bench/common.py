@@ -58,6 +58,17 @@ def append_csv(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
+def replace_csv(path: str | Path, rows: list[dict]) -> Path:
+    """The table at `path` replaced by `rows` in one rename, so that a reader, or another process that rewrites the
+    same table (parallel trainers each summarising at their end), never sees it half written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    append_csv(tmp, rows)
+    os.replace(tmp, path)
+    return path
+
+
 def rotated(names: list, r: int) -> list:
     """Round r's order: the names rotated by r, so that each takes every position over len(names) rounds (drift
     over a run, or a warm cache left by the one before, falls on every variant alike)."""

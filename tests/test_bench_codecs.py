@@ -157,6 +157,18 @@ def test_append_csv_widens_an_older_header(tmp_path):
     assert path.read_text().splitlines() == ["a,b,codec", "1,2,", "3,4,fp8", "5,6,int4"]
 
 
+def test_replace_csv_swaps_the_whole_table_and_leaves_no_temporary(tmp_path):
+    from bench.common import replace_csv
+
+    path = tmp_path / "table.csv"
+    replace_csv(path, [{"a": 1, "b": 2}, {"a": 3, "b": 4}])
+    before = path.stat().st_ino
+    replace_csv(path, [{"a": 5, "c": 6}])      # narrower and with another column: the old header does not survive
+    assert path.read_text().splitlines() == ["a,c", "5,6"]
+    assert path.stat().st_ino != before          # a new file renamed over the old one, not the old one rewritten
+    assert [f.name for f in tmp_path.iterdir()] == ["table.csv"]
+
+
 def _fp32_store(root):
     from kvfuse.teacher.store import StoreWriter
 
