@@ -3,12 +3,15 @@ rotated order of interleaved rounds."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import platform
 import subprocess
 from pathlib import Path
 
 import torch
+
+from kvfuse.teacher.store import atomic_write_text
 
 
 def commit() -> str:
@@ -62,10 +65,12 @@ def replace_csv(path: str | Path, rows: list[dict]) -> Path:
     """The table at `path` replaced by `rows` in one rename, so that a reader, or another process that rewrites the
     same table (parallel trainers each summarising at their end), never sees it half written."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    append_csv(tmp, rows)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
     return path
 
 
