@@ -8,6 +8,11 @@ as one of:
   channel: rounded up to a bfloat16 value and stored as bfloat16, so the kernels form code·scale in bf16 arithmetic
   exactly as the fp32 product rounds, and below FOLD_SCALE_LIMIT = 2¹⁶, whose fold the fused loss's decode takes;
   stores written before hold float32 scales and decode as written);
+* `QuantizedKV` kind "fp8z": fp8 with a zero point per channel, x ≈ data·scale + offset, offset = the channel's
+  mean over the sample's valid tokens (bfloat16, to nearest) and scale = max |x − offset|/448 (bfloat16, rounded up):
+  e4m3's error follows |x − offset|, not |x|, and SmolLM2's keys hold 81 % of their energy in their channel means, so
+  fp8z's key error is 5× below fp8's (values 1.3×) for 2 more bytes per (layer, head, channel) and sample
+  (bench/NOTES.md "Store codecs");
 * `QuantizedKV` kind "int8": data uint8 [..., T, D], one 8-bit code q ∈ 0..255 per value, x ≈ q·scale + offset,
   per channel offset = min rounded down and scale = (max − offset)/255 rounded up to bfloat16 values (the scale
   below FOLD_SCALE_LIMIT, as fp8's), so the grid spans the channel's range (asymmetric: twice fp8's resolution near
@@ -24,19 +29,20 @@ as one of:
   B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
 
 Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
-float32 [..., D] (bfloat16 for fp8 and int8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 and int8
+float32 [..., D] (bfloat16 for fp8, fp8z and int8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 and int8
 values too); "token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4
 values; fp16 because per-token side data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis`
 says which a store uses.
 
 Masked tokens (mask 0: padding, prompt tokens, unaligned tokens) take no part in the statistics and decode to 0
 (int8 and int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's
-range, else the channel's min or max — since a channel's offset is shared with the valid tokens): finite either way,
+range, else the channel's min or max — since a channel's offset is shared with the valid tokens; fp8z: the code
+nearest −offset/scale, which is 0 unless 0 lies beyond 448 steps of the offset): finite either way,
 whatever they held (NaN and Inf included), and the loss, CKA and router all ignore them. A NaN or Inf in a valid
 token is refused, a ValueError naming it and its position (`FiniteCheck`): no codec could store it faithfully, and
 each would store it as something else. Bounds of one decoded value x̂ against x on a valid token (tested):
 fp8 |x̂ − x| ≤ max(2⁻⁴|x|, 2⁻¹⁰·scale) (3 mantissa bits; subnormals below 2⁻⁶·scale) plus the rounding of the
-scale; int8 and int4 |x̂ − x| ≤ scale/2 of the stored scale, plus the fp16 rounding of scale and offset on the token
+scale; fp8z the same with x − offset for x; int8 and int4 |x̂ − x| ≤ scale/2 of the stored scale, plus the fp16 rounding of scale and offset on the token
 axis.
 
 This module imports only torch (and the kernels' torch-only contract, for the dither's constants): the store, the
@@ -57,7 +63,9 @@ from kvfuse.kernels.fused_kv_loss_op import DITHER_M1, DITHER_M2, DITHER_T, FOLD
 FP8_MAX = 448.0            # largest finite float8_e4m3fn
 LEVELS = {"int8": 255, "int4": 15, "int4d": 15}  # integer kinds: codes 0..levels, with an offset
 RANK_MULTIPLE = 16         # low-rank widths are padded to this (tensor-core tiles in the kernel)
-KINDS = ("fp8", "int8", "int4", "int4d")
+KINDS = ("fp8", "fp8z", "int8", "int4", "int4d")
+FP8_KINDS = ("fp8", "fp8z")  # e4m3 codes
+OFFSET_KINDS = ("fp8z", *LEVELS)  # x ≈ q·scale + offset
 PACKED = ("int4", "int4d")  # two 4-bit codes per byte
 AXES = ("channel", "token")
 SCALE_DTYPES = {"channel": torch.float32, "token": torch.float16}
@@ -68,6 +76,8 @@ CHANNEL_BF16 = torch.bfloat16
 
 def scale_dtypes(kind: str, axis: str) -> tuple[torch.dtype, ...]:
     """The dtypes a `kind` entry's scale (and offset) may have on `axis`; the first is what encoding writes."""
+    if kind == "fp8z":
+        return (CHANNEL_BF16,)
     if kind in ("fp8", "int8") and axis == "channel":
         return CHANNEL_BF16, SCALE_DTYPES[axis]
     return (SCALE_DTYPES[axis],)
@@ -78,7 +88,8 @@ def store_axis(kv: str, kind: str) -> str:
     channel; int4(d) values per token (side data per channel would not fit int4's byte target); fp8 values per
     channel — fp8's exponent carries each token's magnitude, and the fused loss's weight gradient over per-token fp8
     scales must run unpipelined on triton 3.6 (a miscompile, bench/NOTES.md "Compressed teachers"); int8 values per
-    channel, as measured in its round trip. Stores written before keep per-token fp8 values: `stored_axis`."""
+    channel, as measured in its round trip; fp8z per channel only (its zero point is a channel's mean). Stores
+    written before keep per-token fp8 values: `stored_axis`."""
     return "token" if kv == "v" and kind in PACKED else "channel"
 
 
@@ -114,20 +125,22 @@ class _Compressed:
 class QuantizedKV(_Compressed):
     """One teacher's keys or values, logical shape [..., T, D] ([L, H, T, D] per sample, [L, B, H, T, D] batched)."""
 
-    kind: str                  # "fp8" | "int8" | "int4" | "int4d"
+    kind: str                  # "fp8" | "fp8z" | "int8" | "int4" | "int4d"
     axis: str                  # "channel" | "token"
-    data: Tensor               # fp8: float8_e4m3fn [..., T, D]; int8: uint8 [..., T, D];
+    data: Tensor               # fp8(z): float8_e4m3fn [..., T, D]; int8: uint8 [..., T, D];
     #                            int4(d): uint8 [..., T, D // 2] (low nibble = even channel)
-    scale: Tensor              # channel: float32 [..., D] (fp8, int8: bfloat16, or float32 as written before);
-    #                            token: float16 [..., T]
-    offset: Tensor | None = None   # int8, int4(d): like scale (x ≈ q·scale + offset); fp8: None (x ≈ data·scale)
+    scale: Tensor              # channel: float32 [..., D] (fp8, int8: bfloat16, or float32 as written before;
+    #                            fp8z: bfloat16); token: float16 [..., T]
+    offset: Tensor | None = None   # fp8z, int8, int4(d): like scale (x ≈ q·scale + offset); fp8: None (x ≈ q·scale)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"QuantizedKV kind must be one of {KINDS}, got {self.kind!r}")
         if self.axis not in AXES:
             raise ValueError(f"QuantizedKV axis must be one of {AXES}, got {self.axis!r}")
-        want = torch.float8_e4m3fn if self.kind == "fp8" else torch.uint8
+        if self.kind == "fp8z" and self.axis != "channel":
+            raise ValueError("fp8z is grouped per channel (its offset is a channel's mean), got axis 'token'")
+        want = torch.float8_e4m3fn if self.kind in FP8_KINDS else torch.uint8
         if self.data.dtype != want:
             raise ValueError(f"{self.kind} data must be {want}, got {self.data.dtype}")
         lead, T, width = tuple(self.data.shape[:-2]), self.data.shape[-2], self.data.shape[-1]
@@ -135,10 +148,10 @@ class QuantizedKV(_Compressed):
         group = lead + ((D,) if self.axis == "channel" else (T,))
         for name, t in (("scale", self.scale), ("offset", self.offset)):
             if t is None:
-                if name == "offset" and self.kind != "fp8":
+                if name == "offset" and self.kind in OFFSET_KINDS:
                     raise ValueError(f"{self.kind} QuantizedKV needs an offset")
                 continue
-            if name == "offset" and self.kind == "fp8":
+            if name == "offset" and self.kind not in OFFSET_KINDS:
                 raise ValueError("fp8 QuantizedKV has no offset (x ≈ data·scale)")
             dtypes = scale_dtypes(self.kind, self.axis)
             if tuple(t.shape) != group or t.dtype not in dtypes:
@@ -337,14 +350,30 @@ def _scale_overflow(scale: Tensor) -> str:
 
 
 def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
-               checks: list[FiniteCheck] | None = None) -> QuantizedKV:
-    """fp8 e4m3 with scale = amax/448 per group (valid tokens only); masked tokens and all-zero groups decode to 0.
+               checks: list[FiniteCheck] | None = None, kind: str = "fp8") -> QuantizedKV:
+    """e4m3 codes per group (valid tokens only). kind "fp8": scale = amax/448, masked tokens and all-zero groups
+    decode to 0. kind "fp8z" (channel axis): offset = the group's mean (bf16, to nearest), scale = max |x −
+    offset|/448, masked tokens decode to the code nearest 0 (their channel shares its offset with the valid tokens).
     name: what x is, for the error on a NaN/Inf in a valid token; checks: see `FiniteCheck`."""
+    if kind not in FP8_KINDS:
+        raise ValueError(f"fp8 codec kind must be one of {FP8_KINDS}, got {kind!r}")
     _check_axis(x, axis)
+    if kind == "fp8z" and axis != "channel":
+        raise ValueError("fp8z is grouped per channel (its offset is a channel's mean), got axis 'token'")
     source, x = x, x.to(torch.float32)
     m = _token_mask(x, mask)
-    amax = _group_reduce(x, m, axis, "amax")
-    dtype = scale_dtypes("fp8", axis)[0]
+    valid = m.bool()
+    offset = None
+    if kind == "fp8z":
+        # where, not a product with the mask: a masked token may hold NaN or Inf, and 0·NaN is NaN; a NaN or Inf
+        # among the valid tokens makes the mean, and so the scale, not finite: the finite check below sees it
+        count = valid.sum(-2).clamp_min(1)
+        offset = (torch.where(valid, x, 0.0).sum(-2) / count).to(CHANNEL_BF16)
+        centred = x - _expand(offset.to(torch.float32), axis)
+    else:
+        centred = x
+    amax = _group_reduce(centred, m, axis, "amax")
+    dtype = scale_dtypes(kind, axis)[0]
     # a bf16 scale is rounded up, not to nearest: amax/scale stays within 448
     scale = _bf16_directed(amax / FP8_MAX, up=True) if dtype == CHANNEL_BF16 else (amax / FP8_MAX).to(dtype)
     bad, derived = ~finite_flag(scale), _scale_overflow(scale)
@@ -352,12 +381,14 @@ def encode_fp8(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
         bad = bad | (scale >= FOLD_SCALE_LIMIT).any()
         derived = (f"a scale overflows or reaches {FOLD_SCALE_LIMIT:g} (|x| ≥ {FP8_MAX * FOLD_SCALE_LIMIT:.3g}), "
                    "beyond what the fused loss's fp8 decode takes; store bf16 instead")
-    _finite_check(checks, FiniteCheck(bad, source, m, _what("fp8 encoding", name), derived))
-    # all-zero group, or an amax so small that amax/448 underflows: scale 1, the data alone carries the values
+    _finite_check(checks, FiniteCheck(bad, source, m, _what(f"{kind} encoding", name), derived))
+    # a constant or all-zero group, or an amax so small that amax/448 underflows: scale 1, the data (and offset)
+    # alone carry the values
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # where, not a product with the mask: a masked token may hold NaN or Inf, and 0·NaN is NaN
-    q = (torch.where(m.bool(), x, 0.0) / _expand(scale.to(torch.float32), axis)).clamp(-FP8_MAX, FP8_MAX)
-    return QuantizedKV("fp8", axis, q.to(torch.float8_e4m3fn), scale, None)
+    # a masked token: 0 − offset, the code nearest 0 once decoded
+    zero = 0.0 if offset is None else -_expand(offset.to(torch.float32), axis)
+    q = torch.where(valid, centred, zero) / _expand(scale.to(torch.float32), axis)
+    return QuantizedKV(kind, axis, q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale, offset)
 
 
 def encode_int(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
@@ -414,8 +445,8 @@ def encode_int(x: Tensor, axis: str, mask: Tensor | None = None, name: str = "",
 
 def encode(x: Tensor, kind: str, axis: str, mask: Tensor | None = None, name: str = "",
            checks: list[FiniteCheck] | None = None) -> QuantizedKV:
-    if kind == "fp8":
-        return encode_fp8(x, axis, mask, name, checks)
+    if kind in FP8_KINDS:
+        return encode_fp8(x, axis, mask, name, checks, kind)
     if kind in LEVELS:
         return encode_int(x, axis, mask, name, checks, kind)
     raise ValueError(f"quantisation kind must be one of {KINDS}, got {kind!r}")
@@ -672,9 +703,11 @@ def stack_samples(samples: Sequence[Encoded], T: int, pin_memory: bool = False) 
 
 def _zero_code_bytes(s: QuantizedKV) -> Tensor:
     """Per channel byte [..., D] (int4: per channel pair, [..., D/2]) whose codes decode nearest 0 for a channel-axis
-    integer sample (int4d: within a step of 0, the dither moving each padded token's value by under half a step; a
-    scale-0 channel decodes to its offset whatever its code)."""
+    sample with offsets (int4d: within a step of 0, the dither moving each padded token's value by under half a step;
+    a scale-0 channel decodes to its offset whatever its code; fp8z: e4m3 codes)."""
     scale = s.scale.float()
+    if s.kind == "fp8z":
+        return (-s.offset.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     q = torch.where(scale > 0, torch.round(-s.offset.float() / scale), 0.0).clamp(0, LEVELS[s.kind])
     return pack_int4(q) if s.packed else q.to(torch.uint8)
 
@@ -708,7 +741,7 @@ def finite_parts(x, name: str = "") -> list[tuple[str, Tensor]]:
     if isinstance(x, LowRankKV):
         return [(sub("basis"), x.basis), *finite_parts(x.coeffs, sub("coeffs"))]
     if isinstance(x, QuantizedKV):
-        parts = (("scale", x.scale), ("offset", x.offset), ("data", x.data if x.kind == "fp8" else None))
+        parts = (("scale", x.scale), ("offset", x.offset), ("data", x.data if x.kind in FP8_KINDS else None))
         return [(sub(part), t) for part, t in parts if t is not None]
     return [(name, x)]
 
@@ -728,9 +761,10 @@ def finite_flag(t: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ codec names
 @dataclass(frozen=True)
 class Codec:
-    """A parsed store codec: "bf16" | "fp8" | "int8" | "int4" | "int4d" | "lowrank:<r | e0.99>[+<one of those>]"."""
+    """A parsed store codec: "bf16" | "fp8" | "fp8z" | "int8" | "int4" | "int4d" | "lowrank:<r | e0.99>[+q]" with q
+    one of fp8, int8, int4, int4d (low-rank coefficients are grouped per token, which fp8z is not)."""
 
-    kind: str                       # "bf16" | "fp8" | "int8" | "int4" | "int4d" | "lowrank"
+    kind: str                       # "bf16" | "fp8" | "fp8z" | "int8" | "int4" | "int4d" | "lowrank"
     rank: int | None = None         # lowrank: a fixed r ...
     energy: float | None = None     # ... or an energy threshold
     quant: str | None = None        # lowrank coefficients: None (bf16) | "fp8" | "int8" | "int4" | "int4d"
@@ -750,14 +784,14 @@ _LOWRANK = re.compile(r"lowrank:(?:(\d+)|e((?:0?\.\d+)|1(?:\.0*)?))(?:\+(fp8|int
 
 
 def parse_codec(text: str) -> Codec:
-    """'bf16' | 'fp8' | 'int8' | 'int4' | 'int4d' | 'lowrank:<r or e0.99>[+fp8|+int8|+int4|+int4d]' → Codec;
+    """'bf16' | 'fp8' | 'fp8z' | 'int8' | 'int4' | 'int4d' | 'lowrank:<r or e0.99>[+fp8|+int8|+int4|+int4d]' → Codec;
     anything else is a ValueError saying what is accepted."""
     text = str(text).strip()
     if text in ("bf16", *KINDS):
         return Codec(text)
     match = _LOWRANK.fullmatch(text)
     if match is None:
-        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, int8, int4, int4d or lowrank:<r or e<energy>>"
+        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, fp8z, int8, int4, int4d or lowrank:<r or e<energy>>"
                          "[+fp8|+int8|+int4|+int4d] (e.g. lowrank:64+int4, lowrank:e0.99+fp8)")
     rank, energy, quant = match.groups()
     if rank is not None and int(rank) < 1:

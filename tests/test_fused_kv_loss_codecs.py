@@ -10,8 +10,8 @@ import triton.language as tl
 
 from kvfuse.codecs import LowRankKV, QuantizedKV, encode, encode_fp8, encode_int
 from kvfuse.kernels.fused_kv_loss import CODEC_FP8_CHANNEL, _codec_buffer, _fp8_to_bf16, _int8_to_bf16, _x_tile
-from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, FOLD_EXP, FOLD_SCALE_LIMIT, INT8_OFFSET_EXP, TeacherStorage,
-                                             fold_side_data)
+from kvfuse.kernels.fused_kv_loss_op import (CODEC_CODES, FOLD_EXP, FOLD_SCALE_LIMIT, FP8_OFFSET_EXP, INT8_OFFSET_EXP,
+                                             TeacherStorage, fold_side_data)
 from kvfuse.loss import kv_distill_loss
 
 from test_fused_kv_loss import assert_close
@@ -36,6 +36,8 @@ def _case(seed, heads, D_s, T=21, L=2, B=2, H_s=2):
 
 
 def _encode(x, kind, axis, mask):
+    if kind == "fp8z":  # per channel only (its offset is a channel's mean)
+        axis = "channel"
     if kind in ("fp8/f32", "int8/f32"):  # per-channel side data as stores written before hold it: float32 (the
         kind = kind[:-4]                  # kernels' fp32 decode)
         q = encode(x, kind, axis, mask[:, None, :])
@@ -57,7 +59,7 @@ def _loss(args, backend):
                                              # (the GPU's 128-dim chunks over the packaged model's heads of 64)
                                              ([(2, 32), (1, 96)], 32, 64)],
                          ids=["descriptors", "pointers", "overhang"])
-@pytest.mark.parametrize("kind", ["fp8", "fp8/f32", "int8", "int8/f32", "int4", "int4d"])
+@pytest.mark.parametrize("kind", ["fp8", "fp8/f32", "fp8z", "int8", "int8/f32", "int4", "int4d"])
 def test_quantised_teachers_equal_their_decode(kind, heads, D_s, block, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import kvfuse.kernels.fused_kv_loss as k
@@ -255,12 +257,12 @@ def _folded_tile(x, sc, of, out, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I
     tl.store(out + i, xt)
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("kind", ["fp8", "fp8z", "int8"])
 def test_folded_side_data_decodes_each_tile_to_the_value_times_a_power_of_two(kind, monkeypatch):
-    # the kernels' bf16 decode of per-channel fp8 and int8 (scales times 2^112 and int8 offsets times 2^-21,
+    # the kernels' bf16 decode of per-channel fp8, fp8z and int8 (scales times 2^112, offsets times 2^-8 or 2^-21,
     # `fold_side_data`, in the codec buffer as bf16 pairs, read back at the teacher's offsets behind another
     # teacher's float32 side data): each tile, ragged rows and chunks past the head included, is the torch decode rounded to bf16 times
-    # 2^-8 (fp8) or 2^-21 (int8), bit for bit. (The product with it runs on bf16 tensor cores only, which the
+    # 2^-8 (fp8, fp8z) or 2^-21 (int8), bit for bit. (The product with it runs on bf16 tensor cores only, which the
     # interpreter's tl.dot cannot run: the GPU checks it, check_configs.)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     L, B, H, T, D = 2, 2, 3, 21, 32
@@ -271,12 +273,14 @@ def test_folded_side_data_decodes_each_tile_to_the_value_times_a_power_of_two(ki
     q = encode(x, kind, "channel", mask[None, :, None, :])
     assert q.scale.dtype == torch.bfloat16
     other = torch.rand(L, B, H, D, generator=g)                   # a float32-side-data teacher ahead of it
-    keys = TeacherStorage([q.data, q.data], (CODEC_CODES[kind, "channel/f32"], code), [other, q.scale],
-                          [None if kind == "fp8" else other, q.offset])
+    # (fp8z has no float32 form: the teacher ahead is fp8's)
+    ahead = CODEC_CODES["fp8" if kind == "fp8z" else kind, "channel/f32"]
+    keys = TeacherStorage([q.data, q.data], (ahead, code), [other, q.scale],
+                          [None if kind != "int8" else other, q.offset])
     keys, _ = fold_side_data(keys, TeacherStorage.plain([]))
     assert keys.scale[0] is other and keys.scale[1].dtype == torch.bfloat16
     buf, offs = _codec_buffer(keys.scale, keys.offset, 2, torch.empty(1))
-    want = (q.decode().to(torch.bfloat16).float() * 2.0 ** (-8 if kind == "fp8" else -21)).to(torch.bfloat16)
+    want = (q.decode().to(torch.bfloat16).float() * 2.0 ** (-21 if kind == "int8" else -8)).to(torch.bfloat16)
     data = q.data.contiguous()
     for l, b, hi, t0, d0 in [(0, 0, 0, 0, 0), (1, 1, 2, 16, 16), (1, 0, 1, 8, 0), (0, 1, 2, 16, 24)]:
         out = torch.empty(16, 16, dtype=torch.bfloat16)
@@ -286,6 +290,50 @@ def test_folded_side_data_decodes_each_tile_to_the_value_times_a_power_of_two(ki
         rows, cols = want[l, b, hi, t0:t0 + 16, d0:d0 + 16].shape
         ref[:rows, :cols] = want[l, b, hi, t0:t0 + 16, d0:d0 + 16]
         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), (l, b, hi, t0, d0)
+
+
+@triton.jit
+def _decode_fp8z_bits(src, scale, offset, dst, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(dst + i, _fp8_to_bf16(tl.load(src + i), tl.load(scale + i), True, tl.load(offset + i), True))
+
+
+def _bf16_nearest(x: torch.Tensor) -> torch.Tensor:
+    """float64 x rounded once to bfloat16, to nearest even (torch's float64 → bf16 goes through float32)."""
+    c = x.float().to(torch.bfloat16)
+    cands = torch.stack([torch.nextafter(c, torch.full_like(c, -float("inf"))), c,
+                         torch.nextafter(c, torch.full_like(c, float("inf")))])
+    dist = (cands.double() - x).abs()
+    nearest = dist == dist.min(0).values
+    odd = cands.view(torch.int16) & 1
+    return cands.gather(0, torch.where(nearest, odd, 2).argmin(0, keepdim=True))[0]  # a tie goes to the even one
+
+
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (0.0123, -1.57), (7.1e-3, 0.3), (271.0, -3e4), (3.2e4, 1e6),
+                                          (2.0 ** -100, 3 * 2.0 ** -95), (2.0 ** -20, 2.0 ** -10)])
+def test_fp8z_codes_to_bf16_by_bits_are_exact_for_every_code(scale, offset):
+    # fp8z's decode (_fp8_to_bf16 with the offset in its FMA) against code·scale + offset computed exactly and
+    # rounded once to bf16, times 2^-8, bit for bit on all 254 finite codes: offsets of either sign, near and far
+    # from the codes' span, products near bf16's smallest normal, scales up to just below FOLD_SCALE_LIMIT
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the inline PTX on a GPU, its spelling in the interpreter
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    n = codes.numel()
+    s = (torch.tensor(scale) * 2.0 ** (torch.arange(256) % 3 - 1)).to(torch.bfloat16)
+    o = (torch.tensor(offset) * 2.0 ** (torch.arange(256) % 2)).to(torch.bfloat16)
+    assert s.float().max() < FOLD_SCALE_LIMIT
+    src = torch.zeros(256, dtype=torch.uint8)
+    src[:n] = codes
+    dst = torch.empty(256, dtype=torch.bfloat16, device=dev)
+    _decode_fp8z_bits[(1,)](src.to(dev).view(torch.float8_e4m3fn), (s * 2.0 ** FOLD_EXP).to(dev),
+                            (o * 2.0 ** FP8_OFFSET_EXP).to(dev), dst, N=256, num_warps=1)
+    exact = codes.view(torch.float8_e4m3fn).double() * s[:n].double() + o[:n].double()
+    want = _bf16_nearest(exact)
+    assert (want == 0).logical_or(want.float().abs() >= 2.0 ** -118).all()  # normal after ·2^-8
+    want = want * 2.0 ** -8
+    got = dst[:n].cpu()
+    bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
+    assert bad.numel() == 0, [(hex(int(codes[i])), float(got[i]), float(want[i])) for i in bad[:8]]
 
 
 @triton.jit
@@ -319,15 +367,18 @@ def test_int8_codes_to_bf16_by_bits_are_exact_for_every_code(scale, offset):
 
 
 def test_side_data_folds_in_one_launch_for_every_teacher_of_both_kinds(monkeypatch):
-    # fold_side_data: per-channel fp8 scales and int8 scales and offsets (bf16) times 2^112 and 2^-21, exactly; float32
-    # side data, per-token groups and plain teachers untouched; one multi-tensor multiply for all of them
+    # fold_side_data: per-channel fp8(z) and int8 scales (bf16) times 2^112, fp8z and int8 offsets times 2^-8 and
+    # 2^-21, exactly; float32 side data, per-token groups and plain teachers untouched; one multi-tensor multiply for
+    # all of them
     L, B, H, T, D = 2, 2, 2, 16, 32
     g = torch.Generator().manual_seed(3)
     x = torch.randn(L, B, H, T, D, generator=g) * 3 - 1
     i8, f8, i4 = encode_int(x, "channel", kind="int8"), encode_fp8(x, "channel"), encode_int(x, "token")
+    f8z = encode_fp8(x, "channel", kind="fp8z")
     f8_32 = QuantizedKV("fp8", "channel", f8.data, f8.scale.float(), None)
-    keys = TeacherStorage([i8.data, f8.data, x], (CODEC_CODES["int8", "channel"], CODEC_CODES["fp8", "channel"], 0),
-                          [i8.scale, f8.scale, None], [i8.offset, None, None])
+    keys = TeacherStorage([i8.data, f8.data, x, f8z.data],
+                          (CODEC_CODES["int8", "channel"], CODEC_CODES["fp8", "channel"], 0, CODEC_CODES["fp8z", "channel"]),
+                          [i8.scale, f8.scale, None, f8z.scale], [i8.offset, None, None, f8z.offset])
     values = TeacherStorage([i4.data, f8_32.data, i8.data], (CODEC_CODES["int4", "token"],
                             CODEC_CODES["fp8", "channel/f32"], CODEC_CODES["int8", "channel"]),
                             [i4.scale, f8_32.scale, i8.scale], [i4.offset, None, i8.offset])
@@ -335,13 +386,15 @@ def test_side_data_folds_in_one_launch_for_every_teacher_of_both_kinds(monkeypat
     real = torch._foreach_mul
     monkeypatch.setattr(torch, "_foreach_mul", lambda *a: calls.append(len(a[0])) or real(*a))
     k, v = fold_side_data(keys, values)
-    assert calls == [5]
+    assert calls == [7]
     assert k.data is keys.data and v.data is values.data and (k.codecs, v.codecs) == (keys.codecs, values.codecs)
     assert torch.equal(k.scale[0], i8.scale * 2.0 ** 112) and torch.equal(k.offset[0], i8.offset * 2.0 ** -21)
     assert torch.equal(k.scale[1], f8.scale * 2.0 ** 112) and k.offset[1] is None and k.scale[2] is None
     assert torch.equal(k.scale[0].float() * 2.0 ** -112, i8.scale.float())  # exact: powers of two
     assert torch.equal(k.offset[0].float() * 2.0 ** 21, i8.offset.float())
+    assert torch.equal(k.scale[3], f8z.scale * 2.0 ** 112) and torch.equal(k.offset[3], f8z.offset * 2.0 ** -8)
+    assert torch.equal(k.offset[3].float() * 2.0 ** 8, f8z.offset.float())
     assert v.scale[0] is i4.scale and v.offset[0] is i4.offset and v.scale[1] is f8_32.scale
     assert torch.equal(v.scale[2], i8.scale * 2.0 ** 112) and torch.equal(v.offset[2], i8.offset * 2.0 ** -21)
     plain = TeacherStorage.plain([x])
-    assert fold_side_data(plain, plain) == (plain, plain) and calls == [5]
+    assert fold_side_data(plain, plain) == (plain, plain) and calls == [7]

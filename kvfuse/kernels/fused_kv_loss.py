@@ -19,11 +19,11 @@ blocks (η, h) are simply the halves of head h, so the kernels read the adapters
 h·D_s + η·D_s/2 + j) and write G in it: no permuted copy of W, and ∂W comes out in W's layout.
 
 Compressed teachers (CODECS, kvfuse.codecs).  A teacher may arrive as fp8 codes, int8 codes or packed int4 bytes
-with scales (and int8 / int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes each
-[tokens × dims] tile in registers right after its load, so no decoded copy of the teacher exists in memory. The
+with scales (and fp8z / int8 / int4 offsets) per (layer, row, head) and channel — or per token; `_x_tile` decodes
+each [tokens × dims] tile in registers right after its load, so no decoded copy of the teacher exists in memory. The
 forward kernel finds every teacher's scales and offsets in one flat fp32 buffer (`codec_buf`, element offsets
-`codec_offs`); per-channel fp8 and int8 side data arrive folded (fused_kv_loss_op.fold_side_data) for a decode of
-one bf16 multiply or FMA per two codes with bf16 products.
+`codec_offs`); per-channel fp8, fp8z and int8 side data arrive folded (fused_kv_loss_op.fold_side_data) for a decode
+of one bf16 multiply or FMA per two codes with bf16 products.
 
 α.  α_i is one scalar per program (one b, one l), so it is applied to the accumulator, not to the operands:
     acc ← acc · (α_prev / α_i) + X_i W_i  for each teacher with α_i ≠ 0, and finally acc ← acc · α_last,
@@ -58,6 +58,7 @@ CODEC_PLAIN = tl.constexpr(0)
 CODEC_FP8_CHANNEL = tl.constexpr(CODEC_CODES["fp8", "channel"])
 CODEC_FP8_TOKEN = tl.constexpr(CODEC_CODES["fp8", "token"])
 CODEC_FP8_CHANNEL_F32 = tl.constexpr(CODEC_CODES["fp8", "channel/f32"])  # float32 scales (stores written before)
+CODEC_FP8Z_CHANNEL = tl.constexpr(CODEC_CODES["fp8z", "channel"])  # fp8 with a zero point (offset) per channel
 CODEC_INT8_CHANNEL = tl.constexpr(CODEC_CODES["int8", "channel"])  # from here on: integer codes with offsets
 CODEC_INT8_CHANNEL_F32 = tl.constexpr(CODEC_CODES["int8", "channel/f32"])  # float32 side data (stores written before)
 CODEC_INT4_CHANNEL = tl.constexpr(CODEC_CODES["int4", "channel"])  # from here on: two codes per byte
@@ -65,11 +66,12 @@ CODEC_INT4D_CHANNEL = tl.constexpr(CODEC_CODES["int4d", "channel"])  # int4, dit
 DITHER_T = tl.constexpr(fused_kv_loss_op.DITHER_T)
 DITHER_M1 = tl.constexpr(fused_kv_loss_op.DITHER_M1)
 DITHER_M2 = tl.constexpr(fused_kv_loss_op.DITHER_M2)
-# Folded side data (fused_kv_loss_op.FOLD_EXP): the bits decodes' results are the value times 2^-8 (fp8) or 2^-21
-# (int8); the fp32 decode multiplies a folded scale and offset back out
+# Folded side data (fused_kv_loss_op.FOLD_EXP): the bits decodes' results are the value times 2^-8 (fp8, fp8z) or
+# 2^-21 (int8); the fp32 decode multiplies a folded scale and offset back out
 FP8_FOLD_GAIN = tl.constexpr(2.0 ** (120 - fused_kv_loss_op.FOLD_EXP))
 INT8_FOLD_GAIN = tl.constexpr(2.0 ** (133 - fused_kv_loss_op.FOLD_EXP))
 SCALE_UNFOLD = tl.constexpr(2.0 ** -fused_kv_loss_op.FOLD_EXP)
+FP8_OFFSET_UNFOLD = tl.constexpr(2.0 ** -fused_kv_loss_op.FP8_OFFSET_EXP)
 OFFSET_UNFOLD = tl.constexpr(2.0 ** -fused_kv_loss_op.INT8_OFFSET_EXP)
 
 # RoPE angles are reduced to [−π, π] with 2π split in two fp32 constants (Cody–Waite), then go to the SFU's
@@ -152,17 +154,24 @@ def _rope_cos_sin(ang):
 
 
 @triton.jit
-def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
+def _fp8_to_bf16(raw, s, SCALED: tl.constexpr, o=None, OFFSET: tl.constexpr = False):
     """e4m3 codes to bf16, exact, on full-rate integer and half-precision pipes instead of the conversion unit (a
     quarter of their rate on sm_90, bench/NOTES.md "Compressed teachers"): the sign at bit 15 and the seven exponent
     and mantissa bits at bits 10..4 make the bf16 of value·2^-120 (codes of exponent 0, zeros and subnormals, become
     bf16 subnormals, which bf16 arithmetic keeps). Unscaled, one multiply by 2^120 restores the value. SCALED, one
     multiply by s (bf16 scale·2^FOLD_EXP) makes value·scale·2^(FOLD_EXP − 120), rounded once as the fp32
     product value·scale (exact: 4 by 8 significant bits) rounds to bf16, while that stays a normal bf16
-    (|value·scale| ≥ 2^-118)."""
+    (|value·scale| ≥ 2^-118). OFFSET (fp8z), the same FMA adds o (offset·2^(FOLD_EXP − 120)): (value·scale +
+    offset)·2^(FOLD_EXP − 120), rounded once."""
     if ASM_DECODE:
         # two codes per instance: prmt sign-extends each byte into a 16-bit half, then shift, mask, multiply
-        if SCALED:
+        if OFFSET:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 r; cvt.u32.u16 r, $1;"
+                " prmt.b32 $0, r, 0, 0x9180; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0;"
+                " fma.rn.bf16x2 $0, $0, $2, $3; }",
+                "=r,h,r,r", [raw.to(tl.uint8, bitcast=True), s, o], dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif SCALED:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 r, z; mov.b32 z, 0x80008000; cvt.u32.u16 r, $1;"
                 " prmt.b32 $0, r, 0, 0x9180; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F087F0;"
@@ -176,7 +185,9 @@ def _fp8_to_bf16(raw, s, SCALED: tl.constexpr):
     else:  # the same bits, spelled in Triton for the interpreter
         b = raw.to(tl.int8, bitcast=True).to(tl.int32)
         x = ((b << 20) & -2014314496).to(tl.float32, bitcast=True)  # 0x87F00000 as int32: the bf16 bits, in fp32
-        if SCALED:
+        if OFFSET:
+            x = x * s.to(tl.float32) + o.to(tl.float32)
+        elif SCALED:
             x = x * s.to(tl.float32)
         else:
             x = x * 1.329227995784916e36  # 2^120
@@ -232,12 +243,17 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
     else:
         q = raw.to(tl.float32)
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
-    PER_CHANNEL: tl.constexpr = (FP8_CH or CODEC == CODEC_INT8_CHANNEL or CODEC == CODEC_INT8_CHANNEL_F32
-                                 or CODEC == CODEC_INT4_CHANNEL or CODEC == CODEC_INT4D_CHANNEL)
-    FOLDED: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_INT8_CHANNEL  # bf16 side data, folded
+    OFFSETS: tl.constexpr = CODEC >= CODEC_INT8_CHANNEL or CODEC == CODEC_FP8Z_CHANNEL
+    PER_CHANNEL: tl.constexpr = (FP8_CH or CODEC == CODEC_FP8Z_CHANNEL or CODEC == CODEC_INT8_CHANNEL
+                                 or CODEC == CODEC_INT8_CHANNEL_F32 or CODEC == CODEC_INT4_CHANNEL
+                                 or CODEC == CODEC_INT4D_CHANNEL)
+    FOLDED: tl.constexpr = (CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8Z_CHANNEL
+                            or CODEC == CODEC_INT8_CHANNEL)  # bf16 side data, folded
     if FOLDED:
         sv = (_bf16_side(sc, grp, d, D_I).to(tl.float32) * SCALE_UNFOLD)[None, :]
-        if not FP8_CH:
+        if CODEC == CODEC_FP8Z_CHANNEL:
+            ov = (_bf16_side(of, grp, d, D_I).to(tl.float32) * FP8_OFFSET_UNFOLD)[None, :]
+        elif not FP8_CH:
             ov = (_bf16_side(of, grp, d, D_I).to(tl.float32) * OFFSET_UNFOLD)[None, :]
     elif PER_CHANNEL:
         d_ok = d < D_I
@@ -256,7 +272,7 @@ def _decode(raw, sc, of, grp, t, t_ok, d, T, D_I: tl.constexpr, CODEC: tl.conste
         h = (h ^ (h >> 15)) * DITHER_M2
         h = h ^ (h >> 16)
         q = q - ((h >> 8).to(tl.float32) * (1.0 / 16777216.0) - 0.5)
-    if CODEC >= CODEC_INT8_CHANNEL:
+    if OFFSETS:
         return q * sv + ov
     else:
         return q * sv
@@ -267,8 +283,8 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
             USE_DESC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UNSCALED: tl.constexpr = False,
             FOLD: tl.constexpr = False):
     """Teacher tile [BLOCK_T tokens from t0, BLOCK_K dims from d0] of head hi: as stored for a plain teacher,
-    decoded to fp32 for a compressed one — with FOLD (bf16 products), per-channel fp8 and int8 with bf16 side data
-    to bf16 times 2^-8 (fp8) or 2^-21 (int8) from their folded side data (fused_kv_loss_op.fold_side_data).
+    decoded to fp32 for a compressed one — with FOLD (bf16 products), per-channel fp8, fp8z and int8 with bf16 side
+    data to bf16 times 2^-8 (fp8, fp8z) or 2^-21 (int8) from their folded side data (fused_kv_loss_op.fold_side_data).
     With USE_DESC, x is a TMA descriptor (for int4 over the packed bytes)."""
     PACK: tl.constexpr = 2 if CODEC >= CODEC_INT4_CHANNEL else 1
     W: tl.constexpr = BLOCK_K // PACK
@@ -298,6 +314,12 @@ def _x_tile(x, sc, of, sx0, sx1, sx2, sx3, l, b, hi, t0, d0, B, T, H_I, D_I: tl.
             # scale·2^FOLD_EXP, and the caller's α carries the 2^8 back
             sv = _bf16_side(sc, grp, d, D_I)
             xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True)
+        elif CODEC == CODEC_FP8Z_CHANNEL and FOLD:
+            # (code·scale + offset)·2^-8 rounded once to bf16, as for fp8 with the offset in the same FMA
+            sv = _bf16_side(sc, grp, d, D_I)
+            ov = _bf16_side(of, grp, d, D_I)
+            xd = _fp8_to_bf16(raw, tl.broadcast_to(sv[None, :], [BLOCK_T, BLOCK_K]), True,
+                              tl.broadcast_to(ov[None, :], [BLOCK_T, BLOCK_K]), True)
         elif CODEC == CODEC_INT8_CHANNEL and FOLD:
             # (code·scale + offset)·2^-21 rounded once to bf16; the caller's α (or accumulator) carries the 2^21 back
             sv = _bf16_side(sc, grp, d, D_I)
@@ -441,7 +463,7 @@ def _fused_kv_fwd_kernel(
     a_prev = tl.load(a_base).to(tl.float32) * 0.0 + 1.0
     for i in tl.static_range(N):
         a_i = tl.load(a_base + i * stride_an).to(tl.float32)
-        if CODECS[i] == CODEC_FP8_CHANNEL and DOT_DTYPE == tl.bfloat16:
+        if (CODECS[i] == CODEC_FP8_CHANNEL or CODECS[i] == CODEC_FP8Z_CHANNEL) and DOT_DTYPE == tl.bfloat16:
             a_i = a_i * FP8_FOLD_GAIN  # its tiles decode to value·2^-8 (`_x_tile`)
         if CODECS[i] == CODEC_INT8_CHANNEL and DOT_DTYPE == tl.bfloat16:
             a_i = a_i * INT8_FOLD_GAIN  # its tiles decode to value·2^-21
@@ -556,6 +578,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
     # USE_DESC, x [L, B, H_i, T, D_i] and g [L, B, T, C'] are TMA descriptors (rows past T arrive as zeros).
     FP8_CH: tl.constexpr = CODEC == CODEC_FP8_CHANNEL or CODEC == CODEC_FP8_CHANNEL_F32
     INT8_FOLD: tl.constexpr = CODEC == CODEC_INT8_CHANNEL and DOT_DTYPE == tl.bfloat16
+    FP8Z_FOLD: tl.constexpr = CODEC == CODEC_FP8Z_CHANNEL and DOT_DTYPE == tl.bfloat16
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     l = l32.to(tl.int64)
@@ -581,7 +604,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
             t_ok = t < T
             if CODEC != CODEC_PLAIN:
                 xt = tl.trans(_x_tile(x, sc, of, sx0, sx1, sx2, sx3, l32 if USE_DESC else l, bb, hi, t0, d0, B, T,
-                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, INT8_FOLD))
+                                      H_I, D_I, CODEC, USE_DESC, BLOCK_T, BLOCK_F, FP8_CH, INT8_FOLD or FP8Z_FOLD))
             elif USE_DESC:
                 xt = tl.trans(x.load([l32, bb, hi, t0, d0]).reshape(BLOCK_T, BLOCK_F))
             elif D_I % BLOCK_F == 0:
@@ -605,6 +628,8 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_p
             mb = mb * (sv * SCALE_UNFOLD if CODEC == CODEC_FP8_CHANNEL else sv)[:, None]
         if INT8_FOLD:  # the loop's tiles were the values·2^-21
             mb = mb * INT8_FOLD_GAIN
+        if FP8Z_FOLD:  # the values·2^-8 (an offset does not leave the product as fp8's scale does: it is decoded)
+            mb = mb * FP8_FOLD_GAIN
         a = tl.load(alpha_ptr + bb * stride_ab + l * stride_al).to(tl.float32)
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out

@@ -37,13 +37,13 @@ def _kernels():
 
 MAX_TEACHERS = 8  # the kernels take teachers as eight separate arguments
 # Codec code of a compressed teacher (kvfuse.codecs.QuantizedKV kind and axis; `codec_code`); 0 is a plain tensor.
-# ("fp8", "channel") and ("int8", "channel") have bfloat16 side data, which the kernels fold into a bf16 decode
-# (FOLD_EXP below); their "channel/f32" codes are the float32 side data of stores written before, decoded in fp32.
-# The kernels test ranges: from int8 on, integer codes with an offset; from int4 on, two codes per byte; from int4d
-# on, dithered. Codes live only in a launch, never in a store, so they may be renumbered.
-CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("fp8", "channel/f32"): 3, ("int8", "channel"): 4,
-               ("int8", "channel/f32"): 5, ("int8", "token"): 6, ("int4", "channel"): 7, ("int4", "token"): 8,
-               ("int4d", "channel"): 9, ("int4d", "token"): 10}
+# ("fp8", "channel"), ("fp8z", "channel") and ("int8", "channel") have bfloat16 side data, which the kernels fold
+# into a bf16 decode (FOLD_EXP below); the "channel/f32" codes are the float32 side data of stores written before,
+# decoded in fp32. The kernels test ranges: from int8 on, integer codes with an offset; from int4 on, two codes per
+# byte; from int4d on, dithered. Codes live only in a launch, never in a store, so they may be renumbered.
+CODEC_CODES = {("fp8", "channel"): 1, ("fp8", "token"): 2, ("fp8", "channel/f32"): 3, ("fp8z", "channel"): 4,
+               ("int8", "channel"): 5, ("int8", "channel/f32"): 6, ("int8", "token"): 7, ("int4", "channel"): 8,
+               ("int4", "token"): 9, ("int4d", "channel"): 10, ("int4d", "token"): 11}
 
 
 def codec_code(kind: str, axis: str, scale_dtype: torch.dtype) -> int:
@@ -60,9 +60,9 @@ DITHER_T = 0x9E3779B1      # 2³²/φ, odd: spreads the token index over the hig
 DITHER_M1 = 0x7FEB352D     # lowbias32's multipliers
 DITHER_M2 = 0x846CA68B
 
-# Folded side data (`fold_side_data`): the kernels take the bf16 scales of FOLDED codecs as scale·2^FOLD_EXP and
-# int8's bf16 offsets as offset·2^(FOLD_EXP − 133), so that with bf16 products one bf16 multiply (fp8) or FMA (int8)
-# decodes two codes from their bits (kernels.fused_kv_loss._fp8_to_bf16, _int8_to_bf16: a code's bits make a bf16 of
+# Folded side data (`fold_side_data`): the kernels take the bf16 scales of FOLDED codecs as scale·2^FOLD_EXP, fp8z's
+# bf16 offsets as offset·2^(FOLD_EXP − 120) and int8's as offset·2^(FOLD_EXP − 133), so that with bf16 products one
+# bf16 multiply (fp8) or FMA (fp8z, int8) decodes two codes from their bits (kernels.fused_kv_loss._fp8_to_bf16, _int8_to_bf16: a code's bits make a bf16 of
 # its value times 2^-120 (fp8) or 2^-133 (int8: the byte as bf16 bits 0x00qq, subnormal below 128)), giving the
 # decoded value times 2^-8 or 2^-21, rounded once as the fp32 decode rounds; the teacher's α (the weight gradient:
 # its accumulator) carries the power of two back, and the fp32 decode multiplies it back out, exactly. Exact while
@@ -70,8 +70,10 @@ DITHER_M2 = 0x846CA68B
 # 2.9e7; int8 a channel range ≥ 255·2^16 ≈ 1.7e7).
 FOLD_EXP = 112
 FOLD_SCALE_LIMIT = 2.0 ** (128 - FOLD_EXP)
-FOLDED = (CODEC_CODES["fp8", "channel"], CODEC_CODES["int8", "channel"])
+FOLDED = (CODEC_CODES["fp8", "channel"], CODEC_CODES["fp8z", "channel"], CODEC_CODES["int8", "channel"])
+FP8_OFFSET_EXP = FOLD_EXP - 120
 INT8_OFFSET_EXP = FOLD_EXP - 133
+OFFSET_EXP = {CODEC_CODES["fp8z", "channel"]: FP8_OFFSET_EXP, CODEC_CODES["int8", "channel"]: INT8_OFFSET_EXP}
 
 
 def pair_width(d_s: int) -> int:
@@ -299,7 +301,8 @@ def fold_side_data(keys: TeacherStorage, values: TeacherStorage) -> tuple[Teache
     for k, st in enumerate((keys, values)):
         for i, code in enumerate(st.codecs):
             if code in FOLDED:
-                for part, t, exp in (("scale", st.scale[i], FOLD_EXP), ("offset", st.offset[i], INT8_OFFSET_EXP)):
+                parts = (("scale", st.scale[i], FOLD_EXP), ("offset", st.offset[i], OFFSET_EXP.get(code)))
+                for part, t, exp in parts:
                     if t is not None:
                         sides.append(t)
                         factors.append(2.0 ** exp)

@@ -3,12 +3,12 @@
 Stored tensor names per sample, teacher i, kind k|v:
 
     codec bf16                 teacher{i}/{k}                   bf16 (or the dump's --dtype) [L_s, H, T, D]
-    codec fp8 | int8 | int4    teacher{i}/{k}                   data (float8_e4m3fn [L_s, H, T, D] | uint8 [.., D] |
-                                                                uint8 [.., D/2])
-                               teacher{i}/{k}.scale             per channel [L_s, H, D]: keys, fp8 and int8 values
-                                                                (fp8 and int8 bfloat16, int4 float32); per token
+    codec fp8 | fp8z | int8    teacher{i}/{k}                   data (float8_e4m3fn [L_s, H, T, D] | uint8 [.., D] |
+          | int4                                                uint8 [.., D/2])
+                               teacher{i}/{k}.scale             per channel [L_s, H, D]: keys, fp8(z) and int8 values
+                                                                (fp8(z) and int8 bfloat16, int4 float32); per token
                                                                 float16 [L_s, H, T]: int4 values (codecs.store_axis)
-                               teacher{i}/{k}.offset            int8 and int4 only, like the scale
+                               teacher{i}/{k}.offset            fp8z, int8 and int4 only, like the scale
     codec lowrank:r[+q]        teacher{i}/{k}                   coefficients [L_s, 1, T, R] (bf16, or q's data)
                                teacher{i}/{k}.scale/.offset     q's per-token scale (and offset), float16 [L_s, 1, T]
 
@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from kvfuse.codecs import (LEVELS, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode,
+from kvfuse.codecs import (OFFSET_KINDS, Codec, FiniteCheck, LowRankKV, QuantizedKV, check_plain, encode,
                            encode_lowrank, fit_lowrank_basis, gram, parse_codec, raise_if_not_finite, store_axis,
                            stored_axis)
 
@@ -52,7 +52,7 @@ def stored_names(n_teachers: int, codec: Codec | str) -> list[str]:
         names.append(entry)
         if quant is not None:
             names.append(entry + ".scale")
-        if quant in LEVELS:  # integer codes carry an offset
+        if quant in OFFSET_KINDS:
             names.append(entry + ".offset")
     return names
 

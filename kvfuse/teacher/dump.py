@@ -47,12 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="storage dtype of the teacher KV under codec bf16 (default bf16)")
     parser.add_argument("--codec", default="bf16", type=_codec_arg,
                         help="how the teacher KV is stored: bf16 (plain, in --dtype), fp8 (e4m3 scaled per channel, "
-                             "keys and values), int8 (asymmetric 8-bit codes, scale and offset per channel, keys and "
-                             "values: fp8's bytes, the closest to bf16 in training), int4 (asymmetric, keys per "
-                             "channel, values per token, two per byte), int4d (int4 with a subtractive dither: same "
-                             "bytes, an error that does not follow the value) or lowrank:<r or e<energy>>"
-                             "[+fp8|+int8|+int4|+int4d] (per-layer SVD bases fitted on --calib samples, coefficients "
-                             "stored, optionally quantised); default bf16")
+                             "keys and values), fp8z (fp8 with a zero point per channel, the channel's mean: a fifth "
+                             "of fp8's key error for 2 more bytes per channel), int8 (asymmetric 8-bit codes, scale "
+                             "and offset per channel, keys and values: fp8's bytes, the closest to bf16 in training), "
+                             "int4 (asymmetric, keys per channel, values per token, two per byte), int4d (int4 with a "
+                             "subtractive dither: same bytes, an error that does not follow the value) or "
+                             "lowrank:<r or e<energy>>[+fp8|+int8|+int4|+int4d] (per-layer SVD bases fitted on "
+                             "--calib samples, coefficients stored, optionally quantised); default bf16")
     parser.add_argument("--calib", type=int, default=8,
                         help="low-rank codecs: the first N training examples the bases are fitted on (default 8)")
     parser.add_argument("--layer_map", default="interpolate", choices=["interpolate", "round", "ratio_mean"],
