@@ -74,7 +74,7 @@ def _api_args(x):
     return {k: v for k, v in x.items() if k not in ("scaling", "rot")}
 
 
-CODECS = ("bf16", "fp8", "fp8_f32", "fp8_token", "int8", "int8_f32", "int4", "int4d", "lowrank")
+CODECS = ("bf16", "fp8", "fp8_f32", "fp8_token", "fp8z", "int8", "int8_f32", "int4", "int4d", "lowrank")
 
 
 def encoded_teachers(x: dict, codec: str) -> tuple[list, list]:
@@ -471,7 +471,7 @@ def codec_baselines(x: dict, variants: dict, baseline_names, log=print) -> list[
     return rows
 
 
-def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "int8", "int4", "int4d", "lowrank"), rounds: int = 1,
+def bench_codecs(out_dir: Path, tokens: int, names=("fp8", "fp8z", "int8", "int4", "int4d", "lowrank"), rounds: int = 1,
                  log=print, baselines=()) -> Path:
     """The Triton loss reading the teachers as bf16, fp8, int8, int4, int4d (grouped as a store encodes them,
     `store_axis`) and low rank (r = min(256, F/2) of F = 512 / 1024, bf16 coefficients): fwd and full ms, each
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, help="only draw the plot for this CSV")
     p.add_argument("--codecs", type=int, metavar="TOKENS",
                    help="only time the Triton loss on bf16 / fp8 / int4 / low-rank teachers at this many tokens")
-    p.add_argument("--codec_names", nargs="+", default=["fp8", "int8", "int4", "int4d", "lowrank"],
+    p.add_argument("--codec_names", nargs="+", default=["fp8", "fp8z", "int8", "int4", "int4d", "lowrank"],
                    choices=[c for c in CODECS if c != "bf16"], help="with --codecs: the codecs timed beside bf16")
     p.add_argument("--rounds", type=int, default=1,
                    help="with --codecs: time every codec this many times, interleaved (order rotated each round)")

@@ -103,7 +103,7 @@ for what in "$@"; do
     profile_compiled) for t in 2 3; do TAIL=1 part "profile_compiled_t$t" python3 -m bench.profile_fused_loss \
             --out "$OUT" --tokens 4096 --compiled --fwd --teachers $t; done ;;
     codecs) TAIL=${TAIL:-40} part codecs python3 -m bench.bench_fused_loss --out "$OUT" --codecs 16384 \
-            --codec_names ${CODEC_NAMES:-fp8 int8 int4 int4d lowrank} --rounds ${CODEC_ROUNDS:-1} \
+            --codec_names ${CODEC_NAMES:-fp8 fp8z int8 int4 int4d lowrank} --rounds ${CODEC_ROUNDS:-1} \
             --baselines ${CODEC_BASELINES:-} ;;
     tune_codecs)  # TUNE_CODECS (bf16 fp8 int4): every tile at its listed and FWD_STAGES / DW_STAGES stage counts,
       # compiled in parallel processes (compiling dominates), then timed one codec after another from triton's cache
@@ -136,10 +136,10 @@ for what in "$@"; do
             > "$OUT/ncu_sass_${k}_$c.csv" 2>&1 || echo "ncu source page of $k for $c failed"
         done
       done ;;
-    check_configs)  # CHECKS="codec[:arg,arg..] ...": default the nine codecs, all tiles, weight gradient at 1-4 stages,
+    check_configs)  # CHECKS="codec[:arg,arg..] ...": default the ten codecs, all tiles, weight gradient at 1-4 stages,
       # each at the bench's shapes and at the packaged model's ("fp8:--shape,packaged": head dim 64, ragged rows)
       rm -rf /tmp/check && mkdir -p /tmp/check  # a warm machine keeps /tmp: no earlier call's rows
-      codecs="bf16 fp8 fp8_f32 fp8_token int8 int8_f32 int4 int4d lowrank"
+      codecs="bf16 fp8 fp8_f32 fp8_token fp8z int8 int8_f32 int4 int4d lowrank"
       checks=${CHECKS:-$codecs $(for c in $codecs; do echo "$c:--shape,packaged"; done)}
       for c in $checks; do
         timeout "${PART_LIMIT_check_configs:-420}" python3 -m bench.check_configs --codec "${c%%:*}" --out /tmp/check \

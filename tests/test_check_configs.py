@@ -94,7 +94,8 @@ def test_encoded_teachers_group_as_a_store_does():
     x = {"teacher_k": [torch.randn(2, 2, 2, 8, 16, generator=g)],
          "teacher_v": [torch.randn(2, 2, 2, 8, 16, generator=g)], "mask": torch.ones(2, 8, dtype=torch.bool)}
     want = {"fp8": ("channel", "channel"), "fp8_f32": ("channel", "channel"), "fp8_token": ("channel", "token"),
-            "int8": ("channel", "channel"), "int8_f32": ("channel", "channel"), "int4": ("channel", "token"),
+            "fp8z": ("channel", "channel"), "int8": ("channel", "channel"), "int8_f32": ("channel", "channel"),
+            "int4": ("channel", "token"),
             "int4d": ("channel", "token")}
     for codec in CODECS:
         tk, tv = encoded_teachers(x, codec)

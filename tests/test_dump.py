@@ -95,7 +95,8 @@ def _one_teacher_builder(**kwargs):
 
 
 @pytest.mark.parametrize("codec,step", [("bf16", "plain bfloat16 storage"), ("fp8", "fp8 encoding"),
-                                        ("int8", "int8 encoding"), ("lowrank:16+int4", "lowrank:16+int4 encoding")])
+                                        ("fp8z", "fp8z encoding"), ("int8", "int8 encoding"),
+                                        ("lowrank:16+int4", "lowrank:16+int4 encoding")])
 def test_a_teacher_that_produces_nan_is_refused_at_encoding_naming_the_example_entry_and_position(codec, step):
     from kvfuse.codecs import parse_codec
     from kvfuse.teacher.compress import encode_sample, fit_bases

@@ -377,7 +377,8 @@ def test_side_data_folds_in_one_launch_for_every_teacher_of_both_kinds(monkeypat
     f8z = encode_fp8(x, "channel", kind="fp8z")
     f8_32 = QuantizedKV("fp8", "channel", f8.data, f8.scale.float(), None)
     keys = TeacherStorage([i8.data, f8.data, x, f8z.data],
-                          (CODEC_CODES["int8", "channel"], CODEC_CODES["fp8", "channel"], 0, CODEC_CODES["fp8z", "channel"]),
+                          (CODEC_CODES["int8", "channel"], CODEC_CODES["fp8", "channel"], 0,
+                           CODEC_CODES["fp8z", "channel"]),
                           [i8.scale, f8.scale, None, f8z.scale], [i8.offset, None, None, f8z.offset])
     values = TeacherStorage([i4.data, f8_32.data, i8.data], (CODEC_CODES["int4", "token"],
                             CODEC_CODES["fp8", "channel/f32"], CODEC_CODES["int8", "channel"]),

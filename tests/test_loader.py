@@ -75,7 +75,7 @@ def test_a_sample_with_an_empty_alignment_mask_is_refused_by_id_at_any_micro_bat
         collate(samples, 2)
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4", "int4d", "lowrank:16+fp8"])
+@pytest.mark.parametrize("codec", ["fp8z", "int8", "int4", "int4d", "lowrank:16+fp8"])
 def test_codec_store_batches_stay_compressed_and_decode_like_their_samples(tmp_path, codec):
     from kvfuse.codecs import decode, parse_codec
     from kvfuse.teacher.compress import encode_sample, fit_bases

@@ -312,7 +312,7 @@ def _tensor_span(path, key):
     return 8 + n + start, 8 + n + end
 
 
-@pytest.mark.parametrize("codec", ["fp8", "int8", "int4", "int4d", "lowrank:16+int4d", "lowrank:16+int8",
+@pytest.mark.parametrize("codec", ["fp8", "fp8z", "int8", "int4", "int4d", "lowrank:16+int4d", "lowrank:16+int8",
                                    "lowrank:e0.9"])
 def test_codec_store_round_trip_hands_out_compressed_entries(tmp_path, codec):
     from kvfuse.codecs import LowRankKV, QuantizedKV
@@ -339,8 +339,8 @@ def test_codec_store_round_trip_hands_out_compressed_entries(tmp_path, codec):
         assert store.bases_bytes > 0
 
 
-@pytest.mark.parametrize("codec,v_axis", [("fp8", "channel"), ("int8", "channel"), ("int4", "token"),
-                                          ("int4d", "token")])
+@pytest.mark.parametrize("codec,v_axis", [("fp8", "channel"), ("fp8z", "channel"), ("int8", "channel"),
+                                          ("int4", "token"), ("int4d", "token")])
 def test_stores_group_keys_per_channel_and_values_as_their_codec_says(tmp_path, codec, v_axis):
     from kvfuse.codecs import scale_dtypes
 
