@@ -56,8 +56,9 @@ RESULTS = ROOT / "bench" / "results"
 STUDENT = "smollm2-135m-instruct"
 SETUPS = {"smollm2": [("smollm2-135m-instruct", "default"), ("smollm2-135m-instruct", "cot")],
           "gemma3": [("gemma3-270m", "cot")]}
-CODECS = ["fp8", "int8", "int4", "int4d", "lowrank:e0.99", "lowrank:e0.99+fp8", "lowrank:e0.99+int4", "lowrank:32+int4",
-          "lowrank:48+int4", "lowrank:64+int4", "lowrank:80+int4", "lowrank:112+int4", "lowrank:144+int4"]
+CODECS = ["fp8", "fp8z", "int8", "int4", "int4d", "lowrank:e0.99", "lowrank:e0.99+fp8", "lowrank:e0.99+int4",
+          "lowrank:32+int4", "lowrank:48+int4", "lowrank:64+int4", "lowrank:80+int4", "lowrank:112+int4",
+          "lowrank:144+int4"]
 # Phase 2 at a size two shared CPU cores finish in minutes: 16 train / 4 val items, effective batch 2, 1 epoch.
 PHASE_RUNS = {1: {"n_samples": 10, "n_val": 4, "train": []},
               2: {"n_samples": 16, "n_val": 4, "train": ["--epochs", "1", "--effective_batch", "2"]}}
@@ -144,7 +145,7 @@ def reconstruct(args) -> int:
 
 def codec_colours(codecs) -> dict:
     """One colour per codec (in first-seen order) for every panel of a figure: tab20's, since tab10 repeats after ten
-    codecs and the reconstruction study draws thirteen."""
+    codecs and the reconstruction study draws fourteen."""
     from matplotlib import colormaps
     palette = colormaps["tab20"].colors
     return {codec: palette[i % len(palette)] for i, codec in enumerate(dict.fromkeys(codecs))}
@@ -595,7 +596,7 @@ def main(argv=None) -> int:
     gap = sub.add_parser("gaps", help="plot each codec's Phase-1 gap to the bf16 store against the run length, from "
                          "distill tables")
     gap.add_argument("--csv", nargs="+", required=True, help="distill tables (codec_distill*.csv)")
-    gap.add_argument("--codecs", nargs="+", default=["fp8", "int8", "int4", "int4d"])
+    gap.add_argument("--codecs", nargs="+", default=["fp8", "fp8z", "int8", "int4", "int4d"])
     gap.add_argument("--title", default="Phase 1: the codec's gap as the student converges")
     gap.add_argument("--out", default=str(RESULTS / "codec_gap_by_length.png"))
     rt = sub.add_parser("roundtrip", help="Phase 1 from a per-channel integer round-trip store of --bits beside the "
