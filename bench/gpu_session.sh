@@ -5,9 +5,9 @@
 #     dump_shm                     the same with the shards on tmpfs (the pipeline without the disk)
 #     dump_long                    one bf16 shard of 128 examples (the dump's steady state)
 #     step   bench_train_step.py   CE-only vs +KV (fused / eager / fed live from the store) student step
-#     step_codecs                  the same with the store in bf16, fp8, int8 and int4, ROUNDS (5) interleaved
+#     step_codecs                  the same with the store in bf16, fp8, fp8z, int8 and int4, ROUNDS (5) interleaved
 #                                  rounds (issue 16)
-#     dump_codecs                  bench_dump.py per store codec bf16, fp8, int8, int4 (issue 16: throughput vs bf16's)
+#     dump_codecs                  bench_dump.py per store codec bf16, fp8, fp8z, int8, int4 (issue 16: throughput vs bf16's)
 #     step_interference            the bf16 step beside a thread reading the store up to each part of the loader
 #     kl     bench_attention_kl.py the γ kernel vs the materialised reference and its torch.compile, T = 1k..64k
 #     kl_variants                  the same at 4k and 16k (32k Triton only) with every kernel variant's rows
@@ -19,7 +19,7 @@
 #                                  fresh one takes ≈ 6 more)
 #     profile profile_fused_loss.py host vs GPU time of one fused-loss step at 4k
 #     profile_compiled             the forward at 4k under torch.compile (two and three teachers), then eager again
-#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / int8 / int4 / int4d / low-rank teachers at 16k
+#     codecs bench_fused_loss.py --codecs  the fused loss on fp8 / fp8z / int8 / int4 / int4d / low-rank at 16k
 #                                  (CODEC_NAMES: the codecs timed beside bf16; CODEC_ROUNDS interleaved rounds,
 #                                  default 1; CODEC_BASELINES: codecs whose torch reference is timed too, eager and
 #                                  under torch.compile)
@@ -28,7 +28,7 @@
 #     check_configs check_configs.py  every kernel config and weight-gradient stage count, per codec and shape (the
 #                                  bench's, the packaged model's; one process each, in parallel: compiling
 #                                  dominates), against float64: one CSV, one log
-#     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / int8 / int4 stores
+#     step_codecs, dump_codecs     the training step and the dump on bf16 / fp8 / fp8z / int8 / int4 stores
 #   bash bench/gpu_session.sh store_train      Phase 1 trained from a fresh offline store and online, same seed
 #   bash bench/gpu_session.sh zero3             ZeRO-3 Phase 1 on 1 and 2 GPUs (same global batch: equal loss
 #                                               curves), 4 GPUs (weak scaling) where present
@@ -87,11 +87,11 @@ for what in "$@"; do
     step) part step python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 --steps 8 \
             --store_prefetch 2 --csv "$OUT/train_step.csv" ;;
     step_codecs) TAIL=40 part step_codecs python3 -m bench.bench_train_step --student "$STUDENT" --batch 4 --seq 2048 \
-            --steps 8 --store_prefetch 2 --codecs bf16 fp8 int8 int4 --rounds ${ROUNDS:-5} --csv "$OUT/train_step_codecs.csv" ;;
+            --steps 8 --store_prefetch 2 --codecs bf16 fp8 fp8z int8 int4 --rounds ${ROUNDS:-5} --csv "$OUT/train_step_codecs.csv" ;;
     step_interference) TAIL=16 part step_interference python3 -m bench.bench_train_step --student "$STUDENT" \
             --batch 4 --seq 2048 --steps 8 --store_prefetch 2 --interference --csv "$OUT/train_step_interference.csv" ;;
     dump_codecs) TAIL=40 part dump_codecs python3 -m bench.bench_dump --teacher "$TEACHER" --student "$STUDENT" \
-            --seq 2048 --n 16 --batch 4 --repeats 2 --codecs bf16 fp8 int8 int4 --csv "$OUT/dump_codecs.csv" ;;
+            --seq 2048 --n 16 --batch 4 --repeats 2 --codecs bf16 fp8 fp8z int8 int4 --csv "$OUT/dump_codecs.csv" ;;
     fused) TAIL=30 part fused python3 -m bench.bench_fused_loss --out "$OUT" --tokens 4096 16384 --tokens3 ;;
     fused4k) PART_LIMIT_fused4k=${PART_LIMIT_fused4k:-540} TAIL=16 part fused4k python3 -m bench.bench_fused_loss \
             --out "$OUT" --tokens 4096 --tokens3 --variants eager compile triton triton_compile compile_graphs \
