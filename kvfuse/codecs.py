@@ -29,10 +29,10 @@ as one of:
   B [L, r, F] float32 with F = H·D (feature f = h·D + d, the order in which the loss flattens heads).
 
 Groups ("axis"): "channel" — one scale (and offset) per (layer, head, channel), shared over the sample's tokens,
-float32 [..., D] (bfloat16 for fp8, fp8z and int8; keys: their outliers sit in fixed channels, as KIVI argues; fp8 and int8
-values too); "token" — one per (layer, head, token), shared over the head's D channels, float16 [..., T] (int4
-values; fp16 because per-token side data is paid on every token: it keeps int4 under 0.28× of bf16). `store_axis`
-says which a store uses.
+float32 [..., D] (bfloat16 for fp8, fp8z and int8; keys: their outliers sit in fixed channels, as KIVI argues; fp8,
+fp8z and int8 values too); "token" — one per (layer, head, token), shared over the head's D channels, float16
+[..., T] (int4 values; fp16 because per-token side data is paid on every token: it keeps int4 under 0.28× of bf16).
+`store_axis` says which a store uses.
 
 Masked tokens (mask 0: padding, prompt tokens, unaligned tokens) take no part in the statistics and decode to 0
 (int8 and int4 keys: to their channel's grid value nearest 0 — within scale/2 of 0 when 0 lies in the channel's
@@ -42,8 +42,8 @@ whatever they held (NaN and Inf included), and the loss, CKA and router all igno
 token is refused, a ValueError naming it and its position (`FiniteCheck`): no codec could store it faithfully, and
 each would store it as something else. Bounds of one decoded value x̂ against x on a valid token (tested):
 fp8 |x̂ − x| ≤ max(2⁻⁴|x|, 2⁻¹⁰·scale) (3 mantissa bits; subnormals below 2⁻⁶·scale) plus the rounding of the
-scale; fp8z the same with x − offset for x; int8 and int4 |x̂ − x| ≤ scale/2 of the stored scale, plus the fp16 rounding of scale and offset on the token
-axis.
+scale; fp8z the same with x − offset for x; int8 and int4 |x̂ − x| ≤ scale/2 of the stored scale, plus the fp16
+rounding of scale and offset on the token axis.
 
 This module imports only torch (and the kernels' torch-only contract, for the dither's constants): the store, the
 loader and the loss all use it, and the fused kernel decodes the same layout in registers.
@@ -784,15 +784,15 @@ _LOWRANK = re.compile(r"lowrank:(?:(\d+)|e((?:0?\.\d+)|1(?:\.0*)?))(?:\+(fp8|int
 
 
 def parse_codec(text: str) -> Codec:
-    """'bf16' | 'fp8' | 'fp8z' | 'int8' | 'int4' | 'int4d' | 'lowrank:<r or e0.99>[+fp8|+int8|+int4|+int4d]' → Codec;
-    anything else is a ValueError saying what is accepted."""
+    """'bf16' | 'fp8' | 'fp8z' | 'int8' | 'int4' | 'int4d' | 'lowrank:<r or e0.99>[+fp8|+int8|+int4|+int4d]' →
+    Codec; anything else is a ValueError saying what is accepted."""
     text = str(text).strip()
     if text in ("bf16", *KINDS):
         return Codec(text)
     match = _LOWRANK.fullmatch(text)
     if match is None:
-        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, fp8z, int8, int4, int4d or lowrank:<r or e<energy>>"
-                         "[+fp8|+int8|+int4|+int4d] (e.g. lowrank:64+int4, lowrank:e0.99+fp8)")
+        raise ValueError(f"unknown codec {text!r}: use bf16, fp8, fp8z, int8, int4, int4d or "
+                         "lowrank:<r or e<energy>>[+fp8|+int8|+int4|+int4d] (e.g. lowrank:64+int4, lowrank:e0.99+fp8)")
     rank, energy, quant = match.groups()
     if rank is not None and int(rank) < 1:
         raise ValueError(f"codec {text!r}: the rank must be at least 1")

@@ -62,12 +62,12 @@ DITHER_M2 = 0x846CA68B
 
 # Folded side data (`fold_side_data`): the kernels take the bf16 scales of FOLDED codecs as scale·2^FOLD_EXP, fp8z's
 # bf16 offsets as offset·2^(FOLD_EXP − 120) and int8's as offset·2^(FOLD_EXP − 133), so that with bf16 products one
-# bf16 multiply (fp8) or FMA (fp8z, int8) decodes two codes from their bits (kernels.fused_kv_loss._fp8_to_bf16, _int8_to_bf16: a code's bits make a bf16 of
-# its value times 2^-120 (fp8) or 2^-133 (int8: the byte as bf16 bits 0x00qq, subnormal below 128)), giving the
-# decoded value times 2^-8 or 2^-21, rounded once as the fp32 decode rounds; the teacher's α (the weight gradient:
-# its accumulator) carries the power of two back, and the fp32 decode multiplies it back out, exactly. Exact while
-# scale·2^FOLD_EXP stays finite in bf16, so the encoders refuse scales from FOLD_SCALE_LIMIT up (fp8 |x| ≥ 448·2^16 ≈
-# 2.9e7; int8 a channel range ≥ 255·2^16 ≈ 1.7e7).
+# bf16 multiply (fp8) or FMA (fp8z, int8) decodes two codes from their bits (kernels.fused_kv_loss._fp8_to_bf16,
+# _int8_to_bf16: a code's bits make a bf16 of its value times 2^-120 (fp8, fp8z) or 2^-133 (int8: the byte as bf16
+# bits 0x00qq, subnormal below 128)), giving the decoded value times 2^-8 or 2^-21, rounded once; the teacher's α
+# (the weight gradient: its accumulator) carries the power of two back, and the fp32 decode multiplies it back out,
+# exactly. Exact while scale·2^FOLD_EXP stays finite in bf16, so the encoders refuse scales from FOLD_SCALE_LIMIT up
+# (fp8 |x| ≥ 448·2^16 ≈ 2.9e7; int8 a channel range ≥ 255·2^16 ≈ 1.7e7).
 FOLD_EXP = 112
 FOLD_SCALE_LIMIT = 2.0 ** (128 - FOLD_EXP)
 FOLDED = (CODEC_CODES["fp8", "channel"], CODEC_CODES["fp8z", "channel"], CODEC_CODES["int8", "channel"])
