@@ -172,8 +172,11 @@ def test_fp8z_codes_the_distance_from_each_channels_mean_within_fp8s_bound():
     assert err.square().sum() < fp8_err / 20
     # a masked token holds the code nearest 0 − offset: finite, and 0 where 0 lies within 448 steps of the offset
     masked = q.decode()[..., ~mask, :]
-    near = (q.offset.float().abs() <= 448 * q.scale.float()).unsqueeze(-2).expand_as(masked)
-    assert torch.isfinite(masked).all() and (masked[near].abs() <= 2 ** -4 * q.offset.float().abs().max()).all()
+    o, sc = q.offset.float().unsqueeze(-2).expand_as(masked), q.scale.float().unsqueeze(-2).expand_as(masked)
+    near = o.abs() <= 448 * sc
+    assert near.any() and (~near).any() and torch.isfinite(masked).all()
+    assert (masked[near].abs() <= torch.maximum(o.abs() * 2 ** -4, sc * 2 ** -10)[near] * 1.01).all()
+    assert torch.equal(masked[~near], (o - 448 * sc * o.sign())[~near])  # the far end of the grid towards 0
     # a batch pads each sample with its own such codes
     short = encode(x[..., :20, :], "fp8z", "channel", mask[:20])
     batch = stack_samples([q, short], 23)
