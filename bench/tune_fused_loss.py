@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from triton.runtime.errors import OutOfResources
 
-from bench.bench_fused_loss import CODECS, encoded_teachers, kernel_ms, make_inputs, triton_steps
+from bench.bench_fused_loss import CODECS, SEQ, encoded_teachers, kernel_ms, make_inputs, triton_steps
 from bench.check_configs import _PROJECT_PRUNE, forced, variants
 from bench.common import append_csv, commit
 from kvfuse.kernels import fused_kv_loss as fk
@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--codec", choices=CODECS, default="bf16", help="the teachers' storage (bench_fused_loss)")
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--seq", type=int, default=SEQ, help="tokens per batch row (tokens // seq rows)")
     p.add_argument("--kernels", nargs="+", choices=["fwd", "dw"], default=["fwd", "dw"])
     p.add_argument("--fwd_stages", type=int, nargs="*", default=[], help="stage counts to try beside each listed")
     p.add_argument("--dw_stages", type=int, nargs="*", default=[], help="stage counts to try beside each listed")
@@ -38,11 +39,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_fused_loss needs a CUDA GPU (run it through the device tool)")
-    x = make_inputs(args.tokens)
+    x = make_inputs(args.tokens, T=args.seq)
     full = triton_steps(x, *encoded_teachers(x, args.codec))[1]
 
     dev = torch.cuda.get_device_name()
-    base = dict(device=dev, commit=commit(), tokens=args.tokens, codec=args.codec)
+    base = dict(device=dev, commit=commit(), tokens=args.tokens, seq=args.seq, codec=args.codec)
     tuned = {"fwd": fk._fwd_tuned, "dw": fk._dw_tuned}
     picks = {}
     if args.warm:
