@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--features", type=int, default=1024)
     p.add_argument("--columns", type=int, default=256)
+    p.add_argument("--no_pairs", action="store_true", help="time bf16 and the stored fp8 layout only")
     args = p.parse_args(argv)
     from triton.testing import do_bench
     L, T, F, C = args.layers, args.tokens, args.features, args.columns
@@ -96,7 +97,10 @@ def main(argv=None) -> int:
     reinterpreted = codes.view(torch.uint16).reshape(L, T // 2, F)  # same bytes as `codes`, read as pairs
     dev = torch.cuda.get_device_name()
     variants = [("bf16", decoded, PLAIN), ("fp8 bytes", codes, BYTES), ("fp8 pairs", reinterpreted, PAIRS)]
-    tiles = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3)]
+    if args.no_pairs:
+        variants = variants[:2]
+    tiles = [(128, 128, 64, 8, 4), (128, 128, 64, 16, 4), (128, 256, 64, 16, 3), (256, 128, 64, 16, 3),
+             (128, 128, 128, 16, 3)]
     rows = []
     for rnd in range(3):
         for bf, bc, bt, warps, stages in tiles:
