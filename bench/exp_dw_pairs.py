@@ -25,6 +25,7 @@ from bench.common import append_csv, commit
 from kvfuse.kernels.fused_kv_loss import _fp8_to_bf16
 
 PLAIN, BYTES, PAIRS, REGS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+SYNC = tl.constexpr(4)  # added to a mode: the product is used in its own iteration, so triton issues it whole
 
 
 @triton.jit
@@ -38,7 +39,8 @@ def _pair_to_bf16(raw):
 
 
 @triton.jit
-def _xtg_kernel(x, g, out, T, MODE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+def _xtg_kernel(x, g, out, T, MODE_: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+    MODE: tl.constexpr = MODE_ % SYNC
     pid_c = tl.program_id(0)
     pid_f = tl.program_id(1)
     layer = tl.program_id(2)
@@ -57,6 +59,8 @@ def _xtg_kernel(x, g, out, T, MODE: tl.constexpr, BF: tl.constexpr, BC: tl.const
             hi = (w >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
             xt = tl.trans(tl.join(lo, hi).permute(0, 2, 1).reshape(BT, BF))
         acc = tl.dot(xt, g.load([layer, t0, pid_c * BC]).reshape(BT, BC), acc)
+        if MODE_ >= SYNC:
+            acc = tl.where(t0 < T, acc, 0.0)
     f = pid_f * BF + tl.arange(0, BF)
     c = pid_c * BC + tl.arange(0, BC)
     tl.store(out + (layer * tl.num_programs(1) * BF + f[:, None]) * (tl.num_programs(0) * BC) + c[None, :], acc)
@@ -69,7 +73,7 @@ def xtg(x: torch.Tensor, g: torch.Tensor, mode: int, bf=128, bc=128, bt=64, warp
     box = [1, bt // 2 if mode == PAIRS else bt, bf]
     out = torch.empty(L, F, C, device=g.device, dtype=torch.float32)
     _xtg_kernel[(C // bc, F // bf, L)](TensorDescriptor.from_tensor(x, box), TensorDescriptor.from_tensor(g, [1, bt, bc]),
-                                       out, T, MODE=mode, BF=bf, BC=bc, BT=bt, num_warps=warps, num_stages=stages)
+                                       out, T, MODE_=mode, BF=bf, BC=bc, BT=bt, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -95,14 +99,16 @@ def main(argv=None) -> int:
     paired = paired.reshape(L, T // 2, F)
     checks = {name: (xtg(x, g, mode) - want).norm().item() / want.norm().item()
               for name, x, mode in (("bf16", decoded, PLAIN), ("bf16 registers", decoded, REGS), ("fp8 bytes", codes, BYTES),
-                                    ("fp8 pairs", paired, PAIRS))}
+                                    ("fp8 pairs", paired, PAIRS), ("bf16 sync", decoded, PLAIN + SYNC),
+                                    ("bf16 registers sync", decoded, REGS + SYNC), ("fp8 bytes sync", codes, BYTES + SYNC))}
     print("relative error against the fp32 product of the decoded codes:", checks, flush=True)
     reinterpreted = codes.view(torch.uint16).reshape(L, T // 2, F)  # same bytes as `codes`, read as pairs
     dev = torch.cuda.get_device_name()
     variants = [("bf16", decoded, PLAIN), ("bf16 registers", decoded, REGS), ("fp8 bytes", codes, BYTES),
-                ("fp8 pairs", reinterpreted, PAIRS)]
+                ("fp8 pairs", reinterpreted, PAIRS), ("bf16 sync", decoded, PLAIN + SYNC),
+                ("bf16 registers sync", decoded, REGS + SYNC), ("fp8 bytes sync", codes, BYTES + SYNC)]
     if args.no_pairs:
-        variants = variants[:3]
+        variants = [v for v in variants if "pairs" not in v[0]]
     tiles = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3)] if args.no_pairs else \
         [(128, 128, 64, 8, 4), (128, 128, 64, 16, 4), (128, 256, 64, 16, 3), (256, 128, 64, 16, 3), (128, 128, 128, 16, 3)]
     rows = []
