@@ -70,8 +70,8 @@ def dw_signature(block_f: int, block_c: int, block_t: int, codec: int, codec_v: 
     for name in ("sx0", "sx1", "sx2", "sx3", "sxv0", "sxv1", "sxv2", "sxv3", "sw0", "sw1", "swv0", "swv1",
                  "stride_ab", "stride_al", "B", "T", "L", "N_FBLK", "N_CBLK", "H_I"):
         sig[name] = "i32"
-    sig.update(w_ptr="*bf16", w_v_ptr="*bf16", dw_ptr="*bf16", dw_v_ptr="*bf16", dwacc_ptr="*fp32",
-               dwacc_v_ptr="*fp32", alpha_ptr="*fp32", gout_ptr="*fp32")
+    sig.update(w_ptr="*bf16", w_v_ptr="*bf16", dw_ptr="*bf16", dw_v_ptr="*bf16", alpha_ptr="*fp32",
+               gout_ptr="*fp32")
     return {name: sig.get(name, "constexpr") for name in K._fused_kv_dw_kernel.arg_names}
 
 
@@ -115,8 +115,7 @@ def main(argv=None):
                 info = compile_sm90(K._fused_kv_dw_kernel, sig, consts, config.num_warps, config.num_stages,
                                     args.ptxas, args.arch, nvdisasm=args.nvdisasm)
                 print(f"dw {NAMES[codec]}+{NAMES[codec_v]:13s} kinds {kinds} {cfg['BLOCK_F']:3d} x {cfg['BLOCK_C']:3d} "
-                      f"x {cfg['BLOCK_T']:3d} tokens / {config.num_warps} warps / {config.num_stages} stages"
-                      f"{' one accumulator' if cfg['ONE_ACC'] else ''}: {_brief(info)}", flush=True)
+                      f"x {cfg['BLOCK_T']:3d} tokens / {config.num_warps} warps: {_brief(info)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -565,10 +565,10 @@ def _fused_kv_fwd_kernel(
 
 
 @triton.jit
-def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dwacc_ptr, dalpha_ptr, alpha_ptr, stride_ab,
-             stride_al, g_out, l32, B, T, N_FBLK, N_CBLK, H_I, D_I: tl.constexpr, C2: tl.constexpr,
-             CODEC: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr,
-             BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ONE_ACC: tl.constexpr):
+def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab, stride_al,
+             g_out, l32, B, T, N_FBLK, N_CBLK, H_I, D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr,
+             DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr, BLOCK_F: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     # Adapter tile W_i[l][f-block, c-block] (pair layout), the f-block inside one teacher head so the X tile is a
     # box of that head's [T, D_i] block. For each batch row b:
     #   M(b)    = Σ_t X_i(b, t)[f]ᵀ G(b, t)[c]            (fp32 accumulation over the T axis)
@@ -593,8 +593,7 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dwacc_pt
     fc_ok = d_ok[:, None] & c_ok[None, :]
     w_off = l * sw0 + f[:, None] * sw1 + c[None, :]
 
-    if not ONE_ACC:
-        dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
     for bb in range(0, B):
         mb = tl.zeros([BLOCK_F, BLOCK_C], dtype=tl.float32)
         if not USE_DESC:
@@ -635,27 +634,19 @@ def _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dwacc_pt
         w = tl.load(w_ptr + w_off, mask=fc_ok, other=0.0).to(tl.float32)
         part = tl.sum(tl.sum(w * mb, axis=1), axis=0) * g_out
         tl.store(dalpha_ptr + ((l * B + bb) * N_FBLK + pid_f) * N_CBLK + pid_c, part)
-        if ONE_ACC:  # ∂W's running sum in an fp32 buffer this program alone owns, not in a second accumulator
-            total = a * mb + tl.load(dwacc_ptr + w_off, mask=fc_ok & (bb > 0), other=0.0)
-            if bb == B - 1:
-                tl.store(dw_ptr + w_off, (total * g_out).to(dw_ptr.dtype.element_ty), mask=fc_ok)
-            else:
-                tl.store(dwacc_ptr + w_off, total, mask=fc_ok)
-        else:
-            dw += a * mb
-    if not ONE_ACC:
-        tl.store(dw_ptr + w_off, (dw * g_out).to(dw_ptr.dtype.element_ty), mask=fc_ok)
+        dw += a * mb
+    tl.store(dw_ptr + w_off, (dw * g_out).to(dw_ptr.dtype.element_ty), mask=fc_ok)
 
 
 @triton.jit
 def _fused_kv_dw_kernel(
-    x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dwacc_ptr, dalpha_ptr,
-    x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dwacc_v_ptr, dalpha_v_ptr,
+    x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr,
+    x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
     alpha_ptr, stride_ab, stride_al, gout_ptr,
     B, T, L, N_FBLK, N_CBLK, H_I,
     D_I: tl.constexpr, C2: tl.constexpr, CODEC: tl.constexpr, CODEC_V: tl.constexpr, KINDS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_DESC: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, ONE_ACC: tl.constexpr = False,
+    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program: one adapter tile (_dw_tile) of teacher i's keys, or with KINDS = 2 of its values too: grid axis 2
     # runs over L layers of keys, then L of values (same shapes: one launch instead of two; host time counts at
@@ -664,17 +655,17 @@ def _fused_kv_dw_kernel(
     pid2 = tl.program_id(2)
     if KINDS == 2:
         if pid2 >= L:
-            _dw_tile(x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dwacc_v_ptr,
-                     dalpha_v_ptr, alpha_ptr, stride_ab, stride_al, g_out, pid2 - L, B, T, N_FBLK, N_CBLK, H_I, D_I,
-                     C2, CODEC_V, DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T, ONE_ACC)
+            _dw_tile(x_v, sc_v, of_v, sxv0, sxv1, sxv2, sxv3, w_v_ptr, swv0, swv1, g_v, dw_v_ptr, dalpha_v_ptr,
+                     alpha_ptr, stride_ab, stride_al, g_out, pid2 - L, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC_V,
+                     DOT_DTYPE, IEEE, USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T)
         else:
-            _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dwacc_ptr, dalpha_ptr, alpha_ptr,
-                     stride_ab, stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE,
-                     USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T, ONE_ACC)
+            _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
+                     stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
+                     BLOCK_F, BLOCK_C, BLOCK_T)
     else:
-        _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dwacc_ptr, dalpha_ptr, alpha_ptr,
-                 stride_ab, stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE,
-                 USE_DESC, BLOCK_F, BLOCK_C, BLOCK_T, ONE_ACC)
+        _dw_tile(x, sc, of, sx0, sx1, sx2, sx3, w_ptr, sw0, sw1, g, dw_ptr, dalpha_ptr, alpha_ptr, stride_ab,
+                 stride_al, g_out, pid2, B, T, N_FBLK, N_CBLK, H_I, D_I, C2, CODEC, DOT_DTYPE, IEEE, USE_DESC,
+                 BLOCK_F, BLOCK_C, BLOCK_T)
 
 
 # Autotuning: a few tile shapes on the GPU, one small config under the interpreter (where every config would run
@@ -741,24 +732,21 @@ _FWD_CONFIGS_GPU = autotune_configs([
     ({"BLOCK_T": 128, "BLOCK_K": 32, "HPP": 1, "WIDE": True}, 8, 4),
 ], _fwd_pre_hook)
 _DW_CONFIGS_GPU = autotune_configs([
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64, "ONE_ACC": True}, 4, 3),
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64, "ONE_ACC": True}, 4, 4),
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 128, "ONE_ACC": True}, 4, 2),
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64, "ONE_ACC": False}, 8, 4),
-    ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64, "ONE_ACC": False}, 8, 4),
-    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 64, "ONE_ACC": False}, 4, 4),
-    ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64, "ONE_ACC": False}, 4, 3),
+    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 64}, 8, 4),
+    ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 64}, 8, 4),
+    ({"BLOCK_F": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 4, 4),
+    ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 64}, 4, 3),
     # 128-token tiles: a coded teacher's loop is issue-bound, and its fixed part (barriers, TMA and index work, ≈ 90
     # instructions a trip) then spreads over twice the tokens: sm_90a issue slots per token·feature·column -18 to
     # -23 % for fp8 and int4 (bench/ptx_fused_loss.py). 64 × 256 at 128 tokens needs 246 KB of shared memory for
     # bf16 teachers at 3 stages, over the H200's 227 (_prune_dw)
-    ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 128, "ONE_ACC": False}, 4, 3),
-    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 128, "ONE_ACC": False}, 8, 3),
-    ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 128, "ONE_ACC": False}, 8, 3),
+    ({"BLOCK_F": 64, "BLOCK_C": 128, "BLOCK_T": 128}, 4, 3),
+    ({"BLOCK_F": 128, "BLOCK_C": 128, "BLOCK_T": 128}, 8, 3),
+    ({"BLOCK_F": 64, "BLOCK_C": 256, "BLOCK_T": 128}, 8, 3),
 ], _dw_pre_hook)
 # Under the interpreter one config runs; tests may change these.
 INTERP_FWD = {"BLOCK_T": 16, "BLOCK_K": 16, "HPP": 1, "WIDE": False}
-INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16, "ONE_ACC": True}
+INTERP_DW = {"BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_T": 16}
 _MIN_BLOCK_T = 16
 _MIN_BLOCK_F = 16
 _MIN_BLOCK_C = 16
@@ -988,10 +976,9 @@ class KindGrad(NamedTuple):
     G: torch.Tensor
 
 
-_DW_ARGS = ("x", "sc", "of", "sx0", "sx1", "sx2", "sx3", "w_ptr", "sw0", "sw1", "g", "dw_ptr", "dwacc_ptr",
-            "dalpha_ptr")
+_DW_ARGS = ("x", "sc", "of", "sx0", "sx1", "sx2", "sx3", "w_ptr", "sw0", "sw1", "g", "dw_ptr", "dalpha_ptr")
 _DW_ARGS_V = ("x_v", "sc_v", "of_v", "sxv0", "sxv1", "sxv2", "sxv3", "w_v_ptr", "swv0", "swv1", "g_v", "dw_v_ptr",
-              "dwacc_v_ptr", "dalpha_v_ptr")
+              "dalpha_v_ptr")
 
 
 def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]]:
@@ -1010,8 +997,7 @@ def _dw_sides(kind: KindGrad, dws: list, parts: list) -> list[tuple[tuple, dict]
                     and _packed_boxes_ok(st.codecs[i:i + 1], "BLOCK_F", INTERP_DW, _DW_CONFIGS_GPU))
         values = (TensorDescriptor.from_tensor(x, [1, 1, 1, 16, 16]) if use_desc else x,
                   G if scales[i] is None else scales[i], G if offsets[i] is None else offsets[i], *x.stride()[:4],
-                  w, w.stride(0), w.stride(1), g_desc if use_desc else G, dws[i],
-                  torch.empty_strided(w.size(), w.stride(), dtype=torch.float32, device=w.device), parts[i])
+                  w, w.stride(0), w.stride(1), g_desc if use_desc else G, dws[i], parts[i])
         sides.append(((heads[i], dims[i], use_desc, dot_tl, ieee, st.codecs[i], x.dtype),
                       dict(zip(_DW_ARGS, values))))
     return sides
