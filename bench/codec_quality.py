@@ -524,11 +524,23 @@ def _table_rows(path: Path) -> dict[tuple, dict]:
             for r in rows}
 
 
+def _older_code(run_commit: str, row_commit: str) -> bool:
+    """True when `run_commit` is a strict ancestor of `row_commit` in this repository's history (the run trained with
+    older code than the table's row); False when either is unknown to git or they are not so related."""
+    if run_commit == row_commit or "unknown" in (run_commit, row_commit):
+        return False
+    res = subprocess.run(["git", "merge-base", "--is-ancestor", run_commit, row_commit], cwd=ROOT,
+                         capture_output=True, text=True)
+    return res.returncode == 0
+
+
 def summarise(args) -> int:
     """The distill table from the runs in --out, merged into the table already there: a finished run's row is
     (re)computed, with the commit it trained with (`commit.txt`; runs from before it keep their row's commit when
     their result is unchanged, else "unknown"); every other row of the table stays as it was, so a table is never
-    narrowed to the runs that happen to be in one folder."""
+    narrowed to the runs that happen to be in one folder. A run that trained with older code than the table's row
+    (its commit an ancestor of the row's) and gives another result leaves the row as it is, and says so: an old
+    folder must not replace a newer reference run."""
     out = Path(args.out)
     path = RESULTS / ("codec_distill.csv" if not args.items else "codec_distill_{}x{}.csv".format(*args.items))
     table = _table_rows(path)
@@ -549,6 +561,12 @@ def summarise(args) -> int:
                 before = table.get(key, {})
                 row["commit"] = (stamp.read_text().strip() if stamp.exists() else before["commit"]
                                  if before.get("val_kv_last") == row["val_kv_last"] else "unknown")
+                if before.get("val_kv_last", row["val_kv_last"]) != row["val_kv_last"] \
+                        and _older_code(row["commit"], before["commit"]):
+                    print(f"(kept the table's row for {run.name}, trained at {before['commit']}: the run in the "
+                          f"folder trained with older code, {row['commit']}, val KV {row['val_kv_last']:.6f} "
+                          f"against {before['val_kv_last']:.6f})")
+                    continue
                 table[key] = row
     rows = [table[k] for k in sorted(table, key=lambda k: (k[0], k[2]))]
     replace_csv(path, rows)

@@ -397,6 +397,45 @@ def test_distill_summary_merges_into_its_table_and_keeps_each_runs_commit(tmp_pa
     assert rows["fp8"]["commit"] == "unknown"
 
 
+def test_distill_summary_keeps_a_newer_row_over_a_run_from_older_code(tmp_path, monkeypatch):
+    """A run left in the folder by older code (its commit an ancestor of the row's) must not replace the table's
+    row when its result differs; a run from newer code does replace it."""
+    import subprocess
+
+    import bench.codec_quality as cq
+
+    repo, results, out = tmp_path / "repo", tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    hashes = []
+    for i in range(3):
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", f"c{i}"], check=True)
+        hashes.append(subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                                     text=True).stdout.strip())
+    old, mid, new = hashes
+    monkeypatch.setattr(cq, "RESULTS", results)
+    monkeypatch.setattr(cq, "ROOT", repo)
+    for codec, last, stamp in (("bf16", 1.00003, old), ("int8", 1.2, new)):
+        d = out / f"p1-{cq._slug(codec)}-seed0"
+        d.mkdir(parents=True)
+        (d / "report.html").write_text("")
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"split": "val", "step": s, "kv_loss": v, "cka_mean": 0.9})
+                                                 + "\n" for s, v in ((0, 2.0), (10, last))))
+        (d / "commit.txt").write_text(stamp + "\n")
+        (out / f"store-p1-{cq._slug(codec)}").mkdir()
+        (out / f"store-p1-{cq._slug(codec)}" / "shard-00000-of-00001.json").write_text(
+            json.dumps({"bytes": 1000, "valid_tokens": 10}))
+    head = "phase,codec,seed,steps,val_kv_first,val_kv_last,cka_last,store_bytes_per_token,commit\n"
+    (results / "codec_distill.csv").write_text(head + f"1,bf16,0,10,2.0,1.0,0.9,100.0,{mid}\n"
+                                                      f"1,int8,0,10,2.0,1.1,0.9,55.0,{mid}\n")
+    assert cq.main(["summarise", "--phases", "1", "--seeds", "0", "--codecs", "bf16", "int8", "--out", str(out)]) == 0
+    rows = {r["codec"]: r for r in _rows(results / "codec_distill.csv")}
+    assert (rows["bf16"]["commit"], float(rows["bf16"]["val_kv_last"])) == (mid, 1.0)
+    assert (rows["int8"]["commit"], float(rows["int8"]["val_kv_last"])) == (new, 1.2)
+
+
 def test_every_codec_of_the_reconstruction_study_gets_its_own_colour():
     from bench.codec_quality import CODECS, codec_colours
 
