@@ -102,7 +102,7 @@ def _ws_mma(ds, gs, load_ready, load_empty, dec_ready, dec_empty, n, S: gl.const
             mbarrier.arrive(dec_empty.index((j - 1) % D))
             mbarrier.arrive(load_empty.index((j - 1) % S))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    return acc
+    return (acc,)
 
 
 @gluon.jit
@@ -157,7 +157,7 @@ def _xtg_ws(x_desc, g_desc, out, T, F, C, S: gl.constexpr, D: gl.constexpr, BF: 
         mbarrier.init(dec_ready.index(i), count=1)
         mbarrier.init(dec_empty.index(i), count=1)
     n = T // BT
-    acc = gl.warp_specialize([(_ws_mma, (ds, gs, load_ready, load_empty, dec_ready, dec_empty, n, S, D, BF, BC)),
+    (acc,) = gl.warp_specialize([(_ws_mma, (ds, gs, load_ready, load_empty, dec_ready, dec_empty, n, S, D, BF, BC)),
                               (_ws_decode, (xs, ds, load_ready, load_empty, dec_ready, dec_empty, n, S, D)),
                               (_ws_load, (x_desc, g_desc, xs, gs, load_ready, load_empty, layer, T, f0, c0, n, S,
                                           BT))],
@@ -219,6 +219,7 @@ def main(argv=None) -> int:
             checks[name] = f"{((fn(64, 4) - want).norm() / want.norm()).item():.2e}"
         except Exception as exc:  # a variant that does not compile is a result: reported, the others still run
             checks[name] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+        print(name, checks[name], flush=True)
     print("relative error against the fp32 product:", checks, flush=True)
     dev = torch.cuda.get_device_name()
     rows = []
