@@ -117,8 +117,9 @@ def _ws_load(x_desc, g_desc, xs, gs, load_ready, load_empty, layer, T, f0, c0, n
 
 
 @gluon.jit
-def _ws_decode(xs, ds, load_ready, load_empty, dec_ready, dec_empty, n, S: gl.constexpr, D: gl.constexpr):
-    blk: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+def _ws_decode(xs, ds, load_ready, load_empty, dec_ready, dec_empty, n, S: gl.constexpr, D: gl.constexpr,
+               DW: gl.constexpr):
+    blk: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [DW, 1], [1, 0])
     for j in range(n):
         s = j % S
         d = j % D
@@ -136,7 +137,7 @@ def _ws_decode(xs, ds, load_ready, load_empty, dec_ready, dec_empty, n, S: gl.co
 
 @gluon.jit
 def _xtg_ws(x_desc, g_desc, out, T, F, C, S: gl.constexpr, D: gl.constexpr, BF: gl.constexpr, BC: gl.constexpr,
-            BT: gl.constexpr):
+            BT: gl.constexpr, DW: gl.constexpr):
     pid_c = gl.program_id(0)
     pid_f = gl.program_id(1)
     layer = gl.program_id(2)
@@ -158,24 +159,25 @@ def _xtg_ws(x_desc, g_desc, out, T, F, C, S: gl.constexpr, D: gl.constexpr, BF: 
         mbarrier.init(dec_empty.index(i), count=1)
     n = T // BT
     (acc,) = gl.warp_specialize([(_ws_mma, (ds, gs, load_ready, load_empty, dec_ready, dec_empty, n, S, D, BF, BC)),
-                              (_ws_decode, (xs, ds, load_ready, load_empty, dec_ready, dec_empty, n, S, D)),
+                              (_ws_decode, (xs, ds, load_ready, load_empty, dec_ready, dec_empty, n, S, D, DW)),
                               (_ws_load, (x_desc, g_desc, xs, gs, load_ready, load_empty, layer, T, f0, c0, n, S,
                                           BT))],
-                             [4, 1], [128, 40])
+                             [DW, 1], [128 if DW == 4 else 96, 40])
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BC, 16])
     fr = f0 + gl.arange(0, BF, layout=gl.SliceLayout(1, acc_l))
     cr = c0 + gl.arange(0, BC, layout=gl.SliceLayout(0, acc_l))
     gl.store(out + (layer * F + fr[:, None]) * C + cr[None, :], acc)
 
 
-def xtg_ws(x: torch.Tensor, g: torch.Tensor, bf=128, bc=128, bt=64, stages=4, dec=2):
+def xtg_ws(x: torch.Tensor, g: torch.Tensor, bf=128, bc=128, bt=64, stages=4, dec=2, dec_warps=4):
     L, T, C = g.shape
     F = x.shape[2]
     x2, g2 = x.reshape(L * T, F), g.reshape(L * T, C)
     x_desc = TensorDescriptor.from_tensor(x2, [bt, bf], gl.NVMMASharedLayout.get_default_for([bt, bf], gl.uint8))
     g_desc = TensorDescriptor.from_tensor(g2, [bt, bc], gl.NVMMASharedLayout.get_default_for([bt, bc], gl.bfloat16))
     out = torch.empty(L, F, C, device=g.device, dtype=torch.float32)
-    _xtg_ws[(C // bc, F // bf, L)](x_desc, g_desc, out, T, F, C, S=stages, D=dec, BF=bf, BC=bc, BT=bt, num_warps=4)
+    _xtg_ws[(C // bc, F // bf, L)](x_desc, g_desc, out, T, F, C, S=stages, D=dec, BF=bf, BC=bc, BT=bt,
+                                   DW=dec_warps, num_warps=4)
     return out
 
 
@@ -212,7 +214,10 @@ def main(argv=None) -> int:
     variants = [("gluon ss bf16", lambda bt, st: xtg_gluon(decoded, g, SS, bt=bt, stages=st)),
                 ("gluon ss bf16 4 warps", lambda bt, st: xtg_gluon(decoded, g, SS, bt=bt, warps=4, stages=st)),
                 ("gluon rs fp8", lambda bt, st: xtg_gluon(u8, g, FP8, bt=bt, stages=st)),
-                ("gluon ws fp8", lambda bt, st: xtg_ws(u8, g, bt=bt, stages=st))]
+                ("gluon ws fp8", lambda bt, st: xtg_ws(u8, g, bt=bt, stages=st)),
+                ("gluon ws fp8 4 decoded", lambda bt, st: xtg_ws(u8, g, bt=bt, stages=3, dec=4)),
+                ("gluon ws fp8 4 decoded 8 decoder warps", lambda bt, st: xtg_ws(u8, g, bt=bt, stages=3, dec=4,
+                                                                                 dec_warps=8))]
     checks = {}
     for name, fn in variants:
         try:
