@@ -356,6 +356,23 @@ def test_fused_loss_codec_rounds_rotate_and_pair():
         == ["fwd", "dw", "other"]
 
 
+def _finished_distill_run(out, codec: str, seed: int, last: float, stamp: str | None = None) -> None:
+    """A Phase-1 run folder as `codec_quality distill` leaves it (report, val KV at steps 0 and 10, the commit it
+    trained with when `stamp`), and its store's shard summary."""
+    from bench.codec_quality import _slug
+
+    d = out / f"p1-{_slug(codec)}-seed{seed}"
+    d.mkdir(parents=True)
+    (d / "report.html").write_text("")
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"split": "val", "step": s, "kv_loss": v, "cka_mean": 0.9})
+                                             + "\n" for s, v in ((0, 2.0), (10, last))))
+    if stamp:
+        (d / "commit.txt").write_text(stamp + "\n")
+    store = out / f"store-p1-{_slug(codec)}"
+    store.mkdir(exist_ok=True)
+    (store / "shard-00000-of-00001.json").write_text(json.dumps({"bytes": 1000, "valid_tokens": 10}))
+
+
 def test_distill_summary_merges_into_its_table_and_keeps_each_runs_commit(tmp_path, monkeypatch):
     """`codec_quality summarise` recomputes the rows of the runs in its folder and keeps every other row of the
     table (a folder that lost some runs must not narrow the table); a row's commit is the one its run trained with
@@ -366,26 +383,14 @@ def test_distill_summary_merges_into_its_table_and_keeps_each_runs_commit(tmp_pa
     results.mkdir()
     monkeypatch.setattr(cq, "RESULTS", results)
 
-    def run(codec, seed, last, stamp=None):
-        d = out / f"p1-{cq._slug(codec)}-seed{seed}"
-        d.mkdir(parents=True)
-        (d / "report.html").write_text("")
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"split": "val", "step": s, "kv_loss": v, "cka_mean": 0.9})
-                                                 + "\n" for s, v in ((0, 2.0), (10, last))))
-        if stamp:
-            (d / "commit.txt").write_text(stamp + "\n")
-        store = out / f"store-p1-{cq._slug(codec)}"
-        store.mkdir(exist_ok=True)
-        (store / "shard-00000-of-00001.json").write_text(json.dumps({"bytes": 1000, "valid_tokens": 10}))
-
     head = "phase,codec,seed,steps,val_kv_first,val_kv_last,cka_last,store_bytes_per_token,commit\n"
     (results / "codec_distill.csv").write_text(
         head + "1,bf16,0,10,2.0,1.0,0.9,100.0,aaaaaaa\n"       # its run is still there, same result: commit kept
         "1,int4,0,10,2.0,1.5,0.9,30.0,bbbbbbb\n"                 # no run in the folder: kept as it is
         "1,int8,0,10,2.0,1.2,0.9,55.0,ccccccc\n")                # rerun with new code: replaced
-    run("bf16", 0, 1.0)
-    run("int8", 0, 1.01, stamp="ddddddd")
-    run("fp8", 0, 1.3)                                           # a run from before commit.txt, not in the table
+    _finished_distill_run(out, "bf16", 0, 1.0)
+    _finished_distill_run(out, "int8", 0, 1.01, stamp="ddddddd")
+    _finished_distill_run(out, "fp8", 0, 1.3)                   # a run from before commit.txt, not in the table
     assert cq.main(["summarise", "--phases", "1", "--seeds", "0", "--codecs", "bf16", "int8", "fp8", "int4",
                     "--out", str(out)]) == 0
     rows = {r["codec"]: r for r in _rows(results / "codec_distill.csv")}
@@ -417,16 +422,8 @@ def test_distill_summary_keeps_a_newer_row_over_a_run_from_older_code(tmp_path, 
     old, mid, new = hashes
     monkeypatch.setattr(cq, "RESULTS", results)
     monkeypatch.setattr(cq, "ROOT", repo)
-    for codec, last, stamp in (("bf16", 1.00003, old), ("int8", 1.2, new)):
-        d = out / f"p1-{cq._slug(codec)}-seed0"
-        d.mkdir(parents=True)
-        (d / "report.html").write_text("")
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"split": "val", "step": s, "kv_loss": v, "cka_mean": 0.9})
-                                                 + "\n" for s, v in ((0, 2.0), (10, last))))
-        (d / "commit.txt").write_text(stamp + "\n")
-        (out / f"store-p1-{cq._slug(codec)}").mkdir()
-        (out / f"store-p1-{cq._slug(codec)}" / "shard-00000-of-00001.json").write_text(
-            json.dumps({"bytes": 1000, "valid_tokens": 10}))
+    _finished_distill_run(out, "bf16", 0, 1.00003, stamp=old)
+    _finished_distill_run(out, "int8", 0, 1.2, stamp=new)
     head = "phase,codec,seed,steps,val_kv_first,val_kv_last,cka_last,store_bytes_per_token,commit\n"
     (results / "codec_distill.csv").write_text(head + f"1,bf16,0,10,2.0,1.0,0.9,100.0,{mid}\n"
                                                       f"1,int8,0,10,2.0,1.1,0.9,55.0,{mid}\n")
